@@ -1,0 +1,60 @@
+# Two commands on a fresh machine: `make train` (the main job) and `make test` (the whole suite).
+# Each builds the environment (.venv) first when it is missing or older than the requirements.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# Make variables → dotted config overrides, only for those given (see README: Configuration).
+CONFIG ?= digits
+DEVICE ?= auto
+bool = $(if $(filter 1 true yes on,$(1)),true,false)
+OVERRIDES = $(if $(MODEL),model.name=$(MODEL)) $(if $(G),model.group_size=$(G)) \
+	$(if $(NORM),model.norm=$(NORM)) $(if $(PN),model.proxy_norm=$(call bool,$(PN))) \
+	$(if $(REPLICAS),train.replicas=$(REPLICAS)) $(if $(INSTANCES),dist.instances=$(INSTANCES)) \
+	$(if $(RES),data.resolution=$(RES)) $(if $(EPOCHS),train.epochs=$(EPOCHS)) \
+	$(if $(BATCH),train.micro_batch=$(BATCH)) $(if $(DATA),data.dataset=$(DATA))
+RUN = $(PY) -m app
+
+.PHONY: train validate finetune plan paper bench test lint clean env env-dev
+.DEFAULT_GOAL := train
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+env: $(VENV)/.runtime
+env-dev: $(VENV)/.dev
+
+train: $(VENV)/.runtime
+	$(RUN) train --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS)
+
+validate: $(VENV)/.runtime
+	$(RUN) validate --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS)
+
+finetune: $(VENV)/.runtime
+	$(RUN) finetune --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS)
+
+plan: $(VENV)/.runtime
+	$(RUN) plan --config $(CONFIG) $(OVERRIDES) $(ARGS)
+
+paper: $(VENV)/.runtime
+	$(RUN) paper --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS)
+
+bench: $(VENV)/.dev
+	$(PY) -m benchmarks $(ARGS)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q -n 2 tests $(ARGS)
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,333 @@
+"""The one typed configuration of the application.
+
+A run's configuration is built in three layers, each overriding the last:
+  1. the dataclass defaults below,
+  2. a preset (``app/presets/<name>.yaml``, a name of the paper's grid such as ``b2-g16-lnpn-half``,
+     or any YAML file path),
+  3. dotted overrides from the command line: ``model.group_size=16 optim.lr=0.1``.
+Values of overrides are parsed as YAML (``true``, ``1e-3``, ``[224, 256]``). The result is
+type-checked and validated as a whole before any data is read or any model is built.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+from ipu_options.config import IPUConfig
+from model.efficientnet import MODEL_NAMES, variant_key
+from model.norms import NORM_KINDS
+
+PRESET_DIR = Path(__file__).parent / "presets"
+DEVICES = ("auto", "cpu", "cuda", "ipu", "ipu-model")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid: names the field, the value and what is allowed."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str):
+        self.field_name = field_name
+        super().__init__(f"{field_name}={value!r} is invalid: expected {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "b0"
+    group_size: int = 1
+    expand_ratio: int = 6
+    norm: str = "batch"
+    proxy_norm: bool = False
+    norm_groups: int = 4
+    norm_eps: float = 1e-3
+    dropout: Optional[float] = None  # None: the variant's own (0.2 for B0 … 0.5 for B7)
+    drop_path: float = 0.2
+    init_from: Optional[str] = None  # a local timm/torchvision/our checkpoint to start from
+    init_source: str = "ours"  # ours | timm | torchvision
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # digits | synthetic | generated | a folder with train/ and val/
+    resolution: int = 224  # training resolution
+    val_resolutions: List[int] = field(default_factory=list)  # empty: the training resolution
+    workers: int = 2
+    random_crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: bool = True
+    mixup: float = 0.0  # Beta(α, α) parameter; 0 = off
+    cutmix: float = 0.0
+    synthetic_images: int = 1024  # images per epoch for synthetic / generated data
+
+
+@dataclass
+class OptimConfig:
+    name: str = "rmsprop"  # sgd | rmsprop | adamw
+    lr: float = 0.016  # at ``lr_reference_batch``; scaled linearly with the global batch
+    lr_reference_batch: int = 256
+    momentum: float = 0.9
+    alpha: float = 0.9  # RMSprop squared-gradient decay
+    eps: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-5
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "exponential"  # exponential | cosine | step
+    warmup_epochs: float = 5.0
+    decay_rate: float = 0.97  # exponential / step: factor per decay_epochs
+    decay_epochs: float = 2.4
+    min_lr_ratio: float = 0.0  # cosine floor
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 350.0
+    max_steps: Optional[int] = None  # stop after this many weight updates (quick runs)
+    micro_batch: int = 32  # images per replica per forward pass
+    grad_accum: int = 1
+    replicas: int = 1  # data-parallel copies (IPU replicas, or DDP processes)
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.0  # per weight update; 0 = no EMA
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CPU/CUDA autocast); the IPU's is ipu.precision
+    channels_last: bool = False
+    seed: int = 0
+    log_every: int = 10  # steps
+    val_every: float = 1.0  # epochs
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class FinetuneConfig:
+    checkpoint: Optional[str] = None
+    resolution: Optional[int] = None  # None: the model's native resolution
+    epochs: float = 2.0
+    lr: float = 2.0 ** -11
+    trainable_from: str = "blocks.6"  # freeze every module before this one
+
+
+@dataclass
+class DistConfig:
+    instances: int = 1  # PopRun instances (IPU pods)
+    nnodes: int = 1  # torchrun nodes
+    rdzv_endpoint: Optional[str] = None
+    launcher_args: List[str] = field(default_factory=list)  # passed through to poprun / torchrun
+    dry_run: bool = False
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = "runs"
+    name: Optional[str] = None  # run folder name; None: <model>-<variant>-<time>
+    wandb: bool = False
+    wandb_mode: str = "offline"  # offline (never a network call) | online
+    wandb_project: str = "efficientnet-ipu"
+
+
+@dataclass
+class Config:
+    device: str = "auto"
+    resume: Optional[str] = None  # a run folder or checkpoint to continue
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ipu: IPUConfig = field(default_factory=IPUConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def global_batch(self) -> int:
+        t = self.train
+        return t.micro_batch * t.grad_accum * t.replicas
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        validate(self)
+        return self
+
+
+# ----------------------------------------------------------------------------- building
+
+def _check_type(path: str, value: Any, hint: Any) -> Any:
+    """Return ``value`` as type ``hint`` (ints widen to floats) or raise ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        for option in args:
+            try:
+                return _check_type(path, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(path, value, " or ".join(getattr(a, "__name__", str(a)) for a in args))
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(path, value, "null")
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            value = [value]  # a single value where a list is expected: a list of one
+        return [_check_type(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(path, value, "a mapping")
+        return {_check_type(path, k, args[0]): _check_type(f"{path}.{k}", v, args[1])
+                for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or (isinstance(hint, type) and isinstance(value, hint)
+                       and not (hint is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(path, value, getattr(hint, "__name__", str(hint)))
+
+
+def _merge(obj: Any, updates: Dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            valid = ", ".join(f.name for f in dataclasses.fields(obj))
+            raise ConfigError(path, value, f"a known field; {prefix or 'top level'} has: {valid}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(path, value, f"a mapping of {key} fields")
+            _merge(current, value, f"{path}.")
+        else:
+            setattr(obj, key, _check_type(path, value, hints[key]))
+
+
+def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
+    """['model.group_size=16', 'optim.lr=0.1'] → {'model': {'group_size': 16}, 'optim': {'lr': 0.1}}."""
+    tree: Dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, item, "an override of the form section.field=value")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def preset_names() -> List[str]:
+    from app.presets import grid_names  # noqa: PLC0415
+
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_")) + grid_names()
+
+
+def load_preset(name: str) -> Dict[str, Any]:
+    """A preset as a nested dict: a YAML file path, a file in app/presets, or a grid name."""
+    from app.presets import deep_update, grid_preset  # noqa: PLC0415
+
+    path = Path(name)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name}.yaml"
+    if path.is_file():
+        data = yaml.safe_load(path.read_text()) or {}
+        base = data.pop("base", None)  # a preset may extend another
+        return deep_update(load_preset(base), data) if base else data
+    grid = grid_preset(name)
+    if grid is not None:
+        return grid
+    raise ConfigError("config", name, f"a YAML file or one of the presets: {', '.join(preset_names())}")
+
+
+
+def build_config(preset: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Defaults ← preset ← overrides, then validated."""
+    cfg = Config()
+    if preset:
+        _merge(cfg, load_preset(preset))
+    if overrides:
+        _merge(cfg, parse_overrides(overrides))
+    return cfg.validate()
+
+
+def config_from_dict(data: Dict[str, Any]) -> Config:
+    """Rebuild a Config saved with ``to_dict`` (a run folder's config.yaml)."""
+    cfg = Config()
+    _merge(cfg, data)
+    return cfg.validate()
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _require(ok: bool, path: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(path, value, allowed)
+
+
+def validate(cfg: Config) -> None:
+    """Every check that can be made without data or a model. Raises ConfigError on the first."""
+    _require(cfg.device in DEVICES, "device", cfg.device, f"one of {', '.join(DEVICES)}")
+    m = cfg.model
+    try:
+        variant_key(m.name)
+    except ValueError:
+        raise ConfigError("model.name", m.name, f"one of {', '.join(MODEL_NAMES)}") from None
+    _require(m.group_size >= 1, "model.group_size", m.group_size, "an integer >= 1 (1 = depthwise)")
+    _require(m.expand_ratio >= 1, "model.expand_ratio", m.expand_ratio, "an integer >= 1")
+    _require(m.norm in NORM_KINDS, "model.norm", m.norm, f"one of {', '.join(NORM_KINDS)}")
+    _require(m.norm_groups in (1, 2, 4, 8), "model.norm_groups", m.norm_groups,
+             "1, 2, 4 or 8 (a divisor of every layer width)")
+    _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
+    _require(m.dropout is None or 0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1) or null")
+    _require(0 <= m.drop_path < 1, "model.drop_path", m.drop_path, "in [0, 1)")
+    _require(m.init_source in ("ours", "timm", "torchvision"), "model.init_source", m.init_source,
+             "ours, timm or torchvision")
+
+    d = cfg.data
+    _require(d.resolution >= 32, "data.resolution", d.resolution, "an integer >= 32")
+    _require(all(r >= 32 for r in d.val_resolutions), "data.val_resolutions", d.val_resolutions,
+             "integers >= 32")
+    _require(d.workers >= 0, "data.workers", d.workers, "an integer >= 0")
+    lo, hi = (d.random_crop_scale + [0, 0])[:2]
+    _require(len(d.random_crop_scale) == 2 and 0 < lo <= hi <= 1, "data.random_crop_scale",
+             d.random_crop_scale, "[min, max] with 0 < min <= max <= 1")
+    _require(d.mixup >= 0 and d.cutmix >= 0, "data.mixup/cutmix", (d.mixup, d.cutmix), "values >= 0")
+    _require(d.synthetic_images >= 1, "data.synthetic_images", d.synthetic_images, "an integer >= 1")
+
+    o = cfg.optim
+    _require(o.name in ("sgd", "rmsprop", "adamw"), "optim.name", o.name, "sgd, rmsprop or adamw")
+    _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
+    _require(o.lr_reference_batch >= 1, "optim.lr_reference_batch", o.lr_reference_batch, "an integer >= 1")
+    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
+    _require(0 < o.alpha < 1, "optim.alpha", o.alpha, "in (0, 1)")
+    _require(o.eps > 0, "optim.eps", o.eps, "a number > 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+
+    s = cfg.schedule
+    _require(s.name in ("exponential", "cosine", "step"), "schedule.name", s.name,
+             "exponential, cosine or step")
+    _require(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, "a number >= 0")
+    _require(0 < s.decay_rate <= 1, "schedule.decay_rate", s.decay_rate, "in (0, 1]")
+    _require(s.decay_epochs > 0, "schedule.decay_epochs", s.decay_epochs, "a number > 0")
+
+    t = cfg.train
+    _require(t.epochs > 0, "train.epochs", t.epochs, "a number > 0")
+    _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "null or >= 1")
+    for name in ("micro_batch", "grad_accum", "replicas", "log_every", "keep_checkpoints"):
+        _require(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
+    _require(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "in [0, 1)")
+    _require(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "in [0, 1) (0 = off)")
+    _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "fp32, bf16 or fp16")
+    _require(t.val_every > 0, "train.val_every", t.val_every, "a number > 0")
+
+    f = cfg.finetune
+    _require(f.epochs > 0, "finetune.epochs", f.epochs, "a number > 0")
+    _require(f.lr > 0, "finetune.lr", f.lr, "a number > 0")
+    _require(f.resolution is None or f.resolution >= 32, "finetune.resolution", f.resolution,
+             "null or an integer >= 32")
+
+    _require(cfg.dist.instances >= 1 and cfg.dist.nnodes >= 1, "dist.instances/nnodes",
+             (cfg.dist.instances, cfg.dist.nnodes), "integers >= 1")
+    _require(cfg.log.wandb_mode in ("offline", "online"), "log.wandb_mode", cfg.log.wandb_mode,
+             "offline or online")
+    cfg.ipu.validate()

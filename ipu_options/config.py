@@ -1,0 +1,51 @@
+"""The typed IPU configuration: everything that becomes a ``poptorch.Options`` call.
+
+Declared here (next to the code that turns it into options) and composed into the application's
+``Config`` as ``cfg.ipu``. ``replicas``, ``micro_batch`` and ``grad_accum`` are not here: they mean
+the same on every device kind and live in ``cfg.train``.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+PRECISIONS = ("32.32", "16.32", "16.16")
+PARTIALS = ("float", "half")
+
+
+@dataclass
+class IPUConfig:
+    device_iterations: int = 1
+    # Pipeline: module name → IPU index where that module starts a stage, or "auto" to use the
+    # memory planner's proposal; empty = the whole model on one IPU.
+    pipeline: Union[Dict[str, int], str] = field(default_factory=dict)
+    recompute: List[str] = field(default_factory=list)  # module names whose outputs are checkpoints
+    available_memory_proportion: List[float] = field(default_factory=lambda: [0.6])
+    precision: str = "16.16"
+    partials: str = "half"
+    stochastic_rounding: bool = True
+    loss_scaling: Union[float, str] = 1.0  # a number (static) or "auto"
+    optimizer_state_offchip: bool = False
+    replicated_tensor_sharding: bool = False
+    executable_cache: Optional[str] = None
+    compile_only: bool = False
+    offline_ipu_version: Optional[int] = None  # compile for this IPU version without hardware
+    seed: Optional[int] = None  # None: the run's seed
+
+    def validate(self) -> None:
+        from app.config import ConfigError  # noqa: PLC0415 (app owns the error type)
+
+        if self.device_iterations < 1:
+            raise ConfigError("ipu.device_iterations", self.device_iterations, "an integer >= 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("ipu.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        if self.partials not in PARTIALS:
+            raise ConfigError("ipu.partials", self.partials, f"one of {', '.join(PARTIALS)}")
+        if not all(0.0 < p <= 1.0 for p in self.available_memory_proportion):
+            raise ConfigError("ipu.available_memory_proportion", self.available_memory_proportion,
+                              "values in (0, 1], one per IPU or a single value for all")
+        if isinstance(self.loss_scaling, str) and self.loss_scaling != "auto":
+            raise ConfigError("ipu.loss_scaling", self.loss_scaling, 'a positive number or "auto"')
+        if not isinstance(self.loss_scaling, str) and not self.loss_scaling > 0:
+            raise ConfigError("ipu.loss_scaling", self.loss_scaling, 'a positive number or "auto"')
+        if isinstance(self.pipeline, str) and self.pipeline != "auto":
+            raise ConfigError("ipu.pipeline", self.pipeline,
+                              'a mapping {module name: IPU index} or "auto"')

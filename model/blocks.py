@@ -1,0 +1,122 @@
+"""The building blocks of EfficientNet: conv-norm-activation, squeeze-excite and the MBConv block.
+
+Group convolutions (the paper's first idea) live in ``spatial_groups``: every spatial conv of a
+block has ``group_size`` channels per group instead of one (depthwise).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .norms import NormSpec
+from .proxy_norm import ProxyNormAct
+
+
+def spatial_groups(channels: int, group_size: int) -> int:
+    """Groups of a spatial conv with ``group_size`` channels per group: max(C // G, 1), lowered to
+    the nearest divisor of C where C // G does not divide C (only B6/B7's 56-channel stem with G=16)."""
+    groups = max(channels // group_size, 1)
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+class ConvNormAct(nn.Module):
+    """conv → norm → activation (SiLU, proxy-normalised SiLU, or none)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: NormSpec,
+                 stride: int = 1, groups: int = 1, activation: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride,
+                              padding=kernel_size // 2, groups=groups, bias=False)
+        # Under proxy norm a norm without activation (the projection) keeps a scale and no shift.
+        self.norm = norm.make(out_channels, shift=activation or not norm.proxy)
+        if not activation:
+            self.act: Optional[nn.Module] = None
+        elif norm.proxy:
+            self.act = ProxyNormAct(out_channels)
+        else:
+            self.act = nn.SiLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_deferred(x, defer_scale=False)[0]
+
+    def forward_deferred(self, x: Tensor, defer_scale: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        """Output and, under proxy norm with ``defer_scale``, the per-channel scale still to apply."""
+        x = self.norm(self.conv(x))
+        if isinstance(self.act, ProxyNormAct):
+            if defer_scale:
+                return self.act(x, self.norm.weight, self.norm.bias, defer_scale=True)
+            return self.act(x, self.norm.weight, self.norm.bias), None
+        if self.act is not None:
+            x = self.act(x)
+        return x, None
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gate from globally pooled features; its inner activation is always plain SiLU.
+
+    ``scale`` is a per-channel factor that the input still owes (proxy norm's deferred 1/σ̃): it is
+    applied to the pooled vector and folded into the gate, never as a pass of its own."""
+
+    def __init__(self, channels: int, reduced: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+        pooled = x.mean((2, 3), keepdim=True)
+        if scale is not None:
+            pooled = pooled * scale
+        gate = torch.sigmoid(self.expand(F.silu(self.reduce(pooled))))
+        if scale is not None:
+            gate = gate * scale
+        return x * gate
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch of whole samples with probability p."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.3f}"
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck: [expand 1×1] → spatial k×k (grouped) → squeeze-excite →
+    project 1×1, with a residual connection when shapes allow. ``expand_ratio=1`` is EfficientNet's
+    first-stage depthwise-separable block."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+                 expand_ratio: int, group_size: int, norm: NormSpec, se_ratio: float = 0.25,
+                 drop_path: float = 0.0):
+        super().__init__()
+        mid = in_channels * expand_ratio
+        self.expand = ConvNormAct(in_channels, mid, 1, norm) if expand_ratio != 1 else None
+        self.spatial = ConvNormAct(mid, mid, kernel_size, norm, stride=stride,
+                                   groups=spatial_groups(mid, group_size))
+        self.se = SqueezeExcite(mid, max(1, int(in_channels * se_ratio)))
+        self.project = ConvNormAct(mid, out_channels, 1, norm, activation=False)
+        self.residual = stride == 1 and in_channels == out_channels
+        self.drop_path = DropPath(drop_path) if self.residual and drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        if self.expand is not None:
+            x = self.expand(x)
+        x, scale = self.spatial.forward_deferred(x)
+        x = self.project(self.se(x, scale))
+        if self.residual:
+            x = self.drop_path(x) + shortcut
+        return x
