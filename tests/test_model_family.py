@@ -4,7 +4,10 @@ import torch
 
 from model import VARIANTS, build_model, convert_state_dict, count_macs, count_parameters, spatial_groups
 
-timm = pytest.importorskip("timm")
+
+@pytest.fixture(scope="module")
+def timm():
+    return pytest.importorskip("timm")
 
 # paper.md: parameters / multiply-adds at native resolution.
 PAPER_G16_E4 = {"b0": (5.91e6, 0.64e9), "b1": (8.33e6, 1.11e9), "b2": (9.50e6, 1.52e9),
@@ -13,7 +16,7 @@ PAPER_G1_E6_MACS = {"b0": 0.39e9, "b1": 0.69e9, "b2": 0.99e9, "b3": 1.83e9, "b4"
 
 
 @pytest.mark.parametrize("name", ["b0", "b1", "b2", "b3", "b4", "b5"])
-def test_parameter_count_equals_timm(name):
+def test_parameter_count_equals_timm(name, timm):
     ours = count_parameters(build_model(name))
     assert ours == count_parameters(timm.create_model(f"efficientnet_{name}"))
     if name == "b0":
@@ -77,7 +80,7 @@ def _same_logits(ours, peer, resolution=224):
         return (ours(x) - peer(x)).abs().max().item()
 
 
-def test_timm_checkpoint_converts_to_identical_logits():
+def test_timm_checkpoint_converts_to_identical_logits(timm):
     peer = timm.create_model("efficientnet_b0")
     eps = next(m.eps for m in peer.modules() if isinstance(m, torch.nn.BatchNorm2d))
     ours = build_model("b0", norm_eps=eps)
@@ -85,7 +88,7 @@ def test_timm_checkpoint_converts_to_identical_logits():
     assert _same_logits(ours, peer) <= 1e-4
 
 
-def test_timm_b2_converts_with_its_stage_one_skip():
+def test_timm_b2_converts_with_its_stage_one_skip(timm):
     # B2's depth 1.2 gives stage 1 two separable blocks (the second with a residual).
     peer = timm.create_model("efficientnet_b2")
     ours = build_model("b2", norm_eps=1e-5)
