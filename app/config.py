@@ -217,14 +217,14 @@ def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
 
 
 def preset_names() -> List[str]:
-    from app.presets import grid_names  # noqa: PLC0415
+    from app.presets import grid_names
 
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_")) + grid_names()
 
 
 def load_preset(name: str) -> Dict[str, Any]:
     """A preset as a nested dict: a YAML file path, a file in app/presets, or a grid name."""
-    from app.presets import deep_update, grid_preset  # noqa: PLC0415
+    from app.presets import deep_update, grid_preset
 
     path = Path(name)
     if not path.suffix:
