@@ -181,3 +181,11 @@ def test_sweep_table_and_plot(tmp_path):
     assert "| 100 | 4 |  | 91.00 | 90.00 |" in lines
     plot_sweep(rows, 64, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_half_presets_train_at_the_half_resolution():
+    from app.config import build_config
+
+    for key, half in PAPER_HALF.items():
+        assert build_config(f"{key}-g16-lnpn-half").data.resolution == half
+        assert build_config(f"{key}-g16-lnpn").data.resolution == VARIANTS[key].resolution
