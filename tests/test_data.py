@@ -154,20 +154,19 @@ def test_generated_goes_through_collate():
 # ----------------------------------------------------------------------------- order and resume
 
 class TinyDataset(ImageDataset):
-    """40 random 12×12 images in memory, through the real training transform."""
-
-    classes = [str(i) for i in range(10)]
+    """Random 12×12 images in memory, through the real training transform; label = index."""
 
     def __init__(self, size):
         super().__init__("train", 16, scale=(0.5, 1.0), hflip=True)
         rng = np.random.default_rng(1)
         self.pixels = rng.integers(0, 256, (size, 12, 12, 3), dtype=np.uint8)
+        self.classes = [str(i) for i in range(size)]
 
     def __len__(self):
         return len(self.pixels)
 
     def label(self, index):
-        return index % 10
+        return index
 
     def image(self, index):
         return Image.fromarray(self.pixels[index])
@@ -193,6 +192,19 @@ def test_order_deterministic_per_seed_epoch_and_resume_equals_tail():
     # worker processes change nothing: augmentation is seeded per sample, not per worker
     tail_workers = epoch_batches(0, 1, start=3, config=make_cfg("data.workers=2"))
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(tail, tail_workers))
+
+
+def test_distributed_sampler_splits_the_epoch():
+    cfg = make_cfg("data.workers=0")
+    small = TinyDataset(40)
+    seen = []
+    for rank in range(2):
+        sampler = torch.utils.data.DistributedSampler(small, num_replicas=2, rank=rank, seed=5)
+        loader = build_loader(small, 4, train=True, cfg=cfg, sampler=sampler, seed=0)
+        loader.set_epoch(3)  # passed on to the sampler
+        assert len(loader) == 5
+        seen.append(torch.cat([targets for _, targets in loader]).tolist())
+    assert sorted(seen[0] + seen[1]) == list(range(40))  # disjoint, together the whole epoch
 
 
 # ----------------------------------------------------------------------------- mixing

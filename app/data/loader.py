@@ -103,7 +103,7 @@ class Collate:
         self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
 
     def __call__(self, samples):
-        images = torch.stack([s[0] for s in samples])
+        images = torch.from_numpy(np.stack([s[0].numpy() for s in samples]))  # numpy: see to_tensor
         targets = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         skipped = tuple(path for s in samples for path in s[2])
         rng = np.random.default_rng(mix_seed(len(samples), *[s[3] for s in samples[:4]]))
