@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from app.config import build_config
-from app.data import IMAGENET_MEAN, DatasetError, build_dataset, build_loader
+from app.data import IMAGENET_MEAN, IMAGENET_STD, DatasetError, build_dataset, build_loader
 from app.data.datasets import ImageDataset, digits_split
 from app.data.mixing import cutmix, mixup
 from app.data.transforms import train_transform, val_resize_size, val_transform
@@ -243,4 +243,4 @@ def test_loader_mixes_when_configured():
     assert torch.allclose(targets.sum(1), torch.ones(16))
     val = build_loader(build_dataset(cfg, "val", 32), 16, train=False, cfg=cfg)
     assert next(iter(val))[1].dtype == torch.int64  # no mixing in validation
-    assert len(IMAGENET_MEAN) == 3
+    assert len(IMAGENET_MEAN) == 3 and all(0 < m < 1 for m in IMAGENET_MEAN + IMAGENET_STD)  # 0–1 scale
