@@ -139,6 +139,8 @@ def test_synthetic_fixed_batch_on_device():
     assert first[0].device.type == "cpu" and first[0].dtype == torch.uint8
     assert all(b[0] is first[0] and b[1] is first[1] for b in batches)  # the same tensors, no I/O
     assert first[1].dtype == torch.int64 and int(first[1].max()) < dataset.num_classes
+    ipu = build_loader(dataset, 4, train=True, cfg=cfg, device="ipu-model", seed=0)
+    assert next(iter(ipu))[0].device.type == "cpu"  # PopTorch copies host tensors itself
     if torch.cuda.is_available():
         cuda = build_loader(dataset, 4, train=True, cfg=cfg, device="cuda", seed=0)
         assert next(iter(cuda))[0].device.type == "cuda"

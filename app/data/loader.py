@@ -204,7 +204,10 @@ class SyntheticLoader:
 def _torch_device(device) -> torch.device:
     """The device to create synthetic data on: cpu/cuda as given; other kinds (ipu) take host
     tensors, which PopTorch copies itself."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+    except RuntimeError:  # a name torch does not know ("ipu-model", "auto"): host tensors
+        return torch.device("cpu")
     return dev if dev.type in ("cpu", "cuda") else torch.device("cpu")
 
 
