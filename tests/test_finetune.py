@@ -103,3 +103,17 @@ def test_recalibration_reaches_frozen_layers_and_keeps_them_frozen():
     assert not torch.equal(before, model.stem.norm.running_mean)
     model.train()
     assert not model.stem.training  # still locked in eval after recalibration
+
+
+def test_training_images_with_validation_preprocessing():
+    """data.augment=false (what fine-tuning sets): training images are resized and centre-cropped
+    exactly as for validation, the same whatever the augmentation seed."""
+    from app.config import build_config
+    from app.data import build_dataset
+    from app.data.transforms import val_transform
+
+    plain = build_dataset(build_config("digits", ["data.augment=false"]), "train", 40)
+    a, b = plain.sample(3, seed=1)[0], plain.sample(3, seed=2)[0]
+    assert torch.equal(a, b) and torch.equal(a, val_transform(plain.image(3), 40))
+    augmented = build_dataset(build_config("digits"), "train", 40)
+    assert not torch.equal(augmented.sample(3, seed=1)[0], augmented.sample(3, seed=2)[0])
