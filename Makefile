@@ -15,7 +15,7 @@ OVERRIDES = $(if $(MODEL),model.name=$(MODEL)) $(if $(G),model.group_size=$(G)) 
 	$(if $(BATCH),train.micro_batch=$(BATCH)) $(if $(DATA),data.dataset=$(DATA))
 RUN = $(PY) -m app
 
-.PHONY: train validate finetune plan paper bench test lint clean env env-dev
+.PHONY: train validate finetune plan paper bench test compat lint clean env env-dev
 .DEFAULT_GOAL := train
 
 $(VENV)/.runtime: requirements.txt
@@ -51,6 +51,19 @@ bench: $(VENV)/.dev
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -n 2 tests $(ARGS)
+
+# The SDK's Python 3.8 + torch 2.0.1: the suite again, peers (timm, torchvision, wandb) skipped.
+PYTHON_SDK ?= $(shell command -v python3.8 || ls $$HOME/.pyenv/versions/3.8*/bin/python 2>/dev/null | head -n 1)
+VENV_SDK ?= .venv-sdk
+
+$(VENV_SDK)/.installed: requirements-sdk.txt
+	@test -n "$(PYTHON_SDK)" || { echo "make compat needs Python 3.8 (set PYTHON_SDK=/path/to/python3.8)"; exit 2; }
+	test -x $(VENV_SDK)/bin/python || $(PYTHON_SDK) -m venv $(VENV_SDK)
+	$(VENV_SDK)/bin/python -m pip install -q -r requirements-sdk.txt
+	touch $@
+
+compat: $(VENV_SDK)/.installed
+	$(VENV_SDK)/bin/python -m pytest -q -n 2 tests $(ARGS)
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

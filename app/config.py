@@ -66,6 +66,7 @@ class OptimConfig:
     lr: float = 0.016  # at ``lr_reference_batch``; scaled linearly with the global batch
     lr_reference_batch: int = 256
     momentum: float = 0.9
+    nesterov: bool = False  # sgd only
     alpha: float = 0.9  # RMSprop squared-gradient decay
     eps: float = 1e-3
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -217,14 +218,14 @@ def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
 
 
 def preset_names() -> List[str]:
-    from app.presets import grid_names  # noqa: PLC0415
+    from app.presets import grid_names
 
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_")) + grid_names()
 
 
 def load_preset(name: str) -> Dict[str, Any]:
     """A preset as a nested dict: a YAML file path, a file in app/presets, or a grid name."""
-    from app.presets import deep_update, grid_preset  # noqa: PLC0415
+    from app.presets import deep_update, grid_preset
 
     path = Path(name)
     if not path.suffix:
@@ -299,6 +300,8 @@ def validate(cfg: Config) -> None:
     _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(o.lr_reference_batch >= 1, "optim.lr_reference_batch", o.lr_reference_batch, "an integer >= 1")
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
+    _require(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov", o.nesterov,
+             "false, or true only with optim.name=sgd and optim.momentum > 0")
     _require(0 < o.alpha < 1, "optim.alpha", o.alpha, "in (0, 1)")
     _require(o.eps > 0, "optim.eps", o.eps, "a number > 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")

@@ -31,7 +31,7 @@ class IPUConfig:
     seed: Optional[int] = None  # None: the run's seed
 
     def validate(self) -> None:
-        from app.config import ConfigError  # noqa: PLC0415 (app owns the error type)
+        from app.config import ConfigError
 
         if self.device_iterations < 1:
             raise ConfigError("ipu.device_iterations", self.device_iterations, "an integer >= 1")

@@ -1,0 +1,227 @@
+"""Loaders: fixed-size batches of uint8 images, reproducible from (seed, epoch), resumable mid-epoch.
+
+Reproducibility does not depend on worker processes: the batch sampler hands every sample a seed
+mixed from (seed, epoch, index), each sample's augmentation is drawn from that seed alone, and each
+batch's mixup/cutmix from the seeds of its samples. So a given epoch yields the same batches with 0
+or N workers, and ``iterate(start_batch=k)`` (resume) skips k batches without loading them and
+yields exactly the tail the uninterrupted epoch would have.
+
+Usage::
+
+    loader = build_loader(dataset, 64, train=True, cfg=cfg, device=device, seed=cfg.train.seed)
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        for images, targets in loader.iterate(start_batch=k if epoch == start_epoch else 0):
+            ...
+    loader.skipped  # unreadable images replaced so far, counted across all worker processes
+"""
+import warnings
+from typing import Iterator, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .datasets import ImageDataset, SyntheticDataset
+from .mixing import mix_batch
+
+MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps): nearby inputs give unrelated seeds."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (int(value) & MASK64)) & MASK64
+        state = (state + 0x9E3779B97F4A7C15) & MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        state = z ^ (z >> 31)
+    return state >> 1
+
+
+class EpochBatches(Sampler):
+    """Batches of (index, sample seed) for one epoch. The order is a permutation seeded by
+    (seed, epoch) when shuffling, the given sampler's order (after its own set_epoch) when one is
+    passed (e.g. a DistributedSampler), else sequential."""
+
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
+                 sampler: Optional[Sampler] = None):
+        self.size, self.batch_size = size, batch_size
+        self.shuffle, self.drop_last, self.seed, self.sampler = shuffle, drop_last, seed, sampler
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def order(self) -> List[int]:
+        if self.sampler is not None:
+            return [int(i) for i in self.sampler]
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            return torch.randperm(self.size, generator=generator).tolist()
+        return list(range(self.size))
+
+    def _count(self, samples: int) -> int:
+        if self.drop_last:
+            return samples // self.batch_size
+        return -(-samples // self.batch_size)
+
+    def __len__(self) -> int:
+        return self._count(len(self.sampler) if self.sampler is not None else self.size)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        # eager: the order and the start are fixed when the DataLoader asks, not at the first batch
+        order, epoch = self.order(), self.epoch
+        chunks = [order[b * self.batch_size:(b + 1) * self.batch_size]
+                  for b in range(self.start, self._count(len(order)))]
+        return iter([[(i, mix_seed(self.seed, epoch, i)) for i in chunk] for chunk in chunks])
+
+
+class SeededView(Dataset):
+    """Indexes the dataset by (index, seed) keys; returns the sample's seed and skipped paths too."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        index, seed = key
+        image, label, skipped = self.dataset.sample(index, seed)
+        return image, label, skipped, seed
+
+
+class Collate:
+    """Stack, then mixup/cutmix (seeded from the batch's sample seeds). Runs in the workers."""
+
+    def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float):
+        self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
+
+    def __call__(self, samples):
+        images = torch.from_numpy(np.stack([s[0].numpy() for s in samples]))  # numpy: see to_tensor
+        targets = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+        skipped = tuple(path for s in samples for path in s[2])
+        rng = np.random.default_rng(mix_seed(len(samples), *[s[3] for s in samples[:4]]))
+        images, targets = mix_batch(images, targets, self.num_classes, self.mixup_alpha,
+                                    self.cutmix_alpha, rng)
+        return images, targets, skipped
+
+
+class Loader:
+    """Iterable of (images uint8 [B,3,H,W], targets). ``len(loader)``: batches per epoch.
+    ``iterate(start_batch=k)``: this epoch from batch k on (resume). ``skipped``: unreadable
+    images replaced so far (each replacement counts); ``skipped_files``: their paths."""
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, *, train: bool, workers: int,
+                 pin_memory: bool, mixup: float, cutmix: float, seed: int,
+                 sampler: Optional[Sampler] = None):
+        self.dataset, self.batch_size, self.train = dataset, batch_size, train
+        self.batches = EpochBatches(len(dataset), batch_size, shuffle=train, drop_last=train,
+                                    seed=seed, sampler=sampler)
+        if len(self.batches) == 0:
+            raise ValueError(f"the {dataset.split} data has {len(dataset)} images, fewer than one "
+                             f"batch of {batch_size}: lower the batch (train.micro_batch) or use "
+                             "more data")
+        self._loader = DataLoader(
+            SeededView(dataset), batch_sampler=self.batches, num_workers=workers,
+            collate_fn=Collate(dataset.num_classes, mixup if train else 0.0, cutmix if train else 0.0),
+            pin_memory=pin_memory, persistent_workers=workers > 0)
+        self.skipped = 0
+        self.skipped_files: Set[str] = set()
+
+    @property
+    def epoch(self) -> int:
+        return self.batches.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start_batch: int = 0):
+        """This epoch's batches from ``start_batch`` on; the first ones are never loaded."""
+        self.batches.start = start_batch
+        try:
+            iterator = iter(self._loader)  # the batch sampler is read here, in this process
+        finally:
+            self.batches.start = 0
+        for images, targets, skipped in iterator:
+            self._note(skipped)
+            yield images, targets
+
+    def _note(self, skipped: Sequence[str]) -> None:
+        self.skipped += len(skipped)
+        for path in skipped:
+            if path not in self.skipped_files:
+                self.skipped_files.add(path)
+                warnings.warn(f"skipped an unreadable image (replaced by the next readable one): "
+                              f"{path}", RuntimeWarning, stacklevel=2)
+
+
+class SyntheticLoader:
+    """``synthetic``: one fixed random batch made once, directly on the device, yielded every
+    step (no host I/O, no copies): measures the device alone. Targets are fixed random labels
+    (mixed once into soft targets when mixup/cutmix is on, to keep the loss path the same)."""
+
+    def __init__(self, dataset: SyntheticDataset, batch_size: int, *, device, mixup: float,
+                 cutmix: float, seed: int):
+        self.dataset, self.batch_size, self.train = dataset, batch_size, True
+        self.skipped, self.skipped_files = 0, set()
+        self.length = max(len(dataset) // batch_size, 1)
+        self.epoch = 0
+        r = dataset.resolution
+        generator = torch.Generator(device=device).manual_seed(mix_seed(seed))
+        self.images = torch.randint(0, 256, (batch_size, 3, r, r), dtype=torch.uint8, device=device,
+                                    generator=generator)
+        self.targets = torch.randint(0, dataset.num_classes, (batch_size,), device=device,
+                                     generator=generator)
+        self.images, self.targets = mix_batch(self.images, self.targets, dataset.num_classes, mixup,
+                                              cutmix, np.random.default_rng(mix_seed(seed, 1)))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start_batch: int = 0):
+        for _ in range(start_batch, self.length):
+            yield self.images, self.targets
+
+
+def _torch_device(device) -> torch.device:
+    """The device to create synthetic data on: cpu/cuda as given; other kinds (ipu) take host
+    tensors, which PopTorch copies itself."""
+    try:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+    except RuntimeError:  # a name torch does not know ("ipu-model", "auto"): host tensors
+        return torch.device("cpu")
+    return dev if dev.type in ("cpu", "cuda") else torch.device("cpu")
+
+
+def build_loader(dataset: ImageDataset, batch_size: int, *, train: bool, cfg, device=None,
+                 sampler: Optional[Sampler] = None, seed: int = 0):
+    """The loader for ``dataset`` (see the module docstring): fixed batch size (the last partial
+    batch is dropped when training, kept for validation), ``cfg.data.workers`` worker processes
+    (persistent), pinned memory on CUDA, mixup/cutmix from ``cfg.data`` when training."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid: expected an integer >= 1")
+    dev = _torch_device(device)
+    mixup, cutmix = (cfg.data.mixup, cfg.data.cutmix) if train else (0.0, 0.0)
+    if isinstance(dataset, SyntheticDataset):
+        return SyntheticLoader(dataset, batch_size, device=dev, mixup=mixup, cutmix=cutmix, seed=seed)
+    return Loader(dataset, batch_size, train=train, workers=cfg.data.workers,
+                  pin_memory=dev.type == "cuda", mixup=mixup, cutmix=cutmix, seed=seed,
+                  sampler=sampler)

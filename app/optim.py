@@ -1,0 +1,190 @@
+"""Optimisation: weight-decay parameter groups, optimisers, the learning-rate schedule, EMA.
+
+Weight decay is an L2 term on the gradient (g ← g + wd·θ) for SGD and RMSprop, as the TensorFlow
+reference adds ``wd·Σ‖θ‖²/2`` to the loss; AdamW decays decoupled (θ ← θ − lr·wd·θ). It applies to
+conv/linear weights and to proxy norm's own β̃, γ̃ (``proxy_bias``, ``proxy_weight``), never to
+norm weights/biases (proxy norm's γ, β live there) or conv/linear biases.
+"""
+import copy
+import math
+from typing import Any, Dict, Iterable, List, Tuple
+
+import torch
+from torch import nn
+
+from model.proxy_norm import ProxyNormAct
+
+ADAMW_EPS = 1e-8  # optim.eps is RMSprop's (inside the square root, 1e-3); AdamW keeps its usual one
+
+
+# ----------------------------------------------------------------------------- parameter groups
+
+def decay_split(model: nn.Module) -> Tuple[List[Tuple[str, nn.Parameter]], List[Tuple[str, nn.Parameter]]]:
+    """(decayed, not decayed) trainable parameters as (name, parameter), by the module owning each:
+    ProxyNormAct → decayed; conv/linear ``weight`` → decayed; everything else (norm affine,
+    conv/linear biases) → not decayed. A parameter of another module type decays when it is a
+    matrix or larger (a weight), not when it is a vector (a bias or scale)."""
+    decay, no_decay = [], []
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue  # frozen (fine-tuning): not the optimiser's business
+            full = f"{module_name}.{name}" if module_name else name
+            if isinstance(module, ProxyNormAct):
+                decayed = True
+            elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                decayed = name == "weight"
+            elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+                decayed = False
+            else:
+                decayed = param.dim() > 1
+            (decay if decayed else no_decay).append((full, param))
+    return decay, no_decay
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Optimiser parameter groups: decayed parameters with ``weight_decay``, the rest with 0.
+    Empty groups are left out; a model with nothing trainable is an error."""
+    decay, no_decay = decay_split(model)
+    groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
+              {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    return groups
+
+
+# ----------------------------------------------------------------------------- optimisers
+
+class RMSpropTF(torch.optim.Optimizer):
+    """RMSprop as TensorFlow implements it (the EfficientNet reference recipe). Per parameter θ
+    with gradient g, squared average v (initialised to ONES, as TF does) and momentum m (zeros):
+
+        g ← g + wd·θ                       (L2 weight decay, the group's ``weight_decay``)
+        v ← α·v + (1 − α)·g²
+        m ← μ·m + lr·g / sqrt(v + ε)       (ε inside the square root; lr inside the buffer)
+        θ ← θ − m
+
+    Differences from ``torch.optim.RMSprop``: ε inside the sqrt (torch: sqrt(v) + ε), v starts at
+    1 (torch: 0, which makes the first steps huge), and lr multiplies the momentum buffer's input,
+    so a change of lr only affects new contributions (torch scales the whole buffer)."""
+
+    def __init__(self, params: Iterable, lr: float, alpha: float = 0.9, eps: float = 1e-3,
+                 momentum: float = 0.9, weight_decay: float = 0.0):
+        if lr < 0 or not 0 < alpha < 1 or eps <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
+            raise ValueError(f"RMSpropTF: invalid lr={lr}, alpha={alpha}, eps={eps}, "
+                             f"momentum={momentum} or weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, momentum=momentum,
+                                      weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
+            momentum, wd = group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("RMSpropTF does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["square_avg"] = torch.ones_like(p, memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                grad = p.grad.add(p, alpha=wd) if wd != 0 else p.grad
+                square_avg = state["square_avg"]
+                square_avg.mul_(alpha).addcmul_(grad, grad, value=1.0 - alpha)
+                step = grad.div(square_avg.add(eps).sqrt_()).mul_(lr)
+                buf = state["momentum_buffer"]
+                buf.mul_(momentum).add_(step)
+                p.sub_(buf)
+        return loss
+
+
+def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
+    """cfg.optim.name: ``rmsprop`` (RMSpropTF), ``sgd`` (momentum, optional Nesterov) or ``adamw``;
+    weight decay cfg.optim.weight_decay on the groups of ``param_groups``."""
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if o.name == "rmsprop":
+        return RMSpropTF(groups, lr=lr, alpha=o.alpha, eps=o.eps, momentum=o.momentum)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=ADAMW_EPS)
+    raise ValueError(f"optim.name={o.name!r} is invalid: expected sgd, rmsprop or adamw")
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_at(step: float, cfg, steps_per_epoch: int, base_lr: float) -> float:
+    """Learning rate after ``step`` weight updates (0 before the first; fractions allowed).
+
+    Warm-up: linear from 0 to base_lr over cfg.schedule.warmup_epochs. Then, by
+    cfg.schedule.name (e = step / steps_per_epoch, s = cfg.schedule):
+      exponential  base_lr · s.decay_rate ^ floor(e / s.decay_epochs)  — staircase, counted from
+                   step 0 as the TF reference does (warm-up then continues at the decayed value)
+      step         base_lr · s.decay_rate ^ floor((e − warmup) / s.decay_epochs) — counted from
+                   the end of warm-up (base_lr is held for decay_epochs first)
+      cosine       min + (base_lr − min)·(1 + cos(π·p))/2, p = (e − warmup)/(train.epochs − warmup),
+                   min = s.min_lr_ratio · base_lr, reached at the end of cfg.train.epochs
+    """
+    s = cfg.schedule
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch={steps_per_epoch} is invalid: expected an integer >= 1")
+    epoch = step / steps_per_epoch
+    if s.warmup_epochs > 0 and epoch < s.warmup_epochs:
+        return base_lr * epoch / s.warmup_epochs
+    if s.name == "exponential":
+        return base_lr * s.decay_rate ** math.floor(epoch / s.decay_epochs)
+    if s.name == "step":
+        return base_lr * s.decay_rate ** math.floor((epoch - s.warmup_epochs) / s.decay_epochs)
+    if s.name == "cosine":
+        span = cfg.train.epochs - s.warmup_epochs
+        progress = min(max((epoch - s.warmup_epochs) / span, 0.0), 1.0) if span > 0 else 1.0
+        low = s.min_lr_ratio * base_lr
+        return low + (base_lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule.name={s.name!r} is invalid: expected exponential, cosine or step")
+
+
+# ----------------------------------------------------------------------------- EMA
+
+class EMA:
+    """Exponential moving average of a model's weights: after each weight update,
+    θ_ema ← d·θ_ema + (1 − d)·θ for parameters; buffers (BatchNorm statistics) are copied.
+    With ``warmup`` the decay is min(d, (1 + n)/(10 + n)) at update n, so the average is not
+    dominated by the initial weights in short runs. ``module`` is the averaged copy (eval mode,
+    no gradients)."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay={decay} is invalid: expected a number in [0, 1)")
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def current_decay(self) -> float:
+        if self.warmup:
+            return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        self.updates += 1
+        for avg, new in zip(self.module.parameters(), model.parameters()):
+            avg.lerp_(new.detach().to(avg.dtype), 1.0 - decay)
+        for avg, new in zip(self.module.buffers(), model.buffers()):
+            avg.copy_(new)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"module": self.module.state_dict(), "decay": self.decay, "updates": self.updates}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.decay, self.updates = float(state["decay"]), int(state["updates"])

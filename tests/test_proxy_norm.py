@@ -1,0 +1,121 @@
+"""Proxy Norm exactly as shared/reference/proxy_norm.md states it, and batch independence."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import ConvNormAct, NormSpec, ProxyNormAct, build_model, normal_quantiles
+from model.blocks import MBConv
+
+
+def test_quantiles_are_symmetric_with_unit_variance_in_the_limit():
+    u = normal_quantiles(200)
+    assert u.dtype == torch.float32 and u.numel() == 200
+    assert abs(u.double().mean().item()) < 1e-6
+    assert torch.allclose(u, -u.flip(0), atol=1e-6)
+    variances = [normal_quantiles(n).double().var(unbiased=False).item() for n in (20, 200, 2000)]
+    assert variances[0] < variances[1] < variances[2] < 1.0
+    assert variances[2] == pytest.approx(1.0, abs=2e-3)
+    # Φ((i + ½)/N) is the defining property.
+    p = 0.5 * (1 + torch.erf(u.double() / math.sqrt(2)))
+    assert torch.allclose(p, (torch.arange(200, dtype=torch.float64) + 0.5) / 200, atol=1e-6)
+
+
+def _random_proxy(channels=6):
+    pn = ProxyNormAct(channels)
+    with torch.no_grad():
+        pn.proxy_bias.uniform_(-0.5, 0.5)
+        pn.proxy_weight.uniform_(-0.3, 0.3)
+    gamma = torch.empty(channels).uniform_(0.5, 1.5)
+    beta = torch.empty(channels).uniform_(-0.5, 0.5)
+    return pn, gamma, beta
+
+
+def test_output_is_normalised_for_inputs_from_the_proxy_distribution():
+    pn, gamma, beta = _random_proxy()
+    c = gamma.numel()
+    y = pn.proxy_bias[None, :, None, None] + (1 + pn.proxy_weight[None, :, None, None]) * torch.randn(
+        4096, c, 4, 4)
+    with torch.no_grad():
+        out = pn(gamma.view(1, -1, 1, 1) * y + beta.view(1, -1, 1, 1), gamma, beta)
+        _, inv_std = pn.proxy_statistics(gamma, beta)
+    mean = out.mean((0, 2, 3))
+    var = out.var((0, 2, 3))
+    proxy_var = 1 / inv_std**2 - pn.eps  # σ̃²: output variance is σ̃² / (σ̃² + ε)
+    assert mean.abs().max() < 0.02
+    assert torch.allclose(var, proxy_var / (proxy_var + pn.eps), rtol=0.03)
+    # Without ε the output is standardised exactly (up to the 200-point approximation).
+    pn.eps = 1e-8
+    with torch.no_grad():
+        out = pn(gamma.view(1, -1, 1, 1) * y + beta.view(1, -1, 1, 1), gamma, beta)
+    assert torch.allclose(out.var((0, 2, 3)), torch.ones(c), rtol=0.03)
+    assert out.mean((0, 2, 3)).abs().max() < 0.02
+
+
+def test_statistics_match_the_formula():
+    pn, gamma, beta = _random_proxy(3)
+    u = normal_quantiles(200)
+    proxy = pn.proxy_bias[:, None] + (1 + pn.proxy_weight[:, None]) * u
+    z = F.silu(gamma[:, None] * proxy + beta[:, None])
+    mean, inv_std = pn.proxy_statistics(gamma, beta)
+    assert torch.allclose(mean, z.mean(1), atol=1e-6)
+    assert torch.allclose(inv_std, 1 / torch.sqrt(z.var(1, unbiased=False) + 0.03), atol=1e-6)
+
+
+def test_gradients_reach_affine_and_proxy_parameters():
+    layer = ConvNormAct(4, 8, 3, NormSpec("layer", proxy=True))
+    layer(torch.randn(2, 4, 9, 9)).square().mean().backward()
+    for p in (layer.norm.weight, layer.norm.bias, layer.act.proxy_bias, layer.act.proxy_weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_statistics_stay_float32_under_autocast_and_half_weights():
+    layer = ConvNormAct(4, 8, 3, NormSpec("layer", proxy=True))
+    seen = []
+    original = layer.act.proxy_statistics
+    layer.act.proxy_statistics = lambda w, b: seen.append(original(w, b)) or seen[-1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(2, 4, 9, 9))
+    assert out.dtype == torch.bfloat16
+    layer.to(torch.bfloat16)(torch.randn(2, 4, 9, 9, dtype=torch.bfloat16))
+    assert len(seen) == 2 and all(t.dtype == torch.float32 for stats in seen for t in stats)
+
+
+def test_deferred_scale_folded_into_squeeze_excite_equals_direct_computation():
+    block = MBConv(16, 16, 3, 1, 4, 16, NormSpec("layer", proxy=True)).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(2, 16, 11, 11)
+        direct = block.spatial(block.expand(x))  # fully proxy-normalised, no deferral
+        expected = block.project(block.se(direct)) + x
+        assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+def test_projection_norm_keeps_scale_without_shift():
+    block = MBConv(16, 24, 3, 2, 4, 16, NormSpec("layer", proxy=True))
+    assert block.project.norm.weight is not None and block.project.norm.bias is None
+    assert block.project.act is None
+    assert build_model("b0").blocks[1][0].project.norm.bias is not None  # BN model keeps its shift
+
+
+def _output_of_first_sample(model, batch):
+    torch.manual_seed(0)
+    return model(batch)[0]
+
+
+@pytest.mark.parametrize("norm, independent", [
+    (dict(norm="layer", proxy_norm=True), True),
+    (dict(norm="group"), True),
+    (dict(norm="batch"), False),
+])
+def test_batch_independence(norm, independent):
+    model = build_model("b0", group_size=16, expand_ratio=4, num_classes=10, dropout=0.0,
+                        drop_path=0.0, **norm).train()
+    batch = torch.randn(4, 3, 64, 64)
+    other = batch.clone()
+    other[1:] = torch.randn(3, 3, 64, 64) * 3 + 1
+    with torch.no_grad():
+        a, b = _output_of_first_sample(model, batch), _output_of_first_sample(model, other)
+    assert torch.allclose(a, b, atol=1e-5) is independent
