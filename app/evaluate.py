@@ -92,17 +92,17 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     num_classes = next(iter(datasets.values())).num_classes
     check_architecture(payload, cfg.model, num_classes, path)
     results = {}
-    for kind in ("model", "ema"):
-        if payload.get(kind) is None:
+    weights = {"raw": payload.get("model"), "ema": (payload.get("ema") or {}).get("module")}
+    for kind, state in weights.items():
+        if state is None:
             continue
         net = build_network(cfg, num_classes)
-        load_weights(net, payload[kind], path)
+        load_weights(net, state, path)
         classifier = build_classifier(net, cfg).to(backend.device)
         for r, dataset in datasets.items():
             loader = build_loader(dataset, backend.eval_batch_size(cfg), train=False, cfg=cfg,
                                   device=backend.device)
-            name = f"{'raw' if kind == 'model' else 'ema'}@{r}"
-            results[name] = evaluate(classifier, loader, backend.device)
+            results[f"{kind}@{r}"] = evaluate(classifier, loader, backend.device)
     print(f"validation of {path} (step {payload.get('step')}):\n{report(results)}")
     backend.close()
     return 0

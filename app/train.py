@@ -6,6 +6,7 @@ Everything device-specific is behind ``app.backend``; everything that writes fil
 main process only.
 """
 import argparse
+import itertools
 import math
 import random
 import signal
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -105,7 +106,8 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
     path, source = cfg.model.init_from, cfg.model.init_source
     state = load_checkpoint(path)
     if source == "ours":
-        state = (state.get("ema") or state["model"]) if "model" in state else state  # prefer EMA
+        if "model" in state:  # one of our training checkpoints: prefer its EMA weights
+            state = state["ema"]["module"] if state.get("ema") else state["model"]
     else:
         state = convert_state_dict(state.get("state_dict", state), source)
     own = model.state_dict()
@@ -115,6 +117,21 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
     load_weights(model, {**own, **fitting}, path)
     print(f"initialised from {path} ({source}): {len(fitting)} tensors"
           + (f", not used: {', '.join(dropped[:5])}{' …' if len(dropped) > 5 else ''}" if dropped else ""))
+
+
+def epoch_batches(loader, start: int) -> Iterator:
+    """This epoch's batches from batch ``start`` on, without loading the skipped ones where the
+    loader can. The first batch is fetched here, so whatever the loader draws from the global RNG
+    when it starts (torch's DataLoader draws its workers' base seed) is drawn now, at a point the
+    checkpoint's RNG states can be restored after."""
+    if hasattr(loader, "iterate"):
+        batches = iter(loader.iterate(start_batch=start))
+    else:
+        batches = iter(loader)
+        for _ in range(start):
+            next(batches)
+    first = next(batches, None)
+    return itertools.chain([first], batches) if first is not None else iter(())
 
 
 def make_payload(step: int, steps_per_epoch: int, model, ema, optimizer, backend: Backend,
@@ -183,7 +200,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     base_lr = cfg.optim.lr * cfg.global_batch / cfg.optim.lr_reference_batch
     optimizer = build_optimizer(model, cfg, base_lr)
     backend.prepare(classifier, optimizer, cfg)
-    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    ema = EMA(model, cfg.train.ema_decay, warmup=True) if cfg.train.ema_decay > 0 else None
 
     step, best, epoch_rng = 0, -1.0, None
     if resume is not None:
@@ -228,23 +245,21 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
         try:
             while step < total_steps and stop.signum is None:
                 epoch, skip = divmod(step, steps_per_epoch)
-                # Data order depends on (seed, epoch) and on the RNG states when the iterator is made.
-                # Resuming mid-epoch: recreate that iterator from the epoch's starting RNG states,
-                # replay the batches already trained on, then put every generator back where the
-                # checkpoint left it.
+                # The data of an epoch is fixed by (seed, epoch); the model's randomness (dropout,
+                # drop path) by the global RNG states. Resuming mid-epoch: start this epoch's
+                # iterator from the epoch's RNG states (loaders that draw seeds when created),
+                # skip the batches already trained on, then restore the checkpoint's RNG states.
                 if skip:
                     set_rng_state(epoch_rng)
                 else:
                     epoch_rng = rng_state()
                 loader.set_epoch(epoch)
-                batches = iter(loader)
-                for _ in range(skip):
-                    next(batches)
+                batches = epoch_batches(loader, skip)
                 if skip:
                     set_rng_state(resume["rng"])
                 tracker.start_window()
                 for images, targets in batches:
-                    lr = lr_at(float(step), cfg, steps_per_epoch, base_lr)
+                    lr = lr_at(step + 1.0, cfg, steps_per_epoch, base_lr)  # the rate of update step+1
                     backend.set_lr(lr)
                     out = backend.train_step(images, targets)
                     loss = float(out["loss"])
