@@ -1,6 +1,9 @@
 """Fine-tuning: freezing (frozen parameters and statistics bit-identical after training), batch-norm
 recalibration (only running statistics change, to the exact batch statistics), and a tiny
 end-to-end finetune."""
+import contextlib
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,3 +120,76 @@ def test_training_images_with_validation_preprocessing():
     assert torch.equal(a, b) and torch.equal(a, val_transform(plain.image(3), 40))
     augmented = build_dataset(build_config("digits"), "train", 40)
     assert not torch.equal(augmented.sample(3, seed=1)[0], augmented.sample(3, seed=2)[0])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+QUICK = ["--device", "cpu", "data.workers=0", "train.micro_batch=8", "train.log_every=1",
+         "model.norm=batch", "model.proxy_norm=false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A digits B0 with batch norm trained 2 steps at 32, validated at 32 and 40: (runs folder,
+    run folder, console output)."""
+    from app.cli import main as cli
+
+    out = tmp_path_factory.mktemp("runs")
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        code = cli(["train", "--config", "digits", *QUICK, "data.resolution=32",
+                    "data.val_resolutions=[32,40]", "train.max_steps=2", "train.val_every=100",
+                    "log.name=src", f"log.out_dir={out}"])
+    assert code == 0, console.getvalue()[-2000:]
+    return out, out / "src", console.getvalue()
+
+
+def test_training_warns_for_validation_sizes_that_break_the_rule(trained):
+    _, _, console = trained
+    assert "warning: validation resolution 40 does not keep the training resolution 32's residue" in console
+    assert "validation resolution 32 does not keep" not in console
+
+
+def test_tiny_finetune_end_to_end(trained, monkeypatch, capsys):
+    import app.finetune
+    from app.checkpoint import find_checkpoint, load_checkpoint
+    from app.cli import main as cli
+
+    monkeypatch.setattr(app.finetune, "RECALIBRATION_IMAGES", 16)  # 2 batches are enough here
+    out, source, _ = trained
+    code = cli(["finetune", "--checkpoint", str(source), *QUICK, "finetune.resolution=64",
+                "train.max_steps=2", f"log.out_dir={out}"])
+    console = capsys.readouterr().out
+    assert code == 0, console[-2000:]
+    run = out / "src-finetune-64"
+    assert (run / "finetune.md").is_file()
+    assert "warning: fine-tuning resolution" not in console  # 64 ≡ 32 (mod 32)
+    for row in ("| checkpoint as trained |", "| + batch-norm recalibration |", "| + fine-tuning (2 steps) |"):
+        assert row in console
+    assert "batch-norm statistics recalibrated at 64 on 2 batches" in console
+
+    start = load_checkpoint(find_checkpoint(source, prefer_best=True))["ema"]["module"]  # EMA preferred
+    tuned = load_checkpoint(find_checkpoint(run))
+    assert tuned["config"]["data"]["resolution"] == 64 and tuned["config"]["data"]["augment"] is False
+    assert tuned["config"]["data"]["mixup"] == 0 and tuned["ema"] is None
+    params = {n for n, _ in _b0().named_parameters()}
+    trainable = ("blocks.6.", "head.", "classifier.")
+    frozen = [n for n in params if not n.startswith(trainable)]
+    assert frozen and all(torch.equal(start[n], tuned["model"][n]) for n in frozen)
+    assert not torch.equal(start["classifier.weight"], tuned["model"]["classifier.weight"])
+    # recalibrated at 64: the frozen stem's running statistics are no longer the trained ones
+    assert not torch.equal(start["stem.norm.running_mean"], tuned["model"]["stem.norm.running_mean"])
+
+
+def test_validate_sweep_writes_table_and_plot_and_warns(trained, capsys):
+    from app.cli import main as cli
+
+    _, source, _ = trained
+    code = cli(["validate", "--checkpoint", str(source), *QUICK, "--resolutions", "32,48"])
+    console = capsys.readouterr().out
+    assert code == 0, console[-2000:]
+    table = (source / "resolution-sweep.md").read_text()
+    assert "| 32 | 0 | ✓ |" in table and "| 48 | 16 |  |" in table
+    assert (source / "resolution-sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "warning: validation resolution 48 does not keep" in console
+    assert "warning: validation resolution 32" not in console
