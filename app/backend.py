@@ -88,6 +88,8 @@ class NativeBackend(Backend):
         if t.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise BackendError("train.precision=bf16 is not supported by this GPU; "
                                "use train.precision=fp16 or fp32")
+        if t.cpu_threads is not None:
+            torch.set_num_threads(t.cpu_threads)
         self.precision = t.precision
         self.grad_accum = t.grad_accum
         self.micro_batch = t.micro_batch
