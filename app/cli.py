@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import yaml
 
+from app.checkpoint import latest_run
 from app.config import ConfigError, build_config, preset_names
 from app.errors import AppError
 
@@ -62,10 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def base_preset(args: argparse.Namespace) -> str:
-    """--config, else the config.yaml of the run being resumed or validated, else the default."""
+    """--config, else the config.yaml of the run being resumed or validated (``validate`` without
+    --checkpoint: the newest run), else the default preset."""
     if args.config:
         return args.config
     source = args.resume or args.checkpoint
+    if source is None and args.command == "validate":
+        out_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("log.out_dir=")), "runs")
+        source = latest_run(out_dir)
+        args.checkpoint = str(source) if source else None
     if source:
         path = Path(source)
         for folder in (path, path.parent, path.parent.parent):
