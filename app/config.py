@@ -97,6 +97,7 @@ class TrainConfig:
     log_every: int = 10  # steps
     val_every: float = 1.0  # epochs
     keep_checkpoints: int = 3
+    cpu_threads: Optional[int] = None  # torch intra-op threads on the CPU; None: torch's default
 
 
 @dataclass
@@ -334,6 +335,8 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     _require(t.epochs > 0, "train.epochs", t.epochs, "a number > 0")
     _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "null or >= 1")
+    _require(t.cpu_threads is None or t.cpu_threads >= 1, "train.cpu_threads", t.cpu_threads,
+             "null (torch's default) or an integer >= 1")
     for name in ("micro_batch", "grad_accum", "replicas", "log_every", "keep_checkpoints"):
         _require(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "in [0, 1)")

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ from app.errors import AppError
 
 IPU_DEVICES = ("ipu", "ipu-model")
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every worker it starts
+POPRUN_ENV = "POPDIST_NUM_TOTAL_REPLICAS"  # set by poprun in every instance it starts
 
 
 class DistributedError(AppError):
@@ -47,18 +48,20 @@ class ShardSampler(Sampler):
     """The indices of one process's share of an epoch.
 
     Training (``shuffle=True``): the epoch's permutation is the one a single process would use
-    (``epoch_order(size, seed, epoch)``), dealt out round-robin: process r takes positions
-    r, r+W, r+2W, … So batch k of every process together holds exactly the images of batch k of a
-    one-process run with the same global batch, every image is seen at most once per epoch across
-    processes, and all processes have the same number of images (the last ``size % W`` of the
-    permutation, fewer than W, are left out this epoch, as a one-process run's ``drop_last``
-    would). Validation (``shuffle=False``): every image exactly once, shares may differ by one.
+    (``epoch_order(size, seed, epoch)``), cut into the job's global batches; process r takes the
+    r-th slice of ``batch_size`` images (its host batch) of each. So one step of all processes
+    together trains on exactly the images of the same step of a one-process run with the same
+    global batch, in the same micro-batches when that run accumulates gradients over them; no
+    image is seen twice in an epoch, every process has the same number of batches, and only the
+    images a one-process run would drop (the last incomplete global batch) are left out.
+    Validation (``shuffle=False``): every image exactly once, round-robin (shares differ by <= 1).
     """
 
-    def __init__(self, size: int, *, rank: int, world_size: int, seed: int, shuffle: bool):
+    def __init__(self, size: int, *, rank: int, world_size: int, seed: int, shuffle: bool,
+                 batch_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is invalid for world_size={world_size}")
-        self.size, self.rank, self.world_size = size, rank, world_size
+        self.size, self.rank, self.world_size, self.batch_size = size, rank, world_size, batch_size
         self.seed, self.shuffle, self.epoch = seed, shuffle, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -66,15 +69,16 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         if self.shuffle:
-            return self.size // self.world_size
+            return self.size // (self.batch_size * self.world_size) * self.batch_size
         return len(range(self.rank, self.size, self.world_size))
 
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
             return iter(range(self.rank, self.size, self.world_size))
         order = epoch_order(self.size, self.seed, self.epoch)
-        usable = len(self) * self.world_size
-        return iter(order[self.rank:usable:self.world_size])
+        b, global_batch = self.batch_size, self.batch_size * self.world_size
+        starts = range(self.rank * b, len(self) * self.world_size, global_batch)
+        return iter([i for start in starts for i in order[start:start + b]])
 
 
 # ----------------------------------------------------------------------------- contexts
@@ -107,12 +111,13 @@ class DistContext:
         """The module a native backend trains through (DistributedDataParallel when distributed)."""
         return module
 
-    def sampler(self, dataset, *, train: bool, seed: int) -> Optional[ShardSampler]:
-        """This process's share of ``dataset`` (None with one process: the loader's own order)."""
+    def sampler(self, dataset, *, train: bool, seed: int, batch_size: int = 1) -> Optional[ShardSampler]:
+        """This process's share of ``dataset``, taken ``batch_size`` (its host batch) at a time
+        when training (None with one process: the loader's own order)."""
         if self.world_size == 1:
             return None
         return ShardSampler(len(dataset), rank=self.rank, world_size=self.world_size, seed=seed,
-                            shuffle=train)
+                            shuffle=train, batch_size=batch_size)
 
     def barrier(self) -> None:
         pass
@@ -131,11 +136,11 @@ class TorchrunContext(DistContext):
     def _reduce(self, tensor: Tensor, average: bool) -> Tensor:
         import torch.distributed as tdist  # noqa: PLC0415
 
-        value = tensor.detach().to(self.device, torch.float32, copy=True)
+        value = tensor.detach().to(self.device, torch.float64, copy=True)  # counts stay exact
         tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
         if average:
             value /= self.world_size
-        return value.to(tensor.device)
+        return value.to(tensor.device, tensor.dtype if tensor.is_floating_point() else torch.float64)
 
     def all_reduce_mean(self, tensor: Tensor) -> Tensor:
         return self._reduce(tensor, average=True)
@@ -178,8 +183,28 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     return _CURRENT.all_reduce_mean(tensor)
 
 
+def reduce_results(results: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+    """Validation results of each process's share of the images → those of all the images.
+    ``results``: {name: {"images": n, metric: mean over the n images, ...}}."""
+    if _CURRENT.world_size == 1:
+        return results
+    combined = {}
+    for name, result in results.items():
+        keys = [k for k in result if k != "images"]
+        n = float(result["images"])
+        sums = torch.tensor([n] + [float(result[k]) * n for k in keys], dtype=torch.float64)
+        sums = _CURRENT.all_reduce_sum(sums)
+        total = float(sums[0])
+        combined[name] = {**{k: float(v) / total for k, v in zip(keys, sums[1:])}, "images": int(total)}
+    return combined
+
+
 def under_torchrun() -> bool:
     return TORCHRUN_ENV in os.environ
+
+
+def under_poprun() -> bool:
+    return POPRUN_ENV in os.environ
 
 
 def _wants_cuda(cfg) -> bool:
@@ -187,13 +212,14 @@ def _wants_cuda(cfg) -> bool:
 
 
 def init_distributed(cfg) -> DistContext:
-    """This process's context: joins the torchrun or PopRun job it was started in, else the
-    single-process context. Checks that the job has as many replicas as ``train.replicas``."""
+    """This process's context: joins the PopRun or torchrun job it was started in (the launcher's
+    environment says which), else the single-process context. Checks that the job has as many
+    replicas as ``train.replicas``."""
     global _CURRENT
-    if cfg.device in IPU_DEVICES:
-        from ipu_options.poprun import init_popdist, under_poprun  # noqa: PLC0415
+    if under_poprun():
+        from ipu_options.poprun import init_popdist  # noqa: PLC0415  (PopDist/Horovod only here)
 
-        _CURRENT = init_popdist(cfg) if under_poprun() else DistContext()
+        _CURRENT = init_popdist(cfg)
         return _CURRENT
     if not under_torchrun():
         _CURRENT = DistContext()
@@ -265,13 +291,13 @@ def torchrun_command(cfg, app_argv: List[str]) -> List[str]:
 def launch_command(cfg, app_argv: List[str]) -> Optional[List[str]]:
     """The launcher command that runs this job on all its processes, or None when this process
     should train itself (one process, or already started by the launcher)."""
-    if cfg.device in IPU_DEVICES:
-        from ipu_options.poprun import poprun_command, under_poprun  # noqa: PLC0415
-
-        if cfg.dist.instances > 1 and not under_poprun():
-            return poprun_command(cfg, app_argv)
+    if under_poprun() or under_torchrun():  # started by a launcher already
         return None
-    if under_torchrun() or (cfg.train.replicas == 1 and cfg.dist.nnodes == 1):
+    if cfg.device in IPU_DEVICES:
+        from ipu_options.poprun import poprun_command  # noqa: PLC0415
+
+        return poprun_command(cfg, app_argv) if cfg.dist.instances > 1 else None
+    if cfg.train.replicas == 1 and cfg.dist.nnodes == 1:
         return None
     return torchrun_command(cfg, app_argv)
 

@@ -27,14 +27,9 @@ from typing import List
 import torch
 from torch import Tensor, nn
 
-from app.distributed import DistContext, DistributedError, launcher_args
+from app.distributed import DistContext, DistributedError, launcher_args, under_poprun
 
-POPRUN_ENV = "POPDIST_NUM_TOTAL_REPLICAS"  # set by poprun in every instance it starts
 DEFAULT_CACHE = "executable-cache"  # under log.out_dir, unless ipu.executable_cache is set
-
-
-def under_poprun() -> bool:
-    return POPRUN_ENV in os.environ
 
 
 def ipus_per_replica(cfg) -> int:
@@ -74,13 +69,15 @@ class PopDistContext(DistContext):
         self.local_replicas = local_replicas
         self.hvd = hvd
 
+    def _reduce(self, tensor: Tensor, op) -> Tensor:
+        value = self.hvd.allreduce(tensor.detach().double().cpu(), op=op)  # counts stay exact
+        return value.to(tensor.device, tensor.dtype if tensor.is_floating_point() else torch.float64)
+
     def all_reduce_mean(self, tensor: Tensor) -> Tensor:
-        value = self.hvd.allreduce(tensor.detach().float().cpu(), op=self.hvd.Average)
-        return value.to(tensor.device)
+        return self._reduce(tensor, self.hvd.Average)
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        value = self.hvd.allreduce(tensor.detach().float().cpu(), op=self.hvd.Sum)
-        return value.to(tensor.device)
+        return self._reduce(tensor, self.hvd.Sum)
 
     def broadcast_parameters(self, module: nn.Module) -> None:
         self.hvd.broadcast_parameters(module.state_dict(), root_rank=0)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from app.config import build_config
-from app.data import IMAGENET_MEAN, DatasetError, build_dataset, build_loader
+from app.data import IMAGENET_MEAN, IMAGENET_STD, DatasetError, build_dataset, build_loader
 from app.data.datasets import ImageDataset, digits_split
 from app.data.mixing import cutmix, mixup
 from app.data.transforms import train_transform, val_resize_size, val_transform
@@ -139,6 +139,8 @@ def test_synthetic_fixed_batch_on_device():
     assert first[0].device.type == "cpu" and first[0].dtype == torch.uint8
     assert all(b[0] is first[0] and b[1] is first[1] for b in batches)  # the same tensors, no I/O
     assert first[1].dtype == torch.int64 and int(first[1].max()) < dataset.num_classes
+    ipu = build_loader(dataset, 4, train=True, cfg=cfg, device="ipu-model", seed=0)
+    assert next(iter(ipu))[0].device.type == "cpu"  # PopTorch copies host tensors itself
     if torch.cuda.is_available():
         cuda = build_loader(dataset, 4, train=True, cfg=cfg, device="cuda", seed=0)
         assert next(iter(cuda))[0].device.type == "cuda"
@@ -154,20 +156,19 @@ def test_generated_goes_through_collate():
 # ----------------------------------------------------------------------------- order and resume
 
 class TinyDataset(ImageDataset):
-    """40 random 12×12 images in memory, through the real training transform."""
-
-    classes = [str(i) for i in range(10)]
+    """Random 12×12 images in memory, through the real training transform; label = index."""
 
     def __init__(self, size):
         super().__init__("train", 16, scale=(0.5, 1.0), hflip=True)
         rng = np.random.default_rng(1)
         self.pixels = rng.integers(0, 256, (size, 12, 12, 3), dtype=np.uint8)
+        self.classes = [str(i) for i in range(size)]
 
     def __len__(self):
         return len(self.pixels)
 
     def label(self, index):
-        return index % 10
+        return index
 
     def image(self, index):
         return Image.fromarray(self.pixels[index])
@@ -193,6 +194,19 @@ def test_order_deterministic_per_seed_epoch_and_resume_equals_tail():
     # worker processes change nothing: augmentation is seeded per sample, not per worker
     tail_workers = epoch_batches(0, 1, start=3, config=make_cfg("data.workers=2"))
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(tail, tail_workers))
+
+
+def test_distributed_sampler_splits_the_epoch():
+    cfg = make_cfg("data.workers=0")
+    small = TinyDataset(40)
+    seen = []
+    for rank in range(2):
+        sampler = torch.utils.data.DistributedSampler(small, num_replicas=2, rank=rank, seed=5)
+        loader = build_loader(small, 4, train=True, cfg=cfg, sampler=sampler, seed=0)
+        loader.set_epoch(3)  # passed on to the sampler
+        assert len(loader) == 5
+        seen.append(torch.cat([targets for _, targets in loader]).tolist())
+    assert sorted(seen[0] + seen[1]) == list(range(40))  # disjoint, together the whole epoch
 
 
 # ----------------------------------------------------------------------------- mixing
@@ -231,4 +245,4 @@ def test_loader_mixes_when_configured():
     assert torch.allclose(targets.sum(1), torch.ones(16))
     val = build_loader(build_dataset(cfg, "val", 32), 16, train=False, cfg=cfg)
     assert next(iter(val))[1].dtype == torch.int64  # no mixing in validation
-    assert len(IMAGENET_MEAN) == 3
+    assert len(IMAGENET_MEAN) == 3 and all(0 < m < 1 for m in IMAGENET_MEAN + IMAGENET_STD)  # 0–1 scale

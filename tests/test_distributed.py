@@ -4,12 +4,18 @@ PopRun, PopDist and Horovod cannot be installed here (SDK-only / torch < 2.1), s
 replaced by recording stand-ins that behave like one instance of a PopRun job.
 """
 import argparse
+import json
+import os
 import shlex
+import subprocess
 import sys
 import types
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from app.config import ConfigError, build_config
 from app.data import build_dataset, build_loader
@@ -30,13 +36,15 @@ def config(*overrides):
 
 # ----------------------------------------------------------------------------- data split
 
-@pytest.mark.parametrize("size,world", [(20, 2), (23, 3), (7, 4)])
-def test_shards_are_disjoint_equal_and_cover_the_epoch(size, world):
-    shards = [list(ShardSampler(size, rank=r, world_size=world, seed=5, shuffle=True)) for r in range(world)]
+@pytest.mark.parametrize("size,world,batch", [(20, 2, 1), (23, 3, 2), (7, 4, 1), (40, 2, 8)])
+def test_shards_are_disjoint_equal_and_cover_the_epoch(size, world, batch):
+    shards = [list(ShardSampler(size, rank=r, world_size=world, seed=5, shuffle=True, batch_size=batch))
+              for r in range(world)]
     seen = [i for shard in shards for i in shard]
     assert len(seen) == len(set(seen))  # no image twice
-    assert {len(s) for s in shards} == {size // world}  # same number of batches on every rank
-    assert len(set(range(size)) - set(seen)) == size % world  # only the remainder left out
+    per_rank = size // (world * batch) * batch
+    assert {len(s) for s in shards} == {per_rank}  # same number of batches on every rank
+    assert len(set(range(size)) - set(seen)) == size % (world * batch)  # only an incomplete global batch
     val = [list(ShardSampler(size, rank=r, world_size=world, seed=5, shuffle=False)) for r in range(world)]
     assert sorted(i for shard in val for i in shard) == list(range(size))  # validation: all, once
 
@@ -59,7 +67,8 @@ def test_ranks_batches_together_are_the_one_process_batches():
     dataset = build_dataset(cfg, "train", 32)
     single = build_loader(dataset, 8, train=True, cfg=cfg, seed=7)
     ranks = [build_loader(dataset, 4, train=True, cfg=cfg, seed=7,
-                          sampler=DistContext(rank=r, world_size=2).sampler(dataset, train=True, seed=7))
+                          sampler=DistContext(rank=r, world_size=2).sampler(dataset, train=True, seed=7,
+                                                                            batch_size=4))
              for r in range(2)]
     for epoch in (0, 1):
         for loader in (single, *ranks):
@@ -68,8 +77,7 @@ def test_ranks_batches_together_are_the_one_process_batches():
         parts = [list(loader.batches) for loader in ranks]
         assert len(parts[0]) == len(parts[1]) == len(whole) == 6
         for k, batch in enumerate(whole):
-            together = parts[0][k] + parts[1][k]
-            assert sorted(together) == sorted(batch)
+            assert parts[0][k] + parts[1][k] == batch  # the same images, seeds and micro-batches
         epoch_indices = [i for part in parts for batch in part for i, _ in batch]
         assert sorted(epoch_indices) == list(range(48))
 
@@ -243,7 +251,8 @@ def popdist_job(monkeypatch):
 
     def allreduce(tensor, op=None, name=None):
         rec.record("hvd.allreduce", tensor.clone(), op=op)
-        return tensor * (0.5 if op == "Average" else 2.0)  # as if the other instance had 0
+        # as if every instance held the same value: the mean is the value, the sum one per instance
+        return tensor.clone() if op == "Average" else tensor * job.instances
 
     def broadcast_parameters(params, root_rank):
         rec.record("hvd.broadcast_parameters", sorted(params), root_rank=root_rank)
@@ -276,9 +285,10 @@ def test_popdist_instance_initialises_and_reduces_through_horovod(popdist_job):
 
     from app.distributed import all_reduce_mean  # the backends' entry point  # noqa: PLC0415
 
-    assert float(all_reduce_mean(torch.tensor(3.0))) == 1.5
+    assert float(all_reduce_mean(torch.tensor(3.0))) == 3.0
     assert rec.calls[-1][0] == "hvd.allreduce" and rec.calls[-1][2]["op"] == "Average"
-    assert float(ctx.all_reduce_sum(torch.tensor(3.0))) == 6.0
+    assert float(ctx.all_reduce_sum(torch.tensor(3.0))) == 12.0
+    assert rec.calls[-1][2]["op"] == "Sum"
 
     opts = popdist_options(cfg)
     assert opts.kind == "popdist-options"
@@ -302,3 +312,177 @@ def test_horovod_is_imported_only_on_the_popdist_path(monkeypatch):
     for cfg in (config("device=cpu"), config("device=ipu", "train.replicas=4")):
         assert init_distributed(cfg).engine == "single"
     assert not {"horovod", "horovod.torch", "popdist"} & set(sys.modules)
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def image_folder(root: Path, per_class: int = 8, val_per_class: int = 2) -> Path:
+    """A deterministic two-class PNG folder (train/ and val/)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c in range(2):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 120, (36, 36, 3), dtype=np.uint8)
+                pixels[..., c] += 120
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def quick_run(data: Path, out: Path, name: str, *overrides: str):
+    """B0 G16 LayerNorm + Proxy Norm, no dropout (masks would differ between layouts), SGD, 3 steps
+    of a global batch of 8 (2 epochs of 16 images: the second epoch's shuffle is split too)."""
+    return ["train", "--config", "digits", "--device", "cpu", f"data.dataset={data}", "data.resolution=32",
+            "data.workers=0", "model.norm=layer", "model.proxy_norm=true", "model.dropout=0",
+            "model.drop_path=0", "optim.name=sgd", "optim.lr=0.0005", "optim.lr_reference_batch=8",
+            "schedule.warmup_epochs=0", "train.ema_decay=0", "train.max_steps=3", "train.log_every=1",
+            f"log.out_dir={out}", f"log.name={name}", *overrides]
+
+
+def train_losses(run_dir: Path):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def final_weights(run_dir: Path):
+    from app.checkpoint import find_checkpoint, load_checkpoint  # noqa: PLC0415
+
+    return load_checkpoint(find_checkpoint(run_dir))["model"]
+
+
+def loopback_env():
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    return env
+
+
+def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
+    from app.cli import main as cli  # noqa: PLC0415
+
+    data, out = image_folder(tmp_path / "data"), tmp_path / "runs"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    # one process: a global batch of 8 as 2 accumulated micro-batches of 4
+    assert cli(quick_run(data, out, "one", "train.micro_batch=4", "train.grad_accum=2")) == 0
+    # two processes on loopback, a micro-batch of 4 each: the same micro-batches (ShardSampler)
+    two = subprocess.run(
+        [sys.executable, "-m", "app", *quick_run(data, out, "two", "train.micro_batch=4",
+                                                  "train.replicas=2", "dist.rdzv_endpoint=127.0.0.1:0")],
+        cwd=ROOT, env=loopback_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "--nproc_per_node=2" in two.stdout and "2 processes × 1 replica" in two.stdout
+    assert "global batch 8 = micro-batch 4 × grad-accum 1 × 2 replicas" in two.stdout
+
+    losses = {name: train_losses(out / name) for name in ("one", "two")}
+    assert len(losses["two"]) == 3 and losses["one"][0] != losses["one"][2]  # it trained
+    assert max(abs(a - b) for a, b in zip(losses["one"], losses["two"])) <= 1e-5
+    one, two_w = final_weights(out / "one"), final_weights(out / "two")
+    assert one.keys() == two_w.keys()
+    assert max((one[k].float() - two_w[k].float()).abs().max().item() for k in one) <= 1e-5
+    # only rank 0 wrote: one run folder, no stray one from rank 1
+    assert sorted(p.name for p in out.iterdir()) == ["one", "two"]
+
+
+def test_a_failed_rank_ends_the_job_and_shows_its_error(tmp_path):
+    """Rank 1 fails at its first collective while rank 0 waits in it: torchrun must stop rank 0
+    and the job must fail with rank 1's error on the console."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch.distributed as d\n"
+        "    def fail(*a, **k):\n"
+        "        raise RuntimeError('rank 1 failed on purpose')\n"
+        "    d.all_reduce = fail\n")
+    env = loopback_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), str(ROOT)])
+    data, out = image_folder(tmp_path / "data"), tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "app", *quick_run(data, out, "fail", "train.micro_batch=4",
+                                                  "train.replicas=2", "dist.rdzv_endpoint=127.0.0.1:0")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "rank 1 failed on purpose" in proc.stderr
+    assert not train_losses_exist(out / "fail")
+
+
+def train_losses_exist(run_dir: Path) -> bool:
+    return (run_dir / "metrics.jsonl").is_file() and bool(train_losses(run_dir))
+
+
+@pytest.mark.parametrize("instance", [0, 1])
+def test_only_instance_0_writes_under_popdist(popdist_job, tmp_path, instance):
+    """The real loop as instance ``instance`` of a PopRun job (stand-in PopDist/Horovod; the
+    native backend stands in for PopTorch): Horovod carries the seed, initial weights and
+    metrics; only instance 0 writes a run folder, metrics and checkpoints."""
+    from app.cli import main as cli  # noqa: PLC0415
+
+    popdist_job.instance, popdist_job.instances, popdist_job.total = instance, 2, 2
+    data, out = image_folder(tmp_path / "data", per_class=4), tmp_path / "runs"
+    assert cli(quick_run(data, out, "pod", "train.micro_batch=2", "train.replicas=2",
+                         "train.max_steps=2")) == 0
+    names = popdist_job.rec.names()
+    assert names[:3] == ["popdist.init", "hvd.init", "hvd.broadcast"]
+    assert "hvd.broadcast_parameters" in names
+    assert names.count("hvd.allreduce") >= 2  # the loss of each step at least
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+    if instance == 0:
+        assert {"pod/metrics.jsonl", "pod/config.yaml", "pod/checkpoints"} <= set(written)
+    else:
+        assert written == []
+
+
+class TinyClassifier(torch.nn.Module):
+    """The Classifier interface (uint8 images, targets → logits, loss) on a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(12, 3)
+
+    def forward(self, images, targets=None):
+        logits = self.linear(images.float().flatten(1) / 255.0)
+        if targets is None:
+            return logits
+        return logits, torch.nn.functional.cross_entropy(logits, targets)
+
+
+def test_ddp_gradient_accumulation_equals_plain_accumulation(tmp_path, monkeypatch):
+    """The native backend under DistributedDataParallel (a Gloo group of one, in this process):
+    gradients of the accumulated micro-batches are synchronised once (no_sync before) and the
+    update equals the single-process one."""
+    import torch.distributed as tdist  # noqa: PLC0415
+
+    import app.distributed as distributed  # noqa: PLC0415
+    from app.backend import NativeBackend  # noqa: PLC0415
+
+    cfg = config("device=cpu", "train.micro_batch=2", "train.grad_accum=3")
+    images = torch.randint(0, 256, (6, 3, 2, 2), dtype=torch.uint8)
+    targets = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def one_step():
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        backend = NativeBackend(cfg)
+        backend.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg)
+        loss = backend.train_step(images, targets)["loss"]
+        return backend.trainer, loss, model.linear.weight.detach().clone()
+
+    _, plain_loss, plain_weight = one_step()
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    tdist.init_process_group("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                             world_size=1)
+    try:
+        monkeypatch.setattr(distributed, "_CURRENT",
+                            distributed.TorchrunContext(0, 1, 0, torch.device("cpu")))
+        trainer, ddp_loss, ddp_weight = one_step()
+    finally:
+        tdist.destroy_process_group()
+    assert isinstance(trainer, torch.nn.parallel.DistributedDataParallel)
+    assert torch.equal(ddp_loss, plain_loss)
+    assert torch.allclose(ddp_weight, plain_weight, atol=1e-7)
+    torch.manual_seed(0)
+    assert not torch.allclose(ddp_weight, TinyClassifier().linear.weight)  # it did update

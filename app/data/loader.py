@@ -109,7 +109,7 @@ class Collate:
         self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
 
     def __call__(self, samples):
-        images = torch.stack([s[0] for s in samples])
+        images = torch.from_numpy(np.stack([s[0].numpy() for s in samples]))  # numpy: see to_tensor
         targets = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         skipped = tuple(path for s in samples for path in s[2])
         rng = np.random.default_rng(mix_seed(len(samples), *[s[3] for s in samples[:4]]))
@@ -210,7 +210,10 @@ class SyntheticLoader:
 def _torch_device(device) -> torch.device:
     """The device to create synthetic data on: cpu/cuda as given; other kinds (ipu) take host
     tensors, which PopTorch copies itself."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+    except RuntimeError:  # a name torch does not know ("ipu-model", "auto"): host tensors
+        return torch.device("cpu")
     return dev if dev.type in ("cpu", "cuda") else torch.device("cpu")
 
 

@@ -41,7 +41,9 @@ def grid_preset(name: str) -> Optional[Dict[str, Any]]:
     preset = deep_update(preset, variants[f"g{g}"])
     preset = deep_update(preset, variants[norm])
     preset["model"]["name"] = f"b{k}"
-    res = row["half_resolution"] if half else row["resolution"]
+    from app.resolution import half_resolution  # noqa: PLC0415  (the one definition of the rule)
+
+    res = half_resolution(f"b{k}") if half else row["resolution"]
     preset["data"]["resolution"] = res
     preset["data"]["val_resolutions"] = [res]
     return preset
