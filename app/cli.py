@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import yaml
 
+from app.checkpoint import latest_run
 from app.config import ConfigError, build_config, preset_names
 from app.errors import AppError
 from app.resolution import ResolutionWarning
@@ -63,16 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolutions", metavar="LIST",
                         help="validate: sweep test resolutions, '224,256,288' or 'low:high[:step]'; "
                              "writes an accuracy-vs-resolution table and plot to the run folder")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the command that launches the job's processes (torchrun / poprun, "
+                             "see README: Scaling out) and exit; shorthand for dist.dry_run=true")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="dotted configuration overrides, e.g. model.group_size=16 optim.lr=0.1")
     return parser
 
 
 def base_preset(args: argparse.Namespace) -> str:
-    """--config, else the config.yaml of the run being resumed or validated, else the default."""
+    """--config, else the config.yaml of the run being resumed or validated (``validate`` without
+    --checkpoint: the newest run), else the default preset."""
     if args.config:
         return args.config
     source = args.resume or args.checkpoint
+    if source is None and args.command == "validate":
+        out_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("log.out_dir=")), "runs")
+        source = latest_run(out_dir)
+        args.checkpoint = str(source) if source else None
     if source:
         path = Path(source)
         for folder in (path, path.parent, path.parent.parent):
@@ -104,6 +113,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         overrides.append(f"device={args.device}")
     if args.resume:
         overrides.append(f"resume={args.resume}")
+    if args.dry_run:
+        overrides.append("dist.dry_run=true")
     try:
         cfg = build_config(base_preset(args), overrides)
     except ConfigError as error:

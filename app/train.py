@@ -35,7 +35,7 @@ from app.checkpoint import (
 )
 from app.config import Config
 from app.data import build_dataset, build_loader
-from app.distributed import init_distributed
+from app.distributed import init_distributed, launch, reduce_results, scale_summary
 from app.errors import AppError
 from app.evaluate import validate_all
 from app.objective import Classifier, build_classifier, build_network
@@ -188,11 +188,15 @@ class TrainResult:
 
 
 def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
+    launched = launch(cfg, args)  # replicas over several processes: torchrun / poprun runs this again
+    if launched is not None:
+        return launched
     return run_training(cfg).exit_code
 
 
 def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = None) -> TrainResult:
-    """Train as ``cfg`` says (``python -m app train``); fine-tuning passes a ``setup`` hook."""
+    """Train as ``cfg`` says in this process (``python -m app train``, or each process of a
+    launched job); fine-tuning passes a ``setup`` hook."""
     dist = init_distributed(cfg)
     backend = create_backend(cfg)  # device errors come before any data is read
     seed_everything(cfg.train.seed + dist.rank)
@@ -212,12 +216,18 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
 
     # -- data
     train_set = build_dataset(cfg, "train", cfg.data.resolution)
-    loader = build_loader(train_set, backend.host_batch_size(cfg), train=True, cfg=cfg,
-                          device=backend.device, seed=cfg.train.seed)
+    # each process loads its own share of every epoch (the same images as one process would)
+    host_batch = backend.host_batch_size(cfg)
+    loader = build_loader(train_set, host_batch, train=True, cfg=cfg, device=backend.device,
+                          seed=cfg.train.seed, sampler=dist.sampler(train_set, train=True,
+                                                                    seed=cfg.train.seed,
+                                                                    batch_size=host_batch))
     val_resolutions = cfg.data.val_resolutions or [cfg.data.resolution]
-    val_loaders = {r: build_loader(build_dataset(cfg, "val", r), backend.eval_batch_size(cfg),
-                                   train=False, cfg=cfg, device=backend.device)
-                   for r in val_resolutions}
+    val_sets = {r: build_dataset(cfg, "val", r) for r in val_resolutions}
+    val_loaders = {r: build_loader(val_set, backend.eval_batch_size(cfg), train=False, cfg=cfg,
+                                   device=backend.device,
+                                   sampler=dist.sampler(val_set, train=False, seed=cfg.train.seed))
+                   for r, val_set in val_sets.items()}
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise AppError(f"the training set ({len(train_set)} images) is smaller than one host batch "
@@ -234,6 +244,7 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
     check_resolutions(cfg.data.resolution, val_resolutions, downsampling_stages(model), what="validation")
     if m.init_from and resume is None:
         load_initial_weights(model, cfg)
+    dist.broadcast_parameters(model)  # every replica starts from the main process's weights
     classifier = build_classifier(model, cfg)
     if setup is not None:
         setup(TrainSetup(cfg, model, classifier, backend, loader, val_loaders, run_dir,
@@ -261,11 +272,12 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
           f"{n_params / 1e6:.2f}M parameters, {num_classes} classes | {len(train_set)} training images, "
           f"{steps_per_epoch} steps/epoch of {backend.host_batch_size(cfg)} | device {backend.name}"
           f"{' (emulated)' if backend.emulated else ''} | {total_steps} steps")
+    print(scale_summary(cfg, dist, base_lr))
 
     tracker = Tracker(run_dir, cfg, enabled=dist.is_main, total_steps=total_steps)
 
     def validate(at_step: int) -> Dict[str, Dict[str, float]]:
-        results = validate_all(backend, ema, val_loaders, cfg)
+        results = reduce_results(validate_all(backend, ema, val_loaders, cfg))  # over all shares
         tracker.log_validation(at_step, at_step / steps_per_epoch, results)
         return results
 
@@ -304,8 +316,8 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
                     backend.set_lr(lr)
                     out = backend.train_step(images, targets)
                     loss = float(out["loss"])
-                    tracker.count(images.shape[0])
-                    trained_images += images.shape[0]
+                    tracker.count(images.shape[0] * dist.world_size)  # images of the whole job
+                    trained_images += images.shape[0] * dist.world_size
                     if not math.isfinite(loss):
                         fp16_skips += 1
                         if cfg.train.precision != "fp16" or fp16_skips >= FP16_SKIPS_BEFORE_STOP:

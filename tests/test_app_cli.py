@@ -1,4 +1,7 @@
 """The command line and the device boundary: errors before work, messages that say what to change."""
+import os
+import signal
+
 import pytest
 import torch
 
@@ -6,6 +9,7 @@ from app.backend import BackendError, NativeBackend, create_backend
 from app.cli import main as cli
 from app.config import build_config
 from app.objective import Classifier, smoothed_cross_entropy
+from app.train import StopSignal
 
 
 @pytest.mark.parametrize("override, named, allowed", [
@@ -39,9 +43,13 @@ def test_cuda_absent_says_what_to_change():
         create_backend(build_config("digits", ["device=cuda"]))
 
 
-def test_replicas_without_launcher_says_what_to_change():
-    with pytest.raises(BackendError, match="train.replicas=1"):
-        create_backend(build_config("digits", ["device=cpu", "train.replicas=4"]))
+def test_replicas_without_launcher_says_what_to_change(monkeypatch):
+    # replicas > 1 on cpu/cuda are torchrun processes, started from the command line (app.distributed)
+    from app.distributed import DistributedError, launch  # noqa: PLC0415
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with pytest.raises(DistributedError, match="python -m app train train.replicas=N"):
+        launch(build_config("digits", ["device=cpu", "train.replicas=4"]), None)
 
 
 def test_soft_targets_match_hard_targets_and_smoothing():
@@ -79,3 +87,12 @@ def test_gradient_accumulation_matches_one_big_batch():
         backend.train_step(images, targets)
         weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_sigterm_asks_the_loop_to_stop_after_the_step():
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopSignal() as stop:
+        assert stop.signum is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # recorded, the process goes on
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
