@@ -73,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def base_preset(args: argparse.Namespace) -> str:
-    """--config, else the config.yaml of the run being resumed or validated (``validate`` without
-    --checkpoint: the newest run), else the default preset."""
+    """--config, else the config.yaml of the run being resumed, validated or fine-tuned (``validate``
+    or ``finetune`` without --checkpoint: the newest run), else the default preset."""
     if args.config:
         return args.config
     source = args.resume or args.checkpoint
-    if source is None and args.command == "validate":
+    if source is None and args.command in ("validate", "finetune"):
         out_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("log.out_dir=")), "runs")
         source = latest_run(out_dir)
         args.checkpoint = str(source) if source else None
