@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from app.config import Config
+from app.distributed import all_reduce_mean, current
 from app.errors import AppError
 
 
@@ -36,6 +37,8 @@ class Backend:
         raise NotImplementedError
 
     def train_step(self, images: Tensor, targets: Tensor) -> Dict[str, Tensor]:
+        """One host batch; returns metrics averaged over every replica of the job (backends
+        call ``app.distributed.all_reduce_mean``), so all processes see the same figures."""
         raise NotImplementedError
 
     def set_lr(self, lr: float) -> None:
@@ -110,6 +113,8 @@ class NativeBackend(Backend):
         if self.channels_last:
             classifier.to(memory_format=torch.channels_last)
         self.classifier, self.optimizer = classifier, optimizer
+        # several processes: gradients are averaged by DistributedDataParallel during backward
+        self.trainer = current().wrap(classifier, self.device)
 
     def _to_device(self, tensor: Tensor) -> Tensor:
         return tensor.to(self.device, non_blocking=True)
@@ -118,16 +123,23 @@ class NativeBackend(Backend):
         """One weight update from ``grad_accum`` micro-batches. The update is not applied when the
         loss is not finite (fp16: the scaler skips it; otherwise we do), so weights stay good."""
         images, targets = self._to_device(images), self._to_device(targets)
-        self.classifier.train()
+        self.trainer.train()
         self.optimizer.zero_grad(set_to_none=True)
         micro = images.shape[0] // self.grad_accum
         total = torch.zeros((), device=self.device)
-        for x, y in zip(images.split(micro), targets.split(micro)):
-            with self.autocast():
-                _, loss = self.classifier(x, y)
-            self.scaler.scale(loss / self.grad_accum).backward()
+        pieces = list(zip(images.split(micro), targets.split(micro)))
+        for i, (x, y) in enumerate(pieces):
+            # DDP: gradients are all-reduced once, on the last micro-batch of the update
+            last = i == len(pieces) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.trainer, "no_sync") \
+                else self.trainer.no_sync()
+            with sync:
+                with self.autocast():
+                    _, loss = self.trainer(x, y)
+                self.scaler.scale(loss / self.grad_accum).backward()
             total += loss.detach().float()
-        loss = total / self.grad_accum
+        # the job's loss: every process then takes the same decision about the update below
+        loss = all_reduce_mean(total / self.grad_accum)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # skipped when gradients hold inf/NaN
             self.scaler.update()
@@ -164,8 +176,4 @@ def create_backend(cfg: Config) -> Backend:
             raise BackendError(f"device={cfg.device} needs ipu_options/backend.py (the PopTorch backend), "
                                "which this checkout does not have yet; use --device cpu or cuda") from None
         return module.PopTorchBackend(cfg)
-    if cfg.train.replicas > 1:
-        raise BackendError(f"train.replicas={cfg.train.replicas} on device={cfg.device} means "
-                           f"{cfg.train.replicas} data-parallel processes, which this launcher does not "
-                           "start; set train.replicas=1 (or REPLICAS=1), or use --device ipu")
     return NativeBackend(cfg)

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="RUN", help="a run folder or checkpoint to continue training")
     parser.add_argument("--checkpoint", metavar="PATH",
                         help="validate/finetune: a run folder or a checkpoint file")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the command that launches the job's processes (torchrun / poprun, "
+                             "see README: Scaling out) and exit; shorthand for dist.dry_run=true")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="dotted configuration overrides, e.g. model.group_size=16 optim.lr=0.1")
     return parser
@@ -101,6 +104,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         overrides.append(f"device={args.device}")
     if args.resume:
         overrides.append(f"resume={args.resume}")
+    if args.dry_run:
+        overrides.append("dist.dry_run=true")
     try:
         cfg = build_config(base_preset(args), overrides)
     except ConfigError as error:

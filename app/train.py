@@ -34,7 +34,7 @@ from app.checkpoint import (
 )
 from app.config import Config
 from app.data import build_dataset, build_loader
-from app.distributed import init_distributed
+from app.distributed import init_distributed, launch, reduce_results, scale_summary
 from app.errors import AppError
 from app.evaluate import validate_all
 from app.objective import build_classifier, build_network
@@ -157,6 +157,9 @@ def make_payload(step: int, steps_per_epoch: int, model, ema, optimizer, backend
 
 
 def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
+    launched = launch(cfg, args)  # replicas over several processes: torchrun / poprun runs this again
+    if launched is not None:
+        return launched
     dist = init_distributed(cfg)
     backend = create_backend(cfg)  # device errors come before any data is read
     seed_everything(cfg.train.seed + dist.rank)
@@ -176,12 +179,18 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
 
     # -- data
     train_set = build_dataset(cfg, "train", cfg.data.resolution)
-    loader = build_loader(train_set, backend.host_batch_size(cfg), train=True, cfg=cfg,
-                          device=backend.device, seed=cfg.train.seed)
+    # each process loads its own share of every epoch (the same images as one process would)
+    host_batch = backend.host_batch_size(cfg)
+    loader = build_loader(train_set, host_batch, train=True, cfg=cfg, device=backend.device,
+                          seed=cfg.train.seed, sampler=dist.sampler(train_set, train=True,
+                                                                    seed=cfg.train.seed,
+                                                                    batch_size=host_batch))
     val_resolutions = cfg.data.val_resolutions or [cfg.data.resolution]
-    val_loaders = {r: build_loader(build_dataset(cfg, "val", r), backend.eval_batch_size(cfg),
-                                   train=False, cfg=cfg, device=backend.device)
-                   for r in val_resolutions}
+    val_sets = {r: build_dataset(cfg, "val", r) for r in val_resolutions}
+    val_loaders = {r: build_loader(val_set, backend.eval_batch_size(cfg), train=False, cfg=cfg,
+                                   device=backend.device,
+                                   sampler=dist.sampler(val_set, train=False, seed=cfg.train.seed))
+                   for r, val_set in val_sets.items()}
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise AppError(f"the training set ({len(train_set)} images) is smaller than one host batch "
@@ -197,6 +206,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     model = build_network(cfg, num_classes)
     if m.init_from and resume is None:
         load_initial_weights(model, cfg)
+    dist.broadcast_parameters(model)  # every replica starts from the main process's weights
     classifier = build_classifier(model, cfg)
     base_lr = cfg.optim.lr * cfg.global_batch / cfg.optim.lr_reference_batch
     optimizer = build_optimizer(model, cfg, base_lr)
@@ -221,13 +231,14 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
           f"{n_params / 1e6:.2f}M parameters, {num_classes} classes | {len(train_set)} training images, "
           f"{steps_per_epoch} steps/epoch of {backend.host_batch_size(cfg)} | device {backend.name}"
           f"{' (emulated)' if backend.emulated else ''} | {total_steps} steps")
+    print(scale_summary(cfg, dist, base_lr))
 
     tracker = Tracker(run_dir, cfg, enabled=dist.is_main, total_steps=total_steps)
     if resume is not None:  # records after this one continue from the checkpoint's step
         tracker.write({"kind": "resume", "step": step, "checkpoint": str(resume_path)})
 
     def validate(at_step: int) -> Dict[str, Dict[str, float]]:
-        results = validate_all(backend, ema, val_loaders, cfg)
+        results = reduce_results(validate_all(backend, ema, val_loaders, cfg))  # over all shares
         tracker.log_validation(at_step, at_step / steps_per_epoch, results)
         return results
 
@@ -278,7 +289,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
                             raise NonFiniteLoss(f"loss is {loss} at step {step}")
                         print(f"warning: loss {loss} at step {step}: the fp16 loss scaler skipped this "
                               "update and lowered its scale", file=sys.stderr)
-                    tracker.count(images.shape[0], loss)
+                    tracker.count(images.shape[0] * dist.world_size, loss)  # images of the whole job
                     if step % cfg.train.log_every == 0 or step == total_steps:
                         tracker.log_step(step, step / steps_per_epoch, lr,
                                          skipped_images=getattr(loader, "skipped", 0))

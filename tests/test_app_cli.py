@@ -43,9 +43,13 @@ def test_cuda_absent_says_what_to_change():
         create_backend(build_config("digits", ["device=cuda"]))
 
 
-def test_replicas_without_launcher_says_what_to_change():
-    with pytest.raises(BackendError, match="train.replicas=1"):
-        create_backend(build_config("digits", ["device=cpu", "train.replicas=4"]))
+def test_replicas_without_launcher_says_what_to_change(monkeypatch):
+    # replicas > 1 on cpu/cuda are torchrun processes, started from the command line (app.distributed)
+    from app.distributed import DistributedError, launch  # noqa: PLC0415
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with pytest.raises(DistributedError, match="python -m app train train.replicas=N"):
+        launch(build_config("digits", ["device=cpu", "train.replicas=4"]), None)
 
 
 def test_soft_targets_match_hard_targets_and_smoothing():
