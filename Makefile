@@ -34,8 +34,12 @@ env-dev: $(VENV)/.dev
 train: $(VENV)/.runtime
 	$(RUN) train --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS)
 
+# validate: CKPT= a run folder or checkpoint (default: the newest run in runs/), with that run's own
+# configuration unless CONFIG is given.
 validate: $(VENV)/.runtime
-	$(RUN) validate --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS)
+	$(RUN) validate $(if $(CKPT),--checkpoint $(CKPT)) \
+		$(if $(filter command line environment,$(origin CONFIG)),--config $(CONFIG)) \
+		--device $(DEVICE) $(OVERRIDES) $(ARGS)
 
 finetune: $(VENV)/.runtime
 	$(RUN) finetune --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS)

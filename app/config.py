@@ -97,6 +97,7 @@ class TrainConfig:
     log_every: int = 10  # steps
     val_every: float = 1.0  # epochs
     keep_checkpoints: int = 3
+    cpu_threads: Optional[int] = None  # torch intra-op threads on the CPU; None: torch's default
 
 
 @dataclass
@@ -260,6 +261,24 @@ def config_from_dict(data: Dict[str, Any]) -> Config:
 
 # ----------------------------------------------------------------------------- validation
 
+def validate_scale_out(cfg: Config) -> None:
+    """train.replicas is the whole job's replica count; processes/instances must divide it."""
+    t, d = cfg.train, cfg.dist
+    on_ipu = cfg.device in ("ipu", "ipu-model")
+    _require(on_ipu or d.instances == 1, "dist.instances", d.instances,
+             "1 on cpu/cuda (PopRun instances are for IPU pods; several GPU machines: dist.nnodes)")
+    _require(not on_ipu or d.nnodes == 1, "dist.nnodes", d.nnodes,
+             "1 on IPUs (several POD hosts: dist.instances with poprun's --host in dist.launcher_args)")
+    _require(t.replicas % d.instances == 0, "train.replicas", t.replicas,
+             f"a multiple of dist.instances={d.instances} (each instance drives the same number)")
+    _require(t.replicas % d.nnodes == 0, "train.replicas", t.replicas,
+             f"a multiple of dist.nnodes={d.nnodes} (torchrun starts replicas/nnodes processes per node)")
+    _require(d.nnodes == 1 or bool(d.rdzv_endpoint), "dist.rdzv_endpoint", d.rdzv_endpoint,
+             "host:port of the first node when dist.nnodes > 1 (every node must give the same)")
+    _require(d.instances == 1 or cfg.device != "ipu-model", "dist.instances", d.instances,
+             "1 with device=ipu-model (the IPU Model emulator has no replication; use device=ipu)")
+
+
 def _require(ok: bool, path: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(path, value, allowed)
@@ -316,6 +335,8 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     _require(t.epochs > 0, "train.epochs", t.epochs, "a number > 0")
     _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "null or >= 1")
+    _require(t.cpu_threads is None or t.cpu_threads >= 1, "train.cpu_threads", t.cpu_threads,
+             "null (torch's default) or an integer >= 1")
     for name in ("micro_batch", "grad_accum", "replicas", "log_every", "keep_checkpoints"):
         _require(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "in [0, 1)")
@@ -331,6 +352,7 @@ def validate(cfg: Config) -> None:
 
     _require(cfg.dist.instances >= 1 and cfg.dist.nnodes >= 1, "dist.instances/nnodes",
              (cfg.dist.instances, cfg.dist.nnodes), "integers >= 1")
+    validate_scale_out(cfg)
     _require(cfg.log.wandb_mode in ("offline", "online"), "log.wandb_mode", cfg.log.wandb_mode,
              "offline or online")
     cfg.ipu.validate()

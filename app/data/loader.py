@@ -41,6 +41,13 @@ def mix_seed(*values: int) -> int:
     return state >> 1
 
 
+def epoch_order(size: int, seed: int, epoch: int) -> List[int]:
+    """The shuffled order of an epoch's ``size`` samples: a function of (seed, epoch) only, so
+    processes that split the epoch between them (app/distributed.py) agree on it."""
+    generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
+    return torch.randperm(size, generator=generator).tolist()
+
+
 class EpochBatches(Sampler):
     """Batches of (index, sample seed) for one epoch. The order is a permutation seeded by
     (seed, epoch) when shuffling, the given sampler's order (after its own set_epoch) when one is
@@ -61,8 +68,7 @@ class EpochBatches(Sampler):
         if self.sampler is not None:
             return [int(i) for i in self.sampler]
         if self.shuffle:
-            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-            return torch.randperm(self.size, generator=generator).tolist()
+            return epoch_order(self.size, self.seed, self.epoch)
         return list(range(self.size))
 
     def _count(self, samples: int) -> int:

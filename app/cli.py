@@ -1,0 +1,125 @@
+"""The command line: ``python -m app <command> [--config PRESET] [--device D] [section.field=value ...]``.
+
+Configuration comes from one place: ``app.config.build_config(preset, overrides)``. Flags are
+shorthands for overrides (``--device cuda`` is ``device=cuda``); every other setting is a dotted
+override whose value is read as YAML. The resolved configuration is printed before anything else
+runs, and an invalid one exits with status 2 before any data is read or any model is built.
+Commands are imported only when chosen, so one command's dependencies never slow another.
+"""
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+from app.checkpoint import latest_run
+from app.config import ConfigError, build_config, preset_names
+from app.errors import AppError
+
+DEFAULT_PRESET = "digits"
+# command → (module:function, one-line help). Each function is main(cfg, args) -> exit status.
+COMMANDS = {
+    "train": ("app.train:main", "train a model (or continue one with --resume RUN)"),
+    "validate": ("app.evaluate:main", "top-1/top-5 of a checkpoint's raw and EMA weights"),
+    "finetune": ("app.finetune:main", "fine-tune the last layers at a higher resolution"),
+    "plan": ("ipu_options.planning:main", "IPU memory / pipeline plan for the configuration"),
+    "paper": ("app.paper:main", "reproduce the paper's tables and figures"),
+}
+EXAMPLES = """examples:
+  python -m app train                                  # the digits default (make train)
+  python -m app train --config b0-g16-lnpn-half data.dataset=/data/imagenet
+  python -m app train --config digits model.group_size=1 optim.lr=0.004 train.epochs=2
+  python -m app train --resume runs/<run>              # continue an interrupted run
+  python -m app validate --checkpoint runs/<run> data.val_resolutions=[32,64]
+
+presets: {presets}
+overrides: section.field=value with YAML values; sections: device, resume, model, data, optim,
+  schedule, train, finetune, ipu, dist, log (see app/config.py for every field and its range)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    presets = preset_names()
+    shown = ", ".join(p for p in presets if "-" not in p or p.endswith("-g16-lnpn"))
+    parser = argparse.ArgumentParser(
+        prog="python -m app", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="EfficientNet with group convolutions, LayerNorm + Proxy Norm and reduced-resolution "
+                    "training, on IPU, GPU or CPU.",
+        epilog=EXAMPLES.format(presets=f"{shown}, and the grid b<0-5>-g<1|16>-<gn|lnpn>[-half]"))
+    parser.add_argument("command", choices=list(COMMANDS),
+                        help="; ".join(f"{name}: {text}" for name, (_, text) in COMMANDS.items()))
+    parser.add_argument("--config", metavar="PRESET",
+                        help=f"a preset name or a YAML file (default: {DEFAULT_PRESET}; with --resume or "
+                             "--checkpoint, the run folder's config.yaml)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "ipu", "ipu-model"],
+                        help="shorthand for device=... (default: the preset's, auto)")
+    parser.add_argument("--resume", metavar="RUN", help="a run folder or checkpoint to continue training")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="validate/finetune: a run folder or a checkpoint file")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the command that launches the job's processes (torchrun / poprun, "
+                             "see README: Scaling out) and exit; shorthand for dist.dry_run=true")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="dotted configuration overrides, e.g. model.group_size=16 optim.lr=0.1")
+    return parser
+
+
+def base_preset(args: argparse.Namespace) -> str:
+    """--config, else the config.yaml of the run being resumed or validated (``validate`` without
+    --checkpoint: the newest run), else the default preset."""
+    if args.config:
+        return args.config
+    source = args.resume or args.checkpoint
+    if source is None and args.command == "validate":
+        out_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("log.out_dir=")), "runs")
+        source = latest_run(out_dir)
+        args.checkpoint = str(source) if source else None
+    if source:
+        path = Path(source)
+        for folder in (path, path.parent, path.parent.parent):
+            if (folder / "config.yaml").is_file():
+                return str(folder / "config.yaml")
+        raise ConfigError("--config", None, f"a preset: {source} has no config.yaml next to it, "
+                          "so name the configuration it was trained with")
+    return DEFAULT_PRESET
+
+
+def load_command(command: str):
+    target = COMMANDS[command][0]
+    module_name, function = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        return None
+    return getattr(module, function)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"device={args.device}")
+    if args.resume:
+        overrides.append(f"resume={args.resume}")
+    if args.dry_run:
+        overrides.append("dist.dry_run=true")
+    try:
+        cfg = build_config(base_preset(args), overrides)
+    except ConfigError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
+    print(f"# resolved configuration ({args.command})")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None).rstrip(), flush=True)
+    run = load_command(args.command)
+    if run is None:
+        print(f"error: the '{args.command}' command is not in this checkout yet "
+              f"({COMMANDS[args.command][0]} is missing)", file=sys.stderr)
+        return 2
+    try:
+        return run(cfg, args)
+    except AppError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,348 @@
+"""Data-parallel training over several processes, on the engine each kind of hardware already uses.
+
+``train.replicas`` is the number of data-parallel model copies of the whole job on every device kind:
+
+* CPUs and GPUs: one process per replica, started by ``torchrun`` (PyTorch's own launcher), with
+  ``DistributedDataParallel`` over NCCL (GPUs) or Gloo (CPUs). ``python -m app train`` re-runs its
+  own command line under ``torchrun --nproc_per_node=replicas/nnodes`` when it is not already under
+  torchrun; ``dist.nnodes`` / ``dist.rdzv_endpoint`` spread it over several machines.
+* IPUs: replicas are compiled into one PopTorch graph per process (``replicationFactor``); with
+  ``dist.instances > 1`` the job runs under ``poprun`` with PopDist and Horovod
+  (``ipu_options/poprun.py``).
+
+The training loop sees only a ``DistContext``: who this process is (``rank``/``world_size``: processes
+or PopRun instances), ``is_main`` (only it writes checkpoints, metrics and progress), a
+sampler that splits each epoch's images between processes without overlap, and the few collective
+operations it needs. Backends average their metrics with ``all_reduce_mean`` below, so every
+process reports the same job-wide figures. With one process every collective is the identity and
+nothing here touches ``torch.distributed``.
+"""
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from app.data.loader import epoch_order
+from app.errors import AppError
+
+IPU_DEVICES = ("ipu", "ipu-model")
+TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every worker it starts
+POPRUN_ENV = "POPDIST_NUM_TOTAL_REPLICAS"  # set by poprun in every instance it starts
+
+
+class DistributedError(AppError):
+    """The scale-out settings do not fit the launch; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------- data split
+
+class ShardSampler(Sampler):
+    """The indices of one process's share of an epoch.
+
+    Training (``shuffle=True``): the epoch's permutation is the one a single process would use
+    (``epoch_order(size, seed, epoch)``), cut into the job's global batches; process r takes the
+    r-th slice of ``batch_size`` images (its host batch) of each. So one step of all processes
+    together trains on exactly the images of the same step of a one-process run with the same
+    global batch, in the same micro-batches when that run accumulates gradients over them; no
+    image is seen twice in an epoch, every process has the same number of batches, and only the
+    images a one-process run would drop (the last incomplete global batch) are left out.
+    Validation (``shuffle=False``): every image exactly once, round-robin (shares differ by <= 1).
+    """
+
+    def __init__(self, size: int, *, rank: int, world_size: int, seed: int, shuffle: bool,
+                 batch_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is invalid for world_size={world_size}")
+        self.size, self.rank, self.world_size, self.batch_size = size, rank, world_size, batch_size
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.shuffle:
+            return self.size // (self.batch_size * self.world_size) * self.batch_size
+        return len(range(self.rank, self.size, self.world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.rank, self.size, self.world_size))
+        order = epoch_order(self.size, self.seed, self.epoch)
+        b, global_batch = self.batch_size, self.batch_size * self.world_size
+        starts = range(self.rank * b, len(self) * self.world_size, global_batch)
+        return iter([i for start in starts for i in order[start:start + b]])
+
+
+# ----------------------------------------------------------------------------- contexts
+
+@dataclass
+class DistContext:
+    """This process in the job. The base class is the single-process job: every collective is the
+    identity. ``rank``/``world_size`` count processes (PopRun instances on IPUs, each of which may
+    drive several replicas); ``local_rank`` is the process index on its machine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    engine: str = "single"  # single | torchrun | poprun
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def broadcast_parameters(self, module: nn.Module) -> None:
+        """Give every process the main process's initial weights."""
+
+    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """The module a native backend trains through (DistributedDataParallel when distributed)."""
+        return module
+
+    def sampler(self, dataset, *, train: bool, seed: int, batch_size: int = 1) -> Optional[ShardSampler]:
+        """This process's share of ``dataset``, taken ``batch_size`` (its host batch) at a time
+        when training (None with one process: the loader's own order)."""
+        if self.world_size == 1:
+            return None
+        return ShardSampler(len(dataset), rank=self.rank, world_size=self.world_size, seed=seed,
+                            shuffle=train, batch_size=batch_size)
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TorchrunContext(DistContext):
+    """A worker started by torchrun: torch.distributed with NCCL on GPUs, Gloo on CPUs."""
+
+    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device):
+        super().__init__(rank, world_size, local_rank, "torchrun")
+        self.device = device  # where NCCL needs the tensors of collectives (the CPU for Gloo)
+
+    def _reduce(self, tensor: Tensor, average: bool) -> Tensor:
+        import torch.distributed as tdist  # noqa: PLC0415
+
+        value = tensor.detach().to(self.device, torch.float64, copy=True)  # counts stay exact
+        tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
+        if average:
+            value /= self.world_size
+        return value.to(tensor.device, tensor.dtype if tensor.is_floating_point() else torch.float64)
+
+    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
+        return self._reduce(tensor, average=True)
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return self._reduce(tensor, average=False)
+
+    def broadcast_parameters(self, module: nn.Module) -> None:
+        pass  # DistributedDataParallel broadcasts rank 0's parameters and buffers when it wraps
+
+    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+        ids = [device.index if device.index is not None else self.local_rank] \
+            if device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    def barrier(self) -> None:
+        import torch.distributed as tdist  # noqa: PLC0415
+
+        tdist.barrier()
+
+    def close(self) -> None:
+        import torch.distributed as tdist  # noqa: PLC0415
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+_CURRENT = DistContext()
+
+
+def current() -> DistContext:
+    """The context ``init_distributed`` made for this process (single-process until then)."""
+    return _CURRENT
+
+
+def all_reduce_mean(tensor: Tensor) -> Tensor:
+    """The mean of ``tensor`` over every process of the job (for backends' metrics)."""
+    return _CURRENT.all_reduce_mean(tensor)
+
+
+def reduce_results(results: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+    """Validation results of each process's share of the images → those of all the images.
+    ``results``: {name: {"images": n, metric: mean over the n images, ...}}."""
+    if _CURRENT.world_size == 1:
+        return results
+    combined = {}
+    for name, result in results.items():
+        keys = [k for k in result if k != "images"]
+        n = float(result["images"])
+        sums = torch.tensor([n] + [float(result[k]) * n for k in keys], dtype=torch.float64)
+        sums = _CURRENT.all_reduce_sum(sums)
+        total = float(sums[0])
+        combined[name] = {**{k: float(v) / total for k, v in zip(keys, sums[1:])}, "images": int(total)}
+    return combined
+
+
+def under_torchrun() -> bool:
+    return TORCHRUN_ENV in os.environ
+
+
+def under_poprun() -> bool:
+    return POPRUN_ENV in os.environ
+
+
+def _wants_cuda(cfg) -> bool:
+    return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+
+
+def init_distributed(cfg) -> DistContext:
+    """This process's context: joins the PopRun or torchrun job it was started in (the launcher's
+    environment says which), else the single-process context. Checks that the job has as many
+    replicas as ``train.replicas``."""
+    global _CURRENT
+    if under_poprun():
+        from ipu_options.poprun import init_popdist  # noqa: PLC0415  (PopDist/Horovod only here)
+
+        _CURRENT = init_popdist(cfg)
+        return _CURRENT
+    if not under_torchrun():
+        _CURRENT = DistContext()
+        return _CURRENT
+    import torch.distributed as tdist  # noqa: PLC0415
+
+    world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size != cfg.train.replicas:
+        raise DistributedError(
+            f"torchrun started {world_size} processes but train.replicas={cfg.train.replicas}; the "
+            f"global batch and learning rate depend on it: set train.replicas={world_size} (REPLICAS="
+            f"{world_size}), or let `python -m app train train.replicas=N` start torchrun itself")
+    if _wants_cuda(cfg):
+        if torch.cuda.device_count() <= local_rank:
+            raise DistributedError(
+                f"process {local_rank} on this machine needs GPU {local_rank}, but only "
+                f"{torch.cuda.device_count()} are visible: start at most that many processes per "
+                "machine (train.replicas / dist.nnodes)")
+        torch.cuda.set_device(local_rank)  # device=cuda then means this process's own GPU
+        backend, device = "nccl", torch.device("cuda", local_rank)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend=backend)  # rank, size and address from torchrun's env
+    _CURRENT = TorchrunContext(rank, world_size, local_rank, device)
+    if rank != 0:
+        # logs from rank 0 only: other ranks keep stderr (warnings, errors) but print no progress
+        sys.stdout = open(os.devnull, "w")  # lives as long as the process
+    return _CURRENT
+
+
+# ----------------------------------------------------------------------------- launching
+
+def app_command_line(args: argparse.Namespace) -> List[str]:
+    """The ``python -m app`` arguments that reproduce this command (for the launched processes)."""
+    argv = [args.command]
+    for flag in ("config", "device", "resume", "checkpoint"):
+        value = getattr(args, flag, None)
+        if value:
+            argv += [f"--{flag}", str(value)]
+    return argv + [o for o in args.overrides if not o.startswith("dist.dry_run=")]
+
+
+def torchrun_executable() -> List[str]:
+    """torchrun of this interpreter's environment (``python -m torch.distributed.run`` is the
+    same program when the script is not installed)."""
+    script = Path(sys.executable).parent / "torchrun"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def launcher_args(cfg) -> List[str]:
+    """``dist.launcher_args`` as launcher arguments: each item is split like a shell would, so
+    ``dist.launcher_args="--host h1,h2 --vipu-partition=p"`` needs no YAML list syntax."""
+    return [part for item in cfg.dist.launcher_args for part in shlex.split(item)]
+
+
+def torchrun_command(cfg, app_argv: List[str]) -> List[str]:
+    d = cfg.dist
+    per_node = cfg.train.replicas // d.nnodes
+    command = torchrun_executable() + [f"--nproc_per_node={per_node}", f"--nnodes={d.nnodes}"]
+    if d.rdzv_endpoint:
+        command += ["--rdzv_backend=c10d", f"--rdzv_endpoint={d.rdzv_endpoint}"]
+    else:
+        command += ["--standalone"]  # one machine: a free local port, no address to agree on
+    return command + launcher_args(cfg) + ["-m", "app"] + list(app_argv)
+
+
+def launch_command(cfg, app_argv: List[str]) -> Optional[List[str]]:
+    """The launcher command that runs this job on all its processes, or None when this process
+    should train itself (one process, or already started by the launcher)."""
+    if under_poprun() or under_torchrun():  # started by a launcher already
+        return None
+    if cfg.device in IPU_DEVICES:
+        from ipu_options.poprun import poprun_command  # noqa: PLC0415
+
+        return poprun_command(cfg, app_argv) if cfg.dist.instances > 1 else None
+    if cfg.train.replicas == 1 and cfg.dist.nnodes == 1:
+        return None
+    return torchrun_command(cfg, app_argv)
+
+
+def launch(cfg, args: Optional[argparse.Namespace]) -> Optional[int]:
+    """Start the job under its launcher when it needs one: returns the launcher's exit status (0
+    after only printing it with ``dist.dry_run``), or None when this process should train itself.
+    The launcher ends every process when one fails and prints that process's error."""
+    if args is None:  # called from Python without a command line: nothing to re-run
+        if launch_command(cfg, ["train"]) is not None:
+            raise DistributedError("a job over several processes is started from the command line: "
+                                   "python -m app train train.replicas=N ...")
+        return None
+    command = launch_command(cfg, app_command_line(args))
+    if cfg.dist.dry_run:
+        shown = shlex.join(command) if command else "nothing: this job runs in this one process"
+        print(f"launch command: {shown}", flush=True)
+        return 0
+    if command is None:
+        return None
+    print(f"launching: {shlex.join(command)}", flush=True)
+    process = subprocess.Popen(command)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            continue  # Ctrl-C reaches the launcher too; wait for it to stop its processes
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def scale_summary(cfg, ctx: DistContext, base_lr: float) -> str:
+    """One line, the same on every device kind: the global batch and how it is made, the learning
+    rate scaling, and over which images batch statistics are computed."""
+    t = cfg.train
+    processes = ctx.world_size
+    per_process = t.replicas // processes
+    layout = f"{processes} {'instances' if ctx.engine == 'poprun' else 'processes'} × " \
+             f"{per_process} replica{'s' if per_process > 1 else ''}" if processes > 1 else \
+             f"{t.replicas} replica{'s' if t.replicas > 1 else ''} in 1 process"
+    if cfg.model.norm == "batch":
+        stats = f"batch norm over each replica's micro-batch of {t.micro_batch} (not synchronised)"
+    else:
+        stats = f"none ({cfg.model.norm} norm normalises each image on its own)"
+    return (f"scale: global batch {cfg.global_batch} = micro-batch {t.micro_batch} × grad-accum "
+            f"{t.grad_accum} × {t.replicas} replicas ({layout}, {ctx.engine}) | lr {cfg.optim.lr:g} × "
+            f"{cfg.global_batch}/{cfg.optim.lr_reference_batch} = {base_lr:.4g} | batch statistics: "
+            f"{stats}")

@@ -1,0 +1,108 @@
+"""Validation: top-1 / top-5 / loss of a model over a loader, and ``python -m app validate``.
+
+``evaluate`` takes either a ``Backend`` (the compiled/prepared training model) or a plain
+``Classifier`` module (e.g. the EMA copy), so any caller (the training loop, the validate command,
+a resolution sweep) measures the same way.
+"""
+import argparse
+from typing import Dict, Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.backend import Backend, create_backend
+from app.checkpoint import (
+    CheckpointError,
+    check_architecture,
+    find_checkpoint,
+    latest_run,
+    load_checkpoint,
+    load_weights,
+)
+from app.config import Config
+from app.data import build_dataset, build_loader
+from app.objective import build_classifier, build_network
+
+Evaluable = Union[Backend, nn.Module]
+
+
+@torch.no_grad()
+def evaluate(target: Evaluable, loader: Iterable, device: Optional[torch.device] = None,
+             max_batches: Optional[int] = None) -> Dict[str, float]:
+    """{"top1": %, "top5": %, "loss": mean unsmoothed cross-entropy, "images": n}."""
+    if isinstance(target, nn.Module):
+        device = device or next(target.parameters()).device
+        target.eval()
+    correct1 = correct5 = 0
+    loss_sum, seen = 0.0, 0
+    for i, (images, targets) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        if isinstance(target, Backend):
+            logits = target.evaluate(images).float().cpu()
+        else:
+            logits = target(images.to(device)).float().cpu()
+        targets = targets.cpu()
+        if targets.dtype.is_floating_point:  # soft targets: score against the largest share
+            targets = targets.argmax(dim=-1)
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        hits = top == targets[:, None]
+        correct1 += int(hits[:, 0].sum())
+        correct5 += int(hits.any(dim=-1).sum())
+        loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+        seen += targets.shape[0]
+    if seen == 0:
+        raise ValueError("the validation loader yielded no images")
+    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen,
+            "loss": loss_sum / seen, "images": seen}
+
+
+def validate_all(backend: Backend, ema, loaders: Dict[int, Iterable],
+                 cfg: Config) -> Dict[str, Dict[str, float]]:
+    """Raw weights (through the backend) and EMA weights at every validation resolution:
+    {"raw@224": {...}, "ema@224": {...}, ...}."""
+    results = {}
+    ema_classifier = build_classifier(ema.module, cfg) if ema is not None else None
+    for resolution, loader in loaders.items():
+        results[f"raw@{resolution}"] = evaluate(backend, loader)
+        if ema_classifier is not None:
+            backend.sync_to_host()
+            results[f"ema@{resolution}"] = evaluate(ema_classifier, loader)
+    return results
+
+
+def report(results: Dict[str, Dict[str, float]]) -> str:
+    return "\n".join(f"  {k:>10}: top-1 {r['top1']:6.2f}%  top-5 {r['top5']:6.2f}%  loss {r['loss']:.4f}"
+                     f"  ({r['images']} images)" for k, r in results.items())
+
+
+def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
+    """Validate a checkpoint (a file, or a run folder's best) at cfg.data.val_resolutions."""
+    source = getattr(args, "checkpoint", None) or cfg.resume or latest_run(cfg.log.out_dir)
+    if source is None:
+        raise CheckpointError(f"nothing to validate: no run with checkpoints in {cfg.log.out_dir}/; "
+                              "pass --checkpoint RUN_FOLDER_OR_FILE (or train first: make train)")
+    path = find_checkpoint(source, prefer_best=True)
+    payload = load_checkpoint(path)
+    backend = create_backend(cfg)
+    resolutions = cfg.data.val_resolutions or [cfg.data.resolution]
+    datasets = {r: build_dataset(cfg, "val", r) for r in resolutions}
+    num_classes = next(iter(datasets.values())).num_classes
+    check_architecture(payload, cfg.model, num_classes, path)
+    results = {}
+    weights = {"raw": payload.get("model"), "ema": (payload.get("ema") or {}).get("module")}
+    for kind, state in weights.items():
+        if state is None:
+            continue
+        net = build_network(cfg, num_classes)
+        load_weights(net, state, path)
+        classifier = build_classifier(net, cfg).to(backend.device)
+        for r, dataset in datasets.items():
+            loader = build_loader(dataset, backend.eval_batch_size(cfg), train=False, cfg=cfg,
+                                  device=backend.device)
+            results[f"{kind}@{r}"] = evaluate(classifier, loader, backend.device)
+    print(f"validation of {path} (step {payload.get('step')}):\n{report(results)}")
+    backend.close()
+    return 0

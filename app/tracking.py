@@ -1,0 +1,106 @@
+"""Where a run reports: ``metrics.jsonl`` in its folder, a progress line on the console, and
+optionally Weights & Biases.
+
+wandb is offline unless the user sets ``log.wandb_mode=online``: an offline run writes to
+``<run>/wandb/`` and never touches the network or asks for a login (``wandb sync`` uploads it
+later). Without the ``wandb`` package the run goes on with a warning.
+"""
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Tracker:
+    """Metrics of one run. Only the main process writes (``enabled=False`` elsewhere)."""
+
+    def __init__(self, run_dir: Path, cfg, enabled: bool = True, total_steps: int = 0):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        self._window_start: Optional[float] = None
+        self._window_images = 0
+        self._window_steps = 0
+        self._step_seconds: Optional[float] = None  # smoothed time per step, for the ETA
+        if enabled and cfg.log.wandb:
+            self.wandb = _start_wandb(run_dir, cfg)
+
+    # -- throughput window: the images and time since the last logged step
+    def start_window(self) -> None:
+        self._window_start, self._window_images, self._window_steps = time.perf_counter(), 0, 0
+
+    def count(self, images: int) -> None:
+        self._window_images += images
+        self._window_steps += 1
+
+    def _throughput(self) -> Dict[str, float]:
+        elapsed = time.perf_counter() - (self._window_start or time.perf_counter())
+        if elapsed <= 0 or not self._window_steps:
+            return {"images_per_s": float("nan"), "step_s": float("nan")}
+        per_step = elapsed / self._window_steps
+        s = self._step_seconds
+        self._step_seconds = per_step if s is None else 0.7 * s + 0.3 * per_step
+        return {"images_per_s": self._window_images / elapsed, "step_s": per_step}
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                           step=record.get("step"))
+
+    def log_step(self, step: int, epoch: float, loss: float, lr: float, **extra: Any) -> None:
+        speed = self._throughput()
+        self.write({"kind": "train", "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
+                    "images_per_s": round(speed["images_per_s"], 2), **extra})
+        if self.enabled:
+            eta = (self.total_steps - step) * (self._step_seconds or float("nan"))
+            print(f"step {step:>6}/{self.total_steps} | epoch {epoch:6.2f} | loss {loss:.4f} | "
+                  f"lr {lr:.3e} | {speed['images_per_s']:7.1f} img/s | ETA {format_duration(eta)}",
+                  flush=True)
+        self.start_window()
+
+    def log_validation(self, step: int, epoch: float, results: Dict[str, Dict[str, float]]) -> None:
+        """``results``: {"raw@32": {"top1":…, "top5":…, "loss":…}, "ema@32": {…}}."""
+        flat = {f"{name}/{k}": round(v, 5) for name, r in results.items() for k, v in r.items()}
+        self.write({"kind": "val", "step": step, "epoch": round(epoch, 4), **flat})
+        if self.enabled:
+            parts = [f"{name} top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}%" for name, r in results.items()]
+            print(f"validation at step {step} (epoch {epoch:.2f}): " + " | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _start_wandb(run_dir: Path, cfg):
+    try:
+        wandb = importlib.import_module("wandb")
+    except ImportError:
+        print("warning: log.wandb=true but the wandb package is not installed; "
+              "logging to metrics.jsonl only (pip install wandb)", file=sys.stderr)
+        return None
+    mode = cfg.log.wandb_mode
+    if mode == "offline":
+        os.environ["WANDB_MODE"] = "offline"  # also covers wandb's background service
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project=cfg.log.wandb_project, name=Path(run_dir).name, dir=str(run_dir),
+                      config=cfg.to_dict(), mode=mode, resume="allow", id=Path(run_dir).name)

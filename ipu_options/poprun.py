@@ -1,0 +1,133 @@
+"""IPU pods: PopRun starts the instances, PopDist configures each one, Horovod carries host traffic.
+
+With ``dist.instances > 1`` on ``device=ipu``, ``python -m app train`` re-runs itself under::
+
+    poprun --num-instances=I --num-replicas=R --ipus-per-replica=P
+           --executable-cache-path=CACHE [dist.launcher_args] python -m app train ...
+
+Each instance drives R/I replicas, whose gradients PopTorch all-reduces across the whole pod in
+the compiled graph. On the host, Horovod broadcasts the initial weights and the seed from instance
+0 and averages the metrics; only instance 0 writes checkpoints and logs. PopDist, PopTorch and
+Horovod exist only beside the Poplar SDK (requirements-ipu.txt), so they are imported only here,
+and only inside a PopRun job.
+
+Hooks for the PopTorch backend (``ipu_options/backend.py``):
+  * ``under_poprun()`` — this process is one instance of a PopRun job;
+  * ``popdist_options(cfg)`` — the ``poptorch.Options`` PopDist makes for this instance (its
+    replication factor is already the instance's local replicas: do not call
+    ``replicationFactor`` on it); build the rest of the options on top of it;
+  * ``local_replicas(cfg)`` — replicas this process drives (for the host batch);
+  * ``app.distributed.all_reduce_mean(tensor)`` — the job-wide mean of a metric (Horovod here).
+"""
+import os
+import sys
+from pathlib import Path
+from typing import List
+
+import torch
+from torch import Tensor, nn
+
+from app.distributed import DistContext, DistributedError, launcher_args, under_poprun
+
+DEFAULT_CACHE = "executable-cache"  # under log.out_dir, unless ipu.executable_cache is set
+
+
+def ipus_per_replica(cfg) -> int:
+    """IPUs of one replica: the number of pipeline stages' IPUs in ``ipu.pipeline`` (1 without)."""
+    pipeline = cfg.ipu.pipeline
+    if pipeline == "auto":
+        raise DistributedError(
+            'ipu.pipeline="auto" is resolved only when the model is compiled, but poprun needs the IPUs '
+            "per replica before it starts: run `make plan` and set the proposed split explicitly, "
+            "e.g. ipu.pipeline='{blocks.4: 1}'")
+    return max(pipeline.values()) + 1 if pipeline else 1
+
+
+def executable_cache(cfg) -> str:
+    return cfg.ipu.executable_cache or str(Path(cfg.log.out_dir) / DEFAULT_CACHE)
+
+
+def poprun_command(cfg, app_argv: List[str]) -> List[str]:
+    """The poprun command that runs ``python -m app <app_argv>`` on ``dist.instances`` instances.
+    The instances share one executable cache (compiled once, loaded by the others); the app is
+    told the same path so that PopTorch caches there too."""
+    t, d = cfg.train, cfg.dist
+    cache = executable_cache(cfg)
+    app_args = list(app_argv)
+    if not cfg.ipu.executable_cache:
+        app_args.append(f"ipu.executable_cache={cache}")
+    return ["poprun", f"--num-instances={d.instances}", f"--num-replicas={t.replicas}",
+            f"--ipus-per-replica={ipus_per_replica(cfg)}", f"--executable-cache-path={cache}",
+            *launcher_args(cfg), sys.executable, "-m", "app", *app_args]
+
+
+class PopDistContext(DistContext):
+    """One PopRun instance: rank = instance index, world = instances; Horovod for host collectives."""
+
+    def __init__(self, rank: int, world_size: int, local_replicas: int, hvd):
+        super().__init__(rank, world_size, rank, "poprun")
+        self.local_replicas = local_replicas
+        self.hvd = hvd
+
+    def _reduce(self, tensor: Tensor, op) -> Tensor:
+        value = self.hvd.allreduce(tensor.detach().double().cpu(), op=op)  # counts stay exact
+        return value.to(tensor.device, tensor.dtype if tensor.is_floating_point() else torch.float64)
+
+    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
+        return self._reduce(tensor, self.hvd.Average)
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return self._reduce(tensor, self.hvd.Sum)
+
+    def broadcast_parameters(self, module: nn.Module) -> None:
+        self.hvd.broadcast_parameters(module.state_dict(), root_rank=0)
+
+    def barrier(self) -> None:
+        self.hvd.allreduce(torch.zeros(1), op=self.hvd.Sum, name="barrier")
+
+
+def _import_sdk_modules():
+    try:
+        import horovod.torch as hvd  # noqa: PLC0415
+        import popdist  # noqa: PLC0415
+        import popdist.poptorch  # noqa: PLC0415, F401  (the Options factory lives there)
+    except ImportError as error:
+        raise DistributedError(
+            f"this process runs under poprun but cannot import {error.name}: install the Poplar SDK's "
+            "PopTorch and PopDist wheels and Horovod beside them (see requirements-ipu.txt)") from None
+    return popdist, hvd
+
+
+def init_popdist(cfg) -> PopDistContext:
+    """Join the PopRun job: PopDist and Horovod initialised, the seed taken from instance 0 (into
+    ``cfg.train.seed``), the replica count checked against ``train.replicas``."""
+    popdist, hvd = _import_sdk_modules()
+    if hasattr(popdist, "init"):
+        popdist.init()
+    hvd.init()
+    total = int(popdist.getNumTotalReplicas())
+    if total != cfg.train.replicas:
+        raise DistributedError(
+            f"poprun runs {total} replicas but train.replicas={cfg.train.replicas}: the global batch and "
+            f"learning rate depend on it, so set train.replicas={total} (REPLICAS={total})")
+    seed = hvd.broadcast(torch.tensor(cfg.train.seed, dtype=torch.int64), root_rank=0, name="seed")
+    cfg.train.seed = int(seed)
+    ctx = PopDistContext(int(popdist.getInstanceIndex()), int(popdist.getNumInstances()),
+                         int(popdist.getNumLocalReplicas()), hvd)
+    if not ctx.is_main:
+        sys.stdout = open(os.devnull, "w")  # logs from instance 0 only; errors still reach stderr
+    return ctx
+
+
+def popdist_options(cfg):
+    """The instance's ``poptorch.Options`` from PopDist (replication = its local replicas)."""
+    popdist, _ = _import_sdk_modules()
+    return popdist.poptorch.Options(ipus_per_replica=ipus_per_replica(cfg))
+
+
+def local_replicas(cfg) -> int:
+    """Replicas driven by this process: PopDist's share under poprun, else all of them."""
+    if under_poprun():
+        popdist, _ = _import_sdk_modules()
+        return int(popdist.getNumLocalReplicas())
+    return cfg.train.replicas

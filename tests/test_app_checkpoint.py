@@ -1,0 +1,92 @@
+"""Checkpoints: atomic writes, pruning, RNG round trip, and architecture mismatches named."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import app.checkpoint as ckpt
+from app.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    check_architecture,
+    find_checkpoint,
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    step_checkpoints,
+)
+from app.cli import main as cli
+from app.config import build_config
+from model import build_model
+
+
+def test_crash_mid_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "step-0000001.pt"
+    atomic_save({"step": 1, "w": torch.ones(3)}, path)
+
+    def crashing_save(obj, f):
+        f.write(b"\x80\x02half a checkpoint")  # some bytes reach the disk, then the process dies
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"step": 1, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    # A temporary file left by a killed process is never mistaken for a checkpoint.
+    (path.parent / ".step-0000009.pt.tmp-4242").write_bytes(b"partial")
+    assert find_checkpoint(tmp_path) == path
+
+
+def test_keeps_last_n_and_best(tmp_path):
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, {"step": step}, keep=2, is_best=step == 2)
+    kept = [p.name for p in step_checkpoints(tmp_path / "checkpoints")]
+    assert kept == ["step-0000004.pt", "step-0000005.pt"]
+    assert load_checkpoint(find_checkpoint(tmp_path, prefer_best=True))["step"] == 2
+    assert load_checkpoint(find_checkpoint(tmp_path))["step"] == 5
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    state = rng_state()
+    atomic_save({"rng": state}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_architecture_mismatch_names_the_fields():
+    trained = build_config("digits")
+    payload = {"arch": ckpt.arch_of(trained.model, 10)}
+    other = build_config("digits", ["model.group_size=1", "model.norm=group", "model.proxy_norm=false"])
+    with pytest.raises(CheckpointError) as error:
+        check_architecture(payload, other.model, 10, "runs/x")
+    message = str(error.value)
+    assert "model.group_size: checkpoint 16, this run 1" in message
+    assert "model.norm: checkpoint 'layer', this run 'group'" in message
+    assert "model.proxy_norm" in message and "model.name" not in message
+    check_architecture(payload, trained.model, 10, "runs/x")  # the same architecture passes
+
+
+def test_foreign_weights_mismatch_names_parameters():
+    small = build_model("b0", num_classes=10)
+    state = build_model("b0", num_classes=7).state_dict()
+    with pytest.raises(CheckpointError, match=r"classifier.weight \(7, 1280\) vs \(10, 1280\)"):
+        load_weights(small, state, "peer.pth")
+
+
+def test_validate_refuses_checkpoint_of_another_architecture(tmp_path, capsys):
+    args = ["--device", "cpu", "data.resolution=32", "data.workers=0", "train.micro_batch=8",
+            "train.max_steps=1", "train.ema_decay=0", f"log.out_dir={tmp_path}", "log.name=r"]
+    assert cli(["train", *args]) == 0
+    capsys.readouterr()
+    # From the run folder alone, validate takes the run's own configuration.
+    assert cli(["validate", "--checkpoint", str(tmp_path / "r")]) == 0
+    assert "raw@32: top-1" in capsys.readouterr().out
+    # Forcing another architecture fails before any weights are loaded, naming the difference.
+    assert cli(["validate", "--checkpoint", str(tmp_path / "r"), "model.group_size=1"]) == 2
+    assert "model.group_size: checkpoint 16, this run 1" in capsys.readouterr().err

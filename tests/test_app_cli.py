@@ -1,0 +1,98 @@
+"""The command line and the device boundary: errors before work, messages that say what to change."""
+import os
+import signal
+
+import pytest
+import torch
+
+from app.backend import BackendError, NativeBackend, create_backend
+from app.cli import main as cli
+from app.config import build_config
+from app.objective import Classifier, smoothed_cross_entropy
+from app.train import StopSignal
+
+
+@pytest.mark.parametrize("override, named, allowed", [
+    ("optim.lr=-1", "optim.lr=-1", "a number > 0"),
+    ("model.norm=instance", "model.norm='instance'", "one of batch, group, layer"),
+    ("train.precision=fp8", "train.precision='fp8'", "fp32, bf16 or fp16"),
+    ("data.resolution=16", "data.resolution=16", "an integer >= 32"),
+    ("train.micro_btach=4", "train.micro_btach", "has: epochs, max_steps, micro_batch"),
+])
+def test_config_errors_exit_2_naming_field_and_range(tmp_path, capsys, override, named, allowed):
+    assert cli(["train", override, f"log.out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and allowed in err
+    assert not any(tmp_path.iterdir())  # nothing was started: no run folder
+
+
+def test_unknown_preset_lists_presets(capsys):
+    assert cli(["train", "--config", "b9-g3"]) == 2
+    assert "digits" in capsys.readouterr().err
+
+
+def test_fp16_on_cpu_says_what_to_change(tmp_path, capsys):
+    assert cli(["train", "--device", "cpu", "train.precision=fp16", f"log.out_dir={tmp_path}"]) == 2
+    assert "train.precision=bf16 or fp32" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_absent_says_what_to_change():
+    with pytest.raises(BackendError, match="use --device cpu"):
+        create_backend(build_config("digits", ["device=cuda"]))
+
+
+def test_replicas_without_launcher_says_what_to_change(monkeypatch):
+    # replicas > 1 on cpu/cuda are torchrun processes, started from the command line (app.distributed)
+    from app.distributed import DistributedError, launch  # noqa: PLC0415
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with pytest.raises(DistributedError, match="python -m app train train.replicas=N"):
+        launch(build_config("digits", ["device=cpu", "train.replicas=4"]), None)
+
+
+def test_soft_targets_match_hard_targets_and_smoothing():
+    logits = torch.randn(6, 5)
+    hard = torch.tensor([0, 1, 2, 3, 4, 0])
+    soft = torch.nn.functional.one_hot(hard, 5).float()
+    smoothed = smoothed_cross_entropy(logits, hard, 0.1)
+    assert torch.allclose(smoothed, smoothed_cross_entropy(logits, soft, 0.1))
+    assert torch.allclose(smoothed_cross_entropy(logits, hard, 0.1),
+                          torch.nn.functional.cross_entropy(logits, hard, label_smoothing=0.1))
+
+
+def test_loss_hook_sees_the_loss():
+    seen = []
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    clf = Classifier(net, loss_hook=lambda loss: seen.append(loss) or loss * 2)
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    _, loss = clf(images, torch.tensor([0, 2]))
+    assert len(seen) == 1 and torch.allclose(loss, seen[0] * 2)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """grad_accum=2 × micro 4 gives the update of one batch of 8 (batch-independent layers)."""
+    cfg = build_config("digits", ["device=cpu", "optim.name=sgd", "train.label_smoothing=0"])
+    images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    targets = torch.arange(8) % 3
+    weights = []
+    for accum in (1, 2):
+        cfg.train.grad_accum, cfg.train.micro_batch = accum, 8 // accum
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
+        backend = NativeBackend(cfg)
+        backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
+        assert backend.host_batch_size(cfg) == 8
+        backend.train_step(images, targets)
+        weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_sigterm_asks_the_loop_to_stop_after_the_step():
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopSignal() as stop:
+        assert stop.signum is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # recorded, the process goes on
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored

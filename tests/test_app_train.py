@@ -1,0 +1,126 @@
+"""The training application end to end: CLI, run folder, metrics, checkpoints, resume, NaN, signals."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import app.objective
+from app.checkpoint import find_checkpoint, load_checkpoint, step_checkpoints
+from app.cli import main as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small and quick: B0 at 32 px, tiny batches, no worker processes, no EMA lag worth waiting for.
+QUICK = ["data.resolution=32", "data.workers=0", "train.micro_batch=8", "train.log_every=1"]
+
+
+def read_metrics(run_dir: Path, kind: str = "train"):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def only_run(out_dir: Path) -> Path:
+    runs = [p for p in out_dir.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_digits_end_to_end_through_python_m_app(tmp_path):
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "app", "train", "--config", "digits", "--device", "cpu", *QUICK,
+           "train.max_steps=3", "train.val_every=0.02", f"log.out_dir={out}", "train.keep_checkpoints=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(out)
+    assert "group_size: 16" in proc.stdout  # the resolved configuration is printed
+    assert f"run folder: {run}" in proc.stdout.splitlines()[-1]
+    assert "final validation: raw@32 top-1" in proc.stdout
+    saved = (run / "config.yaml").read_text()
+    assert "proxy_norm: true" in saved and "max_steps: 3" in saved
+    steps = read_metrics(run)
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["loss"] > 0 and r["lr"] > 0 and r["images_per_s"] > 0 for r in steps)
+    val = read_metrics(run, "val")
+    assert val and 0 <= val[-1]["raw@32/top1"] <= 100 and "ema@32/top1" in val[-1]
+    ckpts = step_checkpoints(run / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-0000003.pt"]  # keep_checkpoints=1 pruned step 2
+    assert (run / "checkpoints" / "best.pt").is_file()
+    payload = load_checkpoint(ckpts[-1])
+    assert payload["step"] == 3 and payload["arch"]["group_size"] == 16
+    assert set(payload) >= {"model", "ema", "optimizer", "rng", "epoch_rng", "config", "step_in_epoch"}
+
+
+def test_run_folder_is_never_reused(tmp_path, capsys):
+    args = ["train", "--device", "cpu", *QUICK, "train.max_steps=1", "train.ema_decay=0",
+            f"log.out_dir={tmp_path}", "log.name=same"]
+    assert cli(args) == 0
+    (tmp_path / "same" / "notes.txt").write_text("mine")
+    assert cli(args) == 0
+    assert (tmp_path / "same" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "same-1" / "metrics.jsonl").is_file()
+    assert len(read_metrics(tmp_path / "same")) == 1  # the first run's metrics untouched
+
+
+def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT):
+    """Deliver ``signum`` to this process during the forward pass of training step ``step``."""
+    calls = {"n": 0}
+    original = app.objective.smoothed_cross_entropy
+
+    def loss(logits, targets, smoothing=0.0):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == step:
+                os.kill(os.getpid(), signum)
+        return original(logits, targets, smoothing)
+
+    monkeypatch.setattr(app.objective, "smoothed_cross_entropy", loss)
+
+
+def test_resume_after_interrupt_repeats_losses_step_for_step(tmp_path, monkeypatch, capsys):
+    # digits at micro-batch 8: steps 1–6 lie mid-epoch, so data position and RNG must both resume.
+    args = ["train", "--device", "cpu", *QUICK, "train.max_steps=6", "train.val_every=100",
+            "model.drop_path=0.2", "model.dropout=0.3"]
+    assert cli(args + [f"log.out_dir={tmp_path / 'full'}"]) == 0
+    full = [r["loss"] for r in read_metrics(only_run(tmp_path / "full"))]
+
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)
+        code = cli(args + [f"log.out_dir={tmp_path / 'cut'}"])
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGINT
+    run = only_run(tmp_path / "cut")
+    assert f"python -m app train --resume {run}" in err
+    assert load_checkpoint(find_checkpoint(run))["step"] == 3
+    assert cli(["train", "--resume", str(run)]) == 0
+    resumed = [r["loss"] for r in read_metrics(run)]
+    assert len(full) == 6 and resumed == full  # steps 1-3 before, 4-6 after the interruption
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    original = app.objective.smoothed_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, targets, smoothing=0.0):
+        loss = original(logits, targets, smoothing)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] >= 4:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(app.objective, "smoothed_cross_entropy", poisoned)
+    # val_every=0.01 epochs = every 2 steps of 8 images (digits: about 1440 training images)
+    code = cli(["train", "--device", "cpu", *QUICK, "train.max_steps=8", "train.val_every=0.01",
+                f"log.out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "loss is nan at step 4" in err
+    run = only_run(tmp_path)
+    ckpts = step_checkpoints(run / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-0000002.pt"]
+    payload = load_checkpoint(ckpts[-1])
+    assert all(torch.isfinite(t).all() for t in payload["model"].values() if t.is_floating_point())
+    assert read_metrics(run, "error")[0]["step"] == 3
