@@ -12,7 +12,10 @@ OVERRIDES = $(if $(MODEL),model.name=$(MODEL)) $(if $(G),model.group_size=$(G)) 
 	$(if $(NORM),model.norm=$(NORM)) $(if $(PN),model.proxy_norm=$(call bool,$(PN))) \
 	$(if $(REPLICAS),train.replicas=$(REPLICAS)) $(if $(INSTANCES),dist.instances=$(INSTANCES)) \
 	$(if $(RES),data.resolution=$(RES)) $(if $(EPOCHS),train.epochs=$(EPOCHS)) \
-	$(if $(BATCH),train.micro_batch=$(BATCH)) $(if $(DATA),data.dataset=$(DATA))
+	$(if $(BATCH),train.micro_batch=$(BATCH)) $(if $(DATA),data.dataset=$(DATA)) \
+	$(if $(NNODES),dist.nnodes=$(NNODES)) $(if $(RDZV),dist.rdzv_endpoint=$(RDZV)) \
+	$(if $(LAUNCHER_ARGS),'dist.launcher_args=$(LAUNCHER_ARGS)') \
+	$(if $(DRY_RUN),dist.dry_run=$(call bool,$(DRY_RUN)))
 RUN = $(PY) -m app
 
 .PHONY: train validate finetune plan paper bench test compat lint clean env env-dev

@@ -34,6 +34,7 @@ EXAMPLES = """examples:
   python -m app train --config b0-g16-lnpn-half data.dataset=/data/imagenet
   python -m app train --config digits model.group_size=1 optim.lr=0.004 train.epochs=2
   python -m app train --resume runs/<run>              # continue an interrupted run
+  python -m app train --device cuda train.replicas=8 --dry-run   # the torchrun command (Scaling out)
   python -m app validate --checkpoint runs/<run> data.val_resolutions=[32,64]
   python -m app validate --checkpoint runs/<run> --resolutions 64:128:8   # accuracy vs resolution
   python -m app finetune --checkpoint runs/<run> finetune.resolution=96

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 def format_duration(seconds: float) -> str:
@@ -35,17 +35,21 @@ class Tracker:
         self._window_start: Optional[float] = None
         self._window_images = 0
         self._window_steps = 0
+        self._window_losses: List[float] = []
         self._step_seconds: Optional[float] = None  # smoothed time per step, for the ETA
         if enabled and cfg.log.wandb:
             self.wandb = _start_wandb(run_dir, cfg)
 
-    # -- throughput window: the images and time since the last logged step
+    # -- the window since the last logged step: images, time and losses
     def start_window(self) -> None:
         self._window_start, self._window_images, self._window_steps = time.perf_counter(), 0, 0
+        self._window_losses = []
 
-    def count(self, images: int) -> None:
+    def count(self, images: int, loss: float) -> None:
         self._window_images += images
         self._window_steps += 1
+        if math.isfinite(loss):
+            self._window_losses.append(loss)
 
     def _throughput(self) -> Dict[str, float]:
         elapsed = time.perf_counter() - (self._window_start or time.perf_counter())
@@ -59,14 +63,19 @@ class Tracker:
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"time": round(time.time(), 3), **record}
+        # Strict JSON: a non-finite number is written as null.
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        record = {"time": round(time.time(), 3), **finite}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
                            step=record.get("step"))
 
-    def log_step(self, step: int, epoch: float, loss: float, lr: float, **extra: Any) -> None:
+    def log_step(self, step: int, epoch: float, lr: float, **extra: Any) -> None:
+        """Log the mean loss and the throughput of the steps since the last call."""
+        losses = self._window_losses
+        loss = sum(losses) / len(losses) if losses else float("nan")
         speed = self._throughput()
         self.write({"kind": "train", "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
                     "images_per_s": round(speed["images_per_s"], 2), **extra})

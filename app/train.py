@@ -44,8 +44,9 @@ from app.resolution import check_resolutions, downsampling_stages
 from app.tracking import Tracker, format_duration
 from model import convert_state_dict
 
-# fp16: a non-finite loss means the loss scaler skipped that update (weights untouched) and lowered
-# its scale. Only when it keeps happening is the run itself diverging.
+# fp16: a non-finite loss means the loss scaler skipped that update (weights untouched; the step
+# still counts, as the schedule moves on) and lowered its scale. Only when it keeps happening is
+# the run itself diverging.
 FP16_SKIPS_BEFORE_STOP = 5
 
 
@@ -275,6 +276,8 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
     print(scale_summary(cfg, dist, base_lr))
 
     tracker = Tracker(run_dir, cfg, enabled=dist.is_main, total_steps=total_steps)
+    if resume is not None:  # records after this one continue from the checkpoint's step
+        tracker.write({"kind": "resume", "step": step, "checkpoint": str(resume_path)})
 
     def validate(at_step: int) -> Dict[str, Dict[str, float]]:
         results = reduce_results(validate_all(backend, ema, val_loaders, cfg))  # over all shares
@@ -292,7 +295,7 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
         return f"python -m app train --resume {run_dir}"
 
     # -- the loop
-    fp16_skips, results, started = 0, {}, time.perf_counter()
+    nonfinite, results, started = 0, {}, time.perf_counter()
     exit_code, first_step, trained_images, eval_seconds = 0, step, 0, 0.0
     with StopSignal() as stop:
         try:
@@ -316,22 +319,22 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
                     backend.set_lr(lr)
                     out = backend.train_step(images, targets)
                     loss = float(out["loss"])
-                    tracker.count(images.shape[0] * dist.world_size)  # images of the whole job
-                    trained_images += images.shape[0] * dist.world_size
-                    if not math.isfinite(loss):
-                        fp16_skips += 1
-                        if cfg.train.precision != "fp16" or fp16_skips >= FP16_SKIPS_BEFORE_STOP:
-                            raise NonFiniteLoss(f"loss is {loss} at step {step + 1}")
-                        print(f"warning: loss {loss} at step {step + 1}: the fp16 loss scaler skipped this "
-                              "update", file=sys.stderr)
-                        continue  # the skipped update does not count as a step
-                    fp16_skips = 0
                     step += 1
-                    if ema is not None:
-                        backend.sync_to_host()
-                        ema.update(model)
+                    if math.isfinite(loss):
+                        nonfinite = 0
+                        if ema is not None:
+                            backend.sync_to_host()
+                            ema.update(model)
+                    else:
+                        nonfinite += 1
+                        if cfg.train.precision != "fp16" or nonfinite >= FP16_SKIPS_BEFORE_STOP:
+                            raise NonFiniteLoss(f"loss is {loss} at step {step}")
+                        print(f"warning: loss {loss} at step {step}: the fp16 loss scaler skipped this "
+                              "update and lowered its scale", file=sys.stderr)
+                    tracker.count(images.shape[0] * dist.world_size, loss)  # images of the whole job
+                    trained_images += images.shape[0] * dist.world_size
                     if step % cfg.train.log_every == 0 or step == total_steps:
-                        tracker.log_step(step, step / steps_per_epoch, loss, lr,
+                        tracker.log_step(step, step / steps_per_epoch, lr,
                                          skipped_images=getattr(loader, "skipped", 0))
                     if step % val_every == 0 or step == total_steps:
                         eval_started = time.perf_counter()
@@ -348,7 +351,7 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
             print(f"error: {error}. Training stopped; the weights of the last checkpoint are intact "
                   f"(in {run_dir / 'checkpoints'}). Try a lower optim.lr, train.precision=fp32, or "
                   f"resume from the last checkpoint: {resume_command()}", file=sys.stderr)
-            tracker.write({"kind": "error", "step": step, "error": str(error)})
+            tracker.write({"kind": "error", "step": step, "error": str(error)})  # the failed step
             exit_code = 3
         if stop.signum is not None and exit_code == 0:
             if not (step % val_every == 0 or step == total_steps):  # not saved at this step yet

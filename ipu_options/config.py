@@ -29,6 +29,8 @@ class IPUConfig:
     compile_only: bool = False
     offline_ipu_version: Optional[int] = None  # compile for this IPU version without hardware
     seed: Optional[int] = None  # None: the run's seed
+    reduction: str = "mean"  # gradients over micro-batches and replicas: mean | sum
+    output_mode: str = "all"  # what a call returns: all (every micro-batch) | final | sum
 
     def validate(self) -> None:
         from app.config import ConfigError
@@ -46,6 +48,16 @@ class IPUConfig:
             raise ConfigError("ipu.loss_scaling", self.loss_scaling, 'a positive number or "auto"')
         if not isinstance(self.loss_scaling, str) and not self.loss_scaling > 0:
             raise ConfigError("ipu.loss_scaling", self.loss_scaling, 'a positive number or "auto"')
+        if self.reduction not in ("mean", "sum"):
+            raise ConfigError("ipu.reduction", self.reduction, "mean or sum")
+        if self.output_mode not in ("all", "final", "sum"):
+            raise ConfigError("ipu.output_mode", self.output_mode, "all, final or sum")
+        if self.offline_ipu_version is not None and self.offline_ipu_version not in (1, 2, 21):
+            raise ConfigError("ipu.offline_ipu_version", self.offline_ipu_version,
+                              "1 (Mk1), 2 (Mk2) or 21 (Bow), or null")
+        if isinstance(self.pipeline, dict) and any(
+                not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in self.pipeline.values()):
+            raise ConfigError("ipu.pipeline", self.pipeline, "IPU indices that are integers >= 0")
         if isinstance(self.pipeline, str) and self.pipeline != "auto":
             raise ConfigError("ipu.pipeline", self.pipeline,
                               'a mapping {module name: IPU index} or "auto"')

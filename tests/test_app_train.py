@@ -123,4 +123,4 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     assert [p.name for p in ckpts] == ["step-0000002.pt"]
     payload = load_checkpoint(ckpts[-1])
     assert all(torch.isfinite(t).all() for t in payload["model"].values() if t.is_floating_point())
-    assert read_metrics(run, "error")[0]["step"] == 3
+    assert read_metrics(run, "error")[0]["step"] == 4

@@ -1,0 +1,31 @@
+"""A CPU/CUDA emulator of the PopTorch API the application uses (SDK 3.4 names and signatures).
+
+Used by ``ipu_options`` when ``import poptorch`` fails. Everything it runs is emulated: its
+numbers are not IPU measurements. Modules: ``options`` (Options and sub-objects), ``executor``
+(trainingModel / inferenceModel), ``blocks`` (BeginBlock, Block, recomputationCheckpoint,
+identity_loss), ``recompute`` (recomputation realised with torch.utils.checkpoint), ``optim``,
+``dataloader``, ``precision`` (fp16 rounding, stochastic rounding, fp16 kernels on the CPU)."""
+from . import optim
+from .blocks import BeginBlock, Block, identity_loss, recomputationCheckpoint, removeBlocks
+from .dataloader import DataLoader
+from .enums import (
+    AutoStage,
+    ConnectionType,
+    DataLoaderMode,
+    MeanReductionStrategy,
+    OutputMode,
+    ReductionType,
+)
+from .executor import PoplarExecutor, inferenceModel, ipuHardwareIsAvailable, trainingModel
+from .options import Options, PipelinedExecution, ShardedExecution, TensorLocationSettings
+
+__version__ = "3.4.0+emulated"
+EMULATED = True
+
+__all__ = [
+    "AutoStage", "BeginBlock", "Block", "ConnectionType", "DataLoader", "DataLoaderMode",
+    "MeanReductionStrategy", "Options", "OutputMode", "PipelinedExecution", "PoplarExecutor",
+    "ReductionType", "ShardedExecution", "TensorLocationSettings", "identity_loss",
+    "inferenceModel", "ipuHardwareIsAvailable", "optim", "recomputationCheckpoint", "removeBlocks",
+    "trainingModel",
+]

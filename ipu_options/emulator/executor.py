@@ -1,0 +1,419 @@
+"""``trainingModel`` / ``inferenceModel``: the emulated PoplarExecutor.
+
+One call of a training executor consumes a host batch of
+micro_batch × deviceIterations × gradientAccumulation × replicationFactor samples, laid out as
+PopART streams it: [deviceIterations, gradientAccumulation, replicas, micro_batch, ...]. For each
+device iteration every replica runs its gradientAccumulation micro-batches one at a time — so
+batch-norm statistics are those of one micro-batch, as on an IPU — and each replica keeps its own
+norm running statistics (the host copy is replica 0's, as copyWeightsToHost returns). Gradients
+are summed over micro-batches and replicas, divided by their number under ReductionType.Mean,
+then one optimiser step is taken: deviceIterations weight updates per call.
+"""
+import contextlib
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from . import blocks, recompute
+from .enums import OutputMode, ReductionType
+from .options import Options
+from .precision import FP16_MAX, HalfKernels, round_half, stochastic_round_half
+
+# PopTorch's words (SDK 3.4 user guide, "Pipelined execution"), quoted in our errors.
+TRAINING_PIPELINE_RULE = ("You must set gradientAccumulation to be greater than or equal to the "
+                          "number of pipeline stages (forward and backward).")
+INFERENCE_PIPELINE_RULE = ("you must set deviceIterations to be greater than or equal to the "
+                           "number of pipeline stages used by the model.")
+
+# Automatic loss scaling, after PopART's defaults (automaticLossScalingSettings): halve the scale
+# when more than this proportion of fp16 gradients lie above this fraction of the fp16 maximum,
+# double it otherwise, once per weight update.
+ALS_BIN_EDGE = 0.125
+ALS_UPPER_PROPORTION = 1e-7
+ALS_MAX_SCALE = 2.0 ** 24
+
+_FIRST, _SECOND = "first_order_momentum_accum_type", "second_order_momentum_accum_type"
+_STATE_TYPES = {"exp_avg": _FIRST, "momentum_buffer": _FIRST, "exp_avg_sq": _SECOND, "square_avg": _SECOND}
+
+
+class BatchSizeError(ValueError):
+    pass
+
+
+class PipelineError(ValueError):
+    pass
+
+
+def _find_loss(output: Any) -> torch.Tensor:
+    leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+    marked = [t for t in leaves if getattr(t, "_poptorch_loss", False)]
+    if marked:
+        return marked[-1]
+    if len(leaves) == 1:
+        return leaves[0]
+    raise RuntimeError("trainingModel: the model must return its loss, marked with "
+                       "poptorch.identity_loss(loss, reduction) when it returns several tensors")
+
+
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return a + b
+    if isinstance(a, (tuple, list)):
+        return type(a)(_add(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return {k: _add(a[k], b[k]) for k in a}
+    return a
+
+
+def _combine(pieces: List[Any]) -> Any:
+    """Concatenate per-micro-batch outputs along the batch dimension (scalars are stacked)."""
+    first = pieces[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() == 0:
+            return first if len(pieces) == 1 else torch.stack(pieces)
+        return torch.cat(pieces)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_combine([p[i] for p in pieces]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _combine([p[k] for p in pieces]) for k in first}
+    return first
+
+
+class PoplarExecutor:
+    def __init__(self, model: nn.Module, options: Optional[Options], training: bool,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
+        if getattr(model, "_poptorch_wrapped", False) and training:
+            raise RuntimeError("Model has already been wrapped in 'poptorch.trainingModel'. Call "
+                               "model.destroy() on the model to unwrap before wrapping again.")
+        self._user_model = model
+        self._options = options if options is not None else Options()
+        self._training = training
+        if training:
+            model._poptorch_wrapped = True
+            if optimizer is None:
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        self._optimizer = optimizer
+        self._compiled = False
+        self._attached = False
+        self._replica_buffers: Optional[List[List[torch.Tensor]]] = None
+        self._recomputation: Optional[recompute.Recomputation] = None
+        self._loss_scale: Optional[float] = None
+        self.stages: List[int] = []  # IPU of each forward pipeline stage, set by compile
+
+    # ------------------------------------------------------------------ PopTorch's surface
+    @property
+    def model(self) -> nn.Module:
+        return self._user_model
+
+    @property
+    def options(self) -> Options:
+        return self._options
+
+    def isCompiled(self) -> bool:
+        return self._compiled
+
+    def isAttachedToDevice(self) -> bool:
+        return self._attached
+
+    def compile(self, *args, **kwargs) -> None:
+        self._prepare(args, kwargs)
+
+    def setOptimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hyper-parameters (lr, momentum, …, loss_scaling) go to the device; the optimiser state
+        already on the device stays, as PopTorch does."""
+        if not self._training:
+            raise RuntimeError("setOptimizer is only valid for a trainingModel")
+        if optimizer is self._optimizer:
+            return
+        if len(optimizer.param_groups) != len(self._optimizer.param_groups):
+            raise ValueError("setOptimizer: the new optimizer must have the same parameter groups")
+        for current, new in zip(self._optimizer.param_groups, optimizer.param_groups):
+            current.update({k: v for k, v in new.items() if k != "params"})
+        for name in ("loss_scaling", "max_grad_norm"):
+            if hasattr(optimizer, name):
+                setattr(self._optimizer, name, getattr(optimizer, name))
+
+    def copyWeightsToHost(self) -> None:
+        if self._replica_buffers is not None:
+            with torch.no_grad():
+                for buf, value in zip(self._user_model.buffers(), self._replica_buffers[0]):
+                    buf.copy_(value)
+
+    def copyWeightsToDevice(self) -> None:
+        if self._replica_buffers is not None:
+            self._replica_buffers = [[b.detach().clone() for b in self._user_model.buffers()]
+                                     for _ in self._replica_buffers]
+
+    def detachFromDevice(self) -> None:
+        if not self._attached:
+            raise RuntimeError("Device is not attached")
+        self.copyWeightsToHost()
+        self._attached = False
+
+    def attachToDevice(self) -> None:
+        if not self._compiled:
+            raise RuntimeError("Cannot attach a model that has not been compiled")
+        self._attached = True
+
+    def destroy(self) -> None:
+        if self._attached:
+            self.detachFromDevice()
+        if self._recomputation is not None:
+            self._recomputation.remove()
+            self._recomputation = None
+        self._user_model.__dict__.pop("_poptorch_wrapped", None)
+        self._compiled = False
+
+    def __call__(self, *args, **kwargs):
+        if not self._compiled:
+            self._prepare(args, kwargs)
+        if not self._attached:
+            self.attachToDevice()
+        if self._training:
+            return self._train(args, kwargs)
+        return self._infer(args, kwargs)
+
+    # ------------------------------------------------------------------ batching
+    def _factors(self) -> Tuple[int, int, int]:
+        o = self._options
+        ga = o.Training.gradient_accumulation if self._training else 1
+        if not self._training and o.Training.gradient_accumulation != 1:
+            raise ValueError("When running an inferenceModel, you must set gradientAccumulation to 1")
+        return o.device_iterations, ga, o.replication_factor
+
+    def _micro(self, args, kwargs):
+        """(get(d, g, r) → (args, kwargs) of one micro-batch, micro-batch size)."""
+        di, ga, reps = self._factors()
+        n = di * ga * reps
+        sizes = {t.shape[0] for t in tree_flatten((args, kwargs))[0]
+                 if isinstance(t, torch.Tensor) and t.dim() > 0}
+        if not sizes:
+            raise BatchSizeError("the model's inputs have no batch dimension")
+        if len(sizes) > 1:
+            raise BatchSizeError(f"the inputs' batch dimensions differ: {sorted(sizes)}")
+        size = sizes.pop()
+        if size % n:
+            raise BatchSizeError(
+                f"host batch of {size} samples is not micro_batch × deviceIterations ({di}) × "
+                f"gradientAccumulation ({ga}) × replicationFactor ({reps}) = micro_batch × {n}: "
+                f"feed a multiple of {n} samples (poptorch.DataLoader does this for you)")
+        micro = size // n
+
+        def get(d: int, g: int, r: int):
+            start = ((d * ga + g) * reps + r) * micro
+            cut = lambda t: t[start:start + micro] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+            return tree_map(cut, args), tree_map(cut, kwargs)
+
+        return get, micro
+
+    # ------------------------------------------------------------------ compile: stages, checks
+    def _precision_mode(self):
+        model = self._user_model
+        half = getattr(model, "_ipu_precision", "32.32") != "32.32" or any(
+            p.dtype == torch.half for p in model.parameters())
+        return HalfKernels() if half else contextlib.nullcontext()
+
+    def _prepare(self, args, kwargs) -> None:
+        get, _ = self._micro(args, kwargs)
+        a, k = get(0, 0, 0)
+        model = self._user_model
+        was_training = model.training
+        model.train(self._training)
+        buffers = [b.detach().clone() for b in model.buffers()]
+        rng = torch.get_rng_state()
+        blocks.start_trace()
+        try:
+            with torch.no_grad(), self._precision_mode():
+                model(*a, **k)
+        finally:
+            trace = blocks.stop_trace()
+            torch.set_rng_state(rng)
+            with torch.no_grad():
+                for b, v in zip(model.buffers(), buffers):
+                    b.copy_(v)
+            model.train(was_training)
+        self.stages = self._check_stages(trace)
+        if self._options.random_seed is not None:
+            torch.manual_seed(self._options.random_seed)
+        if self._training and self._recomputation is None:
+            self._recomputation = recompute.install(model, pipelined=len(self.stages) > 1)
+        reps = self._options.replication_factor
+        self._replica_buffers = [[b.detach().clone() for b in model.buffers()] for _ in range(reps)]
+        if self._training and self._loss_scale is None:
+            self._loss_scale = float(getattr(self._optimizer, "loss_scaling", 1.0))
+        self._compiled = True
+
+    def _check_stages(self, trace) -> List[int]:
+        stages = [0]
+        for _, ipu in trace:
+            if ipu != stages[-1]:
+                stages.append(ipu)
+        if any(b < a for a, b in zip(stages, stages[1:])):
+            raise PipelineError(
+                f"pipeline stages run on IPUs {stages} in model order; the emulator (like a "
+                f"sensible PopTorch pipeline) needs contiguous stages with non-decreasing IPU "
+                f"indices: give later modules equal or higher ipu_id")
+        count = len(stages)
+        di, ga, _ = (self._options.device_iterations, self._options.Training.gradient_accumulation, 1)
+        if count > 1 and self._training and ga < 2 * count - 1:
+            raise PipelineError(
+                f"{count} forward pipeline stages make {2 * count - 1} stages in training, but "
+                f"gradientAccumulation is {ga}. PopTorch: \"{TRAINING_PIPELINE_RULE}\" Set "
+                f"gradient accumulation (train.grad_accum) to at least {2 * count - 1}.")
+        if count > 1 and not self._training and di < count:
+            raise PipelineError(
+                f"{count} pipeline stages but deviceIterations is {di}. PopTorch: \"When running an "
+                f"inference model with PipelinedExecution, {INFERENCE_PIPELINE_RULE}\" Set "
+                f"ipu.device_iterations to at least {count}.")
+        return stages
+
+    # ------------------------------------------------------------------ execution
+    def _load_replica(self, r: int) -> None:
+        with torch.no_grad():
+            for buf, value in zip(self._user_model.buffers(), self._replica_buffers[r]):
+                buf.copy_(value)
+
+    def _save_replica(self, r: int) -> None:
+        with torch.no_grad():
+            for value, buf in zip(self._replica_buffers[r], self._user_model.buffers()):
+                value.copy_(buf)
+
+    def _train(self, args, kwargs):
+        di, ga, reps = self._factors()
+        get, _ = self._micro(args, kwargs)
+        model, opt = self._user_model, self._optimizer
+        model.train()
+        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        accum_half = getattr(opt, "accum_type", torch.float32) == torch.float16
+        outputs: List[List[List[Any]]] = [[[None] * reps for _ in range(ga)] for _ in range(di)]
+        for d in range(di):
+            acc: Dict[nn.Parameter, torch.Tensor] = {}
+            scale = self._loss_scale
+            for r in range(reps):
+                self._load_replica(r)
+                for g in range(ga):
+                    a, k = get(d, g, r)
+                    with self._precision_mode():
+                        out = model(*a, **k)
+                        loss = _find_loss(out)
+                        (loss * scale if scale != 1.0 else loss).backward()
+                    for p in params:
+                        if p.grad is None:
+                            continue
+                        grad = p.grad.float()
+                        acc[p] = grad if p not in acc else acc[p] + grad
+                        if accum_half:
+                            acc[p] = round_half(acc[p])
+                        p.grad = None
+                    outputs[d][g][r] = tree_map(
+                        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+                self._save_replica(r)
+            self._update(params, acc, ga * reps)
+        self._load_replica(0)
+        return self._gather(outputs, di, ga, reps)
+
+    def _update(self, params: List[nn.Parameter], acc: Dict[nn.Parameter, torch.Tensor], count: int) -> None:
+        opt = self._optimizer
+        divisor = self._loss_scale
+        if self._options.Training.accumulation_and_replication_reduction_type == ReductionType.Mean:
+            divisor *= count
+        if self._automatic_loss_scaling():
+            # the statistic is taken on the mean scaled fp16 gradient of a micro-batch
+            scaled = list(acc.values())
+            finite = all(bool(torch.isfinite(g).all()) for g in scaled)
+            edge = ALS_BIN_EDGE * FP16_MAX * count
+            total = sum(g.numel() for g in scaled)
+            upper = sum(int((g.abs() > edge).sum()) for g in scaled)
+            grow = finite and upper <= ALS_UPPER_PROPORTION * total
+            if grow:
+                self._loss_scale = min(self._loss_scale * 2.0, ALS_MAX_SCALE)
+            else:
+                self._loss_scale = max(self._loss_scale / 2.0, 1.0)
+            if not finite:
+                return  # the scaled gradients overflowed: no update with this scale
+        half_params = [p for p in params if p.dtype == torch.half]
+        for p in half_params:  # update in fp32, store in fp16 (rounded, stochastically if enabled)
+            p.data = p.data.float()
+        for p in params:
+            if p in acc:
+                p.grad = acc[p] / divisor
+        max_norm = getattr(opt, "max_grad_norm", None)
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+        opt.step()
+        stochastic = self._options.Precision.stochastic_rounding
+        with torch.no_grad():
+            for p in half_params:
+                p.grad = None
+                p.data = (stochastic_round_half(p.data) if stochastic else p.data).half()
+            for p in params:
+                for key, value in opt.state.get(p, {}).items():
+                    kind = _STATE_TYPES.get(key)
+                    if kind and getattr(opt, "state_types", {}).get(kind) == torch.float16 and \
+                            isinstance(value, torch.Tensor):
+                        value.copy_(round_half(value))
+        for p in params:
+            p.grad = None
+
+    def _automatic_loss_scaling(self) -> bool:
+        return self._options.Training.automatic_loss_scaling and not isinstance(
+            self._precision_mode(), contextlib.nullcontext)
+
+    @property
+    def loss_scale(self) -> float:
+        """The loss scale in use (changes under automatic loss scaling)."""
+        return self._loss_scale if self._loss_scale is not None else 1.0
+
+    def _infer(self, args, kwargs):
+        di, _, reps = self._factors()
+        get, _ = self._micro(args, kwargs)
+        outputs = [[[None] * reps] for _ in range(di)]
+        with torch.no_grad(), self._precision_mode():
+            for d in range(di):
+                for r in range(reps):
+                    a, k = get(d, 0, r)
+                    outputs[d][0][r] = self._user_model(*a, **k)
+        return self._gather(outputs, di, 1, reps)
+
+    def _gather(self, outputs, di: int, ga: int, reps: int):
+        mode = self._options.output_mode
+        if mode == OutputMode.Default:
+            mode = OutputMode.Final if self._training else OutputMode.All
+        if mode == OutputMode.All:
+            pieces = [outputs[d][g][r] for d in range(di) for g in range(ga) for r in range(reps)]
+        elif mode == OutputMode.Final:
+            pieces = [outputs[di - 1][ga - 1][r] for r in range(reps)]
+        elif mode == OutputMode.Sum:
+            pieces = []
+            for r in range(reps):
+                seq = [outputs[d][g][r] for d in range(di) for g in range(ga)]
+                total = seq[0]
+                for other in seq[1:]:
+                    total = _add(total, other)
+                pieces.append(total)
+        else:  # EveryN: the last micro-batch of every N-th device iteration
+            n = self._options.output_return_period
+            pieces = [outputs[d][ga - 1][r] for d in range(di) if (d + 1) % n == 0 for r in range(reps)]
+            if not pieces:
+                raise ValueError(f"EveryN with output_return_period={n} > deviceIterations={di} "
+                                 f"returns nothing")
+        return _combine(pieces)
+
+
+def trainingModel(model: nn.Module, options: Optional[Options] = None,
+                  optimizer: Optional[torch.optim.Optimizer] = None) -> PoplarExecutor:
+    if isinstance(model, PoplarExecutor):
+        model = model.model
+    return PoplarExecutor(model, options, training=True, optimizer=optimizer)
+
+
+def inferenceModel(model: nn.Module, options: Optional[Options] = None) -> PoplarExecutor:
+    if isinstance(model, PoplarExecutor):
+        model = model.model
+    return PoplarExecutor(model, options, training=False)
+
+
+def ipuHardwareIsAvailable(num_ipus: int = 1) -> bool:
+    return False

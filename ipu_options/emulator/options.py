@@ -1,0 +1,258 @@
+"""``poptorch.Options`` as the emulator needs it: the same setters (each returns self) and the
+values the emulated executor reads back. Settings that only matter to the Poplar compiler
+(memory proportions, tensor locations, PopART flags, caching) are recorded, not acted on."""
+from typing import Any, Dict, Optional
+
+import torch
+
+from .enums import AutoStage, OutputMode, ReductionType
+
+
+class _Recorded:
+    """Every setter call is kept in ``calls`` (name, args) so tests and the planner can read them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _record(self, name: str, *args: Any) -> None:
+        self.calls.append((name, args))
+
+
+class _TrainingOptions(_Recorded):
+    def __init__(self):
+        super().__init__()
+        self.gradient_accumulation = 1
+        self.accumulation_and_replication_reduction_type = ReductionType.Mean
+        self.automatic_loss_scaling = False
+
+    def gradientAccumulation(self, gradient_accumulation: int) -> "_TrainingOptions":
+        if int(gradient_accumulation) < 1:
+            raise ValueError(f"gradientAccumulation({gradient_accumulation}): must be >= 1")
+        self._record("gradientAccumulation", gradient_accumulation)
+        self.gradient_accumulation = int(gradient_accumulation)
+        return self
+
+    def accumulationAndReplicationReductionType(self, reduction_type: ReductionType) -> "_TrainingOptions":
+        if reduction_type not in (ReductionType.Mean, ReductionType.Sum):
+            raise ValueError("accumulationAndReplicationReductionType: ReductionType.Mean or .Sum")
+        self._record("accumulationAndReplicationReductionType", reduction_type)
+        self.accumulation_and_replication_reduction_type = reduction_type
+        return self
+
+    def setAutomaticLossScaling(self, enabled: bool) -> "_TrainingOptions":
+        self._record("setAutomaticLossScaling", enabled)
+        self.automatic_loss_scaling = bool(enabled)
+        return self
+
+
+class _PrecisionOptions(_Recorded):
+    def __init__(self):
+        super().__init__()
+        self.partials_type = torch.float
+        self.stochastic_rounding = False
+        self.fp_exceptions = False
+
+    def setPartialsType(self, dtype: torch.dtype) -> "_PrecisionOptions":
+        if dtype not in (torch.float, torch.float32, torch.half, torch.float16):
+            raise ValueError("parameter to setPartialsType should be either torch.float or torch.half")
+        self._record("setPartialsType", dtype)
+        self.partials_type = dtype
+        return self
+
+    def enableStochasticRounding(self, enabled: bool) -> "_PrecisionOptions":
+        self._record("enableStochasticRounding", enabled)
+        self.stochastic_rounding = bool(enabled)
+        return self
+
+    def enableFloatingPointExceptions(self, enabled: bool) -> "_PrecisionOptions":
+        self._record("enableFloatingPointExceptions", enabled)
+        self.fp_exceptions = bool(enabled)
+        return self
+
+
+class TensorLocationSettings(_Recorded):
+    def __init__(self):
+        super().__init__()
+        self.on_chip = True
+        self.replicated_tensor_sharding = False
+
+    def useOnChipStorage(self, use: bool = True) -> "TensorLocationSettings":
+        self._record("useOnChipStorage", use)
+        self.on_chip = bool(use)
+        return self
+
+    def useReplicatedTensorSharding(self, use: bool = True) -> "TensorLocationSettings":
+        self._record("useReplicatedTensorSharding", use)
+        self.replicated_tensor_sharding = bool(use)
+        return self
+
+    def minElementsForOffChip(self, min_elements: int) -> "TensorLocationSettings":
+        self._record("minElementsForOffChip", min_elements)
+        return self
+
+    def minElementsForReplicatedTensorSharding(self, min_elements: int) -> "TensorLocationSettings":
+        self._record("minElementsForReplicatedTensorSharding", min_elements)
+        return self
+
+
+class _TensorLocationOptions(_Recorded):
+    def __init__(self):
+        super().__init__()
+        self.locations: Dict[str, TensorLocationSettings] = {}
+
+    def _set(self, kind: str, location: TensorLocationSettings) -> "_TensorLocationOptions":
+        if not isinstance(location, TensorLocationSettings):
+            raise TypeError(f"{kind} expects a poptorch.TensorLocationSettings")
+        self._record(kind, location)
+        self.locations[kind] = location
+        return self
+
+    def setActivationLocation(self, location):
+        return self._set("setActivationLocation", location)
+
+    def setWeightLocation(self, location):
+        return self._set("setWeightLocation", location)
+
+    def setOptimizerLocation(self, location):
+        return self._set("setOptimizerLocation", location)
+
+    def setAccumulatorLocation(self, location):
+        return self._set("setAccumulatorLocation", location)
+
+    def numIOTiles(self, num_tiles: int) -> "_TensorLocationOptions":
+        if num_tiles % 2 or not 32 <= num_tiles <= 192:
+            raise ValueError(f"numIOTiles({num_tiles}): must be an even number in [32, 192]")
+        self._record("numIOTiles", num_tiles)
+        return self
+
+
+class _PopartOptions(_Recorded):
+    def __init__(self):
+        super().__init__()
+        self.options: Dict[str, Any] = {}
+
+    def set(self, key: str, value: Any) -> "_PopartOptions":
+        self._record("set", key, value)
+        self.options[key] = value
+        return self
+
+    def setEngineOptions(self, engine_options: Dict[str, str]) -> "_PopartOptions":
+        return self.set("engineOptions", dict(engine_options))
+
+
+class PipelinedExecution:
+    def __init__(self, *args: Any):
+        self.args = args  # blocks / stages, or an AutoStage; the emulator stages by ipu_id
+        self.auto_stage = args[0] if args and isinstance(args[0], AutoStage) else AutoStage.SameAsIpu
+
+
+class ShardedExecution(PipelinedExecution):
+    pass
+
+
+class Options(_Recorded):
+    def __init__(self):
+        super().__init__()
+        self._training = _TrainingOptions()
+        self._precision = _PrecisionOptions()
+        self._tensor_locations = _TensorLocationOptions()
+        self._popart = _PopartOptions()
+        self.replication_factor = 1
+        self.device_iterations = 1
+        self.output_mode = OutputMode.Default
+        self.output_return_period = 1
+        self.random_seed: Optional[int] = None
+        self.available_memory_proportion: Dict[int, float] = {}
+        self.execution_strategy: Any = PipelinedExecution(AutoStage.SameAsIpu)
+        self.executable_cache: Optional[str] = None
+        self.ipu_model = False
+        self.offline_ipu_version: Optional[int] = None
+
+    # sub-objects, as properties like PopTorch's
+    @property
+    def Training(self) -> _TrainingOptions:
+        return self._training
+
+    @property
+    def Precision(self) -> _PrecisionOptions:
+        return self._precision
+
+    @property
+    def TensorLocations(self) -> _TensorLocationOptions:
+        return self._tensor_locations
+
+    @property
+    def _Popart(self) -> _PopartOptions:
+        return self._popart
+
+    def replicationFactor(self, replication_factor: int) -> "Options":
+        if int(replication_factor) < 1:
+            raise ValueError(f"replicationFactor({replication_factor}): must be >= 1")
+        self._record("replicationFactor", replication_factor)
+        self.replication_factor = int(replication_factor)
+        return self
+
+    def deviceIterations(self, device_iterations: int) -> "Options":
+        if int(device_iterations) < 1:
+            raise ValueError(f"deviceIterations({device_iterations}): must be >= 1")
+        self._record("deviceIterations", device_iterations)
+        self.device_iterations = int(device_iterations)
+        return self
+
+    def outputMode(self, output_mode: OutputMode, output_return_period: Optional[int] = None) -> "Options":
+        if not isinstance(output_mode, OutputMode):
+            raise TypeError("outputMode expects a poptorch.OutputMode")
+        if output_mode == OutputMode.EveryN and not (output_return_period and output_return_period > 0):
+            raise ValueError("EveryN anchor must have output_return_period set to valid positive integer")
+        self._record("outputMode", output_mode, output_return_period)
+        self.output_mode = output_mode
+        self.output_return_period = output_return_period or 1
+        return self
+
+    def randomSeed(self, random_seed: int) -> "Options":
+        self._record("randomSeed", random_seed)
+        self.random_seed = int(random_seed)
+        return self
+
+    def setAvailableMemoryProportion(self, available_memory_proportion: Dict[str, float]) -> "Options":
+        for key in available_memory_proportion:
+            if not key.startswith("IPU"):
+                raise ValueError(f'available memory proportions are {{"IPU0": 0.5}}; invalid key {key!r}')
+        self._record("setAvailableMemoryProportion", dict(available_memory_proportion))
+        self.available_memory_proportion = {int(k[3:]): float(v)
+                                            for k, v in available_memory_proportion.items()}
+        return self
+
+    def setExecutionStrategy(self, strategy: PipelinedExecution) -> "Options":
+        if not isinstance(strategy, PipelinedExecution):
+            raise TypeError("setExecutionStrategy expects poptorch.PipelinedExecution or ShardedExecution")
+        self._record("setExecutionStrategy", strategy)
+        self.execution_strategy = strategy
+        return self
+
+    def enableExecutableCaching(self, path: str) -> "Options":
+        self._record("enableExecutableCaching", path)
+        self.executable_cache = path
+        return self
+
+    def useIpuModel(self, use_model: bool) -> "Options":
+        self._record("useIpuModel", use_model)
+        self.ipu_model = bool(use_model)
+        return self
+
+    def useOfflineIpuTarget(self, ipu_version: int = 2) -> "Options":
+        self._record("useOfflineIpuTarget", ipu_version)
+        self.offline_ipu_version = int(ipu_version)
+        return self
+
+    def enableSyntheticData(self, enabled: bool) -> "Options":
+        self._record("enableSyntheticData", enabled)
+        return self
+
+    def logDir(self, log_dir: str) -> "Options":
+        self._record("logDir", log_dir)
+        return self
+
+    def modelName(self, name: str) -> "Options":
+        self._record("modelName", name)
+        return self

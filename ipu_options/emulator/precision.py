@@ -1,0 +1,79 @@
+"""Half precision as the IPU computes it, on devices that may lack fp16 kernels.
+
+* ``HalfKernels``: a torch-function mode. An op given fp16 tensors runs in fp16 where the device
+  has a kernel; where it has none (convolutions on a CPU under torch 2.0) its fp16 inputs are
+  widened to fp32 — exactly, every fp16 value is an fp32 value — the op runs in fp32 and its
+  outputs are rounded back to fp16. That is an fp16 kernel with fp32 accumulation; the IPU's
+  half partials round more often inside a long reduction, which this cannot see (documented).
+  Gradients flow through the casts, so they are rounded to fp16 at every op boundary too.
+* ``round_half`` / ``stochastic_round_half``: the value grid of fp16, nearest or stochastic (the
+  IPU's hardware stochastic rounding: round up with probability equal to the distance from the
+  lower neighbour, in units of the local fp16 spacing).
+"""
+from typing import Any, Dict, Optional, Set
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+FP16_MAX = 65504.0
+_NO_HALF_KERNEL: Set[Any] = set()  # ops seen failing on fp16 inputs (per process)
+
+
+def _is_half(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype == torch.half
+
+
+def _run_in_float(func, args, kwargs: Dict[str, Any]):
+    pairs = []
+
+    def widen(x):
+        if _is_half(x):
+            wide = x.float()
+            pairs.append((x, wide))
+            return wide
+        return x
+
+    out = func(*tree_map(widen, args), **tree_map(widen, kwargs))
+    # Norms update running statistics in place: write them back to the fp16 buffers.
+    for orig, wide in pairs:
+        statistic = not orig.requires_grad and orig.grad_fn is None and orig.dim() == 1
+        if statistic and not torch.equal(orig.float(), wide):
+            with torch.no_grad():
+                orig.copy_(wide)
+    return tree_map(lambda t: t.half() if isinstance(t, torch.Tensor) and t.dtype == torch.float else t, out)
+
+
+class HalfKernels(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _NO_HALF_KERNEL:
+            return _run_in_float(func, args, kwargs)
+        try:
+            return func(*args, **kwargs)
+        except (RuntimeError, NotImplementedError) as error:
+            message = str(error)
+            if "Half" not in message and "half" not in message:
+                raise
+            if not any(_is_half(x) for x in tree_flatten((args, kwargs))[0]):
+                raise
+            _NO_HALF_KERNEL.add(func)
+            return _run_in_float(func, args, kwargs)
+
+
+def round_half(x: torch.Tensor) -> torch.Tensor:
+    """Nearest fp16 value, kept in x's dtype."""
+    return x.to(torch.half).to(x.dtype)
+
+
+def stochastic_round_half(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """fp16 grid value below or above x, chosen with probability by distance; in x's dtype."""
+    xf = x.float().clamp(-FP16_MAX, FP16_MAX)
+    _, exponent = torch.frexp(xf)  # |x| = m·2^e, m in [0.5, 1)
+    # fp16 spacing: 2^(e−11) for normal numbers, 2^−24 below the smallest normal (2^−14)
+    spacing = torch.exp2((exponent - 11).clamp_min(-24).float())
+    low = torch.floor(xf / spacing) * spacing  # exact: division by a power of two
+    frac = (xf - low) / spacing
+    noise = torch.rand(xf.shape, generator=generator, device=xf.device)
+    out = torch.where(noise < frac, low + spacing, low)
+    return out.clamp(-FP16_MAX, FP16_MAX).to(x.dtype)

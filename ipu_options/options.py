@@ -1,0 +1,118 @@
+"""``poptorch.Options`` from the configuration, with the SDK 3.4 calls.
+
+Every field of ``cfg.ipu`` (ipu_options/config.py) and the batching fields of ``cfg.train`` map to
+one documented call (tests/test_ipu_options.py checks each against a recording stand-in written
+from the SDK 3.4 signatures):
+
+  train.replicas / dist.instances  opts.replicationFactor(local replicas)
+  ipu.device_iterations            opts.deviceIterations(n)
+  train.grad_accum                 opts.Training.gradientAccumulation(n)   (training only)
+  ipu.reduction                    opts.Training.accumulationAndReplicationReductionType(...)
+  ipu.output_mode                  opts.outputMode(poptorch.OutputMode.X)
+  ipu.seed / train.seed            opts.randomSeed(s)
+  ipu.available_memory_proportion  opts.setAvailableMemoryProportion({"IPU0": p, ...})
+  ipu.pipeline (several IPUs)      opts.setExecutionStrategy(poptorch.PipelinedExecution(
+                                       poptorch.AutoStage.SameAsIpu)),
+                                   opts._Popart.set("autoRecomputation", 3)   (pipeline recompute)
+  ipu.recompute (one IPU)          opts._Popart.set("explicitRecomputation", True),
+                                   opts._Popart.set("autoRecomputation", 4)   (recompute all but
+                                       the checkpoints; 3 and 4 are PopART's RecomputationType
+                                       Pipeline and RecomputeAll)
+  ipu.partials                     opts.Precision.setPartialsType(torch.half | torch.float)
+  ipu.stochastic_rounding          opts.Precision.enableStochasticRounding(b)
+  ipu.loss_scaling == "auto"       opts.Training.setAutomaticLossScaling(True)
+                                   (a number is the optimiser's ``loss_scaling``: see optimizer.py)
+  ipu.optimizer_state_offchip,     opts.TensorLocations.setOptimizerLocation(
+  ipu.replicated_tensor_sharding       poptorch.TensorLocationSettings().useOnChipStorage(not off)
+                                       .useReplicatedTensorSharding(rts))
+  ipu.executable_cache             opts.enableExecutableCaching(path)
+  ipu.compile_only /               opts.useOfflineIpuTarget(version)  (compile without hardware)
+  ipu.offline_ipu_version
+  device == "ipu-model"            opts.useIpuModel(True)  (real PopTorch only)
+  model.norm group/layer           opts._Popart.set("groupNormStridedChannelGrouping", True)
+  (always)                         opts._Popart.set("scheduleNonWeightUpdateGradientConsumersEarly",
+                                   True), opts._Popart.set("disableGradAccumulationTensorStreams",
+                                   True): the PopART settings Graphcore's CNN application used
+                                   (faster group/layer norm layout; smaller host streams).
+``ipu.precision`` is not an option call: it is the model's and inputs' dtype (precision.py).
+"""
+from typing import Optional
+
+import torch
+
+AUTO_RECOMPUTATION_PIPELINE = 3  # popart.RecomputationType.Pipeline
+AUTO_RECOMPUTATION_ALL = 4  # popart.RecomputationType.RecomputeAll
+
+
+def local_replicas(cfg) -> int:
+    """Replicas of this process: train.replicas over the PopRun instances."""
+    instances = max(1, cfg.dist.instances)
+    if cfg.train.replicas % instances:
+        raise ValueError(f"train.replicas={cfg.train.replicas} is not divisible by "
+                         f"dist.instances={instances}: use a multiple of {instances} replicas")
+    return cfg.train.replicas // instances
+
+
+def num_ipus(cfg, splits: Optional[dict] = None) -> int:
+    """IPUs per replica: one more than the highest IPU index of the pipeline."""
+    pipeline = splits if splits is not None else cfg.ipu.pipeline
+    if not isinstance(pipeline, dict) or not pipeline:
+        return 1
+    return max(pipeline.values()) + 1
+
+
+def memory_proportions(cfg, ipus: int):
+    amp = cfg.ipu.available_memory_proportion
+    if len(amp) not in (1, ipus):
+        raise ValueError(f"ipu.available_memory_proportion has {len(amp)} values for {ipus} IPUs: "
+                         f"give one value for all IPUs or one per IPU")
+    return {f"IPU{i}": float(amp[0] if len(amp) == 1 else amp[i]) for i in range(ipus)}
+
+
+def build_options(cfg, poptorch, training: bool = True, splits: Optional[dict] = None,
+                  use_ipu_model: bool = False, base=None):
+    """The ``poptorch.Options`` of a run. ``splits``: the resolved pipeline ({name: ipu}, from
+    the plan when ``ipu.pipeline`` is "auto"); ``base``: an Options to start from (PopDist's)."""
+    ipu, train = cfg.ipu, cfg.train
+    opts = base if base is not None else poptorch.Options()
+    if base is None:
+        opts.replicationFactor(local_replicas(cfg))
+    opts.deviceIterations(ipu.device_iterations)
+    opts.randomSeed(ipu.seed if ipu.seed is not None else train.seed)
+    if training:
+        opts.Training.gradientAccumulation(train.grad_accum)
+        reduction = poptorch.ReductionType.Sum if ipu.reduction == "sum" else poptorch.ReductionType.Mean
+        opts.Training.accumulationAndReplicationReductionType(reduction)
+    opts.outputMode({"all": poptorch.OutputMode.All, "final": poptorch.OutputMode.Final,
+                     "sum": poptorch.OutputMode.Sum}[ipu.output_mode])
+
+    ipus = num_ipus(cfg, splits)
+    opts.setAvailableMemoryProportion(memory_proportions(cfg, ipus))
+    if ipus > 1:
+        opts.setExecutionStrategy(poptorch.PipelinedExecution(poptorch.AutoStage.SameAsIpu))
+        opts._Popart.set("autoRecomputation", AUTO_RECOMPUTATION_PIPELINE)
+    elif ipu.recompute and training:
+        opts._Popart.set("explicitRecomputation", True)
+        opts._Popart.set("autoRecomputation", AUTO_RECOMPUTATION_ALL)
+
+    opts.Precision.setPartialsType(torch.half if ipu.partials == "half" else torch.float)
+    opts.Precision.enableStochasticRounding(bool(ipu.stochastic_rounding))
+    if training and ipu.loss_scaling == "auto":
+        opts.Training.setAutomaticLossScaling(True)
+    if ipu.optimizer_state_offchip or ipu.replicated_tensor_sharding:
+        location = (poptorch.TensorLocationSettings()
+                    .useOnChipStorage(not ipu.optimizer_state_offchip)
+                    .useReplicatedTensorSharding(bool(ipu.replicated_tensor_sharding)))
+        opts.TensorLocations.setOptimizerLocation(location)
+    if ipu.executable_cache:
+        opts.enableExecutableCaching(ipu.executable_cache)
+    if ipu.compile_only or ipu.offline_ipu_version is not None:
+        opts.useOfflineIpuTarget(ipu.offline_ipu_version or 2)
+    if use_ipu_model:
+        opts.useIpuModel(True)
+    if cfg.model.norm in ("group", "layer"):
+        opts._Popart.set("groupNormStridedChannelGrouping", True)
+    opts._Popart.set("scheduleNonWeightUpdateGradientConsumersEarly", True)
+    if training:
+        opts._Popart.set("disableGradAccumulationTensorStreams", True)
+    return opts
