@@ -40,6 +40,8 @@ from typing import Optional
 
 import torch
 
+from app.distributed import under_poprun
+
 AUTO_RECOMPUTATION_PIPELINE = 3  # popart.RecomputationType.Pipeline
 AUTO_RECOMPUTATION_ALL = 4  # popart.RecomputationType.RecomputeAll
 
@@ -74,6 +76,10 @@ def build_options(cfg, poptorch, training: bool = True, splits: Optional[dict] =
     """The ``poptorch.Options`` of a run. ``splits``: the resolved pipeline ({name: ipu}, from
     the plan when ``ipu.pipeline`` is "auto"); ``base``: an Options to start from (PopDist's)."""
     ipu, train = cfg.ipu, cfg.train
+    if base is None and under_poprun():  # an instance of a PopRun job: PopDist sets replication
+        from ipu_options.poprun import popdist_options  # noqa: PLC0415
+
+        base = popdist_options(cfg, num_ipus(cfg, splits))
     opts = base if base is not None else poptorch.Options()
     if base is None:
         opts.replicationFactor(local_replicas(cfg))

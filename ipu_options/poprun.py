@@ -11,36 +11,36 @@ the compiled graph. On the host, Horovod broadcasts the initial weights and the 
 Horovod exist only beside the Poplar SDK (requirements-ipu.txt), so they are imported only here,
 and only inside a PopRun job.
 
-Hooks for the PopTorch backend (``ipu_options/backend.py``):
-  * ``under_poprun()`` — this process is one instance of a PopRun job;
-  * ``popdist_options(cfg)`` — the ``poptorch.Options`` PopDist makes for this instance (its
-    replication factor is already the instance's local replicas: do not call
-    ``replicationFactor`` on it); build the rest of the options on top of it;
-  * ``local_replicas(cfg)`` — replicas this process drives (for the host batch);
-  * ``app.distributed.all_reduce_mean(tensor)`` — the job-wide mean of a metric (Horovod here).
+Hooks for the PopTorch backend:
+  * ``ipu_options.options.build_options`` starts from ``popdist_options(cfg)`` under poprun: the
+    ``poptorch.Options`` PopDist makes for this instance, whose replication factor is already the
+    instance's local replicas (``ipu_options.options.local_replicas``, for the host batch);
+  * ``app.distributed.all_reduce_mean(tensor)`` — the job-wide mean of a metric (Horovod here),
+    which ``train_step`` applies to what it returns;
+  * ``app.distributed.current()`` — this instance's context (rank, is_main, sampler).
 """
 import os
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from app.distributed import DistContext, DistributedError, launcher_args, under_poprun
+from app.distributed import DistContext, DistributedError, launcher_args
+from ipu_options.options import num_ipus
 
 DEFAULT_CACHE = "executable-cache"  # under log.out_dir, unless ipu.executable_cache is set
 
 
 def ipus_per_replica(cfg) -> int:
-    """IPUs of one replica: the number of pipeline stages' IPUs in ``ipu.pipeline`` (1 without)."""
-    pipeline = cfg.ipu.pipeline
-    if pipeline == "auto":
+    """IPUs of one replica, from ``ipu.pipeline`` (1 without a pipeline)."""
+    if cfg.ipu.pipeline == "auto":
         raise DistributedError(
             'ipu.pipeline="auto" is resolved only when the model is compiled, but poprun needs the IPUs '
             "per replica before it starts: run `make plan` and set the proposed split explicitly, "
             "e.g. ipu.pipeline='{blocks.4: 1}'")
-    return max(pipeline.values()) + 1 if pipeline else 1
+    return num_ipus(cfg)
 
 
 def executable_cache(cfg) -> str:
@@ -119,15 +119,8 @@ def init_popdist(cfg) -> PopDistContext:
     return ctx
 
 
-def popdist_options(cfg):
-    """The instance's ``poptorch.Options`` from PopDist (replication = its local replicas)."""
+def popdist_options(cfg, ipus: Optional[int] = None):
+    """The instance's ``poptorch.Options`` from PopDist (replication = its local replicas).
+    ``ipus``: IPUs per replica when the pipeline was resolved elsewhere (default: ipu.pipeline)."""
     popdist, _ = _import_sdk_modules()
-    return popdist.poptorch.Options(ipus_per_replica=ipus_per_replica(cfg))
-
-
-def local_replicas(cfg) -> int:
-    """Replicas driven by this process: PopDist's share under poprun, else all of them."""
-    if under_poprun():
-        popdist, _ = _import_sdk_modules()
-        return int(popdist.getNumLocalReplicas())
-    return cfg.train.replicas
+    return popdist.poptorch.Options(ipus_per_replica=ipus or ipus_per_replica(cfg))

@@ -234,8 +234,13 @@ def popdist_job(monkeypatch):
     popdist_poptorch = types.ModuleType("popdist.poptorch")
 
     def options(ipus_per_replica):
+        # as PopDist does: PopTorch options already replicated over this instance's replicas
+        from ipu_options import emulator  # noqa: PLC0415
+
         rec.record("popdist.poptorch.Options", ipus_per_replica=ipus_per_replica)
-        return types.SimpleNamespace(kind="popdist-options", ipus_per_replica=ipus_per_replica)
+        opts = emulator.Options().replicationFactor(job.total // job.instances)
+        opts.made_by = "popdist"
+        return opts
 
     popdist_poptorch.Options = options
     popdist.poptorch = popdist_poptorch
@@ -268,7 +273,7 @@ def popdist_job(monkeypatch):
 
 
 def test_popdist_instance_initialises_and_reduces_through_horovod(popdist_job):
-    from ipu_options.poprun import local_replicas, popdist_options  # noqa: PLC0415
+    from ipu_options.options import build_options, local_replicas  # noqa: PLC0415
 
     cfg = ipu_config("train.seed=11")
     ctx = init_distributed(cfg)
@@ -290,9 +295,13 @@ def test_popdist_instance_initialises_and_reduces_through_horovod(popdist_job):
     assert float(ctx.all_reduce_sum(torch.tensor(3.0))) == 12.0
     assert rec.calls[-1][2]["op"] == "Sum"
 
-    opts = popdist_options(cfg)
-    assert opts.kind == "popdist-options"
-    assert rec.calls[-1] == ("popdist.poptorch.Options", (), {"ipus_per_replica": 2})
+    # the PopTorch options of this instance start from PopDist's, which set the replication
+    from ipu_options import emulator  # noqa: PLC0415
+
+    opts = build_options(cfg, emulator)
+    assert opts.made_by == "popdist" and opts.replication_factor == 4
+    assert [c[0] for c in opts.calls].count("replicationFactor") == 1  # PopDist's call only
+    assert ("popdist.poptorch.Options", (), {"ipus_per_replica": 2}) in rec.calls
     assert ctx.sampler(range(40), train=True, seed=0).rank == 1  # instances split the data
 
 
