@@ -23,7 +23,6 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -265,10 +264,9 @@ def app_command_line(args: argparse.Namespace) -> List[str]:
 
 
 def torchrun_executable() -> List[str]:
-    """torchrun of this interpreter's environment (``python -m torch.distributed.run`` is the
-    same program when the script is not installed)."""
-    script = Path(sys.executable).parent / "torchrun"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    """torchrun, run by this interpreter: ``python -m torch.distributed.run`` is the program behind
+    the ``torchrun`` script, without depending on the script's #! line (a moved environment)."""
+    return [sys.executable, "-m", "torch.distributed.run"]
 
 
 def launcher_args(cfg) -> List[str]:

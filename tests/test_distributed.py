@@ -100,9 +100,9 @@ def test_torchrun_command_one_machine(monkeypatch):
     args = cli_args("train.replicas=4", "dist.dry_run=true", "train.micro_batch=8")
     cfg = config("device=cpu", "train.replicas=4", "train.micro_batch=8")
     command = launch_command(cfg, app_command_line(args))
-    assert command[0].endswith("torchrun") or command[1:3] == ["-m", "torch.distributed.run"]
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]  # torchrun of this Python
     assert "--nproc_per_node=4" in command and "--nnodes=1" in command and "--standalone" in command
-    tail = command[command.index("-m", 1 if command[0].endswith("torchrun") else 3):]
+    tail = command[command.index("-m", 3):]
     # the same command line again, minus the dry run
     assert tail == ["-m", "app", "train", "--config", "digits", "--device", "cpu", "train.replicas=4",
                     "train.micro_batch=8"]
