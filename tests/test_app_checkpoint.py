@@ -105,3 +105,13 @@ def test_init_from_our_checkpoint_prefers_ema_and_keeps_a_new_classifier(tmp_pat
     assert torch.equal(fresh.stem.conv.weight, averaged.stem.conv.weight)
     assert not torch.equal(fresh.stem.conv.weight, trained.stem.conv.weight)
     assert torch.equal(fresh.classifier.weight, classifier_before)  # 7 classes: not from the file
+
+
+def test_init_from_another_architecture_names_the_mismatch(tmp_path):
+    g1 = build_config("digits", ["model.group_size=1"])
+    atomic_save({"model": build_model("b0", num_classes=10).state_dict(), "arch": ckpt.arch_of(g1.model, 10)},
+                tmp_path / "g1.pt")
+    cfg = build_config("digits", [f"model.init_from={tmp_path / 'g1.pt'}"])
+    with pytest.raises(CheckpointError, match="model.group_size: checkpoint 1, this run 16"):
+        load_initial_weights(build_model("b0", group_size=16, expand_ratio=4, norm="layer",
+                                         proxy_norm=True, num_classes=10), cfg)
