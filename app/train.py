@@ -281,6 +281,8 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
     if step >= total_steps:
         print(f"nothing to do: {run_dir} is at step {step} of {total_steps} already "
               "(raise train.epochs or train.max_steps to train on)")
+        backend.close()
+        dist.close()
         return 0
     tracker = Tracker(run_dir, cfg, enabled=dist.is_main, total_steps=total_steps)
     if resume is not None:  # records after this one continue from the checkpoint's step
