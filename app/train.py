@@ -283,7 +283,7 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
               "(raise train.epochs or train.max_steps to train on)")
         backend.close()
         dist.close()
-        return 0
+        return TrainResult(0, run_dir)
     tracker = Tracker(run_dir, cfg, enabled=dist.is_main, total_steps=total_steps)
     if resume is not None:  # records after this one continue from the checkpoint's step
         tracker.write({"kind": "resume", "step": step, "checkpoint": str(resume_path)})
