@@ -316,6 +316,11 @@ def launch(cfg, args: Optional[argparse.Namespace]) -> Optional[int]:
         return 0
     if command is None:
         return None
+    per_node = cfg.train.replicas // cfg.dist.nnodes
+    if cfg.device not in IPU_DEVICES and _wants_cuda(cfg) and per_node > torch.cuda.device_count():
+        raise DistributedError(
+            f"{per_node} processes per machine need {per_node} GPUs, this one has "
+            f"{torch.cuda.device_count()}: lower train.replicas (REPLICAS) or raise dist.nnodes")
     print(f"launching: {shlex.join(command)}", flush=True)
     process = subprocess.Popen(command)
     while True:

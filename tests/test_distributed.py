@@ -140,6 +140,17 @@ def test_dry_run_prints_and_starts_nothing(monkeypatch, capsys):
     assert shlex.split(printed.split("launch command: ", 1)[1])[-1] == "train.replicas=2"
 
 
+def test_more_processes_than_gpus_is_refused_before_launching(monkeypatch):
+    from app.distributed import DistributedError  # noqa: PLC0415
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **k: pytest.fail("nothing may start"))
+    with pytest.raises(DistributedError, match="8 processes per machine need 8 GPUs, this one has 4"):
+        launch(config("device=cuda", "train.replicas=8"), cli_args("train.replicas=8"))
+
+
 @pytest.mark.parametrize("overrides,field", [
     (["train.replicas=3", "dist.nnodes=2", "dist.rdzv_endpoint=h:1"], "train.replicas"),
     (["train.replicas=4", "dist.nnodes=2"], "dist.rdzv_endpoint"),
