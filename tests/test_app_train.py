@@ -11,6 +11,7 @@ import torch
 import app.objective
 from app.checkpoint import find_checkpoint, load_checkpoint, step_checkpoints
 from app.cli import main as cli
+from tests.test_app_logging_data import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and quick: B0 at 32 px, tiny batches, no worker processes, no EMA lag worth waiting for.
@@ -124,3 +125,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     payload = load_checkpoint(ckpts[-1])
     assert all(torch.isfinite(t).all() for t in payload["model"].values() if t.is_floating_point())
     assert read_metrics(run, "error")[0]["step"] == 4
+
+
+def test_resume_across_an_epoch_boundary_with_worker_processes(tmp_path, monkeypatch, capsys):
+    """JPEG folder of 12 images, batch 4: 3 steps per epoch; interrupted at step 2, resumed through
+    the epoch boundary, with augmentation decoded in a worker process."""
+    data = write_image_folder(tmp_path / "images")
+    args = ["train", "--device", "cpu", f"data.dataset={data}", "data.resolution=32", "data.workers=1",
+            "train.micro_batch=4", "train.epochs=2", "train.log_every=1", "train.val_every=100",
+            "model.drop_path=0.2"]
+    assert cli(args + [f"log.out_dir={tmp_path / 'full'}"]) == 0
+    full = [r["loss"] for r in read_metrics(only_run(tmp_path / "full"))]
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)
+        assert cli(args + [f"log.out_dir={tmp_path / 'cut'}"]) == 128 + signal.SIGINT
+    run = only_run(tmp_path / "cut")
+    assert cli(["train", "--resume", str(run)]) == 0
+    assert len(full) == 6 and [r["loss"] for r in read_metrics(run)] == full
