@@ -41,7 +41,7 @@ from app.resolution import (
     sweep,
     sweep_table,
 )
-from app.tracking import format_duration
+from app.tracking import format_duration, new_folder
 from app.train import TrainResult, run_training
 
 SWEEP_POINTS = 9  # test resolutions N - 2^n … N + 2^n in steps of 2^n / 4
@@ -58,16 +58,7 @@ def derived(cfg: Config, **sections: Dict[str, Any]) -> Config:
 def paper_folder(cfg: Config) -> Path:
     dataset = Path(cfg.data.dataset).name or "data"
     name = cfg.log.name or f"paper-{cfg.model.name}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    root = Path(cfg.log.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1000):  # never reuse (and overwrite) an existing folder
-        path = root / (name if attempt == 0 else f"{name}-{attempt}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new folder for {name} in {root}")
+    return new_folder(Path(cfg.log.out_dir), name)  # never reuses (overwrites) an existing folder
 
 
 def final_weights(run_dir: Path, cfg: Config, num_classes: int, device):

@@ -41,7 +41,7 @@ from app.evaluate import validate_all
 from app.objective import Classifier, build_classifier, build_network
 from app.optim import EMA, build_optimizer, lr_at
 from app.resolution import check_resolutions, downsampling_stages
-from app.tracking import Tracker, format_duration
+from app.tracking import Tracker, format_duration, new_folder
 from model import convert_state_dict
 
 # fp16: a non-finite loss means the loss scaler skipped that update (weights untouched; the step
@@ -92,16 +92,7 @@ def new_run_dir(cfg: Config) -> Path:
     variant = f"g{m.group_size}-{m.norm}{'-pn' if m.proxy_norm else ''}"
     dataset = Path(cfg.data.dataset).name or "data"
     name = cfg.log.name or f"{m.name}-{variant}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    root = Path(cfg.log.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1000):
-        path = root / (name if attempt == 0 else f"{name}-{attempt}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new run folder for {name} in {root}")
+    return new_folder(Path(cfg.log.out_dir), name)
 
 
 def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
