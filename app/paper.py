@@ -41,8 +41,8 @@ from app.resolution import (
     sweep,
     sweep_table,
 )
-from app.tracking import format_duration
-from app.train import TrainResult, new_run_dir, run_training
+from app.tracking import format_duration, new_folder
+from app.train import TrainResult, run_training
 
 SWEEP_POINTS = 9  # test resolutions N - 2^n … N + 2^n in steps of 2^n / 4
 
@@ -59,7 +59,7 @@ def paper_folder(cfg: Config) -> Path:
     """A new ``runs/paper-<model>-<dataset>-<time>`` (or ``log.name``) holding the three runs."""
     dataset = Path(cfg.data.dataset).name or "data"
     name = cfg.log.name or f"paper-{cfg.model.name}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return new_run_dir(derived(cfg, log={"name": name}))
+    return new_folder(Path(cfg.log.out_dir), name)  # never reuses (overwrites) an existing folder
 
 
 def final_weights(run_dir: Path, cfg: Config, num_classes: int, device):

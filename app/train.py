@@ -41,7 +41,7 @@ from app.evaluate import validate_all
 from app.objective import Classifier, build_classifier, build_network
 from app.optim import EMA, build_optimizer, lr_at
 from app.resolution import check_resolutions, downsampling_stages
-from app.tracking import Tracker, format_duration
+from app.tracking import Tracker, format_duration, new_folder
 from model import convert_state_dict
 
 # fp16: a non-finite loss means the loss scaler skipped that update (weights untouched; the step
@@ -92,34 +92,28 @@ def new_run_dir(cfg: Config) -> Path:
     variant = f"g{m.group_size}-{m.norm}{'-pn' if m.proxy_norm else ''}"
     dataset = Path(cfg.data.dataset).name or "data"
     name = cfg.log.name or f"{m.name}-{variant}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    root = Path(cfg.log.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1000):
-        path = root / (name if attempt == 0 else f"{name}-{attempt}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new run folder for {name} in {root}")
+    return new_folder(Path(cfg.log.out_dir), name)
 
 
 def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
-    """``model.init_from``: start from a local checkpoint (ours, or a timm/torchvision file)."""
+    """``model.init_from``: start from a local checkpoint (ours, or a timm/torchvision file).
+    Every tensor must fit, except the classifier when the number of classes differs (it keeps
+    its fresh initialisation)."""
     path, source = cfg.model.init_from, cfg.model.init_source
     state = load_checkpoint(path)
     if source == "ours":
+        if "arch" in state:
+            check_architecture(state, cfg.model, state["arch"]["num_classes"], path)
         if "model" in state:  # one of our training checkpoints: prefer its EMA weights
             state = state["ema"]["module"] if state.get("ema") else state["model"]
     else:
         state = convert_state_dict(state.get("state_dict", state), source)
     own = model.state_dict()
-    # A different number of classes: keep our freshly initialised classifier.
-    fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    dropped = sorted(set(state) - set(fitting))
-    load_weights(model, {**own, **fitting}, path)
-    print(f"initialised from {path} ({source}): {len(fitting)} tensors"
-          + (f", not used: {', '.join(dropped[:5])}{' …' if len(dropped) > 5 else ''}" if dropped else ""))
+    new_head = [k for k in own
+                if k.startswith("classifier.") and k in state and state[k].shape != own[k].shape]
+    load_weights(model, {**state, **{k: own[k] for k in new_head}}, path)
+    print(f"initialised from {path} ({source})"
+          + (f"; new classifier for {own['classifier.weight'].shape[0]} classes" if new_head else ""))
 
 
 def epoch_batches(loader, start: int) -> Iterator:
@@ -275,6 +269,12 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
           f"{' (emulated)' if backend.emulated else ''} | {total_steps} steps")
     print(scale_summary(cfg, dist, base_lr))
 
+    if step >= total_steps:
+        print(f"nothing to do: {run_dir} is at step {step} of {total_steps} already "
+              "(raise train.epochs or train.max_steps to train on)")
+        backend.close()
+        dist.close()
+        return TrainResult(0, run_dir)
     tracker = Tracker(run_dir, cfg, enabled=dist.is_main, total_steps=total_steps)
     if resume is not None:  # records after this one continue from the checkpoint's step
         tracker.write({"kind": "resume", "step": step, "checkpoint": str(resume_path)})
