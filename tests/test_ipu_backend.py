@@ -29,7 +29,8 @@ def test_device_ipu_refuses_without_poptorch():
      r"train.grad_accum=2. PopTorch: \"You must set gradientAccumulation .*\" Set train.grad_accum >= 3"),
     (["ipu.pipeline={blocks.5: 1, blocks.3: 2}", "train.grad_accum=5"], r"must not decrease"),
     (["ipu.recompute=[blocks.2.7]"], r"ipu.recompute: unknown module 'blocks.2.7'"),
-    (["train.micro_batch=100000", "data.resolution=224"], r"does not fit: IPU0 .* MB > 630 MB.*lower train.micro_batch"),
+    (["train.micro_batch=100000", "data.resolution=224"],
+     r"does not fit: IPU0 .* MB > 630 MB.*lower train.micro_batch"),
 ])
 def test_invalid_ipu_configurations_fail_before_compilation(overrides, message, capsys):
     with pytest.raises(BackendError, match=message):
