@@ -37,15 +37,18 @@ env-dev: $(VENV)/.dev
 train: $(VENV)/.runtime
 	$(RUN) train --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS)
 
-# validate: CKPT= a run folder or checkpoint (default: the newest run in runs/), with that run's own
-# configuration unless CONFIG is given.
+# validate / finetune: CKPT= a run folder or checkpoint (default: the newest run in runs/), with that
+# run's own configuration unless CONFIG is given. RESOLUTIONS=224,256,288 or 160:320:16: validate
+# sweeps them (accuracy-vs-resolution table and plot in the run folder).
 validate: $(VENV)/.runtime
 	$(RUN) validate $(if $(CKPT),--checkpoint $(CKPT)) \
 		$(if $(filter command line environment,$(origin CONFIG)),--config $(CONFIG)) \
-		--device $(DEVICE) $(OVERRIDES) $(ARGS)
+		$(if $(RESOLUTIONS),--resolutions $(RESOLUTIONS)) --device $(DEVICE) $(OVERRIDES) $(ARGS)
 
 finetune: $(VENV)/.runtime
-	$(RUN) finetune --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS)
+	$(RUN) finetune $(if $(CKPT),--checkpoint $(CKPT)) \
+		$(if $(filter command line environment,$(origin CONFIG)),--config $(CONFIG)) \
+		--device $(DEVICE) $(OVERRIDES) $(ARGS)
 
 plan: $(VENV)/.runtime
 	$(RUN) plan --config $(CONFIG) $(OVERRIDES) $(ARGS)

@@ -65,9 +65,11 @@ def _native_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise BackendError("device=cuda but this PyTorch sees no CUDA GPU "
-                           f"(torch {torch.__version__}, cuda build: {torch.version.cuda}); "
-                           "use --device cpu (or auto), or install a CUDA build of PyTorch")
+        why = ("this PyTorch is a CPU-only build: install a CUDA build of PyTorch"
+               if torch.version.cuda is None else
+               f"this CUDA {torch.version.cuda} build of PyTorch sees no GPU: check the driver and "
+               "CUDA_VISIBLE_DEVICES")
+        raise BackendError(f"device=cuda is not available ({why}); or use --device cpu (or auto)")
     return torch.device(requested)
 
 

@@ -9,6 +9,7 @@ Commands are imported only when chosen, so one command's dependencies never slow
 import argparse
 import importlib
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,6 +18,7 @@ import yaml
 from app.checkpoint import latest_run
 from app.config import ConfigError, build_config, preset_names
 from app.errors import AppError
+from app.resolution import ResolutionWarning
 
 DEFAULT_PRESET = "digits"
 # command → (module:function, one-line help). Each function is main(cfg, args) -> exit status.
@@ -34,6 +36,8 @@ EXAMPLES = """examples:
   python -m app train --resume runs/<run>              # continue an interrupted run
   python -m app train --device cuda train.replicas=8 --dry-run   # the torchrun command (Scaling out)
   python -m app validate --checkpoint runs/<run> data.val_resolutions=[32,64]
+  python -m app validate --checkpoint runs/<run> --resolutions 64:128:8   # accuracy vs resolution
+  python -m app finetune --checkpoint runs/<run> finetune.resolution=96
 
 presets: {presets}
 overrides: section.field=value with YAML values; sections: device, resume, model, data, optim,
@@ -58,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="RUN", help="a run folder or checkpoint to continue training")
     parser.add_argument("--checkpoint", metavar="PATH",
                         help="validate/finetune: a run folder or a checkpoint file")
+    parser.add_argument("--resolutions", metavar="LIST",
+                        help="validate: sweep test resolutions, '224,256,288' or 'low:high[:step]'; "
+                             "writes an accuracy-vs-resolution table and plot to the run folder")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command that launches the job's processes (torchrun / poprun, "
                              "see README: Scaling out) and exit; shorthand for dist.dry_run=true")
@@ -67,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def base_preset(args: argparse.Namespace) -> str:
-    """--config, else the config.yaml of the run being resumed or validated (``validate`` without
-    --checkpoint: the newest run), else the default preset."""
+    """--config, else the config.yaml of the run being resumed, validated or fine-tuned (``validate``
+    or ``finetune`` without --checkpoint: the newest run), else the default preset."""
     if args.config:
         return args.config
     source = args.resume or args.checkpoint
-    if source is None and args.command == "validate":
+    if source is None and args.command in ("validate", "finetune"):
         out_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("log.out_dir=")), "runs")
         source = latest_run(out_dir)
         args.checkpoint = str(source) if source else None
@@ -100,6 +107,8 @@ def load_command(command: str):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    # check_resolutions prints its own console line; the Python warning is for library callers.
+    warnings.filterwarnings("ignore", category=ResolutionWarning)
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"device={args.device}")

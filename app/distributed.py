@@ -23,7 +23,6 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -265,10 +264,9 @@ def app_command_line(args: argparse.Namespace) -> List[str]:
 
 
 def torchrun_executable() -> List[str]:
-    """torchrun of this interpreter's environment (``python -m torch.distributed.run`` is the
-    same program when the script is not installed)."""
-    script = Path(sys.executable).parent / "torchrun"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    """torchrun, run by this interpreter: ``python -m torch.distributed.run`` is the program behind
+    the ``torchrun`` script, without depending on the script's #! line (a moved environment)."""
+    return [sys.executable, "-m", "torch.distributed.run"]
 
 
 def launcher_args(cfg) -> List[str]:
@@ -318,6 +316,11 @@ def launch(cfg, args: Optional[argparse.Namespace]) -> Optional[int]:
         return 0
     if command is None:
         return None
+    per_node = cfg.train.replicas // cfg.dist.nnodes
+    if cfg.device not in IPU_DEVICES and _wants_cuda(cfg) and per_node > torch.cuda.device_count():
+        raise DistributedError(
+            f"{per_node} processes per machine need {per_node} GPUs, this one has "
+            f"{torch.cuda.device_count()}: lower train.replicas (REPLICAS) or raise dist.nnodes")
     print(f"launching: {shlex.join(command)}", flush=True)
     process = subprocess.Popen(command)
     while True:

@@ -19,10 +19,19 @@ from app.checkpoint import (
     latest_run,
     load_checkpoint,
     load_weights,
+    run_dir_of,
 )
 from app.config import Config
 from app.data import build_dataset, build_loader
+from app.errors import AppError
 from app.objective import build_classifier, build_network
+from app.resolution import (
+    check_resolutions,
+    downsampling_stages,
+    parse_resolutions,
+    trained_resolution,
+    write_sweep_report,
+)
 
 Evaluable = Union[Backend, nn.Module]
 
@@ -78,8 +87,29 @@ def report(results: Dict[str, Dict[str, float]]) -> str:
                      f"  ({r['images']} images)" for k, r in results.items())
 
 
+def checkpoint_classifiers(payload: Dict, cfg: Config, num_classes: int, device: torch.device,
+                           source) -> Dict[str, nn.Module]:
+    """{"raw": …, "ema": …}: a checkpoint's weights (EMA only when it has them), each as a
+    Classifier on ``device``."""
+    classifiers = {}
+    weights = {"raw": payload.get("model"), "ema": (payload.get("ema") or {}).get("module")}
+    for kind, state in weights.items():
+        if state is None:
+            continue
+        net = build_network(cfg, num_classes)
+        load_weights(net, state, source)
+        classifiers[kind] = build_classifier(net, cfg).to(device)
+    return classifiers
+
+
 def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
-    """Validate a checkpoint (a file, or a run folder's best) at cfg.data.val_resolutions."""
+    """Validate a checkpoint (a file, or a run folder's best) at cfg.data.val_resolutions, or sweep
+    ``--resolutions`` (a table and a plot of accuracy against resolution in the run folder)."""
+    sweep_arg = getattr(args, "resolutions", None)
+    try:
+        swept = parse_resolutions(sweep_arg) if sweep_arg else None
+    except ValueError as error:
+        raise AppError(str(error)) from None
     source = getattr(args, "checkpoint", None) or cfg.resume or latest_run(cfg.log.out_dir)
     if source is None:
         raise CheckpointError(f"nothing to validate: no run with checkpoints in {cfg.log.out_dir}/; "
@@ -87,22 +117,25 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     path = find_checkpoint(source, prefer_best=True)
     payload = load_checkpoint(path)
     backend = create_backend(cfg)
-    resolutions = cfg.data.val_resolutions or [cfg.data.resolution]
+    resolutions = swept or cfg.data.val_resolutions or [cfg.data.resolution]
     datasets = {r: build_dataset(cfg, "val", r) for r in resolutions}
     num_classes = next(iter(datasets.values())).num_classes
     check_architecture(payload, cfg.model, num_classes, path)
+    classifiers = checkpoint_classifiers(payload, cfg, num_classes, backend.device, path)
+    # The test-resolution rule, relative to the resolution the checkpoint was last trained at.
+    stages = downsampling_stages(next(iter(classifiers.values())).model)
+    trained = trained_resolution(payload) or cfg.data.resolution
+    check_resolutions(trained, resolutions, stages, what="validation")
     results = {}
-    weights = {"raw": payload.get("model"), "ema": (payload.get("ema") or {}).get("module")}
-    for kind, state in weights.items():
-        if state is None:
-            continue
-        net = build_network(cfg, num_classes)
-        load_weights(net, state, path)
-        classifier = build_classifier(net, cfg).to(backend.device)
+    for kind, classifier in classifiers.items():
         for r, dataset in datasets.items():
             loader = build_loader(dataset, backend.eval_batch_size(cfg), train=False, cfg=cfg,
                                   device=backend.device)
             results[f"{kind}@{r}"] = evaluate(classifier, loader, backend.device)
     print(f"validation of {path} (step {payload.get('step')}):\n{report(results)}")
+    if swept:
+        table, plot = write_sweep_report(results, trained, run_dir_of(path), stages,
+                                         title=f"Accuracy vs test resolution: {path}")
+        print(f"{table.read_text()}resolution sweep: {table} and {plot}")
     backend.close()
     return 0

@@ -24,12 +24,14 @@ round one inside it.
 """
 import sys
 import warnings
+from functools import lru_cache
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from model.efficientnet import VARIANTS, variant_key
+from model.efficientnet import VARIANTS, build_model, variant_key
 
 EFFICIENTNET_STAGES = 5  # the stem and the first block of stages 2, 3, 4 and 6 have stride 2
 HALF_RESOLUTION_FACTOR = 0.7  # of the native side: 49 % of the native pixels (see the docstring)
@@ -170,6 +172,16 @@ def downsampling_stages(model: nn.Module, in_channels: int = 3) -> int:
     return sum(s.bit_length() - 1 for s in steps.values())
 
 
+@lru_cache(maxsize=None)
+def model_stages(model_name: str) -> int:
+    """``downsampling_stages`` of EfficientNet-<model_name> (5 for every one; read off a built model
+    so that a change to the stage table shows here). Built on the meta device: shapes only, no
+    memory or initialisation cost."""
+    with torch.device("meta"):
+        model = build_model(model_name, num_classes=1)
+    return downsampling_stages(model)
+
+
 # ----------------------------------------------------------------------------- the warning
 
 def rule_message(train_resolution: int, resolution: int, stages: int, what: str) -> str:
@@ -226,13 +238,14 @@ def sweep(evaluate_at: Callable[[int], Dict[str, Dict[str, float]]], resolutions
           train_resolution: int, stages: int = EFFICIENTNET_STAGES) -> SweepRows:
     """Accuracy at every resolution. ``evaluate_at(r)`` returns {"raw": {"top1": …}, "ema": …};
     one row per (resolution, weights) with whether r keeps the training residue."""
-    rows: SweepRows = []
-    for r in resolutions:
-        for weights, metrics in evaluate_at(r).items():
-            rows.append({"resolution": r, "weights": weights, "top1": metrics["top1"],
-                         "top5": metrics["top5"],
-                         "keeps_residue": keeps_residue(train_resolution, r, stages)})
-    return rows
+    return [_row(r, weights, metrics, train_resolution, stages)
+            for r in resolutions for weights, metrics in evaluate_at(r).items()]
+
+
+def _row(resolution: int, weights: str, metrics: Dict[str, float], train_resolution: int,
+         stages: int) -> Dict[str, Union[int, float, bool, str]]:
+    return {"resolution": resolution, "weights": weights, "top1": metrics["top1"], "top5": metrics["top5"],
+            "keeps_residue": keeps_residue(train_resolution, resolution, stages)}
 
 
 def sweep_table(rows: SweepRows, train_resolution: int, stages: int = EFFICIENTNET_STAGES) -> str:
@@ -282,6 +295,39 @@ def plot_sweep(rows: SweepRows, train_resolution: int, path, stages: int = EFFIC
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def trained_resolution(payload: Dict) -> Optional[int]:
+    """The resolution a checkpoint of ours was (last) trained at, from the configuration it saved
+    (a fine-tuning run saves its target resolution there); None for other checkpoints."""
+    try:
+        return int(payload["config"]["data"]["resolution"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _new_path(path: Path) -> Path:
+    """``path``, or ``name-1.ext``, ``name-2.ext`` … when it exists: earlier reports are kept."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def write_sweep_report(results: Dict[str, Dict[str, float]], train_resolution: int, folder,
+                       stages: int = EFFICIENTNET_STAGES, title: Optional[str] = None) -> Tuple[Path, Path]:
+    """Table (Markdown) and plot (PNG) of validation results keyed "<weights>@<resolution>"
+    (what ``app.evaluate`` returns), written as resolution-sweep.md/.png in ``folder``."""
+    rows = [_row(int(key.rpartition("@")[2]), key.rpartition("@")[0], metrics, train_resolution, stages)
+            for key, metrics in results.items()]
+    folder = Path(folder)
+    md, png = _new_path(folder / "resolution-sweep.md"), _new_path(folder / "resolution-sweep.png")
+    heading = f"# {title}\n\n" if title else ""
+    md.write_text(heading + sweep_table(rows, train_resolution, stages)
+                  + f"\n![accuracy vs resolution]({png.name})\n")
+    plot_sweep(rows, train_resolution, png, stages, title=title)
+    return md, png
 
 
 def describe_rule(train_resolution: int, stages: int = EFFICIENTNET_STAGES) -> str:

@@ -15,6 +15,21 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 
+def new_folder(root: Path, name: str) -> Path:
+    """Create ``root/name``, or ``name-1``, ``name-2`` … when it exists: an existing folder (a
+    user's earlier run) is never reused or overwritten."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1000):
+        path = root / (name if attempt == 0 else f"{name}-{attempt}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new folder for {name} in {root}")
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

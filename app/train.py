@@ -13,8 +13,9 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -37,9 +38,10 @@ from app.data import build_dataset, build_loader
 from app.distributed import init_distributed, launch, reduce_results, scale_summary
 from app.errors import AppError
 from app.evaluate import validate_all
-from app.objective import build_classifier, build_network
+from app.objective import Classifier, build_classifier, build_network
 from app.optim import EMA, build_optimizer, lr_at
-from app.tracking import Tracker, format_duration
+from app.resolution import check_resolutions, downsampling_stages
+from app.tracking import Tracker, format_duration, new_folder
 from model import convert_state_dict
 
 # fp16: a non-finite loss means the loss scaler skipped that update (weights untouched; the step
@@ -90,34 +92,28 @@ def new_run_dir(cfg: Config) -> Path:
     variant = f"g{m.group_size}-{m.norm}{'-pn' if m.proxy_norm else ''}"
     dataset = Path(cfg.data.dataset).name or "data"
     name = cfg.log.name or f"{m.name}-{variant}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    root = Path(cfg.log.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1000):
-        path = root / (name if attempt == 0 else f"{name}-{attempt}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new run folder for {name} in {root}")
+    return new_folder(Path(cfg.log.out_dir), name)
 
 
 def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
-    """``model.init_from``: start from a local checkpoint (ours, or a timm/torchvision file)."""
+    """``model.init_from``: start from a local checkpoint (ours, or a timm/torchvision file).
+    Every tensor must fit, except the classifier when the number of classes differs (it keeps
+    its fresh initialisation)."""
     path, source = cfg.model.init_from, cfg.model.init_source
     state = load_checkpoint(path)
     if source == "ours":
+        if "arch" in state:
+            check_architecture(state, cfg.model, state["arch"]["num_classes"], path)
         if "model" in state:  # one of our training checkpoints: prefer its EMA weights
             state = state["ema"]["module"] if state.get("ema") else state["model"]
     else:
         state = convert_state_dict(state.get("state_dict", state), source)
     own = model.state_dict()
-    # A different number of classes: keep our freshly initialised classifier.
-    fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    dropped = sorted(set(state) - set(fitting))
-    load_weights(model, {**own, **fitting}, path)
-    print(f"initialised from {path} ({source}): {len(fitting)} tensors"
-          + (f", not used: {', '.join(dropped[:5])}{' …' if len(dropped) > 5 else ''}" if dropped else ""))
+    new_head = [k for k in own
+                if k.startswith("classifier.") and k in state and state[k].shape != own[k].shape]
+    load_weights(model, {**state, **{k: own[k] for k in new_head}}, path)
+    print(f"initialised from {path} ({source})"
+          + (f"; new classifier for {own['classifier.weight'].shape[0]} classes" if new_head else ""))
 
 
 def epoch_batches(loader, start: int) -> Iterator:
@@ -156,10 +152,46 @@ def make_payload(step: int, steps_per_epoch: int, model, ema, optimizer, backend
     }
 
 
+@dataclass
+class TrainSetup:
+    """What a ``setup`` hook of ``run_training`` gets, after the network is built and its initial
+    weights are loaded, before the optimiser sees its parameters (so freezing layers there takes
+    them out of the optimiser) and before the backend prepares (compiles) the classifier."""
+    cfg: Config
+    model: torch.nn.Module  # the EfficientNet
+    classifier: Classifier  # the model with input normalisation and loss
+    backend: Backend
+    train_loader: Any
+    val_loaders: Dict[int, Any]
+    run_dir: Path
+    host_batch: int  # images per training batch
+
+
+@dataclass
+class TrainResult:
+    exit_code: int
+    run_dir: Path
+    steps: int = 0  # weight updates made by this call (not counting a resumed run's earlier ones)
+    images: int = 0  # training images those steps consumed
+    train_seconds: float = 0.0  # the training loop without validation and checkpoints
+    wall_seconds: float = 0.0  # the whole loop
+    results: Dict[str, Dict[str, float]] = field(default_factory=dict)  # the last validation
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.train_seconds if self.train_seconds > 0 else float("nan")
+
+
 def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     launched = launch(cfg, args)  # replicas over several processes: torchrun / poprun runs this again
     if launched is not None:
         return launched
+    return run_training(cfg).exit_code
+
+
+def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = None) -> TrainResult:
+    """Train as ``cfg`` says in this process (``python -m app train``, or each process of a
+    launched job); fine-tuning passes a ``setup`` hook."""
     dist = init_distributed(cfg)
     backend = create_backend(cfg)  # device errors come before any data is read
     seed_everything(cfg.train.seed + dist.rank)
@@ -204,10 +236,14 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     num_classes = train_set.num_classes
     m = cfg.model
     model = build_network(cfg, num_classes)
+    check_resolutions(cfg.data.resolution, val_resolutions, downsampling_stages(model), what="validation")
     if m.init_from and resume is None:
         load_initial_weights(model, cfg)
     dist.broadcast_parameters(model)  # every replica starts from the main process's weights
     classifier = build_classifier(model, cfg)
+    if setup is not None:
+        setup(TrainSetup(cfg, model, classifier, backend, loader, val_loaders, run_dir,
+                         backend.host_batch_size(cfg)))
     base_lr = cfg.optim.lr * cfg.global_batch / cfg.optim.lr_reference_batch
     optimizer = build_optimizer(model, cfg, base_lr)
     backend.prepare(classifier, optimizer, cfg)
@@ -233,6 +269,12 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
           f"{' (emulated)' if backend.emulated else ''} | {total_steps} steps")
     print(scale_summary(cfg, dist, base_lr))
 
+    if step >= total_steps:
+        print(f"nothing to do: {run_dir} is at step {step} of {total_steps} already "
+              "(raise train.epochs or train.max_steps to train on)")
+        backend.close()
+        dist.close()
+        return TrainResult(0, run_dir)
     tracker = Tracker(run_dir, cfg, enabled=dist.is_main, total_steps=total_steps)
     if resume is not None:  # records after this one continue from the checkpoint's step
         tracker.write({"kind": "resume", "step": step, "checkpoint": str(resume_path)})
@@ -254,7 +296,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
 
     # -- the loop
     nonfinite, results, started = 0, {}, time.perf_counter()
-    exit_code = 0
+    exit_code, first_step, trained_images, eval_seconds = 0, step, 0, 0.0
     with StopSignal() as stop:
         try:
             while step < total_steps and stop.signum is None:
@@ -290,16 +332,19 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
                         print(f"warning: loss {loss} at step {step}: the fp16 loss scaler skipped this "
                               "update and lowered its scale", file=sys.stderr)
                     tracker.count(images.shape[0] * dist.world_size, loss)  # images of the whole job
+                    trained_images += images.shape[0] * dist.world_size
                     if step % cfg.train.log_every == 0 or step == total_steps:
                         tracker.log_step(step, step / steps_per_epoch, lr,
                                          skipped_images=getattr(loader, "skipped", 0))
                     if step % val_every == 0 or step == total_steps:
+                        eval_started = time.perf_counter()
                         results = validate(step)
                         top1 = max(r["top1"] for r in results.values())
                         is_best = top1 > best
                         best = max(best, top1)
                         checkpoint(step, {k: r["top1"] for k, r in results.items()}, is_best)
                         tracker.start_window()  # throughput excludes validation time
+                        eval_seconds += time.perf_counter() - eval_started
                     if step >= total_steps or stop.signum is not None:
                         break
         except NonFiniteLoss as error:
@@ -314,17 +359,19 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
             print(f"stopped by {signal.Signals(stop.signum).name} at step {step}/{total_steps}; "
                   f"checkpoint saved. Resume with:\n  {resume_command()}", file=sys.stderr)
             exit_code = 128 + stop.signum
+    elapsed = time.perf_counter() - started
     tracker.close()
     backend.close()
     dist.close()
+    outcome = TrainResult(exit_code, run_dir, step - first_step, trained_images, elapsed - eval_seconds,
+                          elapsed, results)
     if exit_code:
-        return exit_code
+        return outcome
 
-    elapsed = time.perf_counter() - started
     skipped = getattr(loader, "skipped", 0)
     print(f"done: {total_steps} steps in {format_duration(elapsed)}"
           + (f", {skipped} unreadable images skipped" if skipped else ""))
     print("final validation: " + " | ".join(f"{k} top-1 {r['top1']:.2f}%" for k, r in results.items()))
     print(f"run folder: {run_dir}")
-    return 0
+    return outcome
 

@@ -107,7 +107,9 @@ class EfficientNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The original TensorFlow initialisation: fan-out normal for convs, uniform for the FC."""
+        """TensorFlow EfficientNet's initialisation: fan-out normal for convs; the classifier is
+        uniform in ±1/sqrt(fan_in). (TF bounds it by 1/sqrt(classes), which is the same for
+        1000 classes and 1280 features but gives initial logits of std ~6 with 10 classes.)"""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
@@ -115,7 +117,7 @@ class EfficientNet(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
-                bound = 1.0 / math.sqrt(m.out_features)
+                bound = 1.0 / math.sqrt(m.in_features)
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.zeros_(m.bias)
 

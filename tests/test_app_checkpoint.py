@@ -20,6 +20,7 @@ from app.checkpoint import (
 )
 from app.cli import main as cli
 from app.config import build_config
+from app.train import load_initial_weights
 from model import build_model
 
 
@@ -90,3 +91,27 @@ def test_validate_refuses_checkpoint_of_another_architecture(tmp_path, capsys):
     # Forcing another architecture fails before any weights are loaded, naming the difference.
     assert cli(["validate", "--checkpoint", str(tmp_path / "r"), "model.group_size=1"]) == 2
     assert "model.group_size: checkpoint 16, this run 1" in capsys.readouterr().err
+
+
+def test_init_from_our_checkpoint_prefers_ema_and_keeps_a_new_classifier(tmp_path):
+    trained, averaged = build_model("b0", num_classes=10), build_model("b0", num_classes=10)
+    atomic_save({"model": trained.state_dict(), "ema": {"module": averaged.state_dict()}},
+                tmp_path / "c.pt")
+    cfg = build_config("digits", ["model.group_size=1", "model.expand_ratio=6", "model.norm=batch",
+                                  "model.proxy_norm=false", f"model.init_from={tmp_path / 'c.pt'}"])
+    fresh = build_model("b0", num_classes=7)
+    classifier_before = fresh.classifier.weight.clone()
+    load_initial_weights(fresh, cfg)
+    assert torch.equal(fresh.stem.conv.weight, averaged.stem.conv.weight)
+    assert not torch.equal(fresh.stem.conv.weight, trained.stem.conv.weight)
+    assert torch.equal(fresh.classifier.weight, classifier_before)  # 7 classes: not from the file
+
+
+def test_init_from_another_architecture_names_the_mismatch(tmp_path):
+    g1 = build_config("digits", ["model.group_size=1"])
+    atomic_save({"model": build_model("b0", num_classes=10).state_dict(), "arch": ckpt.arch_of(g1.model, 10)},
+                tmp_path / "g1.pt")
+    cfg = build_config("digits", [f"model.init_from={tmp_path / 'g1.pt'}"])
+    with pytest.raises(CheckpointError, match="model.group_size: checkpoint 1, this run 16"):
+        load_initial_weights(build_model("b0", group_size=16, expand_ratio=4, norm="layer",
+                                         proxy_norm=True, num_classes=10), cfg)

@@ -96,3 +96,16 @@ def test_sigterm_asks_the_loop_to_stop_after_the_step():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signum == signal.SIGTERM  # recorded, the process goes on
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
+
+
+def test_bf16_channels_last_step_on_cpu_updates_the_weights():
+    cfg = build_config("digits", ["device=cpu", "train.precision=bf16", "train.channels_last=true",
+                                  "train.micro_batch=4", "train.grad_accum=2"])
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
+    backend = NativeBackend(cfg)
+    backend.prepare(Classifier(net, channels_last=True), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
+    before = net[0].weight.detach().clone()
+    out = backend.train_step(torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8), torch.arange(8) % 3)
+    assert torch.isfinite(out["loss"]) and not torch.equal(before, net[0].weight)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert backend.evaluate(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).dtype == torch.float32

@@ -1,5 +1,6 @@
 """Logging (offline Weights & Biases) and training on a folder of real JPEG files."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,8 @@ import pytest
 from PIL import Image
 
 from app.cli import main as cli
+from app.config import build_config
+from app.tracking import Tracker
 
 QUICK = ["--device", "cpu", "data.resolution=32", "data.workers=0", "train.ema_decay=0", "train.log_every=1"]
 
@@ -51,3 +54,13 @@ def test_image_folder_with_a_corrupt_file_trains_and_counts_the_skip(tmp_path, c
     assert "unreadable images skipped" in out
     val = [r for r in records if r["kind"] == "val"]
     assert val and val[-1]["raw@32/images"] == 4
+
+
+def test_runs_on_without_the_wandb_package(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    tracker = Tracker(tmp_path, build_config("digits", ["log.wandb=true"]), total_steps=1)
+    tracker.start_window()
+    tracker.count(4, 0.5)
+    tracker.log_step(1, 0.1, 1e-3)
+    assert tracker.wandb is None and "wandb package is not installed" in capsys.readouterr().err
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 0.5

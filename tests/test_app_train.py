@@ -1,4 +1,5 @@
 """The training application end to end: CLI, run folder, metrics, checkpoints, resume, NaN, signals."""
+import dataclasses
 import json
 import os
 import signal
@@ -6,11 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import app.objective
+import app.train
+from app.backend import NativeBackend
 from app.checkpoint import find_checkpoint, load_checkpoint, step_checkpoints
 from app.cli import main as cli
+from tests.test_app_logging_data import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and quick: B0 at 32 px, tiny batches, no worker processes, no EMA lag worth waiting for.
@@ -100,18 +105,7 @@ def test_resume_after_interrupt_repeats_losses_step_for_step(tmp_path, monkeypat
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    original = app.objective.smoothed_cross_entropy
-    calls = {"n": 0}
-
-    def poisoned(logits, targets, smoothing=0.0):
-        loss = original(logits, targets, smoothing)
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] >= 4:
-                return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(app.objective, "smoothed_cross_entropy", poisoned)
+    poison_losses(monkeypatch, lambda n: n >= 4)
     # val_every=0.01 epochs = every 2 steps of 8 images (digits: about 1440 training images)
     code = cli(["train", "--device", "cpu", *QUICK, "train.max_steps=8", "train.val_every=0.01",
                 f"log.out_dir={tmp_path}"])
@@ -124,3 +118,63 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     payload = load_checkpoint(ckpts[-1])
     assert all(torch.isfinite(t).all() for t in payload["model"].values() if t.is_floating_point())
     assert read_metrics(run, "error")[0]["step"] == 4
+
+
+def test_resume_across_an_epoch_boundary_with_worker_processes(tmp_path, monkeypatch, capsys):
+    """JPEG folder of 12 images, batch 4: 3 steps per epoch; interrupted at step 2, resumed through
+    the epoch boundary, with augmentation decoded in a worker process."""
+    data = write_image_folder(tmp_path / "images")
+    args = ["train", "--device", "cpu", f"data.dataset={data}", "data.resolution=32", "data.workers=1",
+            "train.micro_batch=4", "train.epochs=2", "train.log_every=1", "train.val_every=100",
+            "model.drop_path=0.2"]
+    assert cli(args + [f"log.out_dir={tmp_path / 'full'}"]) == 0
+    full = [r["loss"] for r in read_metrics(only_run(tmp_path / "full"))]
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)
+        assert cli(args + [f"log.out_dir={tmp_path / 'cut'}"]) == 128 + signal.SIGINT
+    run = only_run(tmp_path / "cut")
+    assert cli(["train", "--resume", str(run)]) == 0
+    assert len(full) == 6 and [r["loss"] for r in read_metrics(run)] == full
+
+
+def poison_losses(monkeypatch, bad_calls):
+    """Training losses become NaN on the given forward passes (1-based)."""
+    original, calls = app.objective.smoothed_cross_entropy, {"n": 0}
+
+    def poisoned(logits, targets, smoothing=0.0):
+        loss = original(logits, targets, smoothing)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if bad_calls(calls["n"]):
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(app.objective, "smoothed_cross_entropy", poisoned)
+
+
+@pytest.mark.skipif(not hasattr(torch, "amp") or not hasattr(torch.amp, "GradScaler"),
+                    reason="needs torch.amp.GradScaler('cpu') (torch >= 2.3)")
+def test_fp16_loss_scaler_skips_transient_nans_then_stops(tmp_path, monkeypatch, capsys):
+    """fp16 semantics on the CPU: a loss scaler that skips updates with non-finite gradients."""
+    def backend_with_cpu_scaler(cfg):
+        fp32 = dataclasses.replace(cfg.train, precision="fp32")  # NativeBackend keeps fp16 for CUDA
+        backend = NativeBackend(dataclasses.replace(cfg, train=fp32))
+        backend.scaler = torch.amp.GradScaler("cpu")
+        return backend
+
+    monkeypatch.setattr(app.train, "create_backend", backend_with_cpu_scaler)
+    args = ["train", "--device", "cpu", *QUICK, "train.precision=fp16", "train.ema_decay=0",
+            "train.max_steps=6", "train.val_every=100"]
+    with monkeypatch.context() as m:
+        poison_losses(m, lambda n: n in (3, 4))  # two bad steps: skipped, the run goes on
+        assert cli(args + [f"log.out_dir={tmp_path / 'transient'}"]) == 0
+    assert capsys.readouterr().err.count("the fp16 loss scaler skipped this update") == 2
+    run = only_run(tmp_path / "transient")
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    final = load_checkpoint(find_checkpoint(run))["model"]
+    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
+
+    with monkeypatch.context() as m:
+        poison_losses(m, lambda n: n >= 2)  # diverged for good: stops after 5 skipped updates
+        assert cli(args + [f"log.out_dir={tmp_path / 'diverged'}"]) == 3
+    assert "loss is nan at step 6" in capsys.readouterr().err

@@ -100,9 +100,9 @@ def test_torchrun_command_one_machine(monkeypatch):
     args = cli_args("train.replicas=4", "dist.dry_run=true", "train.micro_batch=8")
     cfg = config("device=cpu", "train.replicas=4", "train.micro_batch=8")
     command = launch_command(cfg, app_command_line(args))
-    assert command[0].endswith("torchrun") or command[1:3] == ["-m", "torch.distributed.run"]
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]  # torchrun of this Python
     assert "--nproc_per_node=4" in command and "--nnodes=1" in command and "--standalone" in command
-    tail = command[command.index("-m", 1 if command[0].endswith("torchrun") else 3):]
+    tail = command[command.index("-m", 3):]
     # the same command line again, minus the dry run
     assert tail == ["-m", "app", "train", "--config", "digits", "--device", "cpu", "train.replicas=4",
                     "train.micro_batch=8"]
@@ -138,6 +138,17 @@ def test_dry_run_prints_and_starts_nothing(monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "launch command: " in printed and "--nproc_per_node=2" in printed
     assert shlex.split(printed.split("launch command: ", 1)[1])[-1] == "train.replicas=2"
+
+
+def test_more_processes_than_gpus_is_refused_before_launching(monkeypatch):
+    from app.distributed import DistributedError  # noqa: PLC0415
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **k: pytest.fail("nothing may start"))
+    with pytest.raises(DistributedError, match="8 processes per machine need 8 GPUs, this one has 4"):
+        launch(config("device=cuda", "train.replicas=8"), cli_args("train.replicas=8"))
 
 
 @pytest.mark.parametrize("overrides,field", [

@@ -136,3 +136,15 @@ def test_stable_module_names():
                  "head", "pool", "dropout", "classifier"]:
         assert name in names
     assert "blocks.0.0.expand" not in names  # the first stage has no expansion conv
+
+
+@pytest.mark.parametrize("classes", [2, 10, 1000])
+def test_initial_logits_are_moderate_for_any_number_of_classes(classes):
+    # A classifier initialised for 1000 classes must not start a 2-class task at a loss of ~12.
+    model = build_model("b0", group_size=16, expand_ratio=4, norm="layer", proxy_norm=True,
+                        num_classes=classes).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(16, 3, 64, 64))
+    assert logits.std().item() < 2.0
+    loss = torch.nn.functional.cross_entropy(logits, torch.randint(classes, (16,)))
+    assert abs(loss.item() - torch.log(torch.tensor(float(classes))).item()) < 1.5

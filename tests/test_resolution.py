@@ -15,12 +15,15 @@ from app.resolution import (
     feature_sizes,
     half_resolution,
     keeps_residue,
+    model_stages,
     nearest_compatible,
     parse_resolutions,
     plot_sweep,
     residue,
     sweep,
     sweep_table,
+    trained_resolution,
+    write_sweep_report,
 )
 from model import build_model
 from model.efficientnet import VARIANTS
@@ -189,3 +192,21 @@ def test_half_presets_train_at_the_half_resolution():
     for key, half in PAPER_HALF.items():
         assert build_config(f"{key}-g16-lnpn-half").data.resolution == half
         assert build_config(f"{key}-g16-lnpn").data.resolution == VARIANTS[key].resolution
+
+
+def test_sweep_report_from_validation_results_keeps_earlier_reports(tmp_path):
+    results = {"raw@64": {"top1": 90.0, "top5": 99.0}, "raw@72": {"top1": 80.0, "top5": 98.0},
+               "ema@64": {"top1": 91.0, "top5": 99.5}}
+    md, png = write_sweep_report(results, 96, tmp_path, title="b0 sweep")
+    text = md.read_text()
+    assert text.startswith("# b0 sweep") and "| 64 | 0 | ✓ | 91.00 | 90.00 |" in text
+    assert "| 72 | 8 |  | – | 80.00 |" in text
+    md2, png2 = write_sweep_report(results, 96, tmp_path)
+    assert (md2.name, png2.name) == ("resolution-sweep-1.md", "resolution-sweep-1.png")
+    assert md.read_text() == text and png.is_file()
+
+
+def test_stage_count_and_trained_resolution_from_what_we_save():
+    assert model_stages("b0") == 5
+    assert trained_resolution({"config": {"data": {"resolution": 64}}}) == 64
+    assert trained_resolution({"model": {}}) is None

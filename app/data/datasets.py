@@ -39,11 +39,13 @@ class ImageDataset(torch.utils.data.Dataset):
     classes: List[str]
 
     def __init__(self, split: str, resolution: int, scale: Sequence[float] = (0.08, 1.0),
-                 hflip: bool = True):
+                 hflip: bool = True, augment: bool = True):
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r} is invalid: expected 'train' or 'val'")
         self.split, self.resolution = split, resolution
         self.scale, self.hflip = tuple(scale), hflip
+        # augment=False: training images get the validation preprocessing (fine-tuning)
+        self.augment = augment
 
     @property
     def num_classes(self) -> int:
@@ -60,7 +62,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return f"{type(self).__name__}[{index}]"
 
     def transform(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        if self.split == "train":
+        if self.split == "train" and self.augment:
             return train_transform(image, self.resolution, self.scale, self.hflip, rng)
         return val_transform(image, self.resolution)
 
@@ -208,7 +210,7 @@ class SyntheticDataset(GeneratedDataset):
 def build_dataset(cfg, split: str, resolution: int, root: Optional[str] = None) -> ImageDataset:
     """The dataset named by ``cfg.data.dataset`` (or ``root``) for ``split`` at ``resolution``."""
     name = root if root is not None else cfg.data.dataset
-    opts = dict(scale=cfg.data.random_crop_scale, hflip=cfg.data.hflip)
+    opts = dict(scale=cfg.data.random_crop_scale, hflip=cfg.data.hflip, augment=cfg.data.augment)
     if name == "digits":
         return DigitsDataset(split, resolution, **opts)
     if name in ("synthetic", "generated"):

@@ -1,0 +1,233 @@
+"""Cheap fine-tuning at the test resolution: ``python -m app finetune --checkpoint RUN``.
+
+The paper's recipe after reduced-resolution training: start from the trained weights (the EMA
+copy when the checkpoint has one), freeze every layer before ``finetune.trainable_from`` (by
+default the last stage and the head stay trainable), and train ``finetune.epochs`` (2) at the
+test resolution ``finetune.resolution`` with validation preprocessing (resize + centre crop: the
+same pixels statistics the model will be tested on), a small-LR cosine schedule and no
+mixup/cutmix. With batch norm, the running statistics are recalibrated at the new resolution
+(forward passes, no gradients) before and after: at a new resolution the activations' statistics
+change, and the frozen layers would otherwise normalise with the old ones.
+"""
+import argparse
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from app.checkpoint import CheckpointError, find_checkpoint, latest_run, load_checkpoint, run_dir_of
+from app.config import Config, config_from_dict
+from app.evaluate import evaluate
+from app.resolution import (
+    check_resolutions,
+    describe_rule,
+    model_stages,
+    native_resolution,
+    trained_resolution,
+)
+from app.train import TrainResult, TrainSetup, run_training
+
+FREEZE_HELP = ("a module name of the network: stem, blocks.<stage> (0-6), blocks.<stage>.<index>, "
+               "head or classifier; every layer before it is frozen")
+
+
+# ----------------------------------------------------------------------------- freezing
+
+Named = List[Tuple[str, nn.Module]]
+
+
+def _modules_before(module: nn.Module, target: str, prefix: str = "") -> Tuple[Named, bool]:
+    """The largest sub-modules that come entirely before ``target`` in registration order (the
+    forward order of EfficientNet), and whether ``target`` was found."""
+    before: Named = []
+    for name, child in module.named_children():
+        full = prefix + name
+        if full == target:
+            return before, True
+        if target.startswith(full + "."):
+            inner, found = _modules_before(child, target, full + ".")
+            return before + inner, found
+        before.append((full, child))
+    return before, False
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+def freeze_before(model: nn.Module, layer: str) -> List[str]:
+    """Freeze every parameter of the layers before ``layer`` (requires_grad=False) and keep those
+    layers in eval mode even when the model is later switched to training: batch norm then uses
+    its running statistics and drop-path is off there, so the frozen part computes exactly what it
+    will compute at test time. Returns the names of the frozen parameters."""
+    before, found = _modules_before(model, layer)
+    if not found:
+        raise ValueError(f"finetune.trainable_from={layer!r} is not a layer of this model: expected "
+                         f"{FREEZE_HELP}")
+    frozen: List[str] = []
+    for name, module in before:
+        for pname, param in module.named_parameters():
+            param.requires_grad_(False)
+            frozen.append(f"{name}.{pname}")
+        module.eval()
+        # The training loop calls model.train() every step (so do PopTorch's wrappers); an
+        # instance-level train() keeps this subtree in eval mode through those calls.
+        module.train = types.MethodType(_stay_in_eval, module)
+    return frozen
+
+
+def trainable_parameters(model: nn.Module) -> List[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- batch norm
+
+def batch_norm_layers(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, batches: Iterable, device: Optional[torch.device] = None,
+                           max_batches: Optional[int] = None) -> int:
+    """Recompute every batch norm's running mean and variance from ``batches`` (images, or
+    (images, targets) pairs), with every other layer in eval mode (no dropout or drop-path) and no
+    gradients: only the running statistics change. Each batch counts equally (a cumulative
+    average, not an exponential one). Returns the number of batches used (0: no batch norm)."""
+    layers = batch_norm_layers(model)
+    if not layers:
+        return 0
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [m.momentum for m in layers]
+    device = device or next(model.parameters()).device
+    used = 0
+    try:
+        nn.Module.train(model, False)  # not model.eval(): the whole tree, frozen parts included
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the batches below
+            nn.Module.train(m, True)
+        for batch in batches:
+            if max_batches is not None and used >= max_batches:
+                break
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(images.to(device))
+            used += 1
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        for m, mode in modes:
+            m.training = mode
+    if used == 0:
+        raise ValueError("batch-norm recalibration got no batches: the loader is empty")
+    return used
+
+
+# ----------------------------------------------------------------------------- the command
+
+RECALIBRATION_IMAGES = 4096  # enough for stable per-channel statistics; all of a small dataset
+
+
+def checkpoint_source(cfg, args) -> Path:
+    """--checkpoint, else finetune.checkpoint, else the newest run in log.out_dir (its best)."""
+    source = getattr(args, "checkpoint", None) or cfg.finetune.checkpoint or latest_run(cfg.log.out_dir)
+    if source is None:
+        raise CheckpointError(f"nothing to fine-tune: no run with checkpoints in {cfg.log.out_dir}/; pass "
+                              "--checkpoint RUN_FOLDER_OR_FILE or finetune.checkpoint=... (or train first)")
+    return find_checkpoint(source, prefer_best=True)
+
+
+def finetune_config(cfg: Config, payload: Dict[str, Any], path: Path, resolution: int) -> Config:
+    """The training configuration of a fine-tuning run: the checkpoint's architecture and weights,
+    the target resolution with validation preprocessing, no mixing, no EMA, the small LR
+    (``finetune.lr`` as is, not scaled with the batch) on a cosine schedule without warm-up."""
+    data = cfg.to_dict()
+    for key, value in (payload.get("arch") or {}).items():
+        if key in data["model"] and data["model"][key] != value:
+            print(f"fine-tuning uses the checkpoint's model.{key}={value!r} (not {data['model'][key]!r})")
+            data["model"][key] = value
+    data["resume"] = None
+    data["model"].update(init_from=str(path), init_source="ours")
+    data["data"].update(resolution=resolution, val_resolutions=[resolution], augment=False,
+                        mixup=0.0, cutmix=0.0)
+    data["optim"].update(lr=cfg.finetune.lr, lr_reference_batch=cfg.global_batch)
+    data["schedule"].update(name="cosine", warmup_epochs=0.0, min_lr_ratio=0.0)
+    data["train"].update(epochs=cfg.finetune.epochs, ema_decay=0.0, val_every=cfg.finetune.epochs)
+    source_run = run_dir_of(path).name  # cfg may be that run's config.yaml: never reuse its name
+    keep = cfg.log.name and cfg.log.name != source_run
+    data["log"]["name"] = cfg.log.name if keep else f"{source_run}-finetune-{resolution}"
+    return config_from_dict(data)
+
+
+@dataclass
+class FinetuneResult:
+    run: TrainResult
+    source: Path
+    trained_resolution: Optional[int]
+    resolution: int
+    before: Dict[str, float] = field(default_factory=dict)  # the checkpoint at the new resolution
+    recalibrated: Optional[Dict[str, float]] = None  # after batch-norm recalibration (batch norm only)
+    frozen: int = 0  # parameters (tensors) frozen
+    trainable: int = 0
+
+    @property
+    def after(self) -> Dict[str, float]:
+        return self.run.results.get(f"raw@{self.resolution}", {})
+
+
+def run_finetune(cfg: Config, source: Path) -> FinetuneResult:
+    payload = load_checkpoint(source)
+    resolution = cfg.finetune.resolution or native_resolution(cfg.model.name)
+    ft_cfg = finetune_config(cfg, payload, source, resolution)
+    result = FinetuneResult(run=None, source=source, trained_resolution=trained_resolution(payload),
+                            resolution=resolution)
+    stages = model_stages(ft_cfg.model.name)
+    if result.trained_resolution is not None:
+        check_resolutions(result.trained_resolution, [resolution], stages, what="fine-tuning")
+    print(f"fine-tuning {source} (trained at {result.trained_resolution}) at {resolution}: "
+          f"{describe_rule(resolution, stages)}")
+
+    def setup(ctx: TrainSetup) -> None:
+        device = ctx.backend.device
+        ctx.classifier.to(device)
+        target_loader = ctx.val_loaders[resolution]
+        result.before = evaluate(ctx.classifier, target_loader, device)
+        print(f"before fine-tuning, at {resolution}: top-1 {result.before['top1']:.2f}%")
+        if batch_norm_layers(ctx.model):
+            limit = max(1, RECALIBRATION_IMAGES // ctx.host_batch)
+            used = recalibrate_batch_norm(ctx.classifier, ctx.train_loader, device, max_batches=limit)
+            result.recalibrated = evaluate(ctx.classifier, target_loader, device)
+            print(f"batch-norm statistics recalibrated at {resolution} on {used} batches: "
+                  f"top-1 {result.recalibrated['top1']:.2f}%")
+        frozen = freeze_before(ctx.model, ft_cfg.finetune.trainable_from)
+        result.frozen, result.trainable = len(frozen), len(trainable_parameters(ctx.model))
+        print(f"frozen: everything before {ft_cfg.finetune.trainable_from} ({result.frozen} tensors); "
+              f"training {result.trainable} tensors")
+
+    result.run = run_training(ft_cfg, setup=setup)
+    return result
+
+
+def report_lines(result: FinetuneResult) -> List[str]:
+    """A Markdown table: accuracy at the target resolution before, (recalibrated,) after."""
+    rows = [("checkpoint as trained", result.before)]
+    if result.recalibrated is not None:
+        rows.append(("+ batch-norm recalibration", result.recalibrated))
+    rows.append((f"+ fine-tuning ({result.run.steps} steps)", result.after))
+    return [f"| weights, at {result.resolution} | top-1 % | top-5 % |", "|---|---:|---:|"] + [
+        f"| {name} | {m.get('top1', float('nan')):.2f} | {m.get('top5', float('nan')):.2f} |"
+        for name, m in rows]
+
+
+def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
+    result = run_finetune(cfg, checkpoint_source(cfg, args))
+    if result.run.exit_code:
+        return result.run.exit_code
+    table = "\n".join(report_lines(result))
+    print(f"fine-tuning of {result.source} at {result.resolution}:\n{table}")
+    (result.run.run_dir / "finetune.md").write_text(
+        f"# Fine-tuning at {result.resolution}\n\nFrom `{result.source}` (trained at "
+        f"{result.trained_resolution}); trainable from `{cfg.finetune.trainable_from}`.\n\n{table}\n")
+    return 0

@@ -1,0 +1,195 @@
+"""Fine-tuning: freezing (frozen parameters and statistics bit-identical after training), batch-norm
+recalibration (only running statistics change, to the exact batch statistics), and a tiny
+end-to-end finetune."""
+import contextlib
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.finetune import batch_norm_layers, freeze_before, recalibrate_batch_norm, trainable_parameters
+from model import build_model
+
+
+def _b0(norm="batch", **kw):
+    return build_model("b0", group_size=16, expand_ratio=4, norm=norm, num_classes=10, **kw)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_freeze_before_last_stage_keeps_frozen_layers_bit_identical():
+    model = _b0(drop_path=0.2)
+    frozen = freeze_before(model, "blocks.6")
+    assert frozen and all(n.startswith(("stem.", "blocks.")) for n in frozen)
+    assert not any(n.startswith("blocks.6.") for n in frozen)
+    trainable = trainable_parameters(model)
+    assert trainable and all(n.startswith(("blocks.6.", "head.", "classifier.")) for n in trainable)
+    assert len(frozen) + len(trainable) == len(list(model.parameters()))
+
+    before = _snapshot(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        model.train()  # what the training loop does every step
+        x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.state_dict()
+    # frozen: every parameter and every batch-norm statistic untouched (the layers stayed in eval)
+    frozen_keys = [k for k in before if k.startswith(("stem.", "blocks.")) and not k.startswith("blocks.6.")]
+    assert all(torch.equal(before[k], after[k]) for k in frozen_keys)
+    assert model.stem.training is False and model.blocks[0].training is False
+    assert model.blocks[6].training and model.head.training
+    # trainable: changed
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+    assert not torch.equal(before["blocks.6.0.project.conv.weight"], after["blocks.6.0.project.conv.weight"])
+    assert not torch.equal(before["head.norm.running_mean"], after["head.norm.running_mean"])
+
+
+def test_freeze_before_other_layers_and_bad_names():
+    model = _b0(norm="layer", proxy_norm=True)
+    assert freeze_before(model, "stem") == []
+    model = _b0(norm="layer", proxy_norm=True)
+    freeze_before(model, "classifier")
+    assert trainable_parameters(model) == ["classifier.weight", "classifier.bias"]
+    model = _b0(norm="layer", proxy_norm=True)
+    freeze_before(model, "blocks.5.2")  # inside a stage: blocks 5.0 and 5.1 frozen, 5.2 on trainable
+    names = trainable_parameters(model)
+    assert names[0].startswith("blocks.5.2.") and not any(n.startswith("blocks.5.1.") for n in names)
+    with pytest.raises(ValueError, match="trainable_from='blocks.9'.*blocks.<stage>"):
+        freeze_before(_b0(), "blocks.9")
+
+
+def test_batch_norm_recalibration_changes_only_running_statistics():
+    model = _b0(dropout=0.5, drop_path=0.2)
+    model.train()
+    before = _snapshot(model)
+    momenta = [m.momentum for m in batch_norm_layers(model)]
+    batches = [(torch.randint(0, 256, (4, 3, 48, 48)).float(), torch.zeros(4)) for _ in range(3)]
+
+    # the stem norm's input, to check the statistics are the exact average of the batch statistics
+    stem_inputs = []
+    hook = model.stem.conv.register_forward_hook(lambda m, i, o: stem_inputs.append(o.detach()))
+    used = recalibrate_batch_norm(model, batches)
+    hook.remove()
+
+    assert used == 3
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    assert changed and all(k.endswith(statistics) for k in changed)
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training and all(m.training for m in model.modules())  # modes restored
+    assert [m.momentum for m in batch_norm_layers(model)] == momenta
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x in stem_inputs]).mean(0)
+    variances = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in stem_inputs]).mean(0)
+    torch.testing.assert_close(model.stem.norm.running_mean, means, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.stem.norm.running_var, variances, rtol=1e-4, atol=1e-4)
+
+
+def test_recalibration_is_a_no_op_without_batch_norm():
+    model = _b0(norm="layer", proxy_norm=True)
+    before = _snapshot(model)
+    assert recalibrate_batch_norm(model, [torch.zeros(2, 3, 32, 32)]) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_recalibration_reaches_frozen_layers_and_keeps_them_frozen():
+    model = _b0()
+    freeze_before(model, "blocks.6")
+    before = model.stem.norm.running_mean.clone()
+    recalibrate_batch_norm(model, [torch.randn(2, 3, 32, 32) * 50])
+    assert not torch.equal(before, model.stem.norm.running_mean)
+    model.train()
+    assert not model.stem.training  # still locked in eval after recalibration
+
+
+def test_training_images_with_validation_preprocessing():
+    """data.augment=false (what fine-tuning sets): training images are resized and centre-cropped
+    exactly as for validation, the same whatever the augmentation seed."""
+    from app.config import build_config
+    from app.data import build_dataset
+    from app.data.transforms import val_transform
+
+    plain = build_dataset(build_config("digits", ["data.augment=false"]), "train", 40)
+    a, b = plain.sample(3, seed=1)[0], plain.sample(3, seed=2)[0]
+    assert torch.equal(a, b) and torch.equal(a, val_transform(plain.image(3), 40))
+    augmented = build_dataset(build_config("digits"), "train", 40)
+    assert not torch.equal(augmented.sample(3, seed=1)[0], augmented.sample(3, seed=2)[0])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+QUICK = ["--device", "cpu", "data.workers=0", "train.micro_batch=8", "train.log_every=1",
+         "model.norm=batch", "model.proxy_norm=false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A digits B0 with batch norm trained 2 steps at 32, validated at 32 and 40: (runs folder,
+    run folder, console output)."""
+    from app.cli import main as cli
+
+    out = tmp_path_factory.mktemp("runs")
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        code = cli(["train", "--config", "digits", *QUICK, "data.resolution=32",
+                    "data.val_resolutions=[32,40]", "train.max_steps=2", "train.val_every=100",
+                    "log.name=src", f"log.out_dir={out}"])
+    assert code == 0, console.getvalue()[-2000:]
+    return out, out / "src", console.getvalue()
+
+
+def test_training_warns_for_validation_sizes_that_break_the_rule(trained):
+    _, _, console = trained
+    assert "warning: validation resolution 40 does not keep the training resolution 32's residue" in console
+    assert "validation resolution 32 does not keep" not in console
+
+
+def test_tiny_finetune_end_to_end(trained, monkeypatch, capsys):
+    import app.finetune
+    from app.checkpoint import find_checkpoint, load_checkpoint
+    from app.cli import main as cli
+
+    monkeypatch.setattr(app.finetune, "RECALIBRATION_IMAGES", 16)  # 2 batches are enough here
+    out, source, _ = trained
+    code = cli(["finetune", "--checkpoint", str(source), *QUICK, "finetune.resolution=64",
+                "train.max_steps=2", f"log.out_dir={out}"])
+    console = capsys.readouterr().out
+    assert code == 0, console[-2000:]
+    run = out / "src-finetune-64"
+    assert (run / "finetune.md").is_file()
+    assert "warning: fine-tuning resolution" not in console  # 64 ≡ 32 (mod 32)
+    for row in ("| checkpoint as trained |", "| + batch-norm recalibration |", "| + fine-tuning (2 steps) |"):
+        assert row in console
+    assert "batch-norm statistics recalibrated at 64 on 2 batches" in console
+
+    start = load_checkpoint(find_checkpoint(source, prefer_best=True))["ema"]["module"]  # EMA preferred
+    tuned = load_checkpoint(find_checkpoint(run))
+    assert tuned["config"]["data"]["resolution"] == 64 and tuned["config"]["data"]["augment"] is False
+    assert tuned["config"]["data"]["mixup"] == 0 and tuned["ema"] is None
+    params = {n for n, _ in _b0().named_parameters()}
+    trainable = ("blocks.6.", "head.", "classifier.")
+    frozen = [n for n in params if not n.startswith(trainable)]
+    assert frozen and all(torch.equal(start[n], tuned["model"][n]) for n in frozen)
+    assert not torch.equal(start["classifier.weight"], tuned["model"]["classifier.weight"])
+    # recalibrated at 64: the frozen stem's running statistics are no longer the trained ones
+    assert not torch.equal(start["stem.norm.running_mean"], tuned["model"]["stem.norm.running_mean"])
+
+
+def test_validate_sweep_writes_table_and_plot_and_warns(trained, capsys):
+    from app.cli import main as cli
+
+    _, source, _ = trained
+    code = cli(["validate", "--checkpoint", str(source), *QUICK, "--resolutions", "32,48"])
+    console = capsys.readouterr().out
+    assert code == 0, console[-2000:]
+    table = (source / "resolution-sweep.md").read_text()
+    assert "| 32 | 0 | ✓ |" in table and "| 48 | 16 |  |" in table
+    assert (source / "resolution-sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "warning: validation resolution 48 does not keep" in console
+    assert "warning: validation resolution 32" not in console
