@@ -52,14 +52,14 @@ def test_pipelined_replicated_digits_training_learns_and_loads_on_cpu(tmp_path, 
     out = tmp_path / "runs"
     args = ["train", "--device", "ipu-model", *QUICK, "train.replicas=2", "train.grad_accum=3",
             "train.micro_batch=4", "ipu.pipeline={blocks.3: 1}", "ipu.precision=32.32",
-            "schedule.warmup_epochs=0", "optim.lr=0.02", "train.max_steps=14", f"log.out_dir={out}",
-            "log.name=ipu"]
+            "schedule.warmup_epochs=0", "optim.lr=0.0015", "train.label_smoothing=0", "train.max_steps=20",
+            f"log.out_dir={out}", "log.name=ipu"]
     assert cli(args) == 0
     text = capsys.readouterr().out
     assert "PopTorch emulator" in text and "(emulated)" in text
     losses = [r["loss"] for r in _metrics(out / "ipu", "train")]
-    assert len(losses) == 14
-    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
     emulated_top1 = _metrics(out / "ipu", "val")[-1]["raw@32/top1"]
     assert cli(["validate", "--device", "cpu", "--checkpoint", str(out / "ipu"), *QUICK]) == 0
     cpu = capsys.readouterr().out
