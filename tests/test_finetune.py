@@ -181,6 +181,18 @@ def test_tiny_finetune_end_to_end(trained, monkeypatch, capsys):
     assert not torch.equal(start["stem.norm.running_mean"], tuned["model"]["stem.norm.running_mean"])
 
 
+def test_finetune_rejects_an_unknown_layer_before_any_work(trained, capsys):
+    from app.cli import main as cli
+
+    out, source, _ = trained
+    before = sorted(p.name for p in out.iterdir())
+    code = cli(["finetune", "--checkpoint", str(source), *QUICK, "finetune.trainable_from=blocks.9",
+                f"log.out_dir={out}"])
+    assert code == 2
+    assert "finetune.trainable_from='blocks.9' is not a layer of b0" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before  # no run folder made
+
+
 def test_validate_sweep_writes_table_and_plot_and_warns(trained, capsys):
     from app.cli import main as cli
 
