@@ -28,6 +28,15 @@ def normal_quantiles(n: int = PROXY_POINTS) -> Tensor:
     return (math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)).float()
 
 
+def _eager_inference(x: Tensor) -> bool:
+    """No gradient recorded and plain eager execution on CPU/GPU: not traced (PopTorch, jit) nor
+    compiled, where caching or writing in place could bake host values into a graph."""
+    if torch.is_grad_enabled() or x.device.type not in ("cpu", "cuda") or torch.jit.is_tracing():
+        return False
+    dynamo = getattr(torch, "_dynamo", None)
+    return not (dynamo is not None and dynamo.is_compiling())
+
+
 class ProxyNormAct(nn.Module):
     """PN-φ for inputs that the preceding norm already scaled and shifted by (γ, β)."""
 
@@ -51,13 +60,37 @@ class ProxyNormAct(nn.Module):
         var = (z - mean[:, None]).square().mean(dim=1)  # population variance
         return mean, torch.rsqrt(var + self.eps)
 
+    def _statistics(self, weight: Tensor, bias: Optional[Tensor],
+                    eager_inference: bool) -> Tuple[Tensor, Tensor]:
+        """proxy_statistics, remembered during eager inference: they depend only on four
+        parameter vectors (and ε, φ, the quantiles), so they are recomputed only when one of
+        those changes (another tensor or storage, or an in-place update: its version counter)."""
+        if not eager_inference:
+            self._cached = None
+            return self.proxy_statistics(weight, bias)
+        tensors = (self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles)
+        key = (self.eps, self.activation) + tuple(
+            (id(t), t.data_ptr(), t._version) for t in tensors if t is not None)
+        cached = getattr(self, "_cached", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.proxy_statistics(weight, bias))
+            self._cached = cached
+        return cached[1]
+
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], defer_scale: bool = False):
         """x = γ·Y + β. With ``defer_scale`` returns (φ(x) − μ̃, 1/σ̃) so that a following
         squeeze-excite can fold the division into its gate and save a pass over the tensor."""
-        mean, inv_std = self.proxy_statistics(weight, bias)
+        eager_inference = _eager_inference(x)
+        mean, inv_std = self._statistics(weight, bias, eager_inference)
         mean = mean.to(x.dtype).view(1, -1, 1, 1)
         inv_std = inv_std.to(x.dtype).view(1, -1, 1, 1)
         z = self.activation(x)
+        if eager_inference:
+            # Inference: z is a temporary of ours, so write the result into it instead of a fresh
+            # tensor (on CPU every large new tensor costs page faults). Same ops, same rounding.
+            if defer_scale:
+                return z.sub_(mean), inv_std
+            return torch.addcmul(-mean * inv_std, z, inv_std, out=z)
         if defer_scale:
             return z - mean, inv_std
         return torch.addcmul(-mean * inv_std, z, inv_std)

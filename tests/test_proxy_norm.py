@@ -119,3 +119,20 @@ def test_batch_independence(norm, independent):
     with torch.no_grad():
         a, b = _output_of_first_sample(model, batch), _output_of_first_sample(model, other)
     assert torch.allclose(a, b, atol=1e-5) is independent
+
+
+def test_inference_fast_path_matches_the_recorded_path_exactly_and_follows_weight_updates():
+    """Eager inference caches the proxy statistics and writes in place: same bits as the path
+    autograd records, and a weight update (in place, as optimisers do) is seen at once."""
+    from model import build_model
+    model = build_model("b0", group_size=16, norm="layer", proxy_norm=True, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(2):  # the second no-grad call uses the cached statistics
+        with torch.no_grad():
+            fast = model(x)
+        recorded = model(x).detach()
+        assert torch.equal(fast, recorded)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "proxy" in name:
+                    p.add_(0.1)
