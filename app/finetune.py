@@ -4,10 +4,11 @@ The paper's recipe after reduced-resolution training: start from the trained wei
 copy when the checkpoint has one), freeze every layer before ``finetune.trainable_from`` (by
 default the last stage and the head stay trainable), and train ``finetune.epochs`` (2) at the
 test resolution ``finetune.resolution`` with validation preprocessing (resize + centre crop: the
-same pixels statistics the model will be tested on), a small-LR cosine schedule and no
-mixup/cutmix. With batch norm, the running statistics are recalibrated at the new resolution
-(forward passes, no gradients) before and after: at a new resolution the activations' statistics
-change, and the frozen layers would otherwise normalise with the old ones.
+same apparent object size and pixel statistics the model will be tested on), a small-LR cosine
+schedule and no mixup/cutmix. With batch norm, the running statistics are recalibrated at the new
+resolution before fine-tuning (forward passes, no gradients): at a new resolution the activations'
+statistics change, and the frozen layers, kept in eval mode, would otherwise normalise with the old
+ones; the trainable layers' statistics then follow the fine-tuning itself.
 """
 import argparse
 import types
@@ -20,6 +21,7 @@ from torch import nn
 
 from app.checkpoint import CheckpointError, find_checkpoint, latest_run, load_checkpoint, run_dir_of
 from app.config import Config, config_from_dict
+from app.errors import AppError
 from app.evaluate import evaluate
 from app.resolution import (
     check_resolutions,
@@ -29,6 +31,7 @@ from app.resolution import (
     trained_resolution,
 )
 from app.train import TrainResult, TrainSetup, run_training
+from model import build_model
 
 FREEZE_HELP = ("a module name of the network: stem, blocks.<stage> (0-6), blocks.<stage>.<index>, "
                "head or classifier; every layer before it is frozen")
@@ -177,12 +180,23 @@ class FinetuneResult:
         return self.run.results.get(f"raw@{self.resolution}", {})
 
 
+def check_trainable_from(model_name: str, layer: str) -> None:
+    """Fail before any data is read when ``layer`` is not a module of the model (built on the meta
+    device: names only, no memory)."""
+    with torch.device("meta"):
+        model = build_model(model_name, num_classes=1)
+    if not _modules_before(model, layer)[1]:
+        raise AppError(f"finetune.trainable_from={layer!r} is not a layer of {model_name}: expected "
+                       f"{FREEZE_HELP}")
+
+
 def run_finetune(cfg: Config, source: Path) -> FinetuneResult:
     payload = load_checkpoint(source)
     resolution = cfg.finetune.resolution or native_resolution(cfg.model.name)
     ft_cfg = finetune_config(cfg, payload, source, resolution)
     result = FinetuneResult(run=None, source=source, trained_resolution=trained_resolution(payload),
                             resolution=resolution)
+    check_trainable_from(ft_cfg.model.name, ft_cfg.finetune.trainable_from)
     stages = model_stages(ft_cfg.model.name)
     if result.trained_resolution is not None:
         check_resolutions(result.trained_resolution, [resolution], stages, what="fine-tuning")

@@ -56,6 +56,7 @@ def derived(cfg: Config, **sections: Dict[str, Any]) -> Config:
 
 
 def paper_folder(cfg: Config) -> Path:
+    """A new ``runs/paper-<model>-<dataset>-<time>`` (or ``log.name``) holding the three runs."""
     dataset = Path(cfg.data.dataset).name or "data"
     name = cfg.log.name or f"paper-{cfg.model.name}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return new_folder(Path(cfg.log.out_dir), name)  # never reuses (overwrites) an existing folder
@@ -165,15 +166,14 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     print(f"\n=== sweep of test resolutions around {native} ===", flush=True)
     backend = create_backend(cfg)
     resolutions = sweep_resolutions(native, stages)
-    eval_cfg = derived(cfg, data={"augment": True})
-    num_classes = build_dataset(eval_cfg, "val", native).num_classes
-    native_model, native_kind = final_weights(runs["native"].run_dir, eval_cfg, num_classes, backend.device)
-    ft_model, _ = final_weights(ft.run.run_dir, eval_cfg, num_classes, backend.device)
+    num_classes = build_dataset(cfg, "val", native).num_classes
+    native_model, native_kind = final_weights(runs["native"].run_dir, cfg, num_classes, backend.device)
+    ft_model, _ = final_weights(ft.run.run_dir, cfg, num_classes, backend.device)
     models = {f"native ({native_kind})": native_model, "half + fine-tune": ft_model}
 
     def evaluate_at(resolution: int) -> Dict[str, Dict[str, float]]:
-        loader = build_loader(build_dataset(eval_cfg, "val", resolution), backend.eval_batch_size(cfg),
-                              train=False, cfg=eval_cfg, device=backend.device)
+        loader = build_loader(build_dataset(cfg, "val", resolution), backend.eval_batch_size(cfg),
+                              train=False, cfg=cfg, device=backend.device)
         return {name: evaluate(model, loader, backend.device) for name, model in models.items()}
 
     rows = sweep(evaluate_at, resolutions, native, stages)

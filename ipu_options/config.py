@@ -19,7 +19,7 @@ class IPUConfig:
     pipeline: Union[Dict[str, int], str] = field(default_factory=dict)
     recompute: List[str] = field(default_factory=list)  # module names whose outputs are checkpoints
     available_memory_proportion: List[float] = field(default_factory=lambda: [0.6])
-    precision: str = "16.16"
+    precision: Union[str, float] = "16.16"  # written 16.16 on a command line, YAML reads a float
     partials: str = "half"
     stochastic_rounding: bool = True
     loss_scaling: Union[float, str] = 1.0  # a number (static) or "auto"
@@ -31,12 +31,16 @@ class IPUConfig:
     seed: Optional[int] = None  # None: the run's seed
     reduction: str = "mean"  # gradients over micro-batches and replicas: mean | sum
     output_mode: str = "all"  # what a call returns: all (every micro-batch) | final | sum
+    plan_ipus: Optional[int] = None  # IPUs per replica for the planner; None: fewest that fit
+    plan_margin: float = 0.3  # share of the 900 MB kept for code, exchange buffers, temporaries
 
     def validate(self) -> None:
         from app.config import ConfigError
 
         if self.device_iterations < 1:
             raise ConfigError("ipu.device_iterations", self.device_iterations, "an integer >= 1")
+        if isinstance(self.precision, float):
+            self.precision = f"{self.precision:.2f}"
         if self.precision not in PRECISIONS:
             raise ConfigError("ipu.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         if self.partials not in PARTIALS:
@@ -48,6 +52,10 @@ class IPUConfig:
             raise ConfigError("ipu.loss_scaling", self.loss_scaling, 'a positive number or "auto"')
         if not isinstance(self.loss_scaling, str) and not self.loss_scaling > 0:
             raise ConfigError("ipu.loss_scaling", self.loss_scaling, 'a positive number or "auto"')
+        if self.plan_ipus is not None and self.plan_ipus < 1:
+            raise ConfigError("ipu.plan_ipus", self.plan_ipus, "an integer >= 1 or null")
+        if not 0.0 <= self.plan_margin < 1.0:
+            raise ConfigError("ipu.plan_margin", self.plan_margin, "a fraction in [0, 1)")
         if self.reduction not in ("mean", "sum"):
             raise ConfigError("ipu.reduction", self.reduction, "mean or sum")
         if self.output_mode not in ("all", "final", "sum"):

@@ -181,6 +181,18 @@ def test_tiny_finetune_end_to_end(trained, monkeypatch, capsys):
     assert not torch.equal(start["stem.norm.running_mean"], tuned["model"]["stem.norm.running_mean"])
 
 
+def test_finetune_rejects_an_unknown_layer_before_any_work(trained, capsys):
+    from app.cli import main as cli
+
+    out, source, _ = trained
+    before = sorted(p.name for p in out.iterdir())
+    code = cli(["finetune", "--checkpoint", str(source), *QUICK, "finetune.trainable_from=blocks.9",
+                f"log.out_dir={out}"])
+    assert code == 2
+    assert "finetune.trainable_from='blocks.9' is not a layer of b0" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before  # no run folder made
+
+
 def test_validate_sweep_writes_table_and_plot_and_warns(trained, capsys):
     from app.cli import main as cli
 
@@ -193,3 +205,25 @@ def test_validate_sweep_writes_table_and_plot_and_warns(trained, capsys):
     assert (source / "resolution-sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "warning: validation resolution 48 does not keep" in console
     assert "warning: validation resolution 32" not in console
+
+
+def test_paper_recipe_end_to_end_writes_one_report(tmp_path, monkeypatch, capsys):
+    """`make paper` in miniature: native 64 vs half 32 + fine-tuning at 64, a 3-point sweep."""
+    import app.paper
+    from app.cli import main as cli
+
+    monkeypatch.setattr(app.paper, "SWEEP_POINTS", 3)
+    code = cli(["paper", "--config", "digits", "--device", "cpu", "data.dataset=synthetic",
+                "data.synthetic_images=16", "train.micro_batch=8", "train.max_steps=1",
+                "finetune.resolution=64", "log.name=paper", f"log.out_dir={tmp_path}"])
+    console = capsys.readouterr().out
+    assert code == 0, console[-3000:]
+    folder = tmp_path / "paper"
+    assert {p.name for p in folder.iterdir()} >= {"native", "half", "half-finetune", "report.md", "sweep.png"}
+    report = (folder / "report.md").read_text()
+    assert "Native resolution 64, half 32" in report
+    assert "| top-1 at 64 (%) |" in report and "| training images/s |" in report
+    assert "| 56 | 24 |  |" in report and "| 64 | 0 | ✓ |" in report and "| 72 | 8 |  |" in report
+    half_cfg = (folder / "half" / "config.yaml").read_text()
+    assert "resolution: 32" in half_cfg
+    assert "warning:" not in console  # 32, 64: every size of the recipe keeps the residue

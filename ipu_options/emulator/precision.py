@@ -18,6 +18,13 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 FP16_MAX = 65504.0
 _NO_HALF_KERNEL: Set[Any] = set()  # ops seen failing on fp16 inputs (per process)
+# Convolutions, matrix products and norms: on a CPU their fp16 kernels are missing (torch 2.0) or
+# reference loops (later versions), so they always run widened there. They return new tensors
+# (no in-place effects besides norm statistics, which are written back).
+_WIDEN_ON_CPU = {torch.conv2d, torch.nn.functional.conv2d, torch.nn.functional.linear,
+                 torch.matmul, torch.mm, torch.addmm, torch.bmm, torch.nn.functional.group_norm,
+                 torch.nn.functional.batch_norm, torch.nn.functional.layer_norm,
+                 torch.group_norm, torch.batch_norm, torch.layer_norm}
 
 
 def _is_half(x: Any) -> bool:
@@ -47,6 +54,9 @@ def _run_in_float(func, args, kwargs: Dict[str, Any]):
 class HalfKernels(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _WIDEN_ON_CPU and any(_is_half(x) and x.device.type == "cpu"
+                                         for x in tree_flatten((args, kwargs))[0]):
+            return _run_in_float(func, args, kwargs)
         if func in _NO_HALF_KERNEL:
             return _run_in_float(func, args, kwargs)
         try:

@@ -1,0 +1,215 @@
+"""Timing one Case: synthetic inputs already on the device, warm-up, timed steps with device
+synchronisation, then one row of figures. A training step is zero_grad, forward, cross-entropy,
+backward and an SGD step (timm's benchmark does the same, so figures compare)."""
+import contextlib
+import math
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from model import build_model, count_macs, count_parameters
+
+from .cases import NORMS, OURS, Case
+from .peers import build_peer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NUM_CLASSES = 1000
+
+
+def build(case: Case) -> nn.Module:
+    if case.subject == OURS:
+        return build_model(case.model, group_size=case.group_size, expand_ratio=case.expand_ratio,
+                           num_classes=NUM_CLASSES, **NORMS[case.norm])
+    return build_peer(case.subject)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(case: Case):
+    """Mixed precision the way users run it: fp32 weights, autocast to bf16/fp16 for compute."""
+    if case.precision == "fp32" or case.device not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=case.device, dtype=DTYPES[case.precision])
+
+
+def peak_memory_reset(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: str) -> Dict[str, object]:
+    """CUDA: the allocator's peak since the case began. Elsewhere the process's peak RSS, which
+    only grows over a run (a lower bound of nothing; rows show the high-water mark so far)."""
+    if device == "cuda":
+        return {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                "peak_mem_kind": "cuda-allocator"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    scale = 2**20 if sys.platform == "darwin" else 2**10
+    return {"peak_mem_mb": round(rss / scale, 1), "peak_mem_kind": "process-peak-rss"}
+
+
+class _WithLoss(nn.Module):
+    """Model + loss in one forward, the shape PopTorch's trainingModel wants (the loss marked
+    with identity_loss so PopTorch knows which output to differentiate)."""
+
+    def __init__(self, model: nn.Module, identity_loss):
+        super().__init__()
+        self.model = model
+        self.loss = nn.CrossEntropyLoss()
+        self.identity_loss = identity_loss
+
+    def forward(self, images, targets):
+        logits = self.model(images)
+        return logits, self.identity_loss(self.loss(logits, targets), reduction="none")
+
+
+def make_step(case: Case, model: nn.Module, images: torch.Tensor,
+              targets: torch.Tensor) -> Callable[[], None]:
+    """A closure running one step of ``case.mode`` on the prepared inputs."""
+    if case.device in ("ipu", "ipu-model"):
+        return _poptorch_step(case, model, images, targets)
+    runner = torch.compile(model) if case.compile else model
+    if case.mode == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.no_grad(), autocast(case):
+                runner(images)
+        return infer
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    scaler = None
+    if case.precision == "fp16" and case.device == "cuda":
+        scaler = torch.cuda.amp.GradScaler()
+
+    def train() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(case):
+            loss = loss_fn(runner(images), targets)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+    return train
+
+
+def _poptorch_step(case: Case, model: nn.Module, images, targets) -> Callable[[], None]:
+    """ipu: real PopTorch (skipped when the SDK is absent); ipu-model: the emulator, whose rows
+    are labelled emulated and only show that the path runs, never IPU speed."""
+    import ipu_options
+    if case.device == "ipu" and ipu_options.EMULATED:
+        raise RuntimeError(f"PopTorch unavailable ({ipu_options.IMPORT_ERROR}); use --device "
+                           "ipu-model for the emulator or install the Poplar SDK")
+    poptorch = ipu_options.poptorch
+    options = poptorch.Options()
+    if case.precision != "fp32":
+        model = model.half()
+    if case.mode == "infer":
+        executor = poptorch.inferenceModel(model.eval(), options)
+        return lambda: executor(images)
+    optimizer = poptorch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    executor = poptorch.trainingModel(_WithLoss(model.train(), poptorch.identity_loss), options, optimizer)
+    return lambda: executor(images, targets)
+
+
+def prepare_inputs(case: Case):
+    device = "cpu" if case.device in ("ipu", "ipu-model") else case.device
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(case.batch, 3, case.resolution, case.resolution, generator=generator)
+    targets = torch.randint(0, NUM_CLASSES, (case.batch,), generator=generator)
+    if case.device in ("ipu", "ipu-model") and case.precision != "fp32":
+        images = images.half()
+    images = images.to(device)
+    if case.layout == "channels_last":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(device)
+
+
+def time_steps(step: Callable[[], None], device: str, warmup: int, steps: int) -> List[float]:
+    """Seconds per step, each step synchronised so it is timed whole."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def percentile(values: List[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class Prepared:
+    """A case built once (model, inputs, step), so interleaved repeats reuse it."""
+
+    def __init__(self, case: Case):
+        self.case = case
+        model = build(case)
+        self.params = count_parameters(model)
+        self.macs = count_macs(model, case.resolution)
+        device = "cpu" if case.device in ("ipu", "ipu-model") else case.device
+        model = model.to(device)
+        if case.layout == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        self.images, self.targets = prepare_inputs(case)
+        self.step = make_step(case, model, self.images, self.targets)
+
+
+def summarise(case: Case, prepared: Prepared, times: List[float],
+              peak_flops: Optional[float]) -> Dict[str, object]:
+    """Figures of one case from its step times. FLOPs = 2 × MACs; training = 3 × forward."""
+    median = statistics.median(times)
+    images_per_s = case.batch / median
+    flops_per_image = 2 * prepared.macs * (3 if case.mode == "train" else 1)
+    achieved = flops_per_image * images_per_s
+    return {
+        "steps": len(times),
+        "step_ms_median": round(median * 1e3, 3),
+        "step_ms_p90": round(percentile(times, 90) * 1e3, 3),
+        "step_ms_mean": round(statistics.fmean(times) * 1e3, 3),
+        "images_per_s": round(images_per_s, 2),
+        "params": prepared.params,
+        "gmacs": round(prepared.macs / 1e9, 4),
+        "achieved_tflops": round(achieved / 1e12, 6),
+        "peak_tflops": round(peak_flops / 1e12, 4) if peak_flops else None,
+        "utilisation": round(achieved / peak_flops, 4) if peak_flops else None,
+    }
+
+
+def measure_peak_flops(device: str, precision: str, size: Optional[int] = None,
+                       repeats: int = 3) -> float:
+    """The device's practical ceiling in ``precision``: best FLOP/s of a large square matmul."""
+    if device in ("ipu", "ipu-model"):
+        return float("nan")
+    size = size or (8192 if device == "cuda" else 1024)
+    dtype = DTYPES[precision]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)
+    synchronize(device)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best

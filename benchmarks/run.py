@@ -1,0 +1,227 @@
+"""The benchmark command: expand a preset (plus overrides) into cases, time them, write rows."""
+import argparse
+import csv
+import gc
+import json
+import os
+import sys
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+from .cases import Case, expand, our_cases, peer_cases
+from .environment import describe, load_average
+from .measure import Prepared, measure_peak_flops, summarise, time_steps
+from .peers import missing_library
+from .presets import PRESETS
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _list(kind=str):
+    return lambda text: [kind(v) for v in text.split(",") if v]
+
+
+def _bools(text: str) -> List[bool]:
+    table = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
+    try:
+        return [table[v.lower()] for v in text.split(",") if v]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"--compile takes on/off values, got {text!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Training and inference throughput of our EfficientNet variants and their "
+                    "peers, side by side. A preset sets every axis; the options override it.")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    p.add_argument("--device", choices=["cpu", "cuda", "ipu", "ipu-model"])
+    p.add_argument("--models", type=_list(), help="b0..b7, comma-separated")
+    p.add_argument("--variants", type=_list(),
+                   help="exact variants, e.g. g1-e6-bn,g16-e4-ln+pn (overrides groups/expands/norms)")
+    p.add_argument("--groups", type=_list(int), help="group sizes, e.g. 1,16")
+    p.add_argument("--expands", type=_list(int), help="expansion ratios, e.g. 4,6")
+    p.add_argument("--norms", type=_list(), help="bn,gn,ln,ln+pn")
+    p.add_argument("--res", type=_list(), help="native, half or pixels, e.g. native,half")
+    p.add_argument("--batch", type=_list(int), help="batch sizes")
+    p.add_argument("--precisions", type=_list(), help="fp32,bf16,fp16 (autocast)")
+    p.add_argument("--layouts", type=_list(), help="nchw,channels_last")
+    p.add_argument("--compile", type=_bools, help="off,on (torch.compile)")
+    p.add_argument("--modes", type=_list(), help="train,infer")
+    p.add_argument("--peers", type=_list(), help="peer names, or 'none'")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--repeats", type=int,
+                   help="rounds over all cases, interleaved (ours and peers alternate)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", help="output path without extension "
+                   "(default benchmarks/results/<preset>-<device>)")
+    return p
+
+
+def settings(args: argparse.Namespace) -> Dict[str, object]:
+    chosen = dict(PRESETS[args.preset])
+    chosen.setdefault("variants", None)
+    if any(getattr(args, k) is not None for k in ("groups", "expands", "norms")):
+        chosen["variants"] = None  # crossing axes named on the command line replaces the list
+    for key in chosen:
+        value = getattr(args, key, None)
+        if value is not None:
+            chosen[key] = value
+    if chosen["peers"] in (["none"], ["None"]):
+        chosen["peers"] = []
+    for key in ("warmup", "steps", "repeats"):
+        if int(chosen[key]) < (0 if key == "warmup" else 1):
+            raise SystemExit(f"error: --{key}={chosen[key]} is too small (warmup >= 0, steps and "
+                             "repeats >= 1)")
+    return chosen
+
+
+def build_cases(s: Dict[str, object]) -> List[Case]:
+    axes = dict(batch=s["batch"], precision=s["precisions"], layout=s["layouts"],
+                compile=s["compile"], mode=s["modes"])
+    ours = our_cases(s["models"], s["groups"], s["expands"], s["norms"], s["res"],
+                     variants=s.get("variants"), device=s["device"])
+    peers = peer_cases(s["peers"], s["res"], device=s["device"])
+    return expand(ours + peers, **axes)
+
+
+def check_device(device: str) -> None:
+    """Fail before any work when the device cannot run at all."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA device "
+                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+                         "use --device cpu or install a CUDA build of torch")
+
+
+def _skip_row(case: Case, reason: str, status: str = "skipped") -> Dict[str, object]:
+    return {**case.as_dict(), "status": status, "reason": reason}
+
+
+def run_cases(cases: List[Case], warmup: int, steps: int, repeats: int,
+              log=print) -> List[Dict[str, object]]:
+    """Time every case. With repeats > 1 all runnable cases are built first and timed round by
+    round, so ours and the peers share the machine's good and bad moments alike."""
+    rows: Dict[int, Dict[str, object]] = {}
+    runnable = []
+    for i, case in enumerate(cases):
+        reason = missing_library(case.subject) if case.subject != "ours" else None
+        if reason:
+            rows[i] = _skip_row(case, reason)
+            log(f"skip {case.name}: {reason}")
+        else:
+            runnable.append(i)
+    peaks: Dict[tuple, float] = {}
+    for case in (cases[i] for i in runnable):
+        key = (case.device, case.precision)
+        if key not in peaks:
+            peaks[key] = measure_peak_flops(*key)
+    interleave = repeats > 1
+    prepared: Dict[int, Prepared] = {}
+    times: Dict[int, List[float]] = {i: [] for i in runnable}
+    per_repeat: Dict[int, List[float]] = {i: [] for i in runnable}
+    loads: Dict[int, List[float]] = {i: [] for i in runnable}
+    for r in range(repeats):
+        for i in runnable:
+            if i in rows:
+                continue
+            case = cases[i]
+            try:
+                if i not in prepared:
+                    _reset_memory(case.device)
+                    prepared[i] = Prepared(case)
+                t = time_steps(prepared[i].step, case.device, warmup if r == 0 or not interleave else 1,
+                               steps)
+            except (RuntimeError, ValueError, NotImplementedError, torch.cuda.OutOfMemoryError) as error:
+                rows[i] = _skip_row(case, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}",
+                                    status="error")
+                prepared.pop(i, None)
+                log(f"error {case.name} {case.mode}: {rows[i]['reason']}")
+                continue
+            times[i].extend(t)
+            per_repeat[i].append(sorted(t)[len(t) // 2] * 1e3)
+            loads[i].append(load_average())
+            if r == repeats - 1 or not interleave:
+                rows[i] = _finish(case, prepared[i], times[i], per_repeat[i], loads[i],
+                                  peaks.get((case.device, case.precision)))
+                log(_line(rows[i]))
+            if not interleave:
+                del prepared[i]
+                gc.collect()
+    return [rows[i] for i in range(len(cases)) if i in rows]
+
+
+def _reset_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _finish(case, prepared, times, per_repeat, loads, peak) -> Dict[str, object]:
+    from .measure import peak_memory
+    row = {**case.as_dict(), "status": "ok", "reason": ""}
+    row.update(summarise(case, prepared, times, peak))
+    row.update(peak_memory(case.device))
+    row["repeat_ms_median"] = [round(v, 3) for v in per_repeat]
+    row["load_avg"] = max(loads)
+    row.update(describe(case.device))
+    return row
+
+
+def _line(row: Dict[str, object]) -> str:
+    return (f"{row['name']:<34} {row['mode']:<5} {row['precision']:<4} {row['layout']:<13} "
+            f"{row['resolution']:>4}px b{row['batch']:<4} {row['step_ms_median']:>9.1f} ms "
+            f"{row['images_per_s']:>9.1f} img/s  load {row['load_avg']}")
+
+
+CSV_SKIP = ("repeat_ms_median",)
+
+
+def write_rows(rows: List[Dict[str, object]], out: str, log=print) -> List[str]:
+    """JSON lines and CSV at ``out``.jsonl / ``out``.csv (written whole, then moved in place)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    paths = [out + ".jsonl", out + ".csv"]
+    for path in paths:
+        if os.path.exists(path):
+            log(f"replacing {path} (generated results; earlier versions are in git)")
+    tmp = paths[0] + ".tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, paths[0])
+    fields: List[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields and k not in CSV_SKIP]
+    tmp = paths[1] + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, paths[1])
+    return paths
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    args = parser().parse_args(None if argv is None else list(argv))
+    s = settings(args)
+    try:
+        cases = build_cases(s)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    check_device(s["device"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or os.path.join(RESULTS_DIR, f"{args.preset}-{s['device']}")
+    print(f"{len(cases)} cases on {s['device']} ({args.preset}); warm-up {s['warmup']}, "
+          f"{s['steps']} timed steps, {s['repeats']} repeat(s); load average {load_average()}",
+          flush=True)
+    rows = run_cases(cases, int(s["warmup"]), int(s["steps"]), int(s["repeats"]),
+                     log=lambda m: print(m, flush=True))
+    for path in write_rows(rows, out):
+        print(f"wrote {path}")
+    command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
+    with open(out + ".cmd", "w") as f:
+        f.write(command.strip() + "\n")
+    return 0 if any(r["status"] == "ok" for r in rows) else 1

@@ -1,0 +1,202 @@
+"""``PopTorchBackend``: the training loop's backend for ``--device ipu`` and ``--device ipu-model``.
+
+  --device ipu        real PopTorch on IPU hardware; refuses (with the reason and the fix) when
+                      PopTorch does not import or no IPUs are visible.
+  --device ipu-model  the SDK's IPU Model when PopTorch is installed (no replication there),
+                      otherwise the project's PopTorch emulator (CPU, or CUDA when present).
+Both ipu-model flavours are emulations: the backend says which runs and its results are labelled
+emulated. Every configuration check (batch factors, split names, pipeline accumulation rule,
+estimated memory) runs in the constructor, before data, model or compilation.
+
+The loop's model stays the host copy (fp32, for checkpoints and EMA); the backend runs a device
+copy with the IPU precision, the pipeline/recomputation annotations and a PopTorch optimiser,
+and copies weights (and optimiser state) back in ``sync_to_host``.
+"""
+import copy
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from app.backend import Backend, BackendError
+from app.distributed import all_reduce_mean
+from ipu_options.options import build_options, local_replicas, num_ipus
+
+
+def _describe(poptorch_emulated: bool, device: str, compute: torch.device) -> str:
+    if device == "ipu":
+        return "IPU hardware (PopTorch)"
+    if poptorch_emulated:
+        return f"PopTorch emulator on {compute.type.upper()} (ipu_options.emulator; emulated, not an IPU)"
+    return "Poplar SDK IPU Model (emulated IPU, not hardware)"
+
+
+class PopTorchBackend(Backend):
+    def __init__(self, cfg):
+        from ipu_options import EMULATED, IMPORT_ERROR, poptorch
+        from ipu_options.pipeline import SplitError
+        from ipu_options.planning import PlanError, resolve_pipeline
+
+        self.cfg, self.poptorch = cfg, poptorch
+        self.use_ipu_model = cfg.device == "ipu-model" and not EMULATED
+        self.emulated = cfg.device == "ipu-model"
+        replicas = local_replicas(cfg)
+        if cfg.device == "ipu":
+            if EMULATED:
+                raise BackendError(
+                    f"device=ipu needs PopTorch from the Poplar SDK 3.4 (Python 3.8, torch 2.0.1), which "
+                    f"does not import here ({IMPORT_ERROR}). Enable the SDK (source "
+                    f"poplar_sdk/enable) and install its poptorch wheel (requirements-ipu.txt), or run "
+                    f"--device ipu-model (the emulator) or --device cpu/cuda")
+        elif self.use_ipu_model and replicas > 1:
+            raise BackendError("the SDK's IPU Model does not support replicated graphs: use "
+                               "train.replicas=1 with --device ipu-model, or IPU_OPTIONS_EMULATE=1 to run "
+                               "the project's emulator, which does")
+        try:
+            self.network = self._meta_network(cfg)
+            self.splits, self.recompute, self.plan = resolve_pipeline(cfg, self.network)
+        except (PlanError, SplitError) as error:
+            raise BackendError(f"invalid IPU configuration: {error}") from None
+        self.ipus = num_ipus(cfg, self.splits)
+        if cfg.device == "ipu" and not cfg.ipu.compile_only:
+            needed = self.ipus * replicas
+            if not poptorch.ipuHardwareIsAvailable(needed):
+                raise BackendError(f"device=ipu: no {needed} IPUs available ({self.ipus} per replica × "
+                                   f"{replicas} replicas); check gc-info / the V-IPU partition, use "
+                                   f"ipu.compile_only=true to compile offline, or --device ipu-model")
+        self.compute = torch.device("cuda" if EMULATED and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cpu")  # PopTorch takes host tensors; the emulator moves them
+        self.name = "ipu" if cfg.device == "ipu" else "ipu-model"
+        self.description = _describe(EMULATED, cfg.device, self.compute)
+        stage_text = f", pipeline {self.splits}" if self.splits else ""
+        print(f"IPU backend: {self.description}; {replicas} replica(s) × {self.ipus} IPU(s){stage_text}, "
+              f"precision {cfg.ipu.precision}")
+        self.eval_iterations = max(cfg.ipu.device_iterations, self.ipus)  # inference: DI >= stages
+        self.train_model = self.eval_model = None
+        self._lr: Optional[float] = None
+        self._state_loaded = False
+
+    @staticmethod
+    def _meta_network(cfg) -> nn.Module:
+        """The network's structure for name checks and planning, without allocating weights."""
+        from app.objective import build_network
+        from ipu_options.planning import _num_classes
+
+        try:
+            with torch.device("meta"):
+                return build_network(cfg, _num_classes(cfg))
+        except (AttributeError, TypeError, RuntimeError):  # no device context manager
+            return build_network(cfg, _num_classes(cfg))
+
+    # ------------------------------------------------------------------ sizes
+    def host_batch_size(self, cfg) -> int:
+        return (cfg.train.micro_batch * cfg.train.grad_accum * cfg.ipu.device_iterations
+                * local_replicas(cfg))
+
+    def eval_batch_size(self, cfg) -> int:
+        return cfg.train.micro_batch * self.eval_iterations * local_replicas(cfg)
+
+    # ------------------------------------------------------------------ setup
+    def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer, cfg) -> None:
+        from ipu_options.optimizer import build_ipu_optimizer, device_groups
+        from ipu_options.pipeline import annotate
+        from ipu_options.precision import apply_precision
+
+        poptorch = self.poptorch
+        self.host_classifier, self.host_optimizer = classifier, optimizer
+        device = copy.deepcopy(classifier)
+        device.loss_hook = lambda loss: poptorch.identity_loss(loss, reduction="none")
+        apply_precision(device.model, cfg.ipu.precision)
+        annotate(device.model, self.splits, self.recompute, poptorch)
+        device.to(self.compute)
+        self.device_classifier = device
+        lr = optimizer.param_groups[0]["lr"]
+        self.optimizer = build_ipu_optimizer(poptorch, device_groups(optimizer, classifier, device),
+                                             cfg, lr)
+        self._lr = lr
+        train_opts = build_options(cfg, poptorch, training=True, splits=self.splits,
+                                   use_ipu_model=self.use_ipu_model)
+        eval_opts = build_options(cfg, poptorch, training=False, splits=self.splits,
+                                  use_ipu_model=self.use_ipu_model)
+        eval_opts.deviceIterations(self.eval_iterations)
+        device.train()
+        self.train_model = poptorch.trainingModel(device, train_opts, optimizer=self.optimizer)
+        self.eval_opts = eval_opts
+
+    # ------------------------------------------------------------------ steps
+    def _swap_to(self, model) -> None:
+        """One executable on the IPUs at a time (hardware); free in the emulator."""
+        other = self.eval_model if model is self.train_model else self.train_model
+        if other is not None and other.isAttachedToDevice():
+            other.detachFromDevice()
+        if model.isCompiled() and not model.isAttachedToDevice():
+            model.attachToDevice()
+
+    def _load_host_optimizer_state(self) -> None:
+        """A resumed run loaded the optimiser state into the loop's optimiser: hand it over."""
+        self._state_loaded = True
+        if self.host_optimizer.state:
+            self.optimizer.load_state_dict(self.host_optimizer.state_dict())
+            self.optimizer.param_groups[0]["lr"] = self._lr
+
+    def train_step(self, images: Tensor, targets: Tensor) -> Dict[str, Tensor]:
+        if not self._state_loaded:
+            self._load_host_optimizer_state()
+        self._swap_to(self.train_model)
+        self.device_classifier.train()
+        images, targets = images.to(self.compute), targets.to(self.compute)
+        try:
+            _, losses = self.train_model(images, targets)
+        except ValueError as error:  # the emulator's batch / pipeline checks, PopTorch's rules
+            raise BackendError(f"invalid IPU configuration: {error}") from None
+        return {"loss": all_reduce_mean(losses.float().mean().cpu())}
+
+    def set_lr(self, lr: float) -> None:
+        if lr == self._lr:
+            return
+        self._lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.train_model is not None and self.train_model.isCompiled():
+            self.train_model.setOptimizer(self.optimizer)
+
+    @torch.no_grad()
+    def evaluate(self, images: Tensor) -> Tensor:
+        if self.eval_model is None:
+            self.eval_model = self.poptorch.inferenceModel(self.device_classifier, self.eval_opts)
+        self._swap_to(self.eval_model)
+        self.device_classifier.eval()
+        unit = self.eval_batch_size(self.cfg)
+        outputs = []
+        for start in range(0, images.shape[0], unit):
+            chunk = images[start:start + unit]
+            n = chunk.shape[0]
+            if n < unit:  # the executable has a fixed batch: pad, then drop the padding
+                chunk = torch.cat([chunk, chunk[:1].expand(unit - n, *chunk.shape[1:])])
+            outputs.append(self.eval_model(chunk.to(self.compute))[:n].float().cpu())
+        return torch.cat(outputs)
+
+    def sync_to_host(self) -> None:
+        if self.train_model is None:
+            return
+        if self.train_model.isCompiled():
+            self.train_model.copyWeightsToHost()
+        host = self.host_classifier.model.state_dict()
+        with torch.no_grad():
+            for name, value in self.device_classifier.model.state_dict().items():
+                host[name].copy_(value.to(host[name].dtype))
+        if self.optimizer.state:
+            self.host_optimizer.load_state_dict(self.optimizer.state_dict())
+
+    def state_dict(self) -> Dict[str, Any]:
+        scale = getattr(self.train_model, "loss_scale", None) if self.train_model else None
+        return {"loss_scale": scale} if scale is not None else {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("loss_scale") and self.train_model is not None:
+            self.train_model._loss_scale = float(state["loss_scale"])
+
+    def close(self) -> None:
+        for model in (self.train_model, self.eval_model):
+            if model is not None and model.isAttachedToDevice():
+                model.detachFromDevice()
