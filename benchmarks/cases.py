@@ -1,7 +1,7 @@
 """What one measurement is (a Case) and the named matrices of cases (presets)."""
 import itertools
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from app.resolution import half_resolution, native_resolution
 
@@ -74,10 +74,29 @@ def resolve_resolution(model: str, label: str) -> int:
         raise ValueError(f"resolution {label!r} must be native, half or a number of pixels") from None
 
 
+def parse_variant(text: str) -> Tuple[int, int, str]:
+    """'g16-e4-ln+pn' → (16, 4, 'ln+pn'): group size, expansion ratio, norm label."""
+    parts = text.lower().split("-", 2)
+    try:
+        if len(parts) != 3 or parts[0][0] != "g" or parts[1][0] != "e" or parts[2] not in NORMS:
+            raise ValueError
+        return int(parts[0][1:]), int(parts[1][1:]), parts[2]
+    except (ValueError, IndexError):
+        raise ValueError(f"variant {text!r} must look like g16-e4-ln+pn (group size, expansion, "
+                         f"norm in {', '.join(NORMS)})") from None
+
+
 def our_cases(models: Iterable[str], groups: Iterable[int], expands: Iterable[int],
-              norms: Iterable[str], resolutions: Iterable[str], **common) -> List[Case]:
+              norms: Iterable[str], resolutions: Iterable[str],
+              variants: Optional[Iterable[str]] = None, **common) -> List[Case]:
+    """Each model × variant × resolution. ``variants`` ('g16-e4-ln+pn', ...) names exact
+    combinations; without it groups × expands × norms are crossed."""
+    if variants:
+        combos = [parse_variant(v) for v in variants]
+    else:
+        combos = list(itertools.product(groups, expands, norms))
     cases = []
-    for model, g, e, norm, res in itertools.product(models, groups, expands, norms, resolutions):
+    for model, (g, e, norm), res in itertools.product(models, combos, resolutions):
         cases.append(Case(OURS, model, int(g), int(e), norm, resolve_resolution(model, res), **common))
     return cases
 

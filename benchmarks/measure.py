@@ -57,16 +57,18 @@ def peak_memory(device: str) -> Dict[str, object]:
 
 
 class _WithLoss(nn.Module):
-    """Model + loss in one forward, the shape PopTorch's trainingModel wants."""
+    """Model + loss in one forward, the shape PopTorch's trainingModel wants (the loss marked
+    with identity_loss so PopTorch knows which output to differentiate)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, identity_loss):
         super().__init__()
         self.model = model
         self.loss = nn.CrossEntropyLoss()
+        self.identity_loss = identity_loss
 
     def forward(self, images, targets):
         logits = self.model(images)
-        return logits, self.loss(logits, targets)
+        return logits, self.identity_loss(self.loss(logits, targets), reduction="none")
 
 
 def make_step(case: Case, model: nn.Module, images: torch.Tensor,
@@ -118,7 +120,7 @@ def _poptorch_step(case: Case, model: nn.Module, images, targets) -> Callable[[]
         executor = poptorch.inferenceModel(model.eval(), options)
         return lambda: executor(images)
     optimizer = poptorch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    executor = poptorch.trainingModel(_WithLoss(model.train()), options, optimizer)
+    executor = poptorch.trainingModel(_WithLoss(model.train(), poptorch.identity_loss), options, optimizer)
     return lambda: executor(images, targets)
 
 
@@ -187,7 +189,7 @@ def summarise(case: Case, prepared: Prepared, times: List[float],
         "images_per_s": round(images_per_s, 2),
         "params": prepared.params,
         "gmacs": round(prepared.macs / 1e9, 4),
-        "achieved_tflops": round(achieved / 1e12, 4),
+        "achieved_tflops": round(achieved / 1e12, 6),
         "peak_tflops": round(peak_flops / 1e12, 4) if peak_flops else None,
         "utilisation": round(achieved / peak_flops, 4) if peak_flops else None,
     }

@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--device", choices=["cpu", "cuda", "ipu", "ipu-model"])
     p.add_argument("--models", type=_list(), help="b0..b7, comma-separated")
+    p.add_argument("--variants", type=_list(),
+                   help="exact variants, e.g. g1-e6-bn,g16-e4-ln+pn (overrides groups/expands/norms)")
     p.add_argument("--groups", type=_list(int), help="group sizes, e.g. 1,16")
     p.add_argument("--expands", type=_list(int), help="expansion ratios, e.g. 4,6")
     p.add_argument("--norms", type=_list(), help="bn,gn,ln,ln+pn")
@@ -60,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
 
 def settings(args: argparse.Namespace) -> Dict[str, object]:
     chosen = dict(PRESETS[args.preset])
+    chosen.setdefault("variants", None)
+    if any(getattr(args, k) is not None for k in ("groups", "expands", "norms")):
+        chosen["variants"] = None  # crossing axes named on the command line replaces the list
     for key in chosen:
         value = getattr(args, key, None)
         if value is not None:
@@ -77,7 +82,7 @@ def build_cases(s: Dict[str, object]) -> List[Case]:
     axes = dict(batch=s["batch"], precision=s["precisions"], layout=s["layouts"],
                 compile=s["compile"], mode=s["modes"])
     ours = our_cases(s["models"], s["groups"], s["expands"], s["norms"], s["res"],
-                     device=s["device"])
+                     variants=s.get("variants"), device=s["device"])
     peers = peer_cases(s["peers"], s["res"], device=s["device"])
     return expand(ours + peers, **axes)
 

@@ -1,0 +1,130 @@
+"""The benchmark harness's accounting on tiny models (not speed: no timing thresholds)."""
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import measure, peers, report, run
+from benchmarks.cases import Case, parse_variant
+from model import build_model, count_macs, count_parameters
+
+ROW_FIELDS = {"name", "subject", "model", "group_size", "expand_ratio", "norm", "resolution",
+              "batch", "precision", "layout", "compile", "mode", "device", "status",
+              "step_ms_median", "step_ms_p90", "step_ms_mean", "images_per_s", "params", "gmacs",
+              "achieved_tflops", "peak_tflops", "utilisation", "peak_mem_mb", "peak_mem_kind",
+              "device_name", "emulated", "torch", "cuda", "threads", "date", "commit", "load_avg",
+              "repeat_ms_median"}
+
+
+def tiny_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 1000))
+
+
+@pytest.fixture
+def tiny_peer(monkeypatch):
+    """A fake peer (a 2-layer net) registered under a real peer's name, so no timm is needed."""
+    monkeypatch.setitem(peers.PEERS, "timm/efficientnet_b0", ("torch", tiny_net))
+    return "timm/efficientnet_b0"
+
+
+def test_summary_figures_follow_from_step_times():
+    case = Case(batch=8, mode="train")
+    prepared = type("P", (), {"macs": 1_000_000, "params": 10})()
+    row = measure.summarise(case, prepared, [0.4, 0.1, 0.3, 0.2, 0.5], peak_flops=1e9)
+    assert row["step_ms_median"] == pytest.approx(300.0)
+    assert row["step_ms_p90"] == pytest.approx(500.0)
+    assert row["images_per_s"] == pytest.approx(8 / 0.3, rel=1e-3)
+    achieved = 3 * 2 * 1_000_000 * 8 / 0.3  # training counts 3x the forward's 2 FLOPs per MAC
+    assert row["achieved_tflops"] == pytest.approx(achieved / 1e12, rel=1e-3)
+    assert row["utilisation"] == pytest.approx(achieved / 1e9, rel=1e-3)
+
+
+def test_rows_have_all_fields_and_consistent_accounting(tiny_peer):
+    cases = [Case(tiny_peer, resolution=16, batch=3, mode=m) for m in ("train", "infer")]
+    rows = run.run_cases(cases, warmup=1, steps=3, repeats=2, log=lambda m: None)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for row in rows:
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert row["images_per_s"] == pytest.approx(3 / (row["step_ms_median"] / 1e3), rel=1e-2)
+        assert row["step_ms_p90"] >= row["step_ms_median"]
+        assert len(row["repeat_ms_median"]) == 2  # interleaved rounds, one median each
+        assert row["steps"] == 6
+        assert row["params"] == count_parameters(tiny_net())
+        assert row["gmacs"] == pytest.approx(count_macs(tiny_net(), 16) / 1e9, abs=1e-4)
+
+
+def test_our_rows_count_macs_like_the_model():
+    case = Case(model="b0", group_size=16, norm="ln+pn", resolution=32, batch=1, mode="infer")
+    prepared = measure.Prepared(case)
+    ours = build_model("b0", group_size=16, norm="layer", proxy_norm=True)
+    assert prepared.macs == count_macs(ours, 32)
+    assert prepared.params == count_parameters(ours)
+
+
+def test_missing_peer_is_skipped_and_others_still_run(monkeypatch, tiny_peer):
+    monkeypatch.setitem(peers.PEERS, "timm/efficientnet_b2", ("no_such_library_xyz", tiny_net))
+    cases = [Case("timm/efficientnet_b2", resolution=16, batch=2, mode="infer"),
+             Case(tiny_peer, resolution=16, batch=2, mode="infer")]
+    rows = run.run_cases(cases, warmup=0, steps=1, repeats=1, log=lambda m: None)
+    assert rows[0]["status"] == "skipped" and "pip install no_such_library_xyz" in rows[0]["reason"]
+    assert rows[1]["status"] == "ok"
+
+
+def test_ipu_without_sdk_is_an_error_row_and_ipu_model_is_labelled_emulated(tiny_peer):
+    import ipu_options
+    cases = [Case(tiny_peer, resolution=16, batch=2, mode=m, device="ipu-model")
+             for m in ("infer", "train")]
+    if ipu_options.EMULATED:
+        cases.append(Case(tiny_peer, resolution=16, batch=2, mode="infer", device="ipu"))
+    rows = run.run_cases(cases, warmup=0, steps=1, repeats=1, log=lambda m: None)
+    assert [r["status"] for r in rows[:2]] == ["ok", "ok"]
+    assert all(r["emulated"] and "emulated" in r["device_name"] for r in rows[:2])
+    if ipu_options.EMULATED:
+        assert rows[2]["status"] == "error" and "PopTorch unavailable" in rows[2]["reason"]
+
+
+def test_cli_writes_rows_and_report_builds_tables_and_plots(tmp_path):
+    out = str(tmp_path / "r")
+    code = run.main(["--preset", "tiny", "--variants", "g1-e6-bn,g16-e6-bn", "--modes", "infer",
+                     "--peers", "none", "--warmup", "0", "--steps", "1", "--out", out])
+    assert code == 0
+    rows = [json.loads(line) for line in open(out + ".jsonl")]
+    assert [r["name"] for r in rows] == ["ours-b0-g1-e6-bn", "ours-b0-g16-e6-bn"]
+    with open(out + ".csv") as f:
+        assert [r["name"] for r in csv.DictReader(f)] == [r["name"] for r in rows]
+    assert report.main([out + ".jsonl", "--out", str(tmp_path / "report.md")]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "ours-b0-g16-e6-bn" in text and "G16-BN vs G1-BN step cost" in text
+    assert "--variants g1-e6-bn,g16-e6-bn" in text  # the command that produced the rows
+    assert (tmp_path / "r-throughput.png").stat().st_size > 0
+
+
+def test_ratios_pair_rows_of_the_same_setting_only():
+    base = dict(status="ok", device="cpu", resolution=64, batch=4, precision="fp32",
+                layout="nchw", compile=False, mode="train", load_avg=1.0)
+    rows = [dict(base, name="ours-b0-g1-e6-bn", images_per_s=30.0, step_ms_median=10.0,
+                 repeat_ms_median=[10.0, 12.0]),
+            dict(base, name="timm/efficientnet_b0", images_per_s=20.0, step_ms_median=15.0,
+                 repeat_ms_median=[15.0, 12.0]),
+            dict(base, name="timm/efficientnet_b0", images_per_s=99.0, step_ms_median=1.0,
+                 batch=8)]
+    found = report.ratios(rows)
+    assert len(found) == 1
+    assert found[0]["ratio"] == pytest.approx(1.5)
+    assert found[0]["per_repeat"] == [1.5, 1.0]
+
+
+def test_bad_input_is_refused_before_work(tmp_path):
+    with pytest.raises(ValueError, match="g16-e4-ln\\+pn"):
+        parse_variant("g16")
+    with pytest.raises(ValueError, match="precision"):
+        Case(precision="fp8")
+    with pytest.raises(SystemExit, match="must look like"):
+        run.main(["--variants", "bn", "--out", str(tmp_path / "x")])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            run.main(["--device", "cuda", "--out", str(tmp_path / "x")])
+    assert not list(tmp_path.iterdir())
