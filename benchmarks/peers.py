@@ -19,12 +19,17 @@ def _torchvision(name: str) -> Callable[[], nn.Module]:
     return build
 
 
+# timm builds without dropout or stochastic depth unless asked; ours (and torchvision's) train
+# with both, so the timm peers get the same rates: identical work per training step.
+_B0_REG = dict(drop_rate=0.2, drop_path_rate=0.2)
+_B2_REG = dict(drop_rate=0.3, drop_path_rate=0.2)
+
 # name → (library it needs, builder). The G16 peer is timm's own grouped B0 (e=6, 2.5× MACs).
 PEERS: Dict[str, Tuple[str, Callable[[], nn.Module]]] = {
-    "timm/efficientnet_b0": ("timm", _timm("efficientnet_b0")),
-    "timm/efficientnet_b2": ("timm", _timm("efficientnet_b2")),
-    "timm/efficientnet_b0_g16_evos": ("timm", _timm("efficientnet_b0_g16_evos")),
-    "timm/efficientnet_b0_gn": ("timm", _timm("efficientnet_b0_gn")),
+    "timm/efficientnet_b0": ("timm", _timm("efficientnet_b0", **_B0_REG)),
+    "timm/efficientnet_b2": ("timm", _timm("efficientnet_b2", **_B2_REG)),
+    "timm/efficientnet_b0_g16_evos": ("timm", _timm("efficientnet_b0_g16_evos", **_B0_REG)),
+    "timm/efficientnet_b0_gn": ("timm", _timm("efficientnet_b0_gn", **_B0_REG)),
     "torchvision/efficientnet_b0": ("torchvision", _torchvision("efficientnet_b0")),
     "torchvision/resnet50": ("torchvision", _torchvision("resnet50")),
 }

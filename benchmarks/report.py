@@ -11,8 +11,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from app.resolution import half_resolution
 
+from . import RESULTS_DIR
 from .paper_accuracy import paper_top1
-from .run import RESULTS_DIR
 
 SETTING = ("device", "resolution", "batch", "precision", "layout", "compile", "mode")
 
@@ -84,9 +84,13 @@ def _repeat_ratios(a, b, figure) -> List[float]:
     return [round(y / x if figure == "speed" else x / y, 3) for x, y in zip(ra, rb)]
 
 
-def _describe(row) -> str:
-    return (f"{row['device']} {row['resolution']}px b{row['batch']} {row['precision']} "
-            f"{row['layout']}{' compiled' if row.get('compile') else ''}")
+def describe_setting(row, with_layout: bool = True) -> str:
+    return (f"{row['device']} {row['resolution']}px b{row['batch']} {row['precision']}"
+            + (f" {row['layout']}" if with_layout else "")
+            + (" compiled" if row.get("compile") else ""))
+
+
+_describe = describe_setting
 
 
 def best_layouts(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
@@ -102,7 +106,8 @@ def best_layouts(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
             continue
         best = max(members, key=lambda m: m["images_per_s"])
         worst = min(members, key=lambda m: m["images_per_s"])
-        out.append({"name": best["name"], "mode": best["mode"], "setting": _describe(best),
+        out.append({"name": best["name"], "mode": best["mode"],
+                    "setting": describe_setting(best, with_layout=False),
                     "best_layout": best["layout"], "images_per_s": best["images_per_s"],
                     "speedup_vs_other": round(best["images_per_s"] / worst["images_per_s"], 3),
                     "utilisation": best.get("utilisation")})
@@ -183,7 +188,7 @@ def markdown(rows: List[Dict[str, object]], commands: Dict[str, str],
         layouts = best_layouts(part)
         if layouts:
             lines += ["### Faster layout per variant (picked automatically)", ""]
-            lines += _table(["model", "mode", "setting (of the faster)", "faster layout", "img/s",
+            lines += _table(["model", "mode", "setting", "faster layout", "img/s",
                              "× the other", "util %"],
                             [[b["name"], b["mode"], b["setting"], b["best_layout"],
                               _fmt(b["images_per_s"]), _fmt(b["speedup_vs_other"], 2),

@@ -9,13 +9,13 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
+from . import RESULTS_DIR
 from .cases import Case, expand, our_cases, peer_cases
 from .environment import describe, load_average
 from .measure import Prepared, measure_peak_flops, summarise, time_steps
 from .peers import missing_library
 from .presets import PRESETS
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from .report import best_layouts, describe_setting
 
 
 def _list(kind=str):
@@ -54,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--repeats", type=int,
                    help="rounds over all cases, interleaved (ours and peers alternate)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (0: torch's default; the CPU presets use 1)")
     p.add_argument("--out", help="output path without extension "
                    "(default benchmarks/results/<preset>-<device>)")
     return p
@@ -71,10 +72,10 @@ def settings(args: argparse.Namespace) -> Dict[str, object]:
             chosen[key] = value
     if chosen["peers"] in (["none"], ["None"]):
         chosen["peers"] = []
-    for key in ("warmup", "steps", "repeats"):
-        if int(chosen[key]) < (0 if key == "warmup" else 1):
-            raise SystemExit(f"error: --{key}={chosen[key]} is too small (warmup >= 0, steps and "
-                             "repeats >= 1)")
+    for key in ("warmup", "steps", "repeats", "threads"):
+        if int(chosen[key]) < (0 if key in ("warmup", "threads") else 1):
+            raise SystemExit(f"error: --{key}={chosen[key]} is too small (warmup, threads >= 0; "
+                             "steps, repeats >= 1)")
     return chosen
 
 
@@ -152,6 +153,17 @@ def run_cases(cases: List[Case], warmup: int, steps: int, repeats: int,
     return [rows[i] for i in range(len(cases)) if i in rows]
 
 
+def mark_faster_layout(rows: List[Dict[str, object]]) -> None:
+    """Where a case ran in both layouts, flag the faster row (faster_layout: true), so a user
+    or a script picks it without rerunning; rows measured in one layout only get None."""
+    winners = {(b["name"], b["mode"], b["setting"]): b["best_layout"] for b in best_layouts(rows)}
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        best = winners.get((row["name"], row["mode"], describe_setting(row, with_layout=False)))
+        row["faster_layout"] = None if best is None else row["layout"] == best
+
+
 def _reset_memory(device: str) -> None:
     gc.collect()
     if device == "cuda":
@@ -211,14 +223,15 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     check_device(s["device"])
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if int(s["threads"]) > 0:
+        torch.set_num_threads(int(s["threads"]))
     out = args.out or os.path.join(RESULTS_DIR, f"{args.preset}-{s['device']}")
     print(f"{len(cases)} cases on {s['device']} ({args.preset}); warm-up {s['warmup']}, "
           f"{s['steps']} timed steps, {s['repeats']} repeat(s); load average {load_average()}",
           flush=True)
     rows = run_cases(cases, int(s["warmup"]), int(s["steps"]), int(s["repeats"]),
                      log=lambda m: print(m, flush=True))
+    mark_faster_layout(rows)
     for path in write_rows(rows, out):
         print(f"wrote {path}")
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
