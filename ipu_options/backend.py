@@ -65,6 +65,8 @@ class PopTorchBackend(Backend):
                                    f"{replicas} replicas); check gc-info / the V-IPU partition, use "
                                    f"ipu.compile_only=true to compile offline, or --device ipu-model")
         self.compute = torch.device("cuda" if EMULATED and torch.cuda.is_available() else "cpu")
+        if EMULATED and getattr(cfg.train, "cpu_threads", None) is not None:
+            torch.set_num_threads(cfg.train.cpu_threads)  # the emulator computes on the host
         self.device = torch.device("cpu")  # PopTorch takes host tensors; the emulator moves them
         self.name = "ipu" if cfg.device == "ipu" else "ipu-model"
         self.description = _describe(EMULATED, cfg.device, self.compute)
