@@ -5,6 +5,8 @@ import gc
 import json
 import os
 import sys
+import time
+from dataclasses import replace
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -16,6 +18,7 @@ from .measure import Prepared, measure_peak_flops, summarise, time_steps
 from .peers import missing_library
 from .presets import PRESETS
 from .report import best_layouts, describe_setting
+from .report import main as report_main
 
 
 def _list(kind=str):
@@ -56,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
                    help="rounds over all cases, interleaved (ours and peers alternate)")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (0: torch's default; the CPU presets use 1)")
+    p.add_argument("--budget-s", type=float,
+                   help="start no case after this many seconds (the rest become skipped rows)")
+    p.add_argument("--no-report", action="store_true",
+                   help="only write rows (default: also <out>.md and plots via benchmarks.report)")
     p.add_argument("--out", help="output path without extension "
                    "(default benchmarks/results/<preset>-<device>)")
     return p
@@ -85,7 +92,11 @@ def build_cases(s: Dict[str, object]) -> List[Case]:
     ours = our_cases(s["models"], s["groups"], s["expands"], s["norms"], s["res"],
                      variants=s.get("variants"), device=s["device"])
     peers = peer_cases(s["peers"], s["res"], device=s["device"])
-    return expand(ours + peers, **axes)
+    # Each peer right after our cases of its size: a time budget that ends the run early cuts
+    # whole sizes at the end, never the peers of the sizes that were measured.
+    order = {m: k for k, m in enumerate(s["models"])}
+    merged = sorted(ours + peers, key=lambda c: order.get(c.model, len(order)))  # stable
+    return expand(merged, **axes)
 
 
 def check_device(device: str) -> None:
@@ -101,9 +112,16 @@ def _skip_row(case: Case, reason: str, status: str = "skipped") -> Dict[str, obj
 
 
 def run_cases(cases: List[Case], warmup: int, steps: int, repeats: int,
-              log=print) -> List[Dict[str, object]]:
+              log=print, budget_s: Optional[float] = None) -> List[Dict[str, object]]:
     """Time every case. With repeats > 1 all runnable cases are built first and timed round by
-    round, so ours and the peers share the machine's good and bad moments alike."""
+    round, so ours and the peers share the machine's good and bad moments alike.
+
+    ``budget_s``: no case but the first starts after that many seconds (its row says so), so a slot
+    (gpu.sh: 8 minutes of an H100) ends with rows for what ran, most important cases first.
+    Out of device memory, a case retries at half the batch (as timm's benchmark does); its row
+    keeps the batch that ran and says it was lowered."""
+    cases = list(cases)
+    started = time.monotonic()
     rows: Dict[int, Dict[str, object]] = {}
     runnable = []
     for i, case in enumerate(cases):
@@ -120,6 +138,7 @@ def run_cases(cases: List[Case], warmup: int, steps: int, repeats: int,
             peaks[key] = measure_peak_flops(*key)
     interleave = repeats > 1
     prepared: Dict[int, Prepared] = {}
+    lowered: Dict[int, int] = {}  # case index → the batch asked for, where memory forced less
     times: Dict[int, List[float]] = {i: [] for i in runnable}
     per_repeat: Dict[int, List[float]] = {i: [] for i in runnable}
     loads: Dict[int, List[float]] = {i: [] for i in runnable}
@@ -128,24 +147,29 @@ def run_cases(cases: List[Case], warmup: int, steps: int, repeats: int,
             if i in rows:
                 continue
             case = cases[i]
+            if (i not in prepared and budget_s is not None and any(times.values())
+                    and time.monotonic() - started > budget_s):
+                rows[i] = _skip_row(case, f"time budget of {budget_s:g} s spent before this case")
+                log(f"skip {case.name} {case.mode}: {rows[i]['reason']}")
+                continue
             try:
-                if i not in prepared:
-                    _reset_memory(case.device)
-                    prepared[i] = Prepared(case)
-                t = time_steps(prepared[i].step, case.device, warmup if r == 0 or not interleave else 1,
-                               steps)
-            except (RuntimeError, ValueError, NotImplementedError, torch.cuda.OutOfMemoryError) as error:
-                rows[i] = _skip_row(case, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}",
-                                    status="error")
+                t = _prepare_and_time(i, cases, prepared, lowered, warmup if r == 0 or not interleave
+                                      else 1, steps, log, may_lower=r == 0)
+            except (RuntimeError, ValueError, NotImplementedError) as error:
+                rows[i] = _skip_row(cases[i], f"{type(error).__name__}: "
+                                    f"{str(error).splitlines()[0][:300]}", status="error")
                 prepared.pop(i, None)
                 log(f"error {case.name} {case.mode}: {rows[i]['reason']}")
                 continue
+            case = cases[i]
             times[i].extend(t)
             per_repeat[i].append(sorted(t)[len(t) // 2] * 1e3)
             loads[i].append(load_average())
             if r == repeats - 1 or not interleave:
                 rows[i] = _finish(case, prepared[i], times[i], per_repeat[i], loads[i],
                                   peaks.get((case.device, case.precision)))
+                if i in lowered:
+                    rows[i]["reason"] = f"batch lowered from {lowered[i]} (out of device memory)"
                 log(_line(rows[i]))
             if not interleave:
                 del prepared[i]
@@ -162,6 +186,29 @@ def mark_faster_layout(rows: List[Dict[str, object]]) -> None:
             continue
         best = winners.get((row["name"], row["mode"], describe_setting(row, with_layout=False)))
         row["faster_layout"] = None if best is None else row["layout"] == best
+
+
+def _prepare_and_time(i: int, cases: List[Case], prepared: Dict[int, Prepared],
+                      lowered: Dict[int, int], warmup: int, steps: int, log,
+                      may_lower: bool) -> List[float]:
+    """Step times of case ``i``, building it first if needed. Out of device memory in the first
+    repeat (``may_lower``) the batch halves until it fits (``cases[i]`` is replaced; ``lowered``
+    remembers the batch asked for); otherwise, or at batch 1, a RuntimeError says so."""
+    while True:
+        case = cases[i]
+        try:
+            if i not in prepared:
+                _reset_memory(case.device)
+                prepared[i] = Prepared(case)
+            return time_steps(prepared[i].step, case.device, warmup, steps)
+        except torch.cuda.OutOfMemoryError:
+            prepared.pop(i, None)
+            _reset_memory(case.device)
+            if not may_lower or case.batch == 1:
+                raise RuntimeError(f"out of device memory at batch {case.batch}") from None
+            lowered.setdefault(i, case.batch)
+            cases[i] = replace(case, batch=case.batch // 2)
+            log(f"out of memory: {case.name} {case.mode} retries at batch {cases[i].batch}")
 
 
 def _reset_memory(device: str) -> None:
@@ -223,6 +270,8 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     check_device(s["device"])
+    if s["device"] == "cuda":
+        torch.backends.cudnn.benchmark = True  # as timm's benchmark: warm-up absorbs the autotuning
     if int(s["threads"]) > 0:
         torch.set_num_threads(int(s["threads"]))
     out = args.out or os.path.join(RESULTS_DIR, f"{args.preset}-{s['device']}")
@@ -230,11 +279,13 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
           f"{s['steps']} timed steps, {s['repeats']} repeat(s); load average {load_average()}",
           flush=True)
     rows = run_cases(cases, int(s["warmup"]), int(s["steps"]), int(s["repeats"]),
-                     log=lambda m: print(m, flush=True))
+                     log=lambda m: print(m, flush=True), budget_s=args.budget_s)
     mark_faster_layout(rows)
     for path in write_rows(rows, out):
         print(f"wrote {path}")
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     with open(out + ".cmd", "w") as f:
         f.write(command.strip() + "\n")
+    if not args.no_report:
+        report_main([out + ".jsonl", "--out", out + ".md"])
     return 0 if any(r["status"] == "ok" for r in rows) else 1

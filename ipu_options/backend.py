@@ -65,6 +65,8 @@ class PopTorchBackend(Backend):
                                    f"{replicas} replicas); check gc-info / the V-IPU partition, use "
                                    f"ipu.compile_only=true to compile offline, or --device ipu-model")
         self.compute = torch.device("cuda" if EMULATED and torch.cuda.is_available() else "cpu")
+        if EMULATED and getattr(cfg.train, "cpu_threads", None) is not None:
+            torch.set_num_threads(cfg.train.cpu_threads)  # the emulator computes on the host
         self.device = torch.device("cpu")  # PopTorch takes host tensors; the emulator moves them
         self.name = "ipu" if cfg.device == "ipu" else "ipu-model"
         self.description = _describe(EMULATED, cfg.device, self.compute)
@@ -110,6 +112,7 @@ class PopTorchBackend(Backend):
         annotate(device.model, self.splits, self.recompute, poptorch)
         device.to(self.compute)
         self.device_classifier = device
+        self.param_pairs = list(zip(classifier.parameters(), device.parameters()))
         lr = optimizer.param_groups[0]["lr"]
         self.optimizer = build_ipu_optimizer(poptorch, device_groups(optimizer, classifier, device),
                                              cfg, lr)
@@ -185,8 +188,13 @@ class PopTorchBackend(Backend):
         with torch.no_grad():
             for name, value in self.device_classifier.model.state_dict().items():
                 host[name].copy_(value.to(host[name].dtype))
-        if self.optimizer.state:
-            self.host_optimizer.load_state_dict(self.optimizer.state_dict())
+        # Optimiser state: the host optimiser (what checkpoints save) shares the device optimiser's
+        # per-parameter state (updated in place), so this costs nothing per step. Real PopTorch
+        # keeps that state on the IPU; there the host copy stays as loaded.
+        for host_param, device_param in self.param_pairs:
+            state = self.optimizer.state.get(device_param)
+            if state is not None:
+                self.host_optimizer.state[host_param] = state
 
     def state_dict(self) -> Dict[str, Any]:
         scale = getattr(self.train_model, "loss_scale", None) if self.train_model else None

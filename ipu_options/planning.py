@@ -146,10 +146,17 @@ def largest_micro_batch(us: List[Unit], stages: int, s: Settings, budget: int) -
     return lo
 
 
-def _fixes(cfg, stages: int) -> str:
-    return (f"lower train.micro_batch (now {cfg.train.micro_batch}), use more IPUs per replica "
-            f"(ipu.plan_ipus, now {stages}), add recomputation, ipu.precision=16.16, "
-            f"ipu.optimizer_state_offchip=true, or lower data.resolution")
+def _fixes(cfg, stages: int, tried_recompute: bool = False) -> str:
+    """The remedies not already in effect."""
+    fixes = [f"lower train.micro_batch (now {cfg.train.micro_batch})",
+             f"use more IPUs per replica (ipu.plan_ipus / ipu.pipeline, now {stages})"]
+    if not tried_recompute:
+        fixes.append("add recomputation checkpoints (ipu.recompute, or ipu.pipeline=auto)")
+    if cfg.ipu.precision != "16.16":
+        fixes.append("ipu.precision=16.16")
+    if not cfg.ipu.optimizer_state_offchip:
+        fixes.append("ipu.optimizer_state_offchip=true")
+    return ", ".join(fixes) + " or lower data.resolution"
 
 
 def make_plan(cfg, model: Optional[torch.nn.Module] = None, propose: Optional[bool] = None) -> Plan:
@@ -175,9 +182,12 @@ def make_plan(cfg, model: Optional[torch.nn.Module] = None, propose: Optional[bo
         if plan is not None:
             plan.max_micro_batch = largest_micro_batch(us, count, s, budget)
             return plan
-    raise PlanError(f"no pipeline of {counts[-1]} IPU(s) fits {cfg.model.name} at micro-batch {micro} "
-                    f"and resolution {cfg.data.resolution} in {budget / MB:.0f} MB per IPU "
-                    f"(900 MB less the {cfg.ipu.plan_margin:.0%} margin): {_fixes(cfg, counts[-1])}")
+    largest = largest_micro_batch(us, counts[-1], s, budget)
+    hint = (f"micro-batch {largest} would fit on {counts[-1]} IPU(s); " if largest else "")
+    raise PlanError(f"no pipeline of {'up to ' if len(counts) > 1 else ''}{counts[-1]} IPU(s) fits "
+                    f"{cfg.model.name} at micro-batch {micro} and resolution {cfg.data.resolution} in "
+                    f"{budget / MB:.0f} MB per IPU (900 MB less the {cfg.ipu.plan_margin:.0%} margin), "
+                    f"even with recomputation: {hint}{_fixes(cfg, counts[-1], tried_recompute=True)}")
 
 
 def _largest_for_splits(us, splits, s, budget, marks) -> int:

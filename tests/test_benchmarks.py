@@ -128,3 +128,26 @@ def test_bad_input_is_refused_before_work(tmp_path):
         with pytest.raises(SystemExit, match="no CUDA device"):
             run.main(["--device", "cuda", "--out", str(tmp_path / "x")])
     assert not list(tmp_path.iterdir())
+
+
+def test_time_budget_turns_unstarted_cases_into_skipped_rows(tiny_peer):
+    cases = [Case(tiny_peer, resolution=16, batch=2, mode=m) for m in ("infer", "train")]
+    rows = run.run_cases(cases, warmup=0, steps=1, repeats=1, log=lambda m: None, budget_s=0.0)
+    assert rows[0]["status"] == "ok"  # the first case always starts
+    assert rows[1]["status"] == "skipped" and "time budget" in rows[1]["reason"]
+
+
+def test_out_of_memory_halves_the_batch_and_says_so(monkeypatch, tiny_peer):
+    real = measure.Prepared
+
+    def prepared_that_fits_4(case):
+        if case.batch > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(case)
+
+    monkeypatch.setattr(run, "Prepared", prepared_that_fits_4)
+    rows = run.run_cases([Case(tiny_peer, resolution=16, batch=16, mode="train")], warmup=0,
+                         steps=2, repeats=1, log=lambda m: None)
+    assert rows[0]["status"] == "ok" and rows[0]["batch"] == 4
+    assert "lowered from 16" in rows[0]["reason"]
+    assert rows[0]["images_per_s"] == pytest.approx(4 / (rows[0]["step_ms_median"] / 1e3), rel=1e-2)

@@ -263,3 +263,19 @@ def test_optimisers_accept_poptorch_arguments():
     assert sgd.accum_type == torch.float16
     with pytest.raises(ValueError, match="Accumulation types"):
         poptorch.optim.AdamW(p, lr=0.1, accum_type=torch.int32)
+
+
+def test_16_32_keeps_fp32_weights_and_computes_in_fp16():
+    from ipu_options.precision import apply_precision
+
+    x, y = data(4)
+    net = apply_precision(tiny(), "16.32")
+    model = WithLoss(net)
+    before = [p.detach().clone() for p in net.parameters()]
+    step = poptorch.trainingModel(model, options(1, 2), torch.optim.SGD(model.parameters(), lr=LR))
+    logits, loss = step(x, y)
+    assert logits.dtype == torch.half and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    # fp32 master weights: updates smaller than fp16's spacing still land
+    moved = [(p - b).abs().max().item() for p, b in zip(net.parameters(), before)]
+    assert max(moved) > 0

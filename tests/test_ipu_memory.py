@@ -94,3 +94,23 @@ def test_auto_pipeline_uses_the_plan():
     splits, recompute, plan = resolve_pipeline(cfg)
     assert splits == plan.splits and len(splits) == 1
     assert set(plan.checkpoints) <= set(recompute)
+
+
+def test_largest_micro_batch_is_the_boundary():
+    from ipu_options.planning import balanced_plan, budget_bytes, largest_micro_batch, plan_units
+
+    cfg = build_config("b0-g16-lnpn", ["data.resolution=224"])
+    units, s, budget = plan_units(cfg), memory.Settings.of(cfg), budget_bytes(cfg)
+    best = largest_micro_batch(units, 1, s, budget)
+    assert best > 1
+    assert balanced_plan(units, 1, best, s, budget) is not None
+    assert balanced_plan(units, 1, best + 1, s, budget) is None
+
+
+def test_plan_command_prints_the_table(capsys):
+    from app.cli import main as cli
+
+    assert cli(["plan", "--config", "b0-g16-lnpn", "ipu.plan_ipus=2", "train.grad_accum=4"]) == 0
+    out = capsys.readouterr().out
+    assert "IPU memory plan (estimated" in out and "compute" in out
+    assert "needs train.grad_accum >= 3" in out

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Set
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 FP16_MAX = 65504.0
 _NO_HALF_KERNEL: Set[Any] = set()  # ops seen failing on fp16 inputs (per process)
@@ -31,6 +31,19 @@ def _is_half(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype == torch.half
 
 
+def _leaves(args, kwargs):
+    """Tensors among the arguments (one level of lists/tuples: what torch ops take)."""
+    for x in list(args) + list(kwargs.values()):
+        if isinstance(x, (list, tuple)):
+            yield from x
+        else:
+            yield x
+
+
+def _map_args(fn, args):
+    return type(args)(type(x)(fn(y) for y in x) if isinstance(x, (list, tuple)) else fn(x) for x in args)
+
+
 def _run_in_float(func, args, kwargs: Dict[str, Any]):
     pairs = []
 
@@ -41,7 +54,7 @@ def _run_in_float(func, args, kwargs: Dict[str, Any]):
             return wide
         return x
 
-    out = func(*tree_map(widen, args), **tree_map(widen, kwargs))
+    out = func(*_map_args(widen, tuple(args)), **{k: widen(v) for k, v in kwargs.items()})
     # Norms update running statistics in place: write them back to the fp16 buffers.
     for orig, wide in pairs:
         statistic = not orig.requires_grad and orig.grad_fn is None and orig.dim() == 1
@@ -55,7 +68,7 @@ class HalfKernels(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _WIDEN_ON_CPU and any(_is_half(x) and x.device.type == "cpu"
-                                         for x in tree_flatten((args, kwargs))[0]):
+                                         for x in _leaves(args, kwargs)):
             return _run_in_float(func, args, kwargs)
         if func in _NO_HALF_KERNEL:
             return _run_in_float(func, args, kwargs)
@@ -65,7 +78,7 @@ class HalfKernels(TorchFunctionMode):
             message = str(error)
             if "Half" not in message and "half" not in message:
                 raise
-            if not any(_is_half(x) for x in tree_flatten((args, kwargs))[0]):
+            if not any(_is_half(x) for x in _leaves(args, kwargs)):
                 raise
             _NO_HALF_KERNEL.add(func)
             return _run_in_float(func, args, kwargs)
