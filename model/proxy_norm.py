@@ -56,8 +56,11 @@ class ProxyNormAct(nn.Module):
         if bias is not None:
             pre = pre + bias.float()[:, None]
         z = self.activation(pre)
-        mean = z.mean(dim=1)
-        var = (z - mean[:, None]).square().mean(dim=1)  # population variance
+        # sum / N rather than mean(): torch 2.0's mean() keeps its C×N input for backward.
+        n = z.shape[1]
+        mean = z.sum(dim=1) / n
+        centred = z - mean[:, None]
+        var = (centred * centred).sum(dim=1) / n  # population variance
         return mean, torch.rsqrt(var + self.eps)
 
     def _statistics(self, weight: Tensor, bias: Optional[Tensor],

@@ -211,7 +211,8 @@ class PoplarExecutor:
     # ------------------------------------------------------------------ compile: stages, checks
     def _precision_mode(self):
         model = self._user_model
-        half = getattr(model, "_ipu_precision", "32.32") != "32.32" or any(
+        # The precision mark sits on the network, which the user's model may wrap (e.g. with its loss).
+        half = any(getattr(m, "_ipu_precision", "32.32") != "32.32" for m in model.modules()) or any(
             p.dtype == torch.half for p in model.parameters())
         return HalfKernels() if half else contextlib.nullcontext()
 

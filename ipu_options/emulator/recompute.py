@@ -65,17 +65,23 @@ class _SegmentRunner:
         self.recomputing = False  # set after the forward pass: any later call is the backward's
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        saved = None
-        if self.recomputing:
-            saved = [b.detach().clone() for m in self.modules for b in m.buffers()]
-        for m in self.modules:
-            x = m(x)
-        if saved is not None:
+        if not self.recomputing:
+            for m in self.modules:
+                x = m(x)
+            self.recomputing = True
+            return x
+        buffers = [b for m in self.modules for b in m.buffers()]
+        saved = [b.detach().clone() for b in buffers]
+        try:
+            for m in self.modules:
+                x = m(x)
+            return x
+        finally:
+            # torch >= 2.1 stops a recomputation early by raising out of it once every needed
+            # activation exists, so the statistics are put back whichever way it ends.
             with torch.no_grad():
-                for b, value in zip([b for m in self.modules for b in m.buffers()], saved):
+                for b, value in zip(buffers, saved):
                     b.copy_(value)
-        self.recomputing = True
-        return x
 
 
 class Recomputation:
