@@ -89,7 +89,7 @@ class _SiluProxyStatistics(torch.autograd.Function):
         w = weight.float()
         grad_weight = (grad_pre * proxy).sum(dim=1)
         grad_pb = w * grad_pre_sum                     # proxy = pb + (1 + pw)·u
-        grad_pw = w * torch.mv(grad_pre, quantiles)
+        grad_pw = w * torch.mv(grad_pre, quantiles.float())
         return (grad_pb.to(pb.dtype), grad_pw.to(pw.dtype), grad_weight.to(weight.dtype),
                 grad_pre_sum.to(bias.dtype) if ctx.has_bias else None, None, None)
 
