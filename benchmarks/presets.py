@@ -21,7 +21,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
                       precisions=["fp32"], layouts=["nchw"], compile=[False],
                       modes=["train", "infer"],
                       peers=["timm/efficientnet_b0", "timm/efficientnet_b0_g16_evos"],
-                      warmup=2, steps=4, repeats=5, threads=1),
+                      warmup=2, steps=2, repeats=6, threads=1),
     # benchmarks/gpu.sh: the full matrix on one GPU (both layouts; the report picks the faster).
     "gpu": dict(device="cuda", models=["b0", "b2", "b4"], groups=[1, 16], expands=[6],
                 norms=["bn"], variants=["g1-e6-bn", "g1-e6-gn", "g16-e6-bn", "g16-e4-gn",

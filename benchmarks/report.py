@@ -7,6 +7,7 @@ import argparse
 import glob
 import json
 import os
+import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from app.resolution import half_resolution
@@ -181,8 +182,12 @@ def markdown(rows: List[Dict[str, object]], commands: Dict[str, str],
         found = ratios(part)
         if found:
             lines += ["### Ratios (same run, same setting)", ""]
-            lines += _table(["comparison", "mode", "setting", "ratio", "per repeat", "load"],
+            lines += ["`ratio` compares the medians of all timed steps; `median of repeats` is the "
+                      "median of the per-repeat ratios (the steadier figure on a busy machine).", ""]
+            lines += _table(["comparison", "mode", "setting", "ratio", "median of repeats",
+                             "per repeat", "load"],
                             [[f["what"], f["mode"], f["setting"], _fmt(f["ratio"], 3),
+                              _fmt(statistics.median(f["per_repeat"]), 3) if f["per_repeat"] else "–",
                               ", ".join(f"{v:.2f}" for v in f["per_repeat"]) or "–",
                               _fmt(f["load"], 2)] for f in found]) + [""]
         layouts = best_layouts(part)

@@ -143,7 +143,9 @@ def run_cases(cases: List[Case], warmup: int, steps: int, repeats: int,
     per_repeat: Dict[int, List[float]] = {i: [] for i in runnable}
     loads: Dict[int, List[float]] = {i: [] for i in runnable}
     for r in range(repeats):
-        for i in runnable:
+        # Odd rounds run the cases in reverse, so a drift in the machine's load (or the cost of
+        # following a particular case) does not always favour the same side of a comparison.
+        for i in (runnable if r % 2 == 0 else runnable[::-1]):
             if i in rows:
                 continue
             case = cases[i]
