@@ -1,0 +1,1 @@
+python -m benchmarks --preset cpu-goals --steps 2 --repeats 6
