@@ -18,7 +18,7 @@ OVERRIDES = $(if $(MODEL),model.name=$(MODEL)) $(if $(G),model.group_size=$(G)) 
 	$(if $(DRY_RUN),dist.dry_run=$(call bool,$(DRY_RUN)))
 RUN = $(PY) -m app
 
-.PHONY: train validate finetune plan paper bench test compat lint clean env env-dev
+.PHONY: train validate finetune plan paper bench test compat lint clean env env-dev env-sdk sdk-python
 .DEFAULT_GOAL := train
 
 $(VENV)/.runtime: requirements.txt
@@ -63,7 +63,9 @@ test: $(VENV)/.dev
 	$(PY) -m pytest -q -n 2 tests $(ARGS)
 
 # The SDK's Python 3.8 + torch 2.0.1: the suite again, peers (timm, torchvision, wandb) skipped.
-PYTHON_SDK ?= $(shell command -v python3.8 || ls $$HOME/.pyenv/versions/3.8*/bin/python 2>/dev/null | head -n 1)
+# A Python 3.8 that really runs (a pyenv shim answers for versions it does not select).
+PYTHON_SDK ?= $(firstword $(foreach p,$(shell command -v python3.8) $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python),\
+	$(shell $(p) -c 'import sys; assert sys.version_info[:2] == (3, 8)' >/dev/null 2>&1 && echo $(p))))
 VENV_SDK ?= .venv-sdk
 
 $(VENV_SDK)/.installed: requirements-sdk.txt
@@ -71,6 +73,11 @@ $(VENV_SDK)/.installed: requirements-sdk.txt
 	test -x $(VENV_SDK)/bin/python || $(PYTHON_SDK) -m venv $(VENV_SDK)
 	$(VENV_SDK)/bin/python -m pip install -q -r requirements-sdk.txt
 	touch $@
+
+env-sdk: $(VENV_SDK)/.installed
+
+sdk-python:
+	@echo $(PYTHON_SDK)
 
 compat: $(VENV_SDK)/.installed
 	$(VENV_SDK)/bin/python -m pytest -q -n 2 tests $(ARGS)
