@@ -10,7 +10,7 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from app.resolution import half_resolution
+from app.resolution import half_resolution, native_resolution
 
 from . import RESULTS_DIR
 from .paper_accuracy import paper_top1
@@ -212,9 +212,12 @@ def accuracy_points(rows) -> List[Dict[str, object]]:
         if r.get("status") != "ok" or r["subject"] != "ours" or r["mode"] != "train":
             continue
         try:
-            half = r["resolution"] == half_resolution(r["model"])
+            native, half_size = native_resolution(r["model"]), half_resolution(r["model"])
         except (ValueError, KeyError):
-            half = False
+            continue
+        if r["resolution"] not in (native, half_size):
+            continue  # the paper's accuracies belong to its training sizes only
+        half = r["resolution"] == half_size
         top1 = paper_top1(r["model"], r["group_size"], r["expand_ratio"], r["norm"], half)
         if top1 is not None:
             points.append({**r, "top1": top1, "half": half})
