@@ -172,9 +172,7 @@ def test_tiny_finetune_end_to_end(trained, monkeypatch, capsys):
     tuned = load_checkpoint(find_checkpoint(run))
     assert tuned["config"]["data"]["resolution"] == 64 and tuned["config"]["data"]["augment"] is False
     assert tuned["config"]["data"]["mixup"] == 0 and tuned["ema"] is None
-    params = {n for n, _ in _b0().named_parameters()}
-    trainable = ("blocks.6.", "head.", "classifier.")
-    frozen = [n for n in params if not n.startswith(trainable)]
+    frozen = freeze_before(_b0(), tuned["config"]["finetune"]["trainable_from"])
     assert frozen and all(torch.equal(start[n], tuned["model"][n]) for n in frozen)
     assert not torch.equal(start["classifier.weight"], tuned["model"]["classifier.weight"])
     # recalibrated at 64: the frozen stem's running statistics are no longer the trained ones
