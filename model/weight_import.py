@@ -1,7 +1,7 @@
 """Map a peer's EfficientNet checkpoint (timm or torchvision; G=1, batch norm) onto our names.
 
-Files only: the caller loads the peer's state dict from disk (``torch.load(path,
-weights_only=True)``); nothing is downloaded here.
+Files only: the caller loads the peer's state dict from disk with
+``torch.load(path, weights_only=True)``; nothing is downloaded here.
 """
 import re
 from typing import Callable, Dict, Optional
