@@ -60,7 +60,7 @@ bench: $(VENV)/.dev
 	$(PY) -m benchmarks $(ARGS)
 
 test: $(VENV)/.dev
-	$(PY) -m pytest -q -n 2 tests $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests $(ARGS)
 
 # The SDK's Python 3.8 + torch 2.0.1: the suite again, peers (timm, torchvision, wandb) skipped.
 # A Python 3.8 that really runs (a pyenv shim answers for versions it does not select).
@@ -80,7 +80,7 @@ sdk-python:
 	@echo $(PYTHON_SDK)
 
 compat: $(VENV_SDK)/.installed
-	$(VENV_SDK)/bin/python -m pytest -q -n 2 tests $(ARGS)
+	$(VENV_SDK)/bin/python -m pytest -q -n 2 --dist loadgroup tests $(ARGS)
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

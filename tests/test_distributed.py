@@ -374,12 +374,18 @@ def final_weights(run_dir: Path):
     return load_checkpoint(find_checkpoint(run_dir))["model"]
 
 
+# Tests that start torchrun run one at a time (the Makefile runs pytest with `--dist loadgroup`):
+# two local rendezvous started at once can pick the same free port and join each other's job.
+one_torchrun_job_at_a_time = pytest.mark.xdist_group("torchrun")
+
+
 def loopback_env():
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     env.pop("TORCHELASTIC_RUN_ID", None)
     return env
 
 
+@one_torchrun_job_at_a_time
 def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     from app.cli import main as cli  # noqa: PLC0415
 
@@ -406,6 +412,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["one", "two"]
 
 
+@one_torchrun_job_at_a_time
 def test_a_failed_rank_ends_the_job_and_shows_its_error(tmp_path):
     """Rank 1 fails at its first collective while rank 0 waits in it: torchrun must stop rank 0
     and the job must fail with rank 1's error on the console."""
