@@ -92,6 +92,7 @@ class TrainConfig:
     replicas: int = 1  # data-parallel copies (IPU replicas, or DDP processes)
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # per weight update; 0 = no EMA
+    ema_every: int = 1  # average every N updates (each average copies IPU weights to the host)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CPU/CUDA autocast); the IPU's is ipu.precision
     channels_last: bool = False
     seed: int = 0
@@ -194,7 +195,8 @@ def _merge(obj: Any, updates: Dict[str, Any], prefix: str = "") -> None:
         path = f"{prefix}{key}"
         if key not in hints:
             valid = ", ".join(f.name for f in dataclasses.fields(obj))
-            raise ConfigError(path, value, f"a known field; {prefix or 'top level'} has: {valid}")
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(path, value, f"a known field; {where} has: {valid}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -342,6 +344,7 @@ def validate(cfg: Config) -> None:
         _require(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "in [0, 1)")
     _require(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "in [0, 1) (0 = off)")
+    _require(t.ema_every >= 1, "train.ema_every", t.ema_every, "an integer >= 1")
     _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "fp32, bf16 or fp16")
     _require(t.val_every > 0, "train.val_every", t.val_every, "a number > 0")
 

@@ -174,8 +174,10 @@ class EMA:
         return self.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        decay = self.current_decay()
+    def update(self, model: nn.Module, steps: int = 1) -> None:
+        """Fold in the current weights as ``steps`` updates' worth of averaging (decay**steps), for
+        callers that average every few weight updates (a host copy of IPU weights is not free)."""
+        decay = self.current_decay() ** steps
         self.updates += 1
         for avg, new in zip(self.module.parameters(), model.parameters()):
             avg.lerp_(new.detach().to(avg.dtype), 1.0 - decay)

@@ -296,6 +296,7 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
 
     # -- the loop
     nonfinite, results, started = 0, {}, time.perf_counter()
+    ema_step = step  # the step of the last EMA update (train.ema_every)
     exit_code, first_step, trained_images, eval_seconds = 0, step, 0, 0.0
     with StopSignal() as stop:
         try:
@@ -322,9 +323,10 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
                     step += 1
                     if math.isfinite(loss):
                         nonfinite = 0
-                        if ema is not None:
+                        if ema is not None and (step % cfg.train.ema_every == 0 or step == total_steps):
                             backend.sync_to_host()
-                            ema.update(model)
+                            ema.update(model, steps=step - ema_step)
+                            ema_step = step
                     else:
                         nonfinite += 1
                         if cfg.train.precision != "fp16" or nonfinite >= FP16_SKIPS_BEFORE_STOP:

@@ -151,3 +151,14 @@ def test_ema_math_buffers_and_state():
     warm.update(model)
     assert warm.current_decay() == pytest.approx(2 / 11)
     assert math.isclose(EMA(model, 0.5, warmup=True).current_decay(), 0.1)
+
+
+def test_ema_update_every_k_steps_uses_decay_to_the_power_k():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, 0.9)
+    start = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, steps=3)
+    expected = start * 0.9 ** 3 + model.weight * (1 - 0.9 ** 3)
+    assert torch.allclose(ema.module.weight, expected)
