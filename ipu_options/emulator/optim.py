@@ -89,27 +89,11 @@ class Adam(_PopTorchExtras, torch.optim.Adam):
 class RMSprop(_PopTorchExtras, torch.optim.Optimizer):
     """torch's RMSprop, or with ``use_tf_variant=True`` the TensorFlow variant (RMSpropTF)."""
 
+    _base: type = torch.optim.RMSprop  # the update rule: set by the two concrete classes below
+
     def __new__(cls, *args, use_tf_variant: Optional[bool] = None, **kwargs):
         return super().__new__(_RMSpropTF if use_tf_variant else _RMSpropTorch)
 
-
-def _rmsprop_init(self, base, params, lr, alpha, eps, weight_decay, momentum, centered, loss_scaling,
-                  accum_type, first_order_momentum_accum_type, second_order_momentum_accum_type,
-                  use_tf_variant, torch_kwargs):
-    args = _given(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
-    if use_tf_variant:
-        if centered:
-            raise NotImplementedError("RMSprop(use_tf_variant=True, centered=True) is not emulated")
-        base.__init__(self, params, **args)
-    else:
-        base.__init__(self, params, **args, **_given(centered=centered), **torch_kwargs)
-    self.use_tf_variant = bool(use_tf_variant)
-    self._set_extras(loss_scaling, accum_type, None,
-                     first_order_momentum_accum_type=first_order_momentum_accum_type,
-                     second_order_momentum_accum_type=second_order_momentum_accum_type)
-
-
-class _RMSpropTorch(RMSprop, torch.optim.RMSprop):
     def __init__(self, params: Iterable, lr: Optional[float] = None, alpha: Optional[float] = None,
                  eps: Optional[float] = None, weight_decay: Optional[float] = None,
                  momentum: Optional[float] = None, centered: Optional[bool] = None,
@@ -117,23 +101,24 @@ class _RMSpropTorch(RMSprop, torch.optim.RMSprop):
                  first_order_momentum_accum_type: Optional[torch.dtype] = None,
                  second_order_momentum_accum_type: Optional[torch.dtype] = None,
                  use_tf_variant: Optional[bool] = None, **torch_kwargs) -> None:
-        _rmsprop_init(self, torch.optim.RMSprop, params, lr, alpha, eps, weight_decay, momentum,
-                      centered, loss_scaling, accum_type, first_order_momentum_accum_type,
-                      second_order_momentum_accum_type, False, torch_kwargs)
+        args = _given(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
+        self.use_tf_variant = self._base is RMSpropTF
+        if self.use_tf_variant:
+            if centered:
+                raise NotImplementedError("RMSprop(use_tf_variant=True, centered=True) is not emulated")
+            self._base.__init__(self, params, **args)
+        else:
+            self._base.__init__(self, params, **args, **_given(centered=centered), **torch_kwargs)
+        self._set_extras(loss_scaling, accum_type, None,
+                         first_order_momentum_accum_type=first_order_momentum_accum_type,
+                         second_order_momentum_accum_type=second_order_momentum_accum_type)
 
+
+class _RMSpropTorch(RMSprop, torch.optim.RMSprop):
+    _base = torch.optim.RMSprop
     step = torch.optim.RMSprop.step
 
 
 class _RMSpropTF(RMSprop, RMSpropTF):
-    def __init__(self, params: Iterable, lr: Optional[float] = None, alpha: Optional[float] = None,
-                 eps: Optional[float] = None, weight_decay: Optional[float] = None,
-                 momentum: Optional[float] = None, centered: Optional[bool] = None,
-                 loss_scaling: Optional[float] = None, accum_type: Optional[torch.dtype] = None,
-                 first_order_momentum_accum_type: Optional[torch.dtype] = None,
-                 second_order_momentum_accum_type: Optional[torch.dtype] = None,
-                 use_tf_variant: Optional[bool] = None, **torch_kwargs) -> None:
-        _rmsprop_init(self, RMSpropTF, params, lr, alpha, eps, weight_decay, momentum, centered,
-                      loss_scaling, accum_type, first_order_momentum_accum_type,
-                      second_order_momentum_accum_type, True, torch_kwargs)
-
+    _base = RMSpropTF
     step = RMSpropTF.step
