@@ -9,10 +9,12 @@ For a channel c with affine (γ_c, β_c) and proxy parameters (β̃_c, γ̃_c):
 Y is the output of a batch-independent norm (LayerNorm or GroupNorm). The affine γ·Y + β is the
 preceding norm's own affine (one fused kernel, and the only form PopTorch lowers), so this module
 holds β̃ and γ̃ and is handed γ and β at call time. The proxy statistics are a C×N computation in
-float32. In eager CPU/GPU training they have a hand-written backward (as the reference code has);
-wherever a graph is traced or compiled (PopTorch, torch.compile) autograd differentiates the same
-arithmetic, so both paths give the same gradients up to float32 rounding.
+float32. In eager CPU/GPU training the statistics and the standardisation (φ(x) − μ̃)/σ̃ have
+hand-written backwards (as the reference code has for the statistics); wherever a graph is traced
+or compiled (PopTorch, torch.compile) autograd differentiates the same arithmetic, so both paths
+give the same loss and the same gradients up to float32 rounding (``eager_fast_paths`` switches).
 """
+import contextlib
 import math
 from typing import Callable, Optional, Tuple
 
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 PROXY_POINTS = 200
 PROXY_EPS = 0.03
+_fast_paths = True
 
 
 def normal_quantiles(n: int = PROXY_POINTS) -> Tensor:
@@ -30,10 +33,23 @@ def normal_quantiles(n: int = PROXY_POINTS) -> Tensor:
     return (math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)).float()
 
 
+@contextlib.contextmanager
+def eager_fast_paths(enabled: bool):
+    """Switch the eager-only fast paths (hand-written backwards, cached statistics, in-place
+    inference) on or off. Off, eager code computes what a traced PopTorch graph computes, e.g. to
+    measure the activations that graph would save for backward."""
+    global _fast_paths
+    previous, _fast_paths = _fast_paths, enabled
+    try:
+        yield
+    finally:
+        _fast_paths = previous
+
+
 def _eager(x: Tensor) -> bool:
     """Plain eager execution on CPU/GPU: not traced (PopTorch, jit) nor compiled, where a cache,
     an in-place write or a hand-written backward could hide from the graph being built."""
-    if x.device.type not in ("cpu", "cuda") or torch.jit.is_tracing():
+    if not _fast_paths or x.device.type not in ("cpu", "cuda") or torch.jit.is_tracing():
         return False
     dynamo = getattr(torch, "_dynamo", None)
     return not (dynamo is not None and dynamo.is_compiling())
@@ -96,6 +112,41 @@ class _SiluProxyStatistics(torch.autograd.Function):
                 grad_pre_sum.to(bias.dtype) if ctx.has_bias else None, None, None)
 
 
+class _StandardisedSilu(torch.autograd.Function):
+    """(SiLU(x) − μ̃)·s, or SiLU(x) − μ̃ when s is None (the scale deferred to squeeze-excite), for
+    eager training. Autograd would keep SiLU(x) besides x and allocate three activation-sized
+    tensors in the backward; this keeps x and the output (which the next layer saves anyway) and
+    allocates one tensor each way. On CPUs every fresh activation-sized tensor costs page faults
+    on top of its pass, so this is most of proxy norm's training overhead over batch norm."""
+
+    @staticmethod
+    def forward(ctx, x, mean, inv_std):
+        out = F.silu(x)
+        if inv_std is None:
+            out.sub_(mean)
+        else:
+            torch.addcmul(-mean * inv_std, out, inv_std, out=out)
+        ctx.save_for_backward(x, out, inv_std)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out, inv_std = ctx.saved_tensors
+        dims = [d for d in range(grad.dim()) if d != 1]
+        grad_sum = grad.sum(dims, keepdim=True, dtype=torch.float32)
+        if inv_std is None:
+            grad_x = torch.ops.aten.silu_backward(grad, x)
+            return grad_x, (-grad_sum).to(x.dtype), None
+        # With z = SiLU(x): out = (z − μ̃)·s, so ∂L/∂s = Σ g·(z − μ̃) = Σ g·out / s,
+        # ∂L/∂μ̃ = −s·Σ g and ∂L/∂z = g·s. One buffer serves the product, then ∂L/∂z, then ∂L/∂x.
+        buffer = grad * out
+        grad_inv_std = buffer.sum(dims, keepdim=True, dtype=torch.float32) / inv_std.float()
+        grad_mean = -inv_std.float() * grad_sum
+        torch.mul(grad, inv_std, out=buffer)
+        grad_x = torch.ops.aten.silu_backward.grad_input(buffer, x, grad_input=buffer)
+        return grad_x, grad_mean.to(x.dtype), grad_inv_std.to(x.dtype)
+
+
 class ProxyNormAct(nn.Module):
     """PN-φ for inputs that the preceding norm already scaled and shifted by (γ, β)."""
 
@@ -140,6 +191,10 @@ class ProxyNormAct(nn.Module):
         mean, inv_std = self._statistics(weight, bias, eager_inference)
         mean = mean.to(x.dtype).view(1, -1, 1, 1)
         inv_std = inv_std.to(x.dtype).view(1, -1, 1, 1)
+        if self.activation is F.silu and not eager_inference and _eager(x):
+            if defer_scale:
+                return _StandardisedSilu.apply(x, mean, None), inv_std
+            return _StandardisedSilu.apply(x, mean, inv_std)
         z = self.activation(x)
         if eager_inference:
             # Inference: z is a temporary of ours, so write the result into it instead of a fresh

@@ -157,3 +157,43 @@ def test_hand_written_backward_of_the_proxy_statistics_matches_autograd():
         grads_slow = torch.autograd.grad((slow[0] * g_mean).sum() + (slow[1] * g_inv).sum(), leaves)
         for a, c in zip(grads_fast, grads_slow):
             assert torch.allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_hand_written_backward_of_the_standardised_silu_passes_gradcheck(deferred):
+    from model.proxy_norm import _StandardisedSilu
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g).requires_grad_(True)
+    mean = torch.randn(1, 3, 1, 1, dtype=torch.float64, generator=g).requires_grad_(True)
+    inv_std = (torch.rand(1, 3, 1, 1, dtype=torch.float64, generator=g) + 0.5).requires_grad_(True)
+    scale = None if deferred else inv_std
+    out = _StandardisedSilu.apply(x, mean, scale)
+    expected = F.silu(x) - mean if deferred else (F.silu(x) - mean) * inv_std
+    assert torch.allclose(out, expected, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *t: _StandardisedSilu.apply(*t), (x, mean, scale))
+
+
+def _loss_and_grads(model, x, y, fast):
+    from model.proxy_norm import eager_fast_paths
+    model.zero_grad(set_to_none=True)
+    with eager_fast_paths(fast):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eager_training_fast_paths_give_the_traced_arithmetic_loss_and_gradients(channels_last):
+    """Training eagerly (hand-written backwards, in-place writes) and the arithmetic PopTorch
+    traces give the same loss bit for bit and the same gradients to float32 rounding."""
+    model = build_model("b0", group_size=16, expand_ratio=4, norm="layer", proxy_norm=True,
+                        num_classes=10, dropout=0.0, drop_path=0.0)
+    x, y = torch.randn(3, 3, 64, 64), torch.randint(0, 10, (3,))
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    loss_fast, grads_fast = _loss_and_grads(model, x, y, True)
+    loss_graph, grads_graph = _loss_and_grads(model, x, y, False)
+    assert torch.equal(loss_fast, loss_graph)
+    for name, grad in grads_graph.items():
+        scale = grad.abs().max().item()
+        assert torch.allclose(grads_fast[name], grad, rtol=1e-4, atol=1e-5 * scale + 1e-8), name
