@@ -7,7 +7,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -40,17 +40,57 @@ def autocast(case: Case):
     return torch.autocast(device_type=case.device, dtype=DTYPES[case.precision])
 
 
-def peak_memory_reset(device: str) -> None:
+def _proc_status_bytes(field: str) -> Optional[int]:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def start_peak(device: str) -> Optional[int]:
+    """Restart the high-water mark and return the bytes in use now; None where this system cannot
+    restart it (the CPU's needs Linux's /proc/self/clear_refs)."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak resident set size to the current one
+    except OSError:
+        return None
+    return _proc_status_bytes("VmRSS")
 
 
-def peak_memory(device: str) -> Dict[str, object]:
-    """CUDA: the allocator's peak since the case began. Elsewhere the process's peak RSS, which
-    only grows over a run (a lower bound of nothing; rows show the high-water mark so far)."""
+def peak_since_start(device: str) -> Optional[int]:
     if device == "cuda":
-        return {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-                "peak_mem_kind": "cuda-allocator"}
+        return torch.cuda.max_memory_allocated()
+    return _proc_status_bytes("VmHWM")
+
+
+def resident_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a view or a shared weight counts once)."""
+    storages = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def peak_memory(device: str, resident: int, transient: Optional[int]) -> Dict[str, object]:
+    """One case's peak, counted for that case alone though other cases stay resident between
+    interleaved repeats: the tensors it keeps between steps (weights, buffers, gradients,
+    optimiser state, inputs) plus the most its timed steps rose above what was in use when they
+    began (CUDA: the allocator's tensors; CPU: the resident set). Where the rise cannot be
+    measured, the process's lifetime peak RSS, which every case shares (kind says which)."""
+    if transient is not None:
+        kind = "cuda-allocator" if device == "cuda" else "rss-per-case"
+        return {"peak_mem_mb": round((max(resident, 0) + transient) / 2**20, 1), "peak_mem_kind": kind}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     scale = 2**20 if sys.platform == "darwin" else 2**10
     return {"peak_mem_mb": round(rss / scale, 1), "peak_mem_kind": "process-peak-rss"}
@@ -102,6 +142,7 @@ def make_step(case: Case, model: nn.Module, images: torch.Tensor,
         else:
             loss.backward()
             optimizer.step()
+    train.optimizer = optimizer  # its state counts towards the case's memory
     return train
 
 
@@ -121,7 +162,11 @@ def _poptorch_step(case: Case, model: nn.Module, images, targets) -> Callable[[]
         return lambda: executor(images)
     optimizer = poptorch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     executor = poptorch.trainingModel(_WithLoss(model.train(), poptorch.identity_loss), options, optimizer)
-    return lambda: executor(images, targets)
+
+    def train() -> None:
+        executor(images, targets)
+    train.optimizer = optimizer
+    return train
 
 
 def prepare_inputs(case: Case):
@@ -172,6 +217,16 @@ class Prepared:
             model = model.to(memory_format=torch.channels_last)
         self.images, self.targets = prepare_inputs(case)
         self.step = make_step(case, model, self.images, self.targets)
+        self.model = model
+        self.transient: Optional[int] = None  # most bytes a timed step added (run.py measures)
+
+    def resident(self) -> int:
+        """Bytes this case keeps between steps, once a step has made gradients and optimiser state."""
+        optimizer_state = getattr(getattr(self.step, "optimizer", None), "state", {})
+        state = [t for s in optimizer_state.values() for t in s.values()]
+        model = self.model
+        return resident_bytes([*model.parameters(), *(p.grad for p in model.parameters()),
+                               *model.buffers(), *state, self.images, self.targets])
 
 
 def summarise(case: Case, prepared: Prepared, times: List[float],

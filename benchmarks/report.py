@@ -154,7 +154,10 @@ def markdown(rows: List[Dict[str, object]], commands: Dict[str, str],
              "Images/s = batch / median step time. A training step is zero_grad, forward, "
              "cross-entropy, backward and an SGD step. TFLOP/s counts 2 FLOPs per multiply-add "
              "(training: 3× the forward); utilisation is against the best large-matmul rate "
-             "measured in the same run and precision.", ""]
+             "measured in the same run and precision. Peak MB is per case: the tensors it "
+             "keeps between steps (weights, gradients, optimiser state, inputs) plus the most a "
+             "timed step rose above them (CUDA allocator, or resident set on a CPU); rows of "
+             "kind `process-peak-rss` could only give the process's lifetime peak.", ""]
     for source in sorted({r["source"] for r in rows}):
         part = [r for r in rows if r["source"] == source]
         lines += [f"## {source}", ""]

@@ -14,7 +14,15 @@ import torch
 from . import RESULTS_DIR
 from .cases import Case, expand, our_cases, peer_cases
 from .environment import describe, load_average
-from .measure import Prepared, measure_peak_flops, summarise, time_steps
+from .measure import (
+    Prepared,
+    measure_peak_flops,
+    peak_memory,
+    peak_since_start,
+    start_peak,
+    summarise,
+    time_steps,
+)
 from .peers import missing_library
 from .presets import PRESETS
 from .report import best_layouts, describe_setting
@@ -202,7 +210,13 @@ def _prepare_and_time(i: int, cases: List[Case], prepared: Dict[int, Prepared],
             if i not in prepared:
                 _reset_memory(case.device)
                 prepared[i] = Prepared(case)
-            return time_steps(prepared[i].step, case.device, warmup, steps)
+            time_steps(prepared[i].step, case.device, warmup, 0)
+            start = start_peak(case.device)
+            times = time_steps(prepared[i].step, case.device, 0, steps)
+            peak = peak_since_start(case.device)
+            if start is not None and peak is not None:
+                prepared[i].transient = max(prepared[i].transient or 0, peak - start)
+            return times
         except torch.cuda.OutOfMemoryError:
             prepared.pop(i, None)
             _reset_memory(case.device)
@@ -221,10 +235,9 @@ def _reset_memory(device: str) -> None:
 
 
 def _finish(case, prepared, times, per_repeat, loads, peak) -> Dict[str, object]:
-    from .measure import peak_memory
     row = {**case.as_dict(), "status": "ok", "reason": ""}
     row.update(summarise(case, prepared, times, peak))
-    row.update(peak_memory(case.device))
+    row.update(peak_memory(case.device, prepared.resident(), prepared.transient))
     row["repeat_ms_median"] = [round(v, 3) for v in per_repeat]
     row["load_avg"] = max(loads)
     row.update(describe(case.device))

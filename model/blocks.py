@@ -46,9 +46,9 @@ class ConvNormAct(nn.Module):
         """Output and, under proxy norm with ``defer_scale``, the per-channel scale still to apply."""
         x = self.norm(self.conv(x))
         if isinstance(self.act, ProxyNormAct):
-            if defer_scale:
-                return self.act(x, self.norm.weight, self.norm.bias, defer_scale=True)
-            return self.act(x, self.norm.weight, self.norm.bias), None
+            # The norm's output is ours alone: proxy norm may compute in it during inference.
+            out = self.act(x, self.norm.weight, self.norm.bias, defer_scale, overwrite_input=True)
+            return out if defer_scale else (out, None)
         if self.act is not None:
             x = self.act(x)
         return x, None

@@ -125,7 +125,7 @@ class _StandardisedSilu(torch.autograd.Function):
         if inv_std is None:
             out.sub_(mean)
         else:
-            torch.addcmul(-mean * inv_std, out, inv_std, out=out)
+            out.mul_(inv_std).add_(-mean * inv_std)
         ctx.save_for_backward(x, out, inv_std)
         return out
 
@@ -184,27 +184,33 @@ class ProxyNormAct(nn.Module):
             self._cached = cached
         return cached[1]
 
-    def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], defer_scale: bool = False):
+    def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], defer_scale: bool = False,
+                overwrite_input: bool = False):
         """x = γ·Y + β. With ``defer_scale`` returns (φ(x) − μ̃, 1/σ̃) so that a following
-        squeeze-excite can fold the division into its gate and save a pass over the tensor."""
+        squeeze-excite can fold the division into its gate and save a pass over the tensor.
+        ``overwrite_input``: x is the caller's temporary, so eager inference may compute in it."""
         eager_inference = _eager_inference(x)
         mean, inv_std = self._statistics(weight, bias, eager_inference)
         mean = mean.to(x.dtype).view(1, -1, 1, 1)
         inv_std = inv_std.to(x.dtype).view(1, -1, 1, 1)
-        if self.activation is F.silu and not eager_inference and _eager(x):
+        silu = self.activation is F.silu
+        if silu and not eager_inference and _eager(x):
             if defer_scale:
                 return _StandardisedSilu.apply(x, mean, None), inv_std
             return _StandardisedSilu.apply(x, mean, inv_std)
-        z = self.activation(x)
         if eager_inference:
-            # Inference: z is a temporary of ours, so write the result into it instead of a fresh
-            # tensor (on CPU every large new tensor costs page faults). Same ops, same rounding.
+            # No fresh activation-sized tensor where we own one (on CPU each costs page faults on
+            # top of its pass): same ops, same rounding as the recorded path below.
+            z = F.silu(x, inplace=True) if silu and overwrite_input else self.activation(x)
             if defer_scale:
                 return z.sub_(mean), inv_std
-            return torch.addcmul(-mean * inv_std, z, inv_std, out=z)
+            return z.mul_(inv_std).add_(-mean * inv_std)
+        z = self.activation(x)
         if defer_scale:
             return z - mean, inv_std
-        return torch.addcmul(-mean * inv_std, z, inv_std)
+        # φ(x)·s − μ̃·s: a multiply and an add with one per-channel operand each, which CPU
+        # kernels vectorise (addcmul with two broadcast operands runs a scalar loop, ~2× slower).
+        return z * inv_std + (-mean * inv_std)
 
     def extra_repr(self) -> str:
         return f"{self.proxy_bias.numel()}, points={self.quantiles.numel()}, eps={self.eps}"

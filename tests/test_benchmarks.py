@@ -64,6 +64,34 @@ def test_our_rows_count_macs_like_the_model():
     assert prepared.params == count_parameters(ours)
 
 
+class _Hungry(nn.Module):
+    """A peer whose every forward briefly holds 64 MiB (touched, so resident)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x):
+        scratch = torch.ones(16 * 2**20)
+        return self.net(x) + scratch[:1] - 1
+
+
+def test_peak_memory_is_per_case_even_when_cases_interleave(monkeypatch, tiny_peer):
+    """The hungry case's 64 MiB shows in its own row and not in the tiny case timed after it, nor
+    do its weights while it stays resident between rounds."""
+    monkeypatch.setitem(peers.PEERS, "torchvision/resnet50", ("torch", _Hungry))
+    cases = [Case("torchvision/resnet50", resolution=16, batch=2, mode="infer"),
+             Case(tiny_peer, resolution=16, batch=2, mode="infer")]
+    rows = run.run_cases(cases, warmup=1, steps=2, repeats=2, log=lambda m: None)
+    kinds = {r["peak_mem_kind"] for r in rows}
+    if measure.start_peak("cpu") is None:  # no /proc/self/clear_refs: the lifetime peak, said so
+        assert kinds == {"process-peak-rss"}
+        return
+    assert kinds == {"rss-per-case"}
+    hungry, tiny = (r["peak_mem_mb"] for r in rows)
+    assert hungry >= 64 and tiny < 32
+
+
 def test_missing_peer_is_skipped_and_others_still_run(monkeypatch, tiny_peer):
     monkeypatch.setitem(peers.PEERS, "timm/efficientnet_b2", ("no_such_library_xyz", tiny_net))
     cases = [Case("timm/efficientnet_b2", resolution=16, batch=2, mode="infer"),
