@@ -65,19 +65,19 @@ def test_our_rows_count_macs_like_the_model():
 
 
 class _Hungry(nn.Module):
-    """A peer whose every forward briefly holds 64 MiB (touched, so resident)."""
+    """A peer whose every forward briefly holds 96 MiB (touched, so resident)."""
 
     def __init__(self):
         super().__init__()
         self.net = tiny_net()
 
     def forward(self, x):
-        scratch = torch.ones(16 * 2**20)
+        scratch = torch.ones(24 * 2**20)
         return self.net(x) + scratch[:1] - 1
 
 
 def test_peak_memory_is_per_case_even_when_cases_interleave(monkeypatch, tiny_peer):
-    """The hungry case's 64 MiB shows in its own row and not in the tiny case timed after it, nor
+    """The hungry case's 96 MiB shows in its own row and not in the tiny case timed after it, nor
     do its weights while it stays resident between rounds."""
     monkeypatch.setitem(peers.PEERS, "torchvision/resnet50", ("torch", _Hungry))
     cases = [Case("torchvision/resnet50", resolution=16, batch=2, mode="infer"),
