@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fast_paths import plain_eager
 from .norms import NormSpec
 from .proxy_norm import ProxyNormAct
 
@@ -37,14 +38,17 @@ class ConvNormAct(nn.Module):
         elif norm.proxy:
             self.act = ProxyNormAct(out_channels)
         else:
-            self.act = nn.SiLU(inplace=True)
+            self.act = SiLU()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_deferred(x, defer_scale=False)[0]
 
     def forward_deferred(self, x: Tensor, defer_scale: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         """Output and, under proxy norm with ``defer_scale``, the per-channel scale still to apply."""
-        x = self.norm(self.conv(x))
+        if isinstance(self.norm, nn.BatchNorm2d) and self._folds_batch_norm(x):
+            x = self._conv_with_folded_batch_norm(x)
+        else:
+            x = self.norm(self.conv(x))
         if isinstance(self.act, ProxyNormAct):
             # The norm's output is ours alone: proxy norm may compute in it during inference.
             out = self.act(x, self.norm.weight, self.norm.bias, defer_scale, overwrite_input=True)
@@ -52,6 +56,40 @@ class ConvNormAct(nn.Module):
         if self.act is not None:
             x = self.act(x)
         return x, None
+
+
+    def _folds_batch_norm(self, x: Tensor) -> bool:
+        """Eager inference with running statistics, and no hook watching the conv or the norm
+        (hooks, e.g. count_macs's or a feature extractor's, see the layers run as themselves).
+        Traced graphs never fold here: PopTorch and compilers fold for themselves."""
+        bn = self.norm
+        if bn.training or bn.running_mean is None or torch.is_grad_enabled() or not plain_eager(x):
+            return False
+        module_hooks = nn.modules.module
+        return not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+                    or any(m._forward_hooks or m._forward_pre_hooks for m in (self.conv, bn)))
+
+    def _conv_with_folded_batch_norm(self, x: Tensor) -> Tensor:
+        """conv → BatchNorm with running statistics is one conv: the norm is a per-channel affine
+        map, folded into the conv's weights and a bias (one pass and one tensor fewer a layer)."""
+        bn, conv = self.norm, self.conv
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        bias = -bn.running_mean * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias
+        return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bias, conv.stride, conv.padding,
+                        conv.dilation, conv.groups)
+
+
+class SiLU(nn.SiLU):
+    """SiLU in place only when no gradient is recorded. In training, autograd would copy the
+    input it needs for the backward before overwriting it: an extra pass that writing a new
+    tensor avoids (both allocate one tensor)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
 class SqueezeExcite(nn.Module):

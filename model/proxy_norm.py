@@ -12,9 +12,8 @@ holds β̃ and γ̃ and is handed γ and β at call time. The proxy statistics a
 float32. In eager CPU/GPU training the statistics and the standardisation (φ(x) − μ̃)/σ̃ have
 hand-written backwards (as the reference code has for the statistics); wherever a graph is traced
 or compiled (PopTorch, torch.compile) autograd differentiates the same arithmetic, so both paths
-give the same loss and the same gradients up to float32 rounding (``eager_fast_paths`` switches).
+give the same loss and the same gradients up to float32 rounding (see ``fast_paths.py``).
 """
-import contextlib
 import math
 from typing import Callable, Optional, Tuple
 
@@ -22,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fast_paths import plain_eager
+
 PROXY_POINTS = 200
 PROXY_EPS = 0.03
-_fast_paths = True
 
 
 def normal_quantiles(n: int = PROXY_POINTS) -> Tensor:
@@ -33,31 +33,9 @@ def normal_quantiles(n: int = PROXY_POINTS) -> Tensor:
     return (math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)).float()
 
 
-@contextlib.contextmanager
-def eager_fast_paths(enabled: bool):
-    """Switch the eager-only fast paths (hand-written backwards, cached statistics, in-place
-    inference) on or off. Off, eager code computes what a traced PopTorch graph computes, e.g. to
-    measure the activations that graph would save for backward."""
-    global _fast_paths
-    previous, _fast_paths = _fast_paths, enabled
-    try:
-        yield
-    finally:
-        _fast_paths = previous
-
-
-def _eager(x: Tensor) -> bool:
-    """Plain eager execution on CPU/GPU: not traced (PopTorch, jit) nor compiled, where a cache,
-    an in-place write or a hand-written backward could hide from the graph being built."""
-    if not _fast_paths or x.device.type not in ("cpu", "cuda") or torch.jit.is_tracing():
-        return False
-    dynamo = getattr(torch, "_dynamo", None)
-    return not (dynamo is not None and dynamo.is_compiling())
-
-
 def _eager_inference(x: Tensor) -> bool:
     """No gradient recorded, eagerly: the proxy statistics can be cached, results written in place."""
-    return not torch.is_grad_enabled() and _eager(x)
+    return not torch.is_grad_enabled() and plain_eager(x)
 
 
 def _proxy_statistics(proxy_bias: Tensor, proxy_weight: Tensor, weight: Tensor,
@@ -161,7 +139,7 @@ class ProxyNormAct(nn.Module):
 
     def proxy_statistics(self, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """(μ̃, 1/sqrt(σ̃² + ε)) per channel, always float32 (explicit casts: no autocast reaches it)."""
-        if self.activation is F.silu and _eager(self.quantiles):
+        if self.activation is F.silu and plain_eager(self.quantiles):
             return _SiluProxyStatistics.apply(self.proxy_bias, self.proxy_weight, weight, bias,
                                               self.quantiles, self.eps)
         return _proxy_statistics(self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles,
@@ -194,7 +172,7 @@ class ProxyNormAct(nn.Module):
         mean = mean.to(x.dtype).view(1, -1, 1, 1)
         inv_std = inv_std.to(x.dtype).view(1, -1, 1, 1)
         silu = self.activation is F.silu
-        if silu and not eager_inference and _eager(x):
+        if silu and not eager_inference and plain_eager(x):
             if defer_scale:
                 return _StandardisedSilu.apply(x, mean, None), inv_std
             return _StandardisedSilu.apply(x, mean, inv_std)

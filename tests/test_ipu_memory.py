@@ -8,7 +8,7 @@ from app.config import build_config
 from ipu_options import memory
 from ipu_options.planning import PlanError, make_plan, report, resolve_pipeline
 from model import build_model
-from model.proxy_norm import eager_fast_paths
+from model.fast_paths import eager_fast_paths
 
 RES = 64  # every model is resolution-correct: the counts scale with the feature maps' sizes
 

@@ -50,3 +50,45 @@ def test_bf16_autocast_on_cpu(norm):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _train_step(model, torch.randn(2, 3, 65, 65))
     assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("norm", [dict(norm="batch"), dict(norm="batch", proxy_norm=True)],
+                         ids=["bn", "bn+pn"])
+def test_inference_folds_batch_norm_into_the_conv_only_when_eager_and_gradient_free(norm, monkeypatch):
+    """Eager no-grad inference runs conv+BN as one conv (batch norm never runs) and gives the
+    unfolded result to float32 rounding; with a gradient recorded, with the fast paths off, or
+    with a hook on a layer, the norms run as themselves."""
+    import torch.nn.functional as F
+
+    from model.fast_paths import eager_fast_paths
+    model = build_model("b0", group_size=16, expand_ratio=4, num_classes=10, **norm)
+    x = torch.randn(4, 3, 64, 64)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 1.0  # running statistics = one batch's, as after calibration
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    calls = []
+
+    def counting_batch_norm(*args, **kwargs):
+        calls.append(1)
+        return batch_norm(*args, **kwargs)
+    batch_norm = F.batch_norm
+    monkeypatch.setattr(F, "batch_norm", counting_batch_norm)
+    with torch.no_grad():
+        folded = model(x)
+        assert not calls
+        with eager_fast_paths(False):
+            plain = model(x)
+        assert calls
+        calls.clear()
+        handle = model.blocks[2][0].spatial.conv.register_forward_hook(lambda *_: None)
+        model(x)
+        assert len(calls) == 1  # the watched layer only
+        handle.remove()
+    assert torch.allclose(folded, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+    calls.clear()
+    recorded = model(x)
+    assert calls and torch.allclose(recorded, plain, atol=1e-6 * plain.abs().max().item())

@@ -174,7 +174,7 @@ def test_hand_written_backward_of_the_standardised_silu_passes_gradcheck(deferre
 
 
 def _loss_and_grads(model, x, y, fast):
-    from model.proxy_norm import eager_fast_paths
+    from model.fast_paths import eager_fast_paths
     model.zero_grad(set_to_none=True)
     with eager_fast_paths(fast):
         loss = F.cross_entropy(model(x), y)
