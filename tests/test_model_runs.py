@@ -61,6 +61,7 @@ def test_inference_folds_batch_norm_into_the_conv_only_when_eager_and_gradient_f
     import torch.nn.functional as F
 
     from model.fast_paths import eager_fast_paths
+    torch.manual_seed(0)
     model = build_model("b0", group_size=16, expand_ratio=4, num_classes=10, **norm)
     x = torch.randn(4, 3, 64, 64)
     for m in model.modules():
@@ -68,7 +69,7 @@ def test_inference_folds_batch_norm_into_the_conv_only_when_eager_and_gradient_f
             m.momentum = 1.0  # running statistics = one batch's, as after calibration
     model.train()
     with torch.no_grad():
-        model(x)
+        model(torch.randn(16, 3, 64, 64))
     model.eval()
     calls = []
 
@@ -88,7 +89,9 @@ def test_inference_folds_batch_norm_into_the_conv_only_when_eager_and_gradient_f
         model(x)
         assert len(calls) == 1  # the watched layer only
         handle.remove()
-    assert torch.allclose(folded, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+    # float32 rounding of ~50 folded layers compounds: 1e-4 of the largest logit (a wrong fold
+    # is off by the logits' own size).
+    assert torch.allclose(folded, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
     calls.clear()
     recorded = model(x)
     assert calls and torch.allclose(recorded, plain, atol=1e-6 * plain.abs().max().item())

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from model.fast_paths import eager_fast_paths
+
 from . import blocks, recompute
 from .enums import OutputMode, ReductionType
 from .options import Options
@@ -167,13 +169,16 @@ class PoplarExecutor:
         self._compiled = False
 
     def __call__(self, *args, **kwargs):
-        if not self._compiled:
-            self._prepare(args, kwargs)
-        if not self._attached:
-            self.attachToDevice()
-        if self._training:
-            return self._train(args, kwargs)
-        return self._infer(args, kwargs)
+        # An IPU runs the traced graph's plain arithmetic, never the model's eager fast paths
+        # (hand-written backwards, batch norm folded into convs, cached proxy statistics).
+        with eager_fast_paths(False):
+            if not self._compiled:
+                self._prepare(args, kwargs)
+            if not self._attached:
+                self.attachToDevice()
+            if self._training:
+                return self._train(args, kwargs)
+            return self._infer(args, kwargs)
 
     # ------------------------------------------------------------------ batching
     def _factors(self) -> Tuple[int, int, int]:
