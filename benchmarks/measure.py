@@ -2,6 +2,7 @@
 synchronisation, then one row of figures. A training step is zero_grad, forward, cross-entropy,
 backward and an SGD step (timm's benchmark does the same, so figures compare)."""
 import contextlib
+import ctypes
 import math
 import resource
 import statistics
@@ -80,6 +81,28 @@ def resident_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
             storage = t.untyped_storage()
             storages[(t.device, storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
+
+
+def _release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim), so that a step's
+    new tensors fault pages in, and show in the resident set, instead of reusing freed ones."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the rise may then be understated
+        pass
+
+
+def step_memory(step: Callable[[], None], device: str) -> Optional[int]:
+    """Bytes one extra, untimed step rises above what is in use before it (None: unmeasurable).
+    Measured apart from the timed steps: trimming the heap first makes the next step pay for
+    page faults that a steady run does not."""
+    if device != "cuda":
+        _release_free_heap()
+    start = start_peak(device)
+    step()
+    synchronize(device)
+    peak = peak_since_start(device)
+    return None if start is None or peak is None else max(peak - start, 0)
 
 
 def peak_memory(device: str, resident: int, transient: Optional[int]) -> Dict[str, object]:

@@ -18,8 +18,7 @@ from .measure import (
     Prepared,
     measure_peak_flops,
     peak_memory,
-    peak_since_start,
-    start_peak,
+    step_memory,
     summarise,
     time_steps,
 )
@@ -210,13 +209,10 @@ def _prepare_and_time(i: int, cases: List[Case], prepared: Dict[int, Prepared],
             if i not in prepared:
                 _reset_memory(case.device)
                 prepared[i] = Prepared(case)
-            time_steps(prepared[i].step, case.device, warmup, 0)
-            start = start_peak(case.device)
-            times = time_steps(prepared[i].step, case.device, 0, steps)
-            peak = peak_since_start(case.device)
-            if start is not None and peak is not None:
-                prepared[i].transient = max(prepared[i].transient or 0, peak - start)
-            return times
+                times = time_steps(prepared[i].step, case.device, warmup, steps)
+                prepared[i].transient = step_memory(prepared[i].step, case.device)  # untimed
+                return times
+            return time_steps(prepared[i].step, case.device, warmup, steps)
         except torch.cuda.OutOfMemoryError:
             prepared.pop(i, None)
             _reset_memory(case.device)
