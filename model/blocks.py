@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fast_paths import plain_eager
+from .fast_paths import plain_eager, version_key
 from .norms import NormSpec
 from .proxy_norm import ProxyNormAct
 
@@ -46,8 +46,12 @@ class ConvNormAct(nn.Module):
     def forward_deferred(self, x: Tensor, defer_scale: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         """Output and, under proxy norm with ``defer_scale``, the per-channel scale still to apply."""
         if isinstance(self.norm, nn.BatchNorm2d) and self._folds_batch_norm(x):
-            x = self._conv_with_folded_batch_norm(x)
+            weight, bias = self._folded_batch_norm()
+            conv = self.conv
+            x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         else:
+            if getattr(self, "_folded", None) is not None:
+                self._folded = None  # training or tracing: free the folded copy
             x = self.norm(self.conv(x))
         if isinstance(self.act, ProxyNormAct):
             # The norm's output is ours alone: proxy norm may compute in it during inference.
@@ -56,7 +60,6 @@ class ConvNormAct(nn.Module):
         if self.act is not None:
             x = self.act(x)
         return x, None
-
 
     def _folds_batch_norm(self, x: Tensor) -> bool:
         """Eager inference with running statistics, and no hook watching the conv or the norm
@@ -69,18 +72,23 @@ class ConvNormAct(nn.Module):
         return not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
                     or any(m._forward_hooks or m._forward_pre_hooks for m in (self.conv, bn)))
 
-    def _conv_with_folded_batch_norm(self, x: Tensor) -> Tensor:
+    def _folded_batch_norm(self) -> Tuple[Tensor, Tensor]:
         """conv → BatchNorm with running statistics is one conv: the norm is a per-channel affine
-        map, folded into the conv's weights and a bias (one pass and one tensor fewer a layer)."""
+        map, folded into the conv's weights and a bias (one pass and one tensor fewer a layer).
+        Kept until a weight or statistic changes, so small batches do not refold every call."""
         bn, conv = self.norm, self.conv
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        bias = -bn.running_mean * scale
-        if bn.bias is not None:
-            bias = bias + bn.bias
-        return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bias, conv.stride, conv.padding,
-                        conv.dilation, conv.groups)
+        key = (bn.eps,) + version_key(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        folded = getattr(self, "_folded", None)
+        if folded is None or folded[0] != key:
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            bias = -bn.running_mean * scale
+            if bn.bias is not None:
+                bias = bias + bn.bias
+            folded = (key, conv.weight * scale.view(-1, 1, 1, 1), bias)
+            self._folded = folded
+        return folded[1], folded[2]
 
 
 class SiLU(nn.SiLU):

@@ -32,3 +32,10 @@ def plain_eager(x: Tensor) -> bool:
         return False
     dynamo = getattr(torch, "_dynamo", None)
     return not (dynamo is not None and dynamo.is_compiling())
+
+
+def version_key(*tensors) -> tuple:
+    """Which tensors, and their in-place version counters: an equal key means equal values, so
+    a result computed from them can be reused (another tensor, storage or in-place update, such
+    as an optimiser step or load_state_dict, changes the key)."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors if t is not None)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fast_paths import plain_eager
+from .fast_paths import plain_eager, version_key
 
 PROXY_POINTS = 200
 PROXY_EPS = 0.03
@@ -153,9 +153,8 @@ class ProxyNormAct(nn.Module):
         if not eager_inference:
             self._cached = None
             return self.proxy_statistics(weight, bias)
-        tensors = (self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles)
-        key = (self.eps, self.activation) + tuple(
-            (id(t), t.data_ptr(), t._version) for t in tensors if t is not None)
+        key = (self.eps, self.activation) + version_key(
+            self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles)
         cached = getattr(self, "_cached", None)
         if cached is None or cached[0] != key:
             cached = (key, self.proxy_statistics(weight, bias))

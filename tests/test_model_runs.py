@@ -92,6 +92,14 @@ def test_inference_folds_batch_norm_into_the_conv_only_when_eager_and_gradient_f
     # float32 rounding of ~50 folded layers compounds: 1e-4 of the largest logit (a wrong fold
     # is off by the logits' own size).
     assert torch.allclose(folded, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
+    with torch.no_grad():  # the folded weights are kept, and follow in-place updates
+        model.stem.norm.running_mean.add_(0.5)
+        model.head.conv.weight.mul_(1.5)
+        changed = model(x)
+        with eager_fast_paths(False):
+            changed_plain = model(x)
+    assert not torch.allclose(changed_plain, plain, atol=1e-3)
+    assert torch.allclose(changed, changed_plain, rtol=1e-4, atol=1e-4 * changed_plain.abs().max().item())
     calls.clear()
     recorded = model(x)
-    assert calls and torch.allclose(recorded, plain, atol=1e-6 * plain.abs().max().item())
+    assert calls and torch.allclose(recorded, changed_plain, atol=1e-6 * changed_plain.abs().max().item())
