@@ -8,7 +8,7 @@ no compute) with one rule per layer kind — which tensors the backward pass of 
   SiLU              its input (kept as a copy when the activation runs in place) and, where the
                     next layer is a conv or a gate, its output as that layer's input
   proxy norm        the norm's output (φ's input), φ(x) where the scale is applied afterwards,
-                    and per channel 3 × C × 200 proxy-statistic points (batch independent)
+                    and per channel 2 × C × 200 proxy-statistic points (batch independent)
   squeeze-excite    the pooled vector chain (C-sized per sample) and the gated output
   adds, pooling     nothing (their backward needs shapes only)
 Each stored tensor is counted once, where it is produced. The rules are checked against the bytes
@@ -71,7 +71,7 @@ def _norm_stats(cna: ConvNormAct) -> Tuple[int, int]:
         fixed = 4 * norm.num_features
     if isinstance(cna.act, ProxyNormAct):
         c, points = cna.act.proxy_bias.numel(), cna.act.quantiles.numel()
-        fixed += 3 * c * points + c + points
+        fixed += 2 * c * points + c + points
     return per_image, fixed
 
 

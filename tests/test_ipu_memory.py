@@ -31,7 +31,7 @@ def saved_bytes(model, batch: int) -> int:
     x = torch.randn(batch, 3, RES, RES, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
     # The activations as a traced graph keeps them (no eager fast paths); the C×200 proxy
-    # statistics as the memory model counts them, the hand-written backward's 3 × C × 200 points
+    # statistics as the memory model counts them, the hand-written backward's 2 × C × 200 points
     # (autograd of the plain arithmetic keeps more or fewer depending on the torch version).
     statistics = mock.patch.object(ProxyNormAct, "proxy_statistics", lambda pn, w, b: (
         _SiluProxyStatistics.apply(pn.proxy_bias, pn.proxy_weight, w, b, pn.quantiles, pn.eps)))
