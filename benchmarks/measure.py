@@ -108,9 +108,9 @@ def step_memory(step: Callable[[], None], device: str) -> Optional[int]:
 def peak_memory(device: str, resident: int, transient: Optional[int]) -> Dict[str, object]:
     """One case's peak, counted for that case alone though other cases stay resident between
     interleaved repeats: the tensors it keeps between steps (weights, buffers, gradients,
-    optimiser state, inputs) plus the most its timed steps rose above what was in use when they
-    began (CUDA: the allocator's tensors; CPU: the resident set). Where the rise cannot be
-    measured, the process's lifetime peak RSS, which every case shares (kind says which)."""
+    optimiser state, inputs) plus what one step adds on top (``step_memory``; CUDA: the
+    allocator's tensors, CPU: the resident set). Where that rise cannot be measured, the
+    process's lifetime peak RSS, which every case shares (kind says which)."""
     if transient is not None:
         kind = "cuda-allocator" if device == "cuda" else "rss-per-case"
         return {"peak_mem_mb": round((max(resident, 0) + transient) / 2**20, 1), "peak_mem_kind": kind}
@@ -241,7 +241,7 @@ class Prepared:
         self.images, self.targets = prepare_inputs(case)
         self.step = make_step(case, model, self.images, self.targets)
         self.model = model
-        self.transient: Optional[int] = None  # most bytes a timed step added (run.py measures)
+        self.transient: Optional[int] = None  # bytes one step adds (run.py: step_memory)
 
     def resident(self) -> int:
         """Bytes this case keeps between steps, once a step has made gradients and optimiser state."""

@@ -8,7 +8,7 @@ ALL_PEERS = ["timm/efficientnet_b0", "timm/efficientnet_b0_g16_evos", "timm/effi
 # one thread: on a shared machine two threads that wait for each other make every row noisy
 # (--threads 0 gives torch's default, --threads N any other count).
 PRESETS: Dict[str, Dict[str, object]] = {
-    # make bench: the whole picture at a small size, interleaved three times: ~2 minutes on a
+    # make bench: the whole picture at a small size, interleaved three times: ~1.5 minutes on a
     # 2-core CPU.
     "quick": dict(device="cpu", models=["b0"], groups=[1, 16], expands=[6], norms=["bn"],
                   variants=["g1-e6-bn", "g16-e6-bn", "g16-e6-ln+pn", "g16-e4-gn", "g16-e4-ln+pn"],

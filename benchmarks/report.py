@@ -158,8 +158,8 @@ def markdown(rows: List[Dict[str, object]], commands: Dict[str, str],
              "cross-entropy, backward and an SGD step. TFLOP/s counts 2 FLOPs per multiply-add "
              "(training: 3× the forward); utilisation is against the best large-matmul rate "
              "measured in the same run and precision. Peak MB is per case: the tensors it "
-             "keeps between steps (weights, gradients, optimiser state, inputs) plus the most a "
-             "timed step rose above them (CUDA allocator, or resident set on a CPU); rows of "
+             "keeps between steps (weights, gradients, optimiser state, inputs) plus what one "
+             "extra untimed step adds (CUDA allocator, or resident set on a CPU); rows of "
              "kind `process-peak-rss` could only give the process's lifetime peak.", ""]
     for source in sorted({r["source"] for r in rows}):
         part = [r for r in rows if r["source"] == source]

@@ -227,7 +227,6 @@ def _reset_memory(device: str) -> None:
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def _finish(case, prepared, times, per_repeat, loads, peak) -> Dict[str, object]:

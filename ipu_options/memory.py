@@ -5,7 +5,7 @@ Activations are counted from the layers' shapes (one shape pass on the meta devi
 no compute) with one rule per layer kind — which tensors the backward pass of that kind needs:
   conv / linear     its input (the producer's output)
   batch/group norm  its input (= the conv output) and per-sample or per-channel statistics
-  SiLU              its input (kept as a copy when the activation runs in place) and, where the
+  SiLU              its input (the norm's output) and, where the
                     next layer is a conv or a gate, its output as that layer's input
   proxy norm        the norm's output (φ's input), φ(x) where the scale is applied afterwards,
                     and per channel 2 × C × 200 proxy-statistic points (batch independent)
@@ -59,7 +59,7 @@ def _cna_units(cna: ConvNormAct, deferred: bool = False, output_saved: bool = Tr
         if deferred:
             return 3  # conv out, norm out, φ(x) − μ̃ (kept by the gate)
         return 3 + int(output_saved)  # conv out, norm out, φ(x) (kept by the scale) [+ output]
-    return 2 + int(output_saved)  # conv out, norm out (SiLU's input copy) [+ SiLU out]
+    return 2 + int(output_saved)  # conv out, norm out (SiLU's input) [+ SiLU out]
 
 
 def _norm_stats(cna: ConvNormAct) -> Tuple[int, int]:

@@ -33,11 +33,6 @@ def normal_quantiles(n: int = PROXY_POINTS) -> Tensor:
     return (math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)).float()
 
 
-def _eager_inference(x: Tensor) -> bool:
-    """No gradient recorded, eagerly: the proxy statistics can be cached, results written in place."""
-    return not torch.is_grad_enabled() and plain_eager(x)
-
-
 def _proxy_statistics(proxy_bias: Tensor, proxy_weight: Tensor, weight: Tensor,
                       bias: Optional[Tensor], quantiles: Tensor, eps: float,
                       activation: Callable[[Tensor], Tensor]):
@@ -59,9 +54,9 @@ def _proxy_statistics(proxy_bias: Tensor, proxy_weight: Tensor, weight: Tensor,
 
 class _SiluProxyStatistics(torch.autograd.Function):
     """The proxy statistics with φ = SiLU and a hand-written backward (as the paper's reference
-    code has): the forward is the same float32 arithmetic as autograd's path, the backward
-    needs 4 passes over the C×N proxy points instead of about 12, which matters on CPUs where
-    those small tensors cost as much as the late stages' activations on small batches."""
+    code has): the forward is the same float32 arithmetic as autograd's path; the backward
+    makes 4 passes over the C×N proxy points and keeps only the pre-activations and centred
+    values. On small batches these batch-independent points weigh as much as activations."""
 
     @staticmethod
     def forward(ctx, proxy_bias, proxy_weight, weight, bias, quantiles, eps):
@@ -99,7 +94,7 @@ class _StandardisedSilu(torch.autograd.Function):
     eager training. Autograd would keep SiLU(x) besides x and allocate three activation-sized
     tensors in the backward; this keeps x and the output (which the next layer saves anyway) and
     allocates one tensor each way. On CPUs every fresh activation-sized tensor costs page faults
-    on top of its pass, so this is most of proxy norm's training overhead over batch norm."""
+    on top of its pass: this was most of proxy norm's training overhead over batch norm."""
 
     @staticmethod
     def forward(ctx, x, mean, inv_std):
@@ -170,12 +165,14 @@ class ProxyNormAct(nn.Module):
         """x = γ·Y + β. With ``defer_scale`` returns (φ(x) − μ̃, 1/σ̃) so that a following
         squeeze-excite can fold the division into its gate and save a pass over the tensor.
         ``overwrite_input``: x is the caller's temporary, so eager inference may compute in it."""
-        eager_inference = _eager_inference(x)
+        eager = plain_eager(x)
+        # Eager and no gradient recorded: statistics cached, results written into temporaries.
+        eager_inference = eager and not torch.is_grad_enabled()
         mean, inv_std = self._statistics(weight, bias, eager_inference)
         mean = mean.to(x.dtype).view(1, -1, 1, 1)
         inv_std = inv_std.to(x.dtype).view(1, -1, 1, 1)
         silu = self.activation is F.silu
-        if silu and not eager_inference and plain_eager(x):
+        if silu and eager and not eager_inference:
             if defer_scale:
                 return _StandardisedSilu.apply(x, mean, None), inv_std
             return _StandardisedSilu.apply(x, mean, inv_std)
