@@ -25,6 +25,8 @@ class Backend:
     name: str = "base"
     emulated: bool = False  # True when the device is simulated (figures are not hardware figures)
     device: torch.device = torch.device("cpu")  # where the loader should put its tensors
+    updates_per_step: int = 1  # weight updates per train_step call (IPU: device iterations)
+    compile_only: bool = False  # build the executables and stop (ipu.compile_only)
 
     def host_batch_size(self, cfg: Config) -> int:
         """Images per ``train_step`` call: every micro-batch of one weight update."""
@@ -42,6 +44,11 @@ class Backend:
         raise NotImplementedError
 
     def set_lr(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def compile(self, images: Tensor, targets: Tensor) -> str:
+        """Build what ``train_step``/``evaluate`` run, from one host batch, without running it;
+        returns what was built (only backends with ``compile_only``)."""
         raise NotImplementedError
 
     def evaluate(self, images: Tensor) -> Tensor:

@@ -239,6 +239,12 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
     check_resolutions(cfg.data.resolution, val_resolutions, downsampling_stages(model), what="validation")
     if m.init_from and resume is None:
         load_initial_weights(model, cfg)
+    if resume is not None:  # before the backend copies the weights to its device (IPU)
+        check_architecture(resume, cfg.model, num_classes, cfg.resume)
+        if resume["steps_per_epoch"] != steps_per_epoch:
+            raise AppError(f"the checkpoint has {resume['steps_per_epoch']} steps per epoch, this "
+                             f"configuration {steps_per_epoch}: resume with the same data and batch size")
+        load_weights(model, resume["model"], cfg.resume)
     dist.broadcast_parameters(model)  # every replica starts from the main process's weights
     classifier = build_classifier(model, cfg)
     if setup is not None:
@@ -251,11 +257,6 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
 
     step, best, epoch_rng = 0, -1.0, None
     if resume is not None:
-        check_architecture(resume, cfg.model, num_classes, cfg.resume)
-        if resume["steps_per_epoch"] != steps_per_epoch:
-            raise AppError(f"the checkpoint has {resume['steps_per_epoch']} steps per epoch, this "
-                             f"configuration {steps_per_epoch}: resume with the same data and batch size")
-        load_weights(model, resume["model"], cfg.resume)
         if ema is not None and resume["ema"] is not None:
             ema.load_state_dict(resume["ema"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -269,6 +270,13 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
           f"{' (emulated)' if backend.emulated else ''} | {total_steps} steps")
     print(scale_summary(cfg, dist, base_lr))
 
+    if backend.compile_only:  # ipu.compile_only: build the executables from one batch, then stop
+        loader.set_epoch(0)
+        images, targets = next(iter(loader))
+        print(backend.compile(images, targets))
+        backend.close()
+        dist.close()
+        return TrainResult(0, run_dir)
     if step >= total_steps:
         print(f"nothing to do: {run_dir} is at step {step} of {total_steps} already "
               "(raise train.epochs or train.max_steps to train on)")
@@ -280,7 +288,13 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
         tracker.write({"kind": "resume", "step": step, "checkpoint": str(resume_path)})
 
     def validate(at_step: int) -> Dict[str, Dict[str, float]]:
-        results = reduce_results(validate_all(backend, ema, val_loaders, cfg))  # over all shares
+        # Validation leaves the training's random streams as they were (its loaders draw seeds):
+        # a run's losses then do not depend on when it validated, and a resumed run repeats them.
+        before = rng_state()
+        try:
+            results = reduce_results(validate_all(backend, ema, val_loaders, cfg))  # over all shares
+        finally:
+            set_rng_state(before)
         tracker.log_validation(at_step, at_step / steps_per_epoch, results)
         return results
 
@@ -325,7 +339,7 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
                         nonfinite = 0
                         if ema is not None and (step % cfg.train.ema_every == 0 or step == total_steps):
                             backend.sync_to_host()
-                            ema.update(model, steps=step - ema_step)
+                            ema.update(model, steps=(step - ema_step) * backend.updates_per_step)
                             ema_step = step
                     else:
                         nonfinite += 1

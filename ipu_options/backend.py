@@ -10,9 +10,11 @@ estimated memory) runs in the constructor, before data, model or compilation.
 
 The loop's model stays the host copy (fp32, for checkpoints and EMA); the backend runs a device
 copy with the IPU precision, the pipeline/recomputation annotations and a PopTorch optimiser,
-and copies weights (and optimiser state) back in ``sync_to_host``.
+and copies weights back in ``sync_to_host``. The optimiser's state lives on the device: a
+checkpoint holds it in PopTorch's own format (``state_dict``), the only one PopTorch loads back.
 """
 import copy
+import sys
 from typing import Any, Dict, Optional
 
 import torch
@@ -74,9 +76,11 @@ class PopTorchBackend(Backend):
         print(f"IPU backend: {self.description}; {replicas} replica(s) × {self.ipus} IPU(s){stage_text}, "
               f"precision {cfg.ipu.precision}")
         self.eval_iterations = max(cfg.ipu.device_iterations, self.ipus)  # inference: DI >= stages
+        self.updates_per_step = cfg.ipu.device_iterations  # one weight update per device iteration
+        self.compile_only = bool(cfg.ipu.compile_only)
         self.train_model = self.eval_model = None
         self._lr: Optional[float] = None
-        self._state_loaded = False
+        self._state_checked = self._device_state_loaded = False
 
     @staticmethod
     def _meta_network(cfg) -> nn.Module:
@@ -112,11 +116,11 @@ class PopTorchBackend(Backend):
         annotate(device.model, self.splits, self.recompute, poptorch)
         device.to(self.compute)
         self.device_classifier = device
-        self.param_pairs = list(zip(classifier.parameters(), device.parameters()))
         lr = optimizer.param_groups[0]["lr"]
         self.optimizer = build_ipu_optimizer(poptorch, device_groups(optimizer, classifier, device),
                                              cfg, lr)
         self._lr = lr
+        self.training_output_mode = cfg.ipu.output_mode
         train_opts = build_options(cfg, poptorch, training=True, splits=self.splits,
                                    use_ipu_model=self.use_ipu_model)
         eval_opts = build_options(cfg, poptorch, training=False, splits=self.splits,
@@ -135,16 +139,18 @@ class PopTorchBackend(Backend):
         if model.isCompiled() and not model.isAttachedToDevice():
             model.attachToDevice()
 
-    def _load_host_optimizer_state(self) -> None:
-        """A resumed run loaded the optimiser state into the loop's optimiser: hand it over."""
-        self._state_loaded = True
-        if self.host_optimizer.state:
-            self.optimizer.load_state_dict(self.host_optimizer.state_dict())
-            self.optimizer.param_groups[0]["lr"] = self._lr
+    def _check_resumed_state(self) -> None:
+        """A checkpoint of a CPU/GPU run holds the host optimiser's state, which PopTorch cannot
+        load ("Only IPU optimizer states can be loaded onto the IPU"): say that the optimiser's
+        state (momentum, squared averages) starts afresh rather than drop it silently."""
+        self._state_checked = True
+        if self.host_optimizer.state and not self._device_state_loaded:
+            print("warning: the checkpoint holds no IPU optimiser state (it comes from a CPU/GPU run): "
+                  "the weights carry over, the optimiser's state starts afresh", file=sys.stderr)
 
     def train_step(self, images: Tensor, targets: Tensor) -> Dict[str, Tensor]:
-        if not self._state_loaded:
-            self._load_host_optimizer_state()
+        if not self._state_checked:
+            self._check_resumed_state()
         self._swap_to(self.train_model)
         self.device_classifier.train()
         images, targets = images.to(self.compute), targets.to(self.compute)
@@ -152,7 +158,24 @@ class PopTorchBackend(Backend):
             _, losses = self.train_model(images, targets)
         except ValueError as error:  # the emulator's batch / pipeline checks, PopTorch's rules
             raise BackendError(f"invalid IPU configuration: {error}") from None
-        return {"loss": all_reduce_mean(losses.float().mean().cpu())}
+        loss = losses.float().mean()
+        if self.training_output_mode == "sum":  # each returned loss sums DI × GA micro-batches
+            loss = loss / (self.cfg.ipu.device_iterations * self.cfg.train.grad_accum)
+        return {"loss": all_reduce_mean(loss.cpu())}
+
+    def compile(self, images: Tensor, targets: Tensor) -> str:
+        """ipu.compile_only: build the training and inference executables from one host batch
+        without running them (PopTorch refuses to run on an offline target)."""
+        self.device_classifier.train()
+        self.train_model.compile(images.to(self.compute), targets.to(self.compute))
+        self.device_classifier.eval()
+        unit = self.eval_batch_size(self.cfg)
+        sample = images[:1].expand(unit, *images.shape[1:]).contiguous()
+        self.eval_model = self.poptorch.inferenceModel(self.device_classifier, self.eval_opts)
+        self.eval_model.compile(sample.to(self.compute))
+        cache = self.cfg.ipu.executable_cache
+        return ("compiled the training and inference executables" +
+                (f" (cached in {cache})" if cache else " (set ipu.executable_cache to keep them)"))
 
     def set_lr(self, lr: float) -> None:
         if lr == self._lr:
@@ -183,26 +206,33 @@ class PopTorchBackend(Backend):
         if self.train_model is None:
             return
         if self.train_model.isCompiled():
-            self.train_model.copyWeightsToHost()
+            # Detaching (for evaluation) already copied the weights back; a detached executable
+            # cannot be read again, so copy only what the device changed since.
+            self.train_model.copyWeightsToHostIfNeeded()
         host = self.host_classifier.model.state_dict()
         with torch.no_grad():
             for name, value in self.device_classifier.model.state_dict().items():
                 host[name].copy_(value.to(host[name].dtype))
-        # Optimiser state: the host optimiser (what checkpoints save) shares the device optimiser's
-        # per-parameter state (updated in place), so this costs nothing per step. Real PopTorch
-        # keeps that state on the IPU; there the host copy stays as loaded.
-        for host_param, device_param in self.param_pairs:
-            state = self.optimizer.state.get(device_param)
-            if state is not None:
-                self.host_optimizer.state[host_param] = state
 
     def state_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
         scale = getattr(self.train_model, "loss_scale", None) if self.train_model else None
-        return {"loss_scale": scale} if scale is not None else {}
+        if scale is not None:
+            out["loss_scale"] = scale
+        if self.train_model is not None and self.train_model.isCompiled():
+            # PopTorch reads the optimiser's state back from the device ("ipu_state", "ipu_param"
+            # next to torch's own entries): the only form its load_state_dict accepts.
+            out["optimizer"] = self.optimizer.state_dict()
+        return out
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("loss_scale") and self.train_model is not None:
             self.train_model._loss_scale = float(state["loss_scale"])
+        if state.get("optimizer"):
+            # Held until the executable attaches, then written to the device (PopTorch does this).
+            self.optimizer.load_state_dict(state["optimizer"])
+            self._device_state_loaded = True
+            self._lr = None  # loading reset every group's rate: the next set_lr sets them all
 
     def close(self) -> None:
         for model in (self.train_model, self.eval_model):

@@ -26,8 +26,8 @@ class IPUConfig:
     optimizer_state_offchip: bool = False
     replicated_tensor_sharding: bool = False
     executable_cache: Optional[str] = None
-    compile_only: bool = False
-    offline_ipu_version: Optional[int] = None  # compile for this IPU version without hardware
+    compile_only: bool = False  # build the executables without hardware (offline target), then stop
+    offline_ipu_version: Optional[int] = None  # with compile_only: the IPU version (default Mk2)
     seed: Optional[int] = None  # None: the run's seed
     reduction: str = "mean"  # gradients over micro-batches and replicas: mean | sum
     output_mode: str = "all"  # what a call returns: all (every micro-batch) | final | sum
@@ -63,6 +63,10 @@ class IPUConfig:
         if self.offline_ipu_version is not None and self.offline_ipu_version not in (1, 2, 21):
             raise ConfigError("ipu.offline_ipu_version", self.offline_ipu_version,
                               "1 (Mk1), 2 (Mk2) or 21 (Bow), or null")
+        if self.offline_ipu_version is not None and not self.compile_only:
+            # An offline target cannot run an executable, only build one.
+            raise ConfigError("ipu.offline_ipu_version", self.offline_ipu_version,
+                              "null, or a version together with ipu.compile_only=true")
         if isinstance(self.pipeline, dict) and any(
                 not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in self.pipeline.values()):
             raise ConfigError("ipu.pipeline", self.pipeline, "IPU indices that are integers >= 0")

@@ -185,16 +185,20 @@ def activations_bytes(us: List[Unit], micro_batch: int, act_bytes: int,
     if not checkpoints and not recompute_all:
         return sum(u.stored for u in us) * micro_batch * act_bytes + fixed
     marks = set(checkpoints or [])
-    kept = us[0].input_elems
     segments, current = [], 0
     for u in us:
         current += u.stored
         if u.name in marks:
-            kept += u.output_elems
             segments.append(current)
             current = 0
     segments.append(current)
-    return (kept + max(segments)) * micro_batch * act_bytes + fixed
+    return (kept_elems(us, checkpoints) + max(segments)) * micro_batch * act_bytes + fixed
+
+
+def kept_elems(us: List[Unit], checkpoints: Optional[List[str]] = None) -> int:
+    """Elements a recomputed run of units keeps per micro-batch: its input and checkpoint outputs."""
+    marks = set(checkpoints or [])
+    return us[0].input_elems + sum(u.output_elems for u in us if u.name in marks)
 
 
 @dataclass
@@ -218,10 +222,10 @@ class Settings:
 
 def stage_memory(mine: List[Unit], ipu: int, index: int, stages: int, micro_batch: int,
                  s: Settings, checkpoints: Optional[List[str]] = None) -> IPUMemory:
-    """One IPU of one replica. In a pipeline of S stages, stage i keeps its input for the
-    2(S − i) − 1 micro-batches in flight and, with PopTorch's pipeline recomputation (on by
-    default), recomputes the rest in the backward pass; the last stage runs forward and backward
-    back to back and keeps its activations for one micro-batch."""
+    """One IPU of one replica. In a pipeline of S stages, stage i keeps its input and its
+    checkpoint outputs for the 2(S − i) − 1 micro-batches in flight and, with PopTorch's pipeline
+    recomputation (on by default), recomputes the rest in the backward pass; the last stage runs
+    forward and backward back to back and keeps its activations for one micro-batch."""
     p = Precision.of(s.precision)
     mem = IPUMemory(ipu, [u.name for u in mine])
     params = sum(u.params for u in mine)
@@ -233,7 +237,8 @@ def stage_memory(mine: List[Unit], ipu: int, index: int, stages: int, micro_batc
     mem.optimizer = state + (params * p.accumulator_bytes if s.grad_accum > 1 else 0)
     mem.checkpoints = [c for c in (checkpoints or []) if c in mem.units]
     if stages > 1 and index < stages - 1:
-        stash = mine[0].input_elems * micro_batch * p.activation_bytes * (2 * (stages - index) - 2)
+        in_flight = 2 * (stages - index) - 2  # micro-batches besides the one being recomputed
+        stash = kept_elems(mine, mem.checkpoints) * micro_batch * p.activation_bytes * in_flight
         mem.activations = stash + activations_bytes(mine, micro_batch, p.activation_bytes,
                                                     mem.checkpoints, recompute_all=True)
     else:

@@ -45,8 +45,8 @@ def build_ipu_optimizer(poptorch, groups: List[dict], cfg, lr: float):
                                       use_tf_variant=True, first_order_momentum_accum_type=torch.float,
                                       second_order_momentum_accum_type=torch.float, **common)
     if o.name == "sgd":
-        return poptorch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
-                                  velocity_scaling=common["loss_scaling"], **common)
+        # No velocity_scaling: PopTorch 3.4 ignores it (and warns) for its default SGD variant.
+        return poptorch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, **common)
     if o.name == "adamw":
         return poptorch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=ADAMW_EPS,
                                     first_order_momentum_accum_type=torch.float,

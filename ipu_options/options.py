@@ -8,7 +8,8 @@ from the SDK 3.4 signatures):
   ipu.device_iterations            opts.deviceIterations(n)
   train.grad_accum                 opts.Training.gradientAccumulation(n)   (training only)
   ipu.reduction                    opts.Training.accumulationAndReplicationReductionType(...)
-  ipu.output_mode                  opts.outputMode(poptorch.OutputMode.X)
+  ipu.output_mode                  opts.outputMode(poptorch.OutputMode.X)   (training; inference: All)
+  train.replicas > 1               opts.broadcastBuffers(False)   (per-replica norm statistics)
   ipu.seed / train.seed            opts.randomSeed(s)
   ipu.available_memory_proportion  opts.setAvailableMemoryProportion({"IPU0": p, ...})
   ipu.pipeline (several IPUs)      opts.setExecutionStrategy(poptorch.PipelinedExecution(
@@ -26,8 +27,8 @@ from the SDK 3.4 signatures):
   ipu.replicated_tensor_sharding       poptorch.TensorLocationSettings().useOnChipStorage(not off)
                                        .useReplicatedTensorSharding(rts))
   ipu.executable_cache             opts.enableExecutableCaching(path)
-  ipu.compile_only /               opts.useOfflineIpuTarget(version)  (compile without hardware)
-  ipu.offline_ipu_version
+  ipu.compile_only                 opts.useOfflineIpuTarget(ipu.offline_ipu_version or 2)
+                                       (compile without hardware, then stop)
   device == "ipu-model"            opts.useIpuModel(True)  (real PopTorch only)
   model.norm group/layer           opts._Popart.set("groupNormStridedChannelGrouping", True)
   (always)                         opts._Popart.set("scheduleNonWeightUpdateGradientConsumersEarly",
@@ -89,8 +90,14 @@ def build_options(cfg, poptorch, training: bool = True, splits: Optional[dict] =
         opts.Training.gradientAccumulation(train.grad_accum)
         reduction = poptorch.ReductionType.Sum if ipu.reduction == "sum" else poptorch.ReductionType.Mean
         opts.Training.accumulationAndReplicationReductionType(reduction)
+    # ipu.output_mode is what a training call returns; inference always returns every logit
+    # (the loop scores each image).
     opts.outputMode({"all": poptorch.OutputMode.All, "final": poptorch.OutputMode.Final,
-                     "sum": poptorch.OutputMode.Sum}[ipu.output_mode])
+                     "sum": poptorch.OutputMode.Sum}[ipu.output_mode if training else "all"])
+    if local_replicas(cfg) > 1:
+        # Each replica keeps its own norm running statistics: PopTorch refuses to compile in-place
+        # buffer updates (batch norm in training) with broadcast buffers and several replicas.
+        opts.broadcastBuffers(False)
 
     ipus = num_ipus(cfg, splits)
     opts.setAvailableMemoryProportion(memory_proportions(cfg, ipus))
@@ -112,7 +119,7 @@ def build_options(cfg, poptorch, training: bool = True, splits: Optional[dict] =
         opts.TensorLocations.setOptimizerLocation(location)
     if ipu.executable_cache:
         opts.enableExecutableCaching(ipu.executable_cache)
-    if ipu.compile_only or ipu.offline_ipu_version is not None:
+    if ipu.compile_only:
         opts.useOfflineIpuTarget(ipu.offline_ipu_version or 2)
     if use_ipu_model:
         opts.useIpuModel(True)

@@ -56,14 +56,25 @@ def resolve(model: nn.Module, name: str, field: str) -> nn.Module:
     return net.get_submodule(key)
 
 
+def canonical_name(model: nn.Module, name: str, field: str) -> str:
+    """The split-point name (``blocks.3.0``) of any name ``resolve`` accepts (``model.blocks.3``)."""
+    module = resolve(model, name, field)
+    return next(k for k in split_points(model) if backbone(model).get_submodule(k) is module)
+
+
+def canonical_names(model: nn.Module, names: List[str], field: str) -> List[str]:
+    """Each name as its split point, once, in model order."""
+    order = split_points(model)
+    return sorted({canonical_name(model, n, field) for n in names}, key=order.index)
+
+
 def check_splits(model: nn.Module, splits: Dict[str, int], recompute: List[str]) -> Dict[str, int]:
     """Names resolved and IPU indices checked: contiguous stages with non-decreasing IPUs,
     starting after the stem's IPU 0. Returns {canonical name: ipu} in model order."""
     order = split_points(model)
     canonical = {}
     for name, ipu in splits.items():
-        module = resolve(model, name, "ipu.pipeline")
-        key = next(k for k in order if backbone(model).get_submodule(k) is module)
+        key = canonical_name(model, name, "ipu.pipeline")
         if not isinstance(ipu, int) or ipu < 0:
             raise SplitError(f"ipu.pipeline.{name}: IPU index {ipu!r} must be an integer >= 0")
         canonical[key] = ipu

@@ -19,7 +19,7 @@ import torch
 
 from ipu_options import memory
 from ipu_options.memory import IPU_SRAM_BYTES, MB, IPUMemory, Settings, Unit
-from ipu_options.pipeline import check_splits, resolve, split_points
+from ipu_options.pipeline import canonical_names, check_splits, split_points
 
 IPU_COUNTS = (1, 2, 4, 8, 16)
 MAX_MICRO_BATCH = 1024
@@ -171,9 +171,10 @@ def make_plan(cfg, model: Optional[torch.nn.Module] = None, propose: Optional[bo
     if not propose:
         net_model = model if model is not None else _model(cfg)
         splits = check_splits(net_model, pipeline, cfg.ipu.recompute)
-        ipus = memory.per_ipu(us, splits, micro, s, cfg.ipu.recompute)
-        plan = Plan(splits, list(cfg.ipu.recompute), micro, ipus, budget)
-        plan.max_micro_batch = _largest_for_splits(us, splits, s, budget, cfg.ipu.recompute)
+        marks = canonical_names(net_model, cfg.ipu.recompute, "ipu.recompute")
+        ipus = memory.per_ipu(us, splits, micro, s, marks)
+        plan = Plan(splits, marks, micro, ipus, budget)
+        plan.max_micro_batch = _largest_for_splits(us, splits, s, budget, marks)
         return plan
     wanted = cfg.ipu.plan_ipus
     counts = [wanted] if wanted else [c for c in IPU_COUNTS if c <= len(us)]
@@ -213,14 +214,13 @@ def resolve_pipeline(cfg, model: Optional[torch.nn.Module] = None, training: boo
     cannot run: unknown split names, too little gradient accumulation for the pipeline, or an
     estimated memory that does not fit."""
     model = model if model is not None else _model(cfg)
-    for name in cfg.ipu.recompute:
-        resolve(model, name, "ipu.recompute")
+    marks = canonical_names(model, cfg.ipu.recompute, "ipu.recompute")
     if cfg.ipu.pipeline == "auto":
         plan = make_plan(cfg, model)
-        recompute = sorted(set(plan.checkpoints) | set(cfg.ipu.recompute), key=split_points(model).index)
+        recompute = sorted(set(plan.checkpoints) | set(marks), key=split_points(model).index)
     else:
         plan = make_plan(cfg, model)
-        recompute = list(cfg.ipu.recompute)
+        recompute = list(plan.checkpoints)
         if training and not plan.fits:
             over = [m for m in plan.ipus if m.total > plan.budget]
             raise PlanError(

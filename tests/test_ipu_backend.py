@@ -74,3 +74,29 @@ def test_make_train_b2_g16_four_replicas_on_ipu_model(tmp_path, capsys):
     assert cli(args) == 0
     text = capsys.readouterr().out
     assert "4 replica(s)" in text and "emulated" in text
+
+
+def test_emulated_resume_continues_from_the_checkpoint_weights_and_optimiser_state(tmp_path, capsys):
+    # Weights reach the device copy before it is built, and the optimiser's momentum comes back in
+    # PopTorch's own format: the resumed losses are those of the uninterrupted run.
+    out = tmp_path / "runs"
+    common = ["--device", "ipu-model", *QUICK, "train.micro_batch=4", "ipu.device_iterations=2",
+              "ipu.precision=32.32", "schedule.warmup_epochs=0", f"log.out_dir={out}"]
+    assert cli(["train", *common, "train.max_steps=6", "log.name=whole"]) == 0
+    assert cli(["train", *common, "train.max_steps=3", "log.name=part"]) == 0
+    assert cli(["train", "--resume", str(out / "part"), *common, "train.max_steps=6"]) == 0
+    capsys.readouterr()
+    whole = [r["loss"] for r in _metrics(out / "whole", "train")]
+    resumed = [r["loss"] for r in _metrics(out / "part", "train")]
+    assert len(whole) == len(resumed) == 6
+    assert resumed[3:] == pytest.approx(whole[3:], rel=1e-5, abs=1e-6)
+
+
+def test_compile_only_builds_both_executables_and_trains_nothing(tmp_path, capsys):
+    out = tmp_path / "runs"
+    args = ["train", "--device", "ipu-model", *QUICK, "train.micro_batch=4", "ipu.compile_only=true",
+            f"log.out_dir={out}", "log.name=offline"]
+    assert cli(args) == 0
+    assert "compiled the training and inference executables" in capsys.readouterr().out
+    checkpoints = out / "offline" / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())

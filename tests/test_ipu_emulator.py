@@ -43,7 +43,7 @@ def tiny(norm="layer", proxy=True):
 
 
 def options(replicas=2, ga=3, di=1, reduction=poptorch.ReductionType.Mean):
-    o = poptorch.Options().replicationFactor(replicas).deviceIterations(di)
+    o = poptorch.Options().replicationFactor(replicas).deviceIterations(di).broadcastBuffers(replicas == 1)
     o.Training.gradientAccumulation(ga).accumulationAndReplicationReductionType(reduction)
     return o
 
@@ -291,3 +291,39 @@ def test_16_32_keeps_fp32_weights_and_computes_in_fp16():
     # fp32 master weights: updates smaller than fp16's spacing still land
     moved = [(p - b).abs().max().item() for p, b in zip(net.parameters(), before)]
     assert max(moved) > 0
+
+
+def test_replicated_batch_norm_needs_unbroadcast_buffers_as_in_poptorch():
+    x, y = data(res=64)
+    opts = poptorch.Options().replicationFactor(2)
+    opts.Training.gradientAccumulation(3)
+    with pytest.raises(RuntimeError, match=r"broadcastBuffers\(False\)"):
+        emulated_step(tiny("batch", False), x, y, opts)
+    emulated_step(tiny("layer", True), x, y, opts)  # layer norm updates no buffer: compiles
+
+
+def test_offline_target_compiles_but_never_runs():
+    x, y = data()
+    opts = options(replicas=1).useOfflineIpuTarget(2)
+    model = WithLoss(tiny())
+    step = poptorch.trainingModel(model, opts, torch.optim.SGD(model.parameters(), lr=LR))
+    step.compile(x, y)
+    assert step.isCompiled() and not step.isAttachedToDevice()
+    with pytest.raises(AssertionError, match=r"use model.compile\(inputs\)"):
+        step(x, y)
+
+
+def test_optimiser_state_loads_only_in_poptorch_form_and_keeps_its_types():
+    p = [nn.Parameter(torch.ones(3, dtype=torch.half))]
+    host = torch.optim.SGD([nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9)
+    host.param_groups[0]["params"][0].grad = torch.ones(3)
+    host.step()
+    ipu = poptorch.optim.SGD(p, lr=0.1, momentum=0.9)
+    with pytest.raises(RuntimeError, match="Only IPU optimizer states"):
+        ipu.load_state_dict(host.state_dict())
+    saved = ipu.state_dict()
+    saved["ipu_state"] = {0: {"momentum_buffer": torch.full((3,), 0.5)}}  # fp32 beside fp16 weights
+    ipu.load_state_dict(saved)
+    buf = ipu.state[p[0]]["momentum_buffer"]
+    assert buf.dtype == torch.float32 and torch.equal(buf, torch.full((3,), 0.5))
+    assert {"ipu_state", "ipu_param", "state", "param_groups"} <= set(ipu.state_dict())

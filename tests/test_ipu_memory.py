@@ -124,3 +124,30 @@ def test_plan_command_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "IPU memory plan (estimated" in out and "compute" in out
     assert "needs train.grad_accum >= 3" in out
+
+
+def test_checkpoint_names_count_the_same_in_any_accepted_spelling():
+    # annotate() accepts `blocks.2`, `model.blocks.2.0`; the plan must count those checkpoints too
+    def plan(marks):
+        cfg = build_config("digits", ["data.resolution=224", "train.micro_batch=8",
+                                      "ipu.pipeline={blocks.4: 1}", "train.grad_accum=3",
+                                      f"ipu.recompute=[{','.join(marks)}]"])
+        return make_plan(cfg)
+
+    canonical, aliases = plan(["blocks.2.0", "blocks.3.0"]), plan(["blocks.2", "model.blocks.3"])
+    none = plan([])
+    assert [m.activations for m in aliases.ipus] == [m.activations for m in canonical.ipus]
+    assert aliases.checkpoints == ["blocks.2.0", "blocks.3.0"]
+    assert canonical.ipus[0].activations < none.ipus[0].activations
+
+
+def test_pipeline_stage_stashes_its_checkpoints_for_every_micro_batch_in_flight():
+    us = [memory.Unit(f"u{i}", params=0, macs=0, stored=100, fixed=0, input_elems=10, output_elems=7)
+          for i in range(4)]
+    s = memory.Settings(precision="32.32")
+    two = memory.stage_memory(us, 0, 0, 3, 1, s, checkpoints=["u1"])  # 2(3-0)-1 = 5 in flight
+    none = memory.stage_memory(us, 0, 0, 3, 1, s, checkpoints=[])
+    kept = (10 + 7) * 4  # input + checkpoint output, fp32
+    segment = 200 * 4  # the larger of the two recomputed segments
+    assert two.activations == kept * 5 + segment
+    assert none.activations == 10 * 4 * 5 + 400 * 4

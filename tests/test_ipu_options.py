@@ -154,6 +154,10 @@ class Options:
     def useOfflineIpuTarget(self, ipu_version: int = 2):
         assert isinstance(ipu_version, int)
 
+    @recorded
+    def broadcastBuffers(self, broadcast_buffers: bool = True):
+        assert isinstance(broadcast_buffers, bool)
+
 
 class StandIn:
     Options = Options
@@ -213,12 +217,22 @@ def test_defaults_map_to_sdk_calls():
     ("ipu.loss_scaling=auto", "opts.Training.setAutomaticLossScaling", "enabled", True),
     ("ipu.executable_cache=/tmp/exe", "opts.enableExecutableCaching", "path", "/tmp/exe"),
     ("ipu.compile_only=true", "opts.useOfflineIpuTarget", "ipu_version", 2),
-    ("ipu.offline_ipu_version=21", "opts.useOfflineIpuTarget", "ipu_version", 21),
+    ("ipu.compile_only=true ipu.offline_ipu_version=21", "opts.useOfflineIpuTarget", "ipu_version", 21),
+    ("train.replicas=2", "opts.broadcastBuffers", "broadcast_buffers", False),
     ("ipu.available_memory_proportion=[0.3]", "opts.setAvailableMemoryProportion",
      "available_memory_proportion", {"IPU0": 0.3}),
 ])
 def test_each_field_reaches_its_call(override, call, arg, expected):
-    assert value_of(record([override]), call, arg) == expected
+    assert value_of(record(override.split()), call, arg) == expected
+
+
+def test_output_mode_applies_to_training_and_inference_returns_every_output():
+    # the evaluation loop scores every image: a summed or final-only output would drop logits
+    training = record(["ipu.output_mode=sum"])
+    assert value_of(training, "opts.outputMode", "output_mode") == SdkEnum.OutputMode.Sum
+    inference = record(["ipu.output_mode=sum"], training=False)
+    assert value_of(inference, "opts.outputMode", "output_mode") == SdkEnum.OutputMode.All
+    assert "opts.broadcastBuffers" not in {c[0] for c in record([])}  # one replica: nothing to broadcast
 
 
 def test_pipeline_memory_and_recomputation():
@@ -260,7 +274,7 @@ def test_emulator_accepts_the_same_calls():
 
 
 @pytest.mark.parametrize("override", ["ipu.reduction=max", "ipu.output_mode=every", "ipu.pipeline={stem: -1}",
-                                      "ipu.offline_ipu_version=3"])
+                                      "ipu.offline_ipu_version=3", "ipu.offline_ipu_version=2"])
 def test_invalid_fields_are_config_errors(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         build_config("digits", [override])

@@ -99,6 +99,7 @@ class PoplarExecutor:
         self._optimizer = optimizer
         self._compiled = False
         self._attached = False
+        self._dirty_host_weights = False  # the device trained since the last copy to the host
         self._replica_buffers: Optional[List[List[torch.Tensor]]] = None
         self._recomputation: Optional[recompute.Recomputation] = None
         self._loss_scale: Optional[float] = None
@@ -137,7 +138,15 @@ class PoplarExecutor:
             if hasattr(optimizer, name):
                 setattr(self._optimizer, name, getattr(optimizer, name))
 
+    def copyWeightsToHostIfNeeded(self) -> bool:
+        """Copy back only when the device changed the weights since the last copy (PopTorch)."""
+        if not self._dirty_host_weights:
+            return False
+        self.copyWeightsToHost()
+        return True
+
     def copyWeightsToHost(self) -> None:
+        self._dirty_host_weights = False
         if self._replica_buffers is not None:
             with torch.no_grad():
                 for buf, value in zip(self._user_model.buffers(), self._replica_buffers[0]):
@@ -151,13 +160,19 @@ class PoplarExecutor:
     def detachFromDevice(self) -> None:
         if not self._attached:
             raise RuntimeError("Device is not attached")
-        self.copyWeightsToHost()
+        self.copyWeightsToHostIfNeeded()
         self._attached = False
 
     def attachToDevice(self) -> None:
         if not self._compiled:
             raise RuntimeError("Cannot attach a model that has not been compiled")
+        self._check_online("Trying to attach to an offline device (ConnectionType.Never)")
         self._attached = True
+
+    def _check_online(self, message: str) -> None:
+        # useOfflineIpuTarget: PopTorch compiles for an IPU it never connects to (assertions there)
+        if self._options.offline_ipu_version is not None:
+            raise AssertionError(message)
 
     def destroy(self) -> None:
         if self._attached:
@@ -171,12 +186,15 @@ class PoplarExecutor:
     def __call__(self, *args, **kwargs):
         # An IPU runs the traced graph's plain arithmetic, never the model's eager fast paths
         # (hand-written backwards, batch norm folded into convs, cached proxy statistics).
+        self._check_online("Trying to run a model on an offline device (ConnectionType.Never): "
+                           "use model.compile(inputs) instead of model(inputs)")
         with eager_fast_paths(False):
             if not self._compiled:
                 self._prepare(args, kwargs)
             if not self._attached:
                 self.attachToDevice()
             if self._training:
+                self._dirty_host_weights = True
                 return self._train(args, kwargs)
             return self._infer(args, kwargs)
 
@@ -236,13 +254,13 @@ class PoplarExecutor:
         finally:
             trace = blocks.stop_trace()
             torch.set_rng_state(rng)
+            changed = [name for (name, b), v in zip(model.named_buffers(), buffers) if not torch.equal(b, v)]
             with torch.no_grad():
                 for b, v in zip(model.buffers(), buffers):
                     b.copy_(v)
             model.train(was_training)
         self.stages = self._check_stages(trace)
-        if self._options.random_seed is not None:
-            torch.manual_seed(self._options.random_seed)
+        self._check_buffer_updates(changed)
         if self._training and self._recomputation is None:
             self._recomputation = recompute.install(model, pipelined=len(self.stages) > 1)
         reps = self._options.replication_factor
@@ -250,6 +268,18 @@ class PoplarExecutor:
         if self._training and self._loss_scale is None:
             self._loss_scale = float(getattr(self._optimizer, "loss_scaling", 1.0))
         self._compiled = True
+
+    def _check_buffer_updates(self, changed: List[str]) -> None:
+        """PopTorch cannot broadcast buffers that the model updates in place (batch norm's running
+        statistics in training) to several replicas: it stops the compilation."""
+        if not (self._training and self._options.replication_factor > 1 and self._options.broadcast_buffers):
+            return
+        if changed:
+            raise RuntimeError(
+                "PopTorch does not support broadcasting buffers. If your model is able to tolerate "
+                "buffers becoming out of sync between replicas, you can disable buffer broadcasting "
+                f"using poptorch.Options.broadcastBuffers(False). (buffers updated in place: "
+                f"{', '.join(changed[:3])})")
 
     def _check_stages(self, trace) -> List[int]:
         stages = [0]

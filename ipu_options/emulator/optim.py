@@ -8,7 +8,7 @@ every update), ``velocity_scaling`` (SGD; a storage scale of the velocity, numer
 in fp32, so only recorded). RMSprop(use_tf_variant=True) is the TensorFlow variant — the
 application's ``RMSpropTF`` (ε inside the square root, squared average starting at one, lr
 accumulated in the momentum buffer), as PopTorch documents it."""
-from typing import Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -26,6 +26,32 @@ class _PopTorchExtras:
         self.accum_type = accum_type or torch.float32
         self.state_types = {k: (v or torch.float32) for k, v in state_types.items()}
         self.max_grad_norm = max_grad_norm
+
+
+    # PopTorch keeps the optimiser's state on the device. Its state_dict() reads it back as
+    # "ipu_state" / "ipu_param" beside torch's own entries (kept for LR schedulers), and its
+    # load_state_dict() accepts only such a dict: a plain torch optimiser's state cannot be loaded.
+    def state_dict(self) -> Dict[str, Any]:
+        torch_state = torch.optim.Optimizer.state_dict(self)
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in torch_state["param_groups"]]
+        return {**torch_state, "ipu_state": torch_state["state"], "ipu_param": hyper}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if not state_dict:
+            raise RuntimeError("Cannot load optimizer state dictionary because it is empty.")
+        if not ("ipu_state" in state_dict and "ipu_param" in state_dict):
+            raise RuntimeError("Only IPU optimizer states can be loaded onto the IPU.")
+        saved = state_dict["ipu_state"]
+        torch.optim.Optimizer.load_state_dict(
+            self, {"state": saved, "param_groups": state_dict["param_groups"]})
+        # torch casts loaded state to each parameter's dtype (fp16 in 16.16); the device keeps the
+        # accumulator types it was built with, so restore the saved ones.
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, values in saved.items():
+            loaded = self.state[params[int(index)]]
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor) and isinstance(loaded.get(key), torch.Tensor):
+                    loaded[key] = loaded[key].to(value.dtype)
 
 
 def _given(**kwargs):

@@ -167,6 +167,7 @@ class Options(_Recorded):
         self.executable_cache: Optional[str] = None
         self.ipu_model = False
         self.offline_ipu_version: Optional[int] = None
+        self.broadcast_buffers = True
 
     # sub-objects, as properties like PopTorch's
     @property
@@ -210,8 +211,16 @@ class Options(_Recorded):
         return self
 
     def randomSeed(self, random_seed: int) -> "Options":
+        if not isinstance(random_seed, int):
+            raise TypeError("randomSeed expects an int")
         self._record("randomSeed", random_seed)
+        torch.manual_seed(random_seed)  # PopTorch seeds the host's generator here, not at compile
         self.random_seed = int(random_seed)
+        return self
+
+    def broadcastBuffers(self, broadcast_buffers: bool = True) -> "Options":
+        self._record("broadcastBuffers", broadcast_buffers)
+        self.broadcast_buffers = bool(broadcast_buffers)
         return self
 
     def setAvailableMemoryProportion(self, available_memory_proportion: Dict[str, float]) -> "Options":
