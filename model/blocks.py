@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fast_paths import plain_eager, version_key
+from .fast_paths import Versions, plain_eager, watched
 from .norms import NormSpec
 from .proxy_norm import ProxyNormAct
 
 
 def spatial_groups(channels: int, group_size: int) -> int:
     """Groups of a spatial conv with ``group_size`` channels per group: max(C // G, 1), lowered to
-    the nearest divisor of C where C // G does not divide C (only B6/B7's 56-channel stem with G=16)."""
+    the nearest divisor of C where C // G does not divide C (only B6's 56-channel stem with G=16)."""
     groups = max(channels // group_size, 1)
     while channels % groups:
         groups -= 1
@@ -53,12 +53,14 @@ class ConvNormAct(nn.Module):
             if getattr(self, "_folded", None) is not None:
                 self._folded = None  # training or tracing: free the folded copy
             x = self.norm(self.conv(x))
+        # The norm's output is ours alone unless a hook may hold it: then inference may compute
+        # the activation in it.
+        owned = not watched(self.norm)
         if isinstance(self.act, ProxyNormAct):
-            # The norm's output is ours alone: proxy norm may compute in it during inference.
-            out = self.act(x, self.norm.weight, self.norm.bias, defer_scale, overwrite_input=True)
+            out = self.act(x, self.norm.weight, self.norm.bias, defer_scale, overwrite_input=owned)
             return out if defer_scale else (out, None)
         if self.act is not None:
-            x = self.act(x)
+            x = self.act(x, owned)
         return x, None
 
     def _folds_batch_norm(self, x: Tensor) -> bool:
@@ -68,27 +70,26 @@ class ConvNormAct(nn.Module):
         bn = self.norm
         if bn.training or bn.running_mean is None or torch.is_grad_enabled() or not plain_eager(x):
             return False
-        module_hooks = nn.modules.module
-        return not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
-                    or any(m._forward_hooks or m._forward_pre_hooks for m in (self.conv, bn)))
+        return not watched(self.conv, bn)
 
     def _folded_batch_norm(self) -> Tuple[Tensor, Tensor]:
         """conv → BatchNorm with running statistics is one conv: the norm is a per-channel affine
         map, folded into the conv's weights and a bias (one pass and one tensor fewer a layer).
-        Kept until a weight or statistic changes, so small batches do not refold every call."""
+        Kept until a weight or statistic changes (``fast_paths.Versions``), so small batches do
+        not refold every call."""
         bn, conv = self.norm, self.conv
-        key = (bn.eps,) + version_key(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         folded = getattr(self, "_folded", None)
-        if folded is None or folded[0] != key:
+        if folded is None or folded[0] != bn.eps or not folded[1].same(sources):
             scale = torch.rsqrt(bn.running_var + bn.eps)
             if bn.weight is not None:
                 scale = scale * bn.weight
             bias = -bn.running_mean * scale
             if bn.bias is not None:
                 bias = bias + bn.bias
-            folded = (key, conv.weight * scale.view(-1, 1, 1, 1), bias)
+            folded = (bn.eps, Versions(sources), conv.weight * scale.view(-1, 1, 1, 1), bias)
             self._folded = folded
-        return folded[1], folded[2]
+        return folded[2], folded[3]
 
 
 class SiLU(nn.SiLU):
@@ -96,8 +97,9 @@ class SiLU(nn.SiLU):
     input it needs for the backward before overwriting it: an extra pass that writing a new
     tensor avoids (both allocate one tensor)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.silu(x, inplace=not torch.is_grad_enabled())
+    def forward(self, x: Tensor, may_overwrite: bool = True) -> Tensor:
+        """``may_overwrite``: the caller owns ``x`` (no hook holds it)."""
+        return F.silu(x, inplace=may_overwrite and not torch.is_grad_enabled())
 
 
 class SqueezeExcite(nn.Module):

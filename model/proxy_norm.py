@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fast_paths import plain_eager, version_key
+from .fast_paths import Versions, plain_eager
 
 PROXY_POINTS = 200
 PROXY_EPS = 0.03
@@ -52,6 +52,28 @@ def _proxy_statistics(proxy_bias: Tensor, proxy_weight: Tensor, weight: Tensor,
     return mean, torch.rsqrt(var + eps), pre, centred
 
 
+def _differentiable_backward(fn: Callable, inputs: Tuple, grads: Tuple) -> Tuple:
+    """The gradients of ``fn(*inputs)`` — the plain arithmetic a hand-written backward replaces —
+    recorded by autograd, for ``create_graph=True`` (second derivatives, gradient penalties): a
+    hand-written backward would be a constant to the next differentiation."""
+    wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    result = [None] * len(inputs)
+    with torch.enable_grad():
+        outputs = fn(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+        found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
+    for i, g in zip(wanted, found):
+        result[i] = g
+    return tuple(result)
+
+
+def _standardised_silu(x: Tensor, mean: Tensor, inv_std: Optional[Tensor]) -> Tensor:
+    z = F.silu(x) - mean
+    return z if inv_std is None else z * inv_std
+
+
 class _SiluProxyStatistics(torch.autograd.Function):
     """The proxy statistics with φ = SiLU and a hand-written backward (as the paper's reference
     code has): the forward is the same float32 arithmetic as autograd's path; the backward
@@ -63,12 +85,16 @@ class _SiluProxyStatistics(torch.autograd.Function):
         mean, inv_std, pre, centred = _proxy_statistics(
             proxy_bias, proxy_weight, weight, bias, quantiles, eps, F.silu)
         ctx.save_for_backward(proxy_bias, proxy_weight, weight, bias, quantiles, pre, centred, inv_std)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.eps = bias is not None, eps
         return mean, inv_std
 
     @staticmethod
     def backward(ctx, grad_mean, grad_inv_std):
         pb, pw, weight, bias, quantiles, pre, centred, inv_std = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            statistics = lambda *a: _proxy_statistics(*a, ctx.eps, F.silu)[:2]  # noqa: E731
+            inputs = (pb, pw, weight, bias if ctx.has_bias else None, quantiles)
+            return _differentiable_backward(statistics, inputs, (grad_mean, grad_inv_std)) + (None,)
         n = quantiles.numel()
         if grad_mean is None:
             grad_mean = torch.zeros_like(inv_std)
@@ -103,12 +129,14 @@ class _StandardisedSilu(torch.autograd.Function):
             out.sub_(mean)
         else:
             out.mul_(inv_std).add_(-mean * inv_std)
-        ctx.save_for_backward(x, out, inv_std)
+        ctx.save_for_backward(x, out, mean, inv_std)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, out, inv_std = ctx.saved_tensors
+        x, out, mean, inv_std = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _differentiable_backward(_standardised_silu, (x, mean, inv_std), (grad,))
         dims = [d for d in range(grad.dim()) if d != 1]
         grad_sum = grad.sum(dims, keepdim=True, dtype=torch.float32)
         if inv_std is None:
@@ -136,9 +164,18 @@ class ProxyNormAct(nn.Module):
         self.proxy_weight = nn.Parameter(torch.zeros(channels))  # γ̃: the proxy's std is 1 + γ̃
         self.register_buffer("quantiles", normal_quantiles(points), persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .half() / .to(bfloat16) cast every floating buffer; the fixed quantiles stay float32,
+        # as the statistics computed from them are.
+        super()._apply(fn, *args, **kwargs)
+        q = self.quantiles
+        if q.dtype != torch.float32:  # recomputed: casting back would keep the rounding
+            self.quantiles = normal_quantiles(q.numel()).to(q.device)
+        return self
+
     def proxy_statistics(self, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """(μ̃, 1/sqrt(σ̃² + ε)) per channel, always float32 (explicit casts: no autocast reaches it)."""
-        if self.activation is F.silu and plain_eager(self.quantiles):
+        if self.activation is F.silu and plain_eager(self.quantiles, weight, self.proxy_weight):
             return _SiluProxyStatistics.apply(self.proxy_bias, self.proxy_weight, weight, bias,
                                               self.quantiles, self.eps)
         return _proxy_statistics(self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles,
@@ -148,17 +185,16 @@ class ProxyNormAct(nn.Module):
                     eager_inference: bool) -> Tuple[Tensor, Tensor]:
         """proxy_statistics, remembered during eager inference: they depend only on four
         parameter vectors (and ε, φ, the quantiles), so they are recomputed only when one of
-        those changes (another tensor or storage, or an in-place update: its version counter)."""
+        those changes (another tensor or storage, or an in-place update: ``fast_paths.Versions``)."""
         if not eager_inference:
             self._cached = None
             return self.proxy_statistics(weight, bias)
-        key = (self.eps, self.activation) + version_key(
-            self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles)
+        sources = (self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles)
         cached = getattr(self, "_cached", None)
-        if cached is None or cached[0] != key:
-            cached = (key, self.proxy_statistics(weight, bias))
+        if cached is None or cached[0] != (self.eps, self.activation) or not cached[1].same(sources):
+            cached = ((self.eps, self.activation), Versions(sources), self.proxy_statistics(weight, bias))
             self._cached = cached
-        return cached[1]
+        return cached[2]
 
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], defer_scale: bool = False,
                 overwrite_input: bool = False):
