@@ -7,6 +7,8 @@ from typing import Dict
 
 import torch
 
+from .tf32 import conv_tf32
+
 
 def git_commit() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
@@ -56,6 +58,8 @@ def describe(device: str) -> Dict[str, object]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "",
         "threads": torch.get_num_threads(),
+        # fp32 convolutions in TF32 (CUDA's default): such rows' fp32 peak was measured in TF32 too.
+        "tf32": device == "cuda" and conv_tf32(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "hostname": platform.node(),

@@ -17,6 +17,7 @@ from model import build_model, count_macs, count_parameters
 
 from .cases import NORMS, OURS, Case
 from .peers import build_peer
+from .tf32 import conv_tf32, matmul_tf32
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NUM_CLASSES = 1000
@@ -273,21 +274,33 @@ def summarise(case: Case, prepared: Prepared, times: List[float],
     }
 
 
+def peak_uses_tf32(device: str, precision: str) -> bool:
+    """An fp32 peak on CUDA runs its matmul in TF32 exactly when cuDNN's fp32 convolutions use
+    TF32 (its default), so utilisation compares like with like; other precisions ignore TF32."""
+    return device == "cuda" and precision == "fp32" and conv_tf32()
+
+
 def measure_peak_flops(device: str, precision: str, size: Optional[int] = None,
-                       repeats: int = 3) -> float:
-    """The device's practical ceiling in ``precision``: best FLOP/s of a large square matmul."""
+                       repeats: int = 3, tf32: Optional[bool] = None) -> float:
+    """The device's practical ceiling in ``precision``: best FLOP/s of a large square matmul.
+
+    ``tf32``: run the matmul with cuBLAS TF32 on or off (default: ``peak_uses_tf32``); the flag
+    is restored afterwards."""
     if device in ("ipu", "ipu-model"):
         return float("nan")
+    if tf32 is None:
+        tf32 = peak_uses_tf32(device, precision)
     size = size or (8192 if device == "cuda" else 1024)
     dtype = DTYPES[precision]
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    torch.matmul(a, b)
-    synchronize(device)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
+    with matmul_tf32(tf32):
         torch.matmul(a, b)
         synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best

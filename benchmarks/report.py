@@ -14,8 +14,9 @@ from app.resolution import half_resolution, native_resolution
 
 from . import RESULTS_DIR
 from .paper_accuracy import paper_top1
+from .ratios import SETTING, describe_setting, precision_label, ratios
 
-SETTING = ("device", "resolution", "batch", "precision", "layout", "compile", "mode")
+__all__ = ["describe_setting", "ratios"]  # run.py and the tests reach them through here
 
 
 def load_rows(paths: Sequence[str]) -> List[Dict[str, object]]:
@@ -31,70 +32,6 @@ def load_rows(paths: Sequence[str]) -> List[Dict[str, object]]:
                     row["source"] = os.path.basename(path)
                     rows.append(row)
     return rows
-
-
-def _setting(row) -> Tuple:
-    return tuple(row.get(k) for k in SETTING)
-
-
-def _find(rows, name: str, setting: Tuple) -> Optional[Dict[str, object]]:
-    for row in rows:
-        if row.get("status") == "ok" and row["name"] == name and _setting(row) == setting:
-            return row
-    return None
-
-
-def ratios(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
-    """The comparisons the goals name, wherever both sides were measured under one setting:
-    ours-vs-peer throughput (>= 1 means ours is faster) and variant step-cost ratios."""
-    out = []
-    pairs = [  # (what, or per mode; numerator name, denominator name, figure)
-        ("ours B0 vs timm B0 (img/s ratio, >=1: ours faster)", "ours-b0-g1-e6-bn",
-         "timm/efficientnet_b0", "speed"),
-        ("ours B0 vs torchvision B0 (img/s ratio)", "ours-b0-g1-e6-bn",
-         "torchvision/efficientnet_b0", "speed"),
-        ("ours G16 B0 vs timm G16 B0 (img/s ratio)", "ours-b0-g16-e6-bn",
-         "timm/efficientnet_b0_g16_evos", "speed"),
-        ({"train": "G16-LN+PN vs G16-BN step cost (goal <= 1.25)",
-          # No goal: at inference batch norm folds into its conv, LN must still normalise.
-          "infer": "G16-LN+PN vs G16-BN step cost (no goal: BN folds into the conv)"},
-         "ours-b0-g16-e6-ln+pn", "ours-b0-g16-e6-bn", "cost"),
-        ("G16-BN vs G1-BN step cost", "ours-b0-g16-e6-bn", "ours-b0-g1-e6-bn", "cost"),
-    ]
-    for what, a_name, b_name, figure in pairs:
-        for a in rows:
-            if a.get("status") != "ok" or a["name"] != a_name:
-                continue
-            b = _find(rows, b_name, _setting(a))
-            if b is None:
-                continue
-            if figure == "speed":
-                value = a["images_per_s"] / b["images_per_s"]
-            else:
-                value = a["step_ms_median"] / b["step_ms_median"]
-            per_repeat = _repeat_ratios(a, b, figure)
-            label = what[a["mode"]] if isinstance(what, dict) else what
-            out.append({"what": label, "mode": a["mode"], "setting": _describe(a),
-                        "ratio": round(value, 3), "per_repeat": per_repeat,
-                        "load": max(a.get("load_avg", 0), b.get("load_avg", 0))})
-    return out
-
-
-def _repeat_ratios(a, b, figure) -> List[float]:
-    """Ratios repeat by repeat (interleaved runs): their spread shows how noisy the machine was."""
-    ra, rb = a.get("repeat_ms_median") or [], b.get("repeat_ms_median") or []
-    if len(ra) != len(rb) or len(ra) < 2:
-        return []
-    return [round(y / x if figure == "speed" else x / y, 3) for x, y in zip(ra, rb)]
-
-
-def describe_setting(row, with_layout: bool = True) -> str:
-    return (f"{row['device']} {row['resolution']}px b{row['batch']} {row['precision']}"
-            + (f" {row['layout']}" if with_layout else "")
-            + (" compiled" if row.get("compile") else ""))
-
-
-_describe = describe_setting
 
 
 def best_layouts(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
@@ -124,6 +61,10 @@ def _fmt(value, digits=1) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return str(value)
+
+
+def _percent(fraction) -> str:
+    return _fmt(None if fraction is None else 100 * fraction)
 
 
 def _table(header: List[str], lines: List[List[str]]) -> List[str]:
@@ -157,7 +98,8 @@ def markdown(rows: List[Dict[str, object]], commands: Dict[str, str],
              "Images/s = batch / median step time. A training step is zero_grad, forward, "
              "cross-entropy, backward and an SGD step. TFLOP/s counts 2 FLOPs per multiply-add "
              "(training: 3× the forward); utilisation is against the best large-matmul rate "
-             "measured in the same run and precision. Peak MB is per case: the tensors it "
+             "measured in the same run and precision (fp32 on CUDA: in TF32 when cuDNN runs the "
+             "convolutions in TF32, shown as `fp32 (TF32)`). Peak MB is per case: the tensors it "
              "keeps between steps (weights, gradients, optimiser state, inputs) plus what one "
              "extra untimed step adds (CUDA allocator, or resident set on a CPU); rows of "
              "kind `process-peak-rss` could only give the process's lifetime peak.", ""]
@@ -176,12 +118,11 @@ def markdown(rows: List[Dict[str, object]], commands: Dict[str, str],
                 continue
             table.append([
                 r["name"] + (" (emulated)" if r.get("emulated") else ""), r["mode"],
-                str(r["resolution"]), str(r["batch"]), r["precision"], r["layout"],
+                str(r["resolution"]), str(r["batch"]), precision_label(r), r["layout"],
                 "yes" if r.get("compile") else "no", _fmt(r["images_per_s"]),
                 f"{_fmt(r['step_ms_median'])} / {_fmt(r['step_ms_p90'])}",
                 _fmt(r["params"] / 1e6, 2), _fmt(r["gmacs"], 3), _fmt(r["achieved_tflops"], 4),
-                _fmt(None if r.get("utilisation") is None else 100 * r["utilisation"]),
-                _fmt(r.get("peak_mem_mb"), 0), _fmt(r.get("load_avg"), 2)])
+                _percent(r.get("utilisation")), _fmt(r.get("peak_mem_mb"), 0), _fmt(r.get("load_avg"), 2)])
         lines += _table(["model", "mode", "px", "batch", "precision", "layout", "compiled",
                          "img/s", "step ms p50 / p90", "params M", "GMACs", "TFLOP/s",
                          "util %", "peak MB", "load"], table) + [""]
@@ -189,13 +130,15 @@ def markdown(rows: List[Dict[str, object]], commands: Dict[str, str],
         if found:
             lines += ["### Ratios (same run, same setting)", ""]
             lines += ["`ratio` compares the medians of all timed steps; `median of repeats` is the "
-                      "median of the per-repeat ratios (the steadier figure on a busy machine).", ""]
+                      "median of the per-repeat ratios (the steadier figure on a busy machine); "
+                      "`util %` is each side's utilisation, the first named side first.", ""]
             lines += _table(["comparison", "mode", "setting", "ratio", "median of repeats",
-                             "per repeat", "load"],
+                             "per repeat", "load", "util %"],
                             [[f["what"], f["mode"], f["setting"], _fmt(f["ratio"], 3),
                               _fmt(statistics.median(f["per_repeat"]), 3) if f["per_repeat"] else "–",
                               ", ".join(f"{v:.2f}" for v in f["per_repeat"]) or "–",
-                              _fmt(f["load"], 2)] for f in found]) + [""]
+                              _fmt(f["load"], 2), " / ".join(_percent(u) for u in f["utilisation"])]
+                             for f in found]) + [""]
         layouts = best_layouts(part)
         if layouts:
             lines += ["### Faster layout per variant (picked automatically)", ""]
@@ -203,7 +146,7 @@ def markdown(rows: List[Dict[str, object]], commands: Dict[str, str],
                              "× the other", "util %"],
                             [[b["name"], b["mode"], b["setting"], b["best_layout"],
                               _fmt(b["images_per_s"]), _fmt(b["speedup_vs_other"], 2),
-                              _fmt(None if b["utilisation"] is None else 100 * b["utilisation"])]
+                              _percent(b["utilisation"])]
                              for b in layouts]) + [""]
     if plots:
         lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"

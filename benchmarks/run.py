@@ -4,14 +4,15 @@ import csv
 import gc
 import json
 import os
+import signal
 import sys
-import time
 from dataclasses import replace
 from typing import Dict, Iterable, List, Optional
 
 import torch
 
 from . import RESULTS_DIR
+from .budget import Budget
 from .cases import Case, expand, our_cases, peer_cases
 from .environment import describe, load_average
 from .measure import (
@@ -67,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (0: torch's default; the CPU presets use 1)")
     p.add_argument("--budget-s", type=float,
-                   help="start no case after this many seconds (the rest become skipped rows)")
+                   help="start no case that would not end within this many seconds, estimated from "
+                        "the cases before it (the rest become skipped rows)")
     p.add_argument("--no-report", action="store_true",
                    help="only write rows (default: also <out>.md and plots via benchmarks.report)")
     p.add_argument("--out", help="output path without extension "
@@ -123,12 +125,14 @@ def run_cases(cases: List[Case], warmup: int, steps: int, repeats: int,
     """Time every case. With repeats > 1 all runnable cases are built first and timed round by
     round, so ours and the peers share the machine's good and bad moments alike.
 
-    ``budget_s``: no case but the first starts after that many seconds (its row says so), so a slot
-    (gpu.sh: 8 minutes of an H100) ends with rows for what ran, most important cases first.
+    ``budget_s``: after the first case, a case starts only if the cases so far say it will end
+    within that many seconds (budget.Budget; its row says why not), so a slot (gpu.sh: 8 minutes
+    of an H100) ends with rows for what ran, most important cases first. An interrupt (Ctrl-C,
+    or gpu.sh's hard limit sending SIGINT) ends the run with the rows measured so far.
     Out of device memory, a case retries at half the batch (as timm's benchmark does); its row
     keeps the batch that ran and says it was lowered."""
     cases = list(cases)
-    started = time.monotonic()
+    budget = Budget(budget_s)
     rows: Dict[int, Dict[str, object]] = {}
     runnable = []
     for i, case in enumerate(cases):
@@ -149,40 +153,52 @@ def run_cases(cases: List[Case], warmup: int, steps: int, repeats: int,
     times: Dict[int, List[float]] = {i: [] for i in runnable}
     per_repeat: Dict[int, List[float]] = {i: [] for i in runnable}
     loads: Dict[int, List[float]] = {i: [] for i in runnable}
-    for r in range(repeats):
-        # Odd rounds run the cases in reverse, so a drift in the machine's load (or the cost of
-        # following a particular case) does not always favour the same side of a comparison.
-        for i in (runnable if r % 2 == 0 else runnable[::-1]):
-            if i in rows:
-                continue
-            case = cases[i]
-            if (i not in prepared and budget_s is not None and any(times.values())
-                    and time.monotonic() - started > budget_s):
-                rows[i] = _skip_row(case, f"time budget of {budget_s:g} s spent before this case")
-                log(f"skip {case.name} {case.mode}: {rows[i]['reason']}")
-                continue
-            try:
-                t = _prepare_and_time(i, cases, prepared, lowered, warmup if r == 0 or not interleave
-                                      else 1, steps, log, may_lower=r == 0)
-            except (RuntimeError, ValueError, NotImplementedError) as error:
-                rows[i] = _skip_row(cases[i], f"{type(error).__name__}: "
-                                    f"{str(error).splitlines()[0][:300]}", status="error")
-                prepared.pop(i, None)
-                log(f"error {case.name} {case.mode}: {rows[i]['reason']}")
-                continue
-            case = cases[i]
-            times[i].extend(t)
-            per_repeat[i].append(sorted(t)[len(t) // 2] * 1e3)
-            loads[i].append(load_average())
-            if r == repeats - 1 or not interleave:
-                rows[i] = _finish(case, prepared[i], times[i], per_repeat[i], loads[i],
-                                  peaks.get((case.device, case.precision)))
-                if i in lowered:
-                    rows[i]["reason"] = f"batch lowered from {lowered[i]} (out of device memory)"
-                log(_line(rows[i]))
-            if not interleave:
-                del prepared[i]
-                gc.collect()
+    try:
+        for r in range(repeats):
+            # Odd rounds run the cases in reverse, so a drift in the machine's load (or the cost
+            # of following a particular case) does not always favour the same side of a comparison.
+            for i in (runnable if r % 2 == 0 else runnable[::-1]):
+                if i in rows:
+                    continue
+                case = cases[i]
+                fresh = i not in prepared  # built this round: its time counts for the budget
+                refusal = budget.refusal(case) if fresh else None
+                if refusal:
+                    rows[i] = _skip_row(case, refusal)
+                    log(f"skip {case.name} {case.mode}: {refusal}")
+                    continue
+                since = budget.clock()
+                try:
+                    t = _prepare_and_time(i, cases, prepared, lowered, warmup if r == 0 or not
+                                          interleave else 1, steps, log, may_lower=r == 0)
+                except (RuntimeError, ValueError, NotImplementedError) as error:
+                    rows[i] = _skip_row(cases[i], f"{type(error).__name__}: "
+                                        f"{str(error).splitlines()[0][:300]}", status="error")
+                    prepared.pop(i, None)
+                    log(f"error {case.name} {case.mode}: {rows[i]['reason']}")
+                    continue
+                finally:
+                    if fresh:
+                        budget.record(case, since)
+                case = cases[i]
+                times[i].extend(t)
+                per_repeat[i].append(sorted(t)[len(t) // 2] * 1e3)
+                loads[i].append(load_average())
+                if r == repeats - 1 or not interleave:
+                    rows[i] = _finish(case, prepared[i], times[i], per_repeat[i], loads[i],
+                                      peaks.get((case.device, case.precision)))
+                    if i in lowered:
+                        rows[i]["reason"] = f"batch lowered from {lowered[i]} (out of device memory)"
+                    log(_line(rows[i]))
+                if not interleave:
+                    del prepared[i]
+                    gc.collect()
+    except KeyboardInterrupt:
+        # The rows measured so far are worth writing; the case in flight and the rest are not run.
+        log("interrupted: keeping the rows measured so far")
+        for i, case in enumerate(cases):
+            if i not in rows:
+                rows[i] = _skip_row(case, "interrupted before this case finished (Ctrl-C or time limit)")
     return [rows[i] for i in range(len(cases)) if i in rows]
 
 
@@ -288,6 +304,12 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     print(f"{len(cases)} cases on {s['device']} ({args.preset}); warm-up {s['warmup']}, "
           f"{s['steps']} timed steps, {s['repeats']} repeat(s); load average {load_average()}",
           flush=True)
+    # gpu.sh's time limit sends SIGINT; a shell that starts commands in the background may leave
+    # it ignored, so ask for KeyboardInterrupt explicitly (run_cases then keeps the rows so far).
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread (an embedding caller): its own handling stands
+        pass
     rows = run_cases(cases, int(s["warmup"]), int(s["steps"]), int(s["repeats"]),
                      log=lambda m: print(m, flush=True), budget_s=args.budget_s)
     mark_faster_layout(rows)
