@@ -130,7 +130,8 @@ class NativeBackend(Backend):
 
     def train_step(self, images: Tensor, targets: Tensor) -> Dict[str, Tensor]:
         """One weight update from ``grad_accum`` micro-batches. The update is not applied when the
-        loss is not finite (fp16: the scaler skips it; otherwise we do), so weights stay good."""
+        loss or the gradients are not finite (fp16: the scaler skips it; otherwise we do, and say so
+        with ``nonfinite_grads``), so weights stay good."""
         images, targets = self._to_device(images), self._to_device(targets)
         self.trainer.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -152,9 +153,25 @@ class NativeBackend(Backend):
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # skipped when gradients hold inf/NaN
             self.scaler.update()
-        elif torch.isfinite(loss):
-            self.optimizer.step()
+            return {"loss": loss}
+        if not torch.isfinite(loss):
+            return {"loss": loss}
+        # A finite loss can still have inf/NaN gradients (an overflow in backward); one step with
+        # them ruins every weight. DDP has averaged them already: every process decides the same.
+        if not self.gradients_finite():
+            return {"loss": loss, "nonfinite_grads": torch.ones((), device=self.device)}
+        self.optimizer.step()
         return {"loss": loss}
+
+    def gradients_finite(self) -> bool:
+        """Whether every gradient is finite, from their global norm: one reduction and one read
+        back. Float64, so that large but finite gradients do not overflow the sum of squares."""
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float64) for g in grads])
+        return bool(torch.isfinite(torch.linalg.vector_norm(norms)))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -63,6 +63,13 @@ def step_checkpoints(folder: Union[str, Path]) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
+def nonfinite_tensors(state: Dict[str, Any], prefix: str = "") -> List[str]:
+    """Names of the floating-point tensors of ``state`` holding NaN or inf (a state dict)."""
+    return [prefix + name for name, value in state.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())]
+
+
 def save_checkpoint(run_dir: Union[str, Path], payload: Dict[str, Any], keep: int,
                     is_best: bool = False) -> Path:
     folder = Path(run_dir) / CHECKPOINT_DIR
@@ -119,6 +126,39 @@ def find_checkpoint(source: Union[str, Path], prefer_best: bool = False) -> Path
     if best.is_file():
         return best
     raise CheckpointError(f"no checkpoint in {folder} (expected step-*.pt or {BEST})")
+
+
+def step_of(path: Path) -> Optional[int]:
+    """The step in a ``step-NNNNNNN.pt`` file name (None for other names, e.g. best.pt)."""
+    match = STEP_FILE.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def check_resume_is_newest(path: Union[str, Path], step: int) -> None:
+    """Resuming writes new step checkpoints and best.pt into the checkpoint's folder: from an older
+    checkpoint of a run that went further, that would replace the newer checkpoints (and the run's
+    later history) with another continuation. Refuse, naming them and the ways out."""
+    path = Path(path)
+    newer = [p for p in step_checkpoints(path.parent) if (step_of(p) or 0) > step]
+    if not newer:
+        return
+    run = run_dir_of(path)
+    names = ", ".join(p.name for p in newer)
+    raise CheckpointError(
+        f"{path} is at step {step}, but its run has newer checkpoints ({names}) that resuming from it "
+        f"would overwrite. Continue the run from its newest checkpoint: python -m app train --resume "
+        f"{run}; or start a new run from these weights: python -m app train --config "
+        f"{run / 'config.yaml'} model.init_from={path}; or move the newer checkpoints out of "
+        f"{path.parent} first to continue from this one in place")
+
+
+def saved_best_top1(run_dir: Union[str, Path]) -> float:
+    """The validation top-1 of the run's best.pt (-1 without one): a resumed run replaces best.pt
+    only with a better model than the one there."""
+    best = Path(run_dir) / CHECKPOINT_DIR / BEST
+    if not best.is_file():
+        return -1.0
+    return float(load_checkpoint(best).get("best_top1", -1.0))
 
 
 def run_dir_of(checkpoint: Union[str, Path]) -> Path:

@@ -16,7 +16,7 @@ from typing import List, Optional
 import yaml
 
 from app.checkpoint import latest_run
-from app.config import ConfigError, build_config, preset_names
+from app.config import ConfigError, build_config, check_dataset, preset_names
 from app.errors import AppError
 from app.resolution import ResolutionWarning
 
@@ -29,6 +29,7 @@ COMMANDS = {
     "plan": ("ipu_options.planning:main", "IPU memory / pipeline plan for the configuration"),
     "paper": ("app.paper:main", "reproduce the paper's tables and figures"),
 }
+DATA_COMMANDS = ("train", "validate", "finetune", "paper")  # those that read data.dataset
 EXAMPLES = """examples:
   python -m app train                                  # the digits default (make train)
   python -m app train --config b0-g16-lnpn-half data.dataset=/data/imagenet
@@ -118,6 +119,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         overrides.append("dist.dry_run=true")
     try:
         cfg = build_config(base_preset(args), overrides)
+        if args.command in DATA_COMMANDS:
+            check_dataset(cfg)
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2

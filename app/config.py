@@ -9,6 +9,8 @@ Values of overrides are parsed as YAML (``true``, ``1e-3``, ``[224, 256]``). The
 type-checked and validated as a whole before any data is read or any model is built.
 """
 import dataclasses
+import datetime
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +111,9 @@ class FinetuneConfig:
     epochs: float = 2.0
     lr: float = 2.0 ** -11
     trainable_from: str = "blocks.6"  # freeze every module before this one
+    # Set by the finetune command in its run's configuration: the checkpoint fine-tuned. It marks
+    # a fine-tuning run, which `train --resume` / `finetune --resume` resume with the freezing.
+    source: Optional[str] = None
 
 
 @dataclass
@@ -158,13 +163,39 @@ class Config:
 
 # ----------------------------------------------------------------------------- building
 
-def _check_type(path: str, value: Any, hint: Any) -> Any:
-    """Return ``value`` as type ``hint`` (ints widen to floats) or raise ConfigError."""
+def _as_float(value: Any) -> Optional[float]:
+    """A number written as a string (``1e-3``: YAML 1.1 reads exponents without a dot as text)
+    as a finite float, else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _as_text(value: Any, text: Optional[str]) -> Optional[str]:
+    """A scalar YAML did not read as a string, for a text field: what was typed on the command line
+    (``log.name=2024-06-01`` is a date to YAML, ``log.name=007`` a number), else the value written
+    out (numbers and dates of a YAML file). None where it is no scalar (lists, mappings)."""
+    if value is None or isinstance(value, (list, dict)):
+        return None
+    if text is not None:
+        return text
+    if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _check_type(path: str, value: Any, hint: Any, text: Optional[str] = None) -> Any:
+    """Return ``value`` as type ``hint`` (ints widen to floats, numeric strings are read as floats,
+    scalars become text for text fields) or raise ConfigError. ``text``: the value as typed."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Union:
         for option in args:
             try:
-                return _check_type(path, value, option)
+                return _check_type(path, value, option, text)
             except ConfigError:
                 continue
         raise ConfigError(path, value, " or ".join(getattr(a, "__name__", str(a)) for a in args))
@@ -183,13 +214,21 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
                 for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and _as_float(value) is not None:
+        return _as_float(value)
+    if hint is str and not isinstance(value, str) and _as_text(value, text) is not None:
+        return _as_text(value, text)
     if hint is Any or (isinstance(hint, type) and isinstance(value, hint)
                        and not (hint is int and isinstance(value, bool))):
         return value
     raise ConfigError(path, value, getattr(hint, "__name__", str(hint)))
 
 
-def _merge(obj: Any, updates: Dict[str, Any], prefix: str = "") -> None:
+def _merge(obj: Any, updates: Dict[str, Any], prefix: str = "",
+           texts: Optional[Dict[str, str]] = None) -> None:
+    """Set ``updates`` on the dataclass ``obj``, type-checked; ``texts``: dotted path → the value
+    as typed on the command line."""
+    texts = texts or {}
     hints = typing.get_type_hints(type(obj))
     for key, value in updates.items():
         path = f"{prefix}{key}"
@@ -201,9 +240,9 @@ def _merge(obj: Any, updates: Dict[str, Any], prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(path, value, f"a mapping of {key} fields")
-            _merge(current, value, f"{path}.")
+            _merge(current, value, f"{path}.", texts)
         else:
-            setattr(obj, key, _check_type(path, value, hints[key]))
+            setattr(obj, key, _check_type(path, value, hints[key], texts.get(path)))
 
 
 def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
@@ -219,6 +258,16 @@ def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(raw) if raw.strip() else None
     return tree
+
+
+def override_texts(overrides: List[str]) -> Dict[str, str]:
+    """{'log.name': '2024-06-01'}: each override's value as typed (text fields keep it as is)."""
+    texts = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if sep and raw.strip():
+            texts[key.strip()] = raw.strip()
+    return texts
 
 
 def preset_names() -> List[str]:
@@ -251,7 +300,7 @@ def build_config(preset: Optional[str] = None, overrides: Optional[List[str]] = 
     if preset:
         _merge(cfg, load_preset(preset))
     if overrides:
-        _merge(cfg, parse_overrides(overrides))
+        _merge(cfg, parse_overrides(overrides), texts=override_texts(overrides))
     return cfg.validate()
 
 
@@ -285,6 +334,28 @@ def validate_scale_out(cfg: Config) -> None:
 def _require(ok: bool, path: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(path, value, allowed)
+
+
+def is_folder_name(name: str) -> bool:
+    """One path component: no separators, not the current or parent folder, no NUL."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def check_dataset(cfg: Config) -> None:
+    """``data.dataset`` is a built-in or a folder with train/ and val/ (the commands that read data
+    call this before any work; ``plan`` does not need the data)."""
+    from app.data.datasets import BUILTIN  # noqa: PLC0415  (keeps this module free of the data stack)
+
+    name = cfg.data.dataset
+    if name in BUILTIN:
+        return
+    root = Path(name).expanduser()
+    missing = [sub for sub in ("train", "val") if not (root / sub).is_dir()]
+    if not root.is_dir() or missing:
+        what = "no such folder" if not root.is_dir() else f"no {' or '.join(s + '/' for s in missing)}"
+        raise ConfigError("data.dataset", name,
+                          f"one of {', '.join(BUILTIN)} or an ImageNet-style folder with train/<class>/ "
+                          f"and val/<class>/ ({what}): give the folder's path")
 
 
 def validate(cfg: Config) -> None:
@@ -327,6 +398,8 @@ def validate(cfg: Config) -> None:
     _require(0 < o.alpha < 1, "optim.alpha", o.alpha, "in (0, 1)")
     _require(o.eps > 0, "optim.eps", o.eps, "a number > 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+             "[beta1, beta2], two numbers in [0, 1) (AdamW's averaging factors)")
 
     s = cfg.schedule
     _require(s.name in ("exponential", "cosine", "step"), "schedule.name", s.name,
@@ -334,6 +407,8 @@ def validate(cfg: Config) -> None:
     _require(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, "a number >= 0")
     _require(0 < s.decay_rate <= 1, "schedule.decay_rate", s.decay_rate, "in (0, 1]")
     _require(s.decay_epochs > 0, "schedule.decay_epochs", s.decay_epochs, "a number > 0")
+    _require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio,
+             "in [0, 1] (the cosine floor as a fraction of the peak rate)")
 
     t = cfg.train
     _require(t.epochs > 0, "train.epochs", t.epochs, "a number > 0")
@@ -347,6 +422,9 @@ def validate(cfg: Config) -> None:
     _require(t.ema_every >= 1, "train.ema_every", t.ema_every, "an integer >= 1")
     _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "fp32, bf16 or fp16")
     _require(t.val_every > 0, "train.val_every", t.val_every, "a number > 0")
+    # warm-up longer than the run: the rate would never reach its peak nor the schedule start
+    _require(s.warmup_epochs <= t.epochs, "schedule.warmup_epochs", s.warmup_epochs,
+             f"at most train.epochs={t.epochs:g}: lower schedule.warmup_epochs or raise train.epochs")
 
     f = cfg.finetune
     _require(f.epochs > 0, "finetune.epochs", f.epochs, "a number > 0")
@@ -359,4 +437,6 @@ def validate(cfg: Config) -> None:
     validate_scale_out(cfg)
     _require(cfg.log.wandb_mode in ("offline", "online"), "log.wandb_mode", cfg.log.wandb_mode,
              "offline or online")
+    _require(cfg.log.name is None or is_folder_name(cfg.log.name), "log.name", cfg.log.name,
+             "a plain folder name (no / or \\, not . or ..): the run folder is log.out_dir/<log.name>")
     cfg.ipu.validate()

@@ -73,7 +73,11 @@ def validate_all(backend: Backend, ema, loaders: Dict[int, Iterable],
     """Raw weights (through the backend) and EMA weights at every validation resolution:
     {"raw@224": {...}, "ema@224": {...}, ...}."""
     results = {}
-    ema_classifier = build_classifier(ema.module, cfg) if ema is not None else None
+    ema_classifier = None
+    if ema is not None:
+        # beside the EMA weights (on the training device): the new Classifier's normalisation
+        # buffers are made on the CPU
+        ema_classifier = build_classifier(ema.module, cfg).to(next(ema.module.parameters()).device)
     for resolution, loader in loaders.items():
         results[f"raw@{resolution}"] = evaluate(backend, loader)
         if ema_classifier is not None:

@@ -9,18 +9,24 @@ schedule and no mixup/cutmix. With batch norm, the running statistics are recali
 resolution before fine-tuning (forward passes, no gradients): at a new resolution the activations'
 statistics change, and the frozen layers, kept in eval mode, would otherwise normalise with the old
 ones; the trainable layers' statistics then follow the fine-tuning itself.
+
+A fine-tuning run is marked as one (``finetune.source`` in its configuration; its checkpoints
+record the frozen layer and the accuracies measured before training), so ``finetune --resume RUN``
+(or ``train --resume RUN``) freezes the same layers again before the optimiser state is loaded.
+Over several processes it is launched like ``train``; only process 0 writes.
 """
 import argparse
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from app.checkpoint import CheckpointError, find_checkpoint, latest_run, load_checkpoint, run_dir_of
 from app.config import Config, config_from_dict
+from app.distributed import all_reduce_mean, current, launch, reduce_results
 from app.errors import AppError
 from app.evaluate import evaluate
 from app.resolution import (
@@ -142,10 +148,18 @@ def checkpoint_source(cfg, args) -> Path:
     return find_checkpoint(source, prefer_best=True)
 
 
-def finetune_config(cfg: Config, payload: Dict[str, Any], path: Path, resolution: int) -> Config:
+def given_on_command_line(args: Optional[argparse.Namespace], name: str) -> bool:
+    """Whether the command line set ``name`` (``section.field``) as a dotted override."""
+    return any(o.split("=", 1)[0].strip() == name for o in getattr(args, "overrides", None) or [])
+
+
+def finetune_config(cfg: Config, payload: Dict[str, Any], path: Path, resolution: int,
+                    keep_max_steps: bool = False) -> Config:
     """The training configuration of a fine-tuning run: the checkpoint's architecture and weights,
     the target resolution with validation preprocessing, no mixing, no EMA, the small LR
-    (``finetune.lr`` as is, not scaled with the batch) on a cosine schedule without warm-up."""
+    (``finetune.lr`` as is, not scaled with the batch) on a cosine schedule without warm-up, over
+    ``finetune.epochs``: ``train.max_steps`` only when ``keep_max_steps`` (given on this command
+    line; the source run's own would cut the cosine schedule short)."""
     data = cfg.to_dict()
     for key, value in (payload.get("arch") or {}).items():
         if key in data["model"] and data["model"][key] != value:
@@ -158,6 +172,9 @@ def finetune_config(cfg: Config, payload: Dict[str, Any], path: Path, resolution
     data["optim"].update(lr=cfg.finetune.lr, lr_reference_batch=cfg.global_batch)
     data["schedule"].update(name="cosine", warmup_epochs=0.0, min_lr_ratio=0.0)
     data["train"].update(epochs=cfg.finetune.epochs, ema_decay=0.0, val_every=cfg.finetune.epochs)
+    if not keep_max_steps:
+        data["train"]["max_steps"] = None
+    data["finetune"]["source"] = str(path)  # marks the run as a fine-tuning run (resume)
     source_run = run_dir_of(path).name  # cfg may be that run's config.yaml: never reuse its name
     keep = cfg.log.name and cfg.log.name != source_run
     data["log"]["name"] = cfg.log.name if keep else f"{source_run}-finetune-{resolution}"
@@ -174,6 +191,7 @@ class FinetuneResult:
     recalibrated: Optional[Dict[str, float]] = None  # after batch-norm recalibration (batch norm only)
     frozen: int = 0  # parameters (tensors) frozen
     trainable: int = 0
+    trainable_from: str = ""
 
     @property
     def after(self) -> Dict[str, float]:
@@ -190,10 +208,70 @@ def check_trainable_from(model_name: str, layer: str) -> None:
                        f"{FREEZE_HELP}")
 
 
-def run_finetune(cfg: Config, source: Path) -> FinetuneResult:
+@torch.no_grad()
+def average_batch_norm_statistics(model: nn.Module) -> None:
+    """Every process recalibrated on its own share of the images: give all of them the mean of the
+    running statistics (the mean of the shares' variances, close to the pooled variance when the
+    shares are alike), so the job's model does not depend on which process it is read from."""
+    for layer in batch_norm_layers(model):
+        if layer.running_mean is not None:
+            layer.running_mean.copy_(all_reduce_mean(layer.running_mean))
+            layer.running_var.copy_(all_reduce_mean(layer.running_var))
+
+
+def measure_and_recalibrate(ctx: TrainSetup, result: FinetuneResult) -> None:
+    """Accuracy of the weights as trained at the new resolution, then (batch norm) recalibrate the
+    statistics there and measure again. Results are over every process's share of the images."""
+    device = ctx.backend.device
+    ctx.classifier.to(device)
+    target_loader = ctx.val_loaders[result.resolution]
+
+    def measure() -> Dict[str, float]:
+        return reduce_results({"m": evaluate(ctx.classifier, target_loader, device)})["m"]
+
+    result.before = measure()
+    print(f"before fine-tuning, at {result.resolution}: top-1 {result.before['top1']:.2f}%")
+    if batch_norm_layers(ctx.model):
+        limit = max(1, RECALIBRATION_IMAGES // (ctx.host_batch * current().world_size))
+        used = recalibrate_batch_norm(ctx.classifier, ctx.train_loader, device, max_batches=limit)
+        average_batch_norm_statistics(ctx.model)
+        result.recalibrated = measure()
+        print(f"batch-norm statistics recalibrated at {result.resolution} on {used} batches: "
+              f"top-1 {result.recalibrated['top1']:.2f}%")
+
+
+def finetune_setup(ft_cfg: Config, result: FinetuneResult) -> Callable[[TrainSetup], None]:
+    """The ``run_training`` hook of a fine-tuning run. A new run measures, recalibrates and freezes;
+    a resumed one has the checkpoint's weights and statistics already and only freezes again, the
+    layers its checkpoint records (the optimiser state holds exactly their parameters)."""
+
+    def setup(ctx: TrainSetup) -> None:
+        recorded = (ctx.resumed or {}).get("finetune") or {}
+        layer = recorded.get("trainable_from", ft_cfg.finetune.trainable_from)
+        if ctx.resumed is None:
+            measure_and_recalibrate(ctx, result)
+        else:
+            result.before = recorded.get("before", {})
+            result.recalibrated = recorded.get("recalibrated")
+            result.trained_resolution = recorded.get("trained_resolution", result.trained_resolution)
+        frozen = freeze_before(ctx.model, layer)
+        result.frozen, result.trainable = len(frozen), len(trainable_parameters(ctx.model))
+        result.trainable_from = layer
+        print(f"frozen: everything before {layer} ({result.frozen} tensors); "
+              f"training {result.trainable} tensors")
+        # every checkpoint records that the run is a fine-tuning run, how it froze and what it measured
+        ctx.checkpoint_extra["finetune"] = {
+            "source": str(result.source), "trainable_from": layer, "resolution": result.resolution,
+            "trained_resolution": result.trained_resolution, "before": result.before,
+            "recalibrated": result.recalibrated}
+
+    return setup
+
+
+def run_finetune(cfg: Config, source: Path, keep_max_steps: bool = False) -> FinetuneResult:
     payload = load_checkpoint(source)
     resolution = cfg.finetune.resolution or native_resolution(cfg.model.name)
-    ft_cfg = finetune_config(cfg, payload, source, resolution)
+    ft_cfg = finetune_config(cfg, payload, source, resolution, keep_max_steps)
     result = FinetuneResult(run=None, source=source, trained_resolution=trained_resolution(payload),
                             resolution=resolution)
     check_trainable_from(ft_cfg.model.name, ft_cfg.finetune.trainable_from)
@@ -202,25 +280,20 @@ def run_finetune(cfg: Config, source: Path) -> FinetuneResult:
         check_resolutions(result.trained_resolution, [resolution], stages, what="fine-tuning")
     print(f"fine-tuning {source} (trained at {result.trained_resolution}) at {resolution}: "
           f"{describe_rule(resolution, stages)}")
+    result.run = run_training(ft_cfg, setup=finetune_setup(ft_cfg, result), command="finetune")
+    return result
 
-    def setup(ctx: TrainSetup) -> None:
-        device = ctx.backend.device
-        ctx.classifier.to(device)
-        target_loader = ctx.val_loaders[resolution]
-        result.before = evaluate(ctx.classifier, target_loader, device)
-        print(f"before fine-tuning, at {resolution}: top-1 {result.before['top1']:.2f}%")
-        if batch_norm_layers(ctx.model):
-            limit = max(1, RECALIBRATION_IMAGES // ctx.host_batch)
-            used = recalibrate_batch_norm(ctx.classifier, ctx.train_loader, device, max_batches=limit)
-            result.recalibrated = evaluate(ctx.classifier, target_loader, device)
-            print(f"batch-norm statistics recalibrated at {resolution} on {used} batches: "
-                  f"top-1 {result.recalibrated['top1']:.2f}%")
-        frozen = freeze_before(ctx.model, ft_cfg.finetune.trainable_from)
-        result.frozen, result.trainable = len(frozen), len(trainable_parameters(ctx.model))
-        print(f"frozen: everything before {ft_cfg.finetune.trainable_from} ({result.frozen} tensors); "
-              f"training {result.trainable} tensors")
 
-    result.run = run_training(ft_cfg, setup=setup)
+def resume_finetune(cfg: Config) -> FinetuneResult:
+    """Continue the fine-tuning run ``cfg.resume`` (``cfg``: its own configuration, with the
+    command line's overrides), its layers frozen as they were."""
+    if not cfg.finetune.source:
+        raise AppError(f"{cfg.resume} is not a fine-tuning run (its configuration has no "
+                       f"finetune.source): continue it with python -m app train --resume {cfg.resume}, "
+                       f"or fine-tune it with python -m app finetune --checkpoint {cfg.resume}")
+    result = FinetuneResult(run=None, source=Path(cfg.finetune.source), trained_resolution=None,
+                            resolution=cfg.data.resolution)
+    result.run = run_training(cfg, setup=finetune_setup(cfg, result), command="finetune")
     return result
 
 
@@ -229,19 +302,30 @@ def report_lines(result: FinetuneResult) -> List[str]:
     rows = [("checkpoint as trained", result.before)]
     if result.recalibrated is not None:
         rows.append(("+ batch-norm recalibration", result.recalibrated))
-    rows.append((f"+ fine-tuning ({result.run.steps} steps)", result.after))
+    rows.append((f"+ fine-tuning ({result.run.last_step} steps)", result.after))
     return [f"| weights, at {result.resolution} | top-1 % | top-5 % |", "|---|---:|---:|"] + [
         f"| {name} | {m.get('top1', float('nan')):.2f} | {m.get('top5', float('nan')):.2f} |"
         for name, m in rows]
 
 
 def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
-    result = run_finetune(cfg, checkpoint_source(cfg, args))
+    """``finetune --checkpoint RUN`` (a new fine-tuning run) or ``finetune --resume FT_RUN`` (also
+    reached by ``train --resume FT_RUN``); over several processes like ``train``."""
+    launched = launch(cfg, args)  # replicas over several processes: torchrun / poprun runs this again
+    if launched is not None:
+        return launched
+    if cfg.resume:
+        result = resume_finetune(cfg)
+    else:
+        result = run_finetune(cfg, checkpoint_source(cfg, args),
+                              keep_max_steps=given_on_command_line(args, "train.max_steps"))
     if result.run.exit_code:
         return result.run.exit_code
+    if not current().is_main:  # one report, from the process that owns the run folder
+        return 0
     table = "\n".join(report_lines(result))
     print(f"fine-tuning of {result.source} at {result.resolution}:\n{table}")
     (result.run.run_dir / "finetune.md").write_text(
         f"# Fine-tuning at {result.resolution}\n\nFrom `{result.source}` (trained at "
-        f"{result.trained_resolution}); trainable from `{cfg.finetune.trainable_from}`.\n\n{table}\n")
+        f"{result.trained_resolution}); trainable from `{result.trainable_from}`.\n\n{table}\n")
     return 0

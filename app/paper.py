@@ -32,7 +32,7 @@ from app.checkpoint import find_checkpoint, load_checkpoint
 from app.config import Config, config_from_dict
 from app.data import build_dataset, build_loader
 from app.evaluate import checkpoint_classifiers, evaluate
-from app.finetune import FinetuneResult, report_lines, run_finetune
+from app.finetune import FinetuneResult, given_on_command_line, report_lines, run_finetune
 from app.resolution import (
     half_resolution,
     model_stages,
@@ -159,7 +159,8 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
 
     print(f"\n=== half + fine-tuning at {native} ===", flush=True)
     ft_cfg = derived(cfg, log={**base["log"], "name": "half-finetune"}, finetune=base["finetune"])
-    ft = run_finetune(ft_cfg, find_checkpoint(runs["half"].run_dir, prefer_best=True))
+    ft = run_finetune(ft_cfg, find_checkpoint(runs["half"].run_dir, prefer_best=True),
+                      keep_max_steps=given_on_command_line(args, "train.max_steps"))
     if ft.run.exit_code:
         return ft.run.exit_code
 

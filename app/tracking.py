@@ -101,13 +101,17 @@ class Tracker:
                   flush=True)
         self.start_window()
 
-    def log_validation(self, step: int, epoch: float, results: Dict[str, Dict[str, float]]) -> None:
-        """``results``: {"raw@32": {"top1":…, "top5":…, "loss":…}, "ema@32": {…}}."""
+    def log_validation(self, step: int, epoch: float, results: Dict[str, Dict[str, float]],
+                       skipped_images: int = 0) -> None:
+        """``results``: {"raw@32": {"top1":…, "top5":…, "loss":…}, "ema@32": {…}};
+        ``skipped_images``: unreadable validation images replaced during this validation."""
         flat = {f"{name}/{k}": round(v, 5) for name, r in results.items() for k, v in r.items()}
-        self.write({"kind": "val", "step": step, "epoch": round(epoch, 4), **flat})
+        self.write({"kind": "val", "step": step, "epoch": round(epoch, 4), **flat,
+                    "skipped_images": skipped_images})
         if self.enabled:
             parts = [f"{name} top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}%" for name, r in results.items()]
-            print(f"validation at step {step} (epoch {epoch:.2f}): " + " | ".join(parts), flush=True)
+            note = f" ({skipped_images} unreadable images replaced)" if skipped_images else ""
+            print(f"validation at step {step} (epoch {epoch:.2f}): " + " | ".join(parts) + note, flush=True)
 
     def close(self) -> None:
         if self.wandb is not None:

@@ -115,3 +115,35 @@ def test_init_from_another_architecture_names_the_mismatch(tmp_path):
     with pytest.raises(CheckpointError, match="model.group_size: checkpoint 1, this run 16"):
         load_initial_weights(build_model("b0", group_size=16, expand_ratio=4, norm="layer",
                                          proxy_norm=True, num_classes=10), cfg)
+
+
+QUICK = ["--device", "cpu", "data.resolution=32", "data.workers=0", "train.micro_batch=8",
+         "train.ema_decay=0", "train.val_every=0.01"]  # a validation and a checkpoint every 2 steps
+
+
+def test_resuming_an_older_checkpoint_is_refused_and_touches_nothing(tmp_path, capsys):
+    assert cli(["train", *QUICK, "train.max_steps=4", f"log.out_dir={tmp_path}", "log.name=r"]) == 0
+    folder = tmp_path / "r" / "checkpoints"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_text()
+    older = folder / "step-0000002.pt"
+    assert cli(["train", "--resume", str(older), "train.max_steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert "is at step 2, but its run has newer checkpoints (step-0000004.pt)" in err
+    assert f"model.init_from={older}" in err and f"--resume {tmp_path / 'r'}" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing overwritten
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_resumed_run_replaces_best_only_with_a_better_model(tmp_path):
+    """best.pt holds a model better than anything this run reaches (e.g. its newer continuation was
+    moved away and this one resumed from an older checkpoint): it must stay."""
+    assert cli(["train", *QUICK, "train.max_steps=2", f"log.out_dir={tmp_path}", "log.name=b"]) == 0
+    folder = tmp_path / "b" / "checkpoints"
+    best = load_checkpoint(folder / "best.pt")
+    atomic_save({**best, "best_top1": 100.0, "step": 99}, folder / "best.pt")  # a stand-in better model
+    resumed = load_checkpoint(folder / "step-0000002.pt")
+    atomic_save({**resumed, "best_top1": -1.0}, folder / "step-0000002.pt")  # it knows no best
+    assert cli(["train", "--resume", str(tmp_path / "b"), "train.max_steps=4"]) == 0
+    assert [p.name for p in step_checkpoints(folder)][-1] == "step-0000004.pt"
+    assert load_checkpoint(folder / "best.pt")["step"] == 99

@@ -18,6 +18,13 @@ from app.train import StopSignal
     ("train.precision=fp8", "train.precision='fp8'", "fp32, bf16 or fp16"),
     ("data.resolution=16", "data.resolution=16", "an integer >= 32"),
     ("train.micro_btach=4", "train.micro_btach", "has: epochs, max_steps, micro_batch"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9]", "two numbers in [0, 1)"),
+    ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5]", "two numbers in [0, 1)"),
+    ("schedule.min_lr_ratio=1.5", "schedule.min_lr_ratio=1.5", "in [0, 1]"),
+    ("schedule.warmup_epochs=9", "schedule.warmup_epochs=9.0", "at most train.epochs=6"),
+    ("log.name=a/b", "log.name='a/b'", "a plain folder name"),
+    ("log.name=..", "log.name='..'", "a plain folder name"),
+    ("data.dataset=/nonexistent/imagenet", "data.dataset='/nonexistent/imagenet'", "(no such folder)"),
 ])
 def test_config_errors_exit_2_naming_field_and_range(tmp_path, capsys, override, named, allowed):
     assert cli(["train", override, f"log.out_dir={tmp_path}"]) == 2
@@ -109,3 +116,76 @@ def test_bf16_channels_last_step_on_cpu_updates_the_weights():
     assert torch.isfinite(out["loss"]) and not torch.equal(before, net[0].weight)
     assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert backend.evaluate(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).dtype == torch.float32
+
+
+def test_exponent_floats_and_date_like_names_are_read_as_written(tmp_path):
+    """YAML 1.1 reads 1e-3 as text and 2024-06-01 as a date: a float field takes the number, a text
+    field what was typed."""
+    cfg = build_config("digits", ["optim.lr=1e-3", "ipu.loss_scaling=1e3", "log.name=2024-06-01",
+                                  "log.name=007"])
+    assert cfg.optim.lr == 0.001 and cfg.ipu.loss_scaling == 1000.0
+    assert cfg.log.name == "007"
+    assert build_config("digits", ["log.name=2024-06-01"]).log.name == "2024-06-01"
+    assert build_config("digits", ["log.name=null"]).log.name is None
+    data = {"log": {"name": __import__("datetime").date(2024, 6, 1)}, "optim": {"lr": "2e-3"}}
+    from app.config import config_from_dict  # noqa: PLC0415
+
+    cfg = config_from_dict(data)  # a YAML file's values (config.yaml, presets)
+    assert cfg.log.name == "2024-06-01" and cfg.optim.lr == 0.002
+
+
+def test_dataset_folder_without_val_is_a_config_error(tmp_path, capsys):
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    out = tmp_path / "runs"
+    assert cli(["train", "--device", "cpu", f"data.dataset={tmp_path / 'data'}", f"log.out_dir={out}"]) == 2
+    assert "no val/" in capsys.readouterr().err and not out.exists()
+
+
+def test_batch_larger_than_the_dataset_exits_2_before_a_run_folder(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert cli(["train", "--device", "cpu", "train.micro_batch=5000", f"log.out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than one batch of 5000" in err and "lower train.micro_batch" in err
+    assert "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_nonfinite_gradients_skip_the_update_and_say_so():
+    """A finite loss whose backward overflows: fp32/bf16 skip the step like the fp16 scaler does."""
+    cfg = build_config("digits", ["device=cpu", "optim.name=sgd"])
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    backend = NativeBackend(cfg)
+    backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
+    images, targets = torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
+    before = net[1].weight.detach().clone()
+    hook = net[1].weight.register_hook(lambda grad: grad * float("inf"))
+    out = backend.train_step(images, targets)
+    assert torch.isfinite(out["loss"]) and bool(out["nonfinite_grads"])
+    assert torch.equal(before, net[1].weight)  # not applied
+    hook.remove()
+    out = backend.train_step(images, targets)
+    assert "nonfinite_grads" not in out and not torch.equal(before, net[1].weight)
+
+
+def test_ema_validation_classifier_lives_where_the_ema_weights_do(monkeypatch):
+    """validate_all wraps the EMA copy in a Classifier: its normalisation buffers must follow the
+    EMA weights' device (a GPU run would otherwise mix CUDA weights and CPU buffers)."""
+    import app.evaluate  # noqa: PLC0415
+    from app.optim import EMA  # noqa: PLC0415
+
+    cfg = build_config("digits", ["device=cpu"])
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    ema = EMA(net, 0.9)
+    seen = []
+
+    def record(target, loader, *args, **kwargs):
+        if isinstance(target, torch.nn.Module):
+            tensors = [*target.buffers(), *target.parameters()]
+            seen.append({t.device.type for t in tensors})
+        return {"top1": 0.0, "top5": 0.0, "loss": 0.0, "images": 1}
+
+    monkeypatch.setattr(app.evaluate, "evaluate", record)
+    backend = type("HostBackend", (), {"sync_to_host": lambda self: None})()
+    results = app.evaluate.validate_all(backend, ema, {32: []}, cfg)
+    assert set(results) == {"raw@32", "ema@32"} and seen == [{"meta"}]

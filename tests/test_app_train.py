@@ -178,3 +178,103 @@ def test_fp16_loss_scaler_skips_transient_nans_then_stops(tmp_path, monkeypatch,
         poison_losses(m, lambda n: n >= 2)  # diverged for good: stops after 5 skipped updates
         assert cli(args + [f"log.out_dir={tmp_path / 'diverged'}"]) == 3
     assert "loss is nan at step 6" in capsys.readouterr().err
+
+
+def test_resume_from_a_validation_checkpoint_with_worker_processes(tmp_path, monkeypatch, capsys):
+    """Resumed at an epoch end where a validation wrote the checkpoint, with a worker process:
+    the resumed process creates its (persistent) loader iterator at a point where the
+    uninterrupted one only reused it, so a base seed drawn from the global RNG would shift the
+    drop-path masks of every later step. The loader draws from its own generator instead."""
+    data = write_image_folder(tmp_path / "images")
+    args = ["train", "--device", "cpu", f"data.dataset={data}", "data.resolution=32", "data.workers=1",
+            "train.micro_batch=4", "train.epochs=3", "train.log_every=1", "train.val_every=1",
+            "model.drop_path=0.2", "model.dropout=0.3", "train.ema_decay=0"]
+    assert cli(args + [f"log.out_dir={tmp_path / 'full'}"]) == 0
+    full = [r["loss"] for r in read_metrics(only_run(tmp_path / "full"))]
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)  # step 3 ends epoch 0: validated and checkpointed there
+        assert cli(args + [f"log.out_dir={tmp_path / 'cut'}"]) == 128 + signal.SIGINT
+    run = only_run(tmp_path / "cut")
+    assert load_checkpoint(find_checkpoint(run))["step"] == 3
+    assert cli(["train", "--resume", str(run)]) == 0
+    assert len(read_metrics(run, "val")) == 3  # validated after the resume too
+    assert len(full) == 9 and [r["loss"] for r in read_metrics(run)] == full
+
+
+def all_finite(state) -> bool:
+    return all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_an_update_that_blows_up_the_weights_is_never_checkpointed(tmp_path, capsys):
+    """SGD at lr 1e6: finite losses until the gradients overflow; a validation and checkpoint at
+    every step. The update with non-finite gradients is not applied and no saved file holds NaN."""
+    code = cli(["train", "--device", "cpu", "data.resolution=32", "data.workers=0", "optim.name=sgd",
+                "optim.lr=1000000.0", "schedule.warmup_epochs=0", "train.max_steps=10",
+                "train.val_every=0.0227", "train.ema_decay=0", f"log.out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 3
+    run = only_run(tmp_path)
+    ckpts = step_checkpoints(run / "checkpoints")
+    assert ckpts and all(all_finite(load_checkpoint(p)["model"]) for p in ckpts)
+    assert all_finite(load_checkpoint(run / "checkpoints" / "best.pt")["model"])
+    last = load_checkpoint(ckpts[-1])["step"]
+    failed = read_metrics(run, "error")[0]["step"]
+    assert failed == last + 1  # stopped at the first bad update; everything before it was saved
+    assert f"the checkpoint of step {last}" in err and f"--resume {run}" in err
+    assert "train.precision=fp32" not in err  # the run is fp32 already
+
+
+def test_nonfinite_weights_are_refused_by_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """Weights that turn non-finite after an update with a finite loss: the checkpoint of that step
+    is not written, the previous one stays the newest, and the message names it."""
+    original = NativeBackend.train_step
+    calls = {"n": 0}
+
+    def poisoning_step(self, images, targets):
+        out = original(self, images, targets)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            with torch.no_grad():
+                next(self.classifier.parameters()).fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(NativeBackend, "train_step", poisoning_step)
+    code = cli(["train", "--device", "cpu", *QUICK, "train.max_steps=8", "train.val_every=0.01",
+                f"log.out_dir={tmp_path}"])  # validation + checkpoint every 2 steps
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "weights are not finite after step 4" in err and "the checkpoint of step 2" in err
+    run = only_run(tmp_path)
+    assert [p.name for p in step_checkpoints(run / "checkpoints")] == ["step-0000002.pt"]
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 2
+
+
+def test_nan_before_the_first_checkpoint_promises_no_checkpoint(tmp_path, monkeypatch, capsys):
+    poison_losses(monkeypatch, lambda n: n >= 2)
+    code = cli(["train", "--device", "cpu", *QUICK, "train.max_steps=6", "train.val_every=100",
+                f"log.out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 3 and "loss is nan at step 2" in err
+    assert "intact" not in err and "--resume" not in err and "train.precision=fp32" not in err
+    assert "before its first checkpoint" in err and "a lower optim.lr" in err
+    assert not (only_run(tmp_path) / "checkpoints").exists()
+
+
+def test_resume_with_ema_every_n_steps_keeps_the_ema_exact(tmp_path, monkeypatch, capsys):
+    """EMA every 3 updates, interrupted at step 4: the resumed run's next average must still count
+    the 3 updates since step 3, not 2 since the interruption."""
+    args = ["train", "--device", "cpu", *QUICK, "train.max_steps=6", "train.val_every=100",
+            "train.ema_decay=0.9", "train.ema_every=3"]
+    assert cli(args + [f"log.out_dir={tmp_path / 'full'}"]) == 0
+    full = load_checkpoint(find_checkpoint(only_run(tmp_path / "full")))
+    with monkeypatch.context() as m:
+        interrupt_at(m, 4)
+        assert cli(args + [f"log.out_dir={tmp_path / 'cut'}"]) == 128 + signal.SIGINT
+    run = only_run(tmp_path / "cut")
+    assert load_checkpoint(find_checkpoint(run))["ema_step"] == 3
+    assert cli(["train", "--resume", str(run)]) == 0
+    resumed = load_checkpoint(find_checkpoint(run))
+    assert resumed["step"] == full["step"] == 6 and resumed["ema"]["updates"] == full["ema"]["updates"]
+    assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
+    assert all(torch.equal(full["ema"]["module"][k], resumed["ema"]["module"][k])
+               for k in full["ema"]["module"])

@@ -196,6 +196,19 @@ def test_order_deterministic_per_seed_epoch_and_resume_equals_tail():
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(tail, tail_workers))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loading_never_draws_from_the_global_rng(workers):
+    """Creating an iterator draws the workers' base seed: from the loader's own generator, so the
+    model's random streams (dropout, drop path) do not depend on when iterators are made."""
+    loader = build_loader(TinyDataset(24), 8, train=True, cfg=make_cfg(f"data.workers={workers}"), seed=0)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert len(list(loader.iterate(start_batch=epoch % 2))) == 3 - epoch % 2
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_distributed_sampler_splits_the_epoch():
     cfg = make_cfg("data.workers=0")
     small = TinyDataset(40)

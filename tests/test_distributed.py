@@ -339,8 +339,9 @@ def test_horovod_is_imported_only_on_the_popdist_path(monkeypatch):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def image_folder(root: Path, per_class: int = 8, val_per_class: int = 2) -> Path:
-    """A deterministic two-class PNG folder (train/ and val/)."""
+def image_folder(root: Path, per_class: int = 8, val_per_class: int = 2, broken: int = 0) -> Path:
+    """A deterministic two-class PNG folder (train/ and val/); ``broken``: that many unreadable
+    files in each class of each split, named to sort second (validation index 1: process 1's)."""
     rng = np.random.default_rng(0)
     for split, n in (("train", per_class), ("val", val_per_class)):
         for c in range(2):
@@ -350,6 +351,8 @@ def image_folder(root: Path, per_class: int = 8, val_per_class: int = 2) -> Path
                 pixels = rng.integers(0, 120, (36, 36, 3), dtype=np.uint8)
                 pixels[..., c] += 120
                 Image.fromarray(pixels).save(folder / f"{i}.png")
+            for i in range(broken):
+                (folder / f"0{i}broken.png").write_bytes(b"not a png")
     return root
 
 
@@ -513,3 +516,95 @@ def test_ddp_gradient_accumulation_equals_plain_accumulation(tmp_path, monkeypat
     assert torch.allclose(ddp_weight, plain_weight, atol=1e-7)
     torch.manual_seed(0)
     assert not torch.allclose(ddp_weight, TinyClassifier().linear.weight)  # it did update
+
+
+def records(run_dir: Path, kind: str):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def torchrun_job(out_args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "app", *out_args], cwd=ROOT, env=env or loopback_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+TWO = ["train.micro_batch=4", "train.replicas=2", "dist.rdzv_endpoint=127.0.0.1:0"]
+
+
+@one_torchrun_job_at_a_time
+def test_skipped_images_are_counted_over_the_whole_job(tmp_path, monkeypatch):
+    """Unreadable images in training and validation: the job's counts are every process's skips
+    together, the same as one process reading the same images counts."""
+    from app.cli import main as cli  # noqa: PLC0415
+
+    data, out = image_folder(tmp_path / "data", broken=1), tmp_path / "runs"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    # 4 steps: in the second epoch's second batch, process 1's share holds a broken image
+    assert cli(quick_run(data, out, "one", "train.micro_batch=4", "train.grad_accum=2",
+                         "train.max_steps=4")) == 0
+    two = torchrun_job(quick_run(data, out, "two", *TWO, "train.max_steps=4"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_train = [r["skipped_images"] for r in records(out / "one", "train")]
+    two_train = [r["skipped_images"] for r in records(out / "two", "train")]
+    assert one_train[-1] > 0 and two_train == one_train
+    one_val = [r["skipped_images"] for r in records(out / "one", "val")]
+    assert one_val == [2] and [r["skipped_images"] for r in records(out / "two", "val")] == one_val
+    assert "2 unreadable images replaced" in two.stdout  # the validation line says so
+
+
+@one_torchrun_job_at_a_time
+def test_ctrl_c_on_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """SIGINT reaches only process 1, during step 2: the whole job stops after step 2 together
+    (process 0 saves that step's checkpoint) instead of process 0 training on alone."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import signal\n"
+        "    import torch\n"
+        "    import app.objective as objective\n"
+        "    original, calls = objective.smoothed_cross_entropy, [0]\n"
+        "    def loss(logits, targets, smoothing=0.0):\n"
+        "        if torch.is_grad_enabled():\n"
+        "            calls[0] += 1\n"
+        "            if calls[0] == 2:\n"
+        "                os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return original(logits, targets, smoothing)\n"
+        "    objective.smoothed_cross_entropy = loss\n")
+    env = loopback_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), str(ROOT)])
+    data, out = image_folder(tmp_path / "data"), tmp_path / "runs"
+    job = torchrun_job(quick_run(data, out, "stop", *TWO, "train.max_steps=6", "train.val_every=100"),
+                       env=env)
+    assert job.returncode != 0  # an interrupted job
+    assert "stopped by SIGINT at step 2/6; checkpoint saved" in job.stderr, job.stderr[-3000:]
+    assert "python -m app train --resume" in job.stderr
+    assert [r["step"] for r in records(out / "stop", "train")] == [1, 2]
+    from app.checkpoint import step_checkpoints  # noqa: PLC0415
+
+    assert [p.name for p in step_checkpoints(out / "stop" / "checkpoints")] == ["step-0000002.pt"]
+
+
+@one_torchrun_job_at_a_time
+def test_finetune_over_two_processes(tmp_path, monkeypatch):
+    """`finetune ... train.replicas=2` starts torchrun like train; the accuracies before and after
+    are over all validation images; only process 0 writes, into the fine-tuning run's folder."""
+    from app.checkpoint import find_checkpoint, load_checkpoint  # noqa: PLC0415
+    from app.cli import main as cli  # noqa: PLC0415
+
+    data, out = image_folder(tmp_path / "data"), tmp_path / "runs"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert cli(quick_run(data, out, "src", "train.micro_batch=8", "model.norm=batch",
+                         "model.proxy_norm=false", "train.max_steps=2")) == 0
+    job = torchrun_job(["finetune", "--checkpoint", str(out / "src"), "--device", "cpu", *TWO,
+                        "finetune.resolution=64", "finetune.trainable_from=blocks.6",
+                        "train.max_steps=2", f"log.out_dir={out}"])
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "--nproc_per_node=2" in job.stdout and "2 processes × 1 replica" in job.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["src", "src-finetune-64"]  # no stray report
+    run = out / "src-finetune-64"
+    assert "| + fine-tuning (2 steps) |" in (run / "finetune.md").read_text()
+    recorded = load_checkpoint(find_checkpoint(run))["finetune"]
+    assert recorded["before"]["images"] == 4 and recorded["recalibrated"]["images"] == 4  # all of val/
+    assert records(run, "val")[-1]["raw@64/images"] == 4

@@ -225,3 +225,74 @@ def test_paper_recipe_end_to_end_writes_one_report(tmp_path, monkeypatch, capsys
     half_cfg = (folder / "half" / "config.yaml").read_text()
     assert "resolution: 32" in half_cfg
     assert "warning:" not in console  # 32, 64: every size of the recipe keeps the residue
+
+
+def test_finetune_runs_its_own_schedule_not_the_source_runs_max_steps(trained):
+    """The source run stopped at train.max_steps=2; fine-tuning has its own length (finetune.epochs)
+    unless this command line sets train.max_steps."""
+    import argparse
+
+    from app.checkpoint import find_checkpoint, load_checkpoint
+    from app.config import build_config
+    from app.finetune import finetune_config, given_on_command_line
+
+    _, source, _ = trained
+    cfg = build_config(str(source / "config.yaml"))
+    path = find_checkpoint(source, prefer_best=True)
+    payload = load_checkpoint(path)
+    assert cfg.train.max_steps == 2
+    ft = finetune_config(cfg, payload, path, 64)
+    assert ft.train.max_steps is None and ft.train.epochs == cfg.finetune.epochs
+    assert ft.finetune.source == str(path)  # marks the run as a fine-tuning run
+    assert finetune_config(cfg, payload, path, 64, keep_max_steps=True).train.max_steps == 2
+    args = argparse.Namespace(overrides=["finetune.resolution=64", "train.max_steps=5"])
+    assert given_on_command_line(args, "train.max_steps")
+    assert not given_on_command_line(args, "train.epochs")
+
+
+def _train_losses(run):
+    import json
+
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def test_interrupted_finetune_resumes_with_its_layers_frozen(trained, monkeypatch, capsys):
+    """Ctrl-C during fine-tuning prints a resume command that works; `train --resume` of the run
+    freezes the same layers (its optimiser state fits), repeats the uninterrupted losses and writes
+    the whole report; `finetune --resume` continues it further."""
+    import app.finetune
+    from app.checkpoint import find_checkpoint, load_checkpoint
+    from app.cli import main as cli
+    from tests.test_app_train import interrupt_at
+
+    monkeypatch.setattr(app.finetune, "RECALIBRATION_IMAGES", 16)
+    out, source, _ = trained
+    args = ["finetune", "--checkpoint", str(source), *QUICK, "finetune.resolution=64",
+            "train.max_steps=3", "model.drop_path=0.2", f"log.out_dir={out}"]
+    assert cli(args + ["log.name=ft-full"]) == 0
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)
+        assert cli(args + ["log.name=ft-cut"]) == 130
+    run = out / "ft-cut"
+    assert f"python -m app finetune --resume {run}" in capsys.readouterr().err
+    assert not (run / "finetune.md").exists()
+
+    assert cli(["train", "--resume", str(run)]) == 0
+    console = capsys.readouterr().out
+    assert _train_losses(run) == _train_losses(out / "ft-full") and len(_train_losses(run)) == 3
+    report = (run / "finetune.md").read_text()
+    for row in ("| checkpoint as trained |", "| + batch-norm recalibration |", "| + fine-tuning (3 steps) |"):
+        assert row in report and row in console
+    uninterrupted = (out / "ft-full" / "finetune.md").read_text()
+    assert report.replace("ft-cut", "") == uninterrupted.replace("ft-full", "")
+    start = load_checkpoint(find_checkpoint(source, prefer_best=True))["ema"]["module"]
+    tuned = load_checkpoint(find_checkpoint(run))
+    layer = tuned["config"]["finetune"]["trainable_from"]
+    assert tuned["finetune"]["trainable_from"] == layer and tuned["finetune"]["resolution"] == 64
+    frozen = freeze_before(_b0(), layer)
+    assert frozen and all(torch.equal(start[n], tuned["model"][n]) for n in frozen)
+
+    assert cli(["finetune", "--resume", str(run), "train.max_steps=4"]) == 0
+    assert load_checkpoint(find_checkpoint(run))["step"] == 4
+    assert "+ fine-tuning (4 steps)" in (run / "finetune.md").read_text()

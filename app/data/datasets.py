@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.errors import AppError
+
 from .transforms import train_transform, val_transform
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -26,8 +28,9 @@ DIGITS_SPLIT_SEED = 0
 GENERATED_CLASSES = 1000  # synthetic/generated data stand in for ImageNet
 
 
-class DatasetError(ValueError):
-    """The dataset asked for does not exist or has the wrong layout; the message says the fix."""
+class DatasetError(AppError, ValueError):
+    """The dataset asked for does not exist, has the wrong layout or is too small for a batch; the
+    message says the fix. An AppError: the command line prints it without a traceback (status 2)."""
 
 
 Sample = Tuple[torch.Tensor, int, Tuple[str, ...]]

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .datasets import ImageDataset, SyntheticDataset
+from .datasets import DatasetError, ImageDataset, SyntheticDataset
 from .mixing import mix_batch
 
 MASK64 = (1 << 64) - 1
+LOADER_STREAM = 0x6C6F6164  # mixed into loader_seed: not the seeds of samples or orders
 
 
 def mix_seed(*values: int) -> int:
@@ -39,6 +40,11 @@ def mix_seed(*values: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
         state = z ^ (z >> 31)
     return state >> 1
+
+
+def loader_seed(seed: int, epoch: int) -> int:
+    """The seed of a loader's own generator in ``epoch`` (a stream apart from the data order's)."""
+    return mix_seed(seed, epoch, LOADER_STREAM)
 
 
 def epoch_order(size: int, seed: int, epoch: int) -> List[int]:
@@ -130,13 +136,22 @@ class Loader:
         self.batches = EpochBatches(len(dataset), batch_size, shuffle=train, drop_last=train,
                                     seed=seed, sampler=sampler)
         if len(self.batches) == 0:
-            raise ValueError(f"the {dataset.split} data has {len(dataset)} images, fewer than one "
-                             f"batch of {batch_size}: lower the batch (train.micro_batch) or use "
-                             "more data")
+            share = f" (this process's share: {len(sampler)})" if sampler is not None else ""
+            raise DatasetError(f"the {dataset.split} data has {len(dataset)} images{share}, fewer than "
+                               f"one batch of {batch_size}: lower train.micro_batch (or "
+                               "train.grad_accum / train.replicas), or use more data")
+        # The DataLoader draws its workers' base seed when an iterator is created (every epoch
+        # without workers, once with persistent ones). From the global RNG that draw would happen
+        # at different points of an uninterrupted and a resumed process and shift the model's
+        # randomness (dropout, drop path); from a generator of its own, seeded by (seed, epoch),
+        # it never touches the global streams. (The data itself depends on sample seeds only.)
+        self.seed = seed
+        self._generator = torch.Generator()
+        self._generator.manual_seed(loader_seed(seed, 0))
         self._loader = DataLoader(
             SeededView(dataset), batch_sampler=self.batches, num_workers=workers,
             collate_fn=Collate(dataset.num_classes, mixup if train else 0.0, cutmix if train else 0.0),
-            pin_memory=pin_memory, persistent_workers=workers > 0)
+            pin_memory=pin_memory, persistent_workers=workers > 0, generator=self._generator)
         self.skipped = 0
         self.skipped_files: Set[str] = set()
 
@@ -146,6 +161,7 @@ class Loader:
 
     def set_epoch(self, epoch: int) -> None:
         self.batches.set_epoch(epoch)
+        self._generator.manual_seed(loader_seed(self.seed, epoch))
 
     def __len__(self) -> int:
         return len(self.batches)
