@@ -388,6 +388,16 @@ def loopback_env():
     return env
 
 
+def env_with_site_hook(tmp_path, source: str):
+    """loopback_env whose Python processes first run ``source`` (a sitecustomize module)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(source)
+    env = loopback_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), str(ROOT)])
+    return env
+
+
 @one_torchrun_job_at_a_time
 def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     from app.cli import main as cli  # noqa: PLC0415
@@ -419,17 +429,13 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
 def test_a_failed_rank_ends_the_job_and_shows_its_error(tmp_path):
     """Rank 1 fails at its first collective while rank 0 waits in it: torchrun must stop rank 0
     and the job must fail with rank 1's error on the console."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
+    env = env_with_site_hook(tmp_path, (
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
         "    import torch.distributed as d\n"
         "    def fail(*a, **k):\n"
         "        raise RuntimeError('rank 1 failed on purpose')\n"
-        "    d.all_reduce = fail\n")
-    env = loopback_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(hook), str(ROOT)])
+        "    d.all_reduce = fail\n"))
     data, out = image_folder(tmp_path / "data"), tmp_path / "runs"
     proc = subprocess.run(
         [sys.executable, "-m", "app", *quick_run(data, out, "fail", "train.micro_batch=4",
@@ -556,9 +562,7 @@ def test_skipped_images_are_counted_over_the_whole_job(tmp_path, monkeypatch):
 def test_ctrl_c_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     """SIGINT reaches only process 1, during step 2: the whole job stops after step 2 together
     (process 0 saves that step's checkpoint) instead of process 0 training on alone."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
+    env = env_with_site_hook(tmp_path, (
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
         "    import signal\n"
@@ -571,9 +575,7 @@ def test_ctrl_c_on_one_process_stops_every_process_at_the_same_step(tmp_path):
         "            if calls[0] == 2:\n"
         "                os.kill(os.getpid(), signal.SIGINT)\n"
         "        return original(logits, targets, smoothing)\n"
-        "    objective.smoothed_cross_entropy = loss\n")
-    env = loopback_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(hook), str(ROOT)])
+        "    objective.smoothed_cross_entropy = loss\n"))
     data, out = image_folder(tmp_path / "data"), tmp_path / "runs"
     job = torchrun_job(quick_run(data, out, "stop", *TWO, "train.max_steps=6", "train.val_every=100"),
                        env=env)
