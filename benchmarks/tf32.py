@@ -11,11 +11,20 @@ from typing import Iterator
 import torch
 
 
+def _attr(obj, name: str, default=None):
+    """getattr that also survives torch 2.0's backend modules, whose unknown attributes raise
+    AssertionError ("Unknown attribute") rather than AttributeError."""
+    try:
+        return getattr(obj, name, default)
+    except AssertionError:
+        return default
+
+
 def _resolved(*levels) -> str:
     """The first ``fp32_precision`` that is not 'none' (an op inherits its backend's, and that the
     global one); 'none' all the way up means no TF32."""
     for level in levels:
-        value = getattr(level, "fp32_precision", "none")
+        value = _attr(level, "fp32_precision", "none")
         if value != "none":
             return value
     return "none"
@@ -24,8 +33,8 @@ def _resolved(*levels) -> str:
 def conv_tf32() -> bool:
     """Whether cuDNN may run fp32 convolutions in TF32 (this process's setting; CUDA only)."""
     cudnn = torch.backends.cudnn
-    conv = getattr(cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+    conv = _attr(cudnn, "conv")
+    if conv is not None and _attr(conv, "fp32_precision") is not None:  # torch >= 2.9
         return _resolved(conv, cudnn, torch.backends) == "tf32"
     return bool(cudnn.allow_tf32)
 
@@ -35,7 +44,7 @@ def matmul_tf32(enabled: bool) -> Iterator[None]:
     """cuBLAS fp32 matmuls in TF32 exactly when ``enabled``, inside the block only; the flag is
     put back as it was (also on an exception), through the same API that read it."""
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: restoring the string restores 'none'
+    if _attr(matmul, "fp32_precision") is not None:  # torch >= 2.9: restoring the string restores 'none'
         before = matmul.fp32_precision
         matmul.fp32_precision = "tf32" if enabled else "ieee"
         try:
@@ -56,6 +65,6 @@ def matmul_tf32(enabled: bool) -> Iterator[None]:
 def matmul_tf32_enabled() -> bool:
     """Whether cuBLAS fp32 matmuls would use TF32 now (for tests and logs)."""
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
+    if _attr(matmul, "fp32_precision") is not None:
         return _resolved(matmul, torch.backends.cuda, torch.backends) == "tf32"
     return torch.get_float32_matmul_precision() != "highest"

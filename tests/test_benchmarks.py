@@ -193,7 +193,7 @@ def test_report_names_tf32_only_for_fp32_rows_that_used_it():
 @pytest.mark.parametrize("before", ["ieee", "tf32"])
 def test_matmul_tf32_is_on_exactly_when_asked_and_restored(before):
     matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):
+    if tf32._attr(matmul, "fp32_precision") is None:
         pytest.skip("torch < 2.9: the legacy branch is tested with a stand-in below")
     original = matmul.fp32_precision
     try:
