@@ -190,6 +190,11 @@ class NativeBackend(Backend):
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
 
+    def close(self) -> None:
+        # Let go of DistributedDataParallel (and the process group it holds) before the job's
+        # process group is destroyed, not whenever the garbage collector gets to it.
+        self.trainer = None
+
 
 def create_backend(cfg: Config) -> Backend:
     """cpu / cuda / auto → NativeBackend; ipu / ipu-model → PopTorchBackend (imported only then)."""

@@ -18,10 +18,12 @@ process reports the same job-wide figures. With one process every collective is 
 nothing here touches ``torch.distributed``.
 """
 import argparse
+import gc
 import os
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
@@ -165,8 +167,31 @@ class TorchrunContext(DistContext):
     def close(self) -> None:
         import torch.distributed as tdist  # noqa: PLC0415
 
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
+        if not tdist.is_initialized():
+            return
+        # torch 2.0's Gloo can hang tearing a group down while another process of the job has
+        # already exited and closed its connections. So: all arrive, every object holding the
+        # group (DistributedDataParallel) is freed, the group goes, and nobody exits before every
+        # process has torn its group down. The count lives in the group's store, which process 0
+        # serves: it leaves last.
+        store = getattr(tdist.distributed_c10d, "_get_default_store", lambda: None)()
+        tdist.barrier()
+        gc.collect()
+        tdist.destroy_process_group()
+        if store is not None:
+            store.add("app/closed", 1)
+            _wait_for_count(store, "app/closed", self.world_size)
+            if self.rank == 0:  # serves the store: stays until the others have used it for the last time
+                _wait_for_count(store, "app/left", self.world_size - 1)
+            else:
+                store.add("app/left", 1)
+
+
+def _wait_for_count(store, key: str, total: int, timeout_s: float = 60.0) -> None:
+    """Wait (a minute at most) until the counter ``key`` of the job's store reaches ``total``."""
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < total and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 _CURRENT = DistContext()
