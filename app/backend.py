@@ -154,24 +154,22 @@ class NativeBackend(Backend):
             self.scaler.step(self.optimizer)  # skipped when gradients hold inf/NaN
             self.scaler.update()
             return {"loss": loss}
-        if not torch.isfinite(loss):
-            return {"loss": loss}
         # A finite loss can still have inf/NaN gradients (an overflow in backward); one step with
         # them ruins every weight. DDP has averaged them already: every process decides the same.
-        if not self.gradients_finite():
+        if not self.update_is_finite(loss):
             return {"loss": loss, "nonfinite_grads": torch.ones((), device=self.device)}
         self.optimizer.step()
         return {"loss": loss}
 
-    def gradients_finite(self) -> bool:
-        """Whether every gradient is finite, from their global norm: one reduction and one read
-        back. Float64, so that large but finite gradients do not overflow the sum of squares."""
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
+    def update_is_finite(self, loss: Tensor) -> bool:
+        """Whether the loss and every gradient are finite: one norm per gradient (finite exactly
+        when its tensor is, short of a norm beyond 3e38) and a single read-back for all of them."""
+        grads = [p.grad.detach() for group in self.optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
-        if not grads:
-            return True
-        norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float64) for g in grads])
-        return bool(torch.isfinite(torch.linalg.vector_norm(norms)))
+        foreach_norm = getattr(torch, "_foreach_norm", None)
+        norms = foreach_norm(grads) if foreach_norm is not None else [g.norm() for g in grads]
+        checks = [loss.detach().float().reshape(1)] + [n.float().reshape(1) for n in norms]
+        return bool(torch.isfinite(torch.cat(checks)).all())
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
