@@ -1,0 +1,332 @@
+"""The lowering check: would PopTorch 3.4 lower this forward pass, and what is its loss?
+
+PopTorch 3.4 traces a model with PyTorch's dispatcher: every aten op that reaches the IPU dispatch
+key becomes a JIT node (``dispatch_tracer/dispatchers/JitDispatch.cpp``), in-place kinds are
+replaced by out-of-place ones (``InplaceOps.cpp``, ``outplaceKind``), each node is rewritten by the
+canonicalisation handler registered for its kind, and any aten node left over stops compilation
+(``LowerToPopartFactories.cpp:66-99``). ``check_lowering`` runs the forward once on the host under
+a ``TorchDispatchMode`` that sees the ops PopTorch's IPU key would see:
+
+* ops PopTorch registers on the IPU key (``ipu_key_ops``) are seen as themselves — those PyTorch
+  would decompose first (CompositeImplicitAutograd) are caught for the duration of the check by a
+  scoped ``torch.library`` kernel, as PopTorch's registration catches them;
+* other ops with a CompositeExplicitAutograd kernel are decomposed, as PyTorch does for a backend
+  without its own kernel, and their parts are seen instead;
+* everything else is seen as itself.
+
+Each op seen is held against the facts in ``poptorch_ops.json``, extracted from PopTorch's
+sources at ``sdk/poptorch/3.4.0`` by ``poptorch_sources.py``. Refusals use PopTorch's own words:
+
+* an aten kind with no handler: ``ErrorOnUnsupportedAten.cpp:30``;
+* a norm given a weight without a bias or the reverse: ``NormalizationOps.cpp:53``
+  (``maybeInitializeAffineParamConstants``, an ``ERROR_ON`` whose text is its condition);
+* ``Tensor.item()`` in the graph: ``dispatch_tracer/RegisterAtenOverloads.cpp:508``;
+* training: no loss, or more than one independent loss: ``RemoveSurplusIdentityLosses.cpp:103-107``
+  — a loss is the output of ``poptorch.identity_loss`` or of a handler that creates a
+  ``popart::identityloss`` (``LossOps.cpp`` and the generated handlers); it is independent unless
+  a later loss is computed from it;
+* a buffer or parameter reassigned (or removed) by the forward: ``python/_impl.py:432-451``
+  (batch-norm modules excepted, ``BUFFERS_CAN_CHANGE``).
+
+The op list is exact for the torch PopTorch 3.4 ships with (2.0.1); later torch versions may
+decompose some ops differently. The check says nothing about memory, tile mapping, PopART's own
+passes, or ops that run on the host because their tensors are CPU tensors.
+"""
+import contextlib
+import functools
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch._C import DispatchKey
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+FACTS_FILE = Path(__file__).with_name("poptorch_ops.json")
+
+# PopTorch 3.4's words.
+UNSUPPORTED_OPS = ("Unsupported ops found in compiled model: [{}]. Not all operations are "
+                   "supported yet by Graphcore's PyTorch compiler. If you believe any of these "
+                   "should be, please report this message to support@graphcore.ai.")
+AFFINE_PAIR = "isNone(*weight) != isNone(*bias)"
+NO_LOSS = "Couldn't find a loss in graph!"
+MANY_LOSSES = ("Multiple independent losses found in graph. Graph must have one final loss. "
+               "Wrap final graph loss in poptorch.identity_loss.")
+ITEM = ("aten::item is only supported in eager mode, but was intercepted in a static graph. "
+        "This means an IPU to CPU copy was triggered before the end of the graph, for example by "
+        "calling tensor.item(). Please ensure that any such copies are removed.")
+REASSIGNED = ("{kind} {name} is reassigned within the model when calling the forward method. "
+              "This is not supported. Consider using self.{name}.copy_(src) to copy data from a "
+              "source tensor, where src is the name of the source tensor.")
+REMOVED = "{kind} {name} is removed from the model when calling the forward method."
+IDENTITY_LOSS = "poptorch::identity_loss"
+
+
+class LoweringError(RuntimeError):
+    """PopTorch would stop compiling this model (the message is PopTorch's, then ours)."""
+
+
+@functools.lru_cache(maxsize=None)
+def facts() -> Dict[str, Any]:
+    data = json.loads(FACTS_FILE.read_text())
+    data["loss_set"] = frozenset(data["loss_handlers"])
+    data["affine_set"] = frozenset(data["affine_pair_handlers"])
+    data["only_inplace_set"] = frozenset(data["only_inplace"]["ops"])
+    return data
+
+
+def node_kind(schema_name: str) -> str:
+    """The aten kind PopTorch canonicalises for an op ``name.overload`` (InplaceOps.cpp:124-141:
+    in-place kinds become their out-of-place twin)."""
+    f = facts()
+    kind = schema_name.split(".")[0]
+    if kind in f["only_inplace_set"]:
+        return kind
+    if kind in f["outplace"]["ops"]:
+        return f["outplace"]["ops"][kind]
+    return kind[:-1] if kind.endswith("_") and not kind.endswith("__") else kind
+
+
+@dataclass
+class Lowering:
+    """What the check saw. ``kinds``: aten kinds PopTorch would canonicalise, with counts;
+    ``problems``: PopTorch's refusals (empty when it would lower); ``loss_leaf``: in training,
+    the index of the final loss among ``tree_flatten(output)`` leaves (None if not returned)."""
+
+    training: bool
+    kinds: Counter = field(default_factory=Counter)
+    problems: List[str] = field(default_factory=list)
+    losses: int = 0
+    loss_leaf: Optional[int] = None
+    torch_version: str = torch.__version__
+
+    @property
+    def lowers(self) -> bool:
+        return not self.problems
+
+    def raise_if_refused(self) -> None:
+        if self.problems:
+            raise LoweringError("\n".join(self.problems))
+
+
+def _aten(schema_name: str):
+    packet, _, overload = schema_name.partition(".")
+    op = getattr(torch.ops.aten, packet, None)
+    return None if op is None else getattr(op, overload or "default", None)
+
+
+def _has_kernel(qualified: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key)
+
+
+@functools.lru_cache(maxsize=None)
+def _composite_explicit(qualified: str) -> bool:
+    """PyTorch runs this op's composite kernel on a backend without a kernel of its own. (The
+    CompositeExplicitAutogradNonFunctional kernels of structured ops only call the op's out=
+    variant, whose node kind is the op's own: they are not decomposed here.)"""
+    return _has_kernel(qualified, "CompositeExplicitAutograd")
+
+
+def _implicit_ipu_ops() -> List[str]:
+    """IPU-key registrations that PyTorch would decompose before the dispatch mode sees them."""
+    names = []
+    for name in facts()["ipu_key_ops"]:
+        qualified = f"aten::{name}"
+        if _aten(name) is not None and _has_kernel(qualified, "CompositeImplicitAutograd") \
+                and not _has_kernel(qualified, "CPU"):
+            names.append(name)
+    return names
+
+
+def _composite_kernel(op):
+    def kernel(*args, **kwargs):
+        return op._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
+    return kernel
+
+
+@contextlib.contextmanager
+def _as_poptorch_registers(device_types: Set[str]) -> Iterator[None]:
+    """For the ``with`` block, the ops PopTorch registers on its IPU key reach the dispatch mode
+    whole: a kernel on the tensors' backend keys (which PyTorch prefers to its composite
+    decomposition) that runs the same decomposition. Only the check's own forward runs inside."""
+    library = torch.library.Library("aten", "IMPL")
+    try:
+        for name in _implicit_ipu_ops():
+            for device in sorted(device_types & {"cpu", "cuda"}):
+                library.impl(name, _composite_kernel(_aten(name)), device.upper())
+        yield
+    finally:
+        destroy = getattr(library, "_destroy", None)
+        if destroy is not None:
+            destroy()
+        del library  # torch 2.0: the registrations go with the object
+
+
+class _Recorder(TorchDispatchMode):
+    """Sees the forward's aten ops as PopTorch's IPU key would, and follows which tensors are
+    computed from which losses (RemoveSurplusIdentityLosses.cpp walks the same use-def chains)."""
+
+    def __init__(self, training: bool):
+        super().__init__()
+        self.report = Lowering(training)
+        self.unsupported: Counter = Counter()
+        self.norms: List[str] = []
+        self.item = False
+        self.loss_tensors: List[Tensor] = []
+        self.used: Set[int] = set()
+        self._loss_of: Dict[int, int] = {}
+        self._deps: Dict[int, Tuple[Tensor, frozenset]] = {}  # only tensors computed from a loss
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        qualified = func.name()
+        namespace, _, schema_name = qualified.partition("::")
+        if namespace != "aten":
+            return func(*args, **kwargs)
+        registration = facts()["ipu_key_ops"].get(schema_name)
+        if registration is None:
+            if _composite_explicit(qualified):
+                with self:  # its parts reach PopTorch instead
+                    return func._op_dk(DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+        out = func(*args, **kwargs)
+        self._see(func, schema_name, registration, args, kwargs, out)
+        return out
+
+    def _see(self, func, schema_name: str, registration, args, kwargs, out) -> None:
+        f = facts()
+        kind = node_kind(schema_name)
+        function = registration["function"] if registration else "fallback"
+        if function == "item":
+            self.item = True
+        elif function == "fallback":  # a JIT node for a canonicalisation handler
+            if kind in f["handlers"]:
+                self.report.kinds[kind] += 1
+            else:
+                self.unsupported[f"aten::{kind}"] += 1
+        # else: the dispatcher implements it itself (copy_, detach, empty, …): no node
+        if kind in f["affine_set"]:
+            self._check_affine(func, kind, args, kwargs)
+        deps = self._sources(args, kwargs)
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        if kind in f["loss_set"] and function == "fallback" and outputs:
+            self.note_loss(outputs[0], deps)
+        elif deps:
+            for t in outputs:
+                self._deps[t._cdata] = (t, deps)
+
+    def _check_affine(self, func, kind: str, args, kwargs) -> None:
+        names = [a.name for a in func._schema.arguments]
+        values = dict(zip(names, args))
+        values.update(kwargs)
+        weight, bias = values.get("weight"), values.get("bias")
+        if (weight is None) != (bias is None):
+            present = "weight" if bias is None else "bias"
+            shape = tuple(values["input"].shape) if isinstance(values.get("input"), Tensor) else ()
+            self.norms.append(f"aten::{kind} on {shape} with a {present} and no "
+                              f"{'bias' if present == 'weight' else 'weight'}")
+
+    def _sources(self, args, kwargs) -> frozenset:
+        found: Set[int] = set()
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, Tensor):
+                key = t._cdata
+                if key in self._loss_of:
+                    found.add(self._loss_of[key])
+                if key in self._deps:
+                    found |= self._deps[key][1]
+        return frozenset(found)
+
+    def note_loss(self, loss: Tensor, sources: frozenset) -> None:
+        """``loss`` is a loss computed from the losses in ``sources`` (which are then not final)."""
+        self.used |= sources
+        self._loss_of[loss._cdata] = len(self.loss_tensors)
+        self._deps[loss._cdata] = (loss, sources)
+        self.loss_tensors.append(loss)
+
+    def finish(self, output: Any) -> Lowering:
+        report = self.report
+        if self.unsupported:
+            report.problems.append(UNSUPPORTED_OPS.format(", ".join(sorted(self.unsupported))))
+        if self.norms:
+            report.problems.append(
+                f"{AFFINE_PAIR}\n(PopTorch 3.4 NormalizationOps.cpp:53 stops on a norm given a "
+                f"weight without a bias or a bias without a weight: {len(self.norms)} such calls, "
+                f"first {self.norms[0]}. Pass both (a fixed zero bias keeps a scale-only norm) "
+                f"or neither.)")
+        if self.item:
+            report.problems.append(ITEM)
+        report.losses = len(self.loss_tensors)
+        if report.training:
+            independent = [i for i in range(len(self.loss_tensors)) if i not in self.used]
+            if not self.loss_tensors:
+                report.problems.append(NO_LOSS)
+            elif len(independent) != 1:
+                report.problems.append(f"{MANY_LOSSES} ({len(independent)} independent losses)")
+            else:
+                final = self.loss_tensors[independent[0]]._cdata
+                leaves = tree_flatten(output)[0]
+                report.loss_leaf = next((i for i, t in enumerate(leaves)
+                                         if isinstance(t, Tensor) and t._cdata == final), None)
+        return report
+
+
+_active: List[_Recorder] = []
+
+
+def note_identity_loss(x: Tensor, loss: Tensor) -> None:
+    """Called by the emulated ``poptorch.identity_loss``: inside a check, ``loss`` is a loss
+    (PoptorchHandlers.gen.cpp:173 registers the handler for poptorch::identity_loss)."""
+    if _active:
+        recorder = _active[-1]
+        recorder.report.kinds[IDENTITY_LOSS] += 1
+        sources = recorder._sources((x,), {})
+        recorder.note_loss(loss, sources)
+
+
+def _addresses(model: nn.Module) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """python/_impl.py:407-429: buffers (except batch norms') and parameters by name."""
+    buffers = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        for name, b in module.named_buffers(prefix=prefix, recurse=False):
+            buffers[name] = b.data_ptr()
+    return buffers, {name: p.data_ptr() for name, p in model.named_parameters()}
+
+
+def _reassignments(before, after) -> List[str]:
+    problems = []
+    for kind, old, new in zip(("Buffer", "Parameter"), before, after):
+        for name, address in old.items():
+            if name not in new:
+                problems.append(REMOVED.format(kind=kind, name=name))
+            elif new[name] != address:
+                problems.append(REASSIGNED.format(kind=kind, name=name))
+    return problems
+
+
+def check_lowering(model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None,
+                   training: Optional[bool] = None) -> Tuple[Lowering, Any]:
+    """Run ``model(*args, **kwargs)`` once as PopTorch would trace it; returns (report, output).
+    ``training`` (default: ``model.training``) asks for the loss rules of a trainingModel. The
+    caller chooses the grad mode (PopTorch traces in the caller's) and restores any state the
+    forward changes (buffers, RNG); the model's eager-only fast paths should be off."""
+    kwargs = kwargs or {}
+    training = model.training if training is None else training
+    devices = {t.device.type for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+    devices |= {p.device.type for p in model.parameters()}
+    before = _addresses(model)
+    recorder = _Recorder(training)
+    _active.append(recorder)
+    try:
+        with _as_poptorch_registers(devices), recorder:
+            output = model(*args, **kwargs)
+    finally:
+        _active.remove(recorder)
+    report = recorder.finish(output)
+    report.problems.extend(_reassignments(before, _addresses(model)))
+    return report, output
