@@ -200,7 +200,9 @@ class _Recorder(TorchDispatchMode):
         f = facts()
         kind = node_kind(schema_name)
         function = registration["function"] if registration else "fallback"
-        if function == "item":
+        if _hidden[0]:
+            function = "hidden"
+        elif function == "item":
             self.item = True
         elif function == "fallback":  # a JIT node for a canonicalisation handler
             if kind in f["handlers"]:
@@ -208,7 +210,7 @@ class _Recorder(TorchDispatchMode):
             else:
                 self.unsupported[f"aten::{kind}"] += 1
         # else: the dispatcher implements it itself (copy_, detach, empty, …): no node
-        if kind in f["affine_set"]:
+        if kind in f["affine_set"] and function != "hidden":
             self._check_affine(func, kind, args, kwargs)
         deps = self._sources(args, kwargs)
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
@@ -275,6 +277,18 @@ class _Recorder(TorchDispatchMode):
 
 
 _active: List[_Recorder] = []
+_hidden = [0]
+
+
+@contextlib.contextmanager
+def hidden() -> Iterator[None]:
+    """Ops of the emulator's own (fp16 emulation casts) that PopTorch would not see: within a
+    check, they carry loss dependencies but are neither counted nor held against the rules."""
+    _hidden[0] += 1
+    try:
+        yield
+    finally:
+        _hidden[0] -= 1
 
 
 def note_identity_loss(x: Tensor, loss: Tensor) -> None:
