@@ -20,7 +20,8 @@ sources at ``sdk/poptorch/3.4.0`` by ``poptorch_sources.py``. Refusals use PopTo
 * an aten kind with no handler: ``ErrorOnUnsupportedAten.cpp:30``;
 * a norm given a weight without a bias or the reverse: ``NormalizationOps.cpp:53``
   (``maybeInitializeAffineParamConstants``, an ``ERROR_ON`` whose text is its condition);
-* ``Tensor.item()`` in the graph: ``dispatch_tracer/RegisterAtenOverloads.cpp:508``;
+* ``Tensor.item()`` in the graph: ``dispatch_tracer/RegisterAtenOverloads.cpp:508`` (raised at once,
+  as PopTorch's kernel does);
 * training: no loss, or more than one independent loss: ``RemoveSurplusIdentityLosses.cpp:103-107``
   — a loss is the output of ``poptorch.identity_loss`` or of a handler that creates a
   ``popart::identityloss`` (``LossOps.cpp`` and the generated handlers); it is independent unless
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch._C import DispatchKey
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 FACTS_FILE = Path(__file__).with_name("poptorch_ops.json")
 
@@ -131,33 +132,57 @@ def _composite_explicit(qualified: str) -> bool:
     return _has_kernel(qualified, "CompositeExplicitAutograd")
 
 
-def _implicit_ipu_ops() -> List[str]:
+def _on_host_zeros(op, args, kwargs):
+    """A decomposition that needs values (torch 2.0's one_hot) on meta tensors: run it on host
+    zeros of the same shapes and return meta tensors of the result's shapes."""
+    def host(t):
+        return torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, Tensor) and t.is_meta else t
+    out = op._op_dk(DispatchKey.CompositeImplicitAutograd, *tree_map(host, args), **tree_map(host, kwargs))
+    return tree_map(lambda t: t.to("meta") if isinstance(t, Tensor) else t, out)
+
+
+@functools.lru_cache(maxsize=None)
+def _implicit_ipu_ops() -> Tuple[str, ...]:
     """IPU-key registrations that PyTorch would decompose before the dispatch mode sees them."""
-    names = []
-    for name in facts()["ipu_key_ops"]:
-        qualified = f"aten::{name}"
-        if _aten(name) is not None and _has_kernel(qualified, "CompositeImplicitAutograd") \
-                and not _has_kernel(qualified, "CPU"):
-            names.append(name)
-    return names
+    return tuple(name for name in facts()["ipu_key_ops"] if _aten(name) is not None
+                 and _has_kernel(f"aten::{name}", "CompositeImplicitAutograd")
+                 and not _has_kernel(f"aten::{name}", "Autograd"))
 
 
-def _composite_kernel(op):
+def _whole(op, schema_name: str):
+    """A kernel for an op PopTorch catches whole: it computes the op's usual decomposition, out
+    of the check's sight, and shows the check the op itself."""
     def kernel(*args, **kwargs):
-        return op._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
+        if schema_name == "item" and _active and not _hidden[0]:
+            raise LoweringError(ITEM)  # PopTorch's item() kernel stops right there
+        with hidden():
+            try:
+                out = op._op_dk(DispatchKey.CompositeImplicitAutograd, *args, **kwargs)
+            except RuntimeError:
+                if not any(isinstance(t, Tensor) and t.is_meta for t in tree_flatten((args, kwargs))[0]):
+                    raise
+                out = _on_host_zeros(op, args, kwargs)
+        if _active:
+            _active[-1].see(op, schema_name, args, kwargs, out)
+        return out
     return kernel
 
 
+_AUTOGRAD_KEYS = ("AutogradCPU", "AutogradCUDA", "AutogradMeta")
+
+
 @contextlib.contextmanager
-def _as_poptorch_registers(device_types: Set[str]) -> Iterator[None]:
-    """For the ``with`` block, the ops PopTorch registers on its IPU key reach the dispatch mode
-    whole: a kernel on the tensors' backend keys (which PyTorch prefers to its composite
-    decomposition) that runs the same decomposition. Only the check's own forward runs inside."""
+def _as_poptorch_registers() -> Iterator[None]:
+    """For the ``with`` block, the ops PopTorch registers on its IPU key and PyTorch would
+    decompose first (CompositeImplicitAutograd) reach the check whole: a kernel on the autograd
+    keys, which PyTorch prefers to the decomposition (autograd still records the decomposition's
+    parts). Only the check's forward runs inside; the registrations go when it ends. (Under
+    ``torch.inference_mode`` autograd is skipped and such ops are seen decomposed.)"""
     library = torch.library.Library("aten", "IMPL")
     try:
         for name in _implicit_ipu_ops():
-            for device in sorted(device_types & {"cpu", "cuda"}):
-                library.impl(name, _composite_kernel(_aten(name)), device.upper())
+            for key in _AUTOGRAD_KEYS:  # the Autograd alias key does not reach them
+                library.impl(name, _whole(_aten(name), name), key)
         yield
     finally:
         destroy = getattr(library, "_destroy", None)
@@ -175,7 +200,6 @@ class _Recorder(TorchDispatchMode):
         self.report = Lowering(training)
         self.unsupported: Counter = Counter()
         self.norms: List[str] = []
-        self.item = False
         self.loss_tensors: List[Tensor] = []
         self.used: Set[int] = set()
         self._loss_of: Dict[int, int] = {}
@@ -187,23 +211,21 @@ class _Recorder(TorchDispatchMode):
         namespace, _, schema_name = qualified.partition("::")
         if namespace != "aten":
             return func(*args, **kwargs)
-        registration = facts()["ipu_key_ops"].get(schema_name)
-        if registration is None:
-            if _composite_explicit(qualified):
-                with self:  # its parts reach PopTorch instead
-                    return func._op_dk(DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+        if schema_name not in facts()["ipu_key_ops"] and _composite_explicit(qualified):
+            with self:  # its parts reach PopTorch instead
+                return func._op_dk(DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
         out = func(*args, **kwargs)
-        self._see(func, schema_name, registration, args, kwargs, out)
+        self.see(func, schema_name, args, kwargs, out)
         return out
 
-    def _see(self, func, schema_name: str, registration, args, kwargs, out) -> None:
+    def see(self, func, schema_name: str, args, kwargs, out) -> None:
+        """One op as PopTorch's IPU key receives it."""
         f = facts()
         kind = node_kind(schema_name)
+        registration = f["ipu_key_ops"].get(schema_name)
         function = registration["function"] if registration else "fallback"
         if _hidden[0]:
             function = "hidden"
-        elif function == "item":
-            self.item = True
         elif function == "fallback":  # a JIT node for a canonicalisation handler
             if kind in f["handlers"]:
                 self.report.kinds[kind] += 1
@@ -259,8 +281,6 @@ class _Recorder(TorchDispatchMode):
                 f"weight without a bias or a bias without a weight: {len(self.norms)} such calls, "
                 f"first {self.norms[0]}. Pass both (a fixed zero bias keeps a scale-only norm) "
                 f"or neither.)")
-        if self.item:
-            report.problems.append(ITEM)
         report.losses = len(self.loss_tensors)
         if report.training:
             independent = [i for i in range(len(self.loss_tensors)) if i not in self.used]
@@ -301,15 +321,19 @@ def note_identity_loss(x: Tensor, loss: Tensor) -> None:
         recorder.note_loss(loss, sources)
 
 
-def _addresses(model: nn.Module) -> Tuple[Dict[str, int], Dict[str, int]]:
+def _addresses(model: nn.Module):
     """python/_impl.py:407-429: buffers (except batch norms') and parameters by name."""
     buffers = {}
     for prefix, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
         for name, b in module.named_buffers(prefix=prefix, recurse=False):
-            buffers[name] = b.data_ptr()
-    return buffers, {name: p.data_ptr() for name, p in model.named_parameters()}
+            buffers[name] = _address(b)
+    return buffers, {name: _address(p) for name, p in model.named_parameters()}
+
+
+def _address(t: Tensor) -> Tuple[int, int]:
+    return id(t), (0 if t.device.type == "meta" else t.data_ptr())
 
 
 def _reassignments(before, after) -> List[str]:
@@ -331,13 +355,11 @@ def check_lowering(model: nn.Module, args: tuple = (), kwargs: Optional[dict] = 
     forward changes (buffers, RNG); the model's eager-only fast paths should be off."""
     kwargs = kwargs or {}
     training = model.training if training is None else training
-    devices = {t.device.type for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
-    devices |= {p.device.type for p in model.parameters()}
     before = _addresses(model)
     recorder = _Recorder(training)
     _active.append(recorder)
     try:
-        with _as_poptorch_registers(devices), recorder:
+        with _as_poptorch_registers(), recorder:
             output = model(*args, **kwargs)
     finally:
         _active.remove(recorder)
