@@ -272,7 +272,11 @@ def report(cfg, plan: Plan) -> str:
 
 
 def main(cfg, args: Optional[argparse.Namespace] = None) -> int:
-    """``python -m app plan``: print the per-IPU table and the proposal for the configuration."""
+    """``python -m app plan``: print the per-IPU table and the proposal for the configuration,
+    and whether PopTorch 3.4 would lower its training and inference graphs (``lowering_check``).
+    Exit status 1 when the plan does not fit or PopTorch would refuse a graph."""
+    from ipu_options.lowering_check import check_config, describe
+
     plan_cfg = copy.deepcopy(cfg)
     try:
         plan = make_plan(plan_cfg, propose=not plan_cfg.ipu.pipeline or plan_cfg.ipu.pipeline == "auto")
@@ -280,4 +284,6 @@ def main(cfg, args: Optional[argparse.Namespace] = None) -> int:
         print(f"error: {error}")
         return 2
     print(report(plan_cfg, plan))
-    return 0 if plan.fits else 1
+    text, lowers = describe(check_config(cfg))
+    print(text)
+    return 0 if plan.fits and lowers else 1

@@ -191,6 +191,15 @@ def _as_poptorch_registers() -> Iterator[None]:
         del library  # torch 2.0: the registrations go with the object
 
 
+def _tensors(args, kwargs) -> Iterator[Tensor]:
+    """The tensors among an op's arguments (aten ops take tensors, or lists/tuples of them)."""
+    for x in list(args) + list(kwargs.values()):
+        if isinstance(x, Tensor):
+            yield x
+        elif isinstance(x, (list, tuple)):
+            yield from (t for t in x if isinstance(t, Tensor))
+
+
 class _Recorder(TorchDispatchMode):
     """Sees the forward's aten ops as PopTorch's IPU key would, and follows which tensors are
     computed from which losses (RemoveSurplusIdentityLosses.cpp walks the same use-def chains)."""
@@ -235,11 +244,12 @@ class _Recorder(TorchDispatchMode):
         if kind in f["affine_set"] and function != "hidden":
             self._check_affine(func, kind, args, kwargs)
         deps = self._sources(args, kwargs)
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-        if kind in f["loss_set"] and function == "fallback" and outputs:
-            self.note_loss(outputs[0], deps)
+        if kind in f["loss_set"] and function == "fallback":
+            outputs = list(_tensors((out,), {}))
+            if outputs:
+                self.note_loss(outputs[0], deps)
         elif deps:
-            for t in outputs:
+            for t in _tensors((out,), {}):
                 self._deps[t._cdata] = (t, deps)
 
     def _check_affine(self, func, kind: str, args, kwargs) -> None:
@@ -254,14 +264,15 @@ class _Recorder(TorchDispatchMode):
                               f"{'bias' if present == 'weight' else 'weight'}")
 
     def _sources(self, args, kwargs) -> frozenset:
+        if not self._deps:  # before the first loss (most of a forward): nothing to follow
+            return frozenset()
         found: Set[int] = set()
-        for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, Tensor):
-                key = t._cdata
-                if key in self._loss_of:
-                    found.add(self._loss_of[key])
-                if key in self._deps:
-                    found |= self._deps[key][1]
+        for t in _tensors(args, kwargs):
+            key = t._cdata
+            if key in self._loss_of:
+                found.add(self._loss_of[key])
+            if key in self._deps:
+                found |= self._deps[key][1]
         return frozenset(found)
 
     def note_loss(self, loss: Tensor, sources: frozenset) -> None:
