@@ -8,6 +8,10 @@ batch-norm statistics are those of one micro-batch, as on an IPU — and each re
 norm running statistics (the host copy is replica 0's, as copyWeightsToHost returns). Gradients
 are summed over micro-batches and replicas, divided by their number under ReductionType.Mean,
 then one optimiser step is taken: deviceIterations weight updates per call.
+
+Compiling (the first call, or ``compile``) traces one micro-batch through ``lowering.check_lowering``
+and refuses, in PopTorch's words, what PopTorch 3.4 would refuse to lower; in training the loss
+back-propagated is the one final loss that check finds (PopTorch's rule, not a marked output).
 """
 import contextlib
 from typing import Any, Dict, List, Optional, Tuple
