@@ -1,39 +1,33 @@
 """The lowering check for a configuration, without data or training (``python -m app plan``).
 
-Builds what the IPU backend gives PopTorch — the classifier (uint8 images in, normalisation, the
-network at ``ipu.precision``, label-smoothed cross-entropy marked with ``identity_loss``) — on the
-meta device, so no weight is allocated and no arithmetic runs, and checks the training forward
-(one micro-batch with its targets, a trainingModel's rules) and the inference forward (images
-only) with ``emulator.lowering.check_lowering``: the aten ops PopTorch 3.4 would see against its
+The application hands over what its IPU backend would give PopTorch — the classifier (uint8
+images in, normalisation, the network, label-smoothed cross-entropy), built on the meta device so
+that no weight is allocated and no arithmetic runs. Here it gets the device's ``ipu.precision``
+and its loss marked with ``identity_loss``, and its training forward (one micro-batch with
+targets, a trainingModel's rules) and inference forward (images only) are checked with
+``poptorch_emulator.lowering.check_lowering``: the aten ops PopTorch 3.4 would see against its
 handlers, and its refusals. Pipeline and recomputation annotations are not applied: they add
 PopTorch's own ops, not aten ones.
 """
 from typing import Dict, List, Tuple
 
 import torch
+from torch import nn
 
-from ipu_options.emulator import identity_loss
-from ipu_options.emulator.lowering import Lowering, check_lowering, facts
+from poptorch_emulator import identity_loss
+from poptorch_emulator.lowering import Lowering, check_lowering, facts
 
 
-def _device_classifier(cfg):
-    from app.objective import build_classifier, build_network
-    from ipu_options.planning import _num_classes
+def check_config(cfg, classifier: nn.Module) -> Dict[str, Lowering]:
+    """{"training": report, "inference": report} for one micro-batch at ``data.resolution``.
+    ``classifier``: the application's, ``forward(images, targets=None)``, on the meta device
+    (changed here: precision and loss hook)."""
     from ipu_options.precision import apply_precision
+    from model.fast_paths import eager_fast_paths
 
-    with torch.device("meta"):
-        classifier = build_classifier(build_network(cfg, _num_classes(cfg)), cfg)
     classifier.to("meta")
     classifier.loss_hook = lambda loss: identity_loss(loss, reduction="none")
     apply_precision(classifier.model, str(cfg.ipu.precision))
-    return classifier
-
-
-def check_config(cfg) -> Dict[str, Lowering]:
-    """{"training": report, "inference": report} for one micro-batch at ``data.resolution``."""
-    from model.fast_paths import eager_fast_paths
-
-    classifier = _device_classifier(cfg)
     n, res = cfg.train.micro_batch, cfg.data.resolution
     images = torch.zeros(n, 3, res, res, dtype=torch.uint8, device="meta")
     targets = torch.zeros(n, dtype=torch.long, device="meta")

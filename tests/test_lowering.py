@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import poptorch_emulator as poptorch
 from app.config import build_config
+from app.plan import lowering_reports
 from app.presets import grid_names
-from ipu_options import emulator as poptorch
-from ipu_options.emulator import lowering
-from ipu_options.emulator.lowering import LoweringError, check_lowering
-from ipu_options.lowering_check import check_config
 from model.fast_paths import eager_fast_paths
 from model.norms import NormSpec
+from poptorch_emulator import lowering
+from poptorch_emulator.lowering import LoweringError, check_lowering
 
 MIRROR = Path("/work/.mirror/graphcore+poptorch/repo")
 
@@ -69,7 +69,7 @@ def test_every_grid_preset_lowers_for_training_and_inference(preset):
     """The classifier the IPU backend compiles, at the preset's resolution and micro-batch, on the
     meta device (no arithmetic): every aten op has a PopTorch 3.4 handler, every norm gets a
     weight and a bias, training has one final loss (the returned one)."""
-    reports = check_config(build_config(preset, []))
+    reports = lowering_reports(build_config(preset, []))
     for mode, report in reports.items():
         assert report.lowers, (mode, report.problems)
         assert report.kinds["convolution"] > 0
@@ -93,7 +93,7 @@ def test_scale_only_projection_norms_get_a_zero_bias_in_every_lnpn_graph():
 
     lowering._Recorder._check_affine = spy
     try:
-        reports = check_config(build_config("b0-g16-lnpn", []))
+        reports = lowering_reports(build_config("b0-g16-lnpn", []))
     finally:
         lowering._Recorder._check_affine = original
     assert reports["training"].lowers
@@ -267,7 +267,7 @@ def test_facts_name_their_source_and_hold_the_rules_used():
 @pytest.mark.skipif(not MIRROR.is_dir(),
                     reason="needs a clone of graphcore/poptorch")
 def test_facts_regenerate_identically_from_poptorch_sources(tmp_path):
-    from ipu_options.emulator.poptorch_sources import extract
+    from poptorch_emulator.poptorch_sources import extract
 
     try:
         fresh = extract(str(MIRROR), "sdk/poptorch/3.4.0")

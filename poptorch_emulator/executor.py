@@ -14,18 +14,37 @@ and refuses, in PopTorch's words, what PopTorch 3.4 would refuse to lower; in tr
 back-propagated is the one final loss that check finds (PopTorch's rule, not a marked output).
 """
 import contextlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from model.fast_paths import eager_fast_paths
-
 from . import blocks, lowering, recompute
 from .enums import OutputMode, ReductionType
 from .options import Options
 from .precision import FP16_MAX, HalfKernels, round_half, stochastic_round_half
+
+# PopTorch traces the model (torch.jit), so an IPU runs the traced graph's plain arithmetic and
+# never a model's eager shortcuts (hand-written backwards, cached statistics). The emulator runs
+# eagerly: whoever owns such a model registers the context that turns its shortcuts off
+# (ipu_options does, for model/fast_paths.py), and every run of an executor enters them. This
+# keeps the emulator free of any model.
+_GRAPH_CONTEXTS: List[Callable[[], ContextManager]] = []
+
+
+def register_graph_context(factory: Callable[[], ContextManager]) -> None:
+    """Enter ``factory()`` around every run of every executor (once per factory)."""
+    if factory not in _GRAPH_CONTEXTS:
+        _GRAPH_CONTEXTS.append(factory)
+
+
+def _as_traced_graph() -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for factory in _GRAPH_CONTEXTS:
+        stack.enter_context(factory())
+    return stack
+
 
 # PopTorch's words (SDK 3.4 user guide, "Pipelined execution"), quoted in our errors.
 TRAINING_PIPELINE_RULE = ("You must set gradientAccumulation to be greater than or equal to the "
@@ -190,7 +209,7 @@ class PoplarExecutor:
         # (hand-written backwards, batch norm folded into convs, cached proxy statistics).
         self._check_online("Trying to run a model on an offline device (ConnectionType.Never): "
                            "use model.compile(inputs) instead of model(inputs)")
-        with eager_fast_paths(False):
+        with _as_traced_graph():
             if not self._compiled:
                 self._prepare(args, kwargs)
             if not self._attached:
@@ -253,7 +272,7 @@ class PoplarExecutor:
         rng = torch.get_rng_state()
         blocks.start_trace()
         try:
-            with eager_fast_paths(False), self._precision_mode():
+            with _as_traced_graph(), self._precision_mode():
                 report, _ = lowering.check_lowering(model, a, k, training=self._training)
         finally:
             trace = blocks.stop_trace()
