@@ -25,7 +25,8 @@ from .enums import OutputMode, ReductionType
 from .options import Options
 from .precision import FP16_MAX, HalfKernels, round_half, stochastic_round_half
 
-# PopTorch traces the model (torch.jit), so an IPU runs the traced graph's plain arithmetic and
+# PopTorch traces the model through PyTorch's dispatcher (poptorch/source/dispatch_tracer), so an
+# IPU runs the traced graph's plain arithmetic and
 # never a model's eager shortcuts (hand-written backwards, cached statistics). The emulator runs
 # eagerly: whoever owns such a model registers the context that turns its shortcuts off
 # (ipu_options does, for model/fast_paths.py), and every run of an executor enters them. This
