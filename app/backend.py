@@ -7,11 +7,12 @@ loss scaling, channels-last, gradient accumulation over micro-batches). The IPU 
 """
 import contextlib
 import importlib
-from typing import Any, Dict
+from typing import Any, ContextManager, Dict, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
+from app.batch_norm_stats import BatchNormProbe, Statistics, split_statistics
 from app.config import Config
 from app.distributed import all_reduce_mean, current
 from app.errors import AppError
@@ -51,7 +52,20 @@ class Backend:
         returns what was built (only backends with ``compile_only``)."""
         raise NotImplementedError
 
+    def evaluating(self, network: Optional[nn.Module] = None) -> ContextManager[None]:
+        """Within it, ``evaluate`` scores with ``network``'s weights (a network of the run's
+        architecture: EMA copy, checkpoint, fine-tuning start), or with the training weights when
+        None. Every evaluation of a run goes through this, on the backend's device (IPU: its
+        inference executable, the weights copied to it)."""
+        raise NotImplementedError
+
     def evaluate(self, images: Tensor) -> Tensor:
+        """Logits of a host batch with the weights ``evaluating`` chose (default: training's)."""
+        raise NotImplementedError
+
+    def batch_norm_statistics(self, network: nn.Module, images: Tensor) -> Statistics:
+        """Each batch norm's batch mean and unbiased variance over ``images`` with ``network``'s
+        weights (app/batch_norm_stats.py), one row per batch the device normalises over."""
         raise NotImplementedError
 
     def sync_to_host(self) -> None:
@@ -109,6 +123,8 @@ class NativeBackend(Backend):
         self.scaler = _grad_scaler(enabled=t.precision == "fp16")
         self.classifier = None
         self.optimizer = None
+        self.cfg = cfg
+        self._scoring: Optional[nn.Module] = None  # what evaluate() runs (evaluating() sets it)
 
     def autocast(self):
         if self.precision == "fp32":
@@ -175,11 +191,44 @@ class NativeBackend(Backend):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def _classifier_of(self, network: nn.Module) -> nn.Module:
+        """``network`` (moved to this device) wrapped with the run's input normalisation."""
+        from app.objective import Classifier, build_classifier  # noqa: PLC0415
+
+        if isinstance(network, Classifier):
+            return network.to(self.device)
+        return build_classifier(network, self.cfg).to(self.device)
+
+    @contextlib.contextmanager
+    def evaluating(self, network: Optional[nn.Module] = None) -> Iterator[None]:
+        if network is None and self.classifier is None:
+            raise BackendError("nothing to evaluate: the backend has no training model (prepare) "
+                               "and no weights were given")
+        previous = self._scoring
+        self._scoring = self.classifier if network is None else self._classifier_of(network)
+        try:
+            yield
+        finally:
+            self._scoring = previous
+
     @torch.no_grad()
     def evaluate(self, images: Tensor) -> Tensor:
-        self.classifier.eval()
+        model = self._scoring if self._scoring is not None else self.classifier
+        model.eval()
         with self.autocast():
-            return self.classifier(self._to_device(images)).float()
+            return model(self._to_device(images)).float()
+
+    @torch.no_grad()
+    def batch_norm_statistics(self, network: nn.Module, images: Tensor) -> Statistics:
+        classifier = self._classifier_of(network)
+        modes = [(m, m.training) for m in classifier.modules()]
+        nn.Module.train(classifier, False)  # the whole tree, frozen layers included
+        try:
+            with self.autocast():
+                return split_statistics(BatchNormProbe(classifier)(self._to_device(images)))
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
     def state_dict(self) -> Dict[str, Any]:
         return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
