@@ -167,25 +167,29 @@ def test_nonfinite_gradients_skip_the_update_and_say_so():
     assert "nonfinite_grads" not in out and not torch.equal(before, net[1].weight)
 
 
-def test_ema_validation_classifier_lives_where_the_ema_weights_do(monkeypatch):
-    """validate_all wraps the EMA copy in a Classifier: its normalisation buffers must follow the
-    EMA weights' device (a GPU run would otherwise mix CUDA weights and CPU buffers)."""
+def test_ema_validation_classifier_lives_where_the_ema_weights_do():
+    """validate_all scores the EMA copy through the backend, which wraps it in a Classifier on its
+    own device: the normalisation buffers follow the weights (a GPU run would otherwise mix CUDA
+    weights and CPU buffers)."""
     import app.evaluate  # noqa: PLC0415
     from app.optim import EMA  # noqa: PLC0415
 
     cfg = build_config("digits", ["device=cpu"])
-    with torch.device("meta"):
-        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    backend = NativeBackend(cfg)
+    backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
     ema = EMA(net, 0.9)
     seen = []
+    original = backend.evaluate
 
-    def record(target, loader, *args, **kwargs):
-        if isinstance(target, torch.nn.Module):
-            tensors = [*target.buffers(), *target.parameters()]
-            seen.append({t.device.type for t in tensors})
-        return {"top1": 0.0, "top5": 0.0, "loss": 0.0, "images": 1}
+    def record(images):
+        model = backend._scoring
+        seen.append(({t.device.type for t in [*model.buffers(), *model.parameters()]}, model.model))
+        return original(images)
 
-    monkeypatch.setattr(app.evaluate, "evaluate", record)
-    backend = type("HostBackend", (), {"sync_to_host": lambda self: None})()
-    results = app.evaluate.validate_all(backend, ema, {32: []}, cfg)
-    assert set(results) == {"raw@32", "ema@32"} and seen == [{"meta"}]
+    backend.evaluate = record
+    loader = [(torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8), torch.tensor([0, 1]))]
+    results = app.evaluate.validate_all(backend, ema, {32: loader}, cfg)
+    assert set(results) == {"raw@32", "ema@32"}
+    assert [devices for devices, _ in seen] == [{"cpu"}, {"cpu"}]
+    assert seen[0][1] is net and seen[1][1] is ema.module  # raw, then the EMA weights
