@@ -26,7 +26,7 @@ from app.checkpoint import (
 from app.config import Config
 from app.data import build_dataset, build_loader
 from app.errors import AppError
-from app.objective import build_network
+from app.objective import Classifier, build_classifier, build_network
 from app.resolution import (
     check_resolutions,
     downsampling_stages,
@@ -36,13 +36,27 @@ from app.resolution import (
 )
 
 
+def as_classifier(weights: Optional[nn.Module], cfg: Optional[Config]) -> Optional[nn.Module]:
+    """A network wrapped with the run's input normalisation (what a backend scores); a
+    Classifier, or None (the training weights), as it is."""
+    if weights is None or isinstance(weights, Classifier):
+        return weights
+    if cfg is None:
+        raise ValueError("evaluate: a bare network needs the run's configuration (cfg)")
+    # beside the weights: the Classifier's normalisation buffers are made on the CPU
+    param = next(weights.parameters(), None)
+    classifier = build_classifier(weights, cfg)
+    return classifier.to(param.device) if param is not None else classifier
+
+
 @torch.no_grad()
 def evaluate(backend: Backend, loader: Iterable, weights: Optional[nn.Module] = None,
-             max_batches: Optional[int] = None) -> Dict[str, float]:
-    """{"top1": %, "top5": %, "loss": mean unsmoothed cross-entropy, "images": n}."""
+             cfg: Optional[Config] = None, max_batches: Optional[int] = None) -> Dict[str, float]:
+    """{"top1": %, "top5": %, "loss": mean unsmoothed cross-entropy, "images": n}. ``weights``: a
+    network (with ``cfg``) or a Classifier to score; None: the backend's training weights."""
     correct1 = correct5 = 0
     loss_sum, seen = 0.0, 0
-    with backend.evaluating(weights):
+    with backend.evaluating(as_classifier(weights, cfg)):
         for i, (images, targets) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
@@ -68,11 +82,12 @@ def validate_all(backend: Backend, ema, loaders: Dict[int, Iterable],
     """Raw weights and EMA weights at every validation resolution, both through the backend:
     {"raw@224": {...}, "ema@224": {...}, ...}."""
     results = {}
+    ema_classifier = as_classifier(ema.module, cfg) if ema is not None else None
     for resolution, loader in loaders.items():
         results[f"raw@{resolution}"] = evaluate(backend, loader)
         if ema is not None:
             backend.sync_to_host()  # the EMA reads the host copy of the trained weights
-            results[f"ema@{resolution}"] = evaluate(backend, loader, ema.module)
+            results[f"ema@{resolution}"] = evaluate(backend, loader, ema_classifier)
     return results
 
 
@@ -124,7 +139,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
         for r, dataset in datasets.items():
             loader = build_loader(dataset, backend.eval_batch_size(cfg), train=False, cfg=cfg,
                                   device=backend.device)
-            results[f"{kind}@{r}"] = evaluate(backend, loader, network)
+            results[f"{kind}@{r}"] = evaluate(backend, loader, network, cfg)
     print(f"validation of {path} (step {payload.get('step')}):\n{report(results)}")
     if swept:
         table, plot = write_sweep_report(results, trained, run_dir_of(path), stages,

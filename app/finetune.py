@@ -24,13 +24,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from app.batch_norm_stats import (
-    BatchNormProbe,
-    Statistics,
-    batch_norm_layers,
-    split_statistics,
-    write_statistics,
-)
 from app.checkpoint import CheckpointError, find_checkpoint, latest_run, load_checkpoint, run_dir_of
 from app.config import Config, config_from_dict
 from app.distributed import all_reduce_mean, current, launch, reduce_results
@@ -44,6 +37,13 @@ from app.resolution import (
     trained_resolution,
 )
 from app.train import TrainResult, TrainSetup, run_training
+from backends.batch_norm_stats import (
+    BatchNormProbe,
+    Statistics,
+    batch_norm_layers,
+    split_statistics,
+    write_statistics,
+)
 from model import build_model
 
 FREEZE_HELP = ("a module name of the network: stem, blocks.<stage> (0-6), blocks.<stage>.<index>, "
@@ -235,19 +235,19 @@ def average_batch_norm_statistics(model: nn.Module) -> None:
 def measure_and_recalibrate(ctx: TrainSetup, result: FinetuneResult) -> None:
     """Accuracy of the weights as trained at the new resolution, then (batch norm) recalibrate the
     statistics there and measure again. Results are over every process's share of the images."""
-    backend, network = ctx.backend, ctx.model
+    backend, classifier = ctx.backend, ctx.classifier
     target_loader = ctx.val_loaders[result.resolution]
 
     def measure() -> Dict[str, float]:  # through the backend (IPU: its inference executable)
-        return reduce_results({"m": evaluate(backend, target_loader, network)})["m"]
+        return reduce_results({"m": evaluate(backend, target_loader, classifier)})["m"]
 
     result.before = measure()
     print(f"before fine-tuning, at {result.resolution}: top-1 {result.before['top1']:.2f}%")
-    if batch_norm_layers(network):
+    if batch_norm_layers(classifier):
         limit = max(1, RECALIBRATION_IMAGES // (ctx.host_batch * current().world_size))
         used = recalibrate_batch_norm(
-            network, ctx.train_loader, max_batches=limit,
-            statistics=lambda images: backend.batch_norm_statistics(network, images))
+            classifier, ctx.train_loader, max_batches=limit,
+            statistics=lambda images: backend.batch_norm_statistics(classifier, images))
         average_batch_norm_statistics(ctx.model)
         result.recalibrated = measure()
         print(f"batch-norm statistics recalibrated at {result.resolution} on {used} batches: "

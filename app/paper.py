@@ -175,7 +175,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     def evaluate_at(resolution: int) -> Dict[str, Dict[str, float]]:
         loader = build_loader(build_dataset(cfg, "val", resolution), backend.eval_batch_size(cfg),
                               train=False, cfg=cfg, device=backend.device)
-        return {name: evaluate(backend, loader, model) for name, model in models.items()}
+        return {name: evaluate(backend, loader, model, cfg) for name, model in models.items()}
 
     rows = sweep(evaluate_at, resolutions, native, stages)
     backend.close()

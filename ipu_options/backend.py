@@ -25,19 +25,19 @@ a device-precision copy of the network whose weights are loaded from the trainin
 ``copyWeightsToDevice`` — PopTorch uploads an inference model's weights on attach and afterwards
 only on that call (python/_poplar_executor.py:414-417, 577-598, 1245-1262). One inference
 executable per input shape (a compiled PopTorch executable has fixed input shapes); batch-norm
-recalibration statistics run as a second inference graph (app/batch_norm_stats.py).
+recalibration statistics run as a second inference graph (backends/batch_norm_stats.py).
 """
 import contextlib
 import copy
 import sys
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from app.backend import Backend, BackendError
-from app.batch_norm_stats import BatchNormProbe, Statistics, split_statistics
-from app.distributed import all_reduce_mean
+from backends.batch_norm_stats import BatchNormProbe, Statistics, split_statistics
+from backends.contract import Backend, BackendError
+from backends.process import all_reduce_mean
 from ipu_options.options import build_options, local_replicas, num_ipus
 
 
@@ -57,12 +57,15 @@ def _describe(poptorch_emulated: bool, device: str, compute: torch.device) -> st
     if device == "ipu":
         return "IPU hardware (PopTorch)"
     if poptorch_emulated:
-        return f"PopTorch emulator on {compute.type.upper()} (ipu_options.emulator; emulated, not an IPU)"
+        return f"PopTorch emulator on {compute.type.upper()} (poptorch_emulator; emulated, not an IPU)"
     return "Poplar SDK IPU Model (emulated IPU, not hardware)"
 
 
 class PopTorchBackend(Backend):
-    def __init__(self, cfg):
+    """``network`` builds the network the run trains (the application's ``network_builder``):
+    called once on the meta device, for split names and the memory plan."""
+
+    def __init__(self, cfg, network: Callable[[], nn.Module]):
         from ipu_options import EMULATED, IMPORT_ERROR, poptorch
         from ipu_options.pipeline import SplitError
         from ipu_options.planning import PlanError, resolve_pipeline
@@ -83,7 +86,7 @@ class PopTorchBackend(Backend):
                                "train.replicas=1 with --device ipu-model, or IPU_OPTIONS_EMULATE=1 to run "
                                "the project's emulator, which does")
         try:
-            self.network = self._meta_network(cfg)
+            self.network = self._meta_network(network)
             self.splits, self.recompute, self.plan = resolve_pipeline(cfg, self.network)
         except (PlanError, SplitError) as error:
             raise BackendError(f"invalid IPU configuration: {error}") from None
@@ -121,16 +124,13 @@ class PopTorchBackend(Backend):
         self._uploaded: Dict[Tuple, int] = {}
 
     @staticmethod
-    def _meta_network(cfg) -> nn.Module:
+    def _meta_network(network: Callable[[], nn.Module]) -> nn.Module:
         """The network's structure for name checks and planning, without allocating weights."""
-        from app.objective import build_network
-        from ipu_options.planning import _num_classes
-
         try:
             with torch.device("meta"):
-                return build_network(cfg, _num_classes(cfg))
+                return network()
         except (AttributeError, TypeError, RuntimeError):  # no device context manager
-            return build_network(cfg, _num_classes(cfg))
+            return network()
 
     # ------------------------------------------------------------------ sizes
     def host_batch_size(self, cfg) -> int:
@@ -229,31 +229,27 @@ class PopTorchBackend(Backend):
         self.train_model.setOptimizer(self.optimizer)
 
     # ------------------------------------------------------------------ evaluation
-    def _load_weights(self, network: nn.Module) -> None:
-        """Write ``network``'s weights into the inference copy (built from the first network
+    def _load_weights(self, classifier: nn.Module) -> None:
+        """Write ``classifier``'s weights into the inference copy (built from the first one
         seen); the executables copy them to the device before they next run."""
-        from app.objective import Classifier, build_classifier
-
-        if isinstance(network, Classifier):
-            network = network.model
         if self._inference_classifier is None:
-            self._inference_classifier = self._device_copy(build_classifier(network, self.cfg), [])
+            self._inference_classifier = self._device_copy(classifier, [])
             self._inference_classifier.eval()
         target = self._inference_classifier.model.state_dict()
         with torch.no_grad():
-            for name, value in network.state_dict().items():
+            for name, value in classifier.model.state_dict().items():
                 target[name].copy_(value.to(target[name].dtype))
         self._weights_version += 1
 
     @contextlib.contextmanager
-    def evaluating(self, network: Optional[nn.Module] = None) -> Iterator[None]:
-        if network is None:
+    def evaluating(self, classifier: Optional[nn.Module] = None) -> Iterator[None]:
+        if classifier is None:
             if self.train_model is None:
                 raise BackendError("nothing to evaluate: no training model was prepared and no "
                                    "weights were given")
             self.sync_to_host()  # the trained weights, from the device
-            network = self.host_classifier.model
-        self._load_weights(network)
+            classifier = self.host_classifier
+        self._load_weights(classifier)
         yield
 
     def _inference_model(self, graph: str, sample: Tensor):
@@ -294,10 +290,10 @@ class PopTorchBackend(Backend):
         return torch.cat([logits[:n].float().cpu() for logits, n in self._run_inference("logits", images)])
 
     @torch.no_grad()
-    def batch_norm_statistics(self, network: nn.Module, images: Tensor) -> Statistics:
+    def batch_norm_statistics(self, classifier: nn.Module, images: Tensor) -> Statistics:
         """Per micro-batch (what a batch norm on the IPU normalises over): micro-batches that
         hold padding are left out."""
-        self._load_weights(network)
+        self._load_weights(classifier)
         micro = self.cfg.train.micro_batch
         pieces = []
         for outputs, n in self._run_inference("bn-statistics", images):

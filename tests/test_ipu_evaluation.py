@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-import ipu_options.emulator as emulator
-from app.batch_norm_stats import BatchNormProbe
+import poptorch_emulator as emulator
 from app.cli import main as cli
 from app.objective import Classifier
+from backends.batch_norm_stats import BatchNormProbe
 
 # fp32 on the device (CPU-identical numbers); group norm learns in a few steps (batch norm's
 # running statistics would still be near their start), batch norm for the recalibration
@@ -142,15 +142,15 @@ def test_inference_executable_keeps_its_weights_until_they_are_copied_to_it():
 
 
 def test_backend_scores_the_weights_it_is_given(capsys):
+    from app.backend import create_backend  # noqa: PLC0415
     from app.config import build_config  # noqa: PLC0415
-    from ipu_options.backend import PopTorchBackend  # noqa: PLC0415
 
     cfg = build_config("digits", ["device=ipu-model", *COMMON])
-    backend = PopTorchBackend(cfg)
+    backend = create_backend(cfg)
     images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
     nets = [nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)) for _ in range(2)]
     for net in nets:
-        with backend.evaluating(net):
+        with backend.evaluating(Classifier(net)):
             logits = backend.evaluate(images)
         with torch.no_grad():
             expected = Classifier(net)(images)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import ipu_options.emulator as emulator
+import poptorch_emulator as emulator
 from app.cli import main as cli
 from app.config import ConfigError, build_config
 from app.objective import Classifier
@@ -123,11 +123,11 @@ def test_device_learning_rate_is_the_schedule_from_the_first_step_fresh_and_resu
 
 
 def test_training_returns_only_the_loss(capsys):
-    from ipu_options.backend import PopTorchBackend  # noqa: PLC0415
+    from app.backend import create_backend  # noqa: PLC0415
 
     cfg = build_config("digits", ["device=ipu-model", *QUICK, "train.replicas=2", "ipu.device_iterations=2",
                                   "train.micro_batch=2", "train.grad_accum=2", "ipu.precision=32.32"])
-    backend = PopTorchBackend(cfg)
+    backend = create_backend(cfg)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
     backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
     images = torch.randint(0, 256, (backend.host_batch_size(cfg), 3, 8, 8), dtype=torch.uint8)
