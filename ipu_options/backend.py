@@ -211,7 +211,7 @@ class PopTorchBackend(Backend):
         self.train_model.compile(images.to(self.compute), targets.to(self.compute))
         unit = self.eval_batch_size(self.cfg)
         sample = images[:1].expand(unit, *images.shape[1:]).contiguous()
-        self._load_weights(self.host_classifier.model)
+        self._load_weights(self.host_classifier)
         self._inference_model("logits", sample).compile(sample.to(self.compute))
         cache = self.cfg.ipu.executable_cache
         return ("compiled the training and inference executables" +
