@@ -172,7 +172,7 @@ def test_nonfinite_gradients_skip_the_update_and_say_so():
 def test_ema_validation_classifier_lives_where_the_ema_weights_do():
     """validate_all scores the EMA copy through the backend, which wraps it in a Classifier on its
     own device: the normalisation buffers follow the weights (a GPU run would otherwise mix CUDA
-    weights and CPU buffers)."""
+    weights and CPU buffers), and the EMA's logits are the EMA weights', not the trained ones'."""
     import app.evaluate  # noqa: PLC0415
     from app.optim import EMA  # noqa: PLC0415
 
@@ -181,17 +181,22 @@ def test_ema_validation_classifier_lives_where_the_ema_weights_do():
     backend = NativeBackend(cfg)
     backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
     ema = EMA(net, 0.9)
+    with torch.no_grad():
+        ema.module[1].weight.add_(1.0)  # the EMA differs from the trained weights
     seen = []
     original = backend.evaluate
 
     def record(images):
-        model = backend._scoring
-        seen.append(({t.device.type for t in [*model.buffers(), *model.parameters()]}, model.model))
-        return original(images)
+        model = backend._scoring or backend.inference_copy or backend.classifier
+        logits = original(images)
+        seen.append(({t.device.type for t in [*model.buffers(), *model.parameters()]}, logits))
+        return logits
 
     backend.evaluate = record
-    loader = [(torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8), torch.tensor([0, 1]))]
-    results = app.evaluate.validate_all(backend, ema, {32: loader}, cfg)
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    results = app.evaluate.validate_all(backend, ema, {32: [(images, torch.tensor([0, 1]))]}, cfg)
     assert set(results) == {"raw@32", "ema@32"}
     assert [devices for devices, _ in seen] == [{"cpu"}, {"cpu"}]
-    assert seen[0][1] is net and seen[1][1] is ema.module  # raw, then the EMA weights
+    with torch.no_grad():
+        torch.testing.assert_close(seen[0][1], Classifier(net)(images))
+        torch.testing.assert_close(seen[1][1], Classifier(ema.module)(images))
