@@ -351,10 +351,8 @@ def check_dataset(cfg: Config) -> None:
                           f"and val/<class>/ ({what}): give the folder's path")
 
 
-def validate(cfg: Config) -> None:
-    """Every check that can be made without data or a model. Raises ConfigError on the first."""
-    _require(cfg.device in DEVICES, "device", cfg.device, f"one of {', '.join(DEVICES)}")
-    m = cfg.model
+def _validate_model(m) -> None:
+    """``cfg.model``: the architecture and where its first weights come from."""
     try:
         variant_key(m.name)
     except ValueError:
@@ -370,7 +368,9 @@ def validate(cfg: Config) -> None:
     _require(m.init_source in ("ours", "timm", "torchvision"), "model.init_source", m.init_source,
              "ours, timm or torchvision")
 
-    d = cfg.data
+
+def _validate_data(d) -> None:
+    """``cfg.data``: resolutions, loading and augmentation."""
     _require(d.resolution >= 32, "data.resolution", d.resolution, "an integer >= 32")
     _require(all(r >= 32 for r in d.val_resolutions), "data.val_resolutions", d.val_resolutions,
              "integers >= 32")
@@ -381,7 +381,9 @@ def validate(cfg: Config) -> None:
     _require(d.mixup >= 0 and d.cutmix >= 0, "data.mixup/cutmix", (d.mixup, d.cutmix), "values >= 0")
     _require(d.synthetic_images >= 1, "data.synthetic_images", d.synthetic_images, "an integer >= 1")
 
-    o = cfg.optim
+
+def _validate_optim(o) -> None:
+    """``cfg.optim``: the optimiser and its hyper-parameters."""
     _require(o.name in ("sgd", "rmsprop", "adamw"), "optim.name", o.name, "sgd, rmsprop or adamw")
     _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(o.lr_reference_batch >= 1, "optim.lr_reference_batch", o.lr_reference_batch, "an integer >= 1")
@@ -393,6 +395,14 @@ def validate(cfg: Config) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
              "[beta1, beta2], two numbers in [0, 1) (AdamW's averaging factors)")
+
+
+def validate(cfg: Config) -> None:
+    """Every check that can be made without data or a model. Raises ConfigError on the first."""
+    _require(cfg.device in DEVICES, "device", cfg.device, f"one of {', '.join(DEVICES)}")
+    _validate_model(cfg.model)
+    _validate_data(cfg.data)
+    _validate_optim(cfg.optim)
 
     s = cfg.schedule
     _require(s.name in ("exponential", "cosine", "step"), "schedule.name", s.name,
