@@ -78,11 +78,17 @@ def validate_all(backend: Backend, ema, loaders: Dict[int, Iterable],
         # beside the EMA weights (on the training device): the new Classifier's normalisation
         # buffers are made on the CPU
         ema_classifier = build_classifier(ema.module, cfg).to(next(ema.module.parameters()).device)
+    def counted(name: str, target: Evaluable, loader) -> None:
+        # each pass's own count of unreadable images replaced (the raw and EMA passes read the same)
+        before = getattr(loader, "skipped", 0)
+        results[name] = evaluate(target, loader)
+        results[name]["skipped_images"] = getattr(loader, "skipped", 0) - before
+
     for resolution, loader in loaders.items():
-        results[f"raw@{resolution}"] = evaluate(backend, loader)
+        counted(f"raw@{resolution}", backend, loader)
         if ema_classifier is not None:
             backend.sync_to_host()
-            results[f"ema@{resolution}"] = evaluate(ema_classifier, loader)
+            counted(f"ema@{resolution}", ema_classifier, loader)
     return results
 
 

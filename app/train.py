@@ -25,8 +25,10 @@ import yaml
 from app.backend import Backend, create_backend
 from app.checkpoint import (
     arch_of,
+    begin_resume,
     check_architecture,
     check_resume_is_newest,
+    claim_run,
     find_checkpoint,
     load_checkpoint,
     load_weights,
@@ -37,9 +39,17 @@ from app.checkpoint import (
     saved_best_top1,
     set_rng_state,
 )
-from app.config import Config
+from app.config import Config, check_resume_changes
 from app.data import build_dataset, build_loader
-from app.distributed import DistContext, init_distributed, launch, reduce_results, scale_summary
+from app.distributed import (
+    DistContext,
+    gather_rng_states,
+    init_distributed,
+    launch,
+    own_rng_states,
+    reduce_results,
+    scale_summary,
+)
 from app.errors import AppError
 from app.evaluate import validate_all
 from app.objective import Classifier, build_classifier, build_network
@@ -107,7 +117,7 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
     Every tensor must fit, except the classifier when the number of classes differs (it keeps
     its fresh initialisation)."""
     path, source = cfg.model.init_from, cfg.model.init_source
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, ours=False)  # a state dict or one of our checkpoints
     if source == "ours":
         if "arch" in state:
             check_architecture(state, cfg.model, state["arch"]["num_classes"], path)
@@ -280,8 +290,12 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
     resume_path: Optional[Path] = None
     if cfg.resume:
         resume_path = find_checkpoint(cfg.resume)
-        resume = load_checkpoint(resume_path)
+        resume = own_rng_states(load_checkpoint(resume_path), dist)  # this process's random states
         check_resume_is_newest(resume_path, resume["step"])
+        if setup is None:
+            check_resume_changes(resume["config"], cfg, run_dir_of(resume_path), resume_path)
+        if dist.is_main:
+            begin_resume(resume_path, resume)  # the folder's lock, leftovers of a killed run, best.pt
         if resume.get("finetune") and setup is None:
             raise AppError(f"{resume_path} is a fine-tuning checkpoint: resume it with python -m app "
                            f"finetune --resume {run_dir_of(resume_path)} (its layers are frozen again)")
@@ -331,6 +345,7 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
         run_dir = new_run_dir(cfg) if dist.is_main else Path(cfg.log.out_dir)
         if dist.is_main:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            claim_run(run_dir, new=True)
     print(f"run folder: {run_dir}")
 
     # -- objective, optimiser, EMA, backend
@@ -382,12 +397,13 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
     def validate(at_step: int) -> Dict[str, Dict[str, float]]:
         # Validation leaves the training's random streams as they were (its loaders draw seeds):
         # a run's losses then do not depend on when it validated, and a resumed run repeats them.
-        before, skipped_before = rng_state(), skipped_in(val_loaders.values())
+        before = rng_state()
         try:
             results = reduce_results(validate_all(backend, ema, val_loaders, cfg))  # over all shares
         finally:
             set_rng_state(before)
-        skipped = job_total(dist, skipped_in(val_loaders.values()) - skipped_before)
+        # the images of the raw passes (an EMA pass reads the same ones: counted in its own entry)
+        skipped = sum(r.get("skipped_images", 0) for name, r in results.items() if name.startswith("raw@"))
         tracker.log_validation(at_step, at_step / steps_per_epoch, results, skipped_images=int(skipped))
         return results
 
@@ -407,10 +423,11 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
             shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
             raise NonFiniteLoss(f"weights are not finite after step {at_step}"
                                 + (f" ({shown})" if shown else "") + "; they were not saved")
+        rngs = gather_rng_states(dist, {"rng": rng_state(), "epoch_rng": epoch_rng})  # every process's
         if dist.is_main:
             payload = make_payload(at_step, steps_per_epoch, model, ema, optimizer, backend, cfg,
                                    num_classes, epoch_rng, metrics, best, ema_step,
-                                   context.checkpoint_extra)
+                                   {**context.checkpoint_extra, "rng_by_rank": rngs})
             save_checkpoint(run_dir, payload, cfg.train.keep_checkpoints, is_best)
         last_saved = at_step
 
