@@ -80,9 +80,6 @@ def _atomic_write(path: Path, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(path, error) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -113,10 +110,16 @@ def nonfinite_tensors(state: Dict[str, Any], prefix: str = "") -> List[str]:
 
 def save_checkpoint(run_dir: Union[str, Path], payload: Dict[str, Any], keep: int,
                     is_best: bool = False) -> Path:
+    """The step checkpoint (and best.pt), then the oldest beyond ``keep`` removed. A failed write
+    (a full disk) raises CheckpointWriteError: what it says is whole, and how to go on."""
     folder = Path(run_dir) / CHECKPOINT_DIR
-    path = atomic_save(payload, folder / f"step-{payload['step']:07d}.pt")
-    if is_best:
-        atomic_save(payload, folder / BEST)
+    targets = [folder / f"step-{payload['step']:07d}.pt"] + ([folder / BEST] if is_best else [])
+    for target in targets:
+        try:
+            atomic_save(payload, target)
+        except OSError as error:
+            raise CheckpointWriteError(target, error) from None
+    path = targets[0]
     for old in step_checkpoints(folder)[:-keep]:
         old.unlink()
     return path
@@ -212,10 +215,11 @@ TRAINING_KEYS = ("step", "model", "steps_per_epoch")  # what every training chec
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu",
-                    ours: bool = True) -> Dict[str, Any]:
-    """A checkpoint's contents, without running any code it holds. ``ours``: it must be one of this
-    application's training checkpoints (resume, validate, fine-tune); else any weights file, a
-    state dict (tensors by name, possibly under ``state_dict``) or one of ours (``model.init_from``)."""
+                    expect: Optional[str] = None) -> Dict[str, Any]:
+    """A checkpoint's contents, without running any code it holds. ``expect="training"``: it must
+    be one of this application's training checkpoints (resume, validate, fine-tune);
+    ``expect="weights"``: a state dict (tensors by name, possibly under ``state_dict``) or one of
+    ours (``model.init_from``); None: whatever the file holds."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
@@ -224,7 +228,9 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
             f"cannot read checkpoint {path}: {first}. It is truncated, damaged, or not a weights-only "
             "torch file (files that need code to load are refused); use another checkpoint, e.g. an "
             "older step-*.pt of the same run") from None
-    if ours:
+    if expect is None:
+        return payload
+    if expect == "training":
         if not (isinstance(payload, dict) and all(k in payload for k in TRAINING_KEYS)
                 and isinstance(payload["model"], dict)):
             raise CheckpointError(

@@ -125,7 +125,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
         raise CheckpointError(f"nothing to validate: no run with checkpoints in {cfg.log.out_dir}/; "
                               "pass --checkpoint RUN_FOLDER_OR_FILE (or train first: make train)")
     path = find_checkpoint(source, prefer_best=True)
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, expect="training")
     backend = create_backend(cfg)
     resolutions = swept or cfg.data.val_resolutions or [cfg.data.resolution]
     datasets = {r: build_dataset(cfg, "val", r) for r in resolutions}

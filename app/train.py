@@ -117,7 +117,7 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
     Every tensor must fit, except the classifier when the number of classes differs (it keeps
     its fresh initialisation)."""
     path, source = cfg.model.init_from, cfg.model.init_source
-    state = load_checkpoint(path, ours=False)  # a state dict or one of our checkpoints
+    state = load_checkpoint(path, expect="weights")  # a state dict or one of our checkpoints
     if source == "ours":
         if "arch" in state:
             check_architecture(state, cfg.model, state["arch"]["num_classes"], path)
@@ -290,7 +290,8 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
     resume_path: Optional[Path] = None
     if cfg.resume:
         resume_path = find_checkpoint(cfg.resume)
-        resume = own_rng_states(load_checkpoint(resume_path), dist)  # this process's random states
+        # with this process's own random states
+        resume = own_rng_states(load_checkpoint(resume_path, expect="training"), dist)
         check_resume_is_newest(resume_path, resume["step"])
         if setup is None:
             check_resume_changes(resume["config"], cfg, run_dir_of(resume_path), resume_path)
