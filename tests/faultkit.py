@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +132,10 @@ def rng(*names) -> random.Random:
 def subset(cases: List, fast: int) -> List:
     """The whole generated family for `make test-faults`, its first ``fast`` cases otherwise."""
     return cases if FULL else cases[:fast]
+
+
+# A case only `make test-faults` runs (`make test` keeps a few of each family: README, Reliability).
+full_only = pytest.mark.skipif(not FULL, reason="the whole fault matrix: make test-faults")
 
 
 # ----------------------------------------------------------------------------- data and runs
@@ -259,19 +264,10 @@ def wait_for(condition, timeout: float = 60.0, every: float = 0.2) -> bool:
 
 
 def all_ended(pid_dir: Path, timeout: float = 90.0) -> bool:
-    """Every process that wrote its pid into ``pid_dir`` has ended (or become a zombie)."""
+    """Every process that wrote its pid into ``pid_dir`` has ended."""
     from app.checkpoint import pid_alive  # noqa: PLC0415
 
-    def ended():
-        return not any(pid_alive(int(p.name)) and not _zombie(int(p.name)) for p in pid_dir.iterdir())
-    return wait_for(ended, timeout)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    return wait_for(lambda: not any(pid_alive(int(p.name)) for p in pid_dir.iterdir()), timeout)
 
 
 def snapshot(folder: Path) -> Dict[str, tuple]:

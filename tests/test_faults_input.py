@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faultkit import image_folder, losses, records, rng, run_args, snapshot, subset
+from faultkit import full_only, image_folder, losses, records, rng, run_args, snapshot, subset
 from PIL import Image
 
 from app.cli import main as cli
@@ -228,7 +228,7 @@ def test_a_bad_image_is_skipped_or_read(tmp_path, capsys, kind, workers):
     assert len(losses(out / "r")) == 3
 
 
-@pytest.mark.parametrize("workers", [2, 0])
+@pytest.mark.parametrize("workers", subset([2, 0], 1))
 def test_no_readable_image_is_a_clear_error_from_a_worker_too(tmp_path, capsys, workers):
     data, out = tmp_path / "data", tmp_path / "runs"
     for split in ("train", "val"):
@@ -344,6 +344,7 @@ def test_the_matrix_covers_every_field():
     assert set(NOT_CHANGED) <= set(hints)
 
 
+@full_only
 def test_the_global_batch_may_be_made_another_way_on_resume(tmp_path, trained, capsys):
     """micro-batch 2 × grad-accum 2 is the same global batch of 4: allowed, and it goes on."""
     import shutil  # noqa: PLC0415
