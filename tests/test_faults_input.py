@@ -396,3 +396,16 @@ def test_a_resume_may_change_what_the_checkpoint_does_not_hold(tmp_path, trained
     assert resumed == [2]
     steps = [r["step"] for r in records(copy, "train")]
     assert len(steps) == len(set(steps))  # no step twice
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "sgd"])
+def test_another_optimiser_on_resume_is_refused_naming_the_way_out(trained, capsys, name):
+    """The issue's case: an AdamW run resumed with optim.name=... died with a KeyError at its first
+    step; now it is refused before any work, with the command of a new run from its weights."""
+    _, _, run = trained
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, ["train", "--resume", str(run), f"optim.name={name}"])
+    assert code == 2
+    assert f"optim.name: run 'adamw', now '{name}'" in err
+    assert f"optim.name={name} model.init_from={run / 'checkpoints' / 'step-0000002.pt'}" in err
+    assert snapshot(run) == before
