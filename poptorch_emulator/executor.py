@@ -8,6 +8,10 @@ batch-norm statistics are those of one micro-batch, as on an IPU — and each re
 norm running statistics (the host copy is replica 0's, as copyWeightsToHost returns). Gradients
 are summed over micro-batches and replicas, divided by their number under ReductionType.Mean,
 then one optimiser step is taken: deviceIterations weight updates per call.
+
+Compiling (the first call, or ``compile``) traces one micro-batch through ``lowering.check_lowering``
+and refuses, in PopTorch's words, what PopTorch 3.4 would refuse to lower; in training the loss
+back-propagated is the one final loss that check finds (PopTorch's rule, not a marked output).
 """
 import contextlib
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
@@ -16,12 +20,13 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import blocks, recompute
+from . import blocks, lowering, recompute
 from .enums import OutputMode, ReductionType
 from .options import Options
 from .precision import FP16_MAX, HalfKernels, round_half, stochastic_round_half
 
-# PopTorch traces the model (torch.jit), so an IPU runs the traced graph's plain arithmetic and
+# PopTorch traces the model through PyTorch's dispatcher (poptorch/source/dispatch_tracer), so an
+# IPU runs the traced graph's plain arithmetic and
 # never a model's eager shortcuts (hand-written backwards, cached statistics). The emulator runs
 # eagerly: whoever owns such a model registers the context that turns its shortcuts off
 # (ipu_options does, for model/fast_paths.py), and every run of an executor enters them. This
@@ -67,15 +72,11 @@ class PipelineError(ValueError):
     pass
 
 
-def _find_loss(output: Any) -> torch.Tensor:
-    leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-    marked = [t for t in leaves if getattr(t, "_poptorch_loss", False)]
-    if marked:
-        return marked[-1]
-    if len(leaves) == 1:
-        return leaves[0]
-    raise RuntimeError("trainingModel: the model must return its loss, marked with "
-                       "poptorch.identity_loss(loss, reduction) when it returns several tensors")
+# Not PopTorch's rule but the emulator's: PopART trains on the final loss wherever it is in the
+# graph; the emulator back-propagates from a tensor the forward returns.
+LOSS_NOT_RETURNED = ("trainingModel (emulated): the model's final loss is not among its outputs; "
+                     "the emulator back-propagates from a returned tensor: return the loss "
+                     "(e.g. `return logits, loss`)")
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -122,7 +123,9 @@ class PoplarExecutor:
         self._replica_buffers: Optional[List[List[torch.Tensor]]] = None
         self._recomputation: Optional[recompute.Recomputation] = None
         self._loss_scale: Optional[float] = None
+        self._loss_leaf: Optional[int] = None  # the final loss among the output's leaves
         self.stages: List[int] = []  # IPU of each forward pipeline stage, set by compile
+        self.lowering: Optional[lowering.Lowering] = None  # what the compile-time check saw
 
     # ------------------------------------------------------------------ PopTorch's surface
     @property
@@ -259,6 +262,8 @@ class PoplarExecutor:
         return HalfKernels() if half else contextlib.nullcontext()
 
     def _prepare(self, args, kwargs) -> None:
+        """Compile: trace one micro-batch as PopTorch does (its graph, in the caller's grad mode,
+        without the eager fast paths), refuse what PopTorch would refuse, then set up replicas."""
         get, _ = self._micro(args, kwargs)
         a, k = get(0, 0, 0)
         model = self._user_model
@@ -268,8 +273,8 @@ class PoplarExecutor:
         rng = torch.get_rng_state()
         blocks.start_trace()
         try:
-            with torch.no_grad(), self._precision_mode():
-                model(*a, **k)
+            with _as_traced_graph(), self._precision_mode():
+                report, _ = lowering.check_lowering(model, a, k, training=self._training)
         finally:
             trace = blocks.stop_trace()
             torch.set_rng_state(rng)
@@ -278,6 +283,10 @@ class PoplarExecutor:
                 for b, v in zip(model.buffers(), buffers):
                     b.copy_(v)
             model.train(was_training)
+        report.raise_if_refused()
+        if self._training and report.loss_leaf is None:
+            raise RuntimeError(LOSS_NOT_RETURNED)
+        self.lowering, self._loss_leaf = report, report.loss_leaf
         self.stages = self._check_stages(trace)
         self._check_buffer_updates(changed)
         if self._training and self._recomputation is None:
@@ -290,8 +299,10 @@ class PoplarExecutor:
 
     def _check_buffer_updates(self, changed: List[str]) -> None:
         """PopTorch cannot broadcast buffers that the model updates in place (batch norm's running
-        statistics in training) to several replicas: it stops the compilation."""
-        if not (self._training and self._options.replication_factor > 1 and self._options.broadcast_buffers):
+        statistics in training) to several replicas: it stops the compilation, training and
+        inference alike (poptorch/source/InplaceOps.cpp:228-233, with replicas_needing_broadcast
+        = hasInputReplication() && broadcastBuffers(), LowerToPopartFactories.cpp:41-43)."""
+        if not (self._options.replication_factor > 1 and self._options.broadcast_buffers):
             return
         if changed:
             raise RuntimeError(
@@ -352,7 +363,7 @@ class PoplarExecutor:
                     a, k = get(d, g, r)
                     with self._precision_mode():
                         out = model(*a, **k)
-                        loss = _find_loss(out)
+                        loss = tree_flatten(out)[0][self._loss_leaf]
                         (loss * scale if scale != 1.0 else loss).backward()
                     for p in params:
                         if p.grad is None:
