@@ -94,6 +94,18 @@ def _atomic_write(path: Path, write) -> Path:
     return path
 
 
+def os_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError behind ``error``: itself, or the one it was raised while handling (a write that
+    fails inside torch.save surfaces as the zip writer's RuntimeError from its clean-up)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def step_checkpoints(folder: Union[str, Path]) -> List[Path]:
     """``step-*.pt`` files in ``folder``, oldest step first."""
     folder = Path(folder)
@@ -117,8 +129,11 @@ def save_checkpoint(run_dir: Union[str, Path], payload: Dict[str, Any], keep: in
     for target in targets:
         try:
             atomic_save(payload, target)
-        except OSError as error:
-            raise CheckpointWriteError(target, error) from None
+        except Exception as error:
+            cause = os_error_in(error)
+            if cause is None:
+                raise
+            raise CheckpointWriteError(target, cause) from None
     path = targets[0]
     for old in step_checkpoints(folder)[:-keep]:
         old.unlink()
