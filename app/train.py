@@ -363,6 +363,8 @@ class Trainer:
         if not self.cfg.resume:
             return
         self.resume_path = find_checkpoint(self.cfg.resume)
+        if self.dist.is_main:  # the run folder's lock first: another process may be training it
+            claim_run(run_dir_of(self.resume_path), new=False)
         # with this process's own random states
         self.resume = own_rng_states(load_checkpoint(self.resume_path, expect="training"), self.dist)
         check_resume_is_newest(self.resume_path, self.resume["step"])
@@ -370,7 +372,7 @@ class Trainer:
             check_resume_changes(self.resume["config"], self.cfg, run_dir_of(self.resume_path),
                                  self.resume_path)
         if self.dist.is_main:
-            begin_resume(self.resume_path, self.resume)  # the folder's lock, a killed run's leftovers
+            begin_resume(self.resume_path, self.resume)  # a killed run's leftovers, best.pt
         recorded = self.resume.get("run_kind", self.kind)  # older checkpoints: any kind
         if recorded != self.kind:  # a kind is named after the command that runs it
             raise AppError(f"{self.resume_path} is a checkpoint of a {recorded} run, not of a {self.kind} "
