@@ -272,5 +272,6 @@ def all_ended(pid_dir: Path, timeout: float = 90.0) -> bool:
 
 def snapshot(folder: Path) -> Dict[str, tuple]:
     """Every file under ``folder`` with its size and modification time (what a refusal must not touch)."""
+    # the run folder's lock file (app/checkpoint.py) is the kernel's lock, not data: left out
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
