@@ -18,7 +18,7 @@ OVERRIDES = $(if $(MODEL),model.name=$(MODEL)) $(if $(G),model.group_size=$(G)) 
 	$(if $(DRY_RUN),dist.dry_run=$(call bool,$(DRY_RUN)))
 RUN = $(PY) -m app
 
-.PHONY: train validate finetune plan paper bench test compat lint clean env env-dev env-sdk sdk-python
+.PHONY: train validate finetune plan paper bench test test-faults compat lint clean env env-dev env-sdk sdk-python
 .DEFAULT_GOAL := train
 
 $(VENV)/.runtime: requirements.txt
@@ -61,6 +61,11 @@ bench: $(VENV)/.dev
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests $(ARGS)
+
+# The whole fault-injection matrix (kills, signals, full disks, bad files and values; README:
+# Reliability); `make test` runs a few cases of each family.
+test-faults: $(VENV)/.dev
+	FAULTS_FULL=1 $(PY) -m pytest -q -n 2 --dist loadgroup -m faults tests $(ARGS)
 
 # The SDK's Python 3.8 + torch 2.0.1: the suite again, peers (timm, torchvision, wandb) skipped.
 # A Python 3.8 that really runs (a pyenv shim answers for versions it does not select).

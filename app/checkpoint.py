@@ -6,9 +6,11 @@ position, RNG states, the resolved configuration and the architecture it was tra
 Files live in ``<run>/checkpoints/``: ``step-0000123.pt`` for the last N, ``best.pt`` for the
 best validation accuracy so far.
 """
+import errno
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -24,8 +26,29 @@ STEP_FILE = re.compile(r"step-(\d+)\.pt")
 ARCH_FIELDS = ("name", "group_size", "expand_ratio", "norm", "proxy_norm", "norm_groups")
 
 
+TMP_MARK = ".tmp-"  # .step-0000123.pt.tmp-<pid>: a checkpoint being written by process <pid>
+
+
 class CheckpointError(AppError):
     pass
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota, a read-only folder): the file it
+    would have replaced, and every older one, are untouched."""
+
+    def __init__(self, path: Path, error: OSError):
+        self.path, self.errno = path, error.errno
+        folder = path.parent
+        older = [p for p in step_checkpoints(folder) if p != path]
+        kept = f"the newest complete checkpoint, {older[-1]}, is whole" if older else \
+            "no earlier checkpoint of this run exists"
+        fix = "free space on that disk" if error.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            "make the folder writable"
+        run = folder.parent if folder.name == CHECKPOINT_DIR else folder
+        super().__init__(f"could not write checkpoint {path}: {error.strerror or error}. Nothing was "
+                         f"half-written: {kept}. {fix.capitalize()}, then continue with: python -m app "
+                         f"train --resume {run}")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -35,10 +58,25 @@ def atomic_save(payload: Dict[str, Any], path: Union[str, Path]) -> Path:
     a crash at any moment leaves either the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return _atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def atomic_copy(source: Union[str, Path], path: Union[str, Path]) -> Path:
+    """``source``'s bytes as ``path``, with the same guarantee as ``atomic_save``."""
+    path = Path(path)
+
+    def copy(f):
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, f)
+    return _atomic_write(path, copy)
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -54,6 +92,18 @@ def atomic_save(payload: Dict[str, Any], path: Union[str, Path]) -> Path:
     except OSError:
         pass  # some file systems cannot fsync a folder; the rename is still atomic
     return path
+
+
+def os_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError behind ``error``: itself, or the one it was raised while handling (a write that
+    fails inside torch.save surfaces as the zip writer's RuntimeError from its clean-up)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def step_checkpoints(folder: Union[str, Path]) -> List[Path]:
@@ -72,10 +122,19 @@ def nonfinite_tensors(state: Dict[str, Any], prefix: str = "") -> List[str]:
 
 def save_checkpoint(run_dir: Union[str, Path], payload: Dict[str, Any], keep: int,
                     is_best: bool = False) -> Path:
+    """The step checkpoint (and best.pt), then the oldest beyond ``keep`` removed. A failed write
+    (a full disk) raises CheckpointWriteError: what it says is whole, and how to go on."""
     folder = Path(run_dir) / CHECKPOINT_DIR
-    path = atomic_save(payload, folder / f"step-{payload['step']:07d}.pt")
-    if is_best:
-        atomic_save(payload, folder / BEST)
+    targets = [folder / f"step-{payload['step']:07d}.pt"] + ([folder / BEST] if is_best else [])
+    for target in targets:
+        try:
+            atomic_save(payload, target)
+        except Exception as error:
+            cause = os_error_in(error)
+            if cause is None:
+                raise
+            raise CheckpointWriteError(target, cause) from None
+    path = targets[0]
     for old in step_checkpoints(folder)[:-keep]:
         old.unlink()
     return path
@@ -167,11 +226,51 @@ def run_dir_of(checkpoint: Union[str, Path]) -> Path:
     return parent.parent if parent.name == CHECKPOINT_DIR else parent
 
 
-def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+TRAINING_KEYS = ("step", "model", "steps_per_epoch")  # what every training checkpoint holds
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu",
+                    expect: Optional[str] = None) -> Dict[str, Any]:
+    """A checkpoint's contents, without running any code it holds. ``expect="training"``: it must
+    be one of this application's training checkpoints (resume, validate, fine-tune);
+    ``expect="weights"``: a state dict (tensors by name, possibly under ``state_dict``) or one of
+    ours (``model.init_from``); None: whatever the file holds."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {first}. It is truncated, damaged, or not a weights-only "
+            "torch file (files that need code to load are refused); use another checkpoint, e.g. an "
+            "older step-*.pt of the same run") from None
+    if expect is None:
+        return payload
+    if expect == "training":
+        if not (isinstance(payload, dict) and all(k in payload for k in TRAINING_KEYS)
+                and isinstance(payload["model"], dict)):
+            raise CheckpointError(
+                f"{path} is a torch file ({_describe(payload)}) but not a training checkpoint of this "
+                f"application (those hold {', '.join(TRAINING_KEYS)}): give a run folder or its "
+                "checkpoints/step-*.pt; to start from other weights use model.init_from=FILE")
+        return payload
+    weights = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
+    if isinstance(weights, dict) and "model" in weights and isinstance(weights["model"], dict):
+        weights = weights["model"]  # one of our training checkpoints
+    if not (isinstance(weights, dict) and weights
+            and all(isinstance(v, torch.Tensor) for v in weights.values())):
+        raise CheckpointError(
+            f"{path} holds {_describe(payload)}, not weights (a state dict of tensors by name, or one "
+            "of our checkpoints): give a weights file for model.init_from")
+    return payload
+
+
+def _describe(payload: Any) -> str:
+    if isinstance(payload, dict):
+        keys = ", ".join(map(str, list(payload)[:5])) + (" …" if len(payload) > 5 else "")
+        return f"a dict of {len(payload)} entries: {keys}"
+    if isinstance(payload, torch.Tensor):
+        return f"a tensor of shape {tuple(payload.shape)}"
+    return f"a {type(payload).__name__}"
 
 
 def arch_of(model_cfg, num_classes: int) -> Dict[str, Any]:
@@ -216,3 +315,150 @@ def latest_run(out_dir: Union[str, Path]) -> Optional[Path]:
     """The most recently modified run folder that has a checkpoint."""
     runs = [p for p in Path(out_dir).glob("*") if (p / CHECKPOINT_DIR).is_dir()]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+# ----------------------------------------------------------------------------- run folders
+
+LOCK_FILE = ".lock"
+_HELD: Dict[str, Any] = {}  # run folder → its open lock file (held until this process exits)
+_CURRENT_RUN: Dict[str, Any] = {"dir": None, "new": False}
+
+
+def claim_run(run_dir: Union[str, Path], new: bool) -> None:
+    """This process trains ``run_dir`` from now on: take the folder's lock (a second process
+    resuming the same run at the same time would write the same checkpoints and duplicate its
+    metrics), and note the folder for the messages of an interrupted start-up. Resuming, also
+    remove what killed runs left behind and repair best.pt (``tidy_resumed_run``)."""
+    run_dir = Path(run_dir)
+    lock_run_folder(run_dir)
+    _CURRENT_RUN.update(dir=run_dir, new=new)
+
+
+def current_run() -> Dict[str, Any]:
+    """{"dir": the run folder this process trains (None before it has one), "new": made by it}."""
+    return dict(_CURRENT_RUN)
+
+
+def lock_run_folder(run_dir: Path) -> None:
+    """An exclusive advisory lock (flock) on ``run_dir/.lock`` for this process's lifetime; the
+    kernel releases it when the process ends, however it ends (kill -9 included)."""
+    key = str(run_dir.resolve())
+    if key in _HELD:
+        return
+    try:
+        import fcntl  # noqa: PLC0415  (POSIX only)
+    except ImportError:
+        return  # no flock on this system: runs are not protected against a concurrent resume
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CheckpointError(
+            f"{run_dir} is being trained by {holder} right now: two processes resuming one run would "
+            "write the same checkpoints. Wait for it to finish or stop it (Ctrl-C saves), then resume "
+            f"again: python -m app train --resume {run_dir}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()}\n")
+    handle.flush()
+    _HELD[key] = handle
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (an ended one its parent has not reaped yet does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): it exists
+    return state not in ("Z", "X")
+
+
+def remove_stale_partials(folder: Union[str, Path]) -> List[Path]:
+    """Partial checkpoint files (``.<name>.tmp-<pid>``) whose writer is dead: a process killed
+    while writing. Those of a living process are left (it may be writing them now)."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TMP_MARK}*"):
+        pid = tmp.name.rsplit(TMP_MARK, 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def own_top1(payload: Dict[str, Any]) -> Optional[float]:
+    """The best validation top-1 of the model of this checkpoint itself (None: not validated)."""
+    metrics = payload.get("metrics") or {}
+    values = [float(v) for v in metrics.values() if isinstance(v, (int, float))]
+    return max(values) if values else None
+
+
+def repair_best(checkpoint: Path, payload: Dict[str, Any]) -> bool:
+    """best.pt is written right after the step checkpoint that beat it; killed between the two
+    renames, a run keeps an older best.pt than its best model for good. The newest checkpoint
+    knows whether it was the best (its own top-1 is the run's best): then best.pt must be it."""
+    top1 = own_top1(payload)
+    if top1 is None or top1 < float(payload.get("best_top1", -1.0)):
+        return False
+    best = Path(checkpoint).parent / BEST
+    if best.is_file():
+        try:
+            held = load_checkpoint(best)
+        except CheckpointError:
+            held = {}
+        if held.get("step") == payload["step"] or float(held.get("best_top1", -1.0)) >= top1:
+            return False
+    atomic_copy(checkpoint, best)
+    return True
+
+
+def tidy_resumed_run(checkpoint: Union[str, Path], payload: Dict[str, Any]) -> List[str]:
+    """What a resume repairs in its run folder before training on; returns a note per repair."""
+    checkpoint = Path(checkpoint)
+    notes = []
+    removed = remove_stale_partials(checkpoint.parent)
+    if removed:
+        notes.append(f"removed {len(removed)} partial checkpoint file(s) left by a killed run: "
+                     + ", ".join(p.name for p in removed))
+    if repair_best(checkpoint, payload):
+        notes.append(f"{BEST} was older than the best checkpoint ({checkpoint.name}, top-1 "
+                     f"{own_top1(payload):.2f}%): replaced by it")
+    return notes
+
+
+def discard_unstarted_run() -> Optional[Path]:
+    """After an interrupted start-up: the new run folder of this process, if it holds nothing but
+    its config.yaml (no step trained, nothing the user wrote), is removed; returns it."""
+    run_dir, new = _CURRENT_RUN["dir"], _CURRENT_RUN["new"]
+    if run_dir is None or not new or not Path(run_dir).is_dir():
+        return None
+    def untouched(entry: Path) -> bool:
+        if entry.name in ("config.yaml", LOCK_FILE):
+            return True
+        if entry.name == CHECKPOINT_DIR:
+            return entry.is_dir() and not any(entry.iterdir())
+        if entry.name == "metrics.jsonl":  # the tracker's header only: no step was recorded
+            return '"kind": "train"' not in entry.read_text(errors="replace")
+        return False
+    if not all(untouched(entry) for entry in Path(run_dir).iterdir()):
+        return None
+    shutil.rmtree(run_dir, ignore_errors=True)
+    _CURRENT_RUN.update(dir=None, new=False)
+    return Path(run_dir)
+
+
+def begin_resume(checkpoint: Union[str, Path], payload: Dict[str, Any]) -> None:
+    """The main process of a resumed run, before any work: take its folder (``claim_run``),
+    clear what a killed run left behind and repair best.pt, saying what it did."""
+    claim_run(run_dir_of(checkpoint), new=False)
+    for note in tidy_resumed_run(checkpoint, payload):
+        print(f"note: {note}")

@@ -9,6 +9,7 @@ Commands are imported only when chosen, so one command's dependencies never slow
 import argparse
 import dataclasses
 import importlib
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -16,9 +17,19 @@ from typing import List, Optional, Tuple
 
 import yaml
 
-from app.checkpoint import latest_run
-from app.config import Config, ConfigError, build_config, check_dataset, preset_names
-from app.errors import AppError
+from app.checkpoint import current_run, discard_unstarted_run, find_checkpoint, latest_run
+from app.config import (
+    Config,
+    ConfigError,
+    UsageError,
+    build_config,
+    check_dataset,
+    check_resume_changes,
+    preset_names,
+    read_yaml_file,
+)
+from app.distributed import settle_job_status
+from app.errors import AppError, Interrupted, user_message
 from app.resolution import ResolutionWarning
 
 DEFAULT_PRESET = "digits"
@@ -95,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
 def base_preset(args: argparse.Namespace) -> str:
     """--config, else the config.yaml of the run being resumed, validated or fine-tuned (``validate``
     or ``finetune`` without --checkpoint: the newest run), else the default preset."""
+    for flag in ("resume", "checkpoint"):
+        given = getattr(args, flag)
+        if given and not Path(given).exists():
+            raise UsageError(f"--{flag}", f"--{flag} {given}: no such path; give a run folder (e.g. "
+                                          "runs/<run>) or a checkpoint file in one")
+    if args.command == "train" and args.checkpoint:
+        weights = args.checkpoint if Path(args.checkpoint).is_file() else "RUN/checkpoints/best.pt"
+        raise UsageError("--checkpoint", (
+            f"train does not read --checkpoint (it would train from scratch): continue that run with "
+            f"python -m app train --resume {args.checkpoint}, or start a new run from its weights with "
+            f"model.init_from={weights}"))
     if args.config:
         return args.config
     source = args.resume or args.checkpoint
@@ -103,13 +125,39 @@ def base_preset(args: argparse.Namespace) -> str:
         source = latest_run(out_dir)
         args.checkpoint = str(source) if source else None
     if source:
-        path = Path(source)
-        for folder in (path, path.parent, path.parent.parent):
-            if (folder / "config.yaml").is_file():
-                return str(folder / "config.yaml")
-        raise ConfigError("--config", None, f"a preset: {source} has no config.yaml next to it, "
-                          "so name the configuration it was trained with")
+        found = run_config_file(source)
+        if found is None:
+            raise UsageError("--config", f"{source} has no config.yaml next to it, so name the "
+                                         "configuration it was trained with: --config PRESET_OR_FILE")
+        return str(found)
     return DEFAULT_PRESET
+
+
+def run_config_file(source) -> Optional[Path]:
+    """The config.yaml of the run that ``source`` (a run folder or a checkpoint in one) belongs to."""
+    path = Path(source)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
+def check_resume(cfg, args: argparse.Namespace) -> None:
+    """``train --resume RUN overrides``: only what a resume may change (app/config.py
+    RESUME_MAY_CHANGE), checked against the run's config.yaml before any work."""
+    if args.command != "train" or not cfg.resume or cfg.finetune.source:
+        return  # a fine-tuning run's resume rebuilds its configuration itself (app/finetune.py)
+    found = run_config_file(cfg.resume)
+    if found is None:
+        return  # the training loop checks against the checkpoint's own configuration
+    checkpoint = find_checkpoint(cfg.resume)
+    check_resume_changes(read_yaml_file(found), cfg, found.parent, checkpoint)
+
+
+def on_sigterm(signum, frame):
+    """Until the training loop takes over (it stops after a step and saves), SIGTERM ends the
+    command like Ctrl-C: through the same clean-up, not with Python's default instant death."""
+    raise Interrupted(signum)
 
 
 def load_command(command: str):
@@ -128,6 +176,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     # check_resolutions prints its own console line; the Python warning is for library callers.
     warnings.filterwarnings("ignore", category=ResolutionWarning)
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    try:
+        code, orderly = run_command(args)
+    except KeyboardInterrupt as interrupt:
+        code, orderly = interrupted(interrupt), False
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if args.command in ("train", "finetune"):
+        return settle_job_status(code, orderly)
+    return code
+
+
+def _main_thread() -> bool:
+    import threading  # noqa: PLC0415
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def run_command(args: argparse.Namespace):
+    """(exit status, whether the command ended on its own terms: a finished or orderly stopped
+    run, as opposed to an error or an abort)."""
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"device={args.device}")
@@ -139,9 +209,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = build_config(base_preset(args), overrides)
         if args.command in DATA_COMMANDS:
             check_dataset(cfg)
+        check_resume(cfg, args)
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
-        return 2
+        return 2, False
+    except AppError as error:
+        print(f"error: {user_message(error)}", file=sys.stderr)
+        return 2, False
     print(f"# resolved configuration ({args.command})")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None).rstrip(), flush=True)
     command, cfg = route(args.command, cfg)
@@ -149,9 +223,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     if run is None:
         print(f"error: the '{args.command}' command is not in this checkout yet "
               f"({COMMANDS[args.command][0]} is missing)", file=sys.stderr)
-        return 2
+        return 2, False
     try:
-        return run(cfg, args)
+        return run(cfg, args), True
     except AppError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        print(f"error: {user_message(error)}", file=sys.stderr)
+        return 2, False
+
+
+def interrupted(interrupt: KeyboardInterrupt) -> int:
+    """Ctrl-C (a second one, while the loop was already stopping), or a signal before the loop
+    started: no traceback, what is on disk, and how to go on. 128 + the signal's number."""
+    signum = getattr(interrupt, "signum", signal.SIGINT)
+    name = signal.Signals(signum).name
+    discarded = discard_unstarted_run()
+    run_dir = current_run()["dir"]
+    if discarded is not None:
+        print(f"\n{name}: stopped during start-up, before any step; removed the new run folder "
+              f"{discarded} (it held only its config.yaml)", file=sys.stderr)
+    elif run_dir is not None:
+        print(f"\n{name}: aborted without saving; the newest complete checkpoint in {run_dir} is whole. "
+              f"Resume with:\n  python -m app train --resume {run_dir}", file=sys.stderr)
+    else:
+        print(f"\n{name}: stopped before any run folder was made; nothing was written", file=sys.stderr)
+    return 128 + int(signum)

@@ -11,6 +11,7 @@ type-checked and validated as a whole before any data is read or any model is bu
 import dataclasses
 import datetime
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,14 @@ from model.norms import NORM_KINDS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEVICES = ("auto", "cpu", "cuda", "ipu", "ipu-model")
+
+
+class UsageError(ConfigError):
+    """A command line or configuration file that cannot be used, with a message of its own."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field_name = field_name
+        ValueError.__init__(self, message)
 
 
 @dataclass
@@ -205,6 +214,8 @@ def _check_type(path: str, value: Any, hint: Any, text: Optional[str] = None) ->
             raise ConfigError(path, value, "a mapping")
         return {_check_type(path, k, args[0]): _check_type(f"{path}.{k}", v, args[1])
                 for k, v in value.items()}
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(path, value, "a finite number")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and _as_float(value) is not None:
@@ -249,8 +260,41 @@ def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            raise UsageError(key, f"{item}: the value is not valid YAML ({_yaml_problem(error)}); "
+                                  "quote it, e.g. 'log.name=\"a:b\"'") from None
     return tree
+
+
+def _yaml_problem(error: Exception) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def read_yaml_file(path: Path) -> Dict[str, Any]:
+    """A YAML configuration file as a mapping (empty file: {}), or a UsageError naming the file,
+    the place and the problem: not text, a syntax error, or no mapping at its top level."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError("--config", f"{path} is not a text file (byte {error.start} is not UTF-8): "
+                                     "give a YAML configuration file") from None
+    except OSError as error:
+        raise UsageError("--config", f"cannot read {path}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UsageError("--config", f"{path} is not valid YAML: {_yaml_problem(error)}; fix that "
+                                     "line (a configuration is a mapping, e.g. `optim: {lr: 0.1}`)") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError("--config", f"{path} holds a {type(data).__name__} ({str(data)[:40]!r}), not a "
+                                     "mapping of sections: write it as e.g. `optim: {lr: 0.1}`")
+    return data
 
 
 def override_texts(overrides: List[str]) -> Dict[str, str]:
@@ -277,8 +321,10 @@ def load_preset(name: str) -> Dict[str, Any]:
     if not path.suffix:
         path = PRESET_DIR / f"{name}.yaml"
     if path.is_file():
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml_file(path)
         base = data.pop("base", None)  # a preset may extend another
+        if base is not None and not isinstance(base, str):
+            raise UsageError("--config", f"{path}: base={base!r} must name one preset or YAML file")
         return deep_update(load_preset(base), data) if base else data
     grid = grid_preset(name)
     if grid is not None:
@@ -349,6 +395,34 @@ def check_dataset(cfg: Config) -> None:
         raise ConfigError("data.dataset", name,
                           f"one of {', '.join(BUILTIN)} or an ImageNet-style folder with train/<class>/ "
                           f"and val/<class>/ ({what}): give the folder's path")
+    check_class_folders(root)
+
+
+def check_class_folders(root: Path) -> None:
+    """Every class of ``root/train`` has an image (an empty one would be a class no image teaches,
+    still counted in the classifier), and ``val/`` has no class ``train/`` lacks."""
+    from app.data.datasets import IMAGE_EXTENSIONS  # noqa: PLC0415
+
+    def classes(split: str) -> Dict[str, bool]:  # class → holds an image file
+        found = {}
+        for entry in sorted(os.scandir(root / split), key=lambda e: e.name):
+            if entry.is_dir():
+                with os.scandir(entry.path) as files:  # stops at the first image (ImageNet: fast)
+                    found[entry.name] = any(f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)
+                                            for f in files)
+        return found
+
+    train, val = classes("train"), classes("val")
+    empty = [c for c, has_images in train.items() if not has_images]
+    if empty:
+        raise UsageError("data.dataset", f"data.dataset={str(root)!r}: train/ class folder(s) "
+                         f"{', '.join(empty[:5])} hold no images ({', '.join(IMAGE_EXTENSIONS)}): add "
+                         "their images or remove the folders (every folder of train/ is a class)")
+    only_val = [c for c in val if c not in train]
+    if only_val:
+        raise UsageError("data.dataset", f"data.dataset={str(root)!r}: val/ has class folder(s) "
+                         f"{', '.join(only_val[:5])} that train/ lacks: no image teaches them; move "
+                         "them into train/ too, or out of val/")
 
 
 def _validate_model(m) -> None:
@@ -423,6 +497,8 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "in [0, 1)")
     _require(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "in [0, 1) (0 = off)")
     _require(t.ema_every >= 1, "train.ema_every", t.ema_every, "an integer >= 1")
+    # numpy's seeds are below 2**32, and each process seeds with train.seed + its rank
+    _require(0 <= t.seed < 2 ** 31, "train.seed", t.seed, "an integer in [0, 2**31)")
     _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "fp32, bf16 or fp16")
     _require(t.val_every > 0, "train.val_every", t.val_every, "a number > 0")
     # warm-up longer than the run: the rate would never reach its peak nor the schedule start
@@ -443,3 +519,94 @@ def validate(cfg: Config) -> None:
     _require(cfg.log.name is None or is_folder_name(cfg.log.name), "log.name", cfg.log.name,
              "a plain folder name (no / or \\, not . or ..): the run folder is log.out_dir/<log.name>")
     cfg.ipu.validate()
+    validate_ipu_lists(cfg)
+
+
+def validate_ipu_lists(cfg: Config) -> None:
+    """Per-IPU lists against the IPUs a replica uses, known here when ``ipu.pipeline`` is given
+    (no pipeline: one IPU; "auto": the planner decides, and the backend checks after it)."""
+    pipeline = cfg.ipu.pipeline
+    if isinstance(pipeline, str):
+        return
+    ipus = max(pipeline.values()) + 1 if pipeline else 1
+    amp = cfg.ipu.available_memory_proportion
+    _require(len(amp) in (1, ipus), "ipu.available_memory_proportion", amp,
+             f"one value for all IPUs or one per IPU: this configuration uses {ipus} IPU"
+             f"{'s' if ipus > 1 else ''} per replica (ipu.pipeline)")
+
+
+# ----------------------------------------------------------------------------- resuming
+
+# What `train --resume RUN field=value` may change. A resume continues the run's optimiser, data
+# order and weights, so only settings that none of those keep are open: how long and how the
+# rate schedule goes (the rate of every step is computed from the step), how often it logs,
+# validates and keeps checkpoints, where and how the same steps run. Everything else is the
+# run's own: a different value would be silently overwritten by the checkpoint (optimiser
+# hyper-parameters live in its state), break it (another optimiser), or make a different
+# experiment under the old run's name. Entries ending in "." open a whole section.
+RESUME_MAY_CHANGE = (
+    "device", "resume",
+    "data.workers", "data.val_resolutions",
+    "optim.lr", "optim.lr_reference_batch",
+    "schedule.",
+    "train.epochs", "train.max_steps", "train.log_every", "train.val_every", "train.keep_checkpoints",
+    "train.cpu_threads", "train.channels_last",
+    # how the global batch is made (it must stay the same: steps per epoch, data order)
+    "train.micro_batch", "train.grad_accum", "train.replicas",
+    "finetune.epochs",
+    "ipu.device_iterations", "ipu.pipeline", "ipu.recompute", "ipu.available_memory_proportion",
+    "ipu.optimizer_state_offchip", "ipu.replicated_tensor_sharding", "ipu.executable_cache",
+    "ipu.output_mode", "ipu.plan_ipus", "ipu.plan_margin",
+    "dist.", "log.",
+)
+GLOBAL_BATCH_FIELDS = ("train.micro_batch", "train.grad_accum", "train.replicas")
+
+
+def resume_may_change(path: str) -> bool:
+    return any(path == entry or (entry.endswith(".") and path.startswith(entry))
+               for entry in RESUME_MAY_CHANGE)
+
+
+def dotted_fields(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"optim.lr": 0.1, ...}: a configuration dict's leaves by dotted path."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and not (prefix == "ipu." and key == "pipeline"):
+            flat.update(dotted_fields(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_changes(saved: Dict[str, Any], cfg: Config, run_dir: Any, weights: Any) -> None:
+    """Refuse, before any work, a resume whose configuration differs from the run's ``saved`` one
+    (its config.yaml, or the checkpoint's) in a field a resume may not change, naming the field and
+    the way out: a new run from the checkpoint's weights."""
+    try:
+        before = config_from_dict(saved)
+    except ConfigError:
+        before = None  # written by another version: compare what both spell the same way
+    old = dotted_fields(before.to_dict() if before is not None else saved)
+    new = dotted_fields(cfg.to_dict())
+    changed = [p for p in new if p in old and old[p] != new[p]]
+    refused = [p for p in changed if not resume_may_change(p)]
+    if before is not None and before.global_batch != cfg.global_batch:
+        refused += [p for p in changed if p in GLOBAL_BATCH_FIELDS]
+    if not refused:
+        return
+    shown = "; ".join(f"{p}: run {old[p]!r}, now {new[p]!r}" for p in refused)
+    settings = " ".join(f"{p}={_as_override(new[p])}" for p in refused if p != "model.init_from")
+    why = ("the global batch decides the steps per epoch and the order of the data"
+           if all(p in GLOBAL_BATCH_FIELDS for p in refused) else
+           "the checkpoint holds the run's optimiser state, weights and data position for its own settings")
+    raise UsageError(refused[0], (
+        f"--resume {run_dir} cannot change {shown} ({why}; a resume may change only "
+        f"{', '.join(e + '*' if e.endswith('.') else e for e in RESUME_MAY_CHANGE[2:])}). Resume without "
+        f"{'that override' if len(refused) == 1 else 'those overrides'}, or start a new run from the "
+        f"checkpoint's weights: python -m app train --config {Path(str(run_dir)) / 'config.yaml'} "
+        f"{settings} model.init_from={weights}".replace("  ", " ")))
+
+
+def _as_override(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return text[:-4].strip() if text.endswith("...") else text

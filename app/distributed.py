@@ -22,15 +22,20 @@ import argparse
 import gc
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from typing import Dict, Iterator, List, Optional
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
+from app.checkpoint import pid_alive
 from app.data.loader import epoch_order
 from backends.errors import DistributedError
 from backends.process import (  # the part of the process context a backend sees
@@ -44,6 +49,12 @@ from backends.process import (  # the part of the process context a backend sees
 )
 
 IPU_DEVICES = ("ipu", "ipu-model")
+# Set by `python -m app train` for the torchrun job it starts: a folder where each process leaves
+# its exit status (see settle_job_status).
+JOB_STATUS_ENV = "APP_JOB_STATUS_DIR"
+LAUNCHER_PID_ENV = "APP_LAUNCHER_PID"  # that command's process, which the job's processes watch
+ORDERLY_STATUSES = (3, 128 + signal.SIGINT, 128 + signal.SIGTERM)  # outcomes all processes agree on
+
 
 # ----------------------------------------------------------------------------- data split
 
@@ -163,21 +174,57 @@ def _wait_for_count(store, key: str, total: int, timeout_s: float = 60.0) -> Non
         time.sleep(0.01)
 
 
+def gather_rng_states(ctx: DistContext, own: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
+    """Every process's random states (each seeds with train.seed + rank and draws its own
+    dropout and drop-path masks), on process 0 in rank order, None elsewhere. Every process
+    must call it at the same point."""
+    if ctx.world_size == 1:
+        return [own]
+    if ctx.engine != "torchrun":
+        return None  # PopRun instances: each resumes with instance 0's states (README: Resume)
+    import torch.distributed as tdist  # noqa: PLC0415
+
+    gathered: List[Any] = [None] * ctx.world_size
+    tdist.all_gather_object(gathered, own)
+    return gathered if ctx.is_main else None
+
+
+def own_rng_states(payload: Dict[str, Any], ctx: DistContext) -> Dict[str, Any]:
+    """A checkpoint as this process resumes it: with its own random states (those process 0 saved
+    for every rank) in place of process 0's. A job resumed on another number of processes keeps
+    process 0's states on every process (and cannot repeat the same masks anyway)."""
+    by_rank = payload.get("rng_by_rank")
+    if ctx.world_size == 1 or not by_rank or len(by_rank) != ctx.world_size:
+        if ctx.world_size > 1 and ctx.is_main:
+            print(f"note: the checkpoint holds the random states of {len(by_rank or [None])} process(es), "
+                  f"this job has {ctx.world_size}: dropout and drop-path masks will not repeat the "
+                  "original run's", file=sys.stderr)
+        return payload
+    mine = by_rank[ctx.rank]
+    return {**payload, "rng": mine["rng"], "epoch_rng": mine["epoch_rng"]}
+
+
 def reduce_results(results: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
     """Validation results of each process's share of the images → those of all the images.
-    ``results``: {name: {"images": n, metric: mean over the n images, ...}}."""
+    ``results``: {name: {"images": n, metric: mean over the n images, ..., count: number}}."""
     ctx = current()
     if ctx.world_size == 1:
         return results
     combined = {}
     for name, result in results.items():
-        keys = [k for k in result if k != "images"]
+        keys = [k for k in result if k != "images" and k not in COUNTS]
+        counts = [k for k in result if k in COUNTS]
         n = float(result["images"])
-        sums = torch.tensor([n] + [float(result[k]) * n for k in keys], dtype=torch.float64)
+        sums = torch.tensor([n] + [float(result[k]) * n for k in keys] + [float(result[k]) for k in counts],
+                            dtype=torch.float64)
         sums = ctx.all_reduce_sum(sums)
         total = float(sums[0])
-        combined[name] = {**{k: float(v) / total for k, v in zip(keys, sums[1:])}, "images": int(total)}
+        combined[name] = {**{k: float(v) / total for k, v in zip(keys, sums[1:])}, "images": int(total),
+                          **{k: int(v) for k, v in zip(counts, sums[1 + len(keys):])}}
     return combined
+
+
+COUNTS = ("skipped_images",)  # entries of validation results that add up over processes
 
 
 def _wants_cuda(cfg) -> bool:
@@ -213,6 +260,7 @@ def init_distributed(cfg) -> DistContext:
         backend, device = "nccl", torch.device("cuda", local_rank)
     else:
         backend, device = "gloo", torch.device("cpu")
+    watch_parent()
     if not tdist.is_initialized():
         tdist.init_process_group(backend=backend)  # rank, size and address from torchrun's env
     ctx = set_current(TorchrunContext(rank, world_size, local_rank, device))
@@ -287,12 +335,128 @@ def launch(cfg, args: Optional[argparse.Namespace]) -> Optional[int]:
             f"{per_node} processes per machine need {per_node} GPUs, this one has "
             f"{torch.cuda.device_count()}: lower train.replicas (REPLICAS) or raise dist.nnodes")
     print(f"launching: {shlex.join(command)}", flush=True)
-    process = subprocess.Popen(command)
-    while True:
+    return run_job(command)
+
+
+def run_job(command: List[str]) -> int:
+    """Run the launcher ``command`` as this command's job and return the job's exit status.
+
+    The job runs in a session of its own, so a terminal's Ctrl-C reaches this process only, and a
+    scheduler's SIGTERM to it too: this process passes SIGINT/SIGTERM on to the job's training
+    processes (not to torchrun, which would answer by killing them), waits for their orderly
+    stop (the step, the checkpoint, the resume command) and exits with its status, 130 / 143.
+    Should this process itself be killed (kill -9), the training processes notice (they watch it:
+    ``watch_parent``) and stop the same orderly way, and torchrun ends with them."""
+    with tempfile.TemporaryDirectory(prefix="app-job-") as status_dir:
+        env = dict(os.environ, **{JOB_STATUS_ENV: status_dir, LAUNCHER_PID_ENV: str(os.getpid())})
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        received: List[int] = []
+
+        def forward(signum, frame):
+            received.append(signum)
+            workers = child_processes(process.pid)
+            try:
+                if workers:
+                    for pid in workers:
+                        os.kill(pid, signum)
+                else:  # still starting its processes: torchrun itself stops
+                    os.killpg(process.pid, signum)
+            except ProcessLookupError:
+                pass
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return process.wait()
-        except KeyboardInterrupt:
-            continue  # Ctrl-C reaches the launcher too; wait for it to stop its processes
+            code = process.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        statuses = job_statuses(Path(status_dir))
+    if statuses:
+        failed = [c for c in statuses if c != 0]
+        return max(failed) if failed else 0 if code == 0 else code
+    if received and code != 0:
+        print(f"{signal.Signals(received[0]).name}: the job stopped while starting its processes, "
+              "before any step", file=sys.stderr)
+        return 128 + received[0]
+    return code
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes  # noqa: PLC0415
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+        return libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def watch_parent(poll_s: float = 0.5) -> None:
+    """A training process of a torchrun job stops in order (SIGTERM to itself: the step, the
+    checkpoint) when the job loses its head: torchrun dies (PR_SET_PDEATHSIG, Linux), or the
+    ``python -m app train`` command that started torchrun does (watched by a thread), so a killed
+    command never leaves its job training on alone and unseen."""
+    parent = os.getppid()
+    if _set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun died before the signal was armed
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    if not launcher.isdigit() or _WATCHING:
+        return
+    _WATCHING.append(int(launcher))
+
+    def watch():
+        while pid_alive(int(launcher)):
+            time.sleep(poll_s)
+        print(f"the command that started this job (process {launcher}) has ended: stopping the job",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+
+_WATCHING: List[int] = []
+
+
+def child_processes(pid: int) -> List[int]:
+    """The processes whose parent is ``pid`` (Linux: from /proc; elsewhere none are found)."""
+    children = []
+    for entry in Path("/proc").glob("[0-9]*/stat") if Path("/proc").is_dir() else []:
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            children.append(int(entry.parent.name))
+    return children
+
+
+def job_statuses(folder: Path) -> List[int]:
+    codes = []
+    for path in sorted(folder.glob("status-*")):
+        try:
+            codes.append(int(path.read_text().strip()))
+        except ValueError:
+            continue
+    return codes
+
+
+def settle_job_status(code: int, orderly: bool) -> int:
+    """The exit status of this process. In a job started by ``run_job``: the status is left for
+    the launching command, and an orderly outcome that every process reached together (stopped
+    by a signal after saving, a non-finite loss) exits 0, so torchrun does not report a failed
+    job with its own traceback. Anything else exits with its status and torchrun ends the job."""
+    folder = os.environ.get(JOB_STATUS_ENV)
+    if not folder or not under_torchrun() or not Path(folder).is_dir():
+        return code
+    rank = os.environ.get("RANK", "0")
+    try:
+        (Path(folder) / f"status-{rank}").write_text(f"{code}\n")
+    except OSError:
+        return code
+    return 0 if orderly and code in ORDERLY_STATUSES else code
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -83,11 +83,19 @@ def validate_all(backend: Backend, ema, loaders: Dict[int, Iterable],
     {"raw@224": {...}, "ema@224": {...}, ...}."""
     results = {}
     ema_classifier = as_classifier(ema.module, cfg) if ema is not None else None
+
+    def counted(name: str, *target) -> None:
+        # each pass's own count of unreadable images replaced (the raw and EMA passes read the same)
+        loader = target[0]
+        before = getattr(loader, "skipped", 0)
+        results[name] = evaluate(backend, *target)
+        results[name]["skipped_images"] = getattr(loader, "skipped", 0) - before
+
     for resolution, loader in loaders.items():
-        results[f"raw@{resolution}"] = evaluate(backend, loader)
+        counted(f"raw@{resolution}", loader)
         if ema is not None:
             backend.sync_to_host()  # the EMA reads the host copy of the trained weights
-            results[f"ema@{resolution}"] = evaluate(backend, loader, ema_classifier)
+            counted(f"ema@{resolution}", loader, ema_classifier)
     return results
 
 
@@ -123,7 +131,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
         raise CheckpointError(f"nothing to validate: no run with checkpoints in {cfg.log.out_dir}/; "
                               "pass --checkpoint RUN_FOLDER_OR_FILE (or train first: make train)")
     path = find_checkpoint(source, prefer_best=True)
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, expect="training")
     backend = create_backend(cfg)
     resolutions = swept or cfg.data.val_resolutions or [cfg.data.resolution]
     datasets = {r: build_dataset(cfg, "val", r) for r in resolutions}

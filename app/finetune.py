@@ -283,7 +283,7 @@ def finetune_setup(ft_cfg: Config, result: FinetuneResult) -> Callable[[TrainSet
 
 
 def run_finetune(cfg: Config, source: Path, keep_max_steps: bool = False) -> FinetuneResult:
-    payload = load_checkpoint(source)
+    payload = load_checkpoint(source, expect="training")
     resolution = cfg.finetune.resolution or native_resolution(cfg.model.name)
     ft_cfg = finetune_config(cfg, payload, source, resolution, keep_max_steps)
     result = FinetuneResult(run=None, source=source, trained_resolution=trained_resolution(payload),

@@ -27,8 +27,10 @@ import yaml
 from app.backend import Backend, create_backend
 from app.checkpoint import (
     arch_of,
+    begin_resume,
     check_architecture,
     check_resume_is_newest,
+    claim_run,
     find_checkpoint,
     load_checkpoint,
     load_weights,
@@ -40,12 +42,14 @@ from app.checkpoint import (
     set_rng_state,
 )
 from app.cli import resume_command
-from app.config import Config
+from app.config import Config, check_resume_changes
 from app.data import build_dataset, build_loader
 from app.distributed import (
     DistContext,
+    gather_rng_states,
     init_distributed,
     launch,
+    own_rng_states,
     reduce_results,
     scale_summary,
     shard_sampler,
@@ -117,7 +121,7 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
     Every tensor must fit, except the classifier when the number of classes differs (it keeps
     its fresh initialisation)."""
     path, source = cfg.model.init_from, cfg.model.init_source
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, expect="weights")  # a state dict or one of our checkpoints
     if source == "ours":
         if "arch" in state:
             check_architecture(state, cfg.model, state["arch"]["num_classes"], path)
@@ -359,8 +363,16 @@ class Trainer:
         if not self.cfg.resume:
             return
         self.resume_path = find_checkpoint(self.cfg.resume)
-        self.resume = load_checkpoint(self.resume_path)
+        if self.dist.is_main:  # the run folder's lock first: another process may be training it
+            claim_run(run_dir_of(self.resume_path), new=False)
+        # with this process's own random states
+        self.resume = own_rng_states(load_checkpoint(self.resume_path, expect="training"), self.dist)
         check_resume_is_newest(self.resume_path, self.resume["step"])
+        if self.hook is None:  # what a resume may change (a hook's run rebuilds its configuration)
+            check_resume_changes(self.resume["config"], self.cfg, run_dir_of(self.resume_path),
+                                 self.resume_path)
+        if self.dist.is_main:
+            begin_resume(self.resume_path, self.resume)  # a killed run's leftovers, best.pt
         recorded = self.resume.get("run_kind", self.kind)  # older checkpoints: any kind
         if recorded != self.kind:  # a kind is named after the command that runs it
             raise AppError(f"{self.resume_path} is a checkpoint of a {recorded} run, not of a {self.kind} "
@@ -419,6 +431,7 @@ class Trainer:
         elif self.dist.is_main:
             self.run_dir = new_run_dir(self.cfg)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            claim_run(self.run_dir, new=True)
         else:
             self.run_dir = Path(self.cfg.log.out_dir)
         print(f"run folder: {self.run_dir}")
@@ -567,13 +580,13 @@ class Trainer:
     def validate(self, at_step: int) -> Dict[str, Dict[str, float]]:
         """Validation leaves the training's random streams as they were (its loaders draw seeds):
         a run's losses then do not depend on when it validated, and a resumed run repeats them."""
-        loaders = self.val_loaders.values()
-        before, skipped_before = rng_state(), skipped_in(loaders)
+        before = rng_state()
         try:  # over every process's share of the images
             results = reduce_results(validate_all(self.backend, self.ema, self.val_loaders, self.cfg))
         finally:
             set_rng_state(before)
-        skipped = job_total(self.dist, skipped_in(loaders) - skipped_before)
+        # the images of the raw passes (an EMA pass reads the same ones: counted in its own entry)
+        skipped = sum(r.get("skipped_images", 0) for name, r in results.items() if name.startswith("raw@"))
         self.tracker.log_validation(at_step, at_step / self.steps_per_epoch, results,
                                     skipped_images=int(skipped))
         return results
@@ -592,9 +605,10 @@ class Trainer:
             shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
             raise NonFiniteLoss(f"weights are not finite after step {at_step}"
                                 + (f" ({shown})" if shown else "") + "; they were not saved")
+        rngs = gather_rng_states(dist, {"rng": rng_state(), "epoch_rng": s.epoch_rng})  # every process's
         if dist.is_main:
-            save_checkpoint(self.run_dir, self.payload(at_step, metrics), self.cfg.train.keep_checkpoints,
-                            is_best)
+            payload = dict(self.payload(at_step, metrics), rng_by_rank=rngs)
+            save_checkpoint(self.run_dir, payload, self.cfg.train.keep_checkpoints, is_best)
         s.last_saved = at_step
 
     def payload(self, at_step: int, metrics: Dict[str, float]) -> Dict[str, Any]:
