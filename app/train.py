@@ -43,9 +43,10 @@ from app.distributed import DistContext, init_distributed, launch, reduce_result
 from app.errors import AppError
 from app.evaluate import validate_all
 from app.objective import Classifier, build_classifier, build_network
-from app.optim import EMA, build_optimizer, lr_at
+from app.optim import build_optimizer, lr_at
 from app.resolution import check_resolutions, downsampling_stages
 from app.tracking import Tracker, format_duration, new_folder
+from app.weight_average import build_weight_average
 from model import convert_state_dict
 
 # fp16: a non-finite loss means the loss scaler skipped that update (weights untouched; the step
@@ -342,7 +343,7 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
     base_lr = cfg.optim.lr * cfg.global_batch / cfg.optim.lr_reference_batch
     optimizer = build_optimizer(model, cfg, base_lr)
     backend.prepare(classifier, optimizer, cfg)
-    ema = EMA(model, cfg.train.ema_decay, warmup=True) if cfg.train.ema_decay > 0 else None
+    ema = build_weight_average(cfg, model, steps_per_epoch)  # per-update EMA or per-epoch average
 
     step, best, epoch_rng = 0, -1.0, None
     if resume is not None:
@@ -448,7 +449,7 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
                     step += 1
                     if math.isfinite(loss) and not bad_grads:
                         nonfinite = 0
-                        if ema is not None and (step % cfg.train.ema_every == 0 or step == total_steps):
+                        if ema is not None and ema.due(step, total_steps):
                             backend.sync_to_host()
                             ema.update(model, steps=(step - ema_step) * backend.updates_per_step)
                             ema_step = step
