@@ -28,8 +28,9 @@ COMMANDS = {
     "finetune": ("app.finetune:main", "fine-tune the last layers at a higher resolution"),
     "plan": ("ipu_options.planning:main", "IPU memory / pipeline plan for the configuration"),
     "paper": ("app.paper:main", "reproduce the paper's tables and figures"),
+    "study": ("app.study:main", "norms|groups|resolution: a claim of the paper, over seeds, in a report"),
 }
-DATA_COMMANDS = ("train", "validate", "finetune", "paper")  # those that read data.dataset
+DATA_COMMANDS = ("train", "validate", "finetune", "paper", "study")  # those that read data.dataset
 EXAMPLES = """examples:
   python -m app train                                  # the digits default (make train)
   python -m app train --config b0-g16-lnpn-half data.dataset=/data/imagenet
@@ -118,6 +119,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.dry_run:
         overrides.append("dist.dry_run=true")
     try:
+        if args.command == "study":  # `study NAME`: NAME is the first word without '='
+            from app.study import take_study_name  # noqa: PLC0415
+
+            args.study = take_study_name(overrides)
         cfg = build_config(base_preset(args), overrides)
         if args.command in DATA_COMMANDS:
             check_dataset(cfg)

@@ -142,6 +142,14 @@ class LogConfig:
 
 
 @dataclass
+class StudyConfig:
+    """``python -m app study <name>`` (app/study.py): the repeats and where the results go."""
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    out_dir: str = "benchmarks/results"  # rows (.jsonl, .csv), report (.md) and plot (.png)
+    report_only: bool = False  # regenerate the report and plot from the existing rows, run nothing
+
+
+@dataclass
 class Config:
     device: str = "auto"
     resume: Optional[str] = None  # a run folder or checkpoint to continue
@@ -154,6 +162,7 @@ class Config:
     ipu: IPUConfig = field(default_factory=IPUConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     @property
     def global_batch(self) -> int:
@@ -454,4 +463,6 @@ def validate(cfg: Config) -> None:
              "offline or online")
     _require(cfg.log.name is None or is_folder_name(cfg.log.name), "log.name", cfg.log.name,
              "a plain folder name (no / or \\, not . or ..): the run folder is log.out_dir/<log.name>")
+    _require(len(cfg.study.seeds) >= 1 and len(set(cfg.study.seeds)) == len(cfg.study.seeds),
+             "study.seeds", cfg.study.seeds, "a list of distinct integers, at least one")
     cfg.ipu.validate()
