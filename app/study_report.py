@@ -69,8 +69,11 @@ def provenance(rows: Rows) -> List[str]:
     dates = sorted(r["date"] for r in rows)
     loads = [r.get(k) for r in rows for k in ("load_before", "load_after") if r.get(k) is not None]
     seeds = sorted({r["seed"] for r in rows})
+    commands = list(dict.fromkeys(f"`{r['command']}` (commit {r['commit']}, torch {r['torch']})"
+                                  for r in rows))
     return [
-        f"Command: `{first['command']}` (commit {first['commit']}, torch {first['torch']}).",
+        ("Command: " if len(commands) == 1 else "Commands (rows of several runs of the study): ")
+        + "; ".join(commands) + ".",
         f"Machine: {first['device']} — {first['cpu']}, {first['cores']} cores, {first['threads']} torch "
         f"thread(s). Runs from {dates[0]} to {dates[-1]}, seeds {seeds}.",
         f"1-minute load average during the runs: {min(loads):.2f}–{max(loads):.2f} (the machine is "
