@@ -140,6 +140,7 @@ class StudyConfig:
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     out_dir: str = "benchmarks/results"  # rows (.jsonl, .csv), report (.md) and plot (.png)
     report_only: bool = False  # regenerate the report and plot from the existing rows, run nothing
+    variants: List[str] = field(default_factory=list)  # only these labels ("BN mb2", "G4 e5"); empty: all
 
 
 @dataclass

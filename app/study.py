@@ -255,6 +255,12 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     command = " ".join(["python -m app"] + sys.argv[1:]) if args is not None else f"study {name}"
     base = study_config(cfg, args, name)
     variants = {"norms": norm_variants, "groups": group_variants}.get(name, lambda c: [])(base)
+    if cfg.study.variants:  # a part of the grid (e.g. the runs an interrupted study still lacks)
+        unknown = sorted(set(cfg.study.variants) - {v.label for v in variants})
+        if unknown:
+            raise AppError(f"study.variants: {unknown} are not variants of the {name} study; it has "
+                           f"{[v.label for v in variants]}")
+        variants = [v for v in variants if v.label in cfg.study.variants]
     folder = new_folder(Path(cfg.log.out_dir), f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     env = environment(base, command)
     writer = RowWriter(stem)
