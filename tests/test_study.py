@@ -58,6 +58,10 @@ def test_study_name_is_required_and_checked(tmp_path, capsys):
     assert "one of norms, groups, resolution" in capsys.readouterr().err
     assert cli(["study", "norms", "--config", "digits", f"study.out_dir={tmp_path}",
                 "study.report_only=true"]) == 2  # no rows yet: says which command makes them
+    assert cli(["study", "groups", "--config", "digits", f"study.out_dir={tmp_path}",
+                "study.variants=[G2 e6]"]) == 2
+    assert "not variants of the groups study" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any run or file
 
 
 def test_report_separates_only_beyond_the_seeds_spread():
