@@ -3,16 +3,20 @@
 CPU or CUDA in this process: autocast (bf16, or fp16 with a GradScaler), loss scaling,
 channels-last, gradient accumulation over micro-batches inside one ``train_step``, and
 DistributedDataParallel under torchrun (through the process context the application registered,
-``backends.process.current``). Part of the device layer: it imports nothing of the application.
+``backends.process.current``). ``evaluate`` runs a copy of the classifier fused for inference
+(model/inference.py), made again after every weight update. Part of the device layer: it imports
+nothing of the application.
 """
 import contextlib
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
+from backends.batch_norm_stats import BatchNormProbe, Statistics, split_statistics
 from backends.contract import Backend, BackendError
 from backends.process import all_reduce_mean, current
+from model.inference import fuse_for_inference
 
 
 def _native_device(requested: str) -> torch.device:
@@ -55,7 +59,9 @@ class NativeBackend(Backend):
         self.channels_last = t.channels_last
         self.scaler = _grad_scaler(enabled=t.precision == "fp16")
         self.classifier = None
+        self._scoring: Optional[nn.Module] = None  # what evaluate() runs (evaluating() sets it)
         self.optimizer = None
+        self.inference_copy = None  # fused for inference; None: the weights changed since
 
     def autocast(self):
         if self.precision == "fp32":
@@ -69,6 +75,7 @@ class NativeBackend(Backend):
         if self.channels_last:
             classifier.to(memory_format=torch.channels_last)
         self.classifier, self.optimizer = classifier, optimizer
+        self.inference_copy = None
         # several processes: gradients are averaged by DistributedDataParallel during backward
         self.trainer = current().wrap(classifier, self.device)
 
@@ -80,6 +87,7 @@ class NativeBackend(Backend):
         loss or the gradients are not finite (fp16: the scaler skips it; otherwise we do, and say so
         with ``nonfinite_grads``), so weights stay good."""
         images, targets = self._to_device(images), self._to_device(targets)
+        self.inference_copy = None  # the weights are about to change
         self.trainer.train()
         self.optimizer.zero_grad(set_to_none=True)
         micro = images.shape[0] // self.grad_accum
@@ -122,16 +130,50 @@ class NativeBackend(Backend):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    @contextlib.contextmanager
+    def evaluating(self, classifier: Optional[nn.Module] = None) -> Iterator[None]:
+        if classifier is None and self.classifier is None:
+            raise BackendError("nothing to evaluate: the backend has no training model (prepare) "
+                               "and no weights were given")
+        previous = self._scoring
+        # a given classifier (moved to this device: Module.to() moves in place) is scored through
+        # its own fused copy (model/inference.py), like the training classifier
+        self._scoring = None if classifier is None else fuse_for_inference(classifier.to(self.device))
+        try:
+            yield
+        finally:
+            self._scoring = previous
+
     @torch.no_grad()
     def evaluate(self, images: Tensor) -> Tensor:
-        self.classifier.eval()
+        """Logits with the weights ``evaluating`` chose: a given classifier's fused copy, else the
+        training classifier's (made on the first call after the weights changed: ``train_step``,
+        ``load_state_dict``, ``prepare``)."""
+        model = self._scoring
+        if model is None:
+            if self.inference_copy is None:
+                self.inference_copy = fuse_for_inference(self.classifier)
+            model = self.inference_copy
         with self.autocast():
-            return self.classifier(self._to_device(images)).float()
+            return model(self._to_device(images)).float()
+
+    @torch.no_grad()
+    def batch_norm_statistics(self, classifier: nn.Module, images: Tensor) -> Statistics:
+        classifier.to(self.device)
+        modes = [(m, m.training) for m in classifier.modules()]
+        nn.Module.train(classifier, False)  # the whole tree, frozen layers included
+        try:
+            with self.autocast():
+                return split_statistics(BatchNormProbe(classifier)(self._to_device(images)))
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
     def state_dict(self) -> Dict[str, Any]:
         return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.inference_copy = None
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
 
@@ -139,3 +181,4 @@ class NativeBackend(Backend):
         # Let go of DistributedDataParallel (and the process group it holds) before the job's
         # process group is destroyed, not whenever the garbage collector gets to it.
         self.trainer = None
+        self.inference_copy = None

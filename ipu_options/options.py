@@ -20,7 +20,9 @@ from the SDK 3.4 signatures):
                                        the checkpoints; 3 and 4 are PopART's RecomputationType
                                        Pipeline and RecomputeAll)
   ipu.partials                     opts.Precision.setPartialsType(torch.half | torch.float)
-  ipu.stochastic_rounding          opts.Precision.enableStochasticRounding(b)
+  ipu.stochastic_rounding          opts.Precision.enableStochasticRounding(b)   (training only)
+  (always)                         opts._Popart.set("engineOptions",
+                                       {"target.deterministicWorkers": "portable"})
   ipu.loss_scaling == "auto"       opts.Training.setAutomaticLossScaling(True)
                                    (a number is the optimiser's ``loss_scaling``: see optimizer.py)
   ipu.optimizer_state_offchip,     opts.TensorLocations.setOptimizerLocation(
@@ -48,7 +50,12 @@ AUTO_RECOMPUTATION_ALL = 4  # popart.RecomputationType.RecomputeAll
 
 
 def local_replicas(cfg) -> int:
-    """Replicas of this process: train.replicas over the PopRun instances."""
+    """Replicas of this process: inside a PopRun job what PopDist says (a poprun started by hand
+    need not match dist.instances); otherwise train.replicas over dist.instances."""
+    if under_poprun():
+        from ipu_options.poprun import popdist_local_replicas  # noqa: PLC0415
+
+        return popdist_local_replicas()
     instances = max(1, cfg.dist.instances)
     if cfg.train.replicas % instances:
         raise ValueError(f"train.replicas={cfg.train.replicas} is not divisible by "
@@ -109,7 +116,15 @@ def build_options(cfg, poptorch, training: bool = True, splits: Optional[dict] =
         opts._Popart.set("autoRecomputation", AUTO_RECOMPUTATION_ALL)
 
     opts.Precision.setPartialsType(torch.half if ipu.partials == "half" else torch.float)
-    opts.Precision.enableStochasticRounding(bool(ipu.stochastic_rounding))
+    if training:
+        # Graphcore's CNN application enables stochastic rounding in train_settings only
+        # (vision/cnns/pytorch/utils/ipu_settings.py:42-45, graphcore/examples v3.4.1): an
+        # inference executable rounds to nearest (PopTorch's default).
+        opts.Precision.enableStochasticRounding(bool(ipu.stochastic_rounding))
+    # Worker randomness (stochastic rounding) the same on every IPU, so that replicas' weights do
+    # not drift apart: set for every executable by Graphcore's CNN application
+    # (vision/cnns/pytorch/utils/ipu_settings.py:18 and 29-30, v3.4.1).
+    opts._Popart.set("engineOptions", {"target.deterministicWorkers": "portable"})
     if training and ipu.loss_scaling == "auto":
         opts.Training.setAutomaticLossScaling(True)
     if ipu.optimizer_state_offchip or ipu.replicated_tensor_sharding:

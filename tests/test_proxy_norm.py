@@ -93,11 +93,18 @@ def test_deferred_scale_folded_into_squeeze_excite_equals_direct_computation():
         assert torch.allclose(block(x), expected, atol=1e-5)
 
 
-def test_projection_norm_keeps_scale_without_shift():
+def test_projection_norm_keeps_scale_without_trainable_shift():
     block = MBConv(16, 24, 3, 2, 4, 16, NormSpec("layer", proxy=True))
-    assert block.project.norm.weight is not None and block.project.norm.bias is None
+    norm = block.project.norm
+    assert [name for name, _ in norm.named_parameters()] == ["weight"]
+    # The shift is a fixed zero, passed to the norm (PopTorch stops on a weight without a bias)
+    # but neither trained nor saved.
+    assert torch.equal(norm.bias, torch.zeros(24)) and not norm.bias.requires_grad
+    assert "bias" not in norm.state_dict()
     assert block.project.act is None
-    assert build_model("b0").blocks[1][0].project.norm.bias is not None  # BN model keeps its shift
+    x = torch.randn(2, 24, 5, 5)
+    assert torch.equal(norm(x), torch.nn.functional.group_norm(x, 1, norm.weight, None, norm.eps))
+    assert build_model("b0").blocks[1][0].project.norm.bias.requires_grad  # BN keeps its shift
 
 
 def _output_of_first_sample(model, batch):
@@ -121,17 +128,19 @@ def test_batch_independence(norm, independent):
     assert torch.allclose(a, b, atol=1e-5) is independent
 
 
-def test_inference_fast_path_matches_the_recorded_path_exactly_and_follows_weight_updates():
-    """Eager inference caches the proxy statistics and writes in place: same bits as the path
-    autograd records, and a weight update (in place, as optimisers do) is seen at once."""
-    from model import build_model
+def test_fused_inference_matches_the_recorded_path_exactly_and_follows_weight_updates():
+    """The fused copy computes the proxy statistics once and writes in place: same bits as the
+    path autograd records, and fused again after a weight update (in place, as optimisers do) it
+    follows the update."""
+    from model import build_model, fuse_for_inference
     model = build_model("b0", group_size=16, norm="layer", proxy_norm=True, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
-    for _ in range(2):  # the second no-grad call uses the cached statistics
+    for _ in range(2):
+        fused = fuse_for_inference(model)
         with torch.no_grad():
-            fast = model(x)
+            fast, again = fused(x), fused(x)  # the second call reuses the computed statistics
         recorded = model(x).detach()
-        assert torch.equal(fast, recorded)
+        assert torch.equal(fast, recorded) and torch.equal(again, recorded)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "proxy" in name:
