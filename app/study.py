@@ -250,6 +250,9 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
         rows_path = stem.with_name(stem.name + ".jsonl")
         if not rows_path.is_file():
             raise AppError(f"study.report_only: no rows at {rows_path}; run python -m app study {name} first")
+        from app.study_report import load_rows  # noqa: PLC0415
+
+        write_csv(load_rows(rows_path), stem.with_name(stem.name + ".csv"))  # rows joined by hand too
         print(f"report: {write_report(name, rows_path)}")
         return 0
     command = " ".join(["python -m app"] + sys.argv[1:]) if args is not None else f"study {name}"
