@@ -128,7 +128,9 @@ def environment(cfg: Config, command: str) -> Dict[str, Any]:
     return {"dataset": Path(cfg.data.dataset).name or "data", "model": model, "epochs": cfg.train.epochs,
             "global_batch": cfg.global_batch, "device": device_kind(cfg), "cpu": cpu_name(),
             "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": git_commit(),
+            # the threads each run sets (train.cpu_threads), not this process's
+            "threads": cfg.train.cpu_threads or torch.get_num_threads(),
+            "torch": torch.__version__, "commit": git_commit(),
             "command": command}
 
 

@@ -57,6 +57,9 @@ def verdict(name_a: str, name_b: str, stats: Stats, unit: str = "points") -> str
     if name_a not in stats or name_b not in stats:
         return f"{name_a} vs {name_b}: not measured."
     diff, separated = compare(stats[name_a], stats[name_b])
+    if min(stats[name_a][2], stats[name_b][2]) < 2:
+        return (f"{name_a} vs {name_b}: {diff:+.2f} {unit} top-1 — one seed of "
+                f"{name_a if stats[name_a][2] < 2 else name_b} only: no spread to test it against.")
     if separated:
         return (f"{name_a} vs {name_b}: {diff:+.2f} {unit} top-1 — separated by these runs "
                 f"(|Δ| > 2 standard errors).")

@@ -72,6 +72,7 @@ def test_report_separates_only_beyond_the_seeds_spread():
     stats = {"a": shifted, "b": tight, "c": noisy}
     assert "separated" in verdict("a", "b", stats) and "cannot tell them apart" in verdict("c", "b", stats)
     assert verdict("a", "z", stats) == "a vs z: not measured."
+    assert "no spread" in verdict("a", "one", {**stats, "one": (1.0, 0.0, 1)})
 
 
 def test_report_refuses_empty_rows(tmp_path):
