@@ -40,8 +40,9 @@ COMMANDS = {
     "finetune": ("app.finetune:main", "fine-tune the last layers at a higher resolution"),
     "plan": ("app.plan:main", "IPU memory / pipeline plan for the configuration"),
     "paper": ("app.paper:main", "reproduce the paper's tables and figures"),
+    "study": ("app.study:main", "norms|groups|resolution: a claim of the paper, over seeds, in a report"),
 }
-DATA_COMMANDS = ("train", "validate", "finetune", "paper")  # those that read data.dataset
+DATA_COMMANDS = ("train", "validate", "finetune", "paper", "study")  # those that read data.dataset
 
 
 # A fine-tuning run's configuration names its source checkpoint (finetune.source): that is what
@@ -206,6 +207,10 @@ def run_command(args: argparse.Namespace):
     if args.dry_run:
         overrides.append("dist.dry_run=true")
     try:
+        if args.command == "study":  # `study NAME`: NAME is the first word without '='
+            from app.study import take_study_name  # noqa: PLC0415
+
+            args.study = take_study_name(overrides)
         cfg = build_config(base_preset(args), overrides)
         if args.command in DATA_COMMANDS:
             check_dataset(cfg)

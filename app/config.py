@@ -60,8 +60,8 @@ class DataConfig:
     random_crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: bool = True
     augment: bool = True  # false: training images get the validation preprocessing (fine-tuning)
-    mixup: float = 0.0  # Beta(α, α) parameter; 0 = off
-    cutmix: float = 0.0
+    mixup: float = 0.0  # per-sample Beta(α, α) mixup, the α; 0 = off (app/data/mixing.py)
+    cutmix_lambda: float = 1.0  # CutMix v1's λ₀ (one λ per batch); 1 = off
     synthetic_images: int = 1024  # images per epoch for synthetic / generated data
 
 
@@ -97,6 +97,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # per weight update; 0 = no EMA
     ema_every: int = 1  # average every N updates (each average copies IPU weights to the host)
+    # The paper's averaging instead: V ← d·V + (1 − d)·θ over end-of-epoch weights (TF1 weight_avg.py,
+    # weight_avg_exp 0.97); 0 = off. Used where the EMA would be (validation, fine-tuning).
+    weight_avg_exp: float = 0.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CPU/CUDA autocast); the IPU's is ipu.precision
     channels_last: bool = False
     seed: int = 0
@@ -111,7 +114,11 @@ class FinetuneConfig:
     checkpoint: Optional[str] = None
     resolution: Optional[int] = None  # None: the model's native resolution
     epochs: float = 2.0
+    # The rate for ``lr_reference_batch`` images, scaled linearly with the fine-tuning's global
+    # batch: the README's --base-learning-rate=-11 is 2^-11 PER IMAGE (TF1 LR_Schedules/cosine.py:
+    # initial_lr = 2^exponent × global_batch_size), 0.25 at the documented global batch of 512.
     lr: float = 2.0 ** -11
+    lr_reference_batch: int = 1
     trainable_from: str = "blocks.6"  # freeze every module before this one
     # Set by the finetune command in its run's configuration: the checkpoint fine-tuned. It marks
     # a fine-tuning run, which `train --resume` / `finetune --resume` resume with the freezing.
@@ -137,6 +144,15 @@ class LogConfig:
 
 
 @dataclass
+class StudyConfig:
+    """``python -m app study <name>`` (app/study.py): the repeats and where the results go."""
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    out_dir: str = "benchmarks/results"  # rows (.jsonl, .csv), report (.md) and plot (.png)
+    report_only: bool = False  # regenerate the report and plot from the existing rows, run nothing
+    variants: List[str] = field(default_factory=list)  # only these labels ("BN mb2", "G4 e5"); empty: all
+
+
+@dataclass
 class Config:
     device: str = "auto"
     resume: Optional[str] = None  # a run folder or checkpoint to continue
@@ -149,6 +165,7 @@ class Config:
     ipu: IPUConfig = field(default_factory=IPUConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     @property
     def global_batch(self) -> int:
@@ -452,7 +469,10 @@ def _validate_data(d) -> None:
     lo, hi = (d.random_crop_scale + [0, 0])[:2]
     _require(len(d.random_crop_scale) == 2 and 0 < lo <= hi <= 1, "data.random_crop_scale",
              d.random_crop_scale, "[min, max] with 0 < min <= max <= 1")
-    _require(d.mixup >= 0 and d.cutmix >= 0, "data.mixup/cutmix", (d.mixup, d.cutmix), "values >= 0")
+    _require(d.mixup >= 0, "data.mixup", d.mixup, "a number >= 0 (Beta(α, α); 0 = off)")
+    # 1.55·λ₀ − 0.96 is the probability of no cut: λ₀ below 0.62 always cuts
+    _require(0 < d.cutmix_lambda <= 1, "data.cutmix_lambda", d.cutmix_lambda,
+             "in (0, 1]: CutMix v1's λ₀ (the paper's 0.95 B1 … 0.8 B5), 1 = off")
     _require(d.synthetic_images >= 1, "data.synthetic_images", d.synthetic_images, "an integer >= 1")
 
 
@@ -499,6 +519,9 @@ def validate(cfg: Config) -> None:
     _require(t.ema_every >= 1, "train.ema_every", t.ema_every, "an integer >= 1")
     # numpy's seeds are below 2**32, and each process seeds with train.seed + its rank
     _require(0 <= t.seed < 2 ** 31, "train.seed", t.seed, "an integer in [0, 2**31)")
+    _require(0 <= t.weight_avg_exp < 1, "train.weight_avg_exp", t.weight_avg_exp, "in [0, 1) (0 = off)")
+    _require(t.weight_avg_exp == 0 or t.ema_decay == 0, "train.weight_avg_exp", t.weight_avg_exp,
+             f"0 while train.ema_decay={t.ema_decay:g}: one weight average at a time (set the other to 0)")
     _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "fp32, bf16 or fp16")
     _require(t.val_every > 0, "train.val_every", t.val_every, "a number > 0")
     # warm-up longer than the run: the rate would never reach its peak nor the schedule start
@@ -508,6 +531,8 @@ def validate(cfg: Config) -> None:
     f = cfg.finetune
     _require(f.epochs > 0, "finetune.epochs", f.epochs, "a number > 0")
     _require(f.lr > 0, "finetune.lr", f.lr, "a number > 0")
+    _require(f.lr_reference_batch >= 1, "finetune.lr_reference_batch", f.lr_reference_batch,
+             "an integer >= 1 (finetune.lr is the rate for this many images)")
     _require(f.resolution is None or f.resolution >= 32, "finetune.resolution", f.resolution,
              "null or an integer >= 32")
 
@@ -518,6 +543,8 @@ def validate(cfg: Config) -> None:
              "offline or online")
     _require(cfg.log.name is None or is_folder_name(cfg.log.name), "log.name", cfg.log.name,
              "a plain folder name (no / or \\, not . or ..): the run folder is log.out_dir/<log.name>")
+    _require(len(cfg.study.seeds) >= 1 and len(set(cfg.study.seeds)) == len(cfg.study.seeds),
+             "study.seeds", cfg.study.seeds, "a list of distinct integers, at least one")
     cfg.ipu.validate()
     validate_ipu_lists(cfg)
 

@@ -4,8 +4,10 @@ The paper's recipe after reduced-resolution training: start from the trained wei
 copy when the checkpoint has one), freeze every layer before ``finetune.trainable_from`` (by
 default the last stage and the head stay trainable), and train ``finetune.epochs`` (2) at the
 test resolution ``finetune.resolution`` with validation preprocessing (resize + centre crop: the
-same apparent object size and pixel statistics the model will be tested on), a small-LR cosine
-schedule and no mixup/cutmix. With batch norm, the running statistics are recalibrated at the new
+same apparent object size and pixel statistics the model will be tested on), plain SGD (no
+momentum, no warm-up: Graphcore's PyTorch port) at ``finetune.lr`` per ``finetune.lr_reference_batch``
+images scaled with the global batch (2⁻¹¹ per image: 0.25 at the README's global batch of 512),
+a cosine schedule and no mixup/cutmix. With batch norm, the running statistics are recalibrated at the new
 resolution before fine-tuning (forward passes, no gradients): at a new resolution the activations'
 statistics change, and the frozen layers, kept in eval mode, would otherwise normalise with the old
 ones; the trainable layers' statistics then follow the fine-tuning itself.
@@ -166,11 +168,17 @@ def given_on_command_line(args: Optional[argparse.Namespace], name: str) -> bool
     return any(o.split("=", 1)[0].strip() == name for o in getattr(args, "overrides", None) or [])
 
 
+def finetune_lr(cfg: Config) -> float:
+    """The fine-tuning's peak rate: ``finetune.lr`` × global batch / ``finetune.lr_reference_batch``
+    (the training loop scales ``optim.lr`` so; ``finetune_config`` hands these two over)."""
+    return cfg.finetune.lr * cfg.global_batch / cfg.finetune.lr_reference_batch
+
+
 def finetune_config(cfg: Config, payload: Dict[str, Any], path: Path, resolution: int,
                     keep_max_steps: bool = False) -> Config:
     """The training configuration of a fine-tuning run: the checkpoint's architecture and weights,
-    the target resolution with validation preprocessing, no mixing, no EMA, the small LR
-    (``finetune.lr`` as is, not scaled with the batch) on a cosine schedule without warm-up, over
+    the target resolution with validation preprocessing, no mixing, no weight averaging, SGD
+    without momentum at ``finetune_lr(cfg)`` on a cosine schedule without warm-up, over
     ``finetune.epochs``: ``train.max_steps`` only when ``keep_max_steps`` (given on this command
     line; the source run's own would cut the cosine schedule short)."""
     data = cfg.to_dict()
@@ -181,10 +189,14 @@ def finetune_config(cfg: Config, payload: Dict[str, Any], path: Path, resolution
     data["resume"] = None
     data["model"].update(init_from=str(path), init_source="ours")
     data["data"].update(resolution=resolution, val_resolutions=[resolution], augment=False,
-                        mixup=0.0, cutmix=0.0)
-    data["optim"].update(lr=cfg.finetune.lr, lr_reference_batch=cfg.global_batch)
+                        mixup=0.0, cutmix_lambda=1.0)
+    # Plain SGD without momentum or warm-up, cosine to 0 (Graphcore's PyTorch port, v3.4.1
+    # train/train.py fine_tune()); the rate scales with the global batch (TF1 cosine.py).
+    data["optim"].update(name="sgd", momentum=0.0, nesterov=False, lr=cfg.finetune.lr,
+                         lr_reference_batch=cfg.finetune.lr_reference_batch)
     data["schedule"].update(name="cosine", warmup_epochs=0.0, min_lr_ratio=0.0)
-    data["train"].update(epochs=cfg.finetune.epochs, ema_decay=0.0, val_every=cfg.finetune.epochs)
+    data["train"].update(epochs=cfg.finetune.epochs, ema_decay=0.0, weight_avg_exp=0.0,
+                         val_every=cfg.finetune.epochs)
     if not keep_max_steps:
         data["train"]["max_steps"] = None
     data["finetune"]["source"] = str(path)  # marks the run as a fine-tuning run (resume)

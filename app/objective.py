@@ -21,7 +21,8 @@ def identity(loss: Tensor) -> Tensor:
 
 
 def smoothed_cross_entropy(logits: Tensor, targets: Tensor, smoothing: float = 0.0) -> Tensor:
-    """Mean cross-entropy against label-smoothed targets.
+    """Mean cross-entropy against label-smoothed targets (the paper's runs' form: 1 − s on the
+    labelled class, s/(K − 1) on each other).
 
     ``targets`` are class indices (int64 [B]) or probabilities (float [B, K], e.g. from mixup).
     Written out (one-hot, log-softmax, sum) rather than with ``F.cross_entropy(label_smoothing=)``
@@ -34,7 +35,10 @@ def smoothed_cross_entropy(logits: Tensor, targets: Tensor, smoothing: float = 0
     else:
         targets = targets.to(log_probs.dtype)
     if smoothing > 0:
-        targets = targets * (1.0 - smoothing) + smoothing / classes
+        # TF1 train.py (integer_labels_to_dense): on-value 1 − s, off-value s/(K − 1), so the
+        # true class gets exactly 1 − s (not 1 − s + s/K); linear, so soft targets mix the same
+        off = smoothing / (classes - 1) if classes > 1 else 0.0
+        targets = targets * (1.0 - smoothing - off) + off
     return -(targets * log_probs).sum(dim=-1).mean()
 
 

@@ -57,9 +57,10 @@ from app.distributed import (
 from app.errors import AppError
 from app.evaluate import validate_all
 from app.objective import Classifier, build_classifier, build_network
-from app.optim import EMA, build_optimizer, lr_at
+from app.optim import build_optimizer, lr_at
 from app.resolution import check_resolutions, downsampling_stages
 from app.tracking import Tracker, format_duration, new_folder
+from app.weight_average import build_weight_average
 from model import convert_state_dict
 
 # fp16: a non-finite loss means the loss scaler skipped that update (weights untouched; the step
@@ -448,7 +449,7 @@ class Trainer:
         self.base_lr = cfg.optim.lr * cfg.global_batch / cfg.optim.lr_reference_batch
         self.optimizer = build_optimizer(model, cfg, self.base_lr)
         self.backend.prepare(self.classifier, self.optimizer, cfg)
-        self.ema = EMA(model, cfg.train.ema_decay, warmup=True) if cfg.train.ema_decay > 0 else None
+        self.ema = build_weight_average(cfg, model, self.steps_per_epoch)  # EMA or per-epoch average
 
     def restore(self) -> None:
         """A resumed run's state: EMA, optimiser, backend, the loop's counters, the RNG states."""
@@ -542,7 +543,7 @@ class Trainer:
         s.step += 1
         if math.isfinite(loss) and applied:
             s.nonfinite = 0
-            if self.ema is not None and (s.step % cfg.train.ema_every == 0 or s.step == self.total_steps):
+            if self.ema is not None and self.ema.due(s.step, self.total_steps):
                 self.backend.sync_to_host()
                 self.ema.update(self.model, steps=(s.step - s.ema_step) * self.backend.updates_per_step)
                 s.ema_step = s.step

@@ -9,7 +9,7 @@ from PIL import Image
 from app.config import build_config
 from app.data import IMAGENET_MEAN, IMAGENET_STD, DatasetError, build_dataset, build_loader
 from app.data.datasets import ImageDataset, digits_split
-from app.data.mixing import cutmix, mixup
+from app.data.mixing import cutmix, mixup, one_hot
 from app.data.transforms import train_transform, val_resize_size, val_transform
 
 
@@ -233,7 +233,7 @@ def two_images(size, value):
 def test_mixup_soft_targets():
     images = two_images(8, 200)
     targets = torch.tensor([1, 3])
-    mixed, soft = mixup(images, targets, 5, 0.75)
+    mixed, soft = mixup(images, one_hot(targets, 5), np.array([0.75, 0.75]))
     assert mixed.dtype == torch.uint8 and int(mixed[0, 0, 0, 0]) == 50 and int(mixed[1, 0, 0, 0]) == 150
     assert torch.allclose(soft.sum(1), torch.ones(2))
     assert soft[0, 1] == pytest.approx(0.75) and soft[0, 3] == pytest.approx(0.25)
@@ -244,14 +244,15 @@ def test_cutmix_area_matches_lambda():
     images = two_images(32, 255)
     targets = torch.tensor([0, 1])
     for lam in (0.2, 0.5, 0.9):
-        out, soft = cutmix(images, targets, 2, lam, rng)
+        out, soft, kept = cutmix(images, one_hot(targets, 2), lam, rng)
         pasted = (out[0, 0] == 255).float().mean().item()  # sample 0 got this much of sample 1
         assert soft[0, 1].item() == pytest.approx(pasted) and soft[0, 0].item() == pytest.approx(1 - pasted)
+        assert kept == pytest.approx(1 - pasted) and abs(kept - lam) < 0.1  # the box fits: no clipping
         assert torch.allclose(soft.sum(1), torch.ones(2))
 
 
 def test_loader_mixes_when_configured():
-    cfg = make_cfg("data.workers=0", "data.mixup=0.2", "data.cutmix=1.0")
+    cfg = make_cfg("data.workers=0", "data.mixup=0.2", "data.cutmix_lambda=0.8")
     loader = build_loader(build_dataset(cfg, "train", 32), 16, train=True, cfg=cfg, seed=0)
     images, targets = next(iter(loader))
     assert images.dtype == torch.uint8 and targets.shape == (16, 10) and targets.dtype == torch.float32

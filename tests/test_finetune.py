@@ -217,10 +217,12 @@ def test_paper_recipe_end_to_end_writes_one_report(tmp_path, monkeypatch, capsys
     console = capsys.readouterr().out
     assert code == 0, console[-3000:]
     folder = tmp_path / "paper"
-    assert {p.name for p in folder.iterdir()} >= {"native", "half", "half-finetune", "report.md", "sweep.png"}
+    assert {p.name for p in folder.iterdir()} >= {"native", "half", "native-finetune", "half-finetune",
+                                                  "report.md", "sweep.png"}
     report = (folder / "report.md").read_text()
     assert "Native resolution 64, half 32" in report
     assert "| top-1 at 64 (%) |" in report and "| training images/s |" in report
+    assert "native + fine-tune" in report and "## Fine-tuning the native model" in report
     assert "| 56 | 24 |  |" in report and "| 64 | 0 | ✓ |" in report and "| 72 | 8 |  |" in report
     half_cfg = (folder / "half" / "config.yaml").read_text()
     assert "resolution: 32" in half_cfg

@@ -111,8 +111,8 @@ class SeededView(Dataset):
 class Collate:
     """Stack, then mixup/cutmix (seeded from the batch's sample seeds). Runs in the workers."""
 
-    def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float):
-        self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
+    def __init__(self, num_classes: int, mixup_alpha: float, cutmix_lambda: float):
+        self.num_classes, self.mixup_alpha, self.cutmix_lambda = num_classes, mixup_alpha, cutmix_lambda
 
     def __call__(self, samples):
         images = torch.from_numpy(np.stack([s[0].numpy() for s in samples]))  # numpy: see to_tensor
@@ -120,7 +120,7 @@ class Collate:
         skipped = tuple(path for s in samples for path in s[2])
         rng = np.random.default_rng(mix_seed(len(samples), *[s[3] for s in samples[:4]]))
         images, targets = mix_batch(images, targets, self.num_classes, self.mixup_alpha,
-                                    self.cutmix_alpha, rng)
+                                    self.cutmix_lambda, rng)
         return images, targets, skipped
 
 
@@ -150,7 +150,7 @@ class Loader:
         self._generator.manual_seed(loader_seed(seed, 0))
         self._loader = DataLoader(
             SeededView(dataset), batch_sampler=self.batches, num_workers=workers,
-            collate_fn=Collate(dataset.num_classes, mixup if train else 0.0, cutmix if train else 0.0),
+            collate_fn=Collate(dataset.num_classes, mixup if train else 0.0, cutmix if train else 1.0),
             pin_memory=pin_memory, persistent_workers=workers > 0, generator=self._generator)
         self.skipped = 0
         self.skipped_files: Set[str] = set()
@@ -241,7 +241,8 @@ def build_loader(dataset: ImageDataset, batch_size: int, *, train: bool, cfg, de
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid: expected an integer >= 1")
     dev = _torch_device(device)
-    mixup, cutmix = (cfg.data.mixup, cfg.data.cutmix) if train else (0.0, 0.0)
+    # cutmix: CutMix v1's λ₀, 1 = off (app/data/mixing.py)
+    mixup, cutmix = (cfg.data.mixup, cfg.data.cutmix_lambda) if train else (0.0, 1.0)
     if isinstance(dataset, SyntheticDataset):
         return SyntheticLoader(dataset, batch_size, device=dev, mixup=mixup, cutmix=cutmix, seed=seed)
     return Loader(dataset, batch_size, train=train, workers=cfg.data.workers,

@@ -1,0 +1,284 @@
+"""``python -m app study norms|groups|resolution``: the paper's three claims, measured in miniature.
+
+Each study trains a few variants of the configuration (``--config``, digits by default) once per
+seed in ``study.seeds``, writes one row per run to ``<study.out_dir>/study-<name>-<dataset>-<device>
+.jsonl`` (and ``.csv``), then the Markdown report and plot from those rows (``app/study_report.py``;
+``study.report_only=true`` regenerates them from the rows without training). Rows are written as
+runs finish to ``….jsonl.partial``, which replaces the previous rows only once the study is
+complete, so an interrupted study leaves the last complete one in place.
+
+- ``norms``: BN, GN, LN and LN+PN at micro-batches 2, 4, 8 and 32; the same global batch (the
+  configuration's) by gradient accumulation, the same number of updates. The paper: BN degrades at
+  small micro-batches, GN/LN alone lose accuracy, LN+PN matches large-batch BN at any micro-batch.
+- ``groups``: group sizes 1, 4, 16, 64 with expansion ratios 6, 5, 4, 2 (``GROUP_EXPANSION``),
+  top-1 beside measured training throughput (the paper chose G16 for the trade-off; G4 was the
+  most accurate).
+- ``resolution``: native vs half resolution, each then fine-tuned at the native one (``make
+  paper``'s ``run_recipe``: the paper's protocol for every model it reports).
+
+Every run validates once, at its end, with its raw weights (no weight averaging: the comparison is
+about the variants, not the averaging). Unless this command line sets ``train.epochs``, each study
+trains for its ``STUDY_EPOCHS`` — short, so that a study fits ~20 minutes of a 2-core CPU.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from app.config import Config, ConfigError
+from app.errors import AppError
+from app.finetune import given_on_command_line
+from app.provenance import cpu_name, git_commit, load_average
+from app.tracking import new_folder
+
+STUDY_NAMES = ("norms", "groups", "resolution")
+STUDY_EPOCHS = {"norms": 1.5, "groups": 2.0, "resolution": 3.0}
+NORM_VARIANTS = (("BN", "batch", False), ("GN", "group", False), ("LN", "layer", False),
+                 ("LN+PN", "layer", True))
+MICRO_BATCHES = (2, 4, 8, 32)
+# Group size → expansion ratio. The paper's configs pair G1 with e6 and G16 with e4 (configs.yml
+# G1/G16 anchors). For G4 and G64, whose ratios neither the configs nor shared/reference/paper.md
+# give, the integer ratio nearest the paper's aim of "approximately equal FLOPs" (README): G4 e5
+# (B0: 5.15M parameters / 0.42G multiply-adds vs G1 e6's 5.29M / 0.39G) and G64 e2, the smallest
+# ratio that still expands (7.65M / 1.02G; no integer ratio brings G64 down to G1's FLOPs).
+GROUP_EXPANSION = ((1, 6), (4, 5), (16, 4), (64, 2))
+
+
+def take_study_name(overrides: List[str]) -> str:
+    """``python -m app study NAME [overrides]``: remove NAME (the first word without '=') from the
+    overrides and return it; ConfigError (exit 2) when it is missing or unknown."""
+    for i, word in enumerate(overrides):
+        if "=" not in word:
+            if word not in STUDY_NAMES:
+                raise ConfigError("study", word, f"one of {', '.join(STUDY_NAMES)} "
+                                  "(python -m app study norms|groups|resolution [overrides])")
+            del overrides[i]
+            return word
+    raise ConfigError("study", None, f"a study name: python -m app study {'|'.join(STUDY_NAMES)}")
+
+
+@dataclass
+class Variant:
+    label: str
+    sections: Dict[str, Dict[str, Any]]  # config fields this variant sets
+    fields: Dict[str, Any] = field(default_factory=dict)  # what its rows record about it
+
+
+def norm_variants(cfg: Config) -> List[Variant]:
+    total = cfg.global_batch // cfg.train.replicas
+    out = []
+    for label, norm, proxy in NORM_VARIANTS:
+        for micro in MICRO_BATCHES:
+            if total % micro:
+                raise AppError(f"the norms study keeps the global batch ({cfg.global_batch}) by "
+                               f"accumulation: micro-batch {micro} does not divide it; set "
+                               f"train.micro_batch × train.grad_accum to a multiple of 32")
+            out.append(Variant(f"{label} mb{micro}",
+                               {"model": {"norm": norm, "proxy_norm": proxy},
+                                "train": {"micro_batch": micro, "grad_accum": total // micro}},
+                               {"norm": label, "micro_batch": micro, "grad_accum": total // micro}))
+    return out
+
+
+def group_variants(cfg: Config) -> List[Variant]:
+    return [Variant(f"G{g} e{e}", {"model": {"group_size": g, "expand_ratio": e}},
+                    {"group_size": g, "expand_ratio": e}) for g, e in GROUP_EXPANSION]
+
+
+def study_config(cfg: Config, args: Optional[argparse.Namespace], name: str) -> Config:
+    """The base of every run: validated once at its end, raw weights, the study's length."""
+    from app.paper import derived  # noqa: PLC0415  (app.paper imports the training stack)
+
+    train: Dict[str, Any] = {"ema_decay": 0.0, "weight_avg_exp": 0.0}
+    if not given_on_command_line(args, "train.epochs"):
+        train["epochs"] = STUDY_EPOCHS[name]
+    schedule: Dict[str, Any] = {}
+    if not given_on_command_line(args, "schedule.warmup_epochs"):  # a quarter of the run at most
+        schedule["warmup_epochs"] = min(cfg.schedule.warmup_epochs, train.get("epochs", cfg.train.epochs) / 4)
+    base = derived(cfg, train=train, schedule=schedule)
+    return derived(base, train={"val_every": base.train.epochs})
+
+
+# ----------------------------------------------------------------------------- rows
+
+def device_kind(cfg: Config) -> str:
+    """``device=auto`` as the native backend resolves it (app/backend.py)."""
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def study_stem(cfg: Config, name: str) -> Path:
+    dataset = Path(cfg.data.dataset).name or "data"
+    return Path(cfg.study.out_dir) / f"study-{name}-{dataset}-{device_kind(cfg)}"
+
+
+def environment(cfg: Config, command: str) -> Dict[str, Any]:
+    """What every row of the study records about its setting and machine."""
+    m = cfg.model
+    model = f"{m.name.upper()} G{m.group_size} e{m.expand_ratio} {m.norm}{'+PN' if m.proxy_norm else ''}"
+    return {"dataset": Path(cfg.data.dataset).name or "data", "model": model, "epochs": cfg.train.epochs,
+            "global_batch": cfg.global_batch, "device": device_kind(cfg), "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            # the threads each run sets (train.cpu_threads), not this process's
+            "threads": cfg.train.cpu_threads or torch.get_num_threads(),
+            "torch": torch.__version__, "commit": git_commit(),
+            "command": command}
+
+
+class RowWriter:
+    """Appends rows to ``<stem>.jsonl.partial`` as runs finish; ``finish`` moves them in place."""
+
+    def __init__(self, stem: Path):
+        self.stem = stem
+        self.partial = stem.with_name(stem.name + ".jsonl.partial")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        self.partial.write_text("")
+        self.rows: List[Dict[str, Any]] = []
+
+    def add(self, row: Dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.partial.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def finish(self) -> Path:
+        final = self.stem.with_name(self.stem.name + ".jsonl")
+        os.replace(self.partial, final)
+        write_csv(self.rows, self.stem.with_name(self.stem.name + ".csv"))
+        return final
+
+
+def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
+    keys: List[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_row(study: str, variant: Variant, seed: int, result, resolution: int,
+            env: Dict[str, Any], load_before: float,
+            extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    metrics = result.results.get(f"raw@{resolution}", {})
+    return {"study": study, "variant": variant.label, "seed": seed, **variant.fields,
+            "resolution": resolution, "top1": metrics.get("top1"), "top5": metrics.get("top5"),
+            "steps": result.steps, "images": result.images, "train_seconds": round(result.train_seconds, 2),
+            "images_per_s": round(result.images_per_s, 2), **(extra or {}),
+            "load_before": load_before, "load_after": load_average(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **env}
+
+
+# ----------------------------------------------------------------------------- running
+
+def run_variants(name: str, cfg: Config, variants: List[Variant], folder: Path, writer: RowWriter,
+                 env: Dict[str, Any], extra: Callable[[Config], Dict[str, Any]] = lambda c: {}) -> int:
+    from app.paper import derived  # noqa: PLC0415
+    from app.train import run_training  # noqa: PLC0415
+
+    for seed in cfg.study.seeds:
+        for variant in variants:
+            log = {"out_dir": str(folder), "name": f"{slug(variant.label)}-s{seed}"}
+            run_cfg = derived(cfg, **{**variant.sections, "log": log,
+                                      "train": {**variant.sections.get("train", {}), "seed": seed}})
+            print(f"\n=== {name}: {variant.label}, seed {seed} ===", flush=True)
+            load_before = load_average()
+            result = run_training(run_cfg)
+            if result.exit_code:
+                return result.exit_code
+            writer.add(run_row(name, variant, seed, result, run_cfg.data.resolution, env, load_before,
+                               extra(run_cfg)))
+    return 0
+
+
+def model_size(cfg: Config) -> Dict[str, Any]:
+    """Parameters and multiply-adds of the variant at the paper's scale (B0 at 224, 1000 classes)."""
+    from model import build_model, count_macs, count_parameters  # noqa: PLC0415
+
+    m = cfg.model
+    net = build_model(m.name, group_size=m.group_size, expand_ratio=m.expand_ratio, num_classes=1000)
+    return {"parameters_1000": count_parameters(net), "macs_224": count_macs(net, 224)}
+
+
+def run_resolution(cfg: Config, folder: Path, writer: RowWriter, env: Dict[str, Any],
+                   keep_max_steps: bool) -> int:
+    from app.paper import derived, run_recipe  # noqa: PLC0415
+    from app.resolution import half_resolution, model_stages, native_resolution  # noqa: PLC0415
+
+    native = cfg.finetune.resolution or native_resolution(cfg.model.name)
+    half = half_resolution(native, model_stages(cfg.model.name))
+    for seed in cfg.study.seeds:
+        print(f"\n=== resolution: native {native} vs half {half}, seed {seed} ===", flush=True)
+        load_before = load_average()
+        seed_folder = new_folder(folder, f"s{seed}")
+        runs = run_recipe(derived(cfg, train={"seed": seed}), seed_folder, native, half, keep_max_steps)
+        if isinstance(runs, int):
+            return runs
+        for label, train, ft, res in (("native", runs.native, None, native),
+                                      ("native + fine-tune", runs.native, runs.native_ft, native),
+                                      ("half", runs.half, None, half),
+                                      ("half + fine-tune", runs.half, runs.half_ft, half)):
+            metrics = ft.after if ft is not None else train.results.get(f"raw@{native}", {})
+            seconds = train.train_seconds + (ft.run.train_seconds if ft is not None else 0.0)
+            writer.add({"study": "resolution", "variant": label, "seed": seed, "train_resolution": res,
+                        "test_resolution": native, "top1": metrics.get("top1"), "top5": metrics.get("top5"),
+                        "train_seconds": round(train.train_seconds, 2),
+                        "finetune_seconds": round(ft.run.train_seconds, 2) if ft is not None else 0.0,
+                        "total_seconds": round(seconds, 2), "images_per_s": round(train.images_per_s, 2),
+                        "load_before": load_before, "load_after": load_average(),
+                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **env})
+    return 0
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
+
+
+def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
+    from app.study_report import write_report  # noqa: PLC0415
+
+    name = getattr(args, "study", None) or "norms"
+    stem = study_stem(cfg, name)
+    if cfg.study.report_only:
+        rows_path = stem.with_name(stem.name + ".jsonl")
+        if not rows_path.is_file():
+            raise AppError(f"study.report_only: no rows at {rows_path}; run python -m app study {name} first")
+        from app.study_report import load_rows  # noqa: PLC0415
+
+        write_csv(load_rows(rows_path), stem.with_name(stem.name + ".csv"))  # rows joined by hand too
+        print(f"report: {write_report(name, rows_path)}")
+        return 0
+    command = " ".join(["python -m app"] + sys.argv[1:]) if args is not None else f"study {name}"
+    base = study_config(cfg, args, name)
+    variants = {"norms": norm_variants, "groups": group_variants}.get(name, lambda c: [])(base)
+    if cfg.study.variants:  # a part of the grid (e.g. the runs an interrupted study still lacks)
+        unknown = sorted(set(cfg.study.variants) - {v.label for v in variants})
+        if unknown:
+            raise AppError(f"study.variants: {unknown} are not variants of the {name} study; it has "
+                           f"{[v.label for v in variants]}")
+        variants = [v for v in variants if v.label in cfg.study.variants]
+    folder = new_folder(Path(cfg.log.out_dir), f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    env = environment(base, command)
+    writer = RowWriter(stem)
+    print(f"study {name}: {len(variants) or 4} variants × seeds {cfg.study.seeds} in {folder}; rows: "
+          f"{writer.partial}")
+    if name == "resolution":
+        code = run_resolution(base, folder, writer, env, given_on_command_line(args, "train.max_steps"))
+    else:
+        code = run_variants(name, base, variants, folder, writer, env,
+                            extra=model_size if name == "groups" else (lambda c: {}))
+    if code:
+        print(f"study {name} stopped (exit {code}); its rows so far: {writer.partial}", file=sys.stderr)
+        return code
+    rows_path = writer.finish()
+    print(f"rows: {rows_path}\nreport: {write_report(name, rows_path)}")
+    return 0

@@ -1,0 +1,82 @@
+"""`python -m app study`: tiny runs (one seed, one step, synthetic images) and the report's logic."""
+import json
+
+import pytest
+
+import app.study
+from app.cli import main as cli
+from app.study_report import compare, verdict, write_report
+
+TINY = ["--device", "cpu", "data.dataset=synthetic", "data.synthetic_images=64", "train.max_steps=1",
+        "study.seeds=[0]"]
+
+
+def run_study(name, tmp_path, *extra):
+    return cli(["study", name, "--config", "digits", *TINY, f"study.out_dir={tmp_path}",
+                f"log.out_dir={tmp_path / 'runs'}", *extra])
+
+
+def rows_of(tmp_path, name):
+    path = tmp_path / f"study-{name}-synthetic-cpu.jsonl"
+    return path, [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_norms_study_keeps_the_global_batch_and_writes_rows_report_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(app.study, "MICRO_BATCHES", (2, 32))
+    monkeypatch.setattr(app.study, "NORM_VARIANTS", (("BN", "batch", False), ("LN+PN", "layer", True)))
+    assert run_study("norms", tmp_path) == 0
+    path, rows = rows_of(tmp_path, "norms")
+    assert [r["variant"] for r in rows] == ["BN mb2", "BN mb32", "LN+PN mb2", "LN+PN mb32"]
+    assert all(r["micro_batch"] * r["grad_accum"] == 32 and r["steps"] == 1 for r in rows)
+    assert all(0 <= r["top1"] <= 100 and r["commit"] and r["torch"] for r in rows)
+    report = path.with_suffix(".md").read_text()
+    assert "| BN |" in report and "mb 2 (× 16)" in report and "Command: `" in report
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert path.with_suffix(".csv").read_text().startswith("study,variant,seed")
+    assert not (tmp_path / "study-norms-synthetic-cpu.jsonl.partial").exists()
+    path.with_suffix(".md").unlink()  # regenerated from the rows alone
+    assert run_study("norms", tmp_path, "study.report_only=true") == 0
+    assert path.with_suffix(".md").read_text() == report
+
+
+def test_groups_and_resolution_studies_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(app.study, "GROUP_EXPANSION", ((1, 6), (16, 4)))
+    assert run_study("groups", tmp_path) == 0
+    _, rows = rows_of(tmp_path, "groups")
+    assert [(r["group_size"], r["expand_ratio"]) for r in rows] == [(1, 6), (16, 4)]
+    assert rows[0]["parameters_1000"] == 5288548 and rows[0]["images_per_s"] > 0
+    assert run_study("resolution", tmp_path, "finetune.resolution=64") == 0
+    _, rows = rows_of(tmp_path, "resolution")
+    assert [r["variant"] for r in rows] == ["native", "native + fine-tune", "half", "half + fine-tune"]
+    assert [r["train_resolution"] for r in rows] == [64, 64, 32, 32]
+    assert rows[1]["finetune_seconds"] > 0 and rows[0]["finetune_seconds"] == 0
+
+
+def test_study_name_is_required_and_checked(tmp_path, capsys):
+    assert cli(["study", "--config", "digits", f"study.out_dir={tmp_path}"]) == 2
+    assert cli(["study", "norm", "--config", "digits"]) == 2
+    assert "one of norms, groups, resolution" in capsys.readouterr().err
+    assert cli(["study", "norms", "--config", "digits", f"study.out_dir={tmp_path}",
+                "study.report_only=true"]) == 2  # no rows yet: says which command makes them
+    assert cli(["study", "groups", "--config", "digits", f"study.out_dir={tmp_path}",
+                "study.variants=[G2 e6]"]) == 2
+    assert "not variants of the groups study" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any run or file
+
+
+def test_report_separates_only_beyond_the_seeds_spread():
+    tight, shifted, noisy = (90.0, 0.5, 3), (95.0, 0.5, 3), (95.0, 6.0, 3)
+    assert compare(shifted, tight) == (5.0, True)
+    assert compare(noisy, tight)[1] is False
+    assert compare((95.0, 0.0, 1), tight)[1] is False  # one seed: never separated
+    stats = {"a": shifted, "b": tight, "c": noisy}
+    assert "separated" in verdict("a", "b", stats) and "cannot tell them apart" in verdict("c", "b", stats)
+    assert verdict("a", "z", stats) == "a vs z: not measured."
+    assert "no spread" in verdict("a", "one", {**stats, "one": (1.0, 0.0, 1)})
+
+
+def test_report_refuses_empty_rows(tmp_path):
+    empty = tmp_path / "rows.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="holds no rows"):
+        write_report("norms", empty)
