@@ -58,6 +58,7 @@ class DataConfig:
     random_crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: bool = True
     augment: bool = True  # false: training images get the validation preprocessing (fine-tuning)
+    reduced_decode: bool = True  # decode JPEGs at 1/2-1/8 where the crop still has the pixels
     mixup: float = 0.0  # Beta(α, α) parameter; 0 = off
     cutmix: float = 0.0
     synthetic_images: int = 1024  # images per epoch for synthetic / generated data
