@@ -439,7 +439,7 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
                 if skip:
                     set_rng_state(resume["rng"])
                 tracker.start_window()
-                for images, targets in batches:
+                for images, targets in tracker.timed(batches):  # counts time waiting for data
                     lr = lr_at(step + 1.0, cfg, steps_per_epoch, base_lr)  # the rate of update step+1
                     backend.set_lr(lr)
                     out = backend.train_step(images, targets)
