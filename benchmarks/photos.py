@@ -19,6 +19,9 @@ import numpy as np
 from PIL import Image
 
 IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (640, 480), (500, 500), (1200, 900))
+# the benchmark's mix: mostly ~500×375 in both orientations, one in ten a large photograph
+IMAGENET_MIX = ((500, 375), (375, 500), (500, 375), (500, 333), (375, 500), (500, 375), (640, 480),
+                (500, 500), (333, 500), (1200, 900))
 QUALITIES = (75, 90, 95)
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # colour photographs it ships
 
