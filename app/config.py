@@ -56,6 +56,7 @@ class DataConfig:
     val_resolutions: List[int] = field(default_factory=list)  # empty: the training resolution
     workers: int = 2
     prefetch: int = 2  # batches each worker process keeps in flight (torch's prefetch_factor)
+    async_loader: bool = True  # ipu/ipu-model training: poptorch.DataLoader, AsyncRebatched mode
     random_crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: bool = True
     augment: bool = True  # false: training images get the validation preprocessing (fine-tuning)

@@ -134,6 +134,16 @@ class Collate:
         return images, targets, skipped
 
 
+def check_batches(dataset: ImageDataset, batches: EpochBatches, batch_size: int,
+                  sampler: Optional[Sampler]) -> None:
+    """Refuse data that does not fill one batch, naming the fix."""
+    if len(batches) == 0:
+        share = f" (this process's share: {len(sampler)})" if sampler is not None else ""
+        raise DatasetError(f"the {dataset.split} data has {len(dataset)} images{share}, fewer than "
+                           f"one batch of {batch_size}: lower train.micro_batch (or "
+                           "train.grad_accum / train.replicas), or use more data")
+
+
 class Loader:
     """Iterable of (images uint8 [B,3,H,W], targets). ``len(loader)``: batches per epoch.
     ``iterate(start_batch=k)``: this epoch from batch k on (resume). ``skipped``: unreadable
@@ -145,11 +155,7 @@ class Loader:
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
         self.batches = EpochBatches(len(dataset), batch_size, shuffle=train, drop_last=train,
                                     seed=seed, sampler=sampler)
-        if len(self.batches) == 0:
-            share = f" (this process's share: {len(sampler)})" if sampler is not None else ""
-            raise DatasetError(f"the {dataset.split} data has {len(dataset)} images{share}, fewer than "
-                               f"one batch of {batch_size}: lower train.micro_batch (or "
-                               "train.grad_accum / train.replicas), or use more data")
+        check_batches(dataset, self.batches, batch_size, sampler)
         # The DataLoader draws its workers' base seed when an iterator is created (every epoch
         # without workers, once with persistent ones). From the global RNG that draw would happen
         # at different points of an uninterrupted and a resumed process and shift the model's
@@ -260,6 +266,19 @@ def build_loader(dataset: ImageDataset, batch_size: int, *, train: bool, cfg, de
     mixup, cutmix = (cfg.data.mixup, cfg.data.cutmix) if train else (0.0, 0.0)
     if isinstance(dataset, SyntheticDataset):
         return SyntheticLoader(dataset, batch_size, device=dev, mixup=mixup, cutmix=cutmix, seed=seed)
+    from .poptorch_loader import PopTorchLoader, uses_poptorch_loader  # noqa: PLC0415  (builds on this)
+
+    if uses_poptorch_loader(cfg, train):
+        from ipu_options import poptorch  # noqa: PLC0415  (the real one, or the emulator)
+
+        micro, accumulation = cfg.train.micro_batch, cfg.train.grad_accum * cfg.ipu.device_iterations
+        replicas, rest = divmod(batch_size, micro * accumulation)
+        if rest or replicas < 1:
+            raise ValueError(f"batch_size={batch_size} is not a host batch of train.micro_batch={micro} "
+                             f"× train.grad_accum × ipu.device_iterations ({accumulation}) × replicas")
+        return PopTorchLoader(dataset, micro, (cfg.ipu.device_iterations, replicas, cfg.train.grad_accum),
+                              poptorch=poptorch, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
+                              mixup=mixup, cutmix=cutmix, seed=seed, sampler=sampler)
     return Loader(dataset, batch_size, train=train, workers=cfg.data.workers,
                   pin_memory=dev.type == "cuda", mixup=mixup, cutmix=cutmix, seed=seed,
                   sampler=sampler, prefetch=cfg.data.prefetch)

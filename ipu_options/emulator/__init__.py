@@ -7,7 +7,7 @@ identity_loss), ``recompute`` (recomputation realised with torch.utils.checkpoin
 ``dataloader``, ``precision`` (fp16 rounding, stochastic rounding, fp16 kernels on the CPU)."""
 from . import optim
 from .blocks import BeginBlock, Block, identity_loss, recomputationCheckpoint, removeBlocks
-from .dataloader import DataLoader
+from .dataloader import AsynchronousDataAccessor, DataLoader
 from .enums import (
     AutoStage,
     ConnectionType,
@@ -23,7 +23,8 @@ __version__ = "3.4.0+emulated"
 EMULATED = True
 
 __all__ = [
-    "AutoStage", "BeginBlock", "Block", "ConnectionType", "DataLoader", "DataLoaderMode",
+    "AsynchronousDataAccessor", "AutoStage", "BeginBlock", "Block", "ConnectionType", "DataLoader",
+    "DataLoaderMode",
     "MeanReductionStrategy", "Options", "OutputMode", "PipelinedExecution", "PoplarExecutor",
     "ReductionType", "ShardedExecution", "TensorLocationSettings", "identity_loss",
     "inferenceModel", "ipuHardwareIsAvailable", "optim", "recomputationCheckpoint", "removeBlocks",
