@@ -109,3 +109,10 @@ class Strings(torch.utils.data.Dataset):
 
 def with_paths(samples):
     return torch.cat([x for x, _ in samples]), [p for _, p in samples]
+
+
+def test_prefetch_below_one_is_refused_naming_the_field():
+    from app.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.prefetch"):
+        build_config(None, ["data.prefetch=0"]).validate()
