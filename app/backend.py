@@ -1,201 +1,25 @@
-"""The one place where device kinds differ: how a host batch becomes weight updates and logits.
+"""Which backend a run gets: the one place where the application picks a device kind.
 
-The training loop sees only ``Backend``: it hands over a host batch of uint8 images and targets,
-and gets back scalar metrics. ``NativeBackend`` runs on the CPU or a CUDA GPU (autocast,
-loss scaling, channels-last, gradient accumulation over micro-batches). The IPU backend
-(``ipu_options.backend.PopTorchBackend``) compiles the same ``Classifier`` with PopTorch.
+The contract every backend implements (``Backend``, ``BackendError``) is ``backends/contract.py``;
+``NativeBackend`` (CPU/CUDA) is ``backends/native.py`` and ``PopTorchBackend`` (IPU, or its
+emulator) ``ipu_options/backend.py``. Both are handed what they need — the configuration and the
+network's builder — and never import the application.
 """
-import contextlib
 import importlib
-from typing import Any, Dict
+from typing import Callable, Optional
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from app.config import Config
-from app.distributed import all_reduce_mean, current
-from app.errors import AppError
+from backends.contract import Backend, BackendError
+from backends.native import NativeBackend
 
-
-class BackendError(AppError):
-    """The chosen device cannot do what the configuration asks; the message says what to change."""
+__all__ = ["Backend", "BackendError", "NativeBackend", "create_backend"]
 
 
-class Backend:
-    name: str = "base"
-    emulated: bool = False  # True when the device is simulated (figures are not hardware figures)
-    device: torch.device = torch.device("cpu")  # where the loader should put its tensors
-    updates_per_step: int = 1  # weight updates per train_step call (IPU: device iterations)
-    compile_only: bool = False  # build the executables and stop (ipu.compile_only)
-
-    def host_batch_size(self, cfg: Config) -> int:
-        """Images per ``train_step`` call: every micro-batch of one weight update."""
-        return cfg.train.micro_batch * cfg.train.grad_accum
-
-    def eval_batch_size(self, cfg: Config) -> int:
-        return cfg.train.micro_batch
-
-    def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config) -> None:
-        raise NotImplementedError
-
-    def train_step(self, images: Tensor, targets: Tensor) -> Dict[str, Tensor]:
-        """One host batch; returns metrics averaged over every replica of the job (backends
-        call ``app.distributed.all_reduce_mean``), so all processes see the same figures."""
-        raise NotImplementedError
-
-    def set_lr(self, lr: float) -> None:
-        raise NotImplementedError
-
-    def compile(self, images: Tensor, targets: Tensor) -> str:
-        """Build what ``train_step``/``evaluate`` run, from one host batch, without running it;
-        returns what was built (only backends with ``compile_only``)."""
-        raise NotImplementedError
-
-    def evaluate(self, images: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def sync_to_host(self) -> None:
-        """Make the classifier's host-side weights current (a no-op where they live on the host)."""
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Backend state a checkpoint must hold (e.g. the fp16 loss scaler)."""
-        return {}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _native_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        why = ("this PyTorch is a CPU-only build: install a CUDA build of PyTorch"
-               if torch.version.cuda is None else
-               f"this CUDA {torch.version.cuda} build of PyTorch sees no GPU: check the driver and "
-               "CUDA_VISIBLE_DEVICES")
-        raise BackendError(f"device=cuda is not available ({why}); or use --device cpu (or auto)")
-    return torch.device(requested)
-
-
-def _grad_scaler(enabled: bool):
-    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-        return torch.amp.GradScaler("cuda", enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch 2.0 (the Poplar SDK's)
-
-
-class NativeBackend(Backend):
-    """CPU or CUDA in this process: autocast (bf16, or fp16 with a GradScaler), channels-last,
-    and ``grad_accum`` micro-batches accumulated inside one ``train_step``."""
-
-    def __init__(self, cfg: Config):
-        self.device = _native_device(cfg.device)
-        self.name = self.device.type
-        t = cfg.train
-        if t.precision == "fp16" and self.device.type != "cuda":
-            raise BackendError("train.precision=fp16 needs a CUDA GPU (its loss scaler is CUDA-only); "
-                               "on the CPU use train.precision=bf16 or fp32")
-        if t.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise BackendError("train.precision=bf16 is not supported by this GPU; "
-                               "use train.precision=fp16 or fp32")
-        if t.cpu_threads is not None:
-            torch.set_num_threads(t.cpu_threads)
-        self.precision = t.precision
-        self.grad_accum = t.grad_accum
-        self.micro_batch = t.micro_batch
-        self.channels_last = t.channels_last
-        self.scaler = _grad_scaler(enabled=t.precision == "fp16")
-        self.classifier = None
-        self.optimizer = None
-
-    def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config) -> None:
-        # Module.to() moves parameters in place, so the optimiser built on them stays valid.
-        classifier.to(self.device)
-        if self.channels_last:
-            classifier.to(memory_format=torch.channels_last)
-        self.classifier, self.optimizer = classifier, optimizer
-        # several processes: gradients are averaged by DistributedDataParallel during backward
-        self.trainer = current().wrap(classifier, self.device)
-
-    def _to_device(self, tensor: Tensor) -> Tensor:
-        return tensor.to(self.device, non_blocking=True)
-
-    def train_step(self, images: Tensor, targets: Tensor) -> Dict[str, Tensor]:
-        """One weight update from ``grad_accum`` micro-batches. The update is not applied when the
-        loss or the gradients are not finite (fp16: the scaler skips it; otherwise we do, and say so
-        with ``nonfinite_grads``), so weights stay good."""
-        images, targets = self._to_device(images), self._to_device(targets)
-        self.trainer.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        micro = images.shape[0] // self.grad_accum
-        total = torch.zeros((), device=self.device)
-        pieces = list(zip(images.split(micro), targets.split(micro)))
-        for i, (x, y) in enumerate(pieces):
-            # DDP: gradients are all-reduced once, on the last micro-batch of the update
-            last = i == len(pieces) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.trainer, "no_sync") \
-                else self.trainer.no_sync()
-            with sync:
-                with self.autocast():
-                    _, loss = self.trainer(x, y)
-                self.scaler.scale(loss / self.grad_accum).backward()
-            total += loss.detach().float()
-        # the job's loss: every process then takes the same decision about the update below
-        loss = all_reduce_mean(total / self.grad_accum)
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # skipped when gradients hold inf/NaN
-            self.scaler.update()
-            return {"loss": loss}
-        # A finite loss can still have inf/NaN gradients (an overflow in backward); one step with
-        # them ruins every weight. DDP has averaged them already: every process decides the same.
-        if not self.update_is_finite(loss):
-            return {"loss": loss, "nonfinite_grads": torch.ones((), device=self.device)}
-        self.optimizer.step()
-        return {"loss": loss}
-
-    def update_is_finite(self, loss: Tensor) -> bool:
-        """Whether the loss and every gradient are finite: one norm per gradient (finite exactly
-        when its tensor is, short of a norm beyond 3e38) and a single read-back for all of them."""
-        grads = [p.grad.detach() for group in self.optimizer.param_groups for p in group["params"]
-                 if p.grad is not None]
-        foreach_norm = getattr(torch, "_foreach_norm", None)
-        norms = foreach_norm(grads) if foreach_norm is not None else [g.norm() for g in grads]
-        checks = [loss.detach().float().reshape(1)] + [n.float().reshape(1) for n in norms]
-        return bool(torch.isfinite(torch.cat(checks)).all())
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    @torch.no_grad()
-    def evaluate(self, images: Tensor) -> Tensor:
-        self.classifier.eval()
-        with self.autocast():
-            return self.classifier(self._to_device(images)).float()
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if "scaler" in state and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-
-    def close(self) -> None:
-        # Let go of DistributedDataParallel (and the process group it holds) before the job's
-        # process group is destroyed, not whenever the garbage collector gets to it.
-        self.trainer = None
-
-
-def create_backend(cfg: Config) -> Backend:
-    """cpu / cuda / auto → NativeBackend; ipu / ipu-model → PopTorchBackend (imported only then)."""
+def create_backend(cfg, network: Optional[Callable[[], nn.Module]] = None) -> Backend:
+    """cpu / cuda / auto → NativeBackend; ipu / ipu-model → PopTorchBackend (imported only then),
+    handed ``network``, the builder of the run's network (default: ``cfg``'s, see
+    ``app.objective.network_builder``)."""
     if cfg.device in ("ipu", "ipu-model"):
         try:
             module = importlib.import_module("ipu_options.backend")
@@ -204,5 +28,9 @@ def create_backend(cfg: Config) -> Backend:
                 raise
             raise BackendError(f"device={cfg.device} needs ipu_options/backend.py (the PopTorch backend), "
                                "which this checkout does not have yet; use --device cpu or cuda") from None
-        return module.PopTorchBackend(cfg)
+        if network is None:
+            from app.objective import network_builder  # noqa: PLC0415  (the model stack, IPU runs only)
+
+            network = network_builder(cfg)
+        return module.PopTorchBackend(cfg, network)
     return NativeBackend(cfg)

@@ -26,7 +26,7 @@ COMMANDS = {
     "train": ("app.train:main", "train a model (or continue one with --resume RUN)"),
     "validate": ("app.evaluate:main", "top-1/top-5 of a checkpoint's raw and EMA weights"),
     "finetune": ("app.finetune:main", "fine-tune the last layers at a higher resolution"),
-    "plan": ("ipu_options.planning:main", "IPU memory / pipeline plan for the configuration"),
+    "plan": ("app.plan:main", "IPU memory / pipeline plan for the configuration"),
     "paper": ("app.paper:main", "reproduce the paper's tables and figures"),
 }
 DATA_COMMANDS = ("train", "validate", "finetune", "paper")  # those that read data.dataset

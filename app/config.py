@@ -18,20 +18,13 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from backends.errors import ConfigError  # noqa: F401  (defined below the device layer, which raises it too)
 from ipu_options.config import IPUConfig
 from model.efficientnet import MODEL_NAMES, variant_key
 from model.norms import NORM_KINDS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEVICES = ("auto", "cpu", "cuda", "ipu", "ipu-model")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid: names the field, the value and what is allowed."""
-
-    def __init__(self, field_name: str, value: Any, allowed: str):
-        self.field_name = field_name
-        super().__init__(f"{field_name}={value!r} is invalid: expected {allowed}")
 
 
 @dataclass

@@ -10,12 +10,13 @@
   ``dist.instances > 1`` the job runs under ``poprun`` with PopDist and Horovod
   (``ipu_options/poprun.py``).
 
-The training loop sees only a ``DistContext``: who this process is (``rank``/``world_size``: processes
-or PopRun instances), ``is_main`` (only it writes checkpoints, metrics and progress), a
-sampler that splits each epoch's images between processes without overlap, and the few collective
-operations it needs. Backends average their metrics with ``all_reduce_mean`` below, so every
-process reports the same job-wide figures. With one process every collective is the identity and
-nothing here touches ``torch.distributed``.
+The training loop sees only a ``DistContext`` (backends/process.py, below the application and the
+backends): who this process is (``rank``/``world_size``: processes or PopRun instances),
+``is_main`` (only it writes checkpoints, metrics and progress) and the few collective operations
+it needs. ``shard_sampler`` below splits each epoch's images between processes without overlap.
+This module decides the context and registers it (``set_current``); backends average their
+metrics with ``backends.process.all_reduce_mean``, so every process reports the same job-wide
+figures. With one process every collective is the identity and nothing touches ``torch.distributed``.
 """
 import argparse
 import gc
@@ -24,7 +25,6 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -32,16 +32,18 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from app.data.loader import epoch_order
-from app.errors import AppError
+from backends.errors import DistributedError
+from backends.process import (  # the part of the process context a backend sees
+    DistContext,
+    all_reduce_mean,  # noqa: F401  (the application's callers take it from here too)
+    current,
+    launcher_args,
+    set_current,
+    under_poprun,
+    under_torchrun,
+)
 
 IPU_DEVICES = ("ipu", "ipu-model")
-TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every worker it starts
-POPRUN_ENV = "POPDIST_NUM_TOTAL_REPLICAS"  # set by poprun in every instance it starts
-
-
-class DistributedError(AppError):
-    """The scale-out settings do not fit the launch; the message says what to change."""
-
 
 # ----------------------------------------------------------------------------- data split
 
@@ -84,47 +86,14 @@ class ShardSampler(Sampler):
 
 # ----------------------------------------------------------------------------- contexts
 
-@dataclass
-class DistContext:
-    """This process in the job. The base class is the single-process job: every collective is the
-    identity. ``rank``/``world_size`` count processes (PopRun instances on IPUs, each of which may
-    drive several replicas); ``local_rank`` is the process index on its machine."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    engine: str = "single"  # single | torchrun | poprun
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
-        return tensor
-
-    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        return tensor
-
-    def broadcast_parameters(self, module: nn.Module) -> None:
-        """Give every process the main process's initial weights."""
-
-    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
-        """The module a native backend trains through (DistributedDataParallel when distributed)."""
-        return module
-
-    def sampler(self, dataset, *, train: bool, seed: int, batch_size: int = 1) -> Optional[ShardSampler]:
-        """This process's share of ``dataset``, taken ``batch_size`` (its host batch) at a time
-        when training (None with one process: the loader's own order)."""
-        if self.world_size == 1:
-            return None
-        return ShardSampler(len(dataset), rank=self.rank, world_size=self.world_size, seed=seed,
-                            shuffle=train, batch_size=batch_size)
-
-    def barrier(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+def shard_sampler(ctx: DistContext, dataset, *, train: bool, seed: int,
+                  batch_size: int = 1) -> Optional[ShardSampler]:
+    """This process's share of ``dataset``, taken ``batch_size`` (its host batch) at a time
+    when training (None with one process: the loader's own order)."""
+    if ctx.world_size == 1:
+        return None
+    return ShardSampler(len(dataset), rank=ctx.rank, world_size=ctx.world_size, seed=seed,
+                        shuffle=train, batch_size=batch_size)
 
 
 class TorchrunContext(DistContext):
@@ -194,41 +163,21 @@ def _wait_for_count(store, key: str, total: int, timeout_s: float = 60.0) -> Non
         time.sleep(0.01)
 
 
-_CURRENT = DistContext()
-
-
-def current() -> DistContext:
-    """The context ``init_distributed`` made for this process (single-process until then)."""
-    return _CURRENT
-
-
-def all_reduce_mean(tensor: Tensor) -> Tensor:
-    """The mean of ``tensor`` over every process of the job (for backends' metrics)."""
-    return _CURRENT.all_reduce_mean(tensor)
-
-
 def reduce_results(results: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
     """Validation results of each process's share of the images → those of all the images.
     ``results``: {name: {"images": n, metric: mean over the n images, ...}}."""
-    if _CURRENT.world_size == 1:
+    ctx = current()
+    if ctx.world_size == 1:
         return results
     combined = {}
     for name, result in results.items():
         keys = [k for k in result if k != "images"]
         n = float(result["images"])
         sums = torch.tensor([n] + [float(result[k]) * n for k in keys], dtype=torch.float64)
-        sums = _CURRENT.all_reduce_sum(sums)
+        sums = ctx.all_reduce_sum(sums)
         total = float(sums[0])
         combined[name] = {**{k: float(v) / total for k, v in zip(keys, sums[1:])}, "images": int(total)}
     return combined
-
-
-def under_torchrun() -> bool:
-    return TORCHRUN_ENV in os.environ
-
-
-def under_poprun() -> bool:
-    return POPRUN_ENV in os.environ
 
 
 def _wants_cuda(cfg) -> bool:
@@ -239,15 +188,12 @@ def init_distributed(cfg) -> DistContext:
     """This process's context: joins the PopRun or torchrun job it was started in (the launcher's
     environment says which), else the single-process context. Checks that the job has as many
     replicas as ``train.replicas``."""
-    global _CURRENT
     if under_poprun():
         from ipu_options.poprun import init_popdist  # noqa: PLC0415  (PopDist/Horovod only here)
 
-        _CURRENT = init_popdist(cfg)
-        return _CURRENT
+        return set_current(init_popdist(cfg))
     if not under_torchrun():
-        _CURRENT = DistContext()
-        return _CURRENT
+        return set_current(DistContext())
     import torch.distributed as tdist  # noqa: PLC0415
 
     world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
@@ -269,11 +215,11 @@ def init_distributed(cfg) -> DistContext:
         backend, device = "gloo", torch.device("cpu")
     if not tdist.is_initialized():
         tdist.init_process_group(backend=backend)  # rank, size and address from torchrun's env
-    _CURRENT = TorchrunContext(rank, world_size, local_rank, device)
+    ctx = set_current(TorchrunContext(rank, world_size, local_rank, device))
     if rank != 0:
         # logs from rank 0 only: other ranks keep stderr (warnings, errors) but print no progress
         sys.stdout = open(os.devnull, "w")  # lives as long as the process
-    return _CURRENT
+    return ctx
 
 
 # ----------------------------------------------------------------------------- launching
@@ -292,12 +238,6 @@ def torchrun_executable() -> List[str]:
     """torchrun, run by this interpreter: ``python -m torch.distributed.run`` is the program behind
     the ``torchrun`` script, without depending on the script's #! line (a moved environment)."""
     return [sys.executable, "-m", "torch.distributed.run"]
-
-
-def launcher_args(cfg) -> List[str]:
-    """``dist.launcher_args`` as launcher arguments: each item is split like a shell would, so
-    ``dist.launcher_args="--host h1,h2 --vipu-partition=p"`` needs no YAML list syntax."""
-    return [part for item in cfg.dist.launcher_args for part in shlex.split(item)]
 
 
 def torchrun_command(cfg, app_argv: List[str]) -> List[str]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from app.data import IMAGENET_MEAN, IMAGENET_STD
+from app.data import IMAGENET_MEAN, IMAGENET_STD, num_classes_of
 from model import build_model
 
 
@@ -78,3 +78,10 @@ def build_network(cfg, num_classes: int) -> nn.Module:
     return build_model(m.name, group_size=m.group_size, expand_ratio=m.expand_ratio, norm=m.norm,
                        proxy_norm=m.proxy_norm, norm_groups=m.norm_groups, norm_eps=m.norm_eps,
                        num_classes=num_classes, dropout=m.dropout, drop_path=m.drop_path)
+
+
+def network_builder(cfg) -> Callable[[], nn.Module]:
+    """What the application hands a backend and the planner: a call that builds this run's
+    network (``cfg.model`` with the dataset's number of classes), so neither has to know how."""
+    num_classes = num_classes_of(cfg.data.dataset)
+    return lambda: build_network(cfg, num_classes)

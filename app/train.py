@@ -39,7 +39,14 @@ from app.checkpoint import (
 )
 from app.config import Config
 from app.data import build_dataset, build_loader
-from app.distributed import DistContext, init_distributed, launch, reduce_results, scale_summary
+from app.distributed import (
+    DistContext,
+    init_distributed,
+    launch,
+    reduce_results,
+    scale_summary,
+    shard_sampler,
+)
 from app.errors import AppError
 from app.evaluate import validate_all
 from app.objective import Classifier, build_classifier, build_network
@@ -292,14 +299,15 @@ def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = No
     # each process loads its own share of every epoch (the same images as one process would)
     host_batch = backend.host_batch_size(cfg)
     loader = build_loader(train_set, host_batch, train=True, cfg=cfg, device=backend.device,
-                          seed=cfg.train.seed, sampler=dist.sampler(train_set, train=True,
-                                                                    seed=cfg.train.seed,
-                                                                    batch_size=host_batch))
+                          seed=cfg.train.seed, sampler=shard_sampler(dist, train_set, train=True,
+                                                                 seed=cfg.train.seed,
+                                                                 batch_size=host_batch))
     val_resolutions = cfg.data.val_resolutions or [cfg.data.resolution]
     val_sets = {r: build_dataset(cfg, "val", r) for r in val_resolutions}
     val_loaders = {r: build_loader(val_set, backend.eval_batch_size(cfg), train=False, cfg=cfg,
                                    device=backend.device,
-                                   sampler=dist.sampler(val_set, train=False, seed=cfg.train.seed))
+                                   sampler=shard_sampler(dist, val_set, train=False,
+                                                         seed=cfg.train.seed))
                    for r, val_set in val_sets.items()}
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:

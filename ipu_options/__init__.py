@@ -1,12 +1,27 @@
 """IPU execution: PopTorch options, pipelining, recomputation, replication, precision, memory
-planning, and a CPU/CUDA emulator of PopTorch.
+planning; the PopTorch emulator it falls back to is its own package, ``poptorch_emulator``.
 
 ``from ipu_options import poptorch`` gives the real PopTorch module when it imports (Poplar SDK
-3.4 installed and enabled), otherwise ``ipu_options.emulator``, which offers the same names and
+3.4 installed and enabled), otherwise ``poptorch_emulator``, which offers the same names and
 signatures for everything the application uses. ``EMULATED`` tells which one it is.
 Setting ``IPU_OPTIONS_EMULATE=1`` forces the emulator (tests of the emulator on an SDK machine).
+``ipu_options.emulator`` is the emulator in either case.
 """
 import os
+
+import poptorch_emulator as emulator
+from poptorch_emulator.executor import register_graph_context
+
+
+def _model_as_traced_graph():
+    """Inside an emulated executor, this project's model runs the arithmetic a traced graph keeps
+    (model/fast_paths.py), as it does on an IPU."""
+    from model.fast_paths import eager_fast_paths  # noqa: PLC0415
+
+    return eager_fast_paths(False)
+
+
+register_graph_context(_model_as_traced_graph)
 
 EMULATED = True
 IMPORT_ERROR = None
@@ -18,6 +33,6 @@ if os.environ.get("IPU_OPTIONS_EMULATE", "") not in ("1", "true"):
     except Exception as error:  # ImportError, or OSError when the SDK's libraries are missing
         IMPORT_ERROR = f"{type(error).__name__}: {error}"
 if EMULATED:
-    from . import emulator as poptorch  # noqa: F811
+    poptorch = emulator  # noqa: F811
 
-__all__ = ["EMULATED", "IMPORT_ERROR", "poptorch"]
+__all__ = ["EMULATED", "IMPORT_ERROR", "emulator", "poptorch"]

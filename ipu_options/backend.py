@@ -15,13 +15,13 @@ checkpoint holds it in PopTorch's own format (``state_dict``), the only one PopT
 """
 import copy
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
-from app.backend import Backend, BackendError
-from app.distributed import all_reduce_mean
+from backends.contract import Backend, BackendError
+from backends.process import all_reduce_mean
 from ipu_options.options import build_options, local_replicas, num_ipus
 
 
@@ -29,12 +29,15 @@ def _describe(poptorch_emulated: bool, device: str, compute: torch.device) -> st
     if device == "ipu":
         return "IPU hardware (PopTorch)"
     if poptorch_emulated:
-        return f"PopTorch emulator on {compute.type.upper()} (ipu_options.emulator; emulated, not an IPU)"
+        return f"PopTorch emulator on {compute.type.upper()} (poptorch_emulator; emulated, not an IPU)"
     return "Poplar SDK IPU Model (emulated IPU, not hardware)"
 
 
 class PopTorchBackend(Backend):
-    def __init__(self, cfg):
+    """``network`` builds the network the run trains (the application's ``network_builder``):
+    called once on the meta device, for split names and the memory plan."""
+
+    def __init__(self, cfg, network: Callable[[], nn.Module]):
         from ipu_options import EMULATED, IMPORT_ERROR, poptorch
         from ipu_options.pipeline import SplitError
         from ipu_options.planning import PlanError, resolve_pipeline
@@ -55,7 +58,7 @@ class PopTorchBackend(Backend):
                                "train.replicas=1 with --device ipu-model, or IPU_OPTIONS_EMULATE=1 to run "
                                "the project's emulator, which does")
         try:
-            self.network = self._meta_network(cfg)
+            self.network = self._meta_network(network)
             self.splits, self.recompute, self.plan = resolve_pipeline(cfg, self.network)
         except (PlanError, SplitError) as error:
             raise BackendError(f"invalid IPU configuration: {error}") from None
@@ -83,16 +86,13 @@ class PopTorchBackend(Backend):
         self._state_checked = self._device_state_loaded = False
 
     @staticmethod
-    def _meta_network(cfg) -> nn.Module:
+    def _meta_network(network: Callable[[], nn.Module]) -> nn.Module:
         """The network's structure for name checks and planning, without allocating weights."""
-        from app.objective import build_network
-        from ipu_options.planning import _num_classes
-
         try:
             with torch.device("meta"):
-                return build_network(cfg, _num_classes(cfg))
+                return network()
         except (AttributeError, TypeError, RuntimeError):  # no device context manager
-            return build_network(cfg, _num_classes(cfg))
+            return network()
 
     # ------------------------------------------------------------------ sizes
     def host_batch_size(self, cfg) -> int:

@@ -7,6 +7,8 @@ the same on every device kind and live in ``cfg.train``.
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
+from backends.errors import ConfigError
+
 PRECISIONS = ("32.32", "16.32", "16.16")
 PARTIALS = ("float", "half")
 
@@ -35,8 +37,6 @@ class IPUConfig:
     plan_margin: float = 0.3  # share of the 900 MB kept for code, exchange buffers, temporaries
 
     def validate(self) -> None:
-        from app.config import ConfigError
-
         if self.device_iterations < 1:
             raise ConfigError("ipu.device_iterations", self.device_iterations, "an integer >= 1")
         if isinstance(self.precision, float):

@@ -4,14 +4,15 @@ Same parameter groups (weight decay as ``app.optim.param_groups`` decides) and h
 plus PopTorch's own arguments from ``cfg.ipu``: ``loss_scaling`` (static value, or the starting
 value of automatic loss scaling), accumulator and optimiser-state types by precision, and for
 RMSprop ``use_tf_variant=True`` (the recipe's TensorFlow RMSprop: ε inside the square root,
-squared average starting at one, lr in the momentum buffer — what ``app.optim.RMSpropTF`` does).
+squared average starting at one, lr in the momentum buffer:
+``backends.optimizers.RMSpropTF``).
 """
 from typing import List
 
 import torch
 from torch import nn
 
-from app.optim import ADAMW_EPS
+from backends.optimizers import ADAMW_EPS
 
 AUTO_LOSS_SCALING_START = 128.0
 

@@ -41,7 +41,7 @@ from typing import Optional
 
 import torch
 
-from app.distributed import under_poprun
+from backends.process import under_poprun
 
 AUTO_RECOMPUTATION_PIPELINE = 3  # popart.RecomputationType.Pipeline
 AUTO_RECOMPUTATION_ALL = 4  # popart.RecomputationType.RecomputeAll

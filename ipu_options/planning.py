@@ -9,7 +9,6 @@ Budget per IPU: 900 MB × (1 − ipu.plan_margin); the margin (default 30%) is k
 model cannot see — code, exchange and stream buffers, convolution temporaries, per-tile
 fragmentation (see memory.py). Every figure is an estimate, not an IPU measurement.
 """
-import argparse
 import copy
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -53,15 +52,9 @@ def budget_bytes(cfg) -> int:
     return int(IPU_SRAM_BYTES * (1.0 - cfg.ipu.plan_margin))
 
 
-def _num_classes(cfg) -> int:
-    return 10 if cfg.data.dataset == "digits" else 1000
-
-
-def plan_units(cfg, model: Optional[torch.nn.Module] = None) -> List[Unit]:
-    if model is None:
-        from app.objective import build_network
-
-        model = build_network(cfg, _num_classes(cfg))
+def plan_units(cfg, model: torch.nn.Module) -> List[Unit]:
+    """The planner's units of ``model``, the network the run trains (the application builds it:
+    its number of classes comes from the data, which the planner never reads)."""
     return memory.units(model, cfg.data.resolution)
 
 
@@ -159,7 +152,7 @@ def _fixes(cfg, stages: int, tried_recompute: bool = False) -> str:
     return ", ".join(fixes) + " or lower data.resolution"
 
 
-def make_plan(cfg, model: Optional[torch.nn.Module] = None, propose: Optional[bool] = None) -> Plan:
+def make_plan(cfg, model: torch.nn.Module, propose: Optional[bool] = None) -> Plan:
     """The plan for ``cfg``: its explicit ``ipu.pipeline`` checked (``{}``: one IPU), or, when
     proposing (``auto``; ``python -m app plan`` without splits), the best balanced split on
     ipu.plan_ipus IPUs, else on the fewest IPUs that fit."""
@@ -169,9 +162,8 @@ def make_plan(cfg, model: Optional[torch.nn.Module] = None, propose: Optional[bo
     if propose is None:
         propose = pipeline == "auto"
     if not propose:
-        net_model = model if model is not None else _model(cfg)
-        splits = check_splits(net_model, pipeline, cfg.ipu.recompute)
-        marks = canonical_names(net_model, cfg.ipu.recompute, "ipu.recompute")
+        splits = check_splits(model, pipeline, cfg.ipu.recompute)
+        marks = canonical_names(model, cfg.ipu.recompute, "ipu.recompute")
         ipus = memory.per_ipu(us, splits, micro, s, marks)
         plan = Plan(splits, marks, micro, ipus, budget)
         plan.max_micro_batch = _largest_for_splits(us, splits, s, budget, marks)
@@ -200,20 +192,13 @@ def _largest_for_splits(us, splits, s, budget, marks) -> int:
     return best
 
 
-def _model(cfg):
-    from app.objective import build_network
-
-    return build_network(cfg, _num_classes(cfg))
-
-
 # ----------------------------------------------------------------------------- checks, report
 
-def resolve_pipeline(cfg, model: Optional[torch.nn.Module] = None, training: bool = True
+def resolve_pipeline(cfg, model: torch.nn.Module, training: bool = True
                      ) -> Tuple[Dict[str, int], List[str], Plan]:
     """The splits and checkpoints a run uses; raises with the fix named when the configuration
     cannot run: unknown split names, too little gradient accumulation for the pipeline, or an
     estimated memory that does not fit."""
-    model = model if model is not None else _model(cfg)
     marks = canonical_names(model, cfg.ipu.recompute, "ipu.recompute")
     if cfg.ipu.pipeline == "auto":
         plan = make_plan(cfg, model)
@@ -230,7 +215,7 @@ def resolve_pipeline(cfg, model: Optional[torch.nn.Module] = None, training: boo
                   f"see `python -m app plan`); ipu.plan_margin={cfg.ipu.plan_margin} lowers the margin")
     stages = plan.stages
     if training and stages > 1 and cfg.train.grad_accum < 2 * stages - 1:
-        from ipu_options.emulator.executor import TRAINING_PIPELINE_RULE
+        from poptorch_emulator.executor import TRAINING_PIPELINE_RULE
 
         raise PlanError(f"a pipeline of {stages} IPUs has {2 * stages - 1} stages in training, but "
                         f"train.grad_accum={cfg.train.grad_accum}. PopTorch: \"{TRAINING_PIPELINE_RULE}\" "
@@ -271,11 +256,13 @@ def report(cfg, plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def main(cfg, args: Optional[argparse.Namespace] = None) -> int:
-    """``python -m app plan``: print the per-IPU table and the proposal for the configuration."""
+def print_plan(cfg, model: torch.nn.Module) -> int:
+    """``python -m app plan`` (app/plan.py hands over the network): print the per-IPU table and
+    the proposal for the configuration; the exit status says whether it fits."""
     plan_cfg = copy.deepcopy(cfg)
     try:
-        plan = make_plan(plan_cfg, propose=not plan_cfg.ipu.pipeline or plan_cfg.ipu.pipeline == "auto")
+        propose = not plan_cfg.ipu.pipeline or plan_cfg.ipu.pipeline == "auto"
+        plan = make_plan(plan_cfg, model, propose=propose)
     except (PlanError, ValueError) as error:
         print(f"error: {error}")
         return 2

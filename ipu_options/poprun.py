@@ -15,9 +15,10 @@ Hooks for the PopTorch backend:
   * ``ipu_options.options.build_options`` starts from ``popdist_options(cfg)`` under poprun: the
     ``poptorch.Options`` PopDist makes for this instance, whose replication factor is already the
     instance's local replicas (``ipu_options.options.local_replicas``, for the host batch);
-  * ``app.distributed.all_reduce_mean(tensor)`` — the job-wide mean of a metric (Horovod here),
+  * ``backends.process.all_reduce_mean(tensor)`` — the job-wide mean of a metric (Horovod here),
     which ``train_step`` applies to what it returns;
-  * ``app.distributed.current()`` — this instance's context (rank, is_main, sampler).
+  * ``backends.process.current()`` — this instance's context (rank, is_main), which the
+    application registers (``app.distributed.init_distributed``) and uses to split the data.
 """
 import os
 import sys
@@ -27,7 +28,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from app.distributed import DistContext, DistributedError, launcher_args
+from backends.errors import DistributedError
+from backends.process import DistContext, launcher_args
 from ipu_options.options import num_ipus
 
 DEFAULT_CACHE = "executable-cache"  # under log.out_dir, unless ipu.executable_cache is set

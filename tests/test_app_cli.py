@@ -5,11 +5,13 @@ import signal
 import pytest
 import torch
 
-from app.backend import BackendError, NativeBackend, create_backend
+from app.backend import create_backend
 from app.cli import main as cli
 from app.config import build_config
 from app.objective import Classifier, smoothed_cross_entropy
 from app.train import StopSignal
+from backends.contract import BackendError
+from backends.native import NativeBackend
 
 
 @pytest.mark.parametrize("override, named, allowed", [

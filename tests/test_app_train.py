@@ -12,9 +12,9 @@ import torch
 
 import app.objective
 import app.train
-from app.backend import NativeBackend
 from app.checkpoint import find_checkpoint, load_checkpoint, step_checkpoints
 from app.cli import main as cli
+from backends.native import NativeBackend
 from tests.test_app_logging_data import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]

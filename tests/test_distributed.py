@@ -27,6 +27,7 @@ from app.distributed import (
     launch,
     launch_command,
     scale_summary,
+    shard_sampler,
 )
 
 
@@ -67,8 +68,8 @@ def test_ranks_batches_together_are_the_one_process_batches():
     dataset = build_dataset(cfg, "train", 32)
     single = build_loader(dataset, 8, train=True, cfg=cfg, seed=7)
     ranks = [build_loader(dataset, 4, train=True, cfg=cfg, seed=7,
-                          sampler=DistContext(rank=r, world_size=2).sampler(dataset, train=True, seed=7,
-                                                                            batch_size=4))
+                          sampler=shard_sampler(DistContext(rank=r, world_size=2), dataset, train=True,
+                                                seed=7, batch_size=4))
              for r in range(2)]
     for epoch in (0, 1):
         for loader in (single, *ranks):
@@ -84,7 +85,7 @@ def test_ranks_batches_together_are_the_one_process_batches():
 
 def test_one_process_has_no_sampler():
     cfg = config("data.dataset=generated", "data.synthetic_images=8")
-    assert DistContext().sampler(build_dataset(cfg, "train", 32), train=True, seed=0) is None
+    assert shard_sampler(DistContext(), build_dataset(cfg, "train", 32), train=True, seed=0) is None
 
 
 # ----------------------------------------------------------------------------- torchrun launch
@@ -313,7 +314,7 @@ def test_popdist_instance_initialises_and_reduces_through_horovod(popdist_job):
     assert opts.made_by == "popdist" and opts.replication_factor == 4
     assert [c[0] for c in opts.calls].count("replicationFactor") == 1  # PopDist's call only
     assert ("popdist.poptorch.Options", (), {"ipus_per_replica": 2}) in rec.calls
-    assert ctx.sampler(range(40), train=True, seed=0).rank == 1  # instances split the data
+    assert shard_sampler(ctx, range(40), train=True, seed=0).rank == 1  # instances split the data
 
 
 def test_popdist_checks_the_replica_count(popdist_job):
@@ -493,7 +494,8 @@ def test_ddp_gradient_accumulation_equals_plain_accumulation(tmp_path, monkeypat
     import torch.distributed as tdist  # noqa: PLC0415
 
     import app.distributed as distributed  # noqa: PLC0415
-    from app.backend import NativeBackend  # noqa: PLC0415
+    import backends.process as process  # noqa: PLC0415
+    from backends.native import NativeBackend  # noqa: PLC0415
 
     cfg = config("device=cpu", "train.micro_batch=2", "train.grad_accum=3")
     images = torch.randint(0, 256, (6, 3, 2, 2), dtype=torch.uint8)
@@ -512,7 +514,7 @@ def test_ddp_gradient_accumulation_equals_plain_accumulation(tmp_path, monkeypat
     tdist.init_process_group("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0,
                              world_size=1)
     try:
-        monkeypatch.setattr(distributed, "_CURRENT",
+        monkeypatch.setattr(process, "_CURRENT",
                             distributed.TorchrunContext(0, 1, 0, torch.device("cpu")))
         trainer, ddp_loss, ddp_weight = one_step()
     finally:

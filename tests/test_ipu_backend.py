@@ -5,16 +5,18 @@ import re
 
 import pytest
 
-from app.backend import BackendError
 from app.cli import main as cli
 from app.config import build_config
+from app.objective import network_builder
+from backends.contract import BackendError
 from ipu_options.backend import PopTorchBackend
 
 QUICK = ["data.resolution=32", "data.workers=0", "train.log_every=1", "train.ema_decay=0"]
 
 
 def backend(*overrides, device="ipu-model"):
-    return PopTorchBackend(build_config("digits", [f"device={device}", *QUICK, *overrides]))
+    cfg = build_config("digits", [f"device={device}", *QUICK, *overrides])
+    return PopTorchBackend(cfg, network_builder(cfg))
 
 
 def test_device_ipu_refuses_without_poptorch():

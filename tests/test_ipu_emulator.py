@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ipu_options import emulator as poptorch
-from ipu_options.emulator.executor import BatchSizeError, PipelineError
-from ipu_options.emulator.precision import round_half, stochastic_round_half
 from model import build_model
+from poptorch_emulator.executor import BatchSizeError, PipelineError
+from poptorch_emulator.precision import round_half, stochastic_round_half
 
 LR = 0.02  # realistic step: fp32 noise of the gradients (~1e-5 relative) stays below 1e-5
 
@@ -268,7 +268,7 @@ def test_optimisers_accept_poptorch_arguments():
     p = [nn.Parameter(torch.ones(3))]
     rms = poptorch.optim.RMSprop(p, lr=0.1, alpha=0.9, eps=1e-3, momentum=0.9, use_tf_variant=True,
                                  loss_scaling=64.0)
-    from app.optim import RMSpropTF
+    from backends.optimizers import RMSpropTF
 
     assert isinstance(rms, RMSpropTF) and rms.loss_scaling == 64.0
     sgd = poptorch.optim.SGD(p, lr=0.1, momentum=0.9, velocity_scaling=8.0, accum_type=torch.float16)

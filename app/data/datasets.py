@@ -26,6 +26,7 @@ LAYOUT = ("expected an ImageNet-style folder: <root>/train/<class>/<image> and "
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 GENERATED_CLASSES = 1000  # synthetic/generated data stand in for ImageNet
+IMAGENET_CLASSES = 1000  # a folder that is not on this machine (planning without the data)
 
 
 class DatasetError(AppError, ValueError):
@@ -238,3 +239,18 @@ def build_dataset(cfg, split: str, resolution: int, root: Optional[str] = None) 
         cls = SyntheticDataset if name == "synthetic" else GeneratedDataset
         return cls(split, resolution, cfg.data.synthetic_images, **opts)
     return FolderDataset(name, split, resolution, **opts)
+
+
+def num_classes_of(name: str) -> int:
+    """The number of classes of ``data.dataset`` without reading any image: what a backend or the
+    planner needs before the data is loaded. A folder counts the class sub-folders of its
+    ``train/``; one that is not on this machine (``python -m app plan`` needs no data) is taken
+    as ImageNet's."""
+    if name == "digits":
+        return len(DigitsDataset.classes)
+    if name in ("synthetic", "generated"):
+        return GENERATED_CLASSES
+    train = Path(name).expanduser() / "train"
+    if not train.is_dir():
+        return IMAGENET_CLASSES
+    return sum(1 for d in os.scandir(train) if d.is_dir()) or IMAGENET_CLASSES

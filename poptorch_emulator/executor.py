@@ -10,18 +10,37 @@ are summed over micro-batches and replicas, divided by their number under Reduct
 then one optimiser step is taken: deviceIterations weight updates per call.
 """
 import contextlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from model.fast_paths import eager_fast_paths
-
 from . import blocks, recompute
 from .enums import OutputMode, ReductionType
 from .options import Options
 from .precision import FP16_MAX, HalfKernels, round_half, stochastic_round_half
+
+# PopTorch traces the model (torch.jit), so an IPU runs the traced graph's plain arithmetic and
+# never a model's eager shortcuts (hand-written backwards, cached statistics). The emulator runs
+# eagerly: whoever owns such a model registers the context that turns its shortcuts off
+# (ipu_options does, for model/fast_paths.py), and every run of an executor enters them. This
+# keeps the emulator free of any model.
+_GRAPH_CONTEXTS: List[Callable[[], ContextManager]] = []
+
+
+def register_graph_context(factory: Callable[[], ContextManager]) -> None:
+    """Enter ``factory()`` around every run of every executor (once per factory)."""
+    if factory not in _GRAPH_CONTEXTS:
+        _GRAPH_CONTEXTS.append(factory)
+
+
+def _as_traced_graph() -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for factory in _GRAPH_CONTEXTS:
+        stack.enter_context(factory())
+    return stack
+
 
 # PopTorch's words (SDK 3.4 user guide, "Pipelined execution"), quoted in our errors.
 TRAINING_PIPELINE_RULE = ("You must set gradientAccumulation to be greater than or equal to the "
@@ -188,7 +207,7 @@ class PoplarExecutor:
         # (hand-written backwards, batch norm folded into convs, cached proxy statistics).
         self._check_online("Trying to run a model on an offline device (ConnectionType.Never): "
                            "use model.compile(inputs) instead of model(inputs)")
-        with eager_fast_paths(False):
+        with _as_traced_graph():
             if not self._compiled:
                 self._prepare(args, kwargs)
             if not self._attached:

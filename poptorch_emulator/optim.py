@@ -5,14 +5,14 @@ multiplied by it before the backward pass and the gradients divided by it before
 ``max_grad_norm`` (global gradient-norm clipping before the update), ``accum_type`` and the
 momentum ``*_accum_type`` (fp16 rounds the gradient accumulator / optimiser state to fp16 after
 every update), ``velocity_scaling`` (SGD; a storage scale of the velocity, numerically neutral
-in fp32, so only recorded). RMSprop(use_tf_variant=True) is the TensorFlow variant — the
-application's ``RMSpropTF`` (ε inside the square root, squared average starting at one, lr
+in fp32, so only recorded). RMSprop(use_tf_variant=True) is the TensorFlow variant —
+``backends.optimizers.RMSpropTF`` (ε inside the square root, squared average starting at one, lr
 accumulated in the momentum buffer), as PopTorch documents it."""
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from app.optim import RMSpropTF
+from backends.optimizers import RMSpropTF
 
 
 class _PopTorchExtras:

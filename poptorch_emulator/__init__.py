@@ -1,10 +1,12 @@
 """A CPU/CUDA emulator of the PopTorch API the application uses (SDK 3.4 names and signatures).
 
-Used by ``ipu_options`` when ``import poptorch`` fails. Everything it runs is emulated: its
-numbers are not IPU measurements. Modules: ``options`` (Options and sub-objects), ``executor``
-(trainingModel / inferenceModel), ``blocks`` (BeginBlock, Block, recomputationCheckpoint,
-identity_loss), ``recompute`` (recomputation realised with torch.utils.checkpoint), ``optim``,
-``dataloader``, ``precision`` (fp16 rounding, stochastic rounding, fp16 kernels on the CPU)."""
+Used by ``ipu_options`` when ``import poptorch`` fails. It imports nothing of the application or
+the model (a model's eager shortcuts are switched off through ``executor.register_graph_context``).
+Everything it runs is emulated: its numbers are not IPU measurements. Modules: ``options``
+(Options and sub-objects), ``executor`` (trainingModel / inferenceModel), ``blocks`` (BeginBlock,
+Block, recomputationCheckpoint, identity_loss), ``recompute`` (recomputation realised with
+torch.utils.checkpoint), ``optim``, ``dataloader``, ``precision`` (fp16 rounding, stochastic
+rounding, fp16 kernels on the CPU)."""
 from . import optim
 from .blocks import BeginBlock, Block, identity_loss, recomputationCheckpoint, removeBlocks
 from .dataloader import AsynchronousDataAccessor, DataLoader

@@ -1,0 +1,65 @@
+"""The backend contract: what the training loop asks of a device, and nothing more.
+
+The loop hands a backend a host batch of uint8 images and targets and gets back scalar metrics;
+how the device turns them into weight updates is the backend's business. Two implement it:
+``backends.native.NativeBackend`` (CPU or CUDA in this process) and
+``ipu_options.backend.PopTorchBackend`` (PopTorch, or its emulator). This file imports nothing
+of the project: the application depends on it, the backends implement it, and neither side
+reaches into the other. ``cfg`` below is the run's configuration (``app.config.Config``); a
+backend reads its fields and never imports the application that defines them.
+"""
+from typing import Any, Dict
+
+import torch
+from torch import Tensor, nn
+
+from backends.errors import BackendError
+
+__all__ = ["Backend", "BackendError"]
+
+
+class Backend:
+    name: str = "base"
+    emulated: bool = False  # True when the device is simulated (figures are not hardware figures)
+    device: torch.device = torch.device("cpu")  # where the loader should put its tensors
+    updates_per_step: int = 1  # weight updates per train_step call (IPU: device iterations)
+    compile_only: bool = False  # build the executables and stop (ipu.compile_only)
+
+    def host_batch_size(self, cfg) -> int:
+        """Images per ``train_step`` call: every micro-batch of one weight update."""
+        return cfg.train.micro_batch * cfg.train.grad_accum
+
+    def eval_batch_size(self, cfg) -> int:
+        return cfg.train.micro_batch
+
+    def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer, cfg) -> None:
+        raise NotImplementedError
+
+    def train_step(self, images: Tensor, targets: Tensor) -> Dict[str, Tensor]:
+        """One host batch; returns metrics averaged over every replica of the job (backends
+        call ``backends.process.all_reduce_mean``), so all processes see the same figures."""
+        raise NotImplementedError
+
+    def set_lr(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def compile(self, images: Tensor, targets: Tensor) -> str:
+        """Build what ``train_step``/``evaluate`` run, from one host batch, without running it;
+        returns what was built (only backends with ``compile_only``)."""
+        raise NotImplementedError
+
+    def evaluate(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sync_to_host(self) -> None:
+        """Make the classifier's host-side weights current (a no-op where they live on the host)."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Backend state a checkpoint must hold (e.g. the fp16 loss scaler)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

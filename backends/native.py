@@ -1,0 +1,141 @@
+"""``NativeBackend``: the backend for ``--device cpu``, ``cuda`` and ``auto``.
+
+CPU or CUDA in this process: autocast (bf16, or fp16 with a GradScaler), loss scaling,
+channels-last, gradient accumulation over micro-batches inside one ``train_step``, and
+DistributedDataParallel under torchrun (through the process context the application registered,
+``backends.process.current``). Part of the device layer: it imports nothing of the application.
+"""
+import contextlib
+from typing import Any, Dict
+
+import torch
+from torch import Tensor, nn
+
+from backends.contract import Backend, BackendError
+from backends.process import all_reduce_mean, current
+
+
+def _native_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        why = ("this PyTorch is a CPU-only build: install a CUDA build of PyTorch"
+               if torch.version.cuda is None else
+               f"this CUDA {torch.version.cuda} build of PyTorch sees no GPU: check the driver and "
+               "CUDA_VISIBLE_DEVICES")
+        raise BackendError(f"device=cuda is not available ({why}); or use --device cpu (or auto)")
+    return torch.device(requested)
+
+
+def _grad_scaler(enabled: bool):
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch 2.0 (the Poplar SDK's)
+
+
+class NativeBackend(Backend):
+    """CPU or CUDA in this process: autocast (bf16, or fp16 with a GradScaler), channels-last,
+    and ``grad_accum`` micro-batches accumulated inside one ``train_step``."""
+
+    def __init__(self, cfg):
+        self.device = _native_device(cfg.device)
+        self.name = self.device.type
+        t = cfg.train
+        if t.precision == "fp16" and self.device.type != "cuda":
+            raise BackendError("train.precision=fp16 needs a CUDA GPU (its loss scaler is CUDA-only); "
+                               "on the CPU use train.precision=bf16 or fp32")
+        if t.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise BackendError("train.precision=bf16 is not supported by this GPU; "
+                               "use train.precision=fp16 or fp32")
+        if t.cpu_threads is not None:
+            torch.set_num_threads(t.cpu_threads)
+        self.precision = t.precision
+        self.grad_accum = t.grad_accum
+        self.micro_batch = t.micro_batch
+        self.channels_last = t.channels_last
+        self.scaler = _grad_scaler(enabled=t.precision == "fp16")
+        self.classifier = None
+        self.optimizer = None
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer, cfg) -> None:
+        # Module.to() moves parameters in place, so the optimiser built on them stays valid.
+        classifier.to(self.device)
+        if self.channels_last:
+            classifier.to(memory_format=torch.channels_last)
+        self.classifier, self.optimizer = classifier, optimizer
+        # several processes: gradients are averaged by DistributedDataParallel during backward
+        self.trainer = current().wrap(classifier, self.device)
+
+    def _to_device(self, tensor: Tensor) -> Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+    def train_step(self, images: Tensor, targets: Tensor) -> Dict[str, Tensor]:
+        """One weight update from ``grad_accum`` micro-batches. The update is not applied when the
+        loss or the gradients are not finite (fp16: the scaler skips it; otherwise we do, and say so
+        with ``nonfinite_grads``), so weights stay good."""
+        images, targets = self._to_device(images), self._to_device(targets)
+        self.trainer.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = images.shape[0] // self.grad_accum
+        total = torch.zeros((), device=self.device)
+        pieces = list(zip(images.split(micro), targets.split(micro)))
+        for i, (x, y) in enumerate(pieces):
+            # DDP: gradients are all-reduced once, on the last micro-batch of the update
+            last = i == len(pieces) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.trainer, "no_sync") \
+                else self.trainer.no_sync()
+            with sync:
+                with self.autocast():
+                    _, loss = self.trainer(x, y)
+                self.scaler.scale(loss / self.grad_accum).backward()
+            total += loss.detach().float()
+        # the job's loss: every process then takes the same decision about the update below
+        loss = all_reduce_mean(total / self.grad_accum)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skipped when gradients hold inf/NaN
+            self.scaler.update()
+            return {"loss": loss}
+        # A finite loss can still have inf/NaN gradients (an overflow in backward); one step with
+        # them ruins every weight. DDP has averaged them already: every process decides the same.
+        if not self.update_is_finite(loss):
+            return {"loss": loss, "nonfinite_grads": torch.ones((), device=self.device)}
+        self.optimizer.step()
+        return {"loss": loss}
+
+    def update_is_finite(self, loss: Tensor) -> bool:
+        """Whether the loss and every gradient are finite: one norm per gradient (finite exactly
+        when its tensor is, short of a norm beyond 3e38) and a single read-back for all of them."""
+        grads = [p.grad.detach() for group in self.optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        foreach_norm = getattr(torch, "_foreach_norm", None)
+        norms = foreach_norm(grads) if foreach_norm is not None else [g.norm() for g in grads]
+        checks = [loss.detach().float().reshape(1)] + [n.float().reshape(1) for n in norms]
+        return bool(torch.isfinite(torch.cat(checks)).all())
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @torch.no_grad()
+    def evaluate(self, images: Tensor) -> Tensor:
+        self.classifier.eval()
+        with self.autocast():
+            return self.classifier(self._to_device(images)).float()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+
+    def close(self) -> None:
+        # Let go of DistributedDataParallel (and the process group it holds) before the job's
+        # process group is destroyed, not whenever the garbage collector gets to it.
+        self.trainer = None
