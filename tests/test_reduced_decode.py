@@ -1,13 +1,11 @@
 """Reduced JPEG decoding (app/data/transforms.py): the reduction it picks, the size it decodes
 to, how close its crops are to the full decode's on real photographs, and exact resume with it on."""
 import io
-import signal
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from app.cli import main as cli
 from app.config import build_config
 from app.data import build_dataset
 from app.data.transforms import (
@@ -20,7 +18,7 @@ from app.data.transforms import (
     val_transform,
 )
 from benchmarks.photos import make_folder, photographs, reencode
-from tests.test_app_train import interrupt_at, only_run, read_metrics
+from tests.test_app_train import full_and_resumed_losses
 
 # The stated bound, in 8-bit levels (0–255): the mean absolute difference of one reduced-decode
 # crop from the full-decode crop of the same box. Measured on the bundled photographs at
@@ -140,12 +138,5 @@ def test_resume_is_exact_with_reduced_decode(tmp_path, monkeypatch):
     args = ["train", "--device", "cpu", f"data.dataset={data}", "data.resolution=32",
             "data.workers=1", "data.reduced_decode=true", "train.micro_batch=4", "train.epochs=2",
             "train.log_every=1", "train.val_every=100", "train.ema_decay=0"]
-    assert cli(args + [f"log.out_dir={tmp_path / 'full'}"]) == 0
-    full = [r["loss"] for r in read_metrics(only_run(tmp_path / "full"))]
-    with monkeypatch.context() as m:
-        interrupt_at(m, 2)
-        assert cli(args + [f"log.out_dir={tmp_path / 'cut'}"]) == 128 + signal.SIGINT
-    run = only_run(tmp_path / "cut")
-    assert cli(["train", "--resume", str(run)]) == 0
-    steps = len(photographs()) * 4 // 4 * 2
-    assert len(full) == steps and [r["loss"] for r in read_metrics(run)] == full
+    full, resumed = full_and_resumed_losses(args, tmp_path, monkeypatch, at_step=2)
+    assert len(full) == len(photographs()) * 4 // 4 * 2 and resumed == full  # 2 epochs, batch 4
