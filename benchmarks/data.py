@@ -16,13 +16,18 @@ The folder is made at run time from the photographs bundled with installed packa
 (benchmarks/photos.py), re-encoded at ImageNet's typical sizes and qualities; no downloads. The
 files sit in the page cache (written just before): this measures decoding and augmentation, not
 the disk. A case builds its loader, waits for the first batch (worker start-up is not counted),
-then times the rest of the epoch. Cases run in interleaved rounds (odd rounds reversed), so every
-pipeline sees the machine's busy and quiet moments alike; every row records the load average.
+then times the rest of the epoch; it also counts CPU seconds per image, of this process and of
+its worker processes (read from /proc: see ``time_case``). Cases run in interleaved rounds (odd
+rounds reversed), so every pipeline sees the machine's busy and quiet moments alike; every row
+records the load average.
 """
 import argparse
 import csv
+import gc
 import json
+import multiprocessing
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -91,18 +96,49 @@ def torchvision_loader(folder: str, split: str, resolution: int, workers: int, b
     return (images for images, _ in loader)
 
 
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def workers_cpu() -> Dict[int, float]:
+    """CPU seconds so far of each live child process (the loader's workers), from /proc."""
+    seconds = {}
+    for child in multiprocessing.active_children():
+        try:
+            with open(f"/proc/{child.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            seconds[child.pid] = (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return seconds
+
+
 def time_case(batches: Iterable[torch.Tensor]) -> Dict[str, float]:
-    """Images and seconds from the first batch's arrival to the end of the epoch."""
+    """Wall clock: images and seconds from the first batch's arrival to the last one's. CPU per
+    image: the worker processes' whole CPU time (they start with the case and have nothing left
+    to do after its last batch) over all the epoch's images, plus this process's CPU time while
+    the batches were timed over those batches' images (its one-off set-up is left out); a busy
+    shared machine disturbs this far less than the wall clock."""
     iterator = iter(batches)
     first = next(iterator)
-    started, images, batches_timed = time.perf_counter(), 0, 0
+    started, cpu_started = time.perf_counter(), own_cpu()
+    images, batches_timed, workers = 0, 0, {}
     for images_batch in iterator:
         assert images_batch.dtype == torch.uint8 and images_batch.shape[1:] == first.shape[1:]
         images += images_batch.shape[0]
         batches_timed += 1
-    seconds = time.perf_counter() - started
+        seconds, main_cpu = time.perf_counter() - started, own_cpu() - cpu_started
+        workers.update(workers_cpu())  # the last reading of each worker before it ends
+    total = images + first.shape[0]
+    cpu_ms = 1000 * (sum(workers.values()) / total + main_cpu / images)
     return {"images": images, "batches": batches_timed, "seconds": round(seconds, 4),
-            "images_per_s": round(images / seconds, 2) if seconds > 0 else float("nan")}
+            "images_per_s": round(images / seconds, 2), "cpu_ms_per_image": round(cpu_ms, 3),
+            "worker_processes_seen": len(workers)}
 
 
 def reduction_shares(folder: str, resolution: int, crops: int = 400) -> Dict[str, float]:
@@ -172,9 +208,11 @@ def main(argv=None) -> int:
                        "load_before": load_before, "load_after": load_average(),
                        **(shares[resolution] if pipeline == "ours" else {})}
                 del batches
+                gc.collect()  # this case's workers end before the next case starts
                 rows.append(row)
                 print(f"{pipeline:>11} {split:>5} {resolution:>4} px {workers} worker(s): "
-                      f"{row['images_per_s']:8.1f} img/s (load {row['load_after']})", flush=True)
+                      f"{row['images_per_s']:8.1f} img/s, {row['cpu_ms_per_image']} CPU ms/image "
+                      f"(load {row['load_after']})", flush=True)
     with open(base + ".jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -22,12 +22,13 @@ TARGETS = (
 )
 
 
-def medians(rows: Sequence[Dict]) -> Dict[Tuple, float]:
-    """(pipeline, split, resolution, workers) → median images/s over the rounds."""
+def medians(rows: Sequence[Dict], field: str = "images_per_s",
+            keys: Tuple[str, ...] = ("pipeline", "split", "resolution", "workers")) -> Dict[Tuple, float]:
+    """``keys`` values → median of ``field`` over the rows (rounds) that have it."""
     groups: Dict[Tuple, List[float]] = {}
     for row in rows:
-        key = (row["pipeline"], row["split"], row["resolution"], row["workers"])
-        groups.setdefault(key, []).append(float(row["images_per_s"]))
+        if row.get(field) is not None:
+            groups.setdefault(tuple(row[k] for k in keys), []).append(float(row[field]))
     return {k: statistics.median(v) for k, v in groups.items()}
 
 
@@ -39,15 +40,20 @@ def _num(value: Optional[float]) -> str:
     return f"{value:,.0f}" if value else "–"
 
 
-def cores_needed(rate: Dict[Tuple, float]) -> List[str]:
-    lines = ["| target | img/s | pipeline | img/s per worker core here | host cores needed |",
-             "|---|---|---|---|---|"]
+def cores_needed(rate: Dict[Tuple, float], cpu_ms: Optional[Dict[Tuple, float]] = None) -> List[str]:
+    """Per target and pipeline: cores from the CPU time per image (all worker counts) and from
+    one worker's wall-clock rate (an upper bound where the machine is busy)."""
+    cpu_ms = cpu_ms or {}
+    lines = ["| target | img/s | pipeline | CPU ms / image | cores (CPU time) | 1-worker img/s | "
+             "cores (1-worker wall clock) |", "|---|---|---|---|---|---|---|"]
     for name, target, resolution in TARGETS:
         for pipeline in ("ours", "ours-full", "torchvision"):
             per_core = rate.get((pipeline, "train", resolution, 1))
-            if per_core:
-                lines.append(f"| {name} | {target:,} | {pipeline} | {per_core:,.0f} | "
-                             f"{target / per_core:,.0f} |")
+            ms = cpu_ms.get((pipeline, "train", resolution))
+            if per_core or ms:
+                cells = [f"{ms:.2f}" if ms else "–", f"{target * ms / 1000:,.0f}" if ms else "–",
+                         _num(per_core), f"{target / per_core:,.0f}" if per_core else "–"]
+                lines.append(f"| {name} | {target:,} | {pipeline} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -101,11 +107,25 @@ def markdown(rows: Sequence[Dict]) -> str:
             s = shares[resolution]
             cells = [f"{100 * s[f'{split}_1/{k}']:.0f}%" for split in ("train", "val") for k in (1, 2, 4, 8)]
             out.append(f"| {resolution} | " + " | ".join(cells) + " |")
+    cpu_ms = medians(rows, "cpu_ms_per_image", ("pipeline", "split", "resolution"))
+    if cpu_ms:
+        out += ["", "## CPU time per image", "",
+                "CPU milliseconds per image while the batches were timed (main process and worker "
+                "processes), median over rounds and worker counts: the cost of the work itself, "
+                "which other jobs on the machine disturb far less than the wall clock.", "",
+                "| split | resolution | ours | ours-full | torchvision | torchvision / ours |",
+                "|---|---|---|---|---|---|"]
+        for split, resolution in sorted({k[1:] for k in cpu_ms}, key=lambda k: (k[0] != "train", -k[1])):
+            ours, full, tv = (cpu_ms.get((p, split, resolution))
+                              for p in ("ours", "ours-full", "torchvision"))
+            cells = " | ".join(f"{v:.2f}" if v else "–" for v in (ours, full, tv))
+            out.append(f"| {split} | {resolution} | {cells} | {_ratio(tv, ours)} |")
     out += ["", "## Host cores to feed one accelerator system", "",
-            "Cores = target images/s ÷ one worker's training images/s measured here (1 worker: one "
-            "core decoding; the main process only receives batches). A core of this shared VM; a "
-            "dedicated server core is faster, which scales every figure down alike.", ""]
-    out += cores_needed(rate)
+            "Cores (CPU time) = target images/s × CPU seconds per training image measured here; cores "
+            "(1-worker wall clock) = target ÷ one worker's images/s, an upper bound on this busy "
+            "shared VM (the worker got only part of a core). Cores of this VM; a dedicated server "
+            "core is faster, which scales every figure down alike.", ""]
+    out += cores_needed(rate, cpu_ms)
     out += ["", "![images/s](" + os.path.basename(first.get("_plot", "")) + ")" if first.get("_plot") else ""]
     return "\n".join(out).rstrip() + "\n"
 

@@ -19,6 +19,7 @@ def test_toy_run_writes_rows_report_and_plot(tmp_path, monkeypatch):
     for row in rows:
         # 3 photographs × 4 images per split, batch 2: 6 batches, the first one untimed
         assert row["batches"] == 5 and row["images"] == 10 and row["images_per_s"] > 0
+        assert row["cpu_ms_per_image"] > 0  # workers=0: all on this process
         assert row["command"].startswith("python -m benchmarks.data --images 4")
         assert {"commit", "date", "pillow", "torchvision", "load_before", "load_after"} <= set(row)
     shares = [r for r in rows if r["pipeline"] == "ours"][0]
@@ -26,6 +27,7 @@ def test_toy_run_writes_rows_report_and_plot(tmp_path, monkeypatch):
     report = (tmp_path / "toy.md").read_text()
     assert "| train | 160 | 0 |" in report and "| val | 160 | 0 |" in report
     assert "load average during the rows" in report and "ours / torchvision" in report
+    assert "## CPU time per image" in report and "cores (CPU time)" in report
     assert (tmp_path / "toy.png").stat().st_size > 0 and (tmp_path / "toy.cmd").is_file()
 
 
@@ -38,7 +40,10 @@ def test_bad_options_are_refused_before_any_work(capsys):
 def test_core_counts_follow_from_the_measured_rate():
     rows = [{"pipeline": "ours", "split": "train", "resolution": r, "workers": 1, "images_per_s": 250.0}
             for r in (224, 160)]
-    lines = cores_needed(medians(rows))
+    cpu = {("ours", "train", r): 4.0 for r in (224, 160)}  # 4 CPU ms per image
+    lines = cores_needed(medians(rows), cpu)
     assert len(lines) == 2 + len(TARGETS)  # header, rule, one row per target (only "ours" measured)
     for (name, target, _), line in zip(TARGETS, lines[2:]):
-        assert line.endswith(f"| {target / 250:,.0f} |") and name in line
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == name and cells[4] == f"{target * 4 / 1000:,.0f}"
+        assert cells[6] == f"{target / 250:,.0f}"
