@@ -48,7 +48,7 @@ class DataLoader(torch.utils.data.DataLoader):
         o = self.options
         self._is_user_batch_sampler_set = batch_sampler is not None
         if self._is_user_batch_sampler_set:
-            # __init__.py:291-305
+            # __init__.py:292-305
             if batch_size != 1 or shuffle:
                 raise RuntimeError("`batch_sampler` option is mutually exclusive with batch_size, shuffle.")
             batch_size = getattr(batch_sampler, "batch_size", batch_size)
@@ -58,14 +58,14 @@ class DataLoader(torch.utils.data.DataLoader):
             shuffle = False
         if persistent_workers is None:
             persistent_workers = num_workers > 0
-        # __init__.py:317-327
+        # __init__.py:321-330
         groups = o.replication_factor // getattr(o, "input_group_size", 1)
         self._num_batches_to_combine = o.device_iterations * groups * o.Training.gradient_accumulation
         self.combined_batch_size = batch_size * self._num_batches_to_combine
         self.mode = mode
         dataset_batch_size = 1 if self._is_user_batch_sampler_set else self.combined_batch_size
         real_drop_last = self.batch_sampler_drop_last if self._is_user_batch_sampler_set else drop_last
-        # __init__.py:428-451: AsyncRebatched (or Async with a remainder) rebatches in the worker
+        # __init__.py:431-449: AsyncRebatched (or Async with a remainder) rebatches in the worker
         rebatched_size = None
         if mode == DataLoaderMode.AsyncRebatched or (
                 mode == DataLoaderMode.Async and not real_drop_last and self.combined_batch_size > 1):
@@ -94,7 +94,7 @@ class DataLoader(torch.utils.data.DataLoader):
         return self.combined_batch_size
 
     def __len__(self) -> int:
-        # __init__.py:463-474: rebatching counts combined batches of the dataset's length
+        # __init__.py:468-478: rebatching counts combined batches of the dataset's length
         if self._accessor is not None and self._accessor.rebatched_size:
             count, rest = divmod(len(self.dataset), self._accessor.rebatched_size)
             return count + (1 if rest and not self.rebatched_drop_last else 0)
@@ -171,7 +171,7 @@ class AsynchronousDataAccessor:
         self._dataset = dataset
         self._buffer_size, self._load_indefinitely = max(int(buffer_size), 2), load_indefinitely
         self._drop_last = getattr(dataset, "rebatched_drop_last", True)
-        # _dataloader.py:_start: the worker gets a pickled copy (a process boundary)
+        # _dataloader.py:202-233 (_start): the worker gets a pickled copy (a process boundary)
         self._copy = pickle.loads(pickle.dumps(dataset, protocol=4))
         if isinstance(self._copy, torch.utils.data.DataLoader):
             # the worker process's own RNG: a fresh interpreter's default generator
@@ -182,7 +182,7 @@ class AsynchronousDataAccessor:
         self._stop, self._error = False, None
         self._used = self._at_eof = False
         self._slots, self._slot, self._structure = None, 0, None
-        # _dataloader.py:305-310: the worker's iterator is made at start-up. Made here, on the
+        # _dataloader.py:294-305: the worker's iterator is made at start-up. Made here, on the
         # caller's thread, so that the torch workers it may start are not forked from a thread.
         self._iterator = iter(self._copy)
         self._thread = threading.Thread(target=self._run, name="poptorch-emulator-async", daemon=True)
@@ -191,6 +191,7 @@ class AsynchronousDataAccessor:
     # ---------------------------------------------------------------- the worker
     @staticmethod
     def _check(data):
+        """_dataloader.py:358-367: a flat container of tensors, nothing else."""
         tensors, keys = _flat(data)
         for index, tensor in enumerate(tensors):
             assert isinstance(tensor, torch.Tensor), (
@@ -203,7 +204,7 @@ class AsynchronousDataAccessor:
             generation, iterator = self._generation, self._iterator
             pending, filled = [], 0
             while not self._stop:
-                if self._generation != generation:  # _dataloader.py:415-424: reset
+                if self._generation != generation:  # _dataloader.py:418-433: reset
                     generation, iterator, pending, filled = self._generation, iter(self._copy), [], 0
                 try:
                     data = next(iterator)
@@ -222,7 +223,7 @@ class AsynchronousDataAccessor:
                 if not self.rebatched_size:
                     self._publish(generation, [tensors])
                     continue
-                # _dataloader.py:525-545: copy into the combined batch, keep the overflow
+                # _dataloader.py:533-552: copy into the combined batch, keep the overflow
                 while tensors:
                     take = min(self.rebatched_size - filled, len(tensors[0]))
                     pending.append(tuple(t[:take] for t in tensors))

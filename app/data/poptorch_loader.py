@@ -9,7 +9,7 @@ batches in shared memory ahead of the device, ``persistent_workers=True`` and
 (poptorch_emulator/dataloader.py), which keeps PopTorch's rules.
 
 What that worker changes, and how the loader keeps its guarantees (app/data/loader.py):
-  * The worker gets a pickled copy of the DataLoader (poptorch python/_dataloader.py, _start)
+  * The worker gets a pickled copy of the DataLoader (poptorch python/_dataloader.py:202-233)
     and the main process never iterates its own: ``set_epoch`` cannot reach it. So the batch
     sampler here is a pure function of where the stream starts, (epoch, batch): that epoch from
     that batch, then every following epoch, endlessly (with ``load_indefinitely`` the worker
@@ -19,7 +19,7 @@ What that worker changes, and how the loader keeps its guarantees (app/data/load
   * The host batches are those of the synchronous loader: the same (index, epoch) keys, the same
     sample seeds, split into micro-batches in order and concatenated back by PopTorch.
     Mixup/cutmix (when on) is drawn per micro-batch here, where the collate runs.
-  * Elements must be tensors (_dataloader.py: "a flat 1D container of tensors"): unreadable
+  * Elements must be tensors (_dataloader.py:358-367: "a flat 1D container of tensors"): unreadable
     images travel as a per-sample count; their paths are warned by the worker that met them.
   * A batch is a view of PopTorch's ring buffer, valid until later batches are asked for: the
     training step consumes it before the next one.
