@@ -182,9 +182,20 @@ class AsynchronousDataAccessor:
         self._stop, self._error = False, None
         self._used = self._at_eof = False
         self._slots, self._slot, self._structure = None, 0, None
-        # _dataloader.py:294-305: the worker's iterator is made at start-up. Made here, on the
-        # caller's thread, so that the torch workers it may start are not forked from a thread.
+        # _dataloader.py:294-367: at start-up the worker makes its iterator and loads the first
+        # element, whose structure sizes the ring buffer; the constructor waits for that and fails
+        # when the worker does (_dataloader.py:233-256). Done here, on the caller's thread, so that
+        # the torch workers the iterator may start are not forked from a thread.
         self._iterator = iter(self._copy)
+        try:
+            self._first = next(self._iterator)
+        except StopIteration:
+            raise RuntimeError("The Dataset is empty") from None
+        try:
+            self._check(self._first)
+        except AssertionError as error:
+            raise RuntimeError("AsynchronousDataAccessor worker thread failed to start "
+                               f"(Check above for details): {error}") from error
         self._thread = threading.Thread(target=self._run, name="poptorch-emulator-async", daemon=True)
         self._thread.start()
 
@@ -201,13 +212,15 @@ class AsynchronousDataAccessor:
 
     def _run(self) -> None:
         try:
-            generation, iterator = self._generation, self._iterator
+            generation, iterator, first = self._generation, self._iterator, self._first
             pending, filled = [], 0
             while not self._stop:
                 if self._generation != generation:  # _dataloader.py:418-433: reset
                     generation, iterator, pending, filled = self._generation, iter(self._copy), [], 0
+                    first = None
                 try:
-                    data = next(iterator)
+                    data = first if first is not None else next(iterator)
+                    first = None
                 except StopIteration:
                     if pending and not self._drop_last:
                         self._publish(generation, pending)
