@@ -19,9 +19,11 @@ import numpy as np
 from PIL import Image
 
 IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (640, 480), (500, 500), (1200, 900))
-# the benchmark's mix: mostly ~500×375 in both orientations, one in ten a large photograph
-IMAGENET_MIX = ((500, 375), (375, 500), (500, 375), (500, 333), (375, 500), (500, 375), (640, 480),
-                (500, 500), (333, 500), (1200, 900))
+# the benchmark's mix, 20 long: ImageNet's common sizes (~500×375 in both orientations, 500×333,
+# 500×500, 640×480 and 640×427 as scikit-learn's photographs), and one in twenty a large photograph
+_COMMON = ((500, 375), (375, 500), (500, 333), (500, 375), (333, 500), (500, 500), (640, 480),
+           (375, 500), (500, 375), (640, 427))
+IMAGENET_MIX = _COMMON + _COMMON[:-1] + ((1200, 900),)
 QUALITIES = (75, 90, 95)
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # colour photographs it ships
 
