@@ -138,20 +138,24 @@ def plot(rows: Sequence[Dict], path: str) -> Optional[str]:
     except ImportError:
         return None
     rate = medians(rows)
+    cpu_ms = medians(rows, "cpu_ms_per_image", ("pipeline", "split", "resolution"))
     workers = sorted({k[3] for k in rate})
     groups = sorted({(k[1], k[2]) for k in rate}, key=lambda k: (k[0] != "train", -k[1]))
     pipelines = [p for p in ("ours", "ours-full", "torchvision") if any(k[0] == p for k in rate)]
-    fig, axes = plt.subplots(1, len(workers), figsize=(5.5 * len(workers), 4), squeeze=False)
-    for ax, w in zip(axes[0], workers):
-        width = 0.8 / len(pipelines)
+    panels = [(f"images/s, {w} worker process{'' if w == 1 else 'es'}", "images/s",
+               lambda p, s, r, w=w: rate.get((p, s, r, w), 0)) for w in workers]
+    panels.append(("CPU ms per image (all processes)", "ms", lambda p, s, r: cpu_ms.get((p, s, r), 0)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    width = 0.8 / len(pipelines)
+    for ax, (title, unit, value) in zip(axes[0], panels):
         for i, p in enumerate(pipelines):
-            values = [rate.get((p, s, r, w), 0) for s, r in groups]
-            ax.bar([g + i * width for g in range(len(groups))], values, width, label=p)
+            ax.bar([g + i * width for g in range(len(groups))], [value(p, s, r) for s, r in groups],
+                   width, label=p)
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
         ax.set_xticklabels([f"{s}\n{r}" for s, r in groups])
-        ax.set_title(f"{w} worker process{'es' if w > 1 else ''}")
-        ax.set_ylabel("images/s")
-        ax.legend()
+        ax.set_title(title)
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=8)
     fig.suptitle(f"decode + augment + collate, commit {rows[0]['commit']}, {rows[0]['date'][:10]}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
