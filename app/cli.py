@@ -7,16 +7,17 @@ runs, and an invalid one exits with status 2 before any data is read or any mode
 Commands are imported only when chosen, so one command's dependencies never slow another.
 """
 import argparse
+import dataclasses
 import importlib
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import yaml
 
 from app.checkpoint import latest_run
-from app.config import ConfigError, build_config, check_dataset, preset_names
+from app.config import Config, ConfigError, build_config, check_dataset, preset_names
 from app.errors import AppError
 from app.resolution import ResolutionWarning
 
@@ -30,6 +31,23 @@ COMMANDS = {
     "paper": ("app.paper:main", "reproduce the paper's tables and figures"),
 }
 DATA_COMMANDS = ("train", "validate", "finetune", "paper")  # those that read data.dataset
+
+
+# A fine-tuning run's configuration names its source checkpoint (finetune.source): that is what
+# makes ``train --resume`` of it a fine-tuning run again, its layers frozen as before.
+def route(command: str, cfg: Config) -> Tuple[str, Config]:
+    """The command that runs ``cfg``: ``train --resume`` of a fine-tuning run is ``finetune
+    --resume``; a new ``train`` from a fine-tuning run's config.yaml is a plain run."""
+    if command != "train" or not cfg.finetune.source:
+        return command, cfg
+    if cfg.resume:
+        return "finetune", cfg
+    return command, dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, source=None))
+
+
+def resume_command(cfg: Config, run_dir) -> str:
+    """What continues the run in ``run_dir`` that ``cfg`` configures."""
+    return f"python -m app {'finetune' if cfg.finetune.source else 'train'} --resume {run_dir}"
 EXAMPLES = """examples:
   python -m app train                                  # the digits default (make train)
   python -m app train --config b0-g16-lnpn-half data.dataset=/data/imagenet
@@ -126,7 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     print(f"# resolved configuration ({args.command})")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None).rstrip(), flush=True)
-    run = load_command(args.command)
+    command, cfg = route(args.command, cfg)
+    run = load_command(command)
     if run is None:
         print(f"error: the '{args.command}' command is not in this checkout yet "
               f"({COMMANDS[args.command][0]} is missing)", file=sys.stderr)

@@ -32,6 +32,7 @@ from app.resolution import (
     trained_resolution,
     write_sweep_report,
 )
+from model import fuse_for_inference
 
 Evaluable = Union[Backend, nn.Module]
 
@@ -42,7 +43,7 @@ def evaluate(target: Evaluable, loader: Iterable, device: Optional[torch.device]
     """{"top1": %, "top5": %, "loss": mean unsmoothed cross-entropy, "images": n}."""
     if isinstance(target, nn.Module):
         device = device or next(target.parameters()).device
-        target.eval()
+        target = fuse_for_inference(target)  # a folded copy: the model itself stays as it is
     correct1 = correct5 = 0
     loss_sum, seen = 0.0, 0
     for i, (images, targets) in enumerate(loader):

@@ -36,7 +36,7 @@ from app.resolution import (
     native_resolution,
     trained_resolution,
 )
-from app.train import TrainResult, TrainSetup, run_training
+from app.train import RunHook, TrainResult, TrainSetup, run_training
 from model import build_model
 
 FREEZE_HELP = ("a module name of the network: stem, blocks.<stage> (0-6), blocks.<stage>.<index>, "
@@ -241,7 +241,7 @@ def measure_and_recalibrate(ctx: TrainSetup, result: FinetuneResult) -> None:
 
 
 def finetune_setup(ft_cfg: Config, result: FinetuneResult) -> Callable[[TrainSetup], None]:
-    """The ``run_training`` hook of a fine-tuning run. A new run measures, recalibrates and freezes;
+    """The set-up hook of a fine-tuning run. A new run measures, recalibrates and freezes;
     a resumed one has the checkpoint's weights and statistics already and only freezes again, the
     layers its checkpoint records (the optimiser state holds exactly their parameters)."""
 
@@ -280,7 +280,7 @@ def run_finetune(cfg: Config, source: Path, keep_max_steps: bool = False) -> Fin
         check_resolutions(result.trained_resolution, [resolution], stages, what="fine-tuning")
     print(f"fine-tuning {source} (trained at {result.trained_resolution}) at {resolution}: "
           f"{describe_rule(resolution, stages)}")
-    result.run = run_training(ft_cfg, setup=finetune_setup(ft_cfg, result), command="finetune")
+    result.run = run_training(ft_cfg, RunHook("finetune", finetune_setup(ft_cfg, result)))
     return result
 
 
@@ -293,7 +293,7 @@ def resume_finetune(cfg: Config) -> FinetuneResult:
                        f"or fine-tune it with python -m app finetune --checkpoint {cfg.resume}")
     result = FinetuneResult(run=None, source=Path(cfg.finetune.source), trained_resolution=None,
                             resolution=cfg.data.resolution)
-    result.run = run_training(cfg, setup=finetune_setup(cfg, result), command="finetune")
+    result.run = run_training(cfg, RunHook("finetune", finetune_setup(cfg, result)))
     return result
 
 

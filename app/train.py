@@ -1,12 +1,14 @@
 """The training loop: ``python -m app train --config PRESET [overrides]``.
 
-Read top to bottom: configuration → run folder → data → model → optimiser/EMA → backend → resume
-→ steps (learning rate per weight update, progress, validation, checkpoints) → final report.
-Everything device-specific is behind ``app.backend``; everything that writes files runs on the
-main process only.
+``Trainer`` reads top to bottom: set-up (process group, backend, the checkpoint being resumed,
+data, model, run folder, optimiser/EMA/backend, the resumed state), the steps (learning rate per
+weight update, EMA, progress), validate-and-save when due, then a stop (signal) or a failure
+(non-finite loss), and one teardown that always runs. Its state is one ``LoopState``.
+Everything device-specific is behind the backend (backends/contract.py); everything that writes
+files runs on the main process only. Other kinds of run (fine-tuning) add a ``RunHook``; the
+loop does not know them.
 """
 import argparse
-import dataclasses
 import itertools
 import math
 import random
@@ -37,6 +39,7 @@ from app.checkpoint import (
     saved_best_top1,
     set_rng_state,
 )
+from app.cli import resume_command
 from app.config import Config
 from app.data import build_dataset, build_loader
 from app.distributed import (
@@ -150,33 +153,9 @@ def epoch_batches(loader, start: int) -> Iterator:
     return itertools.chain([first], batches) if first is not None else iter(())
 
 
-def make_payload(step: int, steps_per_epoch: int, model, ema, optimizer, backend: Backend,
-                 cfg: Config, num_classes: int, epoch_rng: Dict[str, Any],
-                 metrics: Dict[str, float], best: float, ema_step: int,
-                 extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    return {
-        "step": step,
-        "epoch": step // steps_per_epoch,
-        "step_in_epoch": step % steps_per_epoch,
-        "steps_per_epoch": steps_per_epoch,
-        "model": model.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "ema_step": ema_step,  # the step of the last EMA update (train.ema_every > 1 resumes exactly)
-        "optimizer": optimizer.state_dict(),
-        "backend": backend.state_dict(),
-        "rng": rng_state(),
-        "epoch_rng": epoch_rng,  # the RNG states when this epoch's data iterator was created
-        "metrics": metrics,
-        "best_top1": best,
-        "arch": arch_of(cfg.model, num_classes),
-        "config": cfg.to_dict(),
-        **(extra or {}),  # what a setup hook records (fine-tuning: its settings and results)
-    }
-
-
 @dataclass
 class TrainSetup:
-    """What a ``setup`` hook of ``run_training`` gets, after the network is built and its initial
+    """What a ``RunHook.setup`` gets, after the network is built and its initial
     (or resumed) weights are loaded, before the optimiser sees its parameters (so freezing layers
     there takes them out of the optimiser) and before the backend prepares (compiles) the
     classifier."""
@@ -210,10 +189,8 @@ class TrainResult:
 
 
 def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
-    if cfg.resume and cfg.finetune.source:  # a fine-tuning run: resumed as one, its layers frozen again
-        from app.finetune import main as finetune_main  # noqa: PLC0415  (app.finetune imports this module)
-
-        return finetune_main(cfg, args)
+    """``python -m app train`` (the command line sends ``train --resume`` of another kind of run
+    to that run's command: app/cli.py)."""
     launched = launch(cfg, args)  # replicas over several processes: torchrun / poprun runs this again
     if launched is not None:
         return launched
@@ -270,252 +247,407 @@ def nonfinite_advice(cfg: Config, last_saved: Optional[int], run_dir: Path, resu
             f"{resume_command} optim.lr=..., or start again")
 
 
-def run_training(cfg: Config, setup: Optional[Callable[[TrainSetup], None]] = None,
-                 command: str = "train") -> TrainResult:
-    """Train as ``cfg`` says in this process (``python -m app train``, or each process of a
-    launched job); fine-tuning passes a ``setup`` hook and ``command="finetune"`` (the command that
-    resumes the run)."""
-    if setup is None and not cfg.resume and cfg.finetune.source:
-        # trained from a fine-tuning run's config.yaml, this is a plain run: not resumed as one
-        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, source=None))
-    dist = init_distributed(cfg)
-    backend = create_backend(cfg)  # device errors come before any data is read
-    seed_everything(cfg.train.seed + dist.rank)
+@dataclass
+class RunHook:
+    """What turns plain training into another kind of run (fine-tuning: app/finetune.py) without
+    the loop knowing it: ``setup`` runs once the network has its first weights (see
+    ``TrainSetup``); ``kind``, the name of the command that runs it, is recorded in every
+    checkpoint, and a checkpoint of another kind is not resumed by this one."""
+    kind: str
+    setup: Callable[[TrainSetup], None]
 
-    # -- the checkpoint being resumed (its folder is this run's); checked before anything is read
-    resume: Optional[Dict[str, Any]] = None
-    resume_path: Optional[Path] = None
-    if cfg.resume:
-        resume_path = find_checkpoint(cfg.resume)
-        resume = load_checkpoint(resume_path)
-        check_resume_is_newest(resume_path, resume["step"])
-        if resume.get("finetune") and setup is None:
-            raise AppError(f"{resume_path} is a fine-tuning checkpoint: resume it with python -m app "
-                           f"finetune --resume {run_dir_of(resume_path)} (its layers are frozen again)")
-        print(f"resuming from {resume_path} (step {resume['step']})")
 
-    # -- data (before a new run folder exists: a wrong dataset or batch leaves nothing behind)
-    train_set = build_dataset(cfg, "train", cfg.data.resolution)
-    # each process loads its own share of every epoch (the same images as one process would)
-    host_batch = backend.host_batch_size(cfg)
-    loader = build_loader(train_set, host_batch, train=True, cfg=cfg, device=backend.device,
-                          seed=cfg.train.seed, sampler=shard_sampler(dist, train_set, train=True,
-                                                                 seed=cfg.train.seed,
-                                                                 batch_size=host_batch))
-    val_resolutions = cfg.data.val_resolutions or [cfg.data.resolution]
-    val_sets = {r: build_dataset(cfg, "val", r) for r in val_resolutions}
-    val_loaders = {r: build_loader(val_set, backend.eval_batch_size(cfg), train=False, cfg=cfg,
-                                   device=backend.device,
-                                   sampler=shard_sampler(dist, val_set, train=False,
-                                                         seed=cfg.train.seed))
-                   for r, val_set in val_sets.items()}
-    steps_per_epoch = len(loader)
-    if steps_per_epoch < 1:
-        raise AppError(f"the training set ({len(train_set)} images) is smaller than one host batch "
-                         f"({backend.host_batch_size(cfg)}); lower train.micro_batch or train.grad_accum")
-    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    val_every = max(1, round(cfg.train.val_every * steps_per_epoch))
+PLAIN_RUN = "train"  # the kind of a run without a hook
 
-    # -- model and its first weights
-    num_classes = train_set.num_classes
-    m = cfg.model
-    model = build_network(cfg, num_classes)
-    check_resolutions(cfg.data.resolution, val_resolutions, downsampling_stages(model), what="validation")
-    if m.init_from and resume is None:
-        load_initial_weights(model, cfg)
-    if resume is not None:  # before the backend copies the weights to its device (IPU)
-        check_architecture(resume, cfg.model, num_classes, cfg.resume)
-        if resume["steps_per_epoch"] != steps_per_epoch:
-            raise AppError(f"the checkpoint has {resume['steps_per_epoch']} steps per epoch, this "
-                             f"configuration {steps_per_epoch}: resume with the same data and batch size")
-        load_weights(model, resume["model"], cfg.resume)
 
-    # -- run folder: the one being resumed, or a new one now that data and weights are in place
-    if resume_path is not None:
-        run_dir = run_dir_of(resume_path)
-    else:
-        run_dir = new_run_dir(cfg) if dist.is_main else Path(cfg.log.out_dir)
-        if dist.is_main:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    print(f"run folder: {run_dir}")
+@dataclass
+class LoopState:
+    """Everything the loop changes as it runs. A checkpoint holds the step, the best top-1, the EMA
+    step and the epoch's RNG states, from which a resumed run starts (its last saved step is the
+    checkpoint's); the rest describe this call."""
+    step: int = 0  # weight updates of the run so far
+    best: float = -1.0  # the best top-1 (best.pt holds that model)
+    ema_step: int = 0  # the step of the last EMA update (train.ema_every > 1 resumes exactly)
+    last_saved: Optional[int] = None  # the step of the newest good checkpoint
+    epoch_rng: Optional[Dict[str, Any]] = None  # the RNG states when this epoch's iterator was made
+    first_step: int = 0  # the step this call started from
+    nonfinite: int = 0  # consecutive updates the fp16 loss scaler skipped
+    trained_images: int = 0  # of the whole job, by this call
+    eval_seconds: float = 0.0  # validation and checkpoints, left out of the training time
+    results: Dict[str, Dict[str, float]] = field(default_factory=dict)  # the last validation
 
-    # -- objective, optimiser, EMA, backend
-    dist.broadcast_parameters(model)  # every replica starts from the main process's weights
-    classifier = build_classifier(model, cfg)
-    context = TrainSetup(cfg, model, classifier, backend, loader, val_loaders, run_dir, host_batch, resume)
-    if setup is not None:
-        setup(context)
-    base_lr = cfg.optim.lr * cfg.global_batch / cfg.optim.lr_reference_batch
-    optimizer = build_optimizer(model, cfg, base_lr)
-    backend.prepare(classifier, optimizer, cfg)
-    ema = EMA(model, cfg.train.ema_decay, warmup=True) if cfg.train.ema_decay > 0 else None
 
-    step, best, epoch_rng = 0, -1.0, None
-    if resume is not None:
-        if ema is not None and resume["ema"] is not None:
-            ema.load_state_dict(resume["ema"])
-        optimizer.load_state_dict(resume["optimizer"])
-        backend.load_state_dict(resume["backend"])
-        step, epoch_rng = resume["step"], resume["epoch_rng"]
-        # best.pt is replaced only by a better model than the one it holds
-        best = max(resume["best_top1"], saved_best_top1(run_dir))
-        set_rng_state(resume["rng"])  # after the model's initialisation drew from it
-    ema_step = resume.get("ema_step", step) if resume is not None else step  # train.ema_every
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {m.name} G{m.group_size} e{m.expand_ratio} {m.norm}{'+proxy' if m.proxy_norm else ''}: "
-          f"{n_params / 1e6:.2f}M parameters, {num_classes} classes | {len(train_set)} training images, "
-          f"{steps_per_epoch} steps/epoch of {host_batch} | device {backend.name}"
-          f"{' (emulated)' if backend.emulated else ''} | {total_steps} steps")
-    print(scale_summary(cfg, dist, base_lr))
+class Trainer:
+    """One training run in this process. ``run()`` is set-up, the steps (each followed, when due,
+    by validate-and-save) and the stop or failure, then one teardown that always runs: the
+    tracker, the backend and the process group are released whatever happened."""
 
-    if backend.compile_only:  # ipu.compile_only: build the executables from one batch, then stop
-        loader.set_epoch(0)
-        images, targets = next(iter(loader))
-        print(backend.compile(images, targets))
-        backend.close()
-        dist.close()
-        return TrainResult(0, run_dir)
-    if step >= total_steps:
-        print(f"nothing to do: {run_dir} is at step {step} of {total_steps} already "
-              "(raise train.epochs or train.max_steps to train on)")
-        backend.close()
-        dist.close()
-        return TrainResult(0, run_dir)
-    tracker = Tracker(run_dir, cfg, enabled=dist.is_main, total_steps=total_steps)
-    if resume is not None:  # records after this one continue from the checkpoint's step
-        tracker.write({"kind": "resume", "step": step, "checkpoint": str(resume_path)})
+    def __init__(self, cfg: Config, hook: Optional[RunHook] = None):
+        self.cfg, self.hook = cfg, hook
+        self.kind = hook.kind if hook is not None else PLAIN_RUN
+        self.state = LoopState()
+        self.dist: Optional[DistContext] = None
+        self.backend: Optional[Backend] = None
+        self.tracker: Optional[Tracker] = None
+        self.resume: Optional[Dict[str, Any]] = None
+        self.resume_path: Optional[Path] = None
 
-    def validate(at_step: int) -> Dict[str, Dict[str, float]]:
-        # Validation leaves the training's random streams as they were (its loaders draw seeds):
-        # a run's losses then do not depend on when it validated, and a resumed run repeats them.
-        before, skipped_before = rng_state(), skipped_in(val_loaders.values())
+    # ------------------------------------------------------------------------- run and teardown
+    def run(self) -> TrainResult:
+        failed = True
         try:
-            results = reduce_results(validate_all(backend, ema, val_loaders, cfg))  # over all shares
+            outcome = self._run()
+            failed = False
+        finally:
+            self.close(failed)
+        if outcome.exit_code == 0 and self.tracker is not None:  # the loop ran to its end
+            self.report(outcome)
+        return outcome
+
+    def _run(self) -> TrainResult:
+        self.set_up()
+        early = self.early_exit()
+        if early is not None:
+            return early
+        self.tracker = Tracker(self.run_dir, self.cfg, enabled=self.dist.is_main,
+                               total_steps=self.total_steps)
+        if self.resume is not None:  # records after this one continue from the checkpoint's step
+            self.tracker.write({"kind": "resume", "step": self.state.step,
+                                "checkpoint": str(self.resume_path)})
+        started = time.perf_counter()
+        exit_code = self.loop()
+        skipped = int(job_total(self.dist, skipped_in([self.loader])))  # before the processes part
+        elapsed = time.perf_counter() - started
+        s, self.skipped = self.state, skipped
+        return TrainResult(exit_code, self.run_dir, s.step - s.first_step, s.trained_images,
+                           elapsed - s.eval_seconds, elapsed, s.results, last_step=s.step)
+
+    def close(self, failed: bool = False) -> None:
+        """Release the tracker, the backend and the process group, whichever exist. After a
+        failure the group is left to the launcher (which ends every process when one fails):
+        tearing it down waits for every process, and the others may never get there."""
+        if self.tracker is not None:
+            self.tracker.close()
+        if self.backend is not None:
+            self.backend.close()
+        if self.dist is not None and (not failed or self.dist.world_size == 1):
+            self.dist.close()
+
+    def report(self, outcome: TrainResult) -> None:
+        print(f"done: {self.total_steps} steps in {format_duration(outcome.wall_seconds)}"
+              + (f", {self.skipped} unreadable images skipped" if self.skipped else ""))
+        print("final validation: " + " | ".join(f"{k} top-1 {r['top1']:.2f}%"
+                                                for k, r in outcome.results.items()))
+        print(f"run folder: {self.run_dir}")
+
+    # ------------------------------------------------------------------------- set-up
+    def set_up(self) -> None:
+        cfg = self.cfg
+        self.dist = init_distributed(cfg)
+        self.backend = create_backend(cfg)  # device errors come before any data is read
+        seed_everything(cfg.train.seed + self.dist.rank)
+        self.open_resume()
+        self.build_data()
+        self.build_model()
+        self.open_run_dir()
+        self.prepare()
+        self.restore()
+        self.describe()
+
+    def open_resume(self) -> None:
+        """The checkpoint being resumed (its folder is this run's); checked before anything is read."""
+        if not self.cfg.resume:
+            return
+        self.resume_path = find_checkpoint(self.cfg.resume)
+        self.resume = load_checkpoint(self.resume_path)
+        check_resume_is_newest(self.resume_path, self.resume["step"])
+        recorded = self.resume.get("run_kind", self.kind)  # older checkpoints: any kind
+        if recorded != self.kind:  # a kind is named after the command that runs it
+            raise AppError(f"{self.resume_path} is a checkpoint of a {recorded} run, not of a {self.kind} "
+                           f"run: resume it with python -m app {recorded} --resume "
+                           f"{run_dir_of(self.resume_path)}")
+        print(f"resuming from {self.resume_path} (step {self.resume['step']})")
+
+    def build_data(self) -> None:
+        """Before a new run folder exists: a wrong dataset or batch leaves nothing behind. Each
+        process loads its own share of every epoch (the same images as one process would)."""
+        cfg, dist, backend = self.cfg, self.dist, self.backend
+        self.train_set = build_dataset(cfg, "train", cfg.data.resolution)
+        self.host_batch = host_batch = backend.host_batch_size(cfg)
+        self.loader = build_loader(self.train_set, host_batch, train=True, cfg=cfg,
+                                   device=backend.device, seed=cfg.train.seed,
+                                   sampler=shard_sampler(dist, self.train_set, train=True,
+                                                         seed=cfg.train.seed, batch_size=host_batch))
+        self.val_resolutions = cfg.data.val_resolutions or [cfg.data.resolution]
+        self.val_loaders = {}
+        for r in self.val_resolutions:
+            val_set = build_dataset(cfg, "val", r)
+            self.val_loaders[r] = build_loader(
+                val_set, backend.eval_batch_size(cfg), train=False, cfg=cfg, device=backend.device,
+                sampler=shard_sampler(dist, val_set, train=False, seed=cfg.train.seed))
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch < 1:
+            raise AppError(f"the training set ({len(self.train_set)} images) is smaller than one host "
+                           f"batch ({host_batch}); lower train.micro_batch or train.grad_accum")
+        self.total_steps = math.ceil(cfg.train.epochs * self.steps_per_epoch)
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.val_every = max(1, round(cfg.train.val_every * self.steps_per_epoch))
+
+    def build_model(self) -> None:
+        """The network and its first weights: initial, or the resumed checkpoint's (before the
+        backend copies them to its device)."""
+        cfg, resume = self.cfg, self.resume
+        self.num_classes = self.train_set.num_classes
+        self.model = build_network(cfg, self.num_classes)
+        check_resolutions(cfg.data.resolution, self.val_resolutions, downsampling_stages(self.model),
+                          what="validation")
+        if cfg.model.init_from and resume is None:
+            load_initial_weights(self.model, cfg)
+        if resume is not None:
+            check_architecture(resume, cfg.model, self.num_classes, cfg.resume)
+            if resume["steps_per_epoch"] != self.steps_per_epoch:
+                raise AppError(f"the checkpoint has {resume['steps_per_epoch']} steps per epoch, this "
+                               f"configuration {self.steps_per_epoch}: resume with the same data and "
+                               "batch size")
+            load_weights(self.model, resume["model"], cfg.resume)
+
+    def open_run_dir(self) -> None:
+        """The folder being resumed, or a new one now that data and weights are in place."""
+        if self.resume_path is not None:
+            self.run_dir = run_dir_of(self.resume_path)
+        elif self.dist.is_main:
+            self.run_dir = new_run_dir(self.cfg)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        else:
+            self.run_dir = Path(self.cfg.log.out_dir)
+        print(f"run folder: {self.run_dir}")
+
+    def prepare(self) -> None:
+        """Objective, the hook, optimiser, backend (compiles, on IPUs), EMA."""
+        cfg, model = self.cfg, self.model
+        self.dist.broadcast_parameters(model)  # every replica starts from the main process's weights
+        self.classifier = build_classifier(model, cfg)
+        self.context = TrainSetup(cfg, model, self.classifier, self.backend, self.loader,
+                                  self.val_loaders, self.run_dir, self.host_batch, self.resume)
+        if self.hook is not None:  # before the optimiser: layers it freezes are not optimised
+            self.hook.setup(self.context)
+        self.base_lr = cfg.optim.lr * cfg.global_batch / cfg.optim.lr_reference_batch
+        self.optimizer = build_optimizer(model, cfg, self.base_lr)
+        self.backend.prepare(self.classifier, self.optimizer, cfg)
+        self.ema = EMA(model, cfg.train.ema_decay, warmup=True) if cfg.train.ema_decay > 0 else None
+
+    def restore(self) -> None:
+        """A resumed run's state: EMA, optimiser, backend, the loop's counters, the RNG states."""
+        resume, s = self.resume, self.state
+        if resume is None:
+            return
+        if self.ema is not None and resume["ema"] is not None:
+            self.ema.load_state_dict(resume["ema"])
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.backend.load_state_dict(resume["backend"])
+        s.step = s.first_step = s.last_saved = resume["step"]
+        s.epoch_rng = resume["epoch_rng"]
+        s.ema_step = resume.get("ema_step", s.step)
+        s.best = max(resume["best_top1"], saved_best_top1(self.run_dir))  # best.pt: only a better one
+        set_rng_state(resume["rng"])  # after the model's initialisation drew from it
+
+    def describe(self) -> None:
+        m, backend = self.cfg.model, self.backend
+        n_params = sum(p.numel() for p in self.model.parameters())
+        print(f"model {m.name} G{m.group_size} e{m.expand_ratio} {m.norm}{'+proxy' if m.proxy_norm else ''}: "
+              f"{n_params / 1e6:.2f}M parameters, {self.num_classes} classes | {len(self.train_set)} "
+              f"training images, {self.steps_per_epoch} steps/epoch of {self.host_batch} | device "
+              f"{backend.name}{' (emulated)' if backend.emulated else ''} | {self.total_steps} steps")
+        print(scale_summary(self.cfg, self.dist, self.base_lr))
+
+    def early_exit(self) -> Optional[TrainResult]:
+        """ipu.compile_only (build the executables from one batch), or nothing left to train."""
+        if self.backend.compile_only:
+            self.loader.set_epoch(0)
+            images, targets = next(iter(self.loader))
+            print(self.backend.compile(images, targets))
+            return TrainResult(0, self.run_dir)
+        if self.state.step >= self.total_steps:
+            print(f"nothing to do: {self.run_dir} is at step {self.state.step} of {self.total_steps} "
+                  "already (raise train.epochs or train.max_steps to train on)")
+            return TrainResult(0, self.run_dir)
+        return None
+
+    # ------------------------------------------------------------------------- the steps
+    def loop(self) -> int:
+        """Train to the end, to an agreed stop signal, or to a non-finite loss: the exit status."""
+        with StopSignal() as stop:
+            try:
+                stopping = self.train_until_stop(stop)
+                return self.stop(stopping) if stopping is not None else 0
+            except NonFiniteLoss as error:
+                return self.fail(error)
+
+    def train_until_stop(self, stop: StopSignal) -> Optional[int]:
+        """Epoch after epoch; returns the signal every process agreed to stop on, if any."""
+        s = self.state
+        while s.step < self.total_steps:
+            for images, targets in self.epoch_iterator():
+                self.one_step(images, targets)
+                if s.step % self.val_every == 0 or s.step == self.total_steps:
+                    self.validate_and_save()
+                stopping = agreed_signal(self.dist, stop.signum)
+                if stopping is not None:
+                    return stopping
+                if s.step >= self.total_steps:
+                    break
+        return None
+
+    def epoch_iterator(self) -> Iterator:
+        """The current epoch's batches from the current step on. The data of an epoch is fixed by
+        (seed, epoch); the model's randomness (dropout, drop path) by the global RNG states.
+        Resuming mid-epoch: start this epoch's iterator from the epoch's RNG states (for loaders
+        that draw from them; ours have their own generator), skip the batches already trained
+        on, then restore the checkpoint's RNG states."""
+        s = self.state
+        epoch, skip = divmod(s.step, self.steps_per_epoch)
+        if skip:
+            set_rng_state(s.epoch_rng)
+        else:
+            s.epoch_rng = rng_state()
+        self.loader.set_epoch(epoch)
+        batches = epoch_batches(self.loader, skip)
+        if skip:
+            set_rng_state(self.resume["rng"])
+        self.tracker.start_window()
+        return self.tracker.timed(batches)  # counts the time spent waiting for data
+
+    def one_step(self, images, targets) -> None:
+        """One weight update (the rate of update step+1), the EMA when due, the step's records."""
+        s, cfg = self.state, self.cfg
+        lr = lr_at(s.step + 1.0, cfg, self.steps_per_epoch, self.base_lr)
+        self.backend.set_lr(lr)
+        out = self.backend.train_step(images, targets)
+        loss = float(out["loss"])
+        applied = not out.get("nonfinite_grads", False)  # False: the backend did not apply it
+        s.step += 1
+        if math.isfinite(loss) and applied:
+            s.nonfinite = 0
+            if self.ema is not None and (s.step % cfg.train.ema_every == 0 or s.step == self.total_steps):
+                self.backend.sync_to_host()
+                self.ema.update(self.model, steps=(s.step - s.ema_step) * self.backend.updates_per_step)
+                s.ema_step = s.step
+        else:
+            self.skipped_update(loss)
+        self.tracker.count(images.shape[0] * self.dist.world_size, loss)  # images of the whole job
+        s.trained_images += images.shape[0] * self.dist.world_size
+        if s.step % cfg.train.log_every == 0 or s.step == self.total_steps:
+            self.tracker.log_step(s.step, s.step / self.steps_per_epoch, lr,
+                                  skipped_images=int(job_total(self.dist, skipped_in([self.loader]))))
+
+    def skipped_update(self, loss: float) -> None:
+        """A non-finite loss or gradient: fp16 tolerates a few (its scaler skipped the update);
+        anything else stops the run."""
+        s = self.state
+        s.nonfinite += 1
+        problem = f"loss is {loss} at step {s.step}" if not math.isfinite(loss) else \
+            f"gradients are not finite at step {s.step} (loss {loss:.4g}; update not applied)"
+        if self.cfg.train.precision != "fp16" or s.nonfinite >= FP16_SKIPS_BEFORE_STOP:
+            raise NonFiniteLoss(problem)
+        print(f"warning: loss {loss} at step {s.step}: the fp16 loss scaler skipped this "
+              "update and lowered its scale", file=sys.stderr)
+
+    # ------------------------------------------------------------------------- validate and save
+    def validate_and_save(self) -> None:
+        s, started = self.state, time.perf_counter()
+        s.results = self.validate(s.step)
+        top1 = max(r["top1"] for r in s.results.values())
+        is_best = top1 > s.best
+        s.best = max(s.best, top1)
+        self.save(s.step, {k: r["top1"] for k, r in s.results.items()}, is_best)
+        self.tracker.start_window()  # throughput excludes validation time
+        s.eval_seconds += time.perf_counter() - started
+
+    def validate(self, at_step: int) -> Dict[str, Dict[str, float]]:
+        """Validation leaves the training's random streams as they were (its loaders draw seeds):
+        a run's losses then do not depend on when it validated, and a resumed run repeats them."""
+        loaders = self.val_loaders.values()
+        before, skipped_before = rng_state(), skipped_in(loaders)
+        try:  # over every process's share of the images
+            results = reduce_results(validate_all(self.backend, self.ema, self.val_loaders, self.cfg))
         finally:
             set_rng_state(before)
-        skipped = job_total(dist, skipped_in(val_loaders.values()) - skipped_before)
-        tracker.log_validation(at_step, at_step / steps_per_epoch, results, skipped_images=int(skipped))
+        skipped = job_total(self.dist, skipped_in(loaders) - skipped_before)
+        self.tracker.log_validation(at_step, at_step / self.steps_per_epoch, results,
+                                    skipped_images=int(skipped))
         return results
 
-    last_saved = step if resume is not None else None  # the step of the newest good checkpoint
-
-    def checkpoint(at_step: int, metrics: Dict[str, float], is_best: bool = False) -> None:
+    def save(self, at_step: int, metrics: Dict[str, float], is_best: bool = False) -> None:
         """Save (process 0), unless a weight is not finite: then every process stops, and the
         previous checkpoint stays the newest."""
-        nonlocal last_saved
+        dist, s = self.dist, self.state
         bad: List[str] = []
         if dist.is_main:
-            backend.sync_to_host()
-            bad = nonfinite_tensors(model.state_dict())
-            if ema is not None:
-                bad += nonfinite_tensors(ema.module.state_dict(), prefix="ema.")
+            self.backend.sync_to_host()
+            bad = nonfinite_tensors(self.model.state_dict())
+            if self.ema is not None:
+                bad += nonfinite_tensors(self.ema.module.state_dict(), prefix="ema.")
         if any_process(dist, bool(bad)):
             shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
             raise NonFiniteLoss(f"weights are not finite after step {at_step}"
                                 + (f" ({shown})" if shown else "") + "; they were not saved")
         if dist.is_main:
-            payload = make_payload(at_step, steps_per_epoch, model, ema, optimizer, backend, cfg,
-                                   num_classes, epoch_rng, metrics, best, ema_step,
-                                   context.checkpoint_extra)
-            save_checkpoint(run_dir, payload, cfg.train.keep_checkpoints, is_best)
-        last_saved = at_step
+            save_checkpoint(self.run_dir, self.payload(at_step, metrics), self.cfg.train.keep_checkpoints,
+                            is_best)
+        s.last_saved = at_step
 
-    def resume_command() -> str:
-        return f"python -m app {command} --resume {run_dir}"
+    def payload(self, at_step: int, metrics: Dict[str, float]) -> Dict[str, Any]:
+        s, spe = self.state, self.steps_per_epoch
+        return {
+            "step": at_step,
+            "epoch": at_step // spe,
+            "step_in_epoch": at_step % spe,
+            "steps_per_epoch": spe,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_step": s.ema_step,  # the step of the last EMA update (train.ema_every > 1 resumes exactly)
+            "optimizer": self.optimizer.state_dict(),
+            "backend": self.backend.state_dict(),
+            "rng": rng_state(),
+            "epoch_rng": s.epoch_rng,  # the RNG states when this epoch's data iterator was created
+            "metrics": metrics,
+            "best_top1": s.best,
+            "arch": arch_of(self.cfg.model, self.num_classes),
+            "config": self.cfg.to_dict(),
+            "run_kind": self.kind,
+            **self.context.checkpoint_extra,  # what the run's hook records
+        }
 
-    # -- the loop
-    nonfinite, results, started = 0, {}, time.perf_counter()
-    exit_code, first_step, trained_images, eval_seconds = 0, step, 0, 0.0
-    stopping: Optional[int] = None  # the signal every process has agreed to stop on
-    with StopSignal() as stop:
-        try:
-            while step < total_steps and stopping is None:
-                epoch, skip = divmod(step, steps_per_epoch)
-                # The data of an epoch is fixed by (seed, epoch); the model's randomness (dropout,
-                # drop path) by the global RNG states. Resuming mid-epoch: start this epoch's
-                # iterator from the epoch's RNG states (for loaders that draw from them; ours
-                # have their own generator), skip the batches already trained on, then restore
-                # the checkpoint's RNG states.
-                if skip:
-                    set_rng_state(epoch_rng)
-                else:
-                    epoch_rng = rng_state()
-                loader.set_epoch(epoch)
-                batches = epoch_batches(loader, skip)
-                if skip:
-                    set_rng_state(resume["rng"])
-                tracker.start_window()
-                for images, targets in tracker.timed(batches):  # counts time waiting for data
-                    lr = lr_at(step + 1.0, cfg, steps_per_epoch, base_lr)  # the rate of update step+1
-                    backend.set_lr(lr)
-                    out = backend.train_step(images, targets)
-                    loss = float(out["loss"])
-                    bad_grads = bool(out.get("nonfinite_grads", False))  # the update was not applied
-                    step += 1
-                    if math.isfinite(loss) and not bad_grads:
-                        nonfinite = 0
-                        if ema is not None and (step % cfg.train.ema_every == 0 or step == total_steps):
-                            backend.sync_to_host()
-                            ema.update(model, steps=(step - ema_step) * backend.updates_per_step)
-                            ema_step = step
-                    else:
-                        nonfinite += 1
-                        problem = f"loss is {loss} at step {step}" if not math.isfinite(loss) else \
-                            f"gradients are not finite at step {step} (loss {loss:.4g}; update not applied)"
-                        if cfg.train.precision != "fp16" or nonfinite >= FP16_SKIPS_BEFORE_STOP:
-                            raise NonFiniteLoss(problem)
-                        print(f"warning: loss {loss} at step {step}: the fp16 loss scaler skipped this "
-                              "update and lowered its scale", file=sys.stderr)
-                    tracker.count(images.shape[0] * dist.world_size, loss)  # images of the whole job
-                    trained_images += images.shape[0] * dist.world_size
-                    if step % cfg.train.log_every == 0 or step == total_steps:
-                        tracker.log_step(step, step / steps_per_epoch, lr,
-                                         skipped_images=int(job_total(dist, skipped_in([loader]))))
-                    if step % val_every == 0 or step == total_steps:
-                        eval_started = time.perf_counter()
-                        results = validate(step)
-                        top1 = max(r["top1"] for r in results.values())
-                        is_best = top1 > best
-                        best = max(best, top1)
-                        checkpoint(step, {k: r["top1"] for k, r in results.items()}, is_best)
-                        tracker.start_window()  # throughput excludes validation time
-                        eval_seconds += time.perf_counter() - eval_started
-                    stopping = agreed_signal(dist, stop.signum)
-                    if step >= total_steps or stopping is not None:
-                        break
-            if stopping is not None:
-                if not (step % val_every == 0 or step == total_steps):  # not saved at this step yet
-                    checkpoint(step, {})
-                # the others wait for process 0's checkpoint: a launcher ends every process as
-                # soon as one exits with a failure status
-                dist.barrier()
-                if dist.is_main:
-                    print(f"stopped by {signal.Signals(stopping).name} at step {step}/{total_steps}; "
-                          f"checkpoint saved. Resume with:\n  {resume_command()}", file=sys.stderr)
-                exit_code = 128 + stopping
-        except NonFiniteLoss as error:
-            if dist.is_main:
-                print(f"error: {error}. {nonfinite_advice(cfg, last_saved, run_dir, resume_command())}",
-                      file=sys.stderr)
-            tracker.write({"kind": "error", "step": step, "error": str(error)})  # the failed step
-            exit_code = 3
-    skipped = int(job_total(dist, skipped_in([loader])))  # before the job's processes part
-    elapsed = time.perf_counter() - started
-    tracker.close()
-    backend.close()
-    dist.close()
-    outcome = TrainResult(exit_code, run_dir, step - first_step, trained_images, elapsed - eval_seconds,
-                          elapsed, results, last_step=step)
-    if exit_code:
-        return outcome
+    # ------------------------------------------------------------------------- stop
+    def resume_command(self) -> str:
+        return resume_command(self.cfg, self.run_dir)
 
-    print(f"done: {total_steps} steps in {format_duration(elapsed)}"
-          + (f", {skipped} unreadable images skipped" if skipped else ""))
-    print("final validation: " + " | ".join(f"{k} top-1 {r['top1']:.2f}%" for k, r in results.items()))
-    print(f"run folder: {run_dir}")
-    return outcome
+    def stop(self, signum: int) -> int:
+        """Stopped by a signal: save the step (unless it was just saved) and say how to resume."""
+        s = self.state
+        if not (s.step % self.val_every == 0 or s.step == self.total_steps):
+            self.save(s.step, {})
+        # the others wait for process 0's checkpoint: a launcher ends every process as soon as
+        # one exits with a failure status
+        self.dist.barrier()
+        if self.dist.is_main:
+            print(f"stopped by {signal.Signals(signum).name} at step {s.step}/{self.total_steps}; "
+                  f"checkpoint saved. Resume with:\n  {self.resume_command()}", file=sys.stderr)
+        return 128 + signum
+
+    def fail(self, error: NonFiniteLoss) -> int:
+        if self.dist.is_main:
+            advice = nonfinite_advice(self.cfg, self.state.last_saved, self.run_dir, self.resume_command())
+            print(f"error: {error}. {advice}", file=sys.stderr)
+        self.tracker.write({"kind": "error", "step": self.state.step, "error": str(error)})  # the failed step
+        return 3
+
+
+def run_training(cfg: Config, hook: Optional[RunHook] = None) -> TrainResult:
+    """Train as ``cfg`` says in this process (``python -m app train``, or each process of a
+    launched job); another kind of run (fine-tuning) passes its ``hook``."""
+    return Trainer(cfg, hook).run()
 
 
 def skipped_in(loaders: Iterable[Any]) -> int:

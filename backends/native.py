@@ -3,7 +3,9 @@
 CPU or CUDA in this process: autocast (bf16, or fp16 with a GradScaler), loss scaling,
 channels-last, gradient accumulation over micro-batches inside one ``train_step``, and
 DistributedDataParallel under torchrun (through the process context the application registered,
-``backends.process.current``). Part of the device layer: it imports nothing of the application.
+``backends.process.current``). ``evaluate`` runs a copy of the classifier fused for inference
+(model/inference.py), made again after every weight update. Part of the device layer: it imports
+nothing of the application.
 """
 import contextlib
 from typing import Any, Dict
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 
 from backends.contract import Backend, BackendError
 from backends.process import all_reduce_mean, current
+from model.inference import fuse_for_inference
 
 
 def _native_device(requested: str) -> torch.device:
@@ -56,6 +59,7 @@ class NativeBackend(Backend):
         self.scaler = _grad_scaler(enabled=t.precision == "fp16")
         self.classifier = None
         self.optimizer = None
+        self.inference_copy = None  # fused for inference; None: the weights changed since
 
     def autocast(self):
         if self.precision == "fp32":
@@ -69,6 +73,7 @@ class NativeBackend(Backend):
         if self.channels_last:
             classifier.to(memory_format=torch.channels_last)
         self.classifier, self.optimizer = classifier, optimizer
+        self.inference_copy = None
         # several processes: gradients are averaged by DistributedDataParallel during backward
         self.trainer = current().wrap(classifier, self.device)
 
@@ -80,6 +85,7 @@ class NativeBackend(Backend):
         loss or the gradients are not finite (fp16: the scaler skips it; otherwise we do, and say so
         with ``nonfinite_grads``), so weights stay good."""
         images, targets = self._to_device(images), self._to_device(targets)
+        self.inference_copy = None  # the weights are about to change
         self.trainer.train()
         self.optimizer.zero_grad(set_to_none=True)
         micro = images.shape[0] // self.grad_accum
@@ -124,14 +130,18 @@ class NativeBackend(Backend):
 
     @torch.no_grad()
     def evaluate(self, images: Tensor) -> Tensor:
-        self.classifier.eval()
+        """Logits of the classifier's current weights, from its fused copy (made on the first call
+        after the weights changed: ``train_step``, ``load_state_dict``, ``prepare``)."""
+        if self.inference_copy is None:
+            self.inference_copy = fuse_for_inference(self.classifier)
         with self.autocast():
-            return self.classifier(self._to_device(images)).float()
+            return self.inference_copy(self._to_device(images)).float()
 
     def state_dict(self) -> Dict[str, Any]:
         return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.inference_copy = None
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
 
@@ -139,3 +149,4 @@ class NativeBackend(Backend):
         # Let go of DistributedDataParallel (and the process group it holds) before the job's
         # process group is destroyed, not whenever the garbage collector gets to it.
         self.trainer = None
+        self.inference_copy = None

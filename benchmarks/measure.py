@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from model import build_model, count_macs, count_parameters
+from model import build_model, count_macs, count_parameters, fuse_for_inference
 
 from .cases import NORMS, OURS, Case
 from .peers import build_peer
@@ -239,6 +239,8 @@ class Prepared:
         model = model.to(device)
         if case.layout == "channels_last":
             model = model.to(memory_format=torch.channels_last)
+        if case.mode == "infer" and case.subject == OURS and not case.compile and device in ("cpu", "cuda"):
+            model = fuse_for_inference(model)  # eager inference's explicit step (model/inference.py)
         self.images, self.targets = prepare_inputs(case)
         self.step = make_step(case, model, self.images, self.targets)
         self.model = model

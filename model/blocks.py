@@ -1,7 +1,7 @@
 """The building blocks of EfficientNet: conv-norm-activation, squeeze-excite and the MBConv block.
 
-Group convolutions (the paper's first idea) live in ``spatial_groups``: every spatial conv of a
-block has ``group_size`` channels per group instead of one (depthwise).
+Group convolutions (the paper's first idea) are ``group_conv.spatial_groups``: every spatial conv
+of a block has ``group_size`` channels per group instead of one (depthwise).
 """
 from typing import Optional, Tuple
 
@@ -9,22 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fast_paths import Versions, plain_eager, watched
+from .group_conv import spatial_groups
 from .norms import NormSpec
 from .proxy_norm import ProxyNormAct
 
 
-def spatial_groups(channels: int, group_size: int) -> int:
-    """Groups of a spatial conv with ``group_size`` channels per group: max(C // G, 1), lowered to
-    the nearest divisor of C where C // G does not divide C (only B6's 56-channel stem with G=16)."""
-    groups = max(channels // group_size, 1)
-    while channels % groups:
-        groups -= 1
-    return groups
-
-
 class ConvNormAct(nn.Module):
-    """conv → norm → activation (SiLU, proxy-normalised SiLU, or none)."""
+    """conv → norm → activation (SiLU, proxy-normalised SiLU, or none). Eager inference runs a
+    fused copy instead (``model.inference.fuse_for_inference``)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: NormSpec,
                  stride: int = 1, groups: int = 1, activation: bool = True):
@@ -38,68 +30,20 @@ class ConvNormAct(nn.Module):
         elif norm.proxy:
             self.act = ProxyNormAct(out_channels)
         else:
-            self.act = SiLU()
+            self.act = nn.SiLU()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_deferred(x, defer_scale=False)[0]
 
     def forward_deferred(self, x: Tensor, defer_scale: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         """Output and, under proxy norm with ``defer_scale``, the per-channel scale still to apply."""
-        if isinstance(self.norm, nn.BatchNorm2d) and self._folds_batch_norm(x):
-            weight, bias = self._folded_batch_norm()
-            conv = self.conv
-            x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        else:
-            if getattr(self, "_folded", None) is not None:
-                self._folded = None  # training or tracing: free the folded copy
-            x = self.norm(self.conv(x))
-        # The norm's output is ours alone unless a hook may hold it: then inference may compute
-        # the activation in it.
-        owned = not watched(self.norm)
+        x = self.norm(self.conv(x))
         if isinstance(self.act, ProxyNormAct):
-            out = self.act(x, self.norm.weight, self.norm.bias, defer_scale, overwrite_input=owned)
+            out = self.act(x, self.norm.weight, self.norm.bias, defer_scale)
             return out if defer_scale else (out, None)
         if self.act is not None:
-            x = self.act(x, owned)
+            x = self.act(x)
         return x, None
-
-    def _folds_batch_norm(self, x: Tensor) -> bool:
-        """Eager inference with running statistics, and no hook watching the conv or the norm
-        (hooks, e.g. count_macs's or a feature extractor's, see the layers run as themselves).
-        Traced graphs never fold here: PopTorch and compilers fold for themselves."""
-        bn = self.norm
-        if bn.training or bn.running_mean is None or torch.is_grad_enabled() or not plain_eager(x):
-            return False
-        return not watched(self.conv, bn)
-
-    def _folded_batch_norm(self) -> Tuple[Tensor, Tensor]:
-        """conv → BatchNorm with running statistics is one conv: the norm is a per-channel affine
-        map, folded into the conv's weights and a bias (one pass and one tensor fewer a layer).
-        Kept until a weight or statistic changes (``fast_paths.Versions``), so small batches do
-        not refold every call."""
-        bn, conv = self.norm, self.conv
-        sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        folded = getattr(self, "_folded", None)
-        if folded is None or folded[0] != bn.eps or not folded[1].same(sources):
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            bias = -bn.running_mean * scale
-            if bn.bias is not None:
-                bias = bias + bn.bias
-            folded = (bn.eps, Versions(sources), conv.weight * scale.view(-1, 1, 1, 1), bias)
-            self._folded = folded
-        return folded[2], folded[3]
-
-
-class SiLU(nn.SiLU):
-    """SiLU in place only when no gradient is recorded. In training, autograd would copy the
-    input it needs for the backward before overwriting it: an extra pass that writing a new
-    tensor avoids (both allocate one tensor)."""
-
-    def forward(self, x: Tensor, may_overwrite: bool = True) -> Tensor:
-        """``may_overwrite``: the caller owns ``x`` (no hook holds it)."""
-        return F.silu(x, inplace=may_overwrite and not torch.is_grad_enabled())
 
 
 class SqueezeExcite(nn.Module):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fast_paths import Versions, plain_eager
+from .fast_paths import plain_eager
 
 PROXY_POINTS = 200
 PROXY_EPS = 0.03
@@ -181,44 +181,17 @@ class ProxyNormAct(nn.Module):
         return _proxy_statistics(self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles,
                                  self.eps, self.activation)[:2]
 
-    def _statistics(self, weight: Tensor, bias: Optional[Tensor],
-                    eager_inference: bool) -> Tuple[Tensor, Tensor]:
-        """proxy_statistics, remembered during eager inference: they depend only on four
-        parameter vectors (and ε, φ, the quantiles), so they are recomputed only when one of
-        those changes (another tensor or storage, or an in-place update: ``fast_paths.Versions``)."""
-        if not eager_inference:
-            self._cached = None
-            return self.proxy_statistics(weight, bias)
-        sources = (self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles)
-        cached = getattr(self, "_cached", None)
-        if cached is None or cached[0] != (self.eps, self.activation) or not cached[1].same(sources):
-            cached = ((self.eps, self.activation), Versions(sources), self.proxy_statistics(weight, bias))
-            self._cached = cached
-        return cached[2]
-
-    def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], defer_scale: bool = False,
-                overwrite_input: bool = False):
+    def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], defer_scale: bool = False):
         """x = γ·Y + β. With ``defer_scale`` returns (φ(x) − μ̃, 1/σ̃) so that a following
         squeeze-excite can fold the division into its gate and save a pass over the tensor.
-        ``overwrite_input``: x is the caller's temporary, so eager inference may compute in it."""
-        eager = plain_eager(x)
-        # Eager and no gradient recorded: statistics cached, results written into temporaries.
-        eager_inference = eager and not torch.is_grad_enabled()
-        mean, inv_std = self._statistics(weight, bias, eager_inference)
+        (Eager inference computes the statistics once: ``model.inference.fuse_for_inference``.)"""
+        mean, inv_std = self.proxy_statistics(weight, bias)
         mean = mean.to(x.dtype).view(1, -1, 1, 1)
         inv_std = inv_std.to(x.dtype).view(1, -1, 1, 1)
-        silu = self.activation is F.silu
-        if silu and eager and not eager_inference:
+        if self.activation is F.silu and torch.is_grad_enabled() and plain_eager(x):
             if defer_scale:
                 return _StandardisedSilu.apply(x, mean, None), inv_std
             return _StandardisedSilu.apply(x, mean, inv_std)
-        if eager_inference:
-            # No fresh activation-sized tensor where we own one (on CPU each costs page faults on
-            # top of its pass): same ops, same rounding as the recorded path below.
-            z = F.silu(x, inplace=True) if silu and overwrite_input else self.activation(x)
-            if defer_scale:
-                return z.sub_(mean), inv_std
-            return z.mul_(inv_std).add_(-mean * inv_std)
         z = self.activation(x)
         if defer_scale:
             return z - mean, inv_std

@@ -1,13 +1,13 @@
-"""The eager fast paths (model/fast_paths.py) never change what the model computes: caches follow
-the tensors they came from, hooks see real layer outputs, torch.func transforms and second
-derivatives take the plain arithmetic or fail saying so."""
+"""The eager fast paths (model/fast_paths.py) and the fused inference copy (model/inference.py)
+never change what the model computes: no cache outlives a weight, hooks see real layer outputs,
+torch.func transforms and second derivatives take the plain arithmetic or fail saying so."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from model import build_model, normal_quantiles
-from model.fast_paths import Versions, clear_caches, eager_fast_paths
+from model import build_model, fuse_for_inference, normal_quantiles
+from model.fast_paths import eager_fast_paths
 
 VARIANTS = [("batch", False), ("layer", True)]
 
@@ -37,18 +37,6 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_versions_hold_only_for_the_same_unchanged_tensors():
-    a, b = torch.ones(4), torch.zeros(4)
-    v = Versions([a, None, b])
-    assert v.same([a, None, b])
-    assert not v.same([a.clone(), None, b]) and not v.same([a, b, b])
-    b.add_(1)  # an in-place update bumps the version counter
-    assert not v.same([a, None, b])
-    v = Versions([a])
-    del a  # a tensor made later may reuse its id and memory: never taken for it
-    assert not v.same([torch.ones(4)])
-
-
 @pytest.mark.parametrize("norm,proxy", VARIANTS)
 def test_functional_call_with_fresh_parameters_never_sees_a_stale_cache(norm, proxy):
     m, x = net(norm, proxy), torch.randn(2, 3, 64, 64)
@@ -61,16 +49,20 @@ def test_functional_call_with_fresh_parameters_never_sees_a_stale_cache(norm, pr
 
 
 @pytest.mark.parametrize("norm,proxy", VARIANTS)
-def test_clear_caches_after_writes_that_bypass_version_counters(norm, proxy):
+def test_writes_that_bypass_version_counters_are_seen_at_once_and_a_fused_copy_is_a_snapshot(norm, proxy):
+    """The model keeps no inference caches: a ``.data`` write (no version bump) shows in the next
+    call. The fused copy holds the weights it was made from until it is fused again."""
     m, x = net(norm, proxy), torch.randn(2, 3, 64, 64)
-    features = lambda: m.blocks[0](m.stem(x))  # noqa: E731
+    features = lambda net: net.blocks[0](net.stem(x))  # noqa: E731
     with torch.no_grad():
-        before = features()
+        fused = fuse_for_inference(m)
+        before = features(m)
+        assert rel(features(fused), before) < 1e-5
         m.stem.conv.weight.data.neg_()  # .data: no version bump, as autograd documents
-        clear_caches(m)
-        after = features()
-        assert rel(after, plain(m, fn=features)) < 1e-5
-        assert rel(after, before) > 1e-2
+        after = features(m)
+        assert rel(after, plain(m, m, fn=features)) < 1e-5 and rel(after, before) > 1e-2
+        assert rel(features(fused), before) < 1e-5  # the snapshot
+        assert rel(features(fuse_for_inference(m)), after) < 1e-5
 
 
 @pytest.mark.parametrize("norm,proxy", VARIANTS)

@@ -54,13 +54,13 @@ def test_bf16_autocast_on_cpu(norm):
 
 @pytest.mark.parametrize("norm", [dict(norm="batch"), dict(norm="batch", proxy_norm=True)],
                          ids=["bn", "bn+pn"])
-def test_inference_folds_batch_norm_into_the_conv_only_when_eager_and_gradient_free(norm, monkeypatch):
-    """Eager no-grad inference runs conv+BN as one conv (batch norm never runs) and gives the
-    unfolded result to float32 rounding; with a gradient recorded, with the fast paths off, or
-    with a hook on a layer, the norms run as themselves."""
+def test_fused_inference_copy_folds_batch_norm_into_the_conv(norm, monkeypatch):
+    """``fuse_for_inference`` runs conv+BN as one conv (batch norm never runs) and gives the
+    unfolded result to float32 rounding; the model itself still runs its norms, hooks included,
+    and the copy follows the weights only when fused again."""
     import torch.nn.functional as F
 
-    from model.fast_paths import eager_fast_paths
+    from model import fuse_for_inference
     torch.manual_seed(0)
     model = build_model("b0", group_size=16, expand_ratio=4, num_classes=10, **norm)
     x = torch.randn(4, 3, 64, 64)
@@ -79,27 +79,26 @@ def test_inference_folds_batch_norm_into_the_conv_only_when_eager_and_gradient_f
     batch_norm = F.batch_norm
     monkeypatch.setattr(F, "batch_norm", counting_batch_norm)
     with torch.no_grad():
-        folded = model(x)
+        fused = fuse_for_inference(model)
+        folded = fused(x)
         assert not calls
-        with eager_fast_paths(False):
-            plain = model(x)
+        plain = model(x)
         assert calls
         calls.clear()
-        handle = model.blocks[2][0].spatial.conv.register_forward_hook(lambda *_: None)
+        seen = []
+        handle = model.blocks[2][0].spatial.conv.register_forward_hook(lambda *_: seen.append(1))
         model(x)
-        assert len(calls) == 1  # the watched layer only
+        assert seen == [1]
         handle.remove()
     # float32 rounding of ~50 folded layers compounds: 1e-4 of the largest logit (a wrong fold
     # is off by the logits' own size).
     assert torch.allclose(folded, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
-    with torch.no_grad():  # the folded weights are kept, and follow in-place updates
+    assert model.stem.conv.weight.requires_grad  # the model is left trainable
+    with torch.no_grad():
         model.stem.norm.running_mean.add_(0.5)
         model.head.conv.weight.mul_(1.5)
         changed = model(x)
-        with eager_fast_paths(False):
-            changed_plain = model(x)
-    assert not torch.allclose(changed_plain, plain, atol=1e-3)
-    assert torch.allclose(changed, changed_plain, rtol=1e-4, atol=1e-4 * changed_plain.abs().max().item())
-    calls.clear()
-    recorded = model(x)
-    assert calls and torch.allclose(recorded, changed_plain, atol=1e-6 * changed_plain.abs().max().item())
+        assert torch.equal(fused(x), folded)  # a snapshot
+        refused = fuse_for_inference(model)(x)
+    assert not torch.allclose(changed, plain, atol=1e-3)
+    assert torch.allclose(refused, changed, rtol=1e-4, atol=1e-4 * changed.abs().max().item())
