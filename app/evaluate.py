@@ -1,11 +1,13 @@
-"""Validation: top-1 / top-5 / loss of a model over a loader, and ``python -m app validate``.
+"""Validation: top-1 / top-5 / loss over a loader, and ``python -m app validate``.
 
-``evaluate`` takes either a ``Backend`` (the compiled/prepared training model) or a plain
-``Classifier`` module (e.g. the EMA copy), so any caller (the training loop, the validate command,
-a resolution sweep) measures the same way.
+Every evaluation goes through the run's ``Backend``: ``evaluate(backend, loader, weights)``
+scores ``weights`` (a network of the run's architecture: the EMA copy, a checkpoint's weights)
+or, with None, the weights being trained, on the backend's device. On an IPU that is the
+backend's inference executable, with the weights copied to it; on CPU/CUDA the backend's device.
+The training loop, ``validate``, fine-tuning and the resolution sweeps all measure this way.
 """
 import argparse
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from app.checkpoint import (
 from app.config import Config
 from app.data import build_dataset, build_loader
 from app.errors import AppError
-from app.objective import build_classifier, build_network
+from app.objective import Classifier, build_classifier, build_network
 from app.resolution import (
     check_resolutions,
     downsampling_stages,
@@ -32,37 +34,43 @@ from app.resolution import (
     trained_resolution,
     write_sweep_report,
 )
-from model import fuse_for_inference
 
-Evaluable = Union[Backend, nn.Module]
+
+def as_classifier(weights: Optional[nn.Module], cfg: Optional[Config]) -> Optional[nn.Module]:
+    """A network wrapped with the run's input normalisation (what a backend scores); a
+    Classifier, or None (the training weights), as it is."""
+    if weights is None or isinstance(weights, Classifier):
+        return weights
+    if cfg is None:
+        raise ValueError("evaluate: a bare network needs the run's configuration (cfg)")
+    # beside the weights: the Classifier's normalisation buffers are made on the CPU
+    param = next(weights.parameters(), None)
+    classifier = build_classifier(weights, cfg)
+    return classifier.to(param.device) if param is not None else classifier
 
 
 @torch.no_grad()
-def evaluate(target: Evaluable, loader: Iterable, device: Optional[torch.device] = None,
-             max_batches: Optional[int] = None) -> Dict[str, float]:
-    """{"top1": %, "top5": %, "loss": mean unsmoothed cross-entropy, "images": n}."""
-    if isinstance(target, nn.Module):
-        device = device or next(target.parameters()).device
-        target = fuse_for_inference(target)  # a folded copy: the model itself stays as it is
+def evaluate(backend: Backend, loader: Iterable, weights: Optional[nn.Module] = None,
+             cfg: Optional[Config] = None, max_batches: Optional[int] = None) -> Dict[str, float]:
+    """{"top1": %, "top5": %, "loss": mean unsmoothed cross-entropy, "images": n}. ``weights``: a
+    network (with ``cfg``) or a Classifier to score; None: the backend's training weights."""
     correct1 = correct5 = 0
     loss_sum, seen = 0.0, 0
-    for i, (images, targets) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        if isinstance(target, Backend):
-            logits = target.evaluate(images).float().cpu()
-        else:
-            logits = target(images.to(device)).float().cpu()
-        targets = targets.cpu()
-        if targets.dtype.is_floating_point:  # soft targets: score against the largest share
-            targets = targets.argmax(dim=-1)
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        hits = top == targets[:, None]
-        correct1 += int(hits[:, 0].sum())
-        correct5 += int(hits.any(dim=-1).sum())
-        loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
-        seen += targets.shape[0]
+    with backend.evaluating(as_classifier(weights, cfg)):
+        for i, (images, targets) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            logits = backend.evaluate(images).float().cpu()
+            targets = targets.cpu()
+            if targets.dtype.is_floating_point:  # soft targets: score against the largest share
+                targets = targets.argmax(dim=-1)
+            k = min(5, logits.shape[-1])
+            top = logits.topk(k, dim=-1).indices
+            hits = top == targets[:, None]
+            correct1 += int(hits[:, 0].sum())
+            correct5 += int(hits.any(dim=-1).sum())
+            loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+            seen += targets.shape[0]
     if seen == 0:
         raise ValueError("the validation loader yielded no images")
     return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen,
@@ -71,19 +79,15 @@ def evaluate(target: Evaluable, loader: Iterable, device: Optional[torch.device]
 
 def validate_all(backend: Backend, ema, loaders: Dict[int, Iterable],
                  cfg: Config) -> Dict[str, Dict[str, float]]:
-    """Raw weights (through the backend) and EMA weights at every validation resolution:
+    """Raw weights and EMA weights at every validation resolution, both through the backend:
     {"raw@224": {...}, "ema@224": {...}, ...}."""
     results = {}
-    ema_classifier = None
-    if ema is not None:
-        # beside the EMA weights (on the training device): the new Classifier's normalisation
-        # buffers are made on the CPU
-        ema_classifier = build_classifier(ema.module, cfg).to(next(ema.module.parameters()).device)
+    ema_classifier = as_classifier(ema.module, cfg) if ema is not None else None
     for resolution, loader in loaders.items():
         results[f"raw@{resolution}"] = evaluate(backend, loader)
-        if ema_classifier is not None:
-            backend.sync_to_host()
-            results[f"ema@{resolution}"] = evaluate(ema_classifier, loader)
+        if ema is not None:
+            backend.sync_to_host()  # the EMA reads the host copy of the trained weights
+            results[f"ema@{resolution}"] = evaluate(backend, loader, ema_classifier)
     return results
 
 
@@ -92,19 +96,18 @@ def report(results: Dict[str, Dict[str, float]]) -> str:
                      f"  ({r['images']} images)" for k, r in results.items())
 
 
-def checkpoint_classifiers(payload: Dict, cfg: Config, num_classes: int, device: torch.device,
-                           source) -> Dict[str, nn.Module]:
-    """{"raw": …, "ema": …}: a checkpoint's weights (EMA only when it has them), each as a
-    Classifier on ``device``."""
-    classifiers = {}
+def checkpoint_networks(payload: Dict, cfg: Config, num_classes: int, source) -> Dict[str, nn.Module]:
+    """{"raw": …, "ema": …}: a checkpoint's weights (EMA only when it has them), each as a network
+    on the host; a backend's ``evaluating`` puts them on its device."""
+    networks = {}
     weights = {"raw": payload.get("model"), "ema": (payload.get("ema") or {}).get("module")}
     for kind, state in weights.items():
         if state is None:
             continue
         net = build_network(cfg, num_classes)
         load_weights(net, state, source)
-        classifiers[kind] = build_classifier(net, cfg).to(device)
-    return classifiers
+        networks[kind] = net
+    return networks
 
 
 def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
@@ -126,17 +129,17 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     datasets = {r: build_dataset(cfg, "val", r) for r in resolutions}
     num_classes = next(iter(datasets.values())).num_classes
     check_architecture(payload, cfg.model, num_classes, path)
-    classifiers = checkpoint_classifiers(payload, cfg, num_classes, backend.device, path)
+    networks = checkpoint_networks(payload, cfg, num_classes, path)
     # The test-resolution rule, relative to the resolution the checkpoint was last trained at.
-    stages = downsampling_stages(next(iter(classifiers.values())).model)
+    stages = downsampling_stages(next(iter(networks.values())))
     trained = trained_resolution(payload) or cfg.data.resolution
     check_resolutions(trained, resolutions, stages, what="validation")
     results = {}
-    for kind, classifier in classifiers.items():
+    for kind, network in networks.items():
         for r, dataset in datasets.items():
             loader = build_loader(dataset, backend.eval_batch_size(cfg), train=False, cfg=cfg,
                                   device=backend.device)
-            results[f"{kind}@{r}"] = evaluate(classifier, loader, backend.device)
+            results[f"{kind}@{r}"] = evaluate(backend, loader, network, cfg)
     print(f"validation of {path} (step {payload.get('step')}):\n{report(results)}")
     if swept:
         table, plot = write_sweep_report(results, trained, run_dir_of(path), stages,

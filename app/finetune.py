@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from app.checkpoint import CheckpointError, find_checkpoint, latest_run, load_checkpoint, run_dir_of
 from app.config import Config, config_from_dict
@@ -37,6 +37,13 @@ from app.resolution import (
     trained_resolution,
 )
 from app.train import RunHook, TrainResult, TrainSetup, run_training
+from backends.batch_norm_stats import (
+    BatchNormProbe,
+    Statistics,
+    batch_norm_layers,
+    split_statistics,
+    write_statistics,
+)
 from model import build_model
 
 FREEZE_HELP = ("a module name of the network: stem, blocks.<stage> (0-6), blocks.<stage>.<index>, "
@@ -94,43 +101,49 @@ def trainable_parameters(model: nn.Module) -> List[str]:
 
 # ----------------------------------------------------------------------------- batch norm
 
-def batch_norm_layers(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def _host_statistics(model: nn.Module, device: Optional[torch.device]) -> Callable[[Tensor], Statistics]:
+    device = device or next(model.parameters()).device
+
+    def measure(images: Tensor) -> Statistics:
+        modes = [(m, m.training) for m in model.modules()]
+        nn.Module.train(model, False)  # not model.eval(): the whole tree, frozen parts included
+        try:
+            return split_statistics(BatchNormProbe(model)(images.to(device)))
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    return measure
 
 
 @torch.no_grad()
 def recalibrate_batch_norm(model: nn.Module, batches: Iterable, device: Optional[torch.device] = None,
-                           max_batches: Optional[int] = None) -> int:
+                           max_batches: Optional[int] = None,
+                           statistics: Optional[Callable[[Tensor], Statistics]] = None) -> int:
     """Recompute every batch norm's running mean and variance from ``batches`` (images, or
     (images, targets) pairs), with every other layer in eval mode (no dropout or drop-path) and no
     gradients: only the running statistics change. Each batch counts equally (a cumulative
-    average, not an exponential one). Returns the number of batches used (0: no batch norm)."""
+    average, not an exponential one). ``statistics(images)`` measures one batch (a backend's
+    ``batch_norm_statistics``: on an IPU, its inference executable); default: ``model`` here, on
+    ``device``. Returns the number of batches used (0: no batch norm)."""
     layers = batch_norm_layers(model)
     if not layers:
         return 0
-    modes = [(m, m.training) for m in model.modules()]
-    momenta = [m.momentum for m in layers]
-    device = device or next(model.parameters()).device
-    used = 0
-    try:
-        nn.Module.train(model, False)  # not model.eval(): the whole tree, frozen parts included
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average over the batches below
-            nn.Module.train(m, True)
-        for batch in batches:
-            if max_batches is not None and used >= max_batches:
-                break
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(images.to(device))
-            used += 1
-    finally:
-        for m, momentum in zip(layers, momenta):
-            m.momentum = momentum
-        for m, mode in modes:
-            m.training = mode
+    measure = statistics or _host_statistics(model, device)
+    sums: Optional[List[List[Tensor]]] = None
+    rows = used = 0
+    for batch in batches:
+        if max_batches is not None and used >= max_batches:
+            break
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        measured = measure(images)
+        pairs = [[mean.sum(0), var.sum(0)] for mean, var in measured]
+        sums = pairs if sums is None else [[a + m, b + v] for (a, b), (m, v) in zip(sums, pairs)]
+        rows += measured[0][0].shape[0]
+        used += 1
     if used == 0:
         raise ValueError("batch-norm recalibration got no batches: the loader is empty")
+    write_statistics(model, [m / rows for m, _ in sums], [v / rows for _, v in sums], rows)
     return used
 
 
@@ -222,18 +235,19 @@ def average_batch_norm_statistics(model: nn.Module) -> None:
 def measure_and_recalibrate(ctx: TrainSetup, result: FinetuneResult) -> None:
     """Accuracy of the weights as trained at the new resolution, then (batch norm) recalibrate the
     statistics there and measure again. Results are over every process's share of the images."""
-    device = ctx.backend.device
-    ctx.classifier.to(device)
+    backend, classifier = ctx.backend, ctx.classifier
     target_loader = ctx.val_loaders[result.resolution]
 
-    def measure() -> Dict[str, float]:
-        return reduce_results({"m": evaluate(ctx.classifier, target_loader, device)})["m"]
+    def measure() -> Dict[str, float]:  # through the backend (IPU: its inference executable)
+        return reduce_results({"m": evaluate(backend, target_loader, classifier)})["m"]
 
     result.before = measure()
     print(f"before fine-tuning, at {result.resolution}: top-1 {result.before['top1']:.2f}%")
-    if batch_norm_layers(ctx.model):
+    if batch_norm_layers(classifier):
         limit = max(1, RECALIBRATION_IMAGES // (ctx.host_batch * current().world_size))
-        used = recalibrate_batch_norm(ctx.classifier, ctx.train_loader, device, max_batches=limit)
+        used = recalibrate_batch_norm(
+            classifier, ctx.train_loader, max_batches=limit,
+            statistics=lambda images: backend.batch_norm_statistics(classifier, images))
         average_batch_norm_statistics(ctx.model)
         result.recalibrated = measure()
         print(f"batch-norm statistics recalibrated at {result.resolution} on {used} batches: "

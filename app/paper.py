@@ -31,7 +31,7 @@ from app.backend import create_backend
 from app.checkpoint import find_checkpoint, load_checkpoint
 from app.config import Config, config_from_dict
 from app.data import build_dataset, build_loader
-from app.evaluate import checkpoint_classifiers, evaluate
+from app.evaluate import checkpoint_networks, evaluate
 from app.finetune import FinetuneResult, given_on_command_line, report_lines, run_finetune
 from app.resolution import (
     half_resolution,
@@ -62,12 +62,12 @@ def paper_folder(cfg: Config) -> Path:
     return new_folder(Path(cfg.log.out_dir), name)  # never reuses (overwrites) an existing folder
 
 
-def final_weights(run_dir: Path, cfg: Config, num_classes: int, device):
-    """A run's best checkpoint as a classifier: its EMA weights when it has them."""
+def final_weights(run_dir: Path, cfg: Config, num_classes: int):
+    """A run's best checkpoint as a network: its EMA weights when it has them."""
     path = find_checkpoint(run_dir, prefer_best=True)
-    classifiers = checkpoint_classifiers(load_checkpoint(path), cfg, num_classes, device, path)
-    kind = "ema" if "ema" in classifiers else "raw"
-    return classifiers[kind], ("EMA" if kind == "ema" else "raw")
+    networks = checkpoint_networks(load_checkpoint(path), cfg, num_classes, path)
+    kind = "ema" if "ema" in networks else "raw"
+    return networks[kind], ("EMA" if kind == "ema" else "raw")
 
 
 def sweep_resolutions(native: int, stages: int) -> List[int]:
@@ -168,14 +168,14 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     backend = create_backend(cfg)
     resolutions = sweep_resolutions(native, stages)
     num_classes = build_dataset(cfg, "val", native).num_classes
-    native_model, native_kind = final_weights(runs["native"].run_dir, cfg, num_classes, backend.device)
-    ft_model, _ = final_weights(ft.run.run_dir, cfg, num_classes, backend.device)
+    native_model, native_kind = final_weights(runs["native"].run_dir, cfg, num_classes)
+    ft_model, _ = final_weights(ft.run.run_dir, cfg, num_classes)
     models = {f"native ({native_kind})": native_model, "half + fine-tune": ft_model}
 
     def evaluate_at(resolution: int) -> Dict[str, Dict[str, float]]:
         loader = build_loader(build_dataset(cfg, "val", resolution), backend.eval_batch_size(cfg),
                               train=False, cfg=cfg, device=backend.device)
-        return {name: evaluate(model, loader, backend.device) for name, model in models.items()}
+        return {name: evaluate(backend, loader, model, cfg) for name, model in models.items()}
 
     rows = sweep(evaluate_at, resolutions, native, stages)
     backend.close()

@@ -1,14 +1,32 @@
 """``python -m app plan``: the IPU memory and pipeline plan of a configuration.
 
 The planner (ipu_options/planning.py) estimates what it is given; this command hands it the
-network the configuration trains, built as training builds it.
+network the configuration trains, built as training builds it, and hands the lowering check
+(ipu_options/lowering_check.py) the classifier the IPU backend compiles.
 """
 import argparse
-from typing import Optional
+from typing import Dict, Optional
 
-from app.objective import network_builder
+import torch
+
+from app.objective import build_classifier, network_builder
+from ipu_options.lowering_check import check_config, describe
 from ipu_options.planning import print_plan
+from poptorch_emulator.lowering import Lowering
+
+
+def lowering_reports(cfg) -> Dict[str, Lowering]:
+    """The lowering check of the classifier the IPU backend compiles, built on the meta device."""
+    with torch.device("meta"):
+        classifier = build_classifier(network_builder(cfg)(), cfg)
+    return check_config(cfg, classifier)
 
 
 def main(cfg, args: Optional[argparse.Namespace] = None) -> int:
-    return print_plan(cfg, network_builder(cfg)())
+    """The plan, then the PopTorch lowering check of the training and inference graphs (no
+    weights, no arithmetic). Exit status 1 if the plan does not fit or PopTorch would refuse a
+    graph."""
+    status = print_plan(cfg, network_builder(cfg)())
+    text, lowers = describe(lowering_reports(cfg))
+    print(text)
+    return status if lowers else max(status, 1)

@@ -8,11 +8,12 @@ of the project: the application depends on it, the backends implement it, and ne
 reaches into the other. ``cfg`` below is the run's configuration (``app.config.Config``); a
 backend reads its fields and never imports the application that defines them.
 """
-from typing import Any, Dict
+from typing import Any, ContextManager, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
+from backends.batch_norm_stats import Statistics
 from backends.errors import BackendError
 
 __all__ = ["Backend", "BackendError"]
@@ -48,7 +49,22 @@ class Backend:
         returns what was built (only backends with ``compile_only``)."""
         raise NotImplementedError
 
+    def evaluating(self, classifier: Optional[nn.Module] = None) -> ContextManager[None]:
+        """Within it, ``evaluate`` scores with ``classifier``'s weights (a classifier of the run's
+        architecture — network plus input normalisation, ``app.objective.Classifier`` — holding
+        the EMA copy, a checkpoint's weights, fine-tuning's start), or with the training weights
+        when None. Every evaluation of a run goes through this, on the backend's device (IPU: its
+        inference executable, the weights copied to it)."""
+        raise NotImplementedError
+
     def evaluate(self, images: Tensor) -> Tensor:
+        """Logits of a host batch, with the weights ``evaluating`` chose (default: training's)."""
+        raise NotImplementedError
+
+    def batch_norm_statistics(self, classifier: nn.Module, images: Tensor) -> Statistics:
+        """Each batch norm's batch mean and unbiased variance over ``images`` with
+        ``classifier``'s weights (backends/batch_norm_stats.py), one row per batch the device
+        normalises over (IPU: per micro-batch)."""
         raise NotImplementedError
 
     def sync_to_host(self) -> None:

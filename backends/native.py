@@ -8,11 +8,12 @@ DistributedDataParallel under torchrun (through the process context the applicat
 nothing of the application.
 """
 import contextlib
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
+from backends.batch_norm_stats import BatchNormProbe, Statistics, split_statistics
 from backends.contract import Backend, BackendError
 from backends.process import all_reduce_mean, current
 from model.inference import fuse_for_inference
@@ -58,6 +59,7 @@ class NativeBackend(Backend):
         self.channels_last = t.channels_last
         self.scaler = _grad_scaler(enabled=t.precision == "fp16")
         self.classifier = None
+        self._scoring: Optional[nn.Module] = None  # what evaluate() runs (evaluating() sets it)
         self.optimizer = None
         self.inference_copy = None  # fused for inference; None: the weights changed since
 
@@ -128,14 +130,44 @@ class NativeBackend(Backend):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    @contextlib.contextmanager
+    def evaluating(self, classifier: Optional[nn.Module] = None) -> Iterator[None]:
+        if classifier is None and self.classifier is None:
+            raise BackendError("nothing to evaluate: the backend has no training model (prepare) "
+                               "and no weights were given")
+        previous = self._scoring
+        # a given classifier (moved to this device: Module.to() moves in place) is scored through
+        # its own fused copy (model/inference.py), like the training classifier
+        self._scoring = None if classifier is None else fuse_for_inference(classifier.to(self.device))
+        try:
+            yield
+        finally:
+            self._scoring = previous
+
     @torch.no_grad()
     def evaluate(self, images: Tensor) -> Tensor:
-        """Logits of the classifier's current weights, from its fused copy (made on the first call
-        after the weights changed: ``train_step``, ``load_state_dict``, ``prepare``)."""
-        if self.inference_copy is None:
-            self.inference_copy = fuse_for_inference(self.classifier)
+        """Logits with the weights ``evaluating`` chose: a given classifier's fused copy, else the
+        training classifier's (made on the first call after the weights changed: ``train_step``,
+        ``load_state_dict``, ``prepare``)."""
+        model = self._scoring
+        if model is None:
+            if self.inference_copy is None:
+                self.inference_copy = fuse_for_inference(self.classifier)
+            model = self.inference_copy
         with self.autocast():
-            return self.inference_copy(self._to_device(images)).float()
+            return model(self._to_device(images)).float()
+
+    @torch.no_grad()
+    def batch_norm_statistics(self, classifier: nn.Module, images: Tensor) -> Statistics:
+        classifier.to(self.device)
+        modes = [(m, m.training) for m in classifier.modules()]
+        nn.Module.train(classifier, False)  # the whole tree, frozen layers included
+        try:
+            with self.autocast():
+                return split_statistics(BatchNormProbe(classifier)(self._to_device(images)))
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
     def state_dict(self) -> Dict[str, Any]:
         return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}

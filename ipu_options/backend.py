@@ -12,17 +12,45 @@ The loop's model stays the host copy (fp32, for checkpoints and EMA); the backen
 copy with the IPU precision, the pipeline/recomputation annotations and a PopTorch optimiser,
 and copies weights back in ``sync_to_host``. The optimiser's state lives on the device: a
 checkpoint holds it in PopTorch's own format (``state_dict``), the only one PopTorch loads back.
+
+Training returns the loss only (one scalar per replica under the default ``ipu.output_mode=sum``),
+never per-sample tensors. The learning rate reaches the device through ``setOptimizer`` whenever
+it changes, compiled or not: PopTorch reads the optimiser only there and in ``trainingModel``
+(python/_poplar_executor.py:241-242, 631-668, sdk/poptorch/3.4.0), so the first step, and the first
+after a resume, run at the schedule's rate.
+
+Every evaluation runs on the device through one inference model (``evaluating``/``evaluate``):
+a device-precision copy of the network whose weights are loaded from the training weights (after
+``sync_to_host``), the EMA copy or a checkpoint, then copied to the device with
+``copyWeightsToDevice`` — PopTorch uploads an inference model's weights on attach and afterwards
+only on that call (python/_poplar_executor.py:414-417, 577-598, 1245-1262). One inference
+executable per input shape (a compiled PopTorch executable has fixed input shapes); batch-norm
+recalibration statistics run as a second inference graph (backends/batch_norm_stats.py).
 """
+import contextlib
 import copy
 import sys
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from backends.batch_norm_stats import BatchNormProbe, Statistics, split_statistics
 from backends.contract import Backend, BackendError
 from backends.process import all_reduce_mean
 from ipu_options.options import build_options, local_replicas, num_ipus
+
+
+class _LossOnly(nn.Module):
+    """What the training executable runs: the classifier's loss, without the logits (no per-sample
+    tensor is streamed to the host)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: Tensor, targets: Tensor) -> Tensor:
+        return self.classifier(images, targets)[1]
 
 
 def _describe(poptorch_emulated: bool, device: str, compute: torch.device) -> str:
@@ -81,9 +109,19 @@ class PopTorchBackend(Backend):
         self.eval_iterations = max(cfg.ipu.device_iterations, self.ipus)  # inference: DI >= stages
         self.updates_per_step = cfg.ipu.device_iterations  # one weight update per device iteration
         self.compile_only = bool(cfg.ipu.compile_only)
-        self.train_model = self.eval_model = None
+        self.train_model = None
         self._lr: Optional[float] = None
         self._state_checked = self._device_state_loaded = False
+        self.host_classifier = None
+        self.eval_opts = build_options(cfg, poptorch, training=False, splits=self.splits,
+                                       use_ipu_model=self.use_ipu_model)
+        self.eval_opts.deviceIterations(self.eval_iterations)
+        # Evaluation: one device copy of the network (built from the first weights evaluated),
+        # its inference executables by (graph, input shape), and the weights each one holds.
+        self._inference_classifier: Optional[nn.Module] = None
+        self.inference_models: Dict[Tuple, Any] = {}
+        self._weights_version = 0
+        self._uploaded: Dict[Tuple, int] = {}
 
     @staticmethod
     def _meta_network(network: Callable[[], nn.Module]) -> nn.Module:
@@ -105,16 +143,11 @@ class PopTorchBackend(Backend):
     # ------------------------------------------------------------------ setup
     def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer, cfg) -> None:
         from ipu_options.optimizer import build_ipu_optimizer, device_groups
-        from ipu_options.pipeline import annotate
-        from ipu_options.precision import apply_precision
 
         poptorch = self.poptorch
         self.host_classifier, self.host_optimizer = classifier, optimizer
-        device = copy.deepcopy(classifier)
+        device = self._device_copy(classifier, self.recompute)
         device.loss_hook = lambda loss: poptorch.identity_loss(loss, reduction="none")
-        apply_precision(device.model, cfg.ipu.precision)
-        annotate(device.model, self.splits, self.recompute, poptorch)
-        device.to(self.compute)
         self.device_classifier = device
         lr = optimizer.param_groups[0]["lr"]
         self.optimizer = build_ipu_optimizer(poptorch, device_groups(optimizer, classifier, device),
@@ -123,19 +156,27 @@ class PopTorchBackend(Backend):
         self.training_output_mode = cfg.ipu.output_mode
         train_opts = build_options(cfg, poptorch, training=True, splits=self.splits,
                                    use_ipu_model=self.use_ipu_model)
-        eval_opts = build_options(cfg, poptorch, training=False, splits=self.splits,
-                                  use_ipu_model=self.use_ipu_model)
-        eval_opts.deviceIterations(self.eval_iterations)
         device.train()
-        self.train_model = poptorch.trainingModel(device, train_opts, optimizer=self.optimizer)
-        self.eval_opts = eval_opts
+        self.train_model = poptorch.trainingModel(_LossOnly(device), train_opts, optimizer=self.optimizer)
+
+    def _device_copy(self, classifier: nn.Module, recompute) -> nn.Module:
+        """``classifier`` copied, in the IPU precision, with the pipeline (and recomputation)
+        annotations, on the emulator's compute device."""
+        from ipu_options.pipeline import annotate
+        from ipu_options.precision import apply_precision
+
+        device = copy.deepcopy(classifier)
+        apply_precision(device.model, self.cfg.ipu.precision)
+        if self.splits or recompute:
+            annotate(device.model, self.splits, recompute, self.poptorch)
+        return device.to(self.compute)
 
     # ------------------------------------------------------------------ steps
     def _swap_to(self, model) -> None:
         """One executable on the IPUs at a time (hardware); free in the emulator."""
-        other = self.eval_model if model is self.train_model else self.train_model
-        if other is not None and other.isAttachedToDevice():
-            other.detachFromDevice()
+        for other in [self.train_model, *self.inference_models.values()]:
+            if other is not None and other is not model and other.isAttachedToDevice():
+                other.detachFromDevice()
         if model.isCompiled() and not model.isAttachedToDevice():
             model.attachToDevice()
 
@@ -155,7 +196,7 @@ class PopTorchBackend(Backend):
         self.device_classifier.train()
         images, targets = images.to(self.compute), targets.to(self.compute)
         try:
-            _, losses = self.train_model(images, targets)
+            losses = self.train_model(images, targets)
         except ValueError as error:  # the emulator's batch / pipeline checks, PopTorch's rules
             raise BackendError(f"invalid IPU configuration: {error}") from None
         loss = losses.float().mean()
@@ -168,39 +209,101 @@ class PopTorchBackend(Backend):
         without running them (PopTorch refuses to run on an offline target)."""
         self.device_classifier.train()
         self.train_model.compile(images.to(self.compute), targets.to(self.compute))
-        self.device_classifier.eval()
         unit = self.eval_batch_size(self.cfg)
         sample = images[:1].expand(unit, *images.shape[1:]).contiguous()
-        self.eval_model = self.poptorch.inferenceModel(self.device_classifier, self.eval_opts)
-        self.eval_model.compile(sample.to(self.compute))
+        self._load_weights(self.host_classifier)
+        self._inference_model("logits", sample).compile(sample.to(self.compute))
         cache = self.cfg.ipu.executable_cache
         return ("compiled the training and inference executables" +
                 (f" (cached in {cache})" if cache else " (set ipu.executable_cache to keep them)"))
 
     def set_lr(self, lr: float) -> None:
+        """The rate reaches the device only through setOptimizer (PopTorch converts the optimiser
+        to its attribute dict there: python/_poplar_executor.py:631-668), before compilation too,
+        so the very first update, and the first after a resume, use it."""
         if lr == self._lr:
             return
         self._lr = lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.train_model is not None and self.train_model.isCompiled():
-            self.train_model.setOptimizer(self.optimizer)
+        self.train_model.setOptimizer(self.optimizer)
 
-    @torch.no_grad()
-    def evaluate(self, images: Tensor) -> Tensor:
-        if self.eval_model is None:
-            self.eval_model = self.poptorch.inferenceModel(self.device_classifier, self.eval_opts)
-        self._swap_to(self.eval_model)
-        self.device_classifier.eval()
+    # ------------------------------------------------------------------ evaluation
+    def _load_weights(self, classifier: nn.Module) -> None:
+        """Write ``classifier``'s weights into the inference copy (built from the first one
+        seen); the executables copy them to the device before they next run."""
+        if self._inference_classifier is None:
+            self._inference_classifier = self._device_copy(classifier, [])
+            self._inference_classifier.eval()
+        target = self._inference_classifier.model.state_dict()
+        with torch.no_grad():
+            for name, value in classifier.model.state_dict().items():
+                target[name].copy_(value.to(target[name].dtype))
+        self._weights_version += 1
+
+    @contextlib.contextmanager
+    def evaluating(self, classifier: Optional[nn.Module] = None) -> Iterator[None]:
+        if classifier is None:
+            if self.train_model is None:
+                raise BackendError("nothing to evaluate: no training model was prepared and no "
+                                   "weights were given")
+            self.sync_to_host()  # the trained weights, from the device
+            classifier = self.host_classifier
+        self._load_weights(classifier)
+        yield
+
+    def _inference_model(self, graph: str, sample: Tensor):
+        """The inference executable of ``graph`` ("logits" or "bn-statistics") for inputs shaped
+        like ``sample``: PopTorch compiles for fixed input shapes."""
+        key = (graph, tuple(sample.shape))
+        if key not in self.inference_models:
+            module = self._inference_classifier if graph == "logits" else \
+                BatchNormProbe(self._inference_classifier)
+            self.inference_models[key] = self.poptorch.inferenceModel(module, self.eval_opts)
+        return self.inference_models[key]
+
+    def _run_inference(self, graph: str, images: Tensor):
+        """Outputs of ``graph`` over ``images`` in fixed-size host batches (padded at the end),
+        with the weights last loaded; returns [(outputs, real rows)] per host batch."""
+        if self._inference_classifier is None:
+            raise BackendError("evaluate() outside evaluating(): no weights were loaded")
+        self._inference_classifier.eval()
         unit = self.eval_batch_size(self.cfg)
-        outputs = []
+        results = []
         for start in range(0, images.shape[0], unit):
             chunk = images[start:start + unit]
             n = chunk.shape[0]
             if n < unit:  # the executable has a fixed batch: pad, then drop the padding
                 chunk = torch.cat([chunk, chunk[:1].expand(unit - n, *chunk.shape[1:])])
-            outputs.append(self.eval_model(chunk.to(self.compute))[:n].float().cpu())
-        return torch.cat(outputs)
+            model = self._inference_model(graph, chunk)
+            key = (graph, tuple(chunk.shape))
+            self._swap_to(model)
+            if model.isCompiled() and self._uploaded.get(key) != self._weights_version:
+                model.copyWeightsToDevice()  # attach uploads too; this covers weights loaded since
+            outputs = model(chunk.to(self.compute))
+            self._uploaded[key] = self._weights_version
+            results.append((outputs, n))
+        return results
+
+    @torch.no_grad()
+    def evaluate(self, images: Tensor) -> Tensor:
+        return torch.cat([logits[:n].float().cpu() for logits, n in self._run_inference("logits", images)])
+
+    @torch.no_grad()
+    def batch_norm_statistics(self, classifier: nn.Module, images: Tensor) -> Statistics:
+        """Per micro-batch (what a batch norm on the IPU normalises over): micro-batches that
+        hold padding are left out."""
+        self._load_weights(classifier)
+        micro = self.cfg.train.micro_batch
+        pieces = []
+        for outputs, n in self._run_inference("bn-statistics", images):
+            whole = n // micro
+            if whole:
+                pieces.append([t[:whole].float().cpu() for t in outputs])
+        if not pieces:
+            raise BackendError(f"batch-norm statistics need at least one full micro-batch of {micro} "
+                               f"images; got {images.shape[0]}")
+        return split_statistics([torch.cat(column) for column in zip(*pieces)])
 
     def sync_to_host(self) -> None:
         if self.train_model is None:
@@ -235,6 +338,6 @@ class PopTorchBackend(Backend):
             self._lr = None  # loading reset every group's rate: the next set_lr sets them all
 
     def close(self) -> None:
-        for model in (self.train_model, self.eval_model):
+        for model in (self.train_model, *self.inference_models.values()):
             if model is not None and model.isAttachedToDevice():
                 model.detachFromDevice()

@@ -14,13 +14,17 @@ from torch import nn
 
 from backends.optimizers import ADAMW_EPS
 
-AUTO_LOSS_SCALING_START = 128.0
+# The static scale (and automatic loss scaling's start) with fp16: Graphcore's EfficientNet
+# configurations (vision/cnns/pytorch/train/configs.yml:72, graphcore/examples v3.4.1).
+HALF_LOSS_SCALING = 128.0
 
 
 def loss_scaling(cfg) -> float:
+    """ipu.loss_scaling as the optimiser's: a number as given; "auto" or null: 128 with fp16
+    (16.16, 16.32), 1 with 32.32 (config validation refuses auto with 32.32)."""
     ls = cfg.ipu.loss_scaling
-    if ls == "auto":
-        return AUTO_LOSS_SCALING_START if cfg.ipu.precision != "32.32" else 1.0
+    if ls is None or ls == "auto":
+        return HALF_LOSS_SCALING if cfg.ipu.precision != "32.32" else 1.0
     return float(ls)
 
 

@@ -20,7 +20,9 @@ from the SDK 3.4 signatures):
                                        the checkpoints; 3 and 4 are PopART's RecomputationType
                                        Pipeline and RecomputeAll)
   ipu.partials                     opts.Precision.setPartialsType(torch.half | torch.float)
-  ipu.stochastic_rounding          opts.Precision.enableStochasticRounding(b)
+  ipu.stochastic_rounding          opts.Precision.enableStochasticRounding(b)   (training only)
+  (always)                         opts._Popart.set("engineOptions",
+                                       {"target.deterministicWorkers": "portable"})
   ipu.loss_scaling == "auto"       opts.Training.setAutomaticLossScaling(True)
                                    (a number is the optimiser's ``loss_scaling``: see optimizer.py)
   ipu.optimizer_state_offchip,     opts.TensorLocations.setOptimizerLocation(
@@ -48,7 +50,12 @@ AUTO_RECOMPUTATION_ALL = 4  # popart.RecomputationType.RecomputeAll
 
 
 def local_replicas(cfg) -> int:
-    """Replicas of this process: train.replicas over the PopRun instances."""
+    """Replicas of this process: inside a PopRun job what PopDist says (a poprun started by hand
+    need not match dist.instances); otherwise train.replicas over dist.instances."""
+    if under_poprun():
+        from ipu_options.poprun import popdist_local_replicas  # noqa: PLC0415
+
+        return popdist_local_replicas()
     instances = max(1, cfg.dist.instances)
     if cfg.train.replicas % instances:
         raise ValueError(f"train.replicas={cfg.train.replicas} is not divisible by "
@@ -70,6 +77,31 @@ def memory_proportions(cfg, ipus: int):
         raise ValueError(f"ipu.available_memory_proportion has {len(amp)} values for {ipus} IPUs: "
                          f"give one value for all IPUs or one per IPU")
     return {f"IPU{i}": float(amp[0] if len(amp) == 1 else amp[i]) for i in range(ipus)}
+
+
+def _set_pipeline(opts, poptorch, cfg, splits: Optional[dict], training: bool) -> None:
+    """Memory proportions per IPU; pipelined execution over several IPUs, or recomputation on one."""
+    ipus = num_ipus(cfg, splits)
+    opts.setAvailableMemoryProportion(memory_proportions(cfg, ipus))
+    if ipus > 1:
+        opts.setExecutionStrategy(poptorch.PipelinedExecution(poptorch.AutoStage.SameAsIpu))
+        opts._Popart.set("autoRecomputation", AUTO_RECOMPUTATION_PIPELINE)
+    elif cfg.ipu.recompute and training:
+        opts._Popart.set("explicitRecomputation", True)
+        opts._Popart.set("autoRecomputation", AUTO_RECOMPUTATION_ALL)
+
+
+def _set_precision(opts, ipu, training: bool) -> None:
+    opts.Precision.setPartialsType(torch.half if ipu.partials == "half" else torch.float)
+    if training:
+        # Graphcore's CNN application enables stochastic rounding in train_settings only
+        # (vision/cnns/pytorch/utils/ipu_settings.py:42-45, graphcore/examples v3.4.1): an
+        # inference executable rounds to nearest (PopTorch's default).
+        opts.Precision.enableStochasticRounding(bool(ipu.stochastic_rounding))
+    # Worker randomness (stochastic rounding) the same on every IPU, so that replicas' weights do
+    # not drift apart: set for every executable by Graphcore's CNN application
+    # (vision/cnns/pytorch/utils/ipu_settings.py:18 and 29-30, v3.4.1).
+    opts._Popart.set("engineOptions", {"target.deterministicWorkers": "portable"})
 
 
 def build_options(cfg, poptorch, training: bool = True, splits: Optional[dict] = None,
@@ -99,17 +131,8 @@ def build_options(cfg, poptorch, training: bool = True, splits: Optional[dict] =
         # buffer updates (batch norm in training) with broadcast buffers and several replicas.
         opts.broadcastBuffers(False)
 
-    ipus = num_ipus(cfg, splits)
-    opts.setAvailableMemoryProportion(memory_proportions(cfg, ipus))
-    if ipus > 1:
-        opts.setExecutionStrategy(poptorch.PipelinedExecution(poptorch.AutoStage.SameAsIpu))
-        opts._Popart.set("autoRecomputation", AUTO_RECOMPUTATION_PIPELINE)
-    elif ipu.recompute and training:
-        opts._Popart.set("explicitRecomputation", True)
-        opts._Popart.set("autoRecomputation", AUTO_RECOMPUTATION_ALL)
-
-    opts.Precision.setPartialsType(torch.half if ipu.partials == "half" else torch.float)
-    opts.Precision.enableStochasticRounding(bool(ipu.stochastic_rounding))
+    _set_pipeline(opts, poptorch, cfg, splits, training)
+    _set_precision(opts, ipu, training)
     if training and ipu.loss_scaling == "auto":
         opts.Training.setAutomaticLossScaling(True)
     if ipu.optimizer_state_offchip or ipu.replicated_tensor_sharding:

@@ -14,7 +14,8 @@ and only inside a PopRun job.
 Hooks for the PopTorch backend:
   * ``ipu_options.options.build_options`` starts from ``popdist_options(cfg)`` under poprun: the
     ``poptorch.Options`` PopDist makes for this instance, whose replication factor is already the
-    instance's local replicas (``ipu_options.options.local_replicas``, for the host batch);
+    instance's local replicas (``ipu_options.options.local_replicas`` reads the same count from
+    ``popdist.getNumLocalReplicas()``, for the host batch);
   * ``backends.process.all_reduce_mean(tensor)`` — the job-wide mean of a metric (Horovod here),
     which ``train_step`` applies to what it returns;
   * ``backends.process.current()`` — this instance's context (rank, is_main), which the
@@ -119,6 +120,13 @@ def init_popdist(cfg) -> PopDistContext:
     if not ctx.is_main:
         sys.stdout = open(os.devnull, "w")  # logs from instance 0 only; errors still reach stderr
     return ctx
+
+
+def popdist_local_replicas() -> int:
+    """This instance's replicas, as PopDist has them (``popdist.getNumLocalReplicas``): what the
+    PopDist options replicate over and what the host batch must feed."""
+    popdist, _ = _import_sdk_modules()
+    return int(popdist.getNumLocalReplicas())
 
 
 def popdist_options(cfg, ipus: Optional[int] = None):

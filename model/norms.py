@@ -1,11 +1,16 @@
 """Normalisation layers: batch, group and layer norm behind one constructor.
 
-Every norm here keeps an affine weight (PopTorch only lowers affine norms). Under proxy norm that
-weight and bias *are* the proxy-normalised activation's γ and β (see ``proxy_norm.py``): the norm
-applies them in the same kernel that normalises, instead of in a separate pass.
+Every norm here keeps an affine weight and a bias. Under proxy norm that weight and bias *are* the
+proxy-normalised activation's γ and β (see ``proxy_norm.py``): the norm applies them in the same
+kernel that normalises, instead of in a separate pass. A scale-only norm (the projection norms
+under proxy norm) keeps a fixed zero bias, a buffer outside the state dict: PopTorch 3.4 stops on
+a norm given a weight without a bias (``ERROR_ON(isNone(*weight) != isNone(*bias))``,
+poptorch/source/popart_canonicalization/NormalizationOps.cpp:53, for batch, layer, group and
+instance norms alike), and a zero bias is the same arithmetic with no trainable shift.
 """
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 NORM_KINDS = ("batch", "group", "layer")
@@ -38,7 +43,9 @@ class NormSpec:
         return self.kind != "batch"
 
     def make(self, channels: int, shift: bool = True) -> nn.Module:
-        """A norm over ``channels``; ``shift=False`` drops the bias (a scale-only norm)."""
+        """A norm over ``channels``; ``shift=False`` makes it scale-only: its bias is a zero
+        buffer, neither trained nor saved (checkpoints and parameter counts are those of a norm
+        without bias), which every backend, PopTorch included, lowers."""
         if self.kind == "batch":
             layer = nn.BatchNorm2d(channels, eps=self.eps)
         else:
@@ -50,5 +57,6 @@ class NormSpec:
                 )
             layer = nn.GroupNorm(groups, channels, eps=self.eps)
         if not shift:
-            layer.register_parameter("bias", None)
+            del layer.bias
+            layer.register_buffer("bias", torch.zeros(channels), persistent=False)
         return layer

@@ -6,7 +6,9 @@ Everything it runs is emulated: its numbers are not IPU measurements. Modules: `
 (Options and sub-objects), ``executor`` (trainingModel / inferenceModel), ``blocks`` (BeginBlock,
 Block, recomputationCheckpoint, identity_loss), ``recompute`` (recomputation realised with
 torch.utils.checkpoint), ``optim``, ``dataloader``, ``precision`` (fp16 rounding, stochastic
-rounding, fp16 kernels on the CPU)."""
+rounding, fp16 kernels on the CPU), ``lowering`` (the compile-time check of a forward pass
+against PopTorch 3.4's handlers and rules, with the facts in ``poptorch_ops.json`` that
+``poptorch_sources`` extracts from PopTorch's sources)."""
 from . import optim
 from .blocks import BeginBlock, Block, identity_loss, recomputationCheckpoint, removeBlocks
 from .dataloader import AsynchronousDataAccessor, DataLoader

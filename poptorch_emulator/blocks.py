@@ -9,6 +9,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import lowering
+
 _trace: Optional[List[Tuple[Optional[str], int]]] = None  # (block id, ipu) in execution order
 
 
@@ -96,11 +98,14 @@ _LOSS_REDUCTIONS = {"sum": torch.sum, "mean": torch.mean, "none": lambda x: x}
 
 
 def identity_loss(x: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The model's loss, reduced as asked; the executor back-propagates from it."""
+    """Marks the model's loss, reduced as asked (python/ops.py:1014). The compile-time lowering
+    check counts it as a loss (``lowering.note_identity_loss``); the executor back-propagates
+    from the one final loss."""
     if reduction not in _LOSS_REDUCTIONS:
         raise ValueError(f"identity_loss: unsupported reduction {reduction!r} (sum, mean or none)")
-    loss = _LOSS_REDUCTIONS[reduction](x)
-    if loss is x:
-        loss = x.view_as(x)  # a distinct tensor object to carry the mark
-    loss._poptorch_loss = True
+    with lowering.hidden():  # PopTorch sees one poptorch::identity_loss node
+        loss = _LOSS_REDUCTIONS[reduction](x)
+        if loss is x:
+            loss = x.view_as(x)  # a tensor of its own: the loss is not its input
+    lowering.note_identity_loss(x, loss)
     return loss

@@ -8,20 +8,26 @@ batch-norm statistics are those of one micro-batch, as on an IPU — and each re
 norm running statistics (the host copy is replica 0's, as copyWeightsToHost returns). Gradients
 are summed over micro-batches and replicas, divided by their number under ReductionType.Mean,
 then one optimiser step is taken: deviceIterations weight updates per call.
+
+Compiling (the first call, or ``compile``) traces one micro-batch through ``lowering.check_lowering``
+and refuses, in PopTorch's words, what PopTorch 3.4 would refuse to lower; in training the loss
+back-propagated is the one final loss that check finds (PopTorch's rule, not a marked output).
 """
 import contextlib
+import weakref
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import blocks, recompute
-from .enums import OutputMode, ReductionType
+from . import blocks, lowering, optim_snapshot, recompute
+from .enums import MeanReductionStrategy, OutputMode, ReductionType
 from .options import Options
 from .precision import FP16_MAX, HalfKernels, round_half, stochastic_round_half
 
-# PopTorch traces the model (torch.jit), so an IPU runs the traced graph's plain arithmetic and
+# PopTorch traces the model through PyTorch's dispatcher (poptorch/source/dispatch_tracer), so an
+# IPU runs the traced graph's plain arithmetic and
 # never a model's eager shortcuts (hand-written backwards, cached statistics). The emulator runs
 # eagerly: whoever owns such a model registers the context that turns its shortcuts off
 # (ipu_options does, for model/fast_paths.py), and every run of an executor enters them. This
@@ -67,15 +73,11 @@ class PipelineError(ValueError):
     pass
 
 
-def _find_loss(output: Any) -> torch.Tensor:
-    leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-    marked = [t for t in leaves if getattr(t, "_poptorch_loss", False)]
-    if marked:
-        return marked[-1]
-    if len(leaves) == 1:
-        return leaves[0]
-    raise RuntimeError("trainingModel: the model must return its loss, marked with "
-                       "poptorch.identity_loss(loss, reduction) when it returns several tensors")
+# Not PopTorch's rule but the emulator's: PopART trains on the final loss wherever it is in the
+# graph; the emulator back-propagates from a tensor the forward returns.
+LOSS_NOT_RETURNED = ("trainingModel (emulated): the model's final loss is not among its outputs; "
+                     "the emulator back-propagates from a returned tensor: return the loss "
+                     "(e.g. `return logits, loss`)")
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -113,16 +115,29 @@ class PoplarExecutor:
         self._training = training
         if training:
             model._poptorch_wrapped = True
+            model.__dict__["_poptorch_trainer"] = weakref.ref(self)
             if optimizer is None:
                 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         self._optimizer = optimizer
         self._compiled = False
+        # What the device was given: the optimiser's hyper-parameters as they were at the last
+        # setOptimizer (trainingModel calls it). Edits to param_groups after that do nothing.
+        self._dict_optimizer: Optional[optim_snapshot.Snapshot] = None
+        self.applied_lr: List[Tuple[float, ...]] = []  # each group's lr at every weight update
+        self.runs = 0  # calls that executed (inference: the number of batches evaluated here)
         self._attached = False
         self._dirty_host_weights = False  # the device trained since the last copy to the host
+        self._host_weights_version = 0
+        self._device_weights: Optional[List[torch.Tensor]] = None  # inference: what the device holds
         self._replica_buffers: Optional[List[List[torch.Tensor]]] = None
         self._recomputation: Optional[recompute.Recomputation] = None
         self._loss_scale: Optional[float] = None
+        self._loss_leaf: Optional[int] = None  # the final loss among the output's leaves
         self.stages: List[int] = []  # IPU of each forward pipeline stage, set by compile
+        self.lowering: Optional[lowering.Lowering] = None  # what the compile-time check saw
+        if training:
+            # python/_poplar_executor.py:241-242 (3.4.0): the constructor calls setOptimizer.
+            self.setOptimizer(optimizer)
 
     # ------------------------------------------------------------------ PopTorch's surface
     @property
@@ -143,19 +158,19 @@ class PoplarExecutor:
         self._prepare(args, kwargs)
 
     def setOptimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Hyper-parameters (lr, momentum, …, loss_scaling) go to the device; the optimiser state
-        already on the device stays, as PopTorch does."""
+        """Hand the optimiser's hyper-parameters (lr, momentum, …, loss_scaling) to the device, as
+        a snapshot: python/_poplar_executor.py:631-668 (3.4.0) converts the optimiser to its
+        attribute dict here (convertOptimizerToDict) and compilation and every later update use
+        that dict, so editing ``param_groups`` without calling setOptimizer again changes nothing.
+        The optimiser state already on the device stays (a new optimiser without state does not
+        overwrite it)."""
         if not self._training:
             raise RuntimeError("setOptimizer is only valid for a trainingModel")
-        if optimizer is self._optimizer:
-            return
         if len(optimizer.param_groups) != len(self._optimizer.param_groups):
             raise ValueError("setOptimizer: the new optimizer must have the same parameter groups")
-        for current, new in zip(self._optimizer.param_groups, optimizer.param_groups):
-            current.update({k: v for k, v in new.items() if k != "params"})
-        for name in ("loss_scaling", "max_grad_norm"):
-            if hasattr(optimizer, name):
-                setattr(self._optimizer, name, getattr(optimizer, name))
+        self._dict_optimizer = optim_snapshot.take(optimizer, self._options, self._compiled)
+        if self._loss_scale is not None and not self._options.Training.automatic_loss_scaling:
+            self._loss_scale = self._dict_optimizer.loss_scaling
 
     def copyWeightsToHostIfNeeded(self) -> bool:
         """Copy back only when the device changed the weights since the last copy (PopTorch)."""
@@ -166,12 +181,22 @@ class PoplarExecutor:
 
     def copyWeightsToHost(self) -> None:
         self._dirty_host_weights = False
+        self._host_weights_version += 1  # python/_poplar_executor.py:573 (3.4.0)
         if self._replica_buffers is not None:
             with torch.no_grad():
                 for buf, value in zip(self._user_model.buffers(), self._replica_buffers[0]):
                     buf.copy_(value)
 
     def copyWeightsToDevice(self) -> None:
+        """Host → device. An inference executable keeps its own copy of the weights (what it
+        runs with): written on attach, by this call, and — when its model is also a
+        trainingModel's — after that model's weights were copied to the host
+        (python/_poplar_executor.py:414-417 and 1245-1262, sdk/poptorch/3.4.0). A host model
+        changed in place after that (e.g. other weights loaded into it) runs with the old weights
+        until copyWeightsToDevice, as on an IPU."""
+        if not self._training:
+            self._device_weights = [t.detach().clone() for t in self._weight_tensors()]
+            return
         if self._replica_buffers is not None:
             self._replica_buffers = [[b.detach().clone() for b in self._user_model.buffers()]
                                      for _ in self._replica_buffers]
@@ -187,6 +212,8 @@ class PoplarExecutor:
             raise RuntimeError("Cannot attach a model that has not been compiled")
         self._check_online("Trying to attach to an offline device (ConnectionType.Never)")
         self._attached = True
+        if not self._training:  # _on_device_attach uploads the weights
+            self.copyWeightsToDevice()
 
     def _check_online(self, message: str) -> None:
         # useOfflineIpuTarget: PopTorch compiles for an IPU it never connects to (assertions there)
@@ -200,6 +227,8 @@ class PoplarExecutor:
             self._recomputation.remove()
             self._recomputation = None
         self._user_model.__dict__.pop("_poptorch_wrapped", None)
+        if self._training:
+            self._user_model.__dict__.pop("_poptorch_trainer", None)
         self._compiled = False
 
     def __call__(self, *args, **kwargs):
@@ -212,10 +241,28 @@ class PoplarExecutor:
                 self._prepare(args, kwargs)
             if not self._attached:
                 self.attachToDevice()
+            self.runs += 1
             if self._training:
                 self._dirty_host_weights = True
                 return self._train(args, kwargs)
+            self._follow_training_weights()
             return self._infer(args, kwargs)
+
+    def _weight_tensors(self) -> List[torch.Tensor]:
+        return list(self._user_model.parameters()) + list(self._user_model.buffers())
+
+    def _follow_training_weights(self) -> None:
+        """An inference executable of a trainingModel's module picks up the trained weights
+        (python/_poplar_executor.py:1245-1262): copy them to the host if the device changed
+        them, and to this executable when the host's version moved on."""
+        ref = self._user_model.__dict__.get("_poptorch_trainer")
+        trainer = ref() if ref is not None else None
+        if trainer is None:
+            return
+        trainer.copyWeightsToHostIfNeeded()
+        if self._host_weights_version != trainer._host_weights_version:
+            self.copyWeightsToDevice()
+            self._host_weights_version = trainer._host_weights_version
 
     # ------------------------------------------------------------------ batching
     def _factors(self) -> Tuple[int, int, int]:
@@ -259,6 +306,8 @@ class PoplarExecutor:
         return HalfKernels() if half else contextlib.nullcontext()
 
     def _prepare(self, args, kwargs) -> None:
+        """Compile: trace one micro-batch as PopTorch does (its graph, in the caller's grad mode,
+        without the eager fast paths), refuse what PopTorch would refuse, then set up replicas."""
         get, _ = self._micro(args, kwargs)
         a, k = get(0, 0, 0)
         model = self._user_model
@@ -268,8 +317,8 @@ class PoplarExecutor:
         rng = torch.get_rng_state()
         blocks.start_trace()
         try:
-            with torch.no_grad(), self._precision_mode():
-                model(*a, **k)
+            with _as_traced_graph(), self._precision_mode():
+                report, _ = lowering.check_lowering(model, a, k, training=self._training)
         finally:
             trace = blocks.stop_trace()
             torch.set_rng_state(rng)
@@ -278,6 +327,10 @@ class PoplarExecutor:
                 for b, v in zip(model.buffers(), buffers):
                     b.copy_(v)
             model.train(was_training)
+        report.raise_if_refused()
+        if self._training and report.loss_leaf is None:
+            raise RuntimeError(LOSS_NOT_RETURNED)
+        self.lowering, self._loss_leaf = report, report.loss_leaf
         self.stages = self._check_stages(trace)
         self._check_buffer_updates(changed)
         if self._training and self._recomputation is None:
@@ -285,13 +338,15 @@ class PoplarExecutor:
         reps = self._options.replication_factor
         self._replica_buffers = [[b.detach().clone() for b in model.buffers()] for _ in range(reps)]
         if self._training and self._loss_scale is None:
-            self._loss_scale = float(getattr(self._optimizer, "loss_scaling", 1.0))
+            self._loss_scale = self._dict_optimizer.loss_scaling
         self._compiled = True
 
     def _check_buffer_updates(self, changed: List[str]) -> None:
         """PopTorch cannot broadcast buffers that the model updates in place (batch norm's running
-        statistics in training) to several replicas: it stops the compilation."""
-        if not (self._training and self._options.replication_factor > 1 and self._options.broadcast_buffers):
+        statistics in training) to several replicas: it stops the compilation, training and
+        inference alike (poptorch/source/InplaceOps.cpp:228-233, with replicas_needing_broadcast
+        = hasInputReplication() && broadcastBuffers(), LowerToPopartFactories.cpp:41-43)."""
+        if not (self._options.replication_factor > 1 and self._options.broadcast_buffers):
             return
         if changed:
             raise RuntimeError(
@@ -342,32 +397,55 @@ class PoplarExecutor:
         model.train()
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
         accum_half = getattr(opt, "accum_type", torch.float32) == torch.float16
+        running = self._running_mean()
         outputs: List[List[List[Any]]] = [[[None] * reps for _ in range(ga)] for _ in range(di)]
         for d in range(di):
             acc: Dict[nn.Parameter, torch.Tensor] = {}
             scale = self._loss_scale
             for r in range(reps):
                 self._load_replica(r)
+                replica: Dict[nn.Parameter, torch.Tensor] = {}
+                counts: Dict[nn.Parameter, int] = {}
                 for g in range(ga):
                     a, k = get(d, g, r)
                     with self._precision_mode():
                         out = model(*a, **k)
-                        loss = _find_loss(out)
+                        loss = tree_flatten(out)[0][self._loss_leaf]
                         (loss * scale if scale != 1.0 else loss).backward()
                     for p in params:
                         if p.grad is None:
                             continue
                         grad = p.grad.float()
-                        acc[p] = grad if p not in acc else acc[p] + grad
+                        seen = counts.get(p, 0)
+                        if p not in replica:
+                            replica[p] = grad
+                        elif running:
+                            # PopART's Mean accumulation (popx/op/accumulatex.cpp:137-146,
+                            # sdk/poplar/3.4.0): b = 1/(counter+1), accum = (1-b)·accum + b·grad
+                            b = 1.0 / (seen + 1)
+                            replica[p] = replica[p] * (1.0 - b) + grad * b
+                        else:
+                            replica[p] = replica[p] + grad
+                        counts[p] = seen + 1
                         if accum_half:
-                            acc[p] = round_half(acc[p])
+                            replica[p] = round_half(replica[p])
                         p.grad = None
                     outputs[d][g][r] = tree_map(
                         lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
                 self._save_replica(r)
-            self._update(params, acc, ga * reps)
+                for p, grad in replica.items():  # the replicas' reduction
+                    acc[p] = grad if p not in acc else acc[p] + grad
+                    if accum_half:
+                        acc[p] = round_half(acc[p])
+            # Running: each replica's accumulator is already its micro-batches' mean
+            self._update(params, acc, reps if running else ga * reps)
         self._load_replica(0)
         return self._gather(outputs, di, ga, reps)
+
+    def _running_mean(self) -> bool:
+        training = self._options.Training
+        return (training.accumulation_and_replication_reduction_type == ReductionType.Mean
+                and training.mean_reduction_strategy == MeanReductionStrategy.Running)
 
     def _update(self, params: List[nn.Parameter], acc: Dict[nn.Parameter, torch.Tensor], count: int) -> None:
         opt = self._optimizer
@@ -394,10 +472,13 @@ class PoplarExecutor:
         for p in params:
             if p in acc:
                 p.grad = acc[p] / divisor
-        max_norm = getattr(opt, "max_grad_norm", None)
-        if max_norm:
+        snapshot = self._dict_optimizer  # what setOptimizer gave the device, not param_groups now
+        max_norm = snapshot.max_grad_norm
+        if max_norm and max_norm != float("inf"):
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
-        opt.step()
+        with snapshot.applied(opt):
+            opt.step()
+        self.applied_lr.append(snapshot.lrs())
         stochastic = self._options.Precision.stochastic_rounding
         with torch.no_grad():
             for p in half_params:
@@ -425,11 +506,19 @@ class PoplarExecutor:
         di, _, reps = self._factors()
         get, _ = self._micro(args, kwargs)
         outputs = [[[None] * reps] for _ in range(di)]
-        with torch.no_grad(), self._precision_mode():
-            for d in range(di):
-                for r in range(reps):
-                    a, k = get(d, 0, r)
-                    outputs[d][0][r] = self._user_model(*a, **k)
+        host = self._weight_tensors()
+        kept = [t.data for t in host]
+        try:
+            for t, on_device in zip(host, self._device_weights):  # run with the device's copy
+                t.data = on_device
+            with torch.no_grad(), self._precision_mode():
+                for d in range(di):
+                    for r in range(reps):
+                        a, k = get(d, 0, r)
+                        outputs[d][0][r] = self._user_model(*a, **k)
+        finally:
+            for t, data in zip(host, kept):
+                t.data = data
         return self._gather(outputs, di, 1, reps)
 
     def _gather(self, outputs, di: int, ga: int, reps: int):

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .enums import AutoStage, OutputMode, ReductionType
+from .enums import AutoStage, MeanReductionStrategy, OutputMode, ReductionType
 
 
 class _Recorded:
@@ -24,6 +24,9 @@ class _TrainingOptions(_Recorded):
         self.gradient_accumulation = 1
         self.accumulation_and_replication_reduction_type = ReductionType.Mean
         self.automatic_loss_scaling = False
+        # Post unless set, or unless the optimiser's accum_type is float16 (then Running):
+        # python/options.py:207-214 and _optimizer_attributes.py:130-152 (sdk/poptorch/3.4.0)
+        self.mean_reduction_strategy = MeanReductionStrategy.Post
 
     def gradientAccumulation(self, gradient_accumulation: int) -> "_TrainingOptions":
         if int(gradient_accumulation) < 1:
@@ -38,6 +41,16 @@ class _TrainingOptions(_Recorded):
         self._record("accumulationAndReplicationReductionType", reduction_type)
         self.accumulation_and_replication_reduction_type = reduction_type
         return self
+
+    def setMeanAccumulationAndReplicationReductionStrategy(
+            self, mean_reduction_strategy: MeanReductionStrategy) -> "_TrainingOptions":
+        self._record("setMeanAccumulationAndReplicationReductionStrategy", mean_reduction_strategy)
+        self.mean_reduction_strategy = MeanReductionStrategy(mean_reduction_strategy)
+        return self
+
+    @property
+    def meanAccumulationAndReplicationReductionStrategy(self) -> MeanReductionStrategy:
+        return self.mean_reduction_strategy
 
     def setAutomaticLossScaling(self, enabled: bool) -> "_TrainingOptions":
         self._record("setAutomaticLossScaling", enabled)

@@ -16,6 +16,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from . import lowering
+
 FP16_MAX = 65504.0
 _NO_HALF_KERNEL: Set[Any] = set()  # ops seen failing on fp16 inputs (per process)
 # Convolutions, matrix products and norms: on a CPU their fp16 kernels are missing (torch 2.0) or
@@ -54,14 +56,20 @@ def _run_in_float(func, args, kwargs: Dict[str, Any]):
             return wide
         return x
 
-    out = func(*_map_args(widen, tuple(args)), **{k: widen(v) for k, v in kwargs.items()})
-    # Norms update running statistics in place: write them back to the fp16 buffers.
-    for orig, wide in pairs:
-        statistic = not orig.requires_grad and orig.grad_fn is None and orig.dim() == 1
-        if statistic and not torch.equal(orig.float(), wide):
-            with torch.no_grad():
-                orig.copy_(wide)
-    return tree_map(lambda t: t.half() if isinstance(t, torch.Tensor) and t.dtype == torch.float else t, out)
+    # The casts are the emulator's, not the model's: the lowering check does not see them.
+    with lowering.hidden():
+        wide_args = _map_args(widen, tuple(args))
+        wide_kwargs = {k: widen(v) for k, v in kwargs.items()}
+    out = func(*wide_args, **wide_kwargs)
+    with lowering.hidden():
+        # Norms update running statistics in place: write them back to the fp16 buffers.
+        for orig, wide in pairs:
+            statistic = not orig.requires_grad and orig.grad_fn is None and orig.dim() == 1
+            if statistic and not torch.equal(orig.float(), wide):
+                with torch.no_grad():
+                    orig.copy_(wide)
+        return tree_map(lambda t: t.half() if isinstance(t, torch.Tensor) and t.dtype == torch.float
+                        else t, out)
 
 
 class HalfKernels(TorchFunctionMode):

@@ -169,25 +169,34 @@ def test_nonfinite_gradients_skip_the_update_and_say_so():
     assert "nonfinite_grads" not in out and not torch.equal(before, net[1].weight)
 
 
-def test_ema_validation_classifier_lives_where_the_ema_weights_do(monkeypatch):
-    """validate_all wraps the EMA copy in a Classifier: its normalisation buffers must follow the
-    EMA weights' device (a GPU run would otherwise mix CUDA weights and CPU buffers)."""
+def test_ema_validation_classifier_lives_where_the_ema_weights_do():
+    """validate_all scores the EMA copy through the backend, which wraps it in a Classifier on its
+    own device: the normalisation buffers follow the weights (a GPU run would otherwise mix CUDA
+    weights and CPU buffers), and the EMA's logits are the EMA weights', not the trained ones'."""
     import app.evaluate  # noqa: PLC0415
     from app.optim import EMA  # noqa: PLC0415
 
     cfg = build_config("digits", ["device=cpu"])
-    with torch.device("meta"):
-        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    backend = NativeBackend(cfg)
+    backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
     ema = EMA(net, 0.9)
+    with torch.no_grad():
+        ema.module[1].weight.add_(1.0)  # the EMA differs from the trained weights
     seen = []
+    original = backend.evaluate
 
-    def record(target, loader, *args, **kwargs):
-        if isinstance(target, torch.nn.Module):
-            tensors = [*target.buffers(), *target.parameters()]
-            seen.append({t.device.type for t in tensors})
-        return {"top1": 0.0, "top5": 0.0, "loss": 0.0, "images": 1}
+    def record(images):
+        model = backend._scoring or backend.inference_copy or backend.classifier
+        logits = original(images)
+        seen.append(({t.device.type for t in [*model.buffers(), *model.parameters()]}, logits))
+        return logits
 
-    monkeypatch.setattr(app.evaluate, "evaluate", record)
-    backend = type("HostBackend", (), {"sync_to_host": lambda self: None})()
-    results = app.evaluate.validate_all(backend, ema, {32: []}, cfg)
-    assert set(results) == {"raw@32", "ema@32"} and seen == [{"meta"}]
+    backend.evaluate = record
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    results = app.evaluate.validate_all(backend, ema, {32: [(images, torch.tensor([0, 1]))]}, cfg)
+    assert set(results) == {"raw@32", "ema@32"}
+    assert [devices for devices, _ in seen] == [{"cpu"}, {"cpu"}]
+    with torch.no_grad():
+        torch.testing.assert_close(seen[0][1], Classifier(net)(images))
+        torch.testing.assert_close(seen[1][1], Classifier(ema.module)(images))

@@ -6,7 +6,7 @@ Every import statement counts, also those inside functions (a lazy import is sti
     the application and the device layer alike.
   * The device layer (ipu_options/ and backends/native.py) imports no module of the application
     (it may use model/ and the contract).
-  * No backend imports the emulator directly (the IPU layer chooses it).
+  * The native backend does not reach the IPU layer or the emulator (ipu_options/ chooses it).
   * The PopTorch emulator (poptorch_emulator/) imports neither the application, nor model/, nor
     the IPU layer that uses it.
   * Training (app/) imports nothing of benchmarks/.

@@ -193,7 +193,8 @@ def test_defaults_map_to_sdk_calls():
     assert value_of(calls, "opts.deviceIterations", "device_iterations") == 1
     assert value_of(calls, "opts.Training.accumulationAndReplicationReductionType",
                     "reduction_type") == SdkEnum.ReductionType.Mean
-    assert value_of(calls, "opts.outputMode", "output_mode") == SdkEnum.OutputMode.All
+    # training returns the loss only, summed per replica (no per-micro-batch stream)
+    assert value_of(calls, "opts.outputMode", "output_mode") == SdkEnum.OutputMode.Sum
     assert value_of(calls, "opts.setAvailableMemoryProportion",
                     "available_memory_proportion") == {"IPU0": 0.6}
     assert value_of(calls, "opts.Precision.setPartialsType", "dtype") == torch.half
@@ -212,6 +213,7 @@ def test_defaults_map_to_sdk_calls():
     ("ipu.reduction=sum", "opts.Training.accumulationAndReplicationReductionType", "reduction_type",
      SdkEnum.ReductionType.Sum),
     ("ipu.output_mode=final", "opts.outputMode", "output_mode", SdkEnum.OutputMode.Final),
+    ("ipu.output_mode=all", "opts.outputMode", "output_mode", SdkEnum.OutputMode.All),
     ("ipu.partials=float", "opts.Precision.setPartialsType", "dtype", torch.float),
     ("ipu.stochastic_rounding=false", "opts.Precision.enableStochasticRounding", "enabled", False),
     ("ipu.loss_scaling=auto", "opts.Training.setAutomaticLossScaling", "enabled", True),

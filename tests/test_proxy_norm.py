@@ -93,11 +93,18 @@ def test_deferred_scale_folded_into_squeeze_excite_equals_direct_computation():
         assert torch.allclose(block(x), expected, atol=1e-5)
 
 
-def test_projection_norm_keeps_scale_without_shift():
+def test_projection_norm_keeps_scale_without_trainable_shift():
     block = MBConv(16, 24, 3, 2, 4, 16, NormSpec("layer", proxy=True))
-    assert block.project.norm.weight is not None and block.project.norm.bias is None
+    norm = block.project.norm
+    assert [name for name, _ in norm.named_parameters()] == ["weight"]
+    # The shift is a fixed zero, passed to the norm (PopTorch stops on a weight without a bias)
+    # but neither trained nor saved.
+    assert torch.equal(norm.bias, torch.zeros(24)) and not norm.bias.requires_grad
+    assert "bias" not in norm.state_dict()
     assert block.project.act is None
-    assert build_model("b0").blocks[1][0].project.norm.bias is not None  # BN model keeps its shift
+    x = torch.randn(2, 24, 5, 5)
+    assert torch.equal(norm(x), torch.nn.functional.group_norm(x, 1, norm.weight, None, norm.eps))
+    assert build_model("b0").blocks[1][0].project.norm.bias.requires_grad  # BN keeps its shift
 
 
 def _output_of_first_sample(model, batch):
