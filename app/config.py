@@ -57,9 +57,12 @@ class DataConfig:
     resolution: int = 224  # training resolution
     val_resolutions: List[int] = field(default_factory=list)  # empty: the training resolution
     workers: int = 2
+    prefetch: int = 2  # batches each worker process keeps in flight (torch's prefetch_factor)
+    async_loader: bool = True  # ipu/ipu-model training: poptorch.DataLoader, AsyncRebatched mode
     random_crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: bool = True
     augment: bool = True  # false: training images get the validation preprocessing (fine-tuning)
+    reduced_decode: bool = True  # decode JPEGs at 1/2-1/8 where the crop still has the pixels
     mixup: float = 0.0  # per-sample Beta(α, α) mixup, the α; 0 = off (app/data/mixing.py)
     cutmix_lambda: float = 1.0  # CutMix v1's λ₀ (one λ per batch); 1 = off
     synthetic_images: int = 1024  # images per epoch for synthetic / generated data
@@ -466,6 +469,7 @@ def _validate_data(d) -> None:
     _require(all(r >= 32 for r in d.val_resolutions), "data.val_resolutions", d.val_resolutions,
              "integers >= 32")
     _require(d.workers >= 0, "data.workers", d.workers, "an integer >= 0")
+    _require(d.prefetch >= 1, "data.prefetch", d.prefetch, "an integer >= 1")
     lo, hi = (d.random_crop_scale + [0, 0])[:2]
     _require(len(d.random_crop_scale) == 2 and 0 < lo <= hi <= 1, "data.random_crop_scale",
              d.random_crop_scale, "[min, max] with 0 < min <= max <= 1")

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 
 def new_folder(root: Path, name: str) -> Path:
@@ -51,6 +51,7 @@ class Tracker:
         self._window_images = 0
         self._window_steps = 0
         self._window_losses: List[float] = []
+        self._window_wait = 0.0  # seconds the loop spent blocked on the loader in this window
         self._step_seconds: Optional[float] = None  # smoothed time per step, for the ETA
         if enabled and cfg.log.wandb:
             self.wandb = _start_wandb(run_dir, cfg)
@@ -59,6 +60,21 @@ class Tracker:
     def start_window(self) -> None:
         self._window_start, self._window_images, self._window_steps = time.perf_counter(), 0, 0
         self._window_losses = []
+        self._window_wait = 0.0
+
+    def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """``batches``, adding the time each one takes to arrive to the window's data wait: the
+        time training stood still for the input pipeline (workers not keeping up, decode on the
+        main process). Near 0 % the run is device-bound; a large share means input-bound."""
+        iterator = iter(batches)
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self._window_wait += time.perf_counter() - asked
+            yield batch
 
     def count(self, images: int, loss: float) -> None:
         self._window_images += images
@@ -69,11 +85,12 @@ class Tracker:
     def _throughput(self) -> Dict[str, float]:
         elapsed = time.perf_counter() - (self._window_start or time.perf_counter())
         if elapsed <= 0 or not self._window_steps:
-            return {"images_per_s": float("nan"), "step_s": float("nan")}
+            return {"images_per_s": float("nan"), "step_s": float("nan"), "data_wait": float("nan")}
         per_step = elapsed / self._window_steps
         s = self._step_seconds
         self._step_seconds = per_step if s is None else 0.7 * s + 0.3 * per_step
-        return {"images_per_s": self._window_images / elapsed, "step_s": per_step}
+        return {"images_per_s": self._window_images / elapsed, "step_s": per_step,
+                "data_wait": min(self._window_wait / elapsed, 1.0)}
 
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
@@ -92,12 +109,16 @@ class Tracker:
         losses = self._window_losses
         loss = sum(losses) / len(losses) if losses else float("nan")
         speed = self._throughput()
+        # data_wait_s / data_wait_fraction: time blocked on the loader in the window (see timed)
         self.write({"kind": "train", "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
-                    "images_per_s": round(speed["images_per_s"], 2), **extra})
+                    "images_per_s": round(speed["images_per_s"], 2),
+                    "data_wait_s": round(self._window_wait, 4),
+                    "data_wait_fraction": round(speed["data_wait"], 4), **extra})
         if self.enabled:
             eta = (self.total_steps - step) * (self._step_seconds or float("nan"))
             print(f"step {step:>6}/{self.total_steps} | epoch {epoch:6.2f} | loss {loss:.4f} | "
-                  f"lr {lr:.3e} | {speed['images_per_s']:7.1f} img/s | ETA {format_duration(eta)}",
+                  f"lr {lr:.3e} | {speed['images_per_s']:7.1f} img/s | "
+                  f"data wait {100 * speed['data_wait']:4.1f}% | ETA {format_duration(eta)}",
                   flush=True)
         self.start_window()
 

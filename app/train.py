@@ -530,7 +530,7 @@ class Trainer:
         if skip:
             set_rng_state(self.resume["rng"])
         self.tracker.start_window()
-        return batches
+        return self.tracker.timed(batches)  # counts the time spent waiting for data
 
     def one_step(self, images, targets) -> None:
         """One weight update (the rate of update step+1), the EMA when due, the step's records."""

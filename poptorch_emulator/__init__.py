@@ -11,7 +11,7 @@ against PopTorch 3.4's handlers and rules, with the facts in ``poptorch_ops.json
 ``poptorch_sources`` extracts from PopTorch's sources)."""
 from . import optim
 from .blocks import BeginBlock, Block, identity_loss, recomputationCheckpoint, removeBlocks
-from .dataloader import DataLoader
+from .dataloader import AsynchronousDataAccessor, DataLoader
 from .enums import (
     AutoStage,
     ConnectionType,
@@ -27,7 +27,8 @@ __version__ = "3.4.0+emulated"
 EMULATED = True
 
 __all__ = [
-    "AutoStage", "BeginBlock", "Block", "ConnectionType", "DataLoader", "DataLoaderMode",
+    "AsynchronousDataAccessor", "AutoStage", "BeginBlock", "Block", "ConnectionType", "DataLoader",
+    "DataLoaderMode",
     "MeanReductionStrategy", "Options", "OutputMode", "PipelinedExecution", "PoplarExecutor",
     "ReductionType", "ShardedExecution", "TensorLocationSettings", "identity_loss",
     "inferenceModel", "ipuHardwareIsAvailable", "optim", "recomputationCheckpoint", "removeBlocks",

@@ -127,14 +127,21 @@ def test_resume_across_an_epoch_boundary_with_worker_processes(tmp_path, monkeyp
     args = ["train", "--device", "cpu", f"data.dataset={data}", "data.resolution=32", "data.workers=1",
             "train.micro_batch=4", "train.epochs=2", "train.log_every=1", "train.val_every=100",
             "model.drop_path=0.2"]
+    full, resumed = full_and_resumed_losses(args, tmp_path, monkeypatch, at_step=2)
+    assert len(full) == 6 and resumed == full
+
+
+def full_and_resumed_losses(args, tmp_path, monkeypatch, at_step: int):
+    """The losses of ``args`` run through, and of the same run interrupted (SIGINT) during step
+    ``at_step`` and then resumed from its folder."""
     assert cli(args + [f"log.out_dir={tmp_path / 'full'}"]) == 0
     full = [r["loss"] for r in read_metrics(only_run(tmp_path / "full"))]
     with monkeypatch.context() as m:
-        interrupt_at(m, 2)
+        interrupt_at(m, at_step)
         assert cli(args + [f"log.out_dir={tmp_path / 'cut'}"]) == 128 + signal.SIGINT
     run = only_run(tmp_path / "cut")
     assert cli(["train", "--resume", str(run)]) == 0
-    assert len(full) == 6 and [r["loss"] for r in read_metrics(run)] == full
+    return full, [r["loss"] for r in read_metrics(run)]
 
 
 def poison_losses(monkeypatch, bad_calls):

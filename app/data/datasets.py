@@ -43,13 +43,15 @@ class ImageDataset(torch.utils.data.Dataset):
     classes: List[str]
 
     def __init__(self, split: str, resolution: int, scale: Sequence[float] = (0.08, 1.0),
-                 hflip: bool = True, augment: bool = True):
+                 hflip: bool = True, augment: bool = True, reduced_decode: bool = True):
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r} is invalid: expected 'train' or 'val'")
         self.split, self.resolution = split, resolution
         self.scale, self.hflip = tuple(scale), hflip
         # augment=False: training images get the validation preprocessing (fine-tuning)
         self.augment = augment
+        # decode JPEGs at 1/2, 1/4, 1/8 where the crop allows (app/data/transforms.py)
+        self.reduced_decode = reduced_decode
 
     @property
     def num_classes(self) -> int:
@@ -66,9 +68,16 @@ class ImageDataset(torch.utils.data.Dataset):
         return f"{type(self).__name__}[{index}]"
 
     def transform(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        """The split's transform of ``image``, which may be opened but not yet decoded (the
+        transform decodes it, reduced where the crop allows)."""
         if self.split == "train" and self.augment:
-            return train_transform(image, self.resolution, self.scale, self.hflip, rng)
-        return val_transform(image, self.resolution)
+            return train_transform(image, self.resolution, self.scale, self.hflip, rng,
+                                   reduced=self.reduced_decode)
+        return val_transform(image, self.resolution, reduced=self.reduced_decode)
+
+    def load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        """Decode and transform image ``index``; raises on unreadable data."""
+        return self.transform(self.image(index), rng)
 
     def sample(self, index: int, seed: int) -> Sample:
         """(image, label, skipped paths) for ``index``, the augmentation drawn from ``seed``. An image
@@ -77,13 +86,15 @@ class ImageDataset(torch.utils.data.Dataset):
         skipped: List[str] = []
         for offset in range(len(self)):
             i = (index + offset) % len(self)
+            rng = np.random.default_rng(seed)  # afresh for a replacement: its draws as its own
             try:
-                image = self.image(i)
+                # the decode happens inside the transform (after the crop is drawn), so it too
+                # must be inside the try
+                image = self.load(i, rng)
             except Exception:  # any decoding failure (truncated, not an image, unreadable) is a skip
                 skipped.append(self.describe(i))
                 continue
-            rng = np.random.default_rng(seed)
-            return self.transform(image, rng), self.label(i), tuple(skipped)
+            return image, self.label(i), tuple(skipped)
         raise DatasetError(f"none of the {len(self)} images of {self.describe(0)} could be read")
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
@@ -141,6 +152,12 @@ class FolderDataset(ImageDataset):
     def image(self, index: int) -> Image.Image:
         with Image.open(self.items[index][0]) as image:
             return image.convert("RGB")  # convert() forces the full decode inside the try
+
+    def load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        # opened, not decoded: the transform draws the crop from the header's size, then decodes
+        # only the resolution it needs; closing the file afterwards in every case
+        with Image.open(self.items[index][0]) as image:
+            return self.transform(image, rng)
 
     def describe(self, index: int) -> str:
         return self.items[index][0]
@@ -214,7 +231,8 @@ class SyntheticDataset(GeneratedDataset):
 def build_dataset(cfg, split: str, resolution: int, root: Optional[str] = None) -> ImageDataset:
     """The dataset named by ``cfg.data.dataset`` (or ``root``) for ``split`` at ``resolution``."""
     name = root if root is not None else cfg.data.dataset
-    opts = dict(scale=cfg.data.random_crop_scale, hflip=cfg.data.hflip, augment=cfg.data.augment)
+    opts = dict(scale=cfg.data.random_crop_scale, hflip=cfg.data.hflip, augment=cfg.data.augment,
+                reduced_decode=cfg.data.reduced_decode)
     if name == "digits":
         return DigitsDataset(split, resolution, **opts)
     if name in ("synthetic", "generated"):

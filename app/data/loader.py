@@ -1,8 +1,9 @@
 """Loaders: fixed-size batches of uint8 images, reproducible from (seed, epoch), resumable mid-epoch.
 
-Reproducibility does not depend on worker processes: the batch sampler hands every sample a seed
-mixed from (seed, epoch, index), each sample's augmentation is drawn from that seed alone, and each
-batch's mixup/cutmix from the seeds of its samples. So a given epoch yields the same batches with 0
+Reproducibility does not depend on worker processes: the batch sampler hands every sample its
+(index, epoch), the worker mixes the sample's seed from (seed, epoch, index), each sample's
+augmentation is drawn from that seed alone, and each batch's mixup/cutmix from the seeds of its
+samples. So a given epoch yields the same batches with 0
 or N workers, and ``iterate(start_batch=k)`` (resume) skips k batches without loading them and
 yields exactly the tail the uninterrupted epoch would have.
 
@@ -55,7 +56,7 @@ def epoch_order(size: int, seed: int, epoch: int) -> List[int]:
 
 
 class EpochBatches(Sampler):
-    """Batches of (index, sample seed) for one epoch. The order is a permutation seeded by
+    """Batches of (index, epoch) keys for one epoch. The order is a permutation seeded by
     (seed, epoch) when shuffling, the given sampler's order (after its own set_epoch) when one is
     passed (e.g. a DistributedSampler), else sequential."""
 
@@ -87,23 +88,32 @@ class EpochBatches(Sampler):
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         # eager: the order and the start are fixed when the DataLoader asks, not at the first batch
+        # Keys are (index, epoch): the sample seeds are mixed in the workers (SeededView), so the
+        # main process does no per-sample work beyond slicing the order
         order, epoch = self.order(), self.epoch
-        chunks = [order[b * self.batch_size:(b + 1) * self.batch_size]
-                  for b in range(self.start, self._count(len(order)))]
-        return iter([[(i, mix_seed(self.seed, epoch, i)) for i in chunk] for chunk in chunks])
+        return iter([[(i, epoch) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+                     for b in range(self.start, self._count(len(order)))])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s augmentation in ``epoch``."""
+    return mix_seed(seed, epoch, index)
 
 
 class SeededView(Dataset):
-    """Indexes the dataset by (index, seed) keys; returns the sample's seed and skipped paths too."""
+    """Indexes the dataset by (index, epoch) keys, drawing each sample's augmentation from
+    ``sample_seed(seed, epoch, index)`` (here, in the worker); returns that seed and the skipped
+    paths too."""
 
-    def __init__(self, dataset: ImageDataset):
-        self.dataset = dataset
+    def __init__(self, dataset: ImageDataset, seed: int):
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: Tuple[int, int]):
-        index, seed = key
+        index, epoch = key
+        seed = sample_seed(self.seed, epoch, index)
         image, label, skipped = self.dataset.sample(index, seed)
         return image, label, skipped, seed
 
@@ -124,6 +134,16 @@ class Collate:
         return images, targets, skipped
 
 
+def check_batches(dataset: ImageDataset, batches: EpochBatches, batch_size: int,
+                  sampler: Optional[Sampler]) -> None:
+    """Refuse data that does not fill one batch, naming the fix."""
+    if len(batches) == 0:
+        share = f" (this process's share: {len(sampler)})" if sampler is not None else ""
+        raise DatasetError(f"the {dataset.split} data has {len(dataset)} images{share}, fewer than "
+                           f"one batch of {batch_size}: lower train.micro_batch (or "
+                           "train.grad_accum / train.replicas), or use more data")
+
+
 class Loader:
     """Iterable of (images uint8 [B,3,H,W], targets). ``len(loader)``: batches per epoch.
     ``iterate(start_batch=k)``: this epoch from batch k on (resume). ``skipped``: unreadable
@@ -131,15 +151,11 @@ class Loader:
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, train: bool, workers: int,
                  pin_memory: bool, mixup: float, cutmix: float, seed: int,
-                 sampler: Optional[Sampler] = None):
+                 sampler: Optional[Sampler] = None, prefetch: int = 2):
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
         self.batches = EpochBatches(len(dataset), batch_size, shuffle=train, drop_last=train,
                                     seed=seed, sampler=sampler)
-        if len(self.batches) == 0:
-            share = f" (this process's share: {len(sampler)})" if sampler is not None else ""
-            raise DatasetError(f"the {dataset.split} data has {len(dataset)} images{share}, fewer than "
-                               f"one batch of {batch_size}: lower train.micro_batch (or "
-                               "train.grad_accum / train.replicas), or use more data")
+        check_batches(dataset, self.batches, batch_size, sampler)
         # The DataLoader draws its workers' base seed when an iterator is created (every epoch
         # without workers, once with persistent ones). From the global RNG that draw would happen
         # at different points of an uninterrupted and a resumed process and shift the model's
@@ -148,10 +164,15 @@ class Loader:
         self.seed = seed
         self._generator = torch.Generator()
         self._generator.manual_seed(loader_seed(seed, 0))
+        # Workers keep up when nothing per sample happens here: decode, augmentation, collation
+        # and mixing run in them, each keeping ``prefetch`` batches in flight; the workers persist
+        # across epochs (no restart cost per epoch); batches are uint8 (4× less to copy than
+        # float32) and, for CUDA, land in pinned memory so the host-to-device copy is async.
+        extra = dict(prefetch_factor=prefetch, persistent_workers=True) if workers > 0 else {}
         self._loader = DataLoader(
-            SeededView(dataset), batch_sampler=self.batches, num_workers=workers,
+            SeededView(dataset, seed), batch_sampler=self.batches, num_workers=workers,
             collate_fn=Collate(dataset.num_classes, mixup if train else 0.0, cutmix if train else 1.0),
-            pin_memory=pin_memory, persistent_workers=workers > 0, generator=self._generator)
+            pin_memory=pin_memory, generator=self._generator, **extra)
         self.skipped = 0
         self.skipped_files: Set[str] = set()
 
@@ -237,7 +258,8 @@ def build_loader(dataset: ImageDataset, batch_size: int, *, train: bool, cfg, de
                  sampler: Optional[Sampler] = None, seed: int = 0):
     """The loader for ``dataset`` (see the module docstring): fixed batch size (the last partial
     batch is dropped when training, kept for validation), ``cfg.data.workers`` worker processes
-    (persistent), pinned memory on CUDA, mixup/cutmix from ``cfg.data`` when training."""
+    (persistent, ``cfg.data.prefetch`` batches ahead each), pinned memory on CUDA, mixup/cutmix
+    from ``cfg.data`` when training."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid: expected an integer >= 1")
     dev = _torch_device(device)
@@ -245,6 +267,19 @@ def build_loader(dataset: ImageDataset, batch_size: int, *, train: bool, cfg, de
     mixup, cutmix = (cfg.data.mixup, cfg.data.cutmix_lambda) if train else (0.0, 1.0)
     if isinstance(dataset, SyntheticDataset):
         return SyntheticLoader(dataset, batch_size, device=dev, mixup=mixup, cutmix=cutmix, seed=seed)
+    from .poptorch_loader import PopTorchLoader, uses_poptorch_loader  # noqa: PLC0415  (builds on this)
+
+    if uses_poptorch_loader(cfg, train):
+        from ipu_options import poptorch  # noqa: PLC0415  (the real one, or the emulator)
+
+        micro, accumulation = cfg.train.micro_batch, cfg.train.grad_accum * cfg.ipu.device_iterations
+        replicas, rest = divmod(batch_size, micro * accumulation)
+        if rest or replicas < 1:
+            raise ValueError(f"batch_size={batch_size} is not a host batch of train.micro_batch={micro} "
+                             f"× train.grad_accum × ipu.device_iterations ({accumulation}) × replicas")
+        return PopTorchLoader(dataset, micro, (cfg.ipu.device_iterations, replicas, cfg.train.grad_accum),
+                              poptorch=poptorch, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
+                              mixup=mixup, cutmix=cutmix, seed=seed, sampler=sampler)
     return Loader(dataset, batch_size, train=train, workers=cfg.data.workers,
                   pin_memory=dev.type == "cuda", mixup=mixup, cutmix=cutmix, seed=seed,
-                  sampler=sampler)
+                  sampler=sampler, prefetch=cfg.data.prefetch)
