@@ -1,0 +1,1 @@
+python -m benchmarks.data --images 160 --repeats 4 --out data-cpu
