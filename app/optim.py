@@ -128,8 +128,9 @@ class EMA:
         callers that average every few weight updates (a host copy of IPU weights is not free)."""
         decay = self.current_decay() ** steps
         self.updates += 1
-        for avg, new in zip(self.module.parameters(), model.parameters()):
-            avg.lerp_(new.detach().to(avg.dtype), 1.0 - decay)
+        averages = list(self.module.parameters())
+        news = [new.detach().to(avg.dtype) for avg, new in zip(averages, model.parameters())]
+        torch._foreach_lerp_(averages, news, 1.0 - decay)  # one call, not one per parameter
         for avg, new in zip(self.module.buffers(), model.buffers()):
             avg.copy_(new)
 

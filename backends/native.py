@@ -8,7 +8,7 @@ DistributedDataParallel under torchrun (through the process context the applicat
 nothing of the application.
 """
 import contextlib
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -111,20 +111,27 @@ class NativeBackend(Backend):
             return {"loss": loss}
         # A finite loss can still have inf/NaN gradients (an overflow in backward); one step with
         # them ruins every weight. DDP has averaged them already: every process decides the same.
-        if not self.update_is_finite(loss):
-            return {"loss": loss, "nonfinite_grads": torch.ones((), device=self.device)}
+        # The loss comes back in the same read-back as the check, before the step is queued: the
+        # loop's float(loss) then does not wait for the optimiser step (which can overlap the
+        # next batch's loading on a GPU).
+        host_loss, finite = self.update_is_finite(loss)
+        if not finite:
+            return {"loss": host_loss, "nonfinite_grads": torch.ones(())}
         self.optimizer.step()
-        return {"loss": loss}
+        return {"loss": host_loss}
 
-    def update_is_finite(self, loss: Tensor) -> bool:
-        """Whether the loss and every gradient are finite: one norm per gradient (finite exactly
-        when its tensor is, short of a norm beyond 3e38) and a single read-back for all of them."""
+    def update_is_finite(self, loss: Tensor) -> Tuple[Tensor, bool]:
+        """The loss on the host, and whether it and every gradient are finite: one norm per
+        gradient (finite exactly when its tensor is, short of a norm beyond 3e38) and a single
+        read-back for all of them."""
         grads = [p.grad.detach() for group in self.optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
         foreach_norm = getattr(torch, "_foreach_norm", None)
         norms = foreach_norm(grads) if foreach_norm is not None else [g.norm() for g in grads]
         checks = [loss.detach().float().reshape(1)] + [n.float().reshape(1) for n in norms]
-        return bool(torch.isfinite(torch.cat(checks)).all())
+        checks = torch.cat(checks)
+        host = torch.stack([checks[0], torch.isfinite(checks).all().float()]).cpu()
+        return host[0], bool(host[1])
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
