@@ -55,7 +55,8 @@ def mixup(images: torch.Tensor, soft: torch.Tensor,
           coefficients: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
     """m_i·x_i + (1 − m_i)·x_{i−1} (rounded back to uint8) and the same mix of the soft targets."""
     m = torch.as_tensor(coefficients, dtype=torch.float32, device=images.device)
-    mixed = images.float() * m.view(-1, 1, 1, 1) + roll(images, 1).float() * (1.0 - m).view(-1, 1, 1, 1)
+    own = images.float()  # one float copy; the partners are rolled from it (same products, fewer copies)
+    mixed = roll(own, 1).mul_((1.0 - m).view(-1, 1, 1, 1)).add_(own.mul_(m.view(-1, 1, 1, 1)))
     targets = soft * m.view(-1, 1) + roll(soft, 1) * (1.0 - m).view(-1, 1)
     return mixed.round_().clamp_(0, 255).to(torch.uint8), targets
 
@@ -89,8 +90,11 @@ def cutmix(images: torch.Tensor, soft: torch.Tensor, lam: float,
     height, width = images.shape[-2:]
     top, bottom, left, right = cutmix_box(height, width, lam, rng)
     shift = cutmix_shift(images.shape[0])
+    if bottom <= top or right <= left:  # an empty box (no cut): nothing to paste or copy
+        return images, soft, 1.0
     out = images.clone()
-    out[..., top:bottom, left:right] = roll(images, shift)[..., top:bottom, left:right]
+    # roll only the box's pixels, not the whole batch
+    out[..., top:bottom, left:right] = roll(images[..., top:bottom, left:right], shift)
     kept = 1.0 - (bottom - top) * (right - left) / float(height * width)
     return out, soft * kept + roll(soft, shift) * (1.0 - kept), kept
 
