@@ -69,7 +69,7 @@ test: $(VENV)/.dev
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests $(ARGS)
 
 # The whole fault-injection matrix (kills, signals, full disks, bad files and values; README:
-# Reliability); `make test` runs a few cases of each family.
+# Reliability); `make test` runs the first case of most families.
 test-faults: $(VENV)/.dev
 	FAULTS_FULL=1 $(PY) -m pytest -q -n 2 --dist loadgroup -m faults tests $(ARGS)
 

@@ -83,7 +83,6 @@ def resume_and_compare(world, tmp, run: Path, processes: int, after: int):
 SIGNAL_CASES = list(zip(["SIGTERM", "SIGINT"] * 2, rng("signal").sample(range(1, STEPS), 4)))
 
 
-@full_only
 @pytest.mark.parametrize("sig,step", subset(SIGNAL_CASES, 1))
 def test_a_signal_at_a_random_step_saves_and_resumes_exactly(world, tmp_path, sig, step):
     data, _, _ = world
@@ -103,7 +102,7 @@ def write_cases():
     return [(action, i) for i in range(5) for action in ("kill", "enospc")]
 
 
-@pytest.mark.parametrize("action,case", subset(write_cases(), 1))
+@pytest.mark.parametrize("action,case", subset(write_cases(), 2))  # `make test`: a kill and a full disk
 def test_a_fault_inside_a_checkpoint_write_loses_nothing(world, tmp_path, action, case):
     data, reference, cache = world
     reference(1)
