@@ -31,6 +31,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import nn
 
+from app.plotting import pyplot, save
 from model.efficientnet import VARIANTS, build_model, variant_key
 
 EFFICIENTNET_STAGES = 5  # the stem and the first block of stages 2, 3, 4 and 6 have stride 2
@@ -270,11 +271,7 @@ def sweep_table(rows: SweepRows, train_resolution: int, stages: int = EFFICIENTN
 def plot_sweep(rows: SweepRows, train_resolution: int, path, stages: int = EFFICIENTNET_STAGES,
                title: Optional[str] = None) -> None:
     """Top-1 against resolution, a line per weights kind; resolutions keeping the residue filled."""
-    import matplotlib  # noqa: PLC0415  (plotting only when asked)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for kind in sorted({str(row["weights"]) for row in rows}):
         mine = sorted((row for row in rows if row["weights"] == kind), key=lambda row: row["resolution"])
@@ -292,9 +289,7 @@ def plot_sweep(rows: SweepRows, train_resolution: int, path, stages: int = EFFIC
     ax.set_title(title or f"accuracy vs test resolution (trained at {train_resolution})")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def trained_resolution(payload: Dict) -> Optional[int]:

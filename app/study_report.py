@@ -12,6 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from app.plotting import pyplot, save
+
 Rows = List[Dict[str, Any]]
 
 
@@ -86,17 +88,8 @@ def provenance(rows: Rows) -> List[str]:
 
 # ----------------------------------------------------------------------------- plots
 
-def _pyplot():
-    import matplotlib  # noqa: PLC0415  (plotting only when a report is written)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
-
-
 def plot_norms(rows: Rows, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for norm in dict.fromkeys(r["norm"] for r in rows):
         mine = [r for r in rows if r["norm"] == norm]
@@ -110,13 +103,11 @@ def plot_norms(rows: Rows, path: Path) -> None:
     ax.set_title("Normalisation against micro-batch")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_groups(rows: Rows, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.8))
     groups = sorted({r["group_size"] for r in rows})
     for ax, key, label in ((left, "top1", "top-1 %"), (right, "images_per_s", "training images/s (CPU)")):
@@ -127,13 +118,11 @@ def plot_groups(rows: Rows, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle("Group size: accuracy and CPU training throughput (mean ± sd over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_resolution(rows: Rows, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     acc = by_variant(rows, "top1")
     secs = by_variant(rows, "total_seconds")
@@ -148,9 +137,7 @@ def plot_resolution(rows: Rows, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle("Native vs half resolution, both fine-tuned (mean ± sd over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 # ----------------------------------------------------------------------------- reports

@@ -8,6 +8,8 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from app.plotting import pyplot, save
+
 from .photos import IMAGENET_MIX, QUALITIES
 
 # Throughputs the host must feed, training (images/s). The paper's Figure 1 (IPU-POD16, read off
@@ -132,9 +134,7 @@ def markdown(rows: Sequence[Dict]) -> str:
 
 def plot(rows: Sequence[Dict], path: str) -> Optional[str]:
     try:
-        import matplotlib  # noqa: PLC0415
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        plt = pyplot()
     except ImportError:
         return None
     rate = medians(rows)
@@ -157,9 +157,7 @@ def plot(rows: Sequence[Dict], path: str) -> Optional[str]:
         ax.set_ylabel(unit)
         ax.legend(fontsize=8)
     fig.suptitle(f"decode + augment + collate, commit {rows[0]['commit']}, {rows[0]['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
     return path
 
 

@@ -10,6 +10,7 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from app.plotting import pyplot, save
 from app.resolution import half_resolution, native_resolution
 
 from . import RESULTS_DIR
@@ -176,9 +177,7 @@ def accuracy_points(rows) -> List[Dict[str, object]]:
 def plot(rows: List[Dict[str, object]], out_dir: str) -> List[str]:
     """images/s per variant and peer (one figure per result file and mode), and accuracy
     against training throughput for the variants the paper reports."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = []
     for source in sorted({r["source"] for r in rows}):
@@ -200,10 +199,8 @@ def plot(rows: List[Dict[str, object]], out_dir: str) -> List[str]:
             ax.set_title(f"{mode}: images/s{emulated} (blue: ours, grey: peers)", fontsize=9)
             ax.set_xlabel("images/s")
         fig.suptitle(f"{stem}: {ok[0]['device_name']}", fontsize=9)
-        fig.tight_layout()
         path = os.path.join(out_dir, f"{stem}-throughput.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save(fig, path, dpi=110)
         paths.append(path)
         points = accuracy_points(ok)
         if points:
@@ -218,10 +215,8 @@ def plot(rows: List[Dict[str, object]], out_dir: str) -> List[str]:
             ax.set_xlabel(f"training images/s measured here ({ok[0]['device_name']})")
             ax.set_ylabel("ImageNet top-1 % (paper, Figure 1)")
             ax.set_title("Accuracy (paper) vs throughput (measured)", fontsize=9)
-            fig.tight_layout()
             path = os.path.join(out_dir, f"{stem}-accuracy.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
+            save(fig, path, dpi=110)
             paths.append(path)
     return paths
 
