@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from app.errors import AppError
+from backends.process import proc_stat
 
 CHECKPOINT_DIR = "checkpoints"
 BEST = "best.pt"
@@ -376,11 +377,10 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass  # someone else's process
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    fields = proc_stat(pid)
+    if not fields:
         return True  # no /proc (not Linux): it exists
-    return state not in ("Z", "X")
+    return fields[0] not in ("Z", "X")
 
 
 def remove_stale_partials(folder: Union[str, Path]) -> List[Path]:

@@ -43,6 +43,7 @@ from backends.process import (  # the part of the process context a backend sees
     all_reduce_mean,  # noqa: F401  (the application's callers take it from here too)
     current,
     launcher_args,
+    proc_stat,
     set_current,
     under_poprun,
     under_torchrun,
@@ -423,13 +424,10 @@ _WATCHING: List[int] = []
 def child_processes(pid: int) -> List[int]:
     """The processes whose parent is ``pid`` (Linux: from /proc; elsewhere none are found)."""
     children = []
-    for entry in Path("/proc").glob("[0-9]*/stat") if Path("/proc").is_dir() else []:
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 1 and fields[1] == str(pid):
-            children.append(int(entry.parent.name))
+    for entry in Path("/proc").glob("[0-9]*") if Path("/proc").is_dir() else []:
+        fields = proc_stat(entry.name)
+        if fields and len(fields) > 1 and fields[1] == str(pid):
+            children.append(int(entry.name))
     return children
 
 

@@ -10,7 +10,7 @@ job-wide figures. With one process every collective is the identity and nothing 
 import os
 import shlex
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -85,3 +85,13 @@ def launcher_args(cfg) -> List[str]:
     """``dist.launcher_args`` as launcher arguments: each item is split like a shell would, so
     ``dist.launcher_args="--host h1,h2 --vipu-partition=p"`` needs no YAML list syntax."""
     return [part for item in cfg.dist.launcher_args for part in shlex.split(item)]
+
+
+def proc_stat(pid) -> Optional[List[str]]:
+    """Fields of ``/proc/<pid>/stat`` after the command name (state first, then the parent's pid),
+    or None where there is no such entry (process gone, or not Linux). The name is in parentheses
+    and may hold spaces, so the fields start after its last ")"."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
