@@ -135,7 +135,11 @@ def environment(cfg: Config, command: str) -> Dict[str, Any]:
 
 
 class RowWriter:
-    """Appends rows to ``<stem>.jsonl.partial`` as runs finish; ``finish`` moves them in place."""
+    """Appends rows to ``<stem>.jsonl.partial`` as runs finish; ``finish`` moves them in place.
+
+    A run of part of the grid (``study.variants``) completes the rows already there: ``finish``
+    keeps every earlier row whose (variant, seed) it did not run again. A whole grid replaces
+    them. Either way it says so (earlier versions of committed rows are in git)."""
 
     def __init__(self, stem: Path):
         self.stem = stem
@@ -149,10 +153,25 @@ class RowWriter:
         with self.partial.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def finish(self) -> Path:
+    def finish(self, merge: bool = False) -> Path:
+        from app.study_report import load_rows  # noqa: PLC0415
+
         final = self.stem.with_name(self.stem.name + ".jsonl")
+        earlier = load_rows(final) if final.is_file() else []
+        rows = self.rows
+        if merge:
+            ran = {(r["variant"], r["seed"]) for r in self.rows}
+            kept = [r for r in earlier if (r["variant"], r["seed"]) not in ran]
+            rows = kept + self.rows
+            with self.partial.open("w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            print(f"{final}: {len(self.rows)} new rows beside {len(kept)} "
+                  f"of the {len(earlier)} already there")
+        elif earlier:
+            print(f"replacing the {len(earlier)} rows of {final} "
+                  "(earlier versions of committed rows are in git)")
         os.replace(self.partial, final)
-        write_csv(self.rows, self.stem.with_name(self.stem.name + ".csv"))
+        write_csv(rows, self.stem.with_name(self.stem.name + ".csv"))
         return final
 
 
@@ -279,6 +298,6 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     if code:
         print(f"study {name} stopped (exit {code}); its rows so far: {writer.partial}", file=sys.stderr)
         return code
-    rows_path = writer.finish()
+    rows_path = writer.finish(merge=bool(cfg.study.variants))
     print(f"rows: {rows_path}\nreport: {write_report(name, rows_path)}")
     return 0

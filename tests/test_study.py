@@ -80,3 +80,28 @@ def test_report_refuses_empty_rows(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="holds no rows"):
         write_report("norms", empty)
+
+
+def test_a_partial_grid_completes_the_rows_a_whole_grid_replaces_them(tmp_path, capsys):
+    from app.study import RowWriter
+    from app.study_report import load_rows
+
+    stem = tmp_path / "study-norms-digits-cpu"
+    first = RowWriter(stem)
+    for variant, seed in (("BN mb2", 0), ("BN mb4", 0), ("BN mb2", 1)):
+        first.add({"variant": variant, "seed": seed, "top1": 10.0})
+    first.finish()
+
+    part = RowWriter(stem)  # runs again one cell that is there, and one that is missing
+    part.add({"variant": "BN mb4", "seed": 0, "top1": 20.0})
+    part.add({"variant": "GN mb4", "seed": 0, "top1": 30.0})
+    rows = load_rows(part.finish(merge=True))
+    assert sorted((r["variant"], r["seed"], r["top1"]) for r in rows) == [
+        ("BN mb2", 0, 10.0), ("BN mb2", 1, 10.0), ("BN mb4", 0, 20.0), ("GN mb4", 0, 30.0)]
+    assert "2 new rows beside 2 of the 3 already there" in capsys.readouterr().out
+    assert (tmp_path / "study-norms-digits-cpu.csv").read_text().count("\n") == 5  # header + 4 rows
+
+    whole = RowWriter(stem)
+    whole.add({"variant": "LN mb2", "seed": 0, "top1": 40.0})
+    assert [r["variant"] for r in load_rows(whole.finish())] == ["LN mb2"]
+    assert "replacing the 4 rows" in capsys.readouterr().out
