@@ -15,24 +15,29 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-import yaml
-
 from app.checkpoint import current_run, discard_unstarted_run, find_checkpoint, latest_run
 from app.config import (
     Config,
     ConfigError,
     UsageError,
     build_config,
+    changes_from_preset,
     check_dataset,
     check_resume_changes,
+    parse_overrides,
     preset_names,
     read_yaml_file,
 )
-from app.distributed import settle_job_status
+from app.distributed import settle_job_status, under_poprun, under_torchrun
 from app.errors import AppError, Interrupted, user_message
+from app.presets import grid_preset
 from app.resolution import ResolutionWarning
+from model.efficientnet import variant_key
 
 DEFAULT_PRESET = "digits"
+# ``plan``'s own ImageNet job: a dataset folder that is not on this machine counts as ImageNet's
+# 1000 classes (app/data/datasets.py num_classes_of); plan reads no data.
+IMAGENET_PLACEHOLDER = "imagenet"
 # command → (module:function, one-line help). Each function is main(cfg, args) -> exit status.
 COMMANDS = {
     "train": ("app.train:main", "train a model (or continue one with --resume RUN)"),
@@ -57,13 +62,49 @@ def route(command: str, cfg: Config) -> Tuple[str, Config]:
     return command, dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, source=None))
 
 
+def python_command() -> str:
+    """This interpreter as a user types it in the project folder: ``.venv/bin/python`` for the
+    project's environment (where the packages are; a bare ``python`` may lack them or not exist)."""
+    executable = Path(sys.executable)
+    try:
+        return str(executable.relative_to(Path.cwd()))
+    except ValueError:
+        return str(executable)
+
+
 def resume_command(cfg: Config, run_dir) -> str:
-    """What continues the run in ``run_dir`` that ``cfg`` configures."""
-    return f"python -m app {'finetune' if cfg.finetune.source else 'train'} --resume {run_dir}"
+    """What continues the run in ``run_dir`` that ``cfg`` configures, runnable as printed."""
+    return f"{python_command()} -m app {'finetune' if cfg.finetune.source else 'train'} --resume {run_dir}"
+
+
+def resume_hint(cfg: Config, run_dir) -> str:
+    """The resume commands a stopped run prints: make's, then the interpreter's own."""
+    return f"  make train RESUME={run_dir}\n  {resume_command(cfg, run_dir)}"
+
+
+def own_job(overrides: List[str]) -> Tuple[str, List[str]]:
+    """``plan`` without --config: the ImageNet job of the model the overrides name (model.name,
+    model.group_size, model.norm; default B0 G16 LN+PN, the digits model): its grid preset, on
+    ImageNet (1000 classes) unless data.dataset is given. Other overrides (data.resolution, ...)
+    still apply on top."""
+    model = parse_overrides(overrides).get("model", {})
+    try:
+        name = variant_key(str(model.get("name", "b0")))
+    except ValueError:
+        return DEFAULT_PRESET, overrides  # the configuration check names the problem
+    group = 1 if model.get("group_size") == 1 else 16
+    norm = "gn" if model.get("norm") == "group" else "lnpn"
+    preset = f"{name}-g{group}-{norm}"
+    if grid_preset(preset) is None:  # B6/B7 are outside the paper's grid: the B5 recipe, that model
+        preset = f"b5-g{group}-{norm}"
+    given = any(o.split("=", 1)[0].strip() == "data.dataset" for o in overrides)
+    return preset, overrides + ([] if given else [f"data.dataset={IMAGENET_PLACEHOLDER}"])
+
+
 EXAMPLES = """examples:
   python -m app train                                  # the digits default (make train)
   python -m app train --config b0-g16-lnpn-half data.dataset=/data/imagenet
-  python -m app train --config digits model.group_size=1 optim.lr=0.004 train.epochs=2
+  python -m app train --config digits model.group_size=1 optim.lr=0.001 train.epochs=2
   python -m app train --resume runs/<run>              # continue an interrupted run
   python -m app train --device cuda train.replicas=8 --dry-run   # the torchrun command (Scaling out)
   python -m app validate --checkpoint runs/<run> data.val_resolutions=[32,64]
@@ -116,8 +157,8 @@ def base_preset(args: argparse.Namespace) -> str:
         weights = args.checkpoint if Path(args.checkpoint).is_file() else "RUN/checkpoints/best.pt"
         raise UsageError("--checkpoint", (
             f"train does not read --checkpoint (it would train from scratch): continue that run with "
-            f"python -m app train --resume {args.checkpoint}, or start a new run from its weights with "
-            f"model.init_from={weights}"))
+            f"{python_command()} -m app train --resume {args.checkpoint}, or start a new run from its "
+            f"weights with model.init_from={weights}"))
     if args.config:
         return args.config
     source = args.resume or args.checkpoint
@@ -211,7 +252,10 @@ def run_command(args: argparse.Namespace):
             from app.study import take_study_name  # noqa: PLC0415
 
             args.study = take_study_name(overrides)
-        cfg = build_config(base_preset(args), overrides)
+        preset = base_preset(args)
+        if args.command == "plan" and preset == DEFAULT_PRESET and not args.config:
+            preset, overrides = own_job(overrides)
+        cfg = build_config(preset, overrides)
         if args.command in DATA_COMMANDS:
             check_dataset(cfg)
         check_resume(cfg, args)
@@ -221,8 +265,14 @@ def run_command(args: argparse.Namespace):
     except AppError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2, False
-    print(f"# resolved configuration ({args.command})")
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None).rstrip(), flush=True)
+    if args.command == "plan":
+        from app.plan import job_line  # noqa: PLC0415  (the planner's stack only for plan)
+
+        print(job_line(cfg, preset, chosen=not args.config))
+    if not (under_torchrun() or under_poprun()):  # the launching command printed it already
+        print(f"# resolved configuration ({args.command}): {preset} with {changes_from_preset(cfg, preset)}"
+              + ("" if args.command == "plan" else " (the whole one: config.yaml in the run folder)"),
+              flush=True)
     command, cfg = route(args.command, cfg)
     run = load_command(command)
     if run is None:
@@ -248,7 +298,8 @@ def interrupted(interrupt: KeyboardInterrupt) -> int:
               f"{discarded} (it held only its config.yaml)", file=sys.stderr)
     elif run_dir is not None:
         print(f"\n{name}: aborted without saving; the newest complete checkpoint in {run_dir} is whole. "
-              f"Resume with:\n  python -m app train --resume {run_dir}", file=sys.stderr)
+              f"Resume with:\n  make train RESUME={run_dir}\n  {python_command()} -m app train --resume "
+              f"{run_dir}", file=sys.stderr)
     else:
         print(f"\n{name}: stopped before any run folder was made; nothing was written", file=sys.stderr)
     return 128 + int(signum)

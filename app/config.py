@@ -71,8 +71,11 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "rmsprop"  # sgd | rmsprop | adamw
-    lr: float = 0.016  # at ``lr_reference_batch``; scaled linearly with the global batch
+    lr: float = 0.016  # at ``lr_reference_batch``; scaled with the global batch by ``lr_scaling``
     lr_reference_batch: int = 256
+    # auto: linear for sgd/rmsprop (the paper's rates are per image), sqrt for adamw (app/optim.py)
+    lr_scaling: str = "auto"  # auto | linear | sqrt | none
+    lr_diverges_at: Optional[float] = None  # a preset's measured limit: a peak rate >= it is warned of
     momentum: float = 0.9
     nesterov: bool = False  # sgd only
     alpha: float = 0.9  # RMSprop squared-gradient decay
@@ -363,6 +366,16 @@ def build_config(preset: Optional[str] = None, overrides: Optional[List[str]] = 
     return cfg.validate()
 
 
+def changes_from_preset(cfg: Config, preset: str) -> str:
+    """``cfg``'s fields that differ from ``preset`` (defaults ← preset) as dotted overrides, the
+    resolved configuration in one line ("nothing" when it is the preset itself)."""
+    base = Config()
+    _merge(base, load_preset(preset))
+    before, after = dotted_fields(base.to_dict()), dotted_fields(cfg.to_dict())
+    changed = [f"{k}={_as_override(v)}" for k, v in after.items() if before.get(k) != v]
+    return " ".join(changed) if changed else "nothing"
+
+
 def config_from_dict(data: Dict[str, Any]) -> Config:
     """Rebuild a Config saved with ``to_dict`` (a run folder's config.yaml)."""
     cfg = Config()
@@ -485,6 +498,10 @@ def _validate_optim(o) -> None:
     _require(o.name in ("sgd", "rmsprop", "adamw"), "optim.name", o.name, "sgd, rmsprop or adamw")
     _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(o.lr_reference_batch >= 1, "optim.lr_reference_batch", o.lr_reference_batch, "an integer >= 1")
+    _require(o.lr_scaling in ("auto", "linear", "sqrt", "none"), "optim.lr_scaling", o.lr_scaling,
+             "auto (linear for sgd/rmsprop, sqrt for adamw), linear, sqrt or none")
+    _require(o.lr_diverges_at is None or o.lr_diverges_at > 0, "optim.lr_diverges_at", o.lr_diverges_at,
+             "null or a number > 0")
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
     _require(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov", o.nesterov,
              "false, or true only with optim.name=sgd and optim.momentum > 0")
@@ -578,7 +595,7 @@ def validate_ipu_lists(cfg: Config) -> None:
 RESUME_MAY_CHANGE = (
     "device", "resume",
     "data.workers", "data.val_resolutions",
-    "optim.lr", "optim.lr_reference_batch",
+    "optim.lr", "optim.lr_reference_batch", "optim.lr_scaling", "optim.lr_diverges_at",
     "schedule.",
     "train.epochs", "train.max_steps", "train.log_every", "train.val_every", "train.keep_checkpoints",
     "train.cpu_threads", "train.channels_last",

@@ -37,6 +37,7 @@ from torch.utils.data import Sampler
 
 from app.checkpoint import pid_alive
 from app.data.loader import epoch_order
+from app.optim import describe_peak_lr
 from backends.errors import DistributedError
 from backends.process import (  # the part of the process context a backend sees
     DistContext,
@@ -54,7 +55,8 @@ IPU_DEVICES = ("ipu", "ipu-model")
 # its exit status (see settle_job_status).
 JOB_STATUS_ENV = "APP_JOB_STATUS_DIR"
 LAUNCHER_PID_ENV = "APP_LAUNCHER_PID"  # that command's process, which the job's processes watch
-ORDERLY_STATUSES = (3, 128 + signal.SIGINT, 128 + signal.SIGTERM)  # outcomes all processes agree on
+# outcomes all processes agree on: a non-finite loss (3), a run that did not learn (4), a signal
+ORDERLY_STATUSES = (3, 4, 128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
 # ----------------------------------------------------------------------------- data split
@@ -459,9 +461,10 @@ def settle_job_status(code: int, orderly: bool) -> int:
 
 # ----------------------------------------------------------------------------- reporting
 
-def scale_summary(cfg, ctx: DistContext, base_lr: float) -> str:
+def scale_summary(cfg, ctx: DistContext) -> str:
     """One line, the same on every device kind: the global batch and how it is made, the learning
-    rate scaling, and over which images batch statistics are computed."""
+    rate scaling and its rule, and over which images batch statistics are computed."""
+
     t = cfg.train
     processes = ctx.world_size
     per_process = t.replicas // processes
@@ -473,6 +476,5 @@ def scale_summary(cfg, ctx: DistContext, base_lr: float) -> str:
     else:
         stats = f"none ({cfg.model.norm} norm normalises each image on its own)"
     return (f"scale: global batch {cfg.global_batch} = micro-batch {t.micro_batch} × grad-accum "
-            f"{t.grad_accum} × {t.replicas} replicas ({layout}, {ctx.engine}) | lr {cfg.optim.lr:g} × "
-            f"{cfg.global_batch}/{cfg.optim.lr_reference_batch} = {base_lr:.4g} | batch statistics: "
-            f"{stats}")
+            f"{t.grad_accum} × {t.replicas} replicas ({layout}, {ctx.engine}) | {describe_peak_lr(cfg)} | "
+            f"batch statistics: {stats}")
