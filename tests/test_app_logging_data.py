@@ -46,7 +46,7 @@ def test_image_folder_with_a_corrupt_file_trains_and_counts_the_skip(tmp_path, c
     # the corrupt file is deliberate: its warning is expected, not a failure to report
     with pytest.warns(RuntimeWarning, match="skipped an unreadable image .*broken.jpg"):
         code = cli(["train", *QUICK, f"data.dataset={data}", "train.micro_batch=4", "train.epochs=1",
-                    f"log.out_dir={tmp_path / 'runs'}", "log.name=f"])
+                    "schedule.warmup_epochs=1", f"log.out_dir={tmp_path / 'runs'}", "log.name=f"])
     out = capsys.readouterr().out
     assert code == 0
     run = tmp_path / "runs" / "f"

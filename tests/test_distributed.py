@@ -166,7 +166,7 @@ def test_bad_scale_out_settings_name_the_field(overrides, field):
 
 def test_scale_summary_is_one_line_with_batch_lr_and_statistics():
     cfg = config("train.micro_batch=16", "train.grad_accum=2", "train.replicas=4", "model.norm=batch",
-                 "model.proxy_norm=false")
+                 "model.proxy_norm=false", "optim.lr_scaling=auto")
     line = scale_summary(cfg, DistContext(rank=0, world_size=4, engine="torchrun"))
     assert "\n" not in line
     assert "global batch 128 = micro-batch 16 × grad-accum 2 × 4 replicas" in line

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("preset, overrides, rule", [
     ("b0-g16-lnpn", [], "linear"),  # RMSprop: the paper's rate per image
-    ("digits", ["optim.name=sgd"], "linear"),
+    ("digits", ["optim.name=sgd", "optim.lr_scaling=auto"], "linear"),
     ("digits", ["optim.lr_scaling=auto"], "sqrt"),  # AdamW's own rule
+    ("digits", [], "none"),  # the digits preset's measured choice
     ("digits", ["optim.lr_scaling=linear"], "linear"),
 ])
 def test_the_scaling_rule_suits_the_optimiser(preset, overrides, rule):
@@ -121,7 +122,7 @@ def test_the_printed_resume_command_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "runs"
     args = ["train", "data.workers=0", "train.micro_batch=8", "train.max_steps=2", "train.val_every=100",
-            f"log.out_dir={out}", "log.name=r", "model.name=b0", "train.epochs=1"]
+            f"log.out_dir={out}", "log.name=r", "model.name=b0"]
     assert subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, capture_output=True,
                           timeout=300).returncode == 0
     words = shlex.split(resume_command(build_config("digits"), out / "r")) + ["train.max_steps=4"]
