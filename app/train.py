@@ -41,7 +41,7 @@ from app.checkpoint import (
     saved_best_top1,
     set_rng_state,
 )
-from app.cli import resume_command
+from app.command_line import resume_command
 from app.config import Config, check_resume_changes
 from app.data import build_dataset, build_loader
 from app.distributed import (
