@@ -149,7 +149,7 @@ class LogConfig:
 
 @dataclass
 class StudyConfig:
-    """``python -m app study <name>`` (app/study.py): the repeats and where the results go."""
+    """``python -m experiments study <name>`` (experiments/study.py): the repeats and where the results go."""
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     out_dir: str = "benchmarks/results"  # rows (.jsonl, .csv), report (.md) and plot (.png)
     report_only: bool = False  # regenerate the report and plot from the existing rows, run nothing
