@@ -109,6 +109,10 @@ class TrainConfig:
     log_every: int = 10  # steps
     val_every: float = 1.0  # epochs
     keep_checkpoints: int = 3
+    # A checkpoint besides validation's every N steps, and at least every M minutes: after a
+    # kill -9 the newest checkpoint is at most that much work behind (None: off).
+    checkpoint_every: Optional[int] = None
+    checkpoint_minutes: Optional[float] = 15.0
     cpu_threads: Optional[int] = None  # torch intra-op threads on the CPU; None: torch's default
 
 
@@ -528,6 +532,10 @@ def validate(cfg: Config) -> None:
              f"0 while train.ema_decay={t.ema_decay:g}: one weight average at a time (set the other to 0)")
     _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "fp32, bf16 or fp16")
     _require(t.val_every > 0, "train.val_every", t.val_every, "a number > 0")
+    _require(t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every",
+             t.checkpoint_every, "null (off) or an integer >= 1 (steps)")
+    _require(t.checkpoint_minutes is None or t.checkpoint_minutes > 0, "train.checkpoint_minutes",
+             t.checkpoint_minutes, "null (off) or a number > 0 (minutes)")
     # warm-up longer than the run: the rate would never reach its peak nor the schedule start
     _require(s.warmup_epochs <= t.epochs, "schedule.warmup_epochs", s.warmup_epochs,
              f"at most train.epochs={t.epochs:g}: lower schedule.warmup_epochs or raise train.epochs")
@@ -581,6 +589,7 @@ RESUME_MAY_CHANGE = (
     "optim.lr", "optim.lr_reference_batch",
     "schedule.",
     "train.epochs", "train.max_steps", "train.log_every", "train.val_every", "train.keep_checkpoints",
+    "train.checkpoint_every", "train.checkpoint_minutes",
     "train.cpu_threads", "train.channels_last",
     # how the global batch is made (it must stay the same: steps per epoch, data order)
     "train.micro_batch", "train.grad_accum", "train.replicas",
