@@ -36,7 +36,7 @@ from app.checkpoint import (
     set_rng_state,
 )
 from app.checkpointer import Checkpointer, CheckpointSpec
-from app.config import Config, check_resume_changes
+from app.config import Config, check_resume_changes, read_yaml_file
 from app.data import build_dataset, build_loader
 from app.distributed import (
     DistContext,
@@ -362,7 +362,9 @@ class Trainer:
             return
         def check_config(saved: Dict[str, Any], run_dir: Path, path: Path) -> None:
             if self.hook is None:  # what a resume may change (a hook's run rebuilds its configuration)
-                check_resume_changes(saved, self.cfg, run_dir, path)
+                on_disk = run_dir / "config.yaml"
+                check_resume_changes(saved, self.cfg, run_dir, path,
+                                     read_yaml_file(on_disk) if on_disk.is_file() else None)
 
         self.resume = self.checkpointer.open_resume(
             self.cfg.resume, lambda payload: own_rng_states(payload, self.dist), check_config)
