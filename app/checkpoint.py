@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from app.errors import AppError
-from app.run_folder import TMP_MARK, RunFolder, replace_atomically
+from app.run_folder import TMP_MARK, RunFolder, replace_atomically, resume_command
 from backends.process import proc_stat
 
 CHECKPOINT_DIR = "checkpoints"
@@ -36,6 +36,7 @@ class CheckpointError(AppError):
 def atomic_save(payload: Dict[str, Any], path: Union[str, Path]) -> Path:
     """``torch.save`` through the run-folder writer's atomic replacement: a crash at any moment
     leaves either the old file or the new one, never half of one."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return replace_atomically(Path(path), lambda f: torch.save(payload, f))
 
 
@@ -156,8 +157,8 @@ def check_resume_is_newest(path: Union[str, Path], step: int) -> None:
     names = ", ".join(p.name for p in newer)
     raise CheckpointError(
         f"{path} is at step {step}, but its run has newer checkpoints ({names}) that resuming from it "
-        f"would overwrite. Continue the run from its newest checkpoint: python -m app train --resume "
-        f"{run}; or start a new run from these weights: python -m app train --config "
+        f"would overwrite. Continue the run from its newest checkpoint: {resume_command(run)}; or "
+        f"start a new run from these weights: python -m app train --config "
         f"{run / 'config.yaml'} model.init_from={path}; or move the newer checkpoints out of "
         f"{path.parent} first to continue from this one in place")
 
@@ -311,7 +312,7 @@ def lock_run_folder(run_dir: Path) -> None:
         raise CheckpointError(
             f"{run_dir} is being trained by {holder} right now: two processes resuming one run would "
             "write the same checkpoints. Wait for it to finish or stop it (Ctrl-C saves), then resume "
-            f"again: python -m app train --resume {run_dir}") from None
+            f"again: {resume_command(run_dir)}") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"process {os.getpid()}\n")

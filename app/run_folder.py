@@ -84,7 +84,6 @@ def _sync_folder(folder: Path) -> None:
 def replace_atomically(path: Path, write: Callable) -> Path:
     """``write(f)`` into a temporary file beside ``path``, flushed to disk, renamed over ``path``.
     The temporary file is removed whatever the failure (a signal included)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -152,7 +151,15 @@ class RunFolder:
     def _replace(self, path: Path, content: Union[str, bytes, Callable]) -> Path:
         write = content if callable(content) else (lambda f: f.write(_as_bytes(content)))
         with self.guard(path):
+            self._exists()
+            path.parent.mkdir(parents=True, exist_ok=True)  # checkpoints/: under the folder only
             return replace_atomically(path, write)
+
+    def _exists(self) -> None:
+        """The folder itself is never made again by a write: one moved away mid-run is an error
+        (writing on into a new empty folder at the old path would split the run in two)."""
+        if not self.path.is_dir():
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self.path))
 
     def write_report(self, name: str, content: Union[str, bytes, Callable]) -> Path:
         """A new report: ``name``, or ``stem-1.ext``, ``stem-2.ext`` … when it exists (a finished
@@ -171,6 +178,7 @@ class RunFolder:
         path = self.path / name
         data = _as_bytes(line.rstrip("\n") + "\n")
         with self.guard(path):
+            self._exists()
             with open(path, "ab") as f:
                 start = f.tell()
                 try:
@@ -206,13 +214,11 @@ class RunFolder:
     # ------------------------------------------------------------------------- checks
     def check_writable(self) -> None:
         """Fail now, not after the long work: create the folder and write and remove a probe."""
-        probe = self.path / f".write-probe{TMP_MARK}{os.getpid()}"
-        with self.guard(probe):
+        probe = self.path / f".write-probe-{os.getpid()}"
+        with self.guard(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
-            with open(probe, "wb") as f:
-                f.write(b"probe")
-                f.flush()
-                os.fsync(f.fileno())
+        self._replace(probe, b"probe")
+        with self.guard(probe):
             probe.unlink()
 
 
@@ -230,3 +236,11 @@ def resume_command(run_dir: Union[str, Path], command: str = "train") -> str:
     """The one place that spells the command continuing the run in ``run_dir`` (``command``: the
     kind of run, train or finetune); every message that tells how to go on uses it."""
     return f"python -m app {command} --resume {run_dir}"
+
+
+def remove_if_empty(folder: Union[str, Path]) -> None:
+    """Remove ``folder`` when it holds nothing (a run folder whose first write failed)."""
+    try:
+        Path(folder).rmdir()
+    except OSError:
+        pass  # not empty, or gone already: left as it is

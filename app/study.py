@@ -147,6 +147,7 @@ class RowWriter:
         self.stem = stem
         self.partial = stem.with_name(stem.name + ".jsonl.partial")
         self.folder = RunFolder(stem.parent)
+        self.folder.check_writable()  # the rows' folder, made if need be: before the first run
         self.folder.write_document(self.partial.name, "")
         self.rows: List[Dict[str, Any]] = []
 

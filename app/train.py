@@ -53,7 +53,7 @@ from app.evaluate import validate_all
 from app.objective import Classifier, build_classifier, build_network
 from app.optim import build_optimizer, lr_at
 from app.resolution import check_resolutions, downsampling_stages
-from app.run_folder import RunFolder, resume_command
+from app.run_folder import RunFolder, RunFolderError, check_output_root, remove_if_empty, resume_command
 from app.tracking import Tracker, format_duration, new_folder
 from app.weight_average import build_weight_average
 from model import convert_state_dict
@@ -346,6 +346,8 @@ class Trainer:
         cfg = self.cfg
         self.dist = init_distributed(cfg)
         self.checkpointer.is_main = self.dist.is_main  # only the main process writes
+        if self.dist.is_main and not cfg.resume:  # a file in its place, read-only, full: say so now
+            check_output_root(cfg.log.out_dir)
         self.backend = create_backend(cfg)  # device errors come before any data is read
         seed_everything(cfg.train.seed + self.dist.rank)
         self.open_resume()
@@ -420,8 +422,12 @@ class Trainer:
             self.run_dir = run_dir_of(self.checkpointer.resumed_path)
         elif self.dist.is_main:
             self.run_dir = new_run_dir(self.cfg)
-            RunFolder(self.run_dir).write_document(
-                "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            try:
+                RunFolder(self.run_dir).write_document(
+                    "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            except RunFolderError:
+                remove_if_empty(self.run_dir)  # no run folder without its configuration
+                raise
             claim_run(self.run_dir, new=True)
         else:
             self.run_dir = Path(self.cfg.log.out_dir)
