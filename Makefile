@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-# Make variables → dotted config overrides, only for those given (see README: Configuration).
+# Make variables → dotted config overrides, only for those given (see docs/configuration.md).
 CONFIG ?= digits
 DEVICE ?= auto
 bool = $(if $(filter 1 true yes on,$(1)),true,false)

@@ -62,7 +62,7 @@ EXAMPLES = """examples:
   python -m app train --config b0-g16-lnpn-half data.dataset=/data/imagenet
   python -m app train --config digits model.group_size=1 optim.lr=0.004 train.epochs=2
   python -m app train --resume runs/<run>              # continue an interrupted run
-  python -m app train --device cuda train.replicas=8 --dry-run   # the torchrun command (Scaling out)
+  python -m app train --device cuda train.replicas=8 --dry-run   # the torchrun command (docs/scaling-out.md)
   python -m app validate --checkpoint runs/<run> data.val_resolutions=[32,64]
   python -m app validate --checkpoint runs/<run> --resolutions 64:128:8   # accuracy vs resolution
   python -m app finetune --checkpoint runs/<run> finetune.resolution=96
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "writes an accuracy-vs-resolution table and plot to the run folder")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command that launches the job's processes (torchrun / poprun, "
-                             "see README: Scaling out) and exit; shorthand for dist.dry_run=true")
+                             "see docs/scaling-out.md) and exit; shorthand for dist.dry_run=true")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="dotted configuration overrides, e.g. model.group_size=16 optim.lr=0.1")
     return parser

@@ -183,7 +183,7 @@ def gather_rng_states(ctx: DistContext, own: Dict[str, Any]) -> Optional[List[Di
     if ctx.world_size == 1:
         return [own]
     if ctx.engine != "torchrun":
-        return None  # PopRun instances: each resumes with instance 0's states (README: Resume)
+        return None  # PopRun instances: each resumes with instance 0's states (docs/training.md: Resume)
     import torch.distributed as tdist  # noqa: PLC0415
 
     gathered: List[Any] = [None] * ctx.world_size
