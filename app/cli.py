@@ -32,8 +32,9 @@ from app.config import (
     read_yaml_file,
 )
 from app.distributed import settle_job_status
-from app.errors import AppError, Interrupted, user_message
+from app.errors import STOP_SIGNALS, AppError, Interrupted, user_message
 from app.resolution import ResolutionWarning
+from app.run_folder import CAUSES, RunFolderError, resume_command
 
 DEFAULT_PRESET = "digits"
 
@@ -167,10 +168,14 @@ def check_resume(cfg, args: argparse.Namespace) -> None:
     check_resume_changes(read_yaml_file(found), cfg, found.parent, checkpoint)
 
 
-def on_sigterm(signum: int, frame: object) -> None:
-    """Until the training loop takes over (it stops after a step and saves), SIGTERM ends the
-    command like Ctrl-C: through the same clean-up, not with Python's default instant death."""
+def on_stop_signal(signum: int, frame: object) -> None:
+    """Until the training loop takes over (it stops after a step and saves), SIGTERM, SIGHUP and
+    SIGQUIT end the command like Ctrl-C: through the same clean-up, not with Python's default
+    instant death (or SIGQUIT's core dump)."""
     raise Interrupted(signum)
+
+
+HANDLED_SIGNALS = tuple(s for s in STOP_SIGNALS if s != signal.SIGINT)  # SIGINT: KeyboardInterrupt
 
 
 def load_command(command: Command) -> Optional[Callable[[Config, argparse.Namespace], int]]:
@@ -199,14 +204,14 @@ def run_cli(argv: Optional[List[str]], commands: Dict[str, Command], prog: str) 
     args = build_parser(commands, prog).parse_intermixed_args(argv)
     # check_resolutions prints its own console line; the Python warning is for library callers.
     warnings.filterwarnings("ignore", category=ResolutionWarning)
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    previous = {s: signal.signal(s, on_stop_signal) for s in HANDLED_SIGNALS} if _main_thread() else {}
     try:
         code, orderly = run_command(args, commands[args.command])
     except KeyboardInterrupt as interrupt:
-        code, orderly = interrupted(interrupt), False
+        code, orderly = interrupted(interrupt, args.command), False
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if args.command in ("train", "finetune"):
         return settle_job_status(code, orderly)
     return code
@@ -249,12 +254,21 @@ def run_command(args: argparse.Namespace, command: Command) -> Tuple[int, bool]:
         return 2, False
     try:
         return run(cfg, args), True
+    except ConfigError as error:  # raised inside the command (a run's edited config.yaml)
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2, False
     except AppError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2, False
+    except OSError as error:
+        if error.errno not in CAUSES:
+            raise
+        path = error.filename or current_run()["dir"] or cfg.log.out_dir
+        print(f"error: {RunFolderError(Path(str(path)), error)}", file=sys.stderr)
+        return 2, False
 
 
-def interrupted(interrupt: KeyboardInterrupt) -> int:
+def interrupted(interrupt: KeyboardInterrupt, command: str = "train") -> int:
     """Ctrl-C (a second one, while the loop was already stopping), or a signal before the loop
     started: no traceback, what is on disk, and how to go on. 128 + the signal's number."""
     signum = getattr(interrupt, "signum", signal.SIGINT)
@@ -265,8 +279,9 @@ def interrupted(interrupt: KeyboardInterrupt) -> int:
         print(f"\n{name}: stopped during start-up, before any step; removed the new run folder "
               f"{discarded} (it held only its config.yaml)", file=sys.stderr)
     elif run_dir is not None:
+        kind = "finetune" if command == "finetune" else "train"
         print(f"\n{name}: aborted without saving; the newest complete checkpoint in {run_dir} is whole. "
-              f"Resume with:\n  python -m app train --resume {run_dir}", file=sys.stderr)
+              f"Resume with:\n  {resume_command(run_dir, kind)}", file=sys.stderr)
     else:
         print(f"\n{name}: stopped before any run folder was made; nothing was written", file=sys.stderr)
     return 128 + int(signum)
