@@ -11,9 +11,9 @@ import torch
 
 from app.data.datasets import IMAGENET_CLASSES, num_classes_of
 from app.objective import build_classifier, network_builder
+from ipu_options.emulator.lowering import Lowering
 from ipu_options.lowering_check import check_config, describe
 from ipu_options.planning import print_plan
-from poptorch_emulator.lowering import Lowering
 
 
 def job_line(cfg, preset: str, chosen: bool) -> str:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import build_parser, own_job, python_command, resume_command, resume_hint
+from app.cli import build_parser, own_job
 from app.cli import main as cli
 from app.config import build_config, changes_from_preset
 from app.optim import describe_peak_lr, divergence_warning, lr_scaling_rule, peak_lr
 from app.plan import job_line
+from app.run_folder import python_command, resume_command, resume_hint
 from app.train import DIVERGED, LoopState, Trainer, steps_per_epoch_text
 from backends.process import TORCHRUN_ENV, DistContext
 
@@ -107,13 +108,13 @@ def test_the_printed_resume_command_runs_from_the_project_folder(monkeypatch, tm
     rest parses as the resume of that run folder."""
     monkeypatch.chdir(ROOT)
     run = "runs/b0-g16-layer-pn-digits-1"
-    words = shlex.split(resume_command(build_config("digits"), run))
+    words = shlex.split(resume_command(run))
     assert os.access(ROOT / words[0], os.X_OK) or os.access(words[0], os.X_OK)
     assert words[0] == python_command()
     assert words[1:3] == ["-m", "app"]
     args = build_parser().parse_intermixed_args(words[3:])
     assert (args.command, args.resume) == ("train", run)
-    hint = resume_hint(build_config("digits"), run)
+    hint = resume_hint(run)
     assert f"make train RESUME={run}" in hint
 
 
@@ -125,7 +126,7 @@ def test_the_printed_resume_command_resumes(tmp_path, monkeypatch):
             f"log.out_dir={out}", "log.name=r", "model.name=b0"]
     assert subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, capture_output=True,
                           timeout=300).returncode == 0
-    words = shlex.split(resume_command(build_config("digits"), out / "r")) + ["train.max_steps=4"]
+    words = shlex.split(resume_command(out / "r")) + ["train.max_steps=4"]
     done = subprocess.run(words, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from" in done.stdout and "step      4/4" in done.stdout
