@@ -58,6 +58,9 @@ class DataConfig:
     dataset: str = "digits"  # digits | synthetic | generated | a folder with train/ and val/
     resolution: int = 224  # training resolution
     val_resolutions: List[int] = field(default_factory=list)  # empty: the training resolution
+    # the data's own test size for the reduced-resolution recipe (make paper, study resolution);
+    # None: the model's native one (224 for B0 …); app/resolution.py recipe_native
+    native_resolution: Optional[int] = None
     workers: int = 2
     prefetch: int = 2  # batches each worker process keeps in flight (torch's prefetch_factor)
     async_loader: bool = True  # ipu/ipu-model training: poptorch.DataLoader, AsyncRebatched mode
@@ -483,6 +486,8 @@ def _validate_data(d) -> None:
     _require(d.resolution >= 32, "data.resolution", d.resolution, "an integer >= 32")
     _require(all(r >= 32 for r in d.val_resolutions), "data.val_resolutions", d.val_resolutions,
              "integers >= 32")
+    _require(d.native_resolution is None or d.native_resolution >= 32, "data.native_resolution",
+             d.native_resolution, "null or an integer >= 32")
     _require(d.workers >= 0, "data.workers", d.workers, "an integer >= 0")
     _require(d.prefetch >= 1, "data.prefetch", d.prefetch, "an integer >= 1")
     lo, hi = (d.random_crop_scale + [0, 0])[:2]

@@ -342,6 +342,10 @@ def run_job(command: List[str]) -> int:
     ``watch_parent``) and stop the same orderly way, and torchrun ends with them."""
     with tempfile.TemporaryDirectory(prefix="app-job-") as status_dir:
         env = dict(os.environ, **{JOB_STATUS_ENV: status_dir, LAUNCHER_PID_ENV: str(os.getpid())})
+        # torchrun's own default, given here so that it does not print a banner about choosing it
+        # (each process then sets its threads from train.cpu_threads)
+        if "torch.distributed.run" in command:
+            env.setdefault("OMP_NUM_THREADS", "1")
         process = subprocess.Popen(command, env=env, start_new_session=True)
         received: List[int] = []
 

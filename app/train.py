@@ -93,7 +93,7 @@ class StopSignal:
             raise KeyboardInterrupt
         self.signum = signum
         if self.announce:
-                print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
                   "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self):

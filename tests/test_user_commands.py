@@ -13,8 +13,9 @@ from app.cli import main as cli
 from app.config import build_config, changes_from_preset
 from app.optim import describe_peak_lr, divergence_warning, lr_scaling_rule, peak_lr
 from app.plan import job_line
+from app.resolution import recipe_native
 from app.run_folder import python_command, resume_command, resume_hint
-from app.train import DIVERGED, LoopState, Trainer, steps_per_epoch_text
+from app.train import DIVERGED, LoopState, Trainer, run_training, steps_per_epoch_text
 from backends.process import TORCHRUN_ENV, DistContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,3 +180,27 @@ def test_the_resolved_configuration_is_one_line_of_differences(capsys, monkeypat
     assert cli(["train", "--dry-run", "--device", "cpu"]) == 0
     assert "resolved configuration" not in capsys.readouterr().out
 
+
+
+# ----------------------------------------------------------------------------- the headline at CI size
+
+def test_the_recipe_native_size_and_the_digits_finetune_default():
+    digits = build_config("digits")
+    assert digits.finetune.resolution == digits.data.resolution == 32  # make finetune after make train
+    assert recipe_native(digits, finetune_resolution_given=False) == 96  # make paper's N
+    assert recipe_native(build_config("digits", ["finetune.resolution=64"]), True) == 64
+    assert recipe_native(build_config("b2-g16-lnpn"), False) == 260
+
+
+def test_four_replicas_worth_of_global_batch_learns(tmp_path):
+    """The headline command's scaling path (global batch 128 = 4 × 32, the preset's rate rule) at a
+    size CI affords: B0 for 4 epochs (44 updates) in one process, accumulating 4 micro-batches of 32
+    (the same global batch, rate and schedule as train.replicas=4). The linear rule's 0.008 ended
+    such runs at chance; this one must learn and exit 0."""
+    cfg = build_config("digits", ["device=cpu", "train.grad_accum=4", "train.epochs=4",
+                                  "train.val_every=4", f"log.out_dir={tmp_path}", "log.name=r"])
+    assert cfg.global_batch == 128
+    result = run_training(cfg)
+    assert result.exit_code == 0
+    top1 = max(r["top1"] for r in result.results.values())
+    assert top1 > 60.0, result.results
