@@ -191,9 +191,11 @@ def finetune_config(cfg: Config, payload: Dict[str, Any], path: Path, resolution
     data["data"].update(resolution=resolution, val_resolutions=[resolution], augment=False,
                         mixup=0.0, cutmix_lambda=1.0)
     # Plain SGD without momentum or warm-up, cosine to 0 (Graphcore's PyTorch port, v3.4.1
-    # train/train.py fine_tune()); the rate scales with the global batch (TF1 cosine.py).
+    # train/train.py fine_tune()); the rate scales linearly with the global batch, a rate per image
+    # (TF1 cosine.py), whatever rule or limit the training's own optimiser had.
     data["optim"].update(name="sgd", momentum=0.0, nesterov=False, lr=cfg.finetune.lr,
-                         lr_reference_batch=cfg.finetune.lr_reference_batch)
+                         lr_reference_batch=cfg.finetune.lr_reference_batch, lr_scaling="linear",
+                         lr_diverges_at=None)
     data["schedule"].update(name="cosine", warmup_epochs=0.0, min_lr_ratio=0.0)
     data["train"].update(epochs=cfg.finetune.epochs, ema_decay=0.0, weight_avg_exp=0.0)
     if not keep_val_every:

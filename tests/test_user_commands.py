@@ -11,6 +11,7 @@ import pytest
 from app.cli import build_parser, own_job
 from app.cli import main as cli
 from app.config import build_config, changes_from_preset
+from app.finetune import finetune_config, finetune_lr
 from app.optim import describe_peak_lr, divergence_warning, lr_scaling_rule, peak_lr
 from app.plan import job_line
 from app.resolution import recipe_native
@@ -204,3 +205,10 @@ def test_four_replicas_worth_of_global_batch_learns(tmp_path):
     assert result.exit_code == 0
     top1 = max(r["top1"] for r in result.results.values())
     assert top1 > 60.0, result.results
+
+
+def test_fine_tuning_scales_its_sgd_rate_per_image_whatever_the_training_rule():
+    cfg = build_config("digits")  # AdamW, not scaled with the batch (optim.lr_scaling=none)
+    ft = finetune_config(cfg, {}, Path("runs/r/checkpoints/best.pt"), 32)
+    assert lr_scaling_rule(ft) == "linear" and ft.optim.lr_diverges_at is None
+    assert peak_lr(ft) == pytest.approx(finetune_lr(cfg)) == pytest.approx(2 ** -8 * 32)
