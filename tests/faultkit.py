@@ -166,12 +166,15 @@ if (_env.get("FAULT_AT_EVENT") or _env.get("FAULT_COUNT_FILE")) and _env.get("RA
     _save, _fsync, _replace = torch.save, os.fsync, os.replace
     def _counting_save(obj, f, *a, **k):
         return _save(obj, _Writer(f) if hasattr(f, "write") else f, *a, **k)
+    def _checkpoint_file(path):
+        return f"{os.sep}checkpoints{os.sep}" in str(path)  # not config.yaml, reports, probes
     def _counting_fsync(fd):
-        if not os.path.isdir(f"/proc/self/fd/{fd}"):  # a file's (a folder's fsync may fail harmlessly)
+        link = f"/proc/self/fd/{fd}"  # a checkpoint file's (a folder's fsync may fail harmlessly)
+        if not os.path.isdir(link) and _checkpoint_file(os.readlink(link)):
             _event(True)
         return _fsync(fd)
     def _counting_replace(src, dst, *a, **k):
-        mine = ".tmp-" in str(src)  # a checkpoint's rename (not other renames of the process)
+        mine = ".tmp-" in str(src) and _checkpoint_file(src)  # a checkpoint's rename
         if mine and _what == "enospc":
             _event(True)
         result = _replace(src, dst, *a, **k)
