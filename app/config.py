@@ -21,8 +21,8 @@ import yaml
 
 from backends.errors import ConfigError  # noqa: F401  (defined below the device layer, which raises it too)
 from ipu_options.config import IPUConfig
-from model.efficientnet import MODEL_NAMES, variant_key
 from model.blocks import GRAPHS
+from model.efficientnet import MODEL_NAMES, variant_key
 from model.norms import NORM_KINDS
 from model.padding import PADDINGS
 

@@ -127,7 +127,8 @@ def units(model: nn.Module, resolution: int) -> List[Unit]:
             red = module.se.reduce.out_channels
             # Under proxy norm the gate times 1/σ̃ keeps the gate (and v1's scaled pool its input).
             proxy = isinstance(module.spatial.act, ProxyNormAct)
-            se_small = 4 * mid + 2 * red + (mid if proxy else 0) + (mid if proxy and module.se.scale_pooled else 0)
+            se_small = 4 * mid + 2 * red + (mid if proxy else 0)
+            se_small += mid if proxy and module.se.scale_pooled else 0
             stored += mid * hout * wout + se_small  # gated output (the projection's input)
             macs += 2 * mid * red
             stored += _cna_units(module.project) * cout * hout * wout
