@@ -4,8 +4,8 @@ The recipe: train at about half the native pixel count, fine-tune briefly at the
 and test only at resolutions with the same residue as the training resolution modulo the
 network's total stride, 2^n for n stride-2 stages (32 for EfficientNet's 5).
 
-Why the residue. A stride-2 conv with kernel k and padding k//2 maps a side of H pixels to
-ceil(H/2), so stage i of the network sees ceil(H/2^i). Whether that size is odd — whether the
+Why the residue. A stride-2 conv with kernel k and TensorFlow's SAME padding (or k//2 on each
+side) maps a side of H pixels to ceil(H/2), so stage i of the network sees ceil(H/2^i). Whether that size is odd — whether the
 stage pads one side more than the other, shifting its sampling grid by half a pixel relative to
 the input — is bit i of (H - 1). The sizes at stages 0 … n-1 are therefore all even/odd in the
 same places for two resolutions exactly when they agree modulo 2^n. Keeping the residue keeps
