@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-# Make variables → dotted config overrides, only for those given (see README: Configuration).
+# Make variables → dotted config overrides, only for those given (see docs/configuration.md).
 CONFIG ?= digits
 DEVICE ?= auto
 bool = $(if $(filter 1 true yes on,$(1)),true,false)
@@ -68,8 +68,8 @@ bench: $(VENV)/.dev
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests $(ARGS)
 
-# The whole fault-injection matrix (kills, signals, full disks, bad files and values; README:
-# Reliability); `make test` runs the first case of most families.
+# The whole fault-injection matrix (kills, signals, full disks and every other failed write, bad
+# files and values; docs/reliability.md); `make test` runs the first case of every family.
 test-faults: $(VENV)/.dev
 	FAULTS_FULL=1 $(PY) -m pytest -q -n 2 --dist loadgroup -m faults tests $(ARGS)
 

@@ -29,8 +29,9 @@ from app.config import (
     read_yaml_file,
 )
 from app.distributed import settle_job_status
-from app.errors import AppError, Interrupted, user_message
+from app.errors import STOP_SIGNALS, AppError, Interrupted, user_message
 from app.resolution import ResolutionWarning
+from app.run_folder import CAUSES, RunFolderError, resume_command
 
 DEFAULT_PRESET = "digits"
 # command → (module:function, one-line help). Each function is main(cfg, args) -> exit status.
@@ -56,16 +57,12 @@ def route(command: str, cfg: Config) -> Tuple[str, Config]:
         return "finetune", cfg
     return command, dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, source=None))
 
-
-def resume_command(cfg: Config, run_dir) -> str:
-    """What continues the run in ``run_dir`` that ``cfg`` configures."""
-    return f"python -m app {'finetune' if cfg.finetune.source else 'train'} --resume {run_dir}"
 EXAMPLES = """examples:
   python -m app train                                  # the digits default (make train)
   python -m app train --config b0-g16-lnpn-half data.dataset=/data/imagenet
   python -m app train --config digits model.group_size=1 optim.lr=0.004 train.epochs=2
   python -m app train --resume runs/<run>              # continue an interrupted run
-  python -m app train --device cuda train.replicas=8 --dry-run   # the torchrun command (Scaling out)
+  python -m app train --device cuda train.replicas=8 --dry-run   # the torchrun command (docs/scaling-out.md)
   python -m app validate --checkpoint runs/<run> data.val_resolutions=[32,64]
   python -m app validate --checkpoint runs/<run> --resolutions 64:128:8   # accuracy vs resolution
   python -m app finetune --checkpoint runs/<run> finetune.resolution=96
@@ -98,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "writes an accuracy-vs-resolution table and plot to the run folder")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command that launches the job's processes (torchrun / poprun, "
-                             "see README: Scaling out) and exit; shorthand for dist.dry_run=true")
+                             "see docs/scaling-out.md) and exit; shorthand for dist.dry_run=true")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="dotted configuration overrides, e.g. model.group_size=16 optim.lr=0.1")
     return parser
@@ -155,10 +152,14 @@ def check_resume(cfg, args: argparse.Namespace) -> None:
     check_resume_changes(read_yaml_file(found), cfg, found.parent, checkpoint)
 
 
-def on_sigterm(signum, frame):
-    """Until the training loop takes over (it stops after a step and saves), SIGTERM ends the
-    command like Ctrl-C: through the same clean-up, not with Python's default instant death."""
+def on_stop_signal(signum, frame):
+    """Until the training loop takes over (it stops after a step and saves), SIGTERM, SIGHUP and
+    SIGQUIT end the command like Ctrl-C: through the same clean-up, not with Python's default
+    instant death (or SIGQUIT's core dump)."""
     raise Interrupted(signum)
+
+
+HANDLED_SIGNALS = tuple(s for s in STOP_SIGNALS if s != signal.SIGINT)  # SIGINT: KeyboardInterrupt
 
 
 def load_command(command: str):
@@ -177,14 +178,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     # check_resolutions prints its own console line; the Python warning is for library callers.
     warnings.filterwarnings("ignore", category=ResolutionWarning)
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    previous = {s: signal.signal(s, on_stop_signal) for s in HANDLED_SIGNALS} if _main_thread() else {}
     try:
         code, orderly = run_command(args)
     except KeyboardInterrupt as interrupt:
-        code, orderly = interrupted(interrupt), False
+        code, orderly = interrupted(interrupt, args.command), False
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if args.command in ("train", "finetune"):
         return settle_job_status(code, orderly)
     return code
@@ -231,12 +232,21 @@ def run_command(args: argparse.Namespace):
         return 2, False
     try:
         return run(cfg, args), True
+    except ConfigError as error:  # raised inside the command (a run's edited config.yaml)
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2, False
     except AppError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2, False
+    except OSError as error:
+        if error.errno not in CAUSES:
+            raise
+        path = error.filename or current_run()["dir"] or cfg.log.out_dir
+        print(f"error: {RunFolderError(Path(str(path)), error)}", file=sys.stderr)
+        return 2, False
 
 
-def interrupted(interrupt: KeyboardInterrupt) -> int:
+def interrupted(interrupt: KeyboardInterrupt, command: str = "train") -> int:
     """Ctrl-C (a second one, while the loop was already stopping), or a signal before the loop
     started: no traceback, what is on disk, and how to go on. 128 + the signal's number."""
     signum = getattr(interrupt, "signum", signal.SIGINT)
@@ -247,8 +257,9 @@ def interrupted(interrupt: KeyboardInterrupt) -> int:
         print(f"\n{name}: stopped during start-up, before any step; removed the new run folder "
               f"{discarded} (it held only its config.yaml)", file=sys.stderr)
     elif run_dir is not None:
+        kind = "finetune" if command == "finetune" else "train"
         print(f"\n{name}: aborted without saving; the newest complete checkpoint in {run_dir} is whole. "
-              f"Resume with:\n  python -m app train --resume {run_dir}", file=sys.stderr)
+              f"Resume with:\n  {resume_command(run_dir, kind)}", file=sys.stderr)
     else:
         print(f"\n{name}: stopped before any run folder was made; nothing was written", file=sys.stderr)
     return 128 + int(signum)

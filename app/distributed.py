@@ -37,6 +37,7 @@ from torch.utils.data import Sampler
 
 from app.checkpoint import pid_alive
 from app.data.loader import epoch_order
+from app.errors import STOP_SIGNALS
 from backends.errors import DistributedError
 from backends.process import (  # the part of the process context a backend sees
     DistContext,
@@ -54,7 +55,7 @@ IPU_DEVICES = ("ipu", "ipu-model")
 # its exit status (see settle_job_status).
 JOB_STATUS_ENV = "APP_JOB_STATUS_DIR"
 LAUNCHER_PID_ENV = "APP_LAUNCHER_PID"  # that command's process, which the job's processes watch
-ORDERLY_STATUSES = (3, 128 + signal.SIGINT, 128 + signal.SIGTERM)  # outcomes all processes agree on
+ORDERLY_STATUSES = (3,) + tuple(128 + s for s in STOP_SIGNALS)  # outcomes all processes agree on
 
 
 # ----------------------------------------------------------------------------- data split
@@ -182,7 +183,7 @@ def gather_rng_states(ctx: DistContext, own: Dict[str, Any]) -> Optional[List[Di
     if ctx.world_size == 1:
         return [own]
     if ctx.engine != "torchrun":
-        return None  # PopRun instances: each resumes with instance 0's states (README: Resume)
+        return None  # PopRun instances: each resumes with instance 0's states (docs/training.md: Resume)
     import torch.distributed as tdist  # noqa: PLC0415
 
     gathered: List[Any] = [None] * ctx.world_size
@@ -343,7 +344,7 @@ def run_job(command: List[str]) -> int:
     """Run the launcher ``command`` as this command's job and return the job's exit status.
 
     The job runs in a session of its own, so a terminal's Ctrl-C reaches this process only, and a
-    scheduler's SIGTERM to it too: this process passes SIGINT/SIGTERM on to the job's training
+    scheduler's SIGTERM to it too: this process passes every stop signal on to the job's training
     processes (not to torchrun, which would answer by killing them), waits for their orderly
     stop (the step, the checkpoint, the resume command) and exits with its status, 130 / 143.
     Should this process itself be killed (kill -9), the training processes notice (they watch it:
@@ -365,7 +366,7 @@ def run_job(command: List[str]) -> int:
             except ProcessLookupError:
                 pass
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
         try:
             code = process.wait()
         finally:

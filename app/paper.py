@@ -43,6 +43,7 @@ from app.resolution import (
     sweep,
     sweep_table,
 )
+from app.run_folder import RunFolder
 from app.tracking import format_duration, new_folder
 from app.train import TrainResult, run_training
 
@@ -186,7 +187,7 @@ def write_report(folder: Path, cfg: Config, native: int, half: int, stages: int,
                                                   nf.run.run_dir, hf.run.run_dir)) + ".",
     ]
     text = "\n".join(lines) + "\n"
-    (folder / "report.md").write_text(text)
+    RunFolder(folder).write_report("report.md", text)
     return text
 
 

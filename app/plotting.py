@@ -1,4 +1,7 @@
 """The two matplotlib steps every report plot shares: a headless pyplot, and saving a figure."""
+from pathlib import Path
+
+from app.run_folder import RunFolder
 
 
 def pyplot():
@@ -12,7 +15,12 @@ def pyplot():
 
 
 def save(fig, path, dpi: int = 120) -> None:
-    """Lay out, write and close ``fig`` (closing frees it: reports draw many figures)."""
+    """Lay out, write (atomically, through the run-folder writer) and close ``fig`` (closing
+    frees it: reports draw many figures)."""
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
+    try:
+        RunFolder(path.parent).write_document(
+            path.name, lambda f: fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        pyplot().close(fig)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from app.plotting import pyplot, save
+from app.run_folder import RunFolder
 from model.efficientnet import VARIANTS, build_model, variant_key
 
 EFFICIENTNET_STAGES = 5  # the stem and the first block of stages 2, 3, 4 and 6 have stride 2
@@ -319,9 +320,9 @@ def write_sweep_report(results: Dict[str, Dict[str, float]], train_resolution: i
     folder = Path(folder)
     md, png = _new_path(folder / "resolution-sweep.md"), _new_path(folder / "resolution-sweep.png")
     heading = f"# {title}\n\n" if title else ""
-    md.write_text(heading + sweep_table(rows, train_resolution, stages)
-                  + f"\n![accuracy vs resolution]({png.name})\n")
     plot_sweep(rows, train_resolution, png, stages, title=title)
+    RunFolder(folder).write_document(md.name, heading + sweep_table(rows, train_resolution, stages)
+                                     + f"\n![accuracy vs resolution]({png.name})\n")
     return md, png
 
 

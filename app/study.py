@@ -22,6 +22,7 @@ trains for its ``STUDY_EPOCHS`` — short, so that a study fits ~20 minutes of a
 """
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ from app.config import Config, ConfigError
 from app.errors import AppError
 from app.finetune import given_on_command_line
 from app.provenance import cpu_name, git_commit, load_average
+from app.run_folder import RunFolder
 from app.tracking import new_folder
 
 STUDY_NAMES = ("norms", "groups", "resolution")
@@ -144,14 +146,14 @@ class RowWriter:
     def __init__(self, stem: Path):
         self.stem = stem
         self.partial = stem.with_name(stem.name + ".jsonl.partial")
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        self.partial.write_text("")
+        self.folder = RunFolder(stem.parent)
+        self.folder.check_writable()  # the rows' folder, made if need be: before the first run
+        self.folder.write_document(self.partial.name, "")
         self.rows: List[Dict[str, Any]] = []
 
     def add(self, row: Dict[str, Any]) -> None:
         self.rows.append(row)
-        with self.partial.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.folder.append_line(self.partial.name, json.dumps(row))
 
     def finish(self, merge: bool = False) -> Path:
         from app.study_report import load_rows  # noqa: PLC0415
@@ -163,14 +165,14 @@ class RowWriter:
             ran = {(r["variant"], r["seed"]) for r in self.rows}
             kept = [r for r in earlier if (r["variant"], r["seed"]) not in ran]
             rows = kept + self.rows
-            with self.partial.open("w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            self.folder.write_document(self.partial.name, "".join(json.dumps(r) + "\n" for r in rows))
             print(f"{final}: {len(self.rows)} new rows beside {len(kept)} "
                   f"of the {len(earlier)} already there")
         elif earlier:
             print(f"replacing the {len(earlier)} rows of {final} "
                   "(earlier versions of committed rows are in git)")
-        os.replace(self.partial, final)
+        with self.folder.guard(final):
+            os.replace(self.partial, final)
         write_csv(rows, self.stem.with_name(self.stem.name + ".csv"))
         return final
 
@@ -179,10 +181,11 @@ def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
     keys: List[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    RunFolder(path.parent).write_document(path.name, text.getvalue())
 
 
 def run_row(study: str, variant: Variant, seed: int, result, resolution: int,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from app.plotting import pyplot, save
+from app.run_folder import RunFolder
 
 Rows = List[Dict[str, Any]]
 
@@ -247,5 +248,5 @@ def write_report(name: str, rows_path: Path, out: Optional[Path] = None) -> Path
             *provenance(rows), "", f"{what} Each run: {first['epochs']:g} epochs of {first['dataset']} "
             f"({first['model']}), global batch {first['global_batch']}, validated once at its end with "
             "its raw weights.", "", *lines_fn(rows), "", f"![{name}]({plot.name})", ""]
-    out.write_text("\n".join(text))
+    RunFolder(out.parent).write_document(out.name, "\n".join(text))
     return out

@@ -6,7 +6,7 @@ The hook reads FAULT_* environment variables:
   FAULT_AT_STEP=N, FAULT_ACTION=kill|SIGINT|SIGTERM|SIGINT2|launcher-SIGINT|launcher-SIGTERM|
       launcher-kill|startup-SIGINT|startup-SIGTERM|sleep, FAULT_RANK=r (default: every rank):
       at the N-th training loss of a training process (step N without gradient accumulation),
-      ``kill`` is kill -9 of itself, SIGINT/SIGTERM a signal to itself, SIGINT2 two Ctrl-C in a
+      ``kill`` is kill -9 of itself, SIGINT/SIGTERM/SIGHUP/SIGQUIT a signal to itself, SIGINT2 two Ctrl-C in a
       row, ``launcher-*`` that signal to the `python -m app train` command that started the job,
       ``startup-*`` the signal while the optimiser is built (after the run folder exists, before any
       step), ``sleep`` a pause at every step from N on (to hold a run open).
@@ -14,6 +14,10 @@ The hook reads FAULT_* environment variables:
       (every write call into a checkpoint file, its fsync, its rename: kill -9 right before a
       write or fsync, right after a rename); ``enospc`` makes that write fail like a full disk.
   FAULT_COUNT_FILE=path: the number of such events, written at exit (to choose N from).
+  FAULT_AT_EVAL=N, FAULT_ACTION=SIG...: that signal at the N-th evaluation pass (validate, sweeps).
+  FAULT_WRITE=pattern:how:N: the N-th write through the run-folder writer (app/run_folder.py) of a
+      file whose name matches the glob ``pattern`` fails: how=ENOSPC (the disk fills up part-way
+      through the file), EROFS (the file system refuses it), vanish (its folder is moved away first).
   FAULT_PID_DIR=folder: each process writes its pid there (to wait for every one to end).
 """
 import json
@@ -44,8 +48,9 @@ _rank_ok = _env.get("FAULT_RANK") in (None, _env.get("RANK", "0"))
 def _act(action):
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    elif action in ("SIGINT", "SIGTERM"):
+    elif action in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"):
         os.kill(os.getpid(), getattr(signal, action))
+        time.sleep(0.2)  # delivered before the step goes on
     elif action == "SIGINT2":
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.2)
@@ -79,6 +84,56 @@ if _env.get("FAULT_AT_STEP") and _rank_ok:
                     _act(_action)
             return _loss(logits, targets, smoothing)
         _objective.smoothed_cross_entropy = _counted
+
+if _env.get("FAULT_AT_EVAL"):
+    import app.evaluate as _evaluate
+    _eval, _evals = _evaluate.evaluate, [0]
+    def _counted_eval(*a, **k):
+        _evals[0] += 1
+        if _evals[0] == int(_env["FAULT_AT_EVAL"]):
+            _act(_env["FAULT_ACTION"])
+        return _eval(*a, **k)
+    _evaluate.evaluate = _counted_eval
+
+if _env.get("FAULT_WRITE"):
+    import errno, fnmatch, os.path
+    import app.run_folder as _rf
+    _pattern, _how, _nth = _env["FAULT_WRITE"].split(":")
+    _writes = [0]
+
+    def _due(path):
+        if not fnmatch.fnmatch(os.path.basename(str(path)), _pattern):
+            return False
+        _writes[0] += 1
+        return _writes[0] == int(_nth)
+
+    def _fail(folder, path):
+        if _how == "vanish":  # the folder is moved away (renamed, or its disk unmounted)
+            os.rename(folder, str(folder) + "-moved")
+            return None
+        code = getattr(errno, _how)
+        return OSError(code, os.strerror(code), str(path))
+
+    _replace_doc, _append = _rf.RunFolder._replace, _rf.RunFolder.append_line
+    def _faulty_replace(self, path, content):
+        if _due(path):
+            error = _fail(self.path, path)
+            if error is not None and _how == "ENOSPC":  # the disk fills up part-way through the file
+                def content(f, _error=error):
+                    f.write(b"x")
+                    raise _error
+            elif error is not None:  # a read-only file system refuses the file itself
+                with self.guard(path):
+                    raise error
+        return _replace_doc(self, path, content)
+    def _faulty_append(self, name, line):
+        if _due(name):
+            error = _fail(self.path, self.path / name)
+            if error is not None:
+                with self.guard(self.path / name):
+                    raise error
+        return _append(self, name, line)
+    _rf.RunFolder._replace, _rf.RunFolder.append_line = _faulty_replace, _faulty_append
 
 if (_env.get("FAULT_AT_EVENT") or _env.get("FAULT_COUNT_FILE")) and _env.get("RANK", "0") == "0":
     import errno, atexit, torch

@@ -297,4 +297,6 @@ def test_interrupted_finetune_resumes_with_its_layers_frozen(trained, monkeypatc
 
     assert cli(["finetune", "--resume", str(run), "train.max_steps=4"]) == 0
     assert load_checkpoint(find_checkpoint(run))["step"] == 4
-    assert "+ fine-tuning (4 steps)" in (run / "finetune.md").read_text()
+    # the finished report is kept; the longer fine-tuning's report goes beside it
+    assert "+ fine-tuning (3 steps)" in (run / "finetune.md").read_text()
+    assert "+ fine-tuning (4 steps)" in (run / "finetune-1.md").read_text()
