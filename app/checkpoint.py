@@ -319,7 +319,7 @@ def lock_run_folder(run_dir: Path) -> None:
     if key in _HELD:
         return
     try:
-        import fcntl  # noqa: PLC0415  (POSIX only)
+        import fcntl  # (POSIX only)
     except ImportError:
         return  # no flock on this system: runs are not protected against a concurrent resume
     run_dir.mkdir(parents=True, exist_ok=True)

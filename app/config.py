@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from app.data.datasets import BUILTIN, IMAGE_EXTENSIONS, is_a
 from backends.errors import ConfigError  # noqa: F401  (defined below the device layer, which raises it too)
 from ipu_options.config import IPUConfig
 from model.blocks import GRAPHS
@@ -160,7 +161,7 @@ class LogConfig:
 
 @dataclass
 class StudyConfig:
-    """``python -m app study <name>`` (app/study.py): the repeats and where the results go."""
+    """``python -m experiments study <name>`` (experiments/study.py): the repeats and where the results go."""
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     out_dir: str = "benchmarks/results"  # rows (.jsonl, .csv), report (.md) and plot (.png)
     report_only: bool = False  # regenerate the report and plot from the existing rows, run nothing
@@ -415,8 +416,6 @@ def is_folder_name(name: str) -> bool:
 def check_dataset(cfg: Config) -> None:
     """``data.dataset`` is a built-in or a folder with train/ and val/ (the commands that read data
     call this before any work; ``plan`` does not need the data)."""
-    from app.data.datasets import BUILTIN  # noqa: PLC0415  (keeps this module free of the data stack)
-
     name = cfg.data.dataset
     if name in BUILTIN:
         return
@@ -433,8 +432,6 @@ def check_dataset(cfg: Config) -> None:
 def check_class_folders(root: Path) -> None:
     """Every class of ``root/train`` has an image (an empty one would be a class no image teaches,
     still counted in the classifier), and ``val/`` has no class ``train/`` lacks."""
-    from app.data.datasets import IMAGE_EXTENSIONS, is_a  # noqa: PLC0415
-
     def classes(split: str) -> Dict[str, bool]:  # class → holds an image file
         found = {}
         for entry in sorted(os.scandir(root / split), key=lambda e: e.name):
