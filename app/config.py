@@ -19,10 +19,13 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from app.data.datasets import BUILTIN, IMAGE_EXTENSIONS, is_a
 from backends.errors import ConfigError  # noqa: F401  (defined below the device layer, which raises it too)
 from ipu_options.config import IPUConfig
+from model.blocks import GRAPHS
 from model.efficientnet import MODEL_NAMES, variant_key
 from model.norms import NORM_KINDS
+from model.padding import PADDINGS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEVICES = ("auto", "cpu", "cuda", "ipu", "ipu-model")
@@ -47,6 +50,12 @@ class ModelConfig:
     norm_eps: float = 1e-3
     dropout: Optional[float] = None  # None: the variant's own (0.2 for B0 … 0.5 for B7)
     drop_path: float = 0.2
+    # same: TensorFlow's SAME, as the official code (timm's tf_efficientnet_* too); symmetric: k//2
+    # on every side, as timm's efficientnet_* and torchvision (to reproduce their outputs)
+    padding: str = "same"
+    # official: squeeze-excite and head under proxy norm as the official code; v1: this
+    # project's first graph (with padding=symmetric: what checkpoints without a record computed)
+    graph: str = "official"
     init_from: Optional[str] = None  # a local timm/torchvision/our checkpoint to start from
     init_source: str = "ours"  # ours | timm | torchvision
 
@@ -152,7 +161,7 @@ class LogConfig:
 
 @dataclass
 class StudyConfig:
-    """``python -m app study <name>`` (app/study.py): the repeats and where the results go."""
+    """``python -m experiments study <name>`` (experiments/study.py): the repeats and where the results go."""
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     out_dir: str = "benchmarks/results"  # rows (.jsonl, .csv), report (.md) and plot (.png)
     report_only: bool = False  # regenerate the report and plot from the existing rows, run nothing
@@ -407,8 +416,6 @@ def is_folder_name(name: str) -> bool:
 def check_dataset(cfg: Config) -> None:
     """``data.dataset`` is a built-in or a folder with train/ and val/ (the commands that read data
     call this before any work; ``plan`` does not need the data)."""
-    from app.data.datasets import BUILTIN  # noqa: PLC0415  (keeps this module free of the data stack)
-
     name = cfg.data.dataset
     if name in BUILTIN:
         return
@@ -425,8 +432,6 @@ def check_dataset(cfg: Config) -> None:
 def check_class_folders(root: Path) -> None:
     """Every class of ``root/train`` has an image (an empty one would be a class no image teaches,
     still counted in the classifier), and ``val/`` has no class ``train/`` lacks."""
-    from app.data.datasets import IMAGE_EXTENSIONS, is_a  # noqa: PLC0415
-
     def classes(split: str) -> Dict[str, bool]:  # class → holds an image file
         found = {}
         for entry in sorted(os.scandir(root / split), key=lambda e: e.name):
@@ -463,6 +468,10 @@ def _validate_model(m) -> None:
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
     _require(m.dropout is None or 0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1) or null")
     _require(0 <= m.drop_path < 1, "model.drop_path", m.drop_path, "in [0, 1)")
+    _require(m.padding in PADDINGS, "model.padding", m.padding,
+             "same (TensorFlow's, the official code's) or symmetric (timm's efficientnet_*, torchvision)")
+    _require(m.graph in GRAPHS, "model.graph", m.graph,
+             "official, or v1 for checkpoints written before the official graph")
     _require(m.init_source in ("ours", "timm", "torchvision"), "model.init_source", m.init_source,
              "ours, timm or torchvision")
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from app.checkpoint import CheckpointError, find_checkpoint, latest_run, load_checkpoint, run_dir_of
+from app.command_line import given_on_command_line
 from app.config import Config, config_from_dict
 from app.distributed import all_reduce_mean, current, launch, reduce_results
 from app.errors import AppError
@@ -163,11 +164,6 @@ def checkpoint_source(cfg, args) -> Path:
         raise CheckpointError(f"nothing to fine-tune: no run with checkpoints in {cfg.log.out_dir}/; pass "
                               "--checkpoint RUN_FOLDER_OR_FILE or finetune.checkpoint=... (or train first)")
     return find_checkpoint(source, prefer_best=True)
-
-
-def given_on_command_line(args: Optional[argparse.Namespace], name: str) -> bool:
-    """Whether the command line set ``name`` (``section.field``) as a dotted override."""
-    return any(o.split("=", 1)[0].strip() == name for o in getattr(args, "overrides", None) or [])
 
 
 def finetune_lr(cfg: Config) -> float:

@@ -6,10 +6,10 @@ from app.run_folder import RunFolder
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed); imported only when a plot is made."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     return plt
 

@@ -283,7 +283,7 @@ def no_traceback(job: subprocess.CompletedProcess) -> None:
 def newest_checkpoint_loads(run_dir: Path) -> Optional[int]:
     """Every step checkpoint left loads as one of ours (a crash leaves none half-written); returns
     the newest step (None: none yet)."""
-    from app.checkpoint import load_checkpoint, step_checkpoints  # noqa: PLC0415
+    from app.checkpoint import load_checkpoint, step_checkpoints
 
     steps = [load_checkpoint(p)["step"] for p in step_checkpoints(run_dir / "checkpoints")]
     return steps[-1] if steps else None
@@ -308,9 +308,9 @@ def same_losses(resumed: Dict[int, float], reference: Dict[int, float], after: i
 
 
 def final_weights_equal(a: Path, b: Path) -> None:
-    import torch  # noqa: PLC0415
+    import torch
 
-    from app.checkpoint import find_checkpoint, load_checkpoint  # noqa: PLC0415
+    from app.checkpoint import find_checkpoint, load_checkpoint
 
     wa, wb = (load_checkpoint(find_checkpoint(r))["model"] for r in (a, b))
     assert wa.keys() == wb.keys()
@@ -328,7 +328,7 @@ def wait_for(condition, timeout: float = 60.0, every: float = 0.2) -> bool:
 
 def all_ended(pid_dir: Path, timeout: float = 90.0) -> bool:
     """Every process that wrote its pid into ``pid_dir`` has ended."""
-    from app.checkpoint import pid_alive  # noqa: PLC0415
+    from app.checkpoint import pid_alive
 
     return wait_for(lambda: not any(pid_alive(int(p.name)) for p in pid_dir.iterdir()), timeout)
 

@@ -128,7 +128,7 @@ def test_a_fault_inside_a_checkpoint_write_loses_nothing(world, tmp_path, action
         return
     resume_and_compare(world, tmp_path, run, 1, newest)
     best = run / "checkpoints" / "best.pt"
-    from app.checkpoint import load_checkpoint, own_top1, step_checkpoints  # noqa: PLC0415
+    from app.checkpoint import load_checkpoint, own_top1, step_checkpoints
 
     held = load_checkpoint(best)
     assert own_top1(held) >= max(own_top1(load_checkpoint(p)) for p in step_checkpoints(best.parent))
@@ -151,7 +151,7 @@ def test_best_is_repaired_after_a_kill_between_the_two_renames(world, tmp_path):
     assert partial_files(run) == []
     again = run_app(["train", "--resume", str(run)], tmp_path)  # nothing to train: only repairs
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-2000:]
-    from app.checkpoint import load_checkpoint  # noqa: PLC0415
+    from app.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 2
 

@@ -187,8 +187,8 @@ class FolderDataset(ImageDataset):
 def digits_split() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits (1,797 8×8 images, no download) as uint8 0–255, split once
     80/20, stratified by class, with a fixed seed: (train_x, train_y, val_x, val_y)."""
-    from sklearn.datasets import load_digits  # noqa: PLC0415  (only when digits are used)
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    from sklearn.datasets import load_digits  # (only when digits are used)
+    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
