@@ -245,9 +245,14 @@ def child_env(tmp: Path, **fault: str) -> Dict[str, str]:
     return env
 
 
+EXPERIMENTS = ("paper", "study")  # the commands of python -m experiments
+
+
 def run_app(args: List[str], tmp: Path, timeout: float = 240, **fault: str) -> subprocess.CompletedProcess:
-    """``python -m app ARGS`` in a child process (nice'd: the machine is shared), with a fault."""
-    return subprocess.run(["nice", sys.executable, "-m", "app", *args], cwd=ROOT,
+    """``python -m app ARGS`` (``python -m experiments`` for its commands) in a child process
+    (nice'd: the machine is shared), with a fault."""
+    module = "experiments" if args and args[0] in EXPERIMENTS else "app"
+    return subprocess.run(["nice", sys.executable, "-m", module, *args], cwd=ROOT,
                           env=child_env(tmp, **fault), capture_output=True, text=True, timeout=timeout)
 
 
