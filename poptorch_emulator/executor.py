@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import blocks, lowering, optim_snapshot, recompute
+from . import blocks, lowering, norms, optim_snapshot, recompute
 from .enums import MeanReductionStrategy, OutputMode, ReductionType
 from .options import Options
 from .precision import FP16_MAX, HalfKernels, round_half, stochastic_round_half
@@ -155,7 +155,12 @@ class PoplarExecutor:
         return self._attached
 
     def compile(self, *args, **kwargs) -> None:
-        self._prepare(args, kwargs)
+        with self._channel_grouping():
+            self._prepare(args, kwargs)
+
+    def _channel_grouping(self):
+        """Group norm's channel grouping as the PopART options select it (norms.py)."""
+        return norms.channel_grouping(self._options._Popart.options)
 
     def setOptimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Hand the optimiser's hyper-parameters (lr, momentum, …, loss_scaling) to the device, as
@@ -236,7 +241,7 @@ class PoplarExecutor:
         # (hand-written backwards, batch norm folded into convs, cached proxy statistics).
         self._check_online("Trying to run a model on an offline device (ConnectionType.Never): "
                            "use model.compile(inputs) instead of model(inputs)")
-        with _as_traced_graph():
+        with _as_traced_graph(), self._channel_grouping():
             if not self._compiled:
                 self._prepare(args, kwargs)
             if not self._attached:
