@@ -20,6 +20,7 @@ from .enums import (
     OutputMode,
     ReductionType,
 )
+from .errors import Error, RecoverableError, UnrecoverableError
 from .executor import PoplarExecutor, inferenceModel, ipuHardwareIsAvailable, trainingModel
 from .options import Options, PipelinedExecution, ShardedExecution, TensorLocationSettings
 
@@ -28,9 +29,9 @@ EMULATED = True
 
 __all__ = [
     "AsynchronousDataAccessor", "AutoStage", "BeginBlock", "Block", "ConnectionType", "DataLoader",
-    "DataLoaderMode",
+    "DataLoaderMode", "Error",
     "MeanReductionStrategy", "Options", "OutputMode", "PipelinedExecution", "PoplarExecutor",
-    "ReductionType", "ShardedExecution", "TensorLocationSettings", "identity_loss",
+    "RecoverableError", "ReductionType", "ShardedExecution", "TensorLocationSettings", "identity_loss",
     "inferenceModel", "ipuHardwareIsAvailable", "optim", "recomputationCheckpoint", "removeBlocks",
-    "trainingModel",
+    "trainingModel", "UnrecoverableError",
 ]

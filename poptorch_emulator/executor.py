@@ -14,15 +14,15 @@ and refuses, in PopTorch's words, what PopTorch 3.4 would refuse to lower; in tr
 back-propagated is the one final loss that check finds (PopTorch's rule, not a marked output).
 """
 import contextlib
-import weakref
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import blocks, lowering, norms, optim_snapshot, recompute
+from . import blocks, lowering, norms, optim_snapshot, recompute, wrapping
 from .enums import MeanReductionStrategy, OutputMode, ReductionType
+from .errors import RuntimeRefusal, ValueRefusal
 from .options import Options
 from .precision import FP16_MAX, HalfKernels, round_half, stochastic_round_half
 
@@ -65,11 +65,11 @@ _FIRST, _SECOND = "first_order_momentum_accum_type", "second_order_momentum_accu
 _STATE_TYPES = {"exp_avg": _FIRST, "momentum_buffer": _FIRST, "exp_avg_sq": _SECOND, "square_avg": _SECOND}
 
 
-class BatchSizeError(ValueError):
+class BatchSizeError(ValueRefusal):
     pass
 
 
-class PipelineError(ValueError):
+class PipelineError(ValueRefusal):
     pass
 
 
@@ -107,15 +107,13 @@ def _combine(pieces: List[Any]) -> Any:
 class PoplarExecutor:
     def __init__(self, model: nn.Module, options: Optional[Options], training: bool,
                  optimizer: Optional[torch.optim.Optimizer] = None):
-        if getattr(model, "_poptorch_wrapped", False) and training:
+        if training and wrapping.is_wrapped(model):  # python/__init__.py:703-708 (3.4.0)
             raise RuntimeError("Model has already been wrapped in 'poptorch.trainingModel'. Call "
                                "model.destroy() on the model to unwrap before wrapping again.")
-        self._user_model = model
+        self.__dict__["_user_model"] = model  # before anything that could reach __getattr__
         self._options = options if options is not None else Options()
         self._training = training
         if training:
-            model._poptorch_wrapped = True
-            model.__dict__["_poptorch_trainer"] = weakref.ref(self)
             if optimizer is None:
                 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         self._optimizer = optimizer
@@ -129,6 +127,13 @@ class PoplarExecutor:
         self._dirty_host_weights = False  # the device trained since the last copy to the host
         self._host_weights_version = 0
         self._device_weights: Optional[List[torch.Tensor]] = None  # inference: what the device holds
+        # Training runs on the host model's tensors (the emulator's device copy), but PopTorch's
+        # host copy only changes on copyWeightsToHost: the weights as the host last had them, and
+        # each weight's (storage, version) after the last run to tell whether the user has
+        # written to the host model since.
+        self._stale_host: Optional[List[torch.Tensor]] = None
+        self._after_run: List[Tuple[int, int]] = []
+        self._running = False  # inside a run: the host model's hooks must not copy back
         self._replica_buffers: Optional[List[List[torch.Tensor]]] = None
         self._recomputation: Optional[recompute.Recomputation] = None
         self._loss_scale: Optional[float] = None
@@ -138,6 +143,15 @@ class PoplarExecutor:
         if training:
             # python/_poplar_executor.py:241-242 (3.4.0): the constructor calls setOptimizer.
             self.setOptimizer(optimizer)
+            wrapping.instrument(model, self)
+
+    def __getattr__(self, attr: str):
+        """The wrapped model's attributes (python/_poplar_executor.py:480-510, 3.4.0), after
+        copying trained weights back as the instrumented model does."""
+        model = self.__dict__.get("_user_model")
+        if model is None or attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(model, attr)
 
     # ------------------------------------------------------------------ PopTorch's surface
     @property
@@ -179,14 +193,17 @@ class PoplarExecutor:
 
     def copyWeightsToHostIfNeeded(self) -> bool:
         """Copy back only when the device changed the weights since the last copy (PopTorch)."""
-        if not self._dirty_host_weights:
+        if not self._dirty_host_weights or self._running:
             return False
         self.copyWeightsToHost()
         return True
 
     def copyWeightsToHost(self) -> None:
+        """Device → host: the trained parameters and replica 0's buffers
+        (python/_poplar_executor.py:555-573, 3.4.0)."""
         self._dirty_host_weights = False
         self._host_weights_version += 1  # python/_poplar_executor.py:573 (3.4.0)
+        self._stale_host = None
         if self._replica_buffers is not None:
             with torch.no_grad():
                 for buf, value in zip(self._user_model.buffers(), self._replica_buffers[0]):
@@ -198,17 +215,30 @@ class PoplarExecutor:
         trainingModel's — after that model's weights were copied to the host
         (python/_poplar_executor.py:414-417 and 1245-1262, sdk/poptorch/3.4.0). A host model
         changed in place after that (e.g. other weights loaded into it) runs with the old weights
-        until copyWeightsToDevice, as on an IPU."""
+        until copyWeightsToDevice, as on an IPU. A training executable whose trained weights
+        were never copied back (nothing touched the host model since) gets the host's older
+        weights back over the trained ones, as PopTorch writes them
+        (python/_poplar_executor.py:577-598)."""
         if not self._training:
             self._device_weights = [t.detach().clone() for t in self._weight_tensors()]
             return
+        if self._dirty_host_weights and self._stale_host is not None and \
+                self._fingerprint() == self._after_run:
+            with torch.no_grad():
+                for t, old in zip(self._weight_tensors(), self._stale_host):
+                    t.copy_(old)
+        self._dirty_host_weights = False  # python/_poplar_executor.py:584-585
+        self._stale_host = None
         if self._replica_buffers is not None:
             self._replica_buffers = [[b.detach().clone() for b in self._user_model.buffers()]
                                      for _ in self._replica_buffers]
 
+    def _fingerprint(self) -> List[Tuple[int, int]]:
+        return [(t.data_ptr(), t._version) for t in self._weight_tensors()]
+
     def detachFromDevice(self) -> None:
         if not self._attached:
-            raise RuntimeError("Device is not attached")
+            raise RuntimeRefusal("Device is not attached")  # _poplar_executor.py:1560 (3.4.0)
         self.copyWeightsToHostIfNeeded()
         self._attached = False
 
@@ -217,7 +247,7 @@ class PoplarExecutor:
             raise RuntimeError("Cannot attach a model that has not been compiled")
         self._check_online("Trying to attach to an offline device (ConnectionType.Never)")
         self._attached = True
-        if not self._training:  # _on_device_attach uploads the weights
+        if not self._training:  # _on_device_attach uploads the weights (_poplar_executor.py:414-417)
             self.copyWeightsToDevice()
 
     def _check_online(self, message: str) -> None:
@@ -231,9 +261,9 @@ class PoplarExecutor:
         if self._recomputation is not None:
             self._recomputation.remove()
             self._recomputation = None
-        self._user_model.__dict__.pop("_poptorch_wrapped", None)
         if self._training:
-            self._user_model.__dict__.pop("_poptorch_trainer", None)
+            self.copyWeightsToHostIfNeeded()  # python/_poplar_executor.py:1482-1500 (3.4.0)
+            wrapping.unwrap(self._user_model)
         self._compiled = False
 
     def __call__(self, *args, **kwargs):
@@ -247,11 +277,19 @@ class PoplarExecutor:
             if not self._attached:
                 self.attachToDevice()
             self.runs += 1
-            if self._training:
-                self._dirty_host_weights = True
-                return self._train(args, kwargs)
-            self._follow_training_weights()
-            return self._infer(args, kwargs)
+            if not self._training:
+                self._follow_training_weights()
+                return self._infer(args, kwargs)
+            self._running = True
+            try:
+                if not self._dirty_host_weights:  # what the host keeps while the device trains
+                    self._stale_host = [t.detach().clone() for t in self._weight_tensors()]
+                out = self._train(args, kwargs)
+                self._after_run = self._fingerprint()
+            finally:
+                self._running = False
+            self._dirty_host_weights = True
+            return out
 
     def _weight_tensors(self) -> List[torch.Tensor]:
         return list(self._user_model.parameters()) + list(self._user_model.buffers())
@@ -260,8 +298,7 @@ class PoplarExecutor:
         """An inference executable of a trainingModel's module picks up the trained weights
         (python/_poplar_executor.py:1245-1262): copy them to the host if the device changed
         them, and to this executable when the host's version moved on."""
-        ref = self._user_model.__dict__.get("_poptorch_trainer")
-        trainer = ref() if ref is not None else None
+        trainer = wrapping.executor_of(self._user_model)
         if trainer is None:
             return
         trainer.copyWeightsToHostIfNeeded()
@@ -354,7 +391,7 @@ class PoplarExecutor:
         if not (self._options.replication_factor > 1 and self._options.broadcast_buffers):
             return
         if changed:
-            raise RuntimeError(
+            raise RuntimeRefusal(
                 "PopTorch does not support broadcasting buffers. If your model is able to tolerate "
                 "buffers becoming out of sync between replicas, you can disable buffer broadcasting "
                 f"using poptorch.Options.broadcastBuffers(False). (buffers updated in place: "

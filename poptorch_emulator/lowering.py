@@ -47,6 +47,8 @@ from torch._C import DispatchKey
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .errors import RuntimeRefusal
+
 FACTS_FILE = Path(__file__).with_name("poptorch_ops.json")
 
 # PopTorch 3.4's words.
@@ -67,7 +69,7 @@ REMOVED = "{kind} {name} is removed from the model when calling the forward meth
 IDENTITY_LOSS = "poptorch::identity_loss"
 
 
-class LoweringError(RuntimeError):
+class LoweringError(RuntimeRefusal):
     """PopTorch would stop compiling this model (the message is PopTorch's, then ours)."""
 
 
