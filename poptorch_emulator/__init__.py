@@ -22,6 +22,7 @@ from .enums import (
 )
 from .errors import Error, RecoverableError, UnrecoverableError
 from .executor import PoplarExecutor, inferenceModel, ipuHardwareIsAvailable, trainingModel
+from .ops import for_loop
 from .options import Options, PipelinedExecution, ShardedExecution, TensorLocationSettings
 
 __version__ = "3.4.0+emulated"
@@ -29,9 +30,8 @@ EMULATED = True
 
 __all__ = [
     "AsynchronousDataAccessor", "AutoStage", "BeginBlock", "Block", "ConnectionType", "DataLoader",
-    "DataLoaderMode", "Error",
-    "MeanReductionStrategy", "Options", "OutputMode", "PipelinedExecution", "PoplarExecutor",
-    "RecoverableError", "ReductionType", "ShardedExecution", "TensorLocationSettings", "identity_loss",
-    "inferenceModel", "ipuHardwareIsAvailable", "optim", "recomputationCheckpoint", "removeBlocks",
-    "trainingModel", "UnrecoverableError",
+    "DataLoaderMode", "Error", "MeanReductionStrategy", "Options", "OutputMode",
+    "PipelinedExecution", "PoplarExecutor", "RecoverableError", "ReductionType", "ShardedExecution",
+    "TensorLocationSettings", "UnrecoverableError", "for_loop", "identity_loss", "inferenceModel",
+    "ipuHardwareIsAvailable", "optim", "recomputationCheckpoint", "removeBlocks", "trainingModel",
 ]

@@ -292,7 +292,12 @@ class PoplarExecutor:
             return out
 
     def _weight_tensors(self) -> List[torch.Tensor]:
-        return list(self._user_model.parameters()) + list(self._user_model.buffers())
+        """Parameters then buffers, read without the host model's copy-back hook."""
+        quiet, self._running = self._running, True
+        try:
+            return list(self._user_model.parameters()) + list(self._user_model.buffers())
+        finally:
+            self._running = quiet
 
     def _follow_training_weights(self) -> None:
         """An inference executable of a trainingModel's module picks up the trained weights
@@ -320,8 +325,15 @@ class PoplarExecutor:
         n = di * ga * reps
         sizes = {t.shape[0] for t in tree_flatten((args, kwargs))[0]
                  if isinstance(t, torch.Tensor) and t.dim() > 0}
+        if not sizes and n == 1:
+            # No inputs, scalars only: one run of the graph as given, which PopTorch compiles
+            # and runs (tests/inputs_test.py, test_no_inputs_no_output; norms_test.py,
+            # test_norm_in_loop, sdk/poptorch/3.4.0)
+            return (lambda d, g, r: (args, kwargs)), 0
         if not sizes:
-            raise BatchSizeError("the model's inputs have no batch dimension")
+            raise BatchSizeError(f"the model's inputs have no batch dimension to split into the "
+                                 f"{n} micro-batches of deviceIterations × gradientAccumulation × "
+                                 f"replicationFactor")
         if len(sizes) > 1:
             raise BatchSizeError(f"the inputs' batch dimensions differ: {sorted(sizes)}")
         size = sizes.pop()

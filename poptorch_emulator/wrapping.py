@@ -7,7 +7,6 @@ parameter attribute) and offers ``copyWeightsToHostIfNeeded`` and ``destroy``. P
 copying give the plain model (python/_impl.py registers the wrapper types with copyreg to unwrap
 them), so ``torch.save(model)`` loads without PopTorch.
 """
-import copyreg
 import weakref
 from typing import Any, Optional
 
@@ -18,6 +17,13 @@ _SYNCED_ON = ("_buffers", "_parameters", "forward")
 
 def _plain_state(model: torch.nn.Module) -> dict:
     return dict(object.__getattribute__(model, "__dict__"))
+
+
+def rebuild(cls: type, state: dict) -> torch.nn.Module:
+    """Unpickle a wrapped model as its plain class."""
+    model = cls.__new__(cls)
+    model.__setstate__(state)
+    return model
 
 
 def instrument(model: torch.nn.Module, executor: Any) -> None:
@@ -47,7 +53,7 @@ def instrument(model: torch.nn.Module, executor: Any) -> None:
         def __reduce_ex__(self, protocol):
             # copyreg unwrapping (python/_impl.py): saved and copied models are plain models
             self.copyWeightsToHostIfNeeded()
-            return copyreg.__newobj__, (base,), _plain_state(self)
+            return rebuild, (base, _plain_state(self))
 
     PoptorchModel.__name__ = PoptorchModel.__qualname__ = "Poptorch" + base.__name__
     PoptorchModel._poptorch_executor = staticmethod(parent)
