@@ -352,11 +352,14 @@ class PoplarExecutor:
         return get, micro
 
     # ------------------------------------------------------------------ compile: stages, checks
-    def _precision_mode(self):
+    def _precision_mode(self, inputs: Any = ()):
+        """fp16 kernels (precision.HalfKernels) when the model or an input is fp16; PopTorch
+        also resolves a conv/linear/norm's weights to its input's type there."""
         model = self._user_model
         # The precision mark sits on the network, which the user's model may wrap (e.g. with its loss).
         half = any(getattr(m, "_ipu_precision", "32.32") != "32.32" for m in model.modules()) or any(
-            p.dtype == torch.half for p in model.parameters())
+            p.dtype == torch.half for p in model.parameters()) or any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.half for t in tree_flatten(inputs)[0])
         return HalfKernels() if half else contextlib.nullcontext()
 
     def _prepare(self, args, kwargs) -> None:
@@ -371,7 +374,7 @@ class PoplarExecutor:
         rng = torch.get_rng_state()
         blocks.start_trace()
         try:
-            with _as_traced_graph(), self._precision_mode():
+            with _as_traced_graph(), self._precision_mode((a, k)):
                 report, _ = lowering.check_lowering(model, a, k, training=self._training)
         finally:
             trace = blocks.stop_trace()
@@ -462,7 +465,7 @@ class PoplarExecutor:
                 counts: Dict[nn.Parameter, int] = {}
                 for g in range(ga):
                     a, k = get(d, g, r)
-                    with self._precision_mode():
+                    with self._precision_mode((a, k)):
                         out = model(*a, **k)
                         loss = tree_flatten(out)[0][self._loss_leaf]
                         (loss * scale if scale != 1.0 else loss).backward()
@@ -565,7 +568,7 @@ class PoplarExecutor:
         try:
             for t, on_device in zip(host, self._device_weights):  # run with the device's copy
                 t.data = on_device
-            with torch.no_grad(), self._precision_mode():
+            with torch.no_grad(), self._precision_mode((args, kwargs)):
                 for d in range(di):
                     for r in range(reps):
                         a, k = get(d, 0, r)

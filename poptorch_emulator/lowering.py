@@ -306,6 +306,14 @@ class _Recorder(TorchDispatchMode):
                 leaves = tree_flatten(output)[0]
                 report.loss_leaf = next((i for i, t in enumerate(leaves)
                                          if isinstance(t, Tensor) and t._cdata == final), None)
+                if report.loss_leaf is None:
+                    # The loss as returned after ops on it: the emulator's fp16 casts, or a
+                    # reduction's last step (KLDiv "batchmean" divides kl_div's sum by the batch):
+                    # PopTorch trains on it all the same.
+                    report.loss_leaf = next((i for i, t in enumerate(leaves)
+                                             if isinstance(t, Tensor) and independent[0] in
+                                             self._deps.get(t._cdata, (None, frozenset()))[1]),
+                                            None)
         return report
 
 
