@@ -21,7 +21,13 @@ from .enums import (
     ReductionType,
 )
 from .errors import Error, RecoverableError, UnrecoverableError
-from .executor import PoplarExecutor, inferenceModel, ipuHardwareIsAvailable, trainingModel
+from .executor import (
+    PoplarExecutor,
+    inferenceModel,
+    ipuHardwareIsAvailable,
+    isRunningOnIpu,
+    trainingModel,
+)
 from .ops import for_loop
 from .options import Options, PipelinedExecution, ShardedExecution, TensorLocationSettings
 
@@ -33,5 +39,6 @@ __all__ = [
     "DataLoaderMode", "Error", "MeanReductionStrategy", "Options", "OutputMode",
     "PipelinedExecution", "PoplarExecutor", "RecoverableError", "ReductionType", "ShardedExecution",
     "TensorLocationSettings", "UnrecoverableError", "for_loop", "identity_loss", "inferenceModel",
-    "ipuHardwareIsAvailable", "optim", "recomputationCheckpoint", "removeBlocks", "trainingModel",
+    "ipuHardwareIsAvailable", "isRunningOnIpu", "optim", "recomputationCheckpoint", "removeBlocks",
+    "trainingModel",
 ]

@@ -41,8 +41,27 @@ def register_graph_context(factory: Callable[[], ContextManager]) -> None:
         _GRAPH_CONTEXTS.append(factory)
 
 
+_ON_IPU = [0]  # executors running (compiling or executing) now
+
+
+@contextlib.contextmanager
+def _running_on_ipu():
+    _ON_IPU[0] += 1
+    try:
+        yield
+    finally:
+        _ON_IPU[0] -= 1
+
+
+def isRunningOnIpu() -> bool:
+    """True inside a model an executor runs, False outside (python/_impl.py:76-91, 3.4.0: true
+    while PopTorch traces the model for the IPU)."""
+    return _ON_IPU[0] > 0
+
+
 def _as_traced_graph() -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
+    stack.enter_context(_running_on_ipu())
     for factory in _GRAPH_CONTEXTS:
         stack.enter_context(factory())
     return stack
@@ -169,7 +188,7 @@ class PoplarExecutor:
         return self._attached
 
     def compile(self, *args, **kwargs) -> None:
-        with self._channel_grouping():
+        with _running_on_ipu(), self._channel_grouping():
             self._prepare(args, kwargs)
 
     def _channel_grouping(self):
@@ -221,6 +240,7 @@ class PoplarExecutor:
         (python/_poplar_executor.py:577-598)."""
         if not self._training:
             self._device_weights = [t.detach().clone() for t in self._weight_tensors()]
+            self._reset_replica_buffers()
             return
         if self._dirty_host_weights and self._stale_host is not None and \
                 self._fingerprint() == self._after_run:
@@ -229,6 +249,10 @@ class PoplarExecutor:
                     t.copy_(old)
         self._dirty_host_weights = False  # python/_poplar_executor.py:584-585
         self._stale_host = None
+        self._reset_replica_buffers()
+
+    def _reset_replica_buffers(self) -> None:
+        """Every replica starts again from the host's buffers."""
         if self._replica_buffers is not None:
             self._replica_buffers = [[b.detach().clone() for b in self._user_model.buffers()]
                                      for _ in self._replica_buffers]
@@ -368,8 +392,8 @@ class PoplarExecutor:
         get, _ = self._micro(args, kwargs)
         a, k = get(0, 0, 0)
         model = self._user_model
-        was_training = model.training
-        model.train(self._training)
+        # Each module's train/eval mode is the user's: PopTorch traces the model as it is and
+        # never calls train() or eval() (python/__init__.py:672-676 and 729-732, 3.4.0).
         buffers = [b.detach().clone() for b in model.buffers()]
         rng = torch.get_rng_state()
         blocks.start_trace()
@@ -383,7 +407,6 @@ class PoplarExecutor:
             with torch.no_grad():
                 for b, v in zip(model.buffers(), buffers):
                     b.copy_(v)
-            model.train(was_training)
         report.raise_if_refused()
         if self._training and report.loss_leaf is None:
             raise RuntimeError(LOSS_NOT_RETURNED)
@@ -451,11 +474,26 @@ class PoplarExecutor:
         di, ga, reps = self._factors()
         get, _ = self._micro(args, kwargs)
         model, opt = self._user_model, self._optimizer
-        model.train()
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
         accum_half = getattr(opt, "accum_type", torch.float32) == torch.float16
         running = self._running_mean()
         outputs: List[List[List[Any]]] = [[[None] * reps for _ in range(ga)] for _ in range(di)]
+        # Gradients the host model holds (from a CPU backward) are not the device's: set them
+        # aside for the run and give them back after.
+        host_grads = {p: p.grad for p in model.parameters()}
+        for p in host_grads:
+            p.grad = None
+        try:
+            self._run_steps(get, params, outputs, accum_half, running)
+        finally:
+            for p, grad in host_grads.items():
+                p.grad = grad
+        self._load_replica(0)
+        return self._gather(outputs, di, ga, reps)
+
+    def _run_steps(self, get, params, outputs, accum_half: bool, running: bool) -> None:
+        di, ga, reps = self._factors()
+        model = self._user_model
         for d in range(di):
             acc: Dict[nn.Parameter, torch.Tensor] = {}
             scale = self._loss_scale
@@ -496,8 +534,6 @@ class PoplarExecutor:
                         acc[p] = round_half(acc[p])
             # Running: each replica's accumulator is already its micro-batches' mean
             self._update(params, acc, reps if running else ga * reps)
-        self._load_replica(0)
-        return self._gather(outputs, di, ga, reps)
 
     def _running_mean(self) -> bool:
         training = self._options.Training
@@ -571,8 +607,13 @@ class PoplarExecutor:
             with torch.no_grad(), self._precision_mode((args, kwargs)):
                 for d in range(di):
                     for r in range(reps):
+                        # each replica its own buffers (broadcastBuffers(False); with broadcast
+                        # buffers PopTorch refuses in-place updates: _check_buffer_updates)
+                        self._load_replica(r)
                         a, k = get(d, 0, r)
                         outputs[d][0][r] = self._user_model(*a, **k)
+                        self._save_replica(r)
+            self._load_replica(0)
         finally:
             for t, data in zip(host, kept):
                 t.data = data

@@ -7,6 +7,7 @@ parameter attribute) and offers ``copyWeightsToHostIfNeeded`` and ``destroy``. P
 copying give the plain model (python/_impl.py registers the wrapper types with copyreg to unwrap
 them), so ``torch.save(model)`` loads without PopTorch.
 """
+import copyreg
 import weakref
 from typing import Any, Optional
 
@@ -17,13 +18,6 @@ _SYNCED_ON = ("_buffers", "_parameters", "forward")
 
 def _plain_state(model: torch.nn.Module) -> dict:
     return dict(object.__getattribute__(model, "__dict__"))
-
-
-def rebuild(cls: type, state: dict) -> torch.nn.Module:
-    """Unpickle a wrapped model as its plain class."""
-    model = cls.__new__(cls)
-    model.__setstate__(state)
-    return model
 
 
 def instrument(model: torch.nn.Module, executor: Any) -> None:
@@ -51,9 +45,10 @@ def instrument(model: torch.nn.Module, executor: Any) -> None:
             return object.__getattribute__(self, name)
 
         def __reduce_ex__(self, protocol):
-            # copyreg unwrapping (python/_impl.py): saved and copied models are plain models
+            # copyreg unwrapping (python/_impl.py): saved and copied models are plain models,
+            # loadable where neither PopTorch nor the emulator is installed
             self.copyWeightsToHostIfNeeded()
-            return rebuild, (base, _plain_state(self))
+            return copyreg._reconstructor, (base, object, None), _plain_state(self)
 
     PoptorchModel.__name__ = PoptorchModel.__qualname__ = "Poptorch" + base.__name__
     PoptorchModel._poptorch_executor = staticmethod(parent)
