@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-# Make variables → dotted config overrides, only for those given (see README: Configuration).
+# Make variables → dotted config overrides, only for those given (see docs/configuration.md).
 CONFIG ?= digits
 DEVICE ?= auto
 bool = $(if $(filter 1 true yes on,$(1)),true,false)
@@ -17,6 +17,7 @@ OVERRIDES = $(if $(MODEL),model.name=$(MODEL)) $(if $(G),model.group_size=$(G)) 
 	$(if $(LAUNCHER_ARGS),'dist.launcher_args=$(LAUNCHER_ARGS)') \
 	$(if $(DRY_RUN),dist.dry_run=$(call bool,$(DRY_RUN)))
 RUN = $(PY) -m app
+EXPERIMENT = $(PY) -m experiments
 
 .PHONY: train validate finetune plan paper study bench test test-faults compat lint clean env env-dev env-sdk sdk-python
 .DEFAULT_GOAL := train
@@ -54,13 +55,13 @@ plan: $(VENV)/.runtime
 	$(RUN) plan --config $(CONFIG) $(OVERRIDES) $(ARGS)
 
 paper: $(VENV)/.runtime
-	$(RUN) paper --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS)
+	$(EXPERIMENT) paper --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS)
 
-# The paper's three claims in miniature (app/study.py): STUDIES= a subset of norms groups resolution.
+# The paper's three claims in miniature (experiments/study.py): STUDIES= a subset of norms groups resolution.
 # Rows, report and plot of each in benchmarks/results/study-<name>-<dataset>-<device>.*
 STUDIES ?= norms groups resolution
 study: $(VENV)/.runtime
-	set -e; for s in $(STUDIES); do $(RUN) study $$s --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS); done
+	set -e; for s in $(STUDIES); do $(EXPERIMENT) study $$s --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS); done
 
 bench: $(VENV)/.dev
 	$(PY) -m benchmarks $(ARGS)
@@ -68,8 +69,8 @@ bench: $(VENV)/.dev
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests $(ARGS)
 
-# The whole fault-injection matrix (kills, signals, full disks, bad files and values; README:
-# Reliability); `make test` runs the first case of most families.
+# The whole fault-injection matrix (kills, signals, full disks and every other failed write, bad
+# files and values; docs/reliability.md); `make test` runs the first case of every family.
 test-faults: $(VENV)/.dev
 	FAULTS_FULL=1 $(PY) -m pytest -q -n 2 --dist loadgroup -m faults tests $(ARGS)
 

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from app.objective import network_builder
 from backends.contract import Backend, BackendError
 from backends.native import NativeBackend
 
@@ -29,8 +30,6 @@ def create_backend(cfg, network: Optional[Callable[[], nn.Module]] = None) -> Ba
             raise BackendError(f"device={cfg.device} needs ipu_options/backend.py (the PopTorch backend), "
                                "which this checkout does not have yet; use --device cpu or cuda") from None
         if network is None:
-            from app.objective import network_builder  # noqa: PLC0415  (the model stack, IPU runs only)
-
             network = network_builder(cfg)
         return module.PopTorchBackend(cfg, network)
     return NativeBackend(cfg)

@@ -6,7 +6,6 @@ position, RNG states, the resolved configuration and the architecture it was tra
 Files live in ``<run>/checkpoints/``: ``step-0000123.pt`` for the last N, ``best.pt`` for the
 best validation accuracy so far.
 """
-import errno
 import os
 import random
 import re
@@ -18,93 +17,51 @@ import numpy as np
 import torch
 
 from app.errors import AppError
+from app.run_folder import TMP_MARK, RunFolder, replace_atomically, resume_command
 from backends.process import proc_stat
 
 CHECKPOINT_DIR = "checkpoints"
 BEST = "best.pt"
 STEP_FILE = re.compile(r"step-(\d+)\.pt")
 # The fields of cfg.model that decide the shapes and meaning of the weights.
-ARCH_FIELDS = ("name", "group_size", "expand_ratio", "norm", "proxy_norm", "norm_groups")
-
-
-TMP_MARK = ".tmp-"  # .step-0000123.pt.tmp-<pid>: a checkpoint being written by process <pid>
+ARCH_FIELDS = ("name", "group_size", "expand_ratio", "norm", "proxy_norm", "norm_groups",
+               "padding", "graph")
+# What a checkpoint without a recorded graph variant computed (written before padding and graph
+# were fields): the override that builds that function again.
+UNRECORDED_GRAPH = {"padding": "symmetric", "graph": "v1"}
 
 
 class CheckpointError(AppError):
     pass
 
 
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written (a full disk, a quota, a read-only folder): the file it
-    would have replaced, and every older one, are untouched."""
-
-    def __init__(self, path: Path, error: OSError):
-        self.path, self.errno = path, error.errno
-        folder = path.parent
-        older = [p for p in step_checkpoints(folder) if p != path]
-        kept = f"the newest complete checkpoint, {older[-1]}, is whole" if older else \
-            "no earlier checkpoint of this run exists"
-        fix = "free space on that disk" if error.errno in (errno.ENOSPC, errno.EDQUOT) else \
-            "make the folder writable"
-        run = folder.parent if folder.name == CHECKPOINT_DIR else folder
-        super().__init__(f"could not write checkpoint {path}: {error.strerror or error}. Nothing was "
-                         f"half-written: {kept}. {fix.capitalize()}, then continue with: python -m app "
-                         f"train --resume {run}")
-
-
 # ----------------------------------------------------------------------------- writing
 
 def atomic_save(payload: Dict[str, Any], path: Union[str, Path]) -> Path:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``:
-    a crash at any moment leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _atomic_write(path, lambda f: torch.save(payload, f))
+    """``torch.save`` through the run-folder writer's atomic replacement: a crash at any moment
+    leaves either the old file or the new one, never half of one."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return replace_atomically(Path(path), lambda f: torch.save(payload, f))
 
 
 def atomic_copy(source: Union[str, Path], path: Union[str, Path]) -> Path:
     """``source``'s bytes as ``path``, with the same guarantee as ``atomic_save``."""
-    path = Path(path)
-
     def copy(f):
         with open(source, "rb") as src:
             shutil.copyfileobj(src, f)
-    return _atomic_write(path, copy)
+    return replace_atomically(Path(path), copy)
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a folder; the rename is still atomic
-    return path
-
-
-def os_error_in(error: BaseException) -> Optional[OSError]:
-    """The OSError behind ``error``: itself, or the one it was raised while handling (a write that
-    fails inside torch.save surfaces as the zip writer's RuntimeError from its clean-up)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+def newest_whole(folder: Union[str, Path]) -> str:
+    """What a failed write leaves whole in a run's checkpoint folder, for its message."""
+    folder = Path(folder)
+    if not folder.parent.is_dir():
+        return (f"nothing was lost on disk: {folder.parent} is no longer there, and its files "
+                "(checkpoints included) are wherever it was moved")
+    steps = step_checkpoints(folder)
+    if steps:
+        return f"the newest complete checkpoint, {steps[-1]}, and every earlier file of the run"
+    return "every earlier file of the run (it has no checkpoint yet)"
 
 
 def step_checkpoints(folder: Union[str, Path]) -> List[Path]:
@@ -121,24 +78,22 @@ def nonfinite_tensors(state: Dict[str, Any], prefix: str = "") -> List[str]:
             and not bool(torch.isfinite(value).all())]
 
 
-def save_checkpoint(run_dir: Union[str, Path], payload: Dict[str, Any], keep: int,
+def save_checkpoint(run_dir: Union[str, Path, RunFolder], payload: Dict[str, Any], keep: int,
                     is_best: bool = False) -> Path:
     """The step checkpoint (and best.pt), then the oldest beyond ``keep`` removed. A failed write
-    (a full disk) raises CheckpointWriteError: what it says is whole, and how to go on."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    targets = [folder / f"step-{payload['step']:07d}.pt"] + ([folder / BEST] if is_best else [])
-    for target in targets:
-        try:
-            atomic_save(payload, target)
-        except Exception as error:
-            cause = os_error_in(error)
-            if cause is None:
-                raise
-            raise CheckpointWriteError(target, cause) from None
-    path = targets[0]
-    for old in step_checkpoints(folder)[:-keep]:
-        old.unlink()
-    return path
+    (a full disk, a folder gone) raises RunFolderError naming what is whole and how to go on."""
+    run = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    if run.whole is None:
+        run.whole = lambda: newest_whole(run / CHECKPOINT_DIR)
+    names = [f"{CHECKPOINT_DIR}/step-{payload['step']:07d}.pt"]
+    names += [f"{CHECKPOINT_DIR}/{BEST}"] if is_best else []
+    for name in names:
+        run.write_document(name, lambda f: torch.save(payload, f))
+    folder = run / CHECKPOINT_DIR
+    with run.guard(folder):
+        for old in step_checkpoints(folder)[:-keep]:
+            old.unlink()
+    return run / names[0]
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -206,8 +161,8 @@ def check_resume_is_newest(path: Union[str, Path], step: int) -> None:
     names = ", ".join(p.name for p in newer)
     raise CheckpointError(
         f"{path} is at step {step}, but its run has newer checkpoints ({names}) that resuming from it "
-        f"would overwrite. Continue the run from its newest checkpoint: python -m app train --resume "
-        f"{run}; or start a new run from these weights: python -m app train --config "
+        f"would overwrite. Continue the run from its newest checkpoint: {resume_command(run)}; or "
+        f"start a new run from these weights: python -m app train --config "
         f"{run / 'config.yaml'} model.init_from={path}; or move the newer checkpoints out of "
         f"{path.parent} first to continue from this one in place")
 
@@ -280,11 +235,28 @@ def arch_of(model_cfg, num_classes: int) -> Dict[str, Any]:
     return arch
 
 
+def check_graph_variant(saved_arch: Dict[str, Any], model_cfg, source: Any) -> Dict[str, Any]:
+    """The checkpoint's architecture with its graph variant (padding, graph). A checkpoint that
+    records none computed ``UNRECORDED_GRAPH``: loading it into another graph would silently
+    compute another function, so that is refused with the override that restores its graph."""
+    if all(k in saved_arch for k in UNRECORDED_GRAPH):
+        return saved_arch
+    if any(getattr(model_cfg, k) != v for k, v in UNRECORDED_GRAPH.items()):
+        override = " ".join(f"model.{k}={v}" for k, v in UNRECORDED_GRAPH.items())
+        raise CheckpointError(
+            f"checkpoint {source} was written before the graph variant was recorded: it computes "
+            f"this project's first graph (symmetric padding, squeeze-excite and head of graph v1), "
+            f"not this run's (model.padding={model_cfg.padding}, model.graph={model_cfg.graph}). "
+            f"Add {override} to the command line to use it (docs/official-code.md)")
+    return {**UNRECORDED_GRAPH, **saved_arch}
+
+
 def check_architecture(payload: Dict[str, Any], model_cfg, num_classes: int, source: Any) -> None:
     """Raise naming every architectural field where the checkpoint and this run differ."""
     saved = payload.get("arch")
     if saved is None:
         return  # not one of ours: load_weights reports mismatches by parameter name
+    saved = check_graph_variant(saved, model_cfg, source)
     current = arch_of(model_cfg, num_classes)
     diffs = [f"{'model.' if k != 'num_classes' else ''}{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
              for k, v in current.items() if saved.get(k) != v]
@@ -347,7 +319,7 @@ def lock_run_folder(run_dir: Path) -> None:
     if key in _HELD:
         return
     try:
-        import fcntl  # noqa: PLC0415  (POSIX only)
+        import fcntl  # (POSIX only)
     except ImportError:
         return  # no flock on this system: runs are not protected against a concurrent resume
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -361,7 +333,7 @@ def lock_run_folder(run_dir: Path) -> None:
         raise CheckpointError(
             f"{run_dir} is being trained by {holder} right now: two processes resuming one run would "
             "write the same checkpoints. Wait for it to finish or stop it (Ctrl-C saves), then resume "
-            f"again: python -m app train --resume {run_dir}") from None
+            f"again: {resume_command(run_dir)}") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"process {os.getpid()}\n")

@@ -5,15 +5,18 @@ shorthands for overrides (``--device cuda`` is ``device=cuda``); every other set
 override whose value is read as YAML. The resolved configuration is printed before anything else
 runs, and an invalid one exits with status 2 before any data is read or any model is built.
 Commands are imported only when chosen, so one command's dependencies never slow another.
+``run_cli(argv, commands, prog)`` serves any table of commands: ``python -m experiments`` (paper,
+study) runs its own through it.
 """
 import argparse
 import dataclasses
 import importlib
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import yaml
 
@@ -29,20 +32,31 @@ from app.config import (
     read_yaml_file,
 )
 from app.distributed import settle_job_status
-from app.errors import AppError, Interrupted, user_message
+from app.errors import STOP_SIGNALS, AppError, Interrupted, user_message
 from app.resolution import ResolutionWarning
+from app.run_folder import CAUSES, RunFolderError, resume_command
 
 DEFAULT_PRESET = "digits"
-# command → (module:function, one-line help). Each function is main(cfg, args) -> exit status.
-COMMANDS = {
-    "train": ("app.train:main", "train a model (or continue one with --resume RUN)"),
-    "validate": ("app.evaluate:main", "top-1/top-5 of a checkpoint's raw and EMA weights"),
-    "finetune": ("app.finetune:main", "fine-tune the last layers at a higher resolution"),
-    "plan": ("app.plan:main", "IPU memory / pipeline plan for the configuration"),
-    "paper": ("app.paper:main", "reproduce the paper's tables and figures"),
-    "study": ("app.study:main", "norms|groups|resolution: a claim of the paper, over seeds, in a report"),
+
+
+class Command(NamedTuple):
+    """One command: ``target`` is "module:function", a ``main(cfg, args) -> exit status`` imported
+    only when the command is chosen."""
+
+    target: str
+    help: str
+    reads_data: bool = True  # data.dataset is checked before any work
+    # takes the command's own leading words out of the overrides into ``args`` (``study NAME``)
+    take_words: Optional[Callable[[argparse.Namespace, List[str]], None]] = None
+
+
+COMMANDS: Dict[str, Command] = {
+    "train": Command("app.train:main", "train a model (or continue one with --resume RUN)"),
+    "validate": Command("app.evaluate:main", "top-1/top-5 of a checkpoint's raw and EMA weights"),
+    "finetune": Command("app.finetune:main", "fine-tune the last layers at a higher resolution"),
+    "plan": Command("app.plan:main", "IPU memory / pipeline plan for the configuration", reads_data=False),
 }
-DATA_COMMANDS = ("train", "validate", "finetune", "paper", "study")  # those that read data.dataset
+MOVED = {"paper": "experiments", "study": "experiments"}  # commands another entry point runs
 
 
 # A fine-tuning run's configuration names its source checkpoint (finetune.source): that is what
@@ -57,34 +71,33 @@ def route(command: str, cfg: Config) -> Tuple[str, Config]:
     return command, dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, source=None))
 
 
-def resume_command(cfg: Config, run_dir) -> str:
-    """What continues the run in ``run_dir`` that ``cfg`` configures."""
-    return f"python -m app {'finetune' if cfg.finetune.source else 'train'} --resume {run_dir}"
 EXAMPLES = """examples:
   python -m app train                                  # the digits default (make train)
   python -m app train --config b0-g16-lnpn-half data.dataset=/data/imagenet
   python -m app train --config digits model.group_size=1 optim.lr=0.004 train.epochs=2
   python -m app train --resume runs/<run>              # continue an interrupted run
-  python -m app train --device cuda train.replicas=8 --dry-run   # the torchrun command (Scaling out)
+  python -m app train --device cuda train.replicas=8 --dry-run   # the torchrun command (docs/scaling-out.md)
   python -m app validate --checkpoint runs/<run> data.val_resolutions=[32,64]
   python -m app validate --checkpoint runs/<run> --resolutions 64:128:8   # accuracy vs resolution
   python -m app finetune --checkpoint runs/<run> finetune.resolution=96
+  python -m experiments paper                          # the paper's tables (make paper)
 
 presets: {presets}
 overrides: section.field=value with YAML values; sections: device, resume, model, data, optim,
   schedule, train, finetune, ipu, dist, log (see app/config.py for every field and its range)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Dict[str, Command] = COMMANDS,
+                 prog: str = "python -m app") -> argparse.ArgumentParser:
     presets = preset_names()
     shown = ", ".join(p for p in presets if "-" not in p or p.endswith("-g16-lnpn"))
     parser = argparse.ArgumentParser(
-        prog="python -m app", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="EfficientNet with group convolutions, LayerNorm + Proxy Norm and reduced-resolution "
                     "training, on IPU, GPU or CPU.",
         epilog=EXAMPLES.format(presets=f"{shown}, and the grid b<0-5>-g<1|16>-<gn|lnpn>[-half]"))
-    parser.add_argument("command", choices=list(COMMANDS),
-                        help="; ".join(f"{name}: {text}" for name, (_, text) in COMMANDS.items()))
+    parser.add_argument("command", choices=list(commands),
+                        help="; ".join(f"{name}: {command.help}" for name, command in commands.items()))
     parser.add_argument("--config", metavar="PRESET",
                         help=f"a preset name or a YAML file (default: {DEFAULT_PRESET}; with --resume or "
                              "--checkpoint, the run folder's config.yaml)")
@@ -98,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "writes an accuracy-vs-resolution table and plot to the run folder")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command that launches the job's processes (torchrun / poprun, "
-                             "see README: Scaling out) and exit; shorthand for dist.dry_run=true")
+                             "see docs/scaling-out.md) and exit; shorthand for dist.dry_run=true")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="dotted configuration overrides, e.g. model.group_size=16 optim.lr=0.1")
     return parser
@@ -155,15 +168,18 @@ def check_resume(cfg, args: argparse.Namespace) -> None:
     check_resume_changes(read_yaml_file(found), cfg, found.parent, checkpoint)
 
 
-def on_sigterm(signum, frame):
-    """Until the training loop takes over (it stops after a step and saves), SIGTERM ends the
-    command like Ctrl-C: through the same clean-up, not with Python's default instant death."""
+def on_stop_signal(signum: int, frame: object) -> None:
+    """Until the training loop takes over (it stops after a step and saves), SIGTERM, SIGHUP and
+    SIGQUIT end the command like Ctrl-C: through the same clean-up, not with Python's default
+    instant death (or SIGQUIT's core dump)."""
     raise Interrupted(signum)
 
 
-def load_command(command: str):
-    target = COMMANDS[command][0]
-    module_name, function = target.split(":")
+HANDLED_SIGNALS = tuple(s for s in STOP_SIGNALS if s != signal.SIGINT)  # SIGINT: KeyboardInterrupt
+
+
+def load_command(command: Command) -> Optional[Callable[[Config, argparse.Namespace], int]]:
+    module_name, function = command.target.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
@@ -174,29 +190,38 @@ def load_command(command: str):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    """``python -m app``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in MOVED:
+        print(f"error: '{argv[0]}' is a command of python -m {MOVED[argv[0]]}: run "
+              f"python -m {MOVED[argv[0]]} {' '.join(argv)}", file=sys.stderr)
+        return 2
+    return run_cli(argv, COMMANDS, prog="python -m app")
+
+
+def run_cli(argv: Optional[List[str]], commands: Dict[str, Command], prog: str) -> int:
+    """Parse ``argv`` against ``commands``, build and print the configuration, run the command."""
+    args = build_parser(commands, prog).parse_intermixed_args(argv)
     # check_resolutions prints its own console line; the Python warning is for library callers.
     warnings.filterwarnings("ignore", category=ResolutionWarning)
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    previous = {s: signal.signal(s, on_stop_signal) for s in HANDLED_SIGNALS} if _main_thread() else {}
     try:
-        code, orderly = run_command(args)
+        code, orderly = run_command(args, commands[args.command])
     except KeyboardInterrupt as interrupt:
-        code, orderly = interrupted(interrupt), False
+        code, orderly = interrupted(interrupt, args.command), False
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if args.command in ("train", "finetune"):
         return settle_job_status(code, orderly)
     return code
 
 
 def _main_thread() -> bool:
-    import threading  # noqa: PLC0415
-
     return threading.current_thread() is threading.main_thread()
 
 
-def run_command(args: argparse.Namespace):
+def run_command(args: argparse.Namespace, command: Command) -> Tuple[int, bool]:
     """(exit status, whether the command ended on its own terms: a finished or orderly stopped
     run, as opposed to an error or an abort)."""
     overrides = list(args.overrides)
@@ -207,12 +232,10 @@ def run_command(args: argparse.Namespace):
     if args.dry_run:
         overrides.append("dist.dry_run=true")
     try:
-        if args.command == "study":  # `study NAME`: NAME is the first word without '='
-            from app.study import take_study_name  # noqa: PLC0415
-
-            args.study = take_study_name(overrides)
+        if command.take_words is not None:
+            command.take_words(args, overrides)
         cfg = build_config(base_preset(args), overrides)
-        if args.command in DATA_COMMANDS:
+        if command.reads_data:
             check_dataset(cfg)
         check_resume(cfg, args)
     except ConfigError as error:
@@ -223,20 +246,29 @@ def run_command(args: argparse.Namespace):
         return 2, False
     print(f"# resolved configuration ({args.command})")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None).rstrip(), flush=True)
-    command, cfg = route(args.command, cfg)
-    run = load_command(command)
+    name, cfg = route(args.command, cfg)
+    run = load_command(COMMANDS[name] if name != args.command else command)
     if run is None:
         print(f"error: the '{args.command}' command is not in this checkout yet "
-              f"({COMMANDS[args.command][0]} is missing)", file=sys.stderr)
+              f"({command.target} is missing)", file=sys.stderr)
         return 2, False
     try:
         return run(cfg, args), True
+    except ConfigError as error:  # raised inside the command (a run's edited config.yaml)
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2, False
     except AppError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2, False
+    except OSError as error:
+        if error.errno not in CAUSES:
+            raise
+        path = error.filename or current_run()["dir"] or cfg.log.out_dir
+        print(f"error: {RunFolderError(Path(str(path)), error)}", file=sys.stderr)
+        return 2, False
 
 
-def interrupted(interrupt: KeyboardInterrupt) -> int:
+def interrupted(interrupt: KeyboardInterrupt, command: str = "train") -> int:
     """Ctrl-C (a second one, while the loop was already stopping), or a signal before the loop
     started: no traceback, what is on disk, and how to go on. 128 + the signal's number."""
     signum = getattr(interrupt, "signum", signal.SIGINT)
@@ -247,8 +279,9 @@ def interrupted(interrupt: KeyboardInterrupt) -> int:
         print(f"\n{name}: stopped during start-up, before any step; removed the new run folder "
               f"{discarded} (it held only its config.yaml)", file=sys.stderr)
     elif run_dir is not None:
+        kind = "finetune" if command == "finetune" else "train"
         print(f"\n{name}: aborted without saving; the newest complete checkpoint in {run_dir} is whole. "
-              f"Resume with:\n  python -m app train --resume {run_dir}", file=sys.stderr)
+              f"Resume with:\n  {resume_command(run_dir, kind)}", file=sys.stderr)
     else:
         print(f"\n{name}: stopped before any run folder was made; nothing was written", file=sys.stderr)
     return 128 + int(signum)

@@ -19,10 +19,13 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from app.data.datasets import BUILTIN, IMAGE_EXTENSIONS, is_a
 from backends.errors import ConfigError  # noqa: F401  (defined below the device layer, which raises it too)
 from ipu_options.config import IPUConfig
+from model.blocks import GRAPHS
 from model.efficientnet import MODEL_NAMES, variant_key
 from model.norms import NORM_KINDS
+from model.padding import PADDINGS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEVICES = ("auto", "cpu", "cuda", "ipu", "ipu-model")
@@ -47,6 +50,12 @@ class ModelConfig:
     norm_eps: float = 1e-3
     dropout: Optional[float] = None  # None: the variant's own (0.2 for B0 … 0.5 for B7)
     drop_path: float = 0.2
+    # same: TensorFlow's SAME, as the official code (timm's tf_efficientnet_* too); symmetric: k//2
+    # on every side, as timm's efficientnet_* and torchvision (to reproduce their outputs)
+    padding: str = "same"
+    # official: squeeze-excite and head under proxy norm as the official code; v1: this
+    # project's first graph (with padding=symmetric: what checkpoints without a record computed)
+    graph: str = "official"
     init_from: Optional[str] = None  # a local timm/torchvision/our checkpoint to start from
     init_source: str = "ours"  # ours | timm | torchvision
 
@@ -109,6 +118,10 @@ class TrainConfig:
     log_every: int = 10  # steps
     val_every: float = 1.0  # epochs
     keep_checkpoints: int = 3
+    # A checkpoint besides validation's every N steps, and at least every M minutes: after a
+    # kill -9 the newest checkpoint is at most that much work behind (None: off).
+    checkpoint_every: Optional[int] = None
+    checkpoint_minutes: Optional[float] = 15.0
     cpu_threads: Optional[int] = None  # torch intra-op threads on the CPU; None: torch's default
 
 
@@ -148,7 +161,7 @@ class LogConfig:
 
 @dataclass
 class StudyConfig:
-    """``python -m app study <name>`` (app/study.py): the repeats and where the results go."""
+    """``python -m experiments study <name>`` (experiments/study.py): the repeats and where the results go."""
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     out_dir: str = "benchmarks/results"  # rows (.jsonl, .csv), report (.md) and plot (.png)
     report_only: bool = False  # regenerate the report and plot from the existing rows, run nothing
@@ -403,8 +416,6 @@ def is_folder_name(name: str) -> bool:
 def check_dataset(cfg: Config) -> None:
     """``data.dataset`` is a built-in or a folder with train/ and val/ (the commands that read data
     call this before any work; ``plan`` does not need the data)."""
-    from app.data.datasets import BUILTIN  # noqa: PLC0415  (keeps this module free of the data stack)
-
     name = cfg.data.dataset
     if name in BUILTIN:
         return
@@ -421,14 +432,12 @@ def check_dataset(cfg: Config) -> None:
 def check_class_folders(root: Path) -> None:
     """Every class of ``root/train`` has an image (an empty one would be a class no image teaches,
     still counted in the classifier), and ``val/`` has no class ``train/`` lacks."""
-    from app.data.datasets import IMAGE_EXTENSIONS  # noqa: PLC0415
-
     def classes(split: str) -> Dict[str, bool]:  # class → holds an image file
         found = {}
         for entry in sorted(os.scandir(root / split), key=lambda e: e.name):
-            if entry.is_dir():
+            if is_a(entry, "dir"):
                 with os.scandir(entry.path) as files:  # stops at the first image (ImageNet: fast)
-                    found[entry.name] = any(f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)
+                    found[entry.name] = any(f.name.lower().endswith(IMAGE_EXTENSIONS) and is_a(f, "file")
                                             for f in files)
         return found
 
@@ -459,6 +468,10 @@ def _validate_model(m) -> None:
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
     _require(m.dropout is None or 0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1) or null")
     _require(0 <= m.drop_path < 1, "model.drop_path", m.drop_path, "in [0, 1)")
+    _require(m.padding in PADDINGS, "model.padding", m.padding,
+             "same (TensorFlow's, the official code's) or symmetric (timm's efficientnet_*, torchvision)")
+    _require(m.graph in GRAPHS, "model.graph", m.graph,
+             "official, or v1 for checkpoints written before the official graph")
     _require(m.init_source in ("ours", "timm", "torchvision"), "model.init_source", m.init_source,
              "ours, timm or torchvision")
 
@@ -528,6 +541,17 @@ def validate(cfg: Config) -> None:
              f"0 while train.ema_decay={t.ema_decay:g}: one weight average at a time (set the other to 0)")
     _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "fp32, bf16 or fp16")
     _require(t.val_every > 0, "train.val_every", t.val_every, "a number > 0")
+    # Batch norm in training needs more than one value per channel: one image whose last maps are
+    # 1×1 (five stride-2 stages) has one, and torch fails mid-run, after the run folder exists.
+    last_map = -(-cfg.data.resolution // 32)
+    _require(cfg.model.norm != "batch" or t.micro_batch * last_map ** 2 > 1, "train.micro_batch",
+             t.micro_batch, f"at least 2 with model.norm=batch at data.resolution={cfg.data.resolution} "
+             "(its last feature maps are 1×1: batch statistics of one value); or model.norm=group / "
+             "layer, which normalise each image on its own")
+    _require(t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every",
+             t.checkpoint_every, "null (off) or an integer >= 1 (steps)")
+    _require(t.checkpoint_minutes is None or t.checkpoint_minutes > 0, "train.checkpoint_minutes",
+             t.checkpoint_minutes, "null (off) or a number > 0 (minutes)")
     # warm-up longer than the run: the rate would never reach its peak nor the schedule start
     _require(s.warmup_epochs <= t.epochs, "schedule.warmup_epochs", s.warmup_epochs,
              f"at most train.epochs={t.epochs:g}: lower schedule.warmup_epochs or raise train.epochs")
@@ -581,6 +605,7 @@ RESUME_MAY_CHANGE = (
     "optim.lr", "optim.lr_reference_batch",
     "schedule.",
     "train.epochs", "train.max_steps", "train.log_every", "train.val_every", "train.keep_checkpoints",
+    "train.checkpoint_every", "train.checkpoint_minutes",
     "train.cpu_threads", "train.channels_last",
     # how the global batch is made (it must stay the same: steps per epoch, data order)
     "train.micro_batch", "train.grad_accum", "train.replicas",
@@ -609,10 +634,13 @@ def dotted_fields(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
-def check_resume_changes(saved: Dict[str, Any], cfg: Config, run_dir: Any, weights: Any) -> None:
+def check_resume_changes(saved: Dict[str, Any], cfg: Config, run_dir: Any, weights: Any,
+                         config_file: Optional[Dict[str, Any]] = None) -> None:
     """Refuse, before any work, a resume whose configuration differs from the run's ``saved`` one
     (its config.yaml, or the checkpoint's) in a field a resume may not change, naming the field and
-    the way out: a new run from the checkpoint's weights."""
+    the way out: a new run from the checkpoint's weights. ``config_file``: the run's config.yaml
+    as it is now, when ``saved`` is the checkpoint's (a change that comes from an edit of it, not
+    from the command line, is named as one)."""
     try:
         before = config_from_dict(saved)
     except ConfigError:
@@ -626,6 +654,16 @@ def check_resume_changes(saved: Dict[str, Any], cfg: Config, run_dir: Any, weigh
     if not refused:
         return
     shown = "; ".join(f"{p}: run {old[p]!r}, now {new[p]!r}" for p in refused)
+    edited = dotted_fields(config_file) if config_file is not None else {}
+    if refused and all(p in edited and edited[p] == new[p] for p in refused):
+        restore = "; ".join(f"{p}: {_as_override(old[p])}" for p in refused)
+        raise UsageError(refused[0], (
+            f"{Path(str(run_dir)) / 'config.yaml'} was edited after the run's checkpoints were written "
+            f"({'; '.join(f'{p}: checkpoint {old[p]!r}, config.yaml {new[p]!r}' for p in refused)}); "
+            f"a resume continues the checkpoint's run and cannot change that. Put the file back "
+            f"({restore}) and resume again; or start a new "
+            f"run with the edited settings from the checkpoint's weights: python -m app train --config "
+            f"{Path(str(run_dir)) / 'config.yaml'} model.init_from={weights}"))
     settings = " ".join(f"{p}={_as_override(new[p])}" for p in refused if p != "model.init_from")
     why = ("the global batch decides the steps per epoch and the order of the data"
            if all(p in GLOBAL_BATCH_FIELDS for p in refused) else

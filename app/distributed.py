@@ -19,6 +19,7 @@ metrics with ``backends.process.all_reduce_mean``, so every process reports the 
 figures. With one process every collective is the identity and nothing touches ``torch.distributed``.
 """
 import argparse
+import ctypes
 import gc
 import os
 import shlex
@@ -32,11 +33,14 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
+import torch.distributed as tdist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 from app.checkpoint import pid_alive
 from app.data.loader import epoch_order
+from app.errors import STOP_SIGNALS
 from backends.errors import DistributedError
 from backends.process import (  # the part of the process context a backend sees
     DistContext,
@@ -48,13 +52,14 @@ from backends.process import (  # the part of the process context a backend sees
     under_poprun,
     under_torchrun,
 )
+from ipu_options.poprun import init_popdist, poprun_command
 
 IPU_DEVICES = ("ipu", "ipu-model")
 # Set by `python -m app train` for the torchrun job it starts: a folder where each process leaves
 # its exit status (see settle_job_status).
 JOB_STATUS_ENV = "APP_JOB_STATUS_DIR"
 LAUNCHER_PID_ENV = "APP_LAUNCHER_PID"  # that command's process, which the job's processes watch
-ORDERLY_STATUSES = (3, 128 + signal.SIGINT, 128 + signal.SIGTERM)  # outcomes all processes agree on
+ORDERLY_STATUSES = (3,) + tuple(128 + s for s in STOP_SIGNALS)  # outcomes all processes agree on
 
 
 # ----------------------------------------------------------------------------- data split
@@ -116,8 +121,6 @@ class TorchrunContext(DistContext):
         self.device = device  # where NCCL needs the tensors of collectives (the CPU for Gloo)
 
     def _reduce(self, tensor: Tensor, average: bool) -> Tensor:
-        import torch.distributed as tdist  # noqa: PLC0415
-
         value = tensor.detach().to(self.device, torch.float64, copy=True)  # counts stay exact
         tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
         if average:
@@ -134,20 +137,14 @@ class TorchrunContext(DistContext):
         pass  # DistributedDataParallel broadcasts rank 0's parameters and buffers when it wraps
 
     def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
-        from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
-
         ids = [device.index if device.index is not None else self.local_rank] \
             if device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids)
 
     def barrier(self) -> None:
-        import torch.distributed as tdist  # noqa: PLC0415
-
         tdist.barrier()
 
     def close(self) -> None:
-        import torch.distributed as tdist  # noqa: PLC0415
-
         if not tdist.is_initialized():
             return
         # torch 2.0's Gloo can hang tearing a group down while another process of the job has
@@ -182,9 +179,7 @@ def gather_rng_states(ctx: DistContext, own: Dict[str, Any]) -> Optional[List[Di
     if ctx.world_size == 1:
         return [own]
     if ctx.engine != "torchrun":
-        return None  # PopRun instances: each resumes with instance 0's states (README: Resume)
-    import torch.distributed as tdist  # noqa: PLC0415
-
+        return None  # PopRun instances: each resumes with instance 0's states (docs/training.md: Resume)
     gathered: List[Any] = [None] * ctx.world_size
     tdist.all_gather_object(gathered, own)
     return gathered if ctx.is_main else None
@@ -237,13 +232,9 @@ def init_distributed(cfg) -> DistContext:
     environment says which), else the single-process context. Checks that the job has as many
     replicas as ``train.replicas``."""
     if under_poprun():
-        from ipu_options.poprun import init_popdist  # noqa: PLC0415  (PopDist/Horovod only here)
-
         return set_current(init_popdist(cfg))
     if not under_torchrun():
         return set_current(DistContext())
-    import torch.distributed as tdist  # noqa: PLC0415
-
     world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size != cfg.train.replicas:
@@ -306,8 +297,6 @@ def launch_command(cfg, app_argv: List[str]) -> Optional[List[str]]:
     if under_poprun() or under_torchrun():  # started by a launcher already
         return None
     if cfg.device in IPU_DEVICES:
-        from ipu_options.poprun import poprun_command  # noqa: PLC0415
-
         return poprun_command(cfg, app_argv) if cfg.dist.instances > 1 else None
     if cfg.train.replicas == 1 and cfg.dist.nnodes == 1:
         return None
@@ -343,7 +332,7 @@ def run_job(command: List[str]) -> int:
     """Run the launcher ``command`` as this command's job and return the job's exit status.
 
     The job runs in a session of its own, so a terminal's Ctrl-C reaches this process only, and a
-    scheduler's SIGTERM to it too: this process passes SIGINT/SIGTERM on to the job's training
+    scheduler's SIGTERM to it too: this process passes every stop signal on to the job's training
     processes (not to torchrun, which would answer by killing them), waits for their orderly
     stop (the step, the checkpoint, the resume command) and exits with its status, 130 / 143.
     Should this process itself be killed (kill -9), the training processes notice (they watch it:
@@ -365,7 +354,7 @@ def run_job(command: List[str]) -> int:
             except ProcessLookupError:
                 pass
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
         try:
             code = process.wait()
         finally:
@@ -386,8 +375,6 @@ def _set_parent_death_signal(signum: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes  # noqa: PLC0415
-
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
         return libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0

@@ -10,6 +10,11 @@ from backends.errors import UserError
 
 AppError = UserError
 
+# Every signal that asks a command to end: Ctrl-C, a scheduler's stop, a closed terminal or a
+# dropped ssh session, Ctrl-\. Each stops after the current step and saves; exit 128 + its number.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+                     if hasattr(signal, name))
+
 
 class Interrupted(KeyboardInterrupt):
     """A termination signal (SIGTERM) handled like Ctrl-C where the training loop is not running."""

@@ -34,6 +34,7 @@ from app.resolution import (
     trained_resolution,
     write_sweep_report,
 )
+from app.run_folder import RunFolder
 
 
 def as_classifier(weights: Optional[nn.Module], cfg: Optional[Config]) -> Optional[nn.Module]:
@@ -131,6 +132,8 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
         raise CheckpointError(f"nothing to validate: no run with checkpoints in {cfg.log.out_dir}/; "
                               "pass --checkpoint RUN_FOLDER_OR_FILE (or train first: make train)")
     path = find_checkpoint(source, prefer_best=True)
+    if swept:  # the sweep's table and plot go into the run folder: fail now, not after the sweep
+        RunFolder(run_dir_of(path)).check_writable()
     payload = load_checkpoint(path, expect="training")
     backend = create_backend(cfg)
     resolutions = swept or cfg.data.val_resolutions or [cfg.data.resolution]

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from app.checkpoint import CheckpointError, find_checkpoint, latest_run, load_checkpoint, run_dir_of
+from app.command_line import given_on_command_line
 from app.config import Config, config_from_dict
 from app.distributed import all_reduce_mean, current, launch, reduce_results
 from app.errors import AppError
@@ -38,6 +39,7 @@ from app.resolution import (
     native_resolution,
     trained_resolution,
 )
+from app.run_folder import RunFolder
 from app.train import RunHook, TrainResult, TrainSetup, run_training
 from backends.batch_norm_stats import (
     BatchNormProbe,
@@ -151,6 +153,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable, device: Optional
 
 # ----------------------------------------------------------------------------- the command
 
+REPORT = "finetune.md"
 RECALIBRATION_IMAGES = 4096  # enough for stable per-channel statistics; all of a small dataset
 
 
@@ -163,11 +166,6 @@ def checkpoint_source(cfg, args) -> Path:
     return find_checkpoint(source, prefer_best=True)
 
 
-def given_on_command_line(args: Optional[argparse.Namespace], name: str) -> bool:
-    """Whether the command line set ``name`` (``section.field``) as a dotted override."""
-    return any(o.split("=", 1)[0].strip() == name for o in getattr(args, "overrides", None) or [])
-
-
 def finetune_lr(cfg: Config) -> float:
     """The fine-tuning's peak rate: ``finetune.lr`` × global batch / ``finetune.lr_reference_batch``
     (the training loop scales ``optim.lr`` so; ``finetune_config`` hands these two over)."""
@@ -175,12 +173,14 @@ def finetune_lr(cfg: Config) -> float:
 
 
 def finetune_config(cfg: Config, payload: Dict[str, Any], path: Path, resolution: int,
-                    keep_max_steps: bool = False) -> Config:
+                    keep_max_steps: bool = False, keep_val_every: bool = False) -> Config:
     """The training configuration of a fine-tuning run: the checkpoint's architecture and weights,
     the target resolution with validation preprocessing, no mixing, no weight averaging, SGD
     without momentum at ``finetune_lr(cfg)`` on a cosine schedule without warm-up, over
     ``finetune.epochs``: ``train.max_steps`` only when ``keep_max_steps`` (given on this command
-    line; the source run's own would cut the cosine schedule short)."""
+    line; the source run's own would cut the cosine schedule short). It validates once, at the end,
+    unless ``keep_val_every`` (``train.val_every`` given on this command line); checkpoints come
+    at the interval of ``train.checkpoint_every`` / ``train.checkpoint_minutes`` all the same."""
     data = cfg.to_dict()
     for key, value in (payload.get("arch") or {}).items():
         if key in data["model"] and data["model"][key] != value:
@@ -195,8 +195,9 @@ def finetune_config(cfg: Config, payload: Dict[str, Any], path: Path, resolution
     data["optim"].update(name="sgd", momentum=0.0, nesterov=False, lr=cfg.finetune.lr,
                          lr_reference_batch=cfg.finetune.lr_reference_batch)
     data["schedule"].update(name="cosine", warmup_epochs=0.0, min_lr_ratio=0.0)
-    data["train"].update(epochs=cfg.finetune.epochs, ema_decay=0.0, weight_avg_exp=0.0,
-                         val_every=cfg.finetune.epochs)
+    data["train"].update(epochs=cfg.finetune.epochs, ema_decay=0.0, weight_avg_exp=0.0)
+    if not keep_val_every:
+        data["train"]["val_every"] = cfg.finetune.epochs
     if not keep_max_steps:
         data["train"]["max_steps"] = None
     data["finetune"]["source"] = str(path)  # marks the run as a fine-tuning run (resume)
@@ -294,10 +295,11 @@ def finetune_setup(ft_cfg: Config, result: FinetuneResult) -> Callable[[TrainSet
     return setup
 
 
-def run_finetune(cfg: Config, source: Path, keep_max_steps: bool = False) -> FinetuneResult:
+def run_finetune(cfg: Config, source: Path, keep_max_steps: bool = False,
+                 keep_val_every: bool = False) -> FinetuneResult:
     payload = load_checkpoint(source, expect="training")
     resolution = cfg.finetune.resolution or native_resolution(cfg.model.name)
-    ft_cfg = finetune_config(cfg, payload, source, resolution, keep_max_steps)
+    ft_cfg = finetune_config(cfg, payload, source, resolution, keep_max_steps, keep_val_every)
     result = FinetuneResult(run=None, source=source, trained_resolution=trained_resolution(payload),
                             resolution=resolution)
     check_trainable_from(ft_cfg.model.name, ft_cfg.finetune.trainable_from)
@@ -344,14 +346,20 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
         result = resume_finetune(cfg)
     else:
         result = run_finetune(cfg, checkpoint_source(cfg, args),
-                              keep_max_steps=given_on_command_line(args, "train.max_steps"))
+                              keep_max_steps=given_on_command_line(args, "train.max_steps"),
+                              keep_val_every=given_on_command_line(args, "train.val_every"))
     if result.run.exit_code:
         return result.run.exit_code
     if not current().is_main:  # one report, from the process that owns the run folder
         return 0
+    folder = RunFolder(result.run.run_dir)
+    if result.run.finished_before:  # its report was written when it finished: kept as it is
+        print(f"{result.run.run_dir} had finished already; its report: {folder / REPORT}")
+        return 0
     table = "\n".join(report_lines(result))
     print(f"fine-tuning of {result.source} at {result.resolution}:\n{table}")
-    (result.run.run_dir / "finetune.md").write_text(
+    written = folder.write_report(REPORT, (
         f"# Fine-tuning at {result.resolution}\n\nFrom `{result.source}` (trained at "
-        f"{result.trained_resolution}); trainable from `{result.trainable_from}`.\n\n{table}\n")
+        f"{result.trained_resolution}); trainable from `{result.trainable_from}`.\n\n{table}\n"))
+    print(f"report: {written}")
     return 0

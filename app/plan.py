@@ -10,9 +10,9 @@ from typing import Dict, Optional
 import torch
 
 from app.objective import build_classifier, network_builder
+from ipu_options.emulator.lowering import Lowering
 from ipu_options.lowering_check import check_config, describe
 from ipu_options.planning import print_plan
-from poptorch_emulator.lowering import Lowering
 
 
 def lowering_reports(cfg) -> Dict[str, Lowering]:

@@ -1,18 +1,26 @@
 """The two matplotlib steps every report plot shares: a headless pyplot, and saving a figure."""
+from pathlib import Path
+
+from app.run_folder import RunFolder
 
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed); imported only when a plot is made."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     return plt
 
 
 def save(fig, path, dpi: int = 120) -> None:
-    """Lay out, write and close ``fig`` (closing frees it: reports draw many figures)."""
+    """Lay out, write (atomically, through the run-folder writer) and close ``fig`` (closing
+    frees it: reports draw many figures)."""
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
+    try:
+        RunFolder(path.parent).write_document(
+            path.name, lambda f: fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        pyplot().close(fig)

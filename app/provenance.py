@@ -1,5 +1,5 @@
 """Where a measurement came from: the commit, the machine's load, the CPU's name. Reports that
-state numbers (``make paper``, ``python -m app study``, ``benchmarks/``) record these with them."""
+state numbers (``make paper``, ``make study``, ``benchmarks/``) record these with them."""
 import os
 import platform
 import subprocess

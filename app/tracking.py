@@ -5,6 +5,7 @@ wandb is offline unless the user sets ``log.wandb_mode=online``: an offline run 
 ``<run>/wandb/`` and never touches the network or asks for a login (``wandb sync`` uploads it
 later). Without the ``wandb`` package the run goes on with a warning.
 """
+import errno
 import importlib
 import json
 import math
@@ -12,21 +13,27 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
+
+from app.run_folder import RunFolder
 
 
 def new_folder(root: Path, name: str) -> Path:
     """Create ``root/name``, or ``name-1``, ``name-2`` … when it exists: an existing folder (a
     user's earlier run) is never reused or overwritten."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1000):
-        path = root / (name if attempt == 0 else f"{name}-{attempt}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
+    writer = RunFolder(root)
+    with writer.guard(root):  # runs/ a file, read-only, a full disk: a message naming the fix
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(root))
+        root.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1000):
+            path = root / (name if attempt == 0 else f"{name}-{attempt}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
     raise RuntimeError(f"could not create a new folder for {name} in {root}")
 
 
@@ -39,13 +46,22 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-class Tracker:
-    """Metrics of one run. Only the main process writes (``enabled=False`` elsewhere)."""
+METRICS = "metrics.jsonl"
 
-    def __init__(self, run_dir: Path, cfg, enabled: bool = True, total_steps: int = 0):
+
+class Tracker:
+    """Metrics of one run, appended to its ``metrics.jsonl`` through the run-folder writer (a
+    resumed run first removes a torn last line). Only the main process writes (``enabled=False``
+    elsewhere)."""
+
+    def __init__(self, folder: Union[RunFolder, Path], cfg, enabled: bool = True, total_steps: int = 0,
+                 resumed: bool = False):
         self.enabled = enabled
         self.total_steps = total_steps
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
+        self.path = self.folder / METRICS
+        if enabled and resumed:
+            self.folder.repair_log(METRICS)
         self.wandb = None
         self._window_start: Optional[float] = None
         self._window_images = 0
@@ -54,7 +70,8 @@ class Tracker:
         self._window_wait = 0.0  # seconds the loop spent blocked on the loader in this window
         self._step_seconds: Optional[float] = None  # smoothed time per step, for the ETA
         if enabled and cfg.log.wandb:
-            self.wandb = _start_wandb(run_dir, cfg)
+            with self.folder.guard(self.folder / "wandb"):
+                self.wandb = _start_wandb(self.folder.path, cfg)
 
     # -- the window since the last logged step: images, time and losses
     def start_window(self) -> None:
@@ -98,11 +115,11 @@ class Tracker:
         # Strict JSON: a non-finite number is written as null.
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         record = {"time": round(time.time(), 3), **finite}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.folder.append_line(METRICS, json.dumps(record))
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
-                           step=record.get("step"))
+            with self.folder.guard(self.folder / "wandb"):
+                self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                               step=record.get("step"))
 
     def log_step(self, step: int, epoch: float, lr: float, **extra: Any) -> None:
         """Log the mean loss and the throughput of the steps since the last call."""

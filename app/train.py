@@ -27,22 +27,16 @@ import yaml
 from app.backend import Backend, create_backend
 from app.checkpoint import (
     arch_of,
-    begin_resume,
     check_architecture,
-    check_resume_is_newest,
     claim_run,
-    find_checkpoint,
     load_checkpoint,
     load_weights,
-    nonfinite_tensors,
     rng_state,
     run_dir_of,
-    save_checkpoint,
-    saved_best_top1,
     set_rng_state,
 )
-from app.cli import resume_command
-from app.config import Config, check_resume_changes
+from app.checkpointer import Checkpointer, CheckpointSpec
+from app.config import Config, check_resume_changes, read_yaml_file
 from app.data import build_dataset, build_loader
 from app.distributed import (
     DistContext,
@@ -54,11 +48,12 @@ from app.distributed import (
     scale_summary,
     shard_sampler,
 )
-from app.errors import AppError
+from app.errors import STOP_SIGNALS, AppError
 from app.evaluate import validate_all
 from app.objective import Classifier, build_classifier, build_network
 from app.optim import build_optimizer, lr_at
 from app.resolution import check_resolutions, downsampling_stages
+from app.run_folder import RunFolder, RunFolderError, check_output_root, remove_if_empty, resume_command
 from app.tracking import Tracker, format_duration, new_folder
 from app.weight_average import build_weight_average
 from model import convert_state_dict
@@ -74,7 +69,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopSignal:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second SIGINT
+    """A stop signal asks the loop to stop after the current step (and save); a second SIGINT
     interrupts at once."""
 
     def __init__(self):
@@ -90,7 +85,7 @@ class StopSignal:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -135,6 +130,10 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
                   f"torchvision's efficientnet_b0-b4 use {PEER_NORM_EPS:g} (timm's tf_* and torchvision's "
                   f"b5-b7 use 1e-3): set model.norm_eps to the source's to reproduce its outputs",
                   file=sys.stderr)
+        if cfg.model.padding != "symmetric":  # nor is the padding
+            print(f"note: model.padding={cfg.model.padding}, while torchvision and timm's efficientnet_* "
+                  "pad symmetrically (timm's tf_efficientnet_* pad as TensorFlow's SAME): set "
+                  "model.padding to the source's to reproduce its outputs", file=sys.stderr)
     own = model.state_dict()
     new_head = [k for k in own
                 if k.startswith("classifier.") and k in state and state[k].shape != own[k].shape]
@@ -187,6 +186,7 @@ class TrainResult:
     wall_seconds: float = 0.0  # the whole loop
     results: Dict[str, Dict[str, float]] = field(default_factory=dict)  # the last validation
     last_step: int = 0  # the run's step at the end (a resumed run's earlier steps included)
+    finished_before: bool = False  # a resumed run that had nothing left to train
 
     @property
     def images_per_s(self) -> float:
@@ -229,7 +229,8 @@ def agreed_signal(dist: DistContext, own: Optional[int]) -> Optional[int]:
         return None
     if own is not None:
         return own
-    return signal.SIGINT if total == count * signal.SIGINT else signal.SIGTERM
+    same = total / count  # every process that got one got the same: that signal
+    return int(same) if same.is_integer() and int(same) in STOP_SIGNALS else signal.SIGTERM
 
 
 # ----------------------------------------------------------------------------- messages
@@ -273,7 +274,6 @@ class LoopState:
     step: int = 0  # weight updates of the run so far
     best: float = -1.0  # the best top-1 (best.pt holds that model)
     ema_step: int = 0  # the step of the last EMA update (train.ema_every > 1 resumes exactly)
-    last_saved: Optional[int] = None  # the step of the newest good checkpoint
     epoch_rng: Optional[Dict[str, Any]] = None  # the RNG states when this epoch's iterator was made
     first_step: int = 0  # the step this call started from
     nonfinite: int = 0  # consecutive updates the fp16 loss scaler skipped
@@ -294,8 +294,8 @@ class Trainer:
         self.dist: Optional[DistContext] = None
         self.backend: Optional[Backend] = None
         self.tracker: Optional[Tracker] = None
-        self.resume: Optional[Dict[str, Any]] = None
-        self.resume_path: Optional[Path] = None
+        self.checkpointer = Checkpointer(CheckpointSpec.of(cfg.train), self.kind, is_main=True)
+        self.resume: Optional[Dict[str, Any]] = None  # the checkpoint being resumed
 
     # ------------------------------------------------------------------------- run and teardown
     def run(self) -> TrainResult:
@@ -314,11 +314,11 @@ class Trainer:
         early = self.early_exit()
         if early is not None:
             return early
-        self.tracker = Tracker(self.run_dir, self.cfg, enabled=self.dist.is_main,
-                               total_steps=self.total_steps)
+        self.tracker = Tracker(self.folder, self.cfg, enabled=self.dist.is_main,
+                               total_steps=self.total_steps, resumed=self.resume is not None)
         if self.resume is not None:  # records after this one continue from the checkpoint's step
             self.tracker.write({"kind": "resume", "step": self.state.step,
-                                "checkpoint": str(self.resume_path)})
+                                "checkpoint": str(self.checkpointer.resumed_path)})
         started = time.perf_counter()
         exit_code = self.loop()
         skipped = int(job_total(self.dist, skipped_in([self.loader])))  # before the processes part
@@ -349,6 +349,9 @@ class Trainer:
     def set_up(self) -> None:
         cfg = self.cfg
         self.dist = init_distributed(cfg)
+        self.checkpointer.is_main = self.dist.is_main  # only the main process writes
+        if self.dist.is_main and not cfg.resume:  # a file in its place, read-only, full: say so now
+            check_output_root(cfg.log.out_dir)
         self.backend = create_backend(cfg)  # device errors come before any data is read
         seed_everything(cfg.train.seed + self.dist.rank)
         self.open_resume()
@@ -363,23 +366,14 @@ class Trainer:
         """The checkpoint being resumed (its folder is this run's); checked before anything is read."""
         if not self.cfg.resume:
             return
-        self.resume_path = find_checkpoint(self.cfg.resume)
-        if self.dist.is_main:  # the run folder's lock first: another process may be training it
-            claim_run(run_dir_of(self.resume_path), new=False)
-        # with this process's own random states
-        self.resume = own_rng_states(load_checkpoint(self.resume_path, expect="training"), self.dist)
-        check_resume_is_newest(self.resume_path, self.resume["step"])
-        if self.hook is None:  # what a resume may change (a hook's run rebuilds its configuration)
-            check_resume_changes(self.resume["config"], self.cfg, run_dir_of(self.resume_path),
-                                 self.resume_path)
-        if self.dist.is_main:
-            begin_resume(self.resume_path, self.resume)  # a killed run's leftovers, best.pt
-        recorded = self.resume.get("run_kind", self.kind)  # older checkpoints: any kind
-        if recorded != self.kind:  # a kind is named after the command that runs it
-            raise AppError(f"{self.resume_path} is a checkpoint of a {recorded} run, not of a {self.kind} "
-                           f"run: resume it with python -m app {recorded} --resume "
-                           f"{run_dir_of(self.resume_path)}")
-        print(f"resuming from {self.resume_path} (step {self.resume['step']})")
+        def check_config(saved: Dict[str, Any], run_dir: Path, path: Path) -> None:
+            if self.hook is None:  # what a resume may change (a hook's run rebuilds its configuration)
+                on_disk = run_dir / "config.yaml"
+                check_resume_changes(saved, self.cfg, run_dir, path,
+                                     read_yaml_file(on_disk) if on_disk.is_file() else None)
+
+        self.resume = self.checkpointer.open_resume(
+            self.cfg.resume, lambda payload: own_rng_states(payload, self.dist), check_config)
 
     def build_data(self) -> None:
         """Before a new run folder exists: a wrong dataset or batch leaves nothing behind. Each
@@ -423,18 +417,26 @@ class Trainer:
                 raise AppError(f"the checkpoint has {resume['steps_per_epoch']} steps per epoch, this "
                                f"configuration {self.steps_per_epoch}: resume with the same data and "
                                "batch size")
-            load_weights(self.model, resume["model"], cfg.resume)
+            load_weights(self.model, resume["model"], self.checkpointer.resumed_path)
 
     def open_run_dir(self) -> None:
-        """The folder being resumed, or a new one now that data and weights are in place."""
-        if self.resume_path is not None:
-            self.run_dir = run_dir_of(self.resume_path)
+        """The folder being resumed, or a new one now that data and weights are in place: its
+        config.yaml written atomically, then the folder claimed (locked) by this process."""
+        if self.resume is not None:
+            self.run_dir = run_dir_of(self.checkpointer.resumed_path)
         elif self.dist.is_main:
             self.run_dir = new_run_dir(self.cfg)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            try:
+                RunFolder(self.run_dir).write_document(
+                    "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            except RunFolderError:
+                remove_if_empty(self.run_dir)  # no run folder without its configuration
+                raise
             claim_run(self.run_dir, new=True)
         else:
             self.run_dir = Path(self.cfg.log.out_dir)
+        self.folder = RunFolder(self.run_dir, resume=self.resume_command())
+        self.checkpointer.attach(self.folder)
         print(f"run folder: {self.run_dir}")
 
     def prepare(self) -> None:
@@ -452,19 +454,15 @@ class Trainer:
         self.ema = build_weight_average(cfg, model, self.steps_per_epoch)  # EMA or per-epoch average
 
     def restore(self) -> None:
-        """A resumed run's state: EMA, optimiser, backend, the loop's counters, the RNG states."""
-        resume, s = self.resume, self.state
-        if resume is None:
+        """A resumed run's state (the Checkpointer's): EMA, optimiser, backend, the loop's
+        counters, the RNG states."""
+        if self.resume is None:
             return
-        if self.ema is not None and resume["ema"] is not None:
-            self.ema.load_state_dict(resume["ema"])
-        self.optimizer.load_state_dict(resume["optimizer"])
-        self.backend.load_state_dict(resume["backend"])
-        s.step = s.first_step = s.last_saved = resume["step"]
-        s.epoch_rng = resume["epoch_rng"]
-        s.ema_step = resume.get("ema_step", s.step)
-        s.best = max(resume["best_top1"], saved_best_top1(self.run_dir))  # best.pt: only a better one
-        set_rng_state(resume["rng"])  # after the model's initialisation drew from it
+        counters = self.checkpointer.restore(
+            {"ema": self.ema, "optimizer": self.optimizer, "backend": self.backend})
+        s = self.state
+        s.step = s.first_step = counters["step"]
+        s.ema_step, s.best, s.epoch_rng = counters["ema_step"], counters["best_top1"], counters["epoch_rng"]
 
     def describe(self) -> None:
         m, backend = self.cfg.model, self.backend
@@ -485,7 +483,7 @@ class Trainer:
         if self.state.step >= self.total_steps:
             print(f"nothing to do: {self.run_dir} is at step {self.state.step} of {self.total_steps} "
                   "already (raise train.epochs or train.max_steps to train on)")
-            return TrainResult(0, self.run_dir)
+            return TrainResult(0, self.run_dir, last_step=self.state.step, finished_before=True)
         return None
 
     # ------------------------------------------------------------------------- the steps
@@ -506,6 +504,8 @@ class Trainer:
                 self.one_step(images, targets)
                 if s.step % self.val_every == 0 or s.step == self.total_steps:
                     self.validate_and_save()
+                elif any_process(self.dist, self.checkpointer.due(s.step)):  # the interval
+                    self.save(s.step, {})
                 stopping = agreed_signal(self.dist, stop.signum)
                 if stopping is not None:
                     return stopping
@@ -528,7 +528,7 @@ class Trainer:
         self.loader.set_epoch(epoch)
         batches = epoch_batches(self.loader, skip)
         if skip:
-            set_rng_state(self.resume["rng"])
+            set_rng_state(self.checkpointer.resumed["rng"])
         self.tracker.start_window()
         return self.tracker.timed(batches)  # counts the time spent waiting for data
 
@@ -599,49 +599,35 @@ class Trainer:
         bad: List[str] = []
         if dist.is_main:
             self.backend.sync_to_host()
-            bad = nonfinite_tensors(self.model.state_dict())
-            if self.ema is not None:
-                bad += nonfinite_tensors(self.ema.module.state_dict(), prefix="ema.")
+            bad = self.checkpointer.nonfinite(
+                {"": self.model.state_dict(),
+                 **({"ema.": self.ema.module.state_dict()} if self.ema is not None else {})})
         if any_process(dist, bool(bad)):
             shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
             raise NonFiniteLoss(f"weights are not finite after step {at_step}"
                                 + (f" ({shown})" if shown else "") + "; they were not saved")
         rngs = gather_rng_states(dist, {"rng": rng_state(), "epoch_rng": s.epoch_rng})  # every process's
         if dist.is_main:
-            payload = dict(self.payload(at_step, metrics), rng_by_rank=rngs)
-            save_checkpoint(self.run_dir, payload, self.cfg.train.keep_checkpoints, is_best)
-        s.last_saved = at_step
-
-    def payload(self, at_step: int, metrics: Dict[str, float]) -> Dict[str, Any]:
-        s, spe = self.state, self.steps_per_epoch
-        return {
-            "step": at_step,
-            "epoch": at_step // spe,
-            "step_in_epoch": at_step % spe,
-            "steps_per_epoch": spe,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "ema_step": s.ema_step,  # the step of the last EMA update (train.ema_every > 1 resumes exactly)
-            "optimizer": self.optimizer.state_dict(),
-            "backend": self.backend.state_dict(),
-            "rng": rng_state(),
-            "epoch_rng": s.epoch_rng,  # the RNG states when this epoch's data iterator was created
-            "metrics": metrics,
-            "best_top1": s.best,
-            "arch": arch_of(self.cfg.model, self.num_classes),
-            "config": self.cfg.to_dict(),
-            "run_kind": self.kind,
-            **self.context.checkpoint_extra,  # what the run's hook records
-        }
+            parts = {"model": self.model, "ema": self.ema, "optimizer": self.optimizer,
+                     "backend": self.backend}
+            # ema_step: the step of the last EMA update (train.ema_every > 1 resumes exactly);
+            # epoch_rng: the RNG states when this epoch's data iterator was created
+            counters = {"ema_step": s.ema_step, "best_top1": s.best, "epoch_rng": s.epoch_rng}
+            record = {"metrics": metrics, "arch": arch_of(self.cfg.model, self.num_classes),
+                      "config": self.cfg.to_dict(), "rng_by_rank": rngs,
+                      **self.context.checkpoint_extra}  # what the run's hook records
+            self.checkpointer.save(
+                self.checkpointer.payload(at_step, self.steps_per_epoch, parts, counters, record), is_best)
+        self.checkpointer.saved(at_step)
 
     # ------------------------------------------------------------------------- stop
     def resume_command(self) -> str:
-        return resume_command(self.cfg, self.run_dir)
+        return resume_command(self.run_dir, self.kind)
 
     def stop(self, signum: int) -> int:
         """Stopped by a signal: save the step (unless it was just saved) and say how to resume."""
         s = self.state
-        if not (s.step % self.val_every == 0 or s.step == self.total_steps):
+        if self.checkpointer.last_saved != s.step:
             self.save(s.step, {})
         # the others wait for process 0's checkpoint: a launcher ends every process as soon as
         # one exits with a failure status
@@ -653,7 +639,8 @@ class Trainer:
 
     def fail(self, error: NonFiniteLoss) -> int:
         if self.dist.is_main:
-            advice = nonfinite_advice(self.cfg, self.state.last_saved, self.run_dir, self.resume_command())
+            advice = nonfinite_advice(self.cfg, self.checkpointer.last_saved, self.run_dir,
+                                      self.resume_command())
             print(f"error: {error}. {advice}", file=sys.stderr)
         self.tracker.write({"kind": "error", "step": self.state.step, "error": str(error)})  # the failed step
         return 3

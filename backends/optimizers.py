@@ -1,7 +1,7 @@
 """Update rules that every backend runs the same way, whatever device computes them.
 
 ``RMSpropTF`` is the recipe's RMSprop: the native backend trains with it (``app.optim``), and
-PopTorch's ``RMSprop(use_tf_variant=True)`` — emulated in ``poptorch_emulator.optim`` — is this
+PopTorch's ``RMSprop(use_tf_variant=True)`` — emulated in ``ipu_options.emulator.optim`` — is this
 rule. ``ADAMW_EPS`` is AdamW's ε on every device (``optim.eps`` is RMSprop's, inside the square
 root). Pure torch: nothing of the application or the model.
 """

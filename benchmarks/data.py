@@ -72,8 +72,8 @@ def parse_args(argv):
 
 
 def ours_loader(folder: str, split: str, resolution: int, workers: int, batch: int, reduced: bool):
-    from app.config import build_config  # noqa: PLC0415
-    from app.data import build_dataset, build_loader  # noqa: PLC0415
+    from app.config import build_config
+    from app.data import build_dataset, build_loader
 
     cfg = build_config(None, [f"data.dataset={folder}", f"data.workers={workers}",
                               f"data.reduced_decode={str(reduced).lower()}"])
@@ -83,7 +83,7 @@ def ours_loader(folder: str, split: str, resolution: int, workers: int, batch: i
 
 
 def torchvision_loader(folder: str, split: str, resolution: int, workers: int, batch: int):
-    from torchvision import datasets, transforms  # noqa: PLC0415  (a benchmark peer only)
+    from torchvision import datasets, transforms  # (a benchmark peer only)
 
     if split == "train":
         steps = [transforms.RandomResizedCrop(resolution), transforms.RandomHorizontalFlip()]
@@ -144,10 +144,10 @@ def time_case(batches: Iterable[torch.Tensor]) -> Dict[str, float]:
 def reduction_shares(folder: str, resolution: int, crops: int = 400) -> Dict[str, float]:
     """Which share of training crops (drawn as the loader draws them, from the headers' sizes)
     decode at 1/1, 1/2, 1/4, 1/8 at ``resolution``; the validation reduction per image likewise."""
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
-    from app.data.loader import sample_seed  # noqa: PLC0415
-    from app.data.transforms import random_crop_box, reduction_for, val_resize_size  # noqa: PLC0415
+    from app.data.loader import sample_seed
+    from app.data.transforms import random_crop_box, reduction_for, val_resize_size
 
     files = sorted(Path(folder, "train").glob("*/*.jpg"))
     sizes = []
@@ -166,11 +166,11 @@ def reduction_shares(folder: str, resolution: int, crops: int = 400) -> Dict[str
 
 
 def versions() -> Dict[str, str]:
-    import PIL  # noqa: PLC0415
-    from PIL import features  # noqa: PLC0415
+    import PIL
+    from PIL import features
 
     try:
-        import torchvision  # noqa: PLC0415
+        import torchvision
         tv = torchvision.__version__
     except ImportError:
         tv = "not installed"
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     with open(base + ".cmd", "w") as f:
         f.write(fixed["command"] + "\n")
-    from .data_report import write_report  # noqa: PLC0415
+    from .data_report import write_report
 
     for path in write_report(rows, base):
         print(f"wrote {path}")

@@ -31,13 +31,13 @@ SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # colour photogra
 @lru_cache(maxsize=1)
 def _sources() -> Tuple[Tuple[str, np.ndarray], ...]:
     found: List[Tuple[str, np.ndarray]] = []
-    from sklearn.datasets import load_sample_images  # noqa: PLC0415  (bundled, no download)
+    from sklearn.datasets import load_sample_images  # (bundled, no download)
 
     sample = load_sample_images()
     for name, pixels in zip(sample.filenames, sample.images):
         found.append((Path(name).stem, np.asarray(pixels, dtype=np.uint8)))
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
         if path.is_file():
@@ -46,7 +46,7 @@ def _sources() -> Tuple[Tuple[str, np.ndarray], ...]:
     except ImportError:
         pass
     try:
-        from skimage import data as skdata  # noqa: PLC0415
+        from skimage import data as skdata
     except ImportError:
         skdata = None
     for name in SKIMAGE_PHOTOS if skdata is not None else ():

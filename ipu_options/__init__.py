@@ -1,22 +1,22 @@
 """IPU execution: PopTorch options, pipelining, recomputation, replication, precision, memory
-planning; the PopTorch emulator it falls back to is its own package, ``poptorch_emulator``.
+planning, and the PopTorch emulator it falls back to (the subpackage ``ipu_options.emulator``).
 
 ``from ipu_options import poptorch`` gives the real PopTorch module when it imports (Poplar SDK
-3.4 installed and enabled), otherwise ``poptorch_emulator``, which offers the same names and
+3.4 installed and enabled), otherwise ``ipu_options.emulator``, which offers the same names and
 signatures for everything the application uses. ``EMULATED`` tells which one it is.
 Setting ``IPU_OPTIONS_EMULATE=1`` forces the emulator (tests of the emulator on an SDK machine).
 ``ipu_options.emulator`` is the emulator in either case.
 """
 import os
 
-import poptorch_emulator as emulator
-from poptorch_emulator.executor import register_graph_context
+from ipu_options import emulator
+from ipu_options.emulator.executor import register_graph_context
+from model.fast_paths import eager_fast_paths
 
 
 def _model_as_traced_graph():
     """Inside an emulated executor, this project's model runs the arithmetic a traced graph keeps
     (model/fast_paths.py), as it does on an IPU."""
-    from model.fast_paths import eager_fast_paths  # noqa: PLC0415
 
     return eager_fast_paths(False)
 

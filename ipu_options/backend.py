@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from backends.batch_norm_stats import BatchNormProbe, Statistics, split_statistics
 from backends.contract import Backend, BackendError
 from backends.process import all_reduce_mean
-from ipu_options.options import build_options, local_replicas, num_ipus
+from ipu_options.options import build_options, local_replicas
+from ipu_options.pipeline import num_ipus
 
 
 class _LossOnly(nn.Module):
@@ -57,7 +58,7 @@ def _describe(poptorch_emulated: bool, device: str, compute: torch.device) -> st
     if device == "ipu":
         return "IPU hardware (PopTorch)"
     if poptorch_emulated:
-        return f"PopTorch emulator on {compute.type.upper()} (poptorch_emulator; emulated, not an IPU)"
+        return f"PopTorch emulator on {compute.type.upper()} (ipu_options.emulator; emulated, not an IPU)"
     return "Poplar SDK IPU Model (emulated IPU, not hardware)"
 
 

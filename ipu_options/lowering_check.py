@@ -5,7 +5,7 @@ images in, normalisation, the network, label-smoothed cross-entropy), built on t
 that no weight is allocated and no arithmetic runs. Here it gets the device's ``ipu.precision``
 and its loss marked with ``identity_loss``, and its training forward (one micro-batch with
 targets, a trainingModel's rules) and inference forward (images only) are checked with
-``poptorch_emulator.lowering.check_lowering``: the aten ops PopTorch 3.4 would see against its
+``ipu_options.emulator.lowering.check_lowering``: the aten ops PopTorch 3.4 would see against its
 handlers, and its refusals. Pipeline and recomputation annotations are not applied: they add
 PopTorch's own ops, not aten ones.
 """
@@ -14,8 +14,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from poptorch_emulator import identity_loss
-from poptorch_emulator.lowering import Lowering, check_lowering, facts
+from ipu_options.emulator import identity_loss
+from ipu_options.emulator.lowering import Lowering, check_lowering, facts
 
 
 def check_config(cfg, classifier: nn.Module) -> Dict[str, Lowering]:

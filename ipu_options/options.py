@@ -46,6 +46,8 @@ from typing import Optional
 import torch
 
 from backends.process import under_poprun
+from ipu_options.pipeline import num_ipus
+from ipu_options.poprun import popdist_local_replicas, popdist_options
 
 AUTO_RECOMPUTATION_PIPELINE = 3  # popart.RecomputationType.Pipeline
 AUTO_RECOMPUTATION_ALL = 4  # popart.RecomputationType.RecomputeAll
@@ -55,22 +57,12 @@ def local_replicas(cfg) -> int:
     """Replicas of this process: inside a PopRun job what PopDist says (a poprun started by hand
     need not match dist.instances); otherwise train.replicas over dist.instances."""
     if under_poprun():
-        from ipu_options.poprun import popdist_local_replicas  # noqa: PLC0415
-
         return popdist_local_replicas()
     instances = max(1, cfg.dist.instances)
     if cfg.train.replicas % instances:
         raise ValueError(f"train.replicas={cfg.train.replicas} is not divisible by "
                          f"dist.instances={instances}: use a multiple of {instances} replicas")
     return cfg.train.replicas // instances
-
-
-def num_ipus(cfg, splits: Optional[dict] = None) -> int:
-    """IPUs per replica: one more than the highest IPU index of the pipeline."""
-    pipeline = splits if splits is not None else cfg.ipu.pipeline
-    if not isinstance(pipeline, dict) or not pipeline:
-        return 1
-    return max(pipeline.values()) + 1
 
 
 def memory_proportions(cfg, ipus: int):
@@ -112,8 +104,6 @@ def build_options(cfg, poptorch, training: bool = True, splits: Optional[dict] =
     the plan when ``ipu.pipeline`` is "auto"); ``base``: an Options to start from (PopDist's)."""
     ipu, train = cfg.ipu, cfg.train
     if base is None and under_poprun():  # an instance of a PopRun job: PopDist sets replication
-        from ipu_options.poprun import popdist_options  # noqa: PLC0415
-
         base = popdist_options(cfg, num_ipus(cfg, splits))
     opts = base if base is not None else poptorch.Options()
     if base is None:

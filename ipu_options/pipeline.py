@@ -91,9 +91,12 @@ def check_splits(model: nn.Module, splits: Dict[str, int], recompute: List[str])
     return ordered
 
 
-def num_stages(splits: Dict[str, int]) -> int:
-    ipus = [0] + sorted(splits.values())
-    return len(set(ipus))
+def num_ipus(cfg, splits: Optional[dict] = None) -> int:
+    """IPUs per replica: one more than the highest IPU index of the pipeline."""
+    pipeline = splits if splits is not None else cfg.ipu.pipeline
+    if not isinstance(pipeline, dict) or not pipeline:
+        return 1
+    return max(pipeline.values()) + 1
 
 
 class _RecomputeHook:

@@ -215,7 +215,7 @@ def resolve_pipeline(cfg, model: torch.nn.Module, training: bool = True
                   f"see `python -m app plan`); ipu.plan_margin={cfg.ipu.plan_margin} lowers the margin")
     stages = plan.stages
     if training and stages > 1 and cfg.train.grad_accum < 2 * stages - 1:
-        from poptorch_emulator.executor import TRAINING_PIPELINE_RULE
+        from ipu_options.emulator.executor import TRAINING_PIPELINE_RULE
 
         raise PlanError(f"a pipeline of {stages} IPUs has {2 * stages - 1} stages in training, but "
                         f"train.grad_accum={cfg.train.grad_accum}. PopTorch: \"{TRAINING_PIPELINE_RULE}\" "

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from backends.errors import DistributedError
 from backends.process import DistContext, launcher_args
-from ipu_options.options import num_ipus
+from ipu_options.pipeline import num_ipus
 
 DEFAULT_CACHE = "executable-cache"  # under log.out_dir, unless ipu.executable_cache is set
 
@@ -91,9 +91,9 @@ class PopDistContext(DistContext):
 
 def _import_sdk_modules():
     try:
-        import horovod.torch as hvd  # noqa: PLC0415
-        import popdist  # noqa: PLC0415
-        import popdist.poptorch  # noqa: PLC0415, F401  (the Options factory lives there)
+        import horovod.torch as hvd
+        import popdist
+        import popdist.poptorch  # noqa: F401  (the Options factory lives there)
     except ImportError as error:
         raise DistributedError(
             f"this process runs under poprun but cannot import {error.name}: install the Poplar SDK's "

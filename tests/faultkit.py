@@ -6,7 +6,7 @@ The hook reads FAULT_* environment variables:
   FAULT_AT_STEP=N, FAULT_ACTION=kill|SIGINT|SIGTERM|SIGINT2|launcher-SIGINT|launcher-SIGTERM|
       launcher-kill|startup-SIGINT|startup-SIGTERM|sleep, FAULT_RANK=r (default: every rank):
       at the N-th training loss of a training process (step N without gradient accumulation),
-      ``kill`` is kill -9 of itself, SIGINT/SIGTERM a signal to itself, SIGINT2 two Ctrl-C in a
+      ``kill`` is kill -9 of itself, SIGINT/SIGTERM/SIGHUP/SIGQUIT a signal to itself, SIGINT2 two Ctrl-C in a
       row, ``launcher-*`` that signal to the `python -m app train` command that started the job,
       ``startup-*`` the signal while the optimiser is built (after the run folder exists, before any
       step), ``sleep`` a pause at every step from N on (to hold a run open).
@@ -14,6 +14,11 @@ The hook reads FAULT_* environment variables:
       (every write call into a checkpoint file, its fsync, its rename: kill -9 right before a
       write or fsync, right after a rename); ``enospc`` makes that write fail like a full disk.
   FAULT_COUNT_FILE=path: the number of such events, written at exit (to choose N from).
+  FAULT_AT_EVAL=N, FAULT_ACTION=SIG...: that signal at the N-th evaluation pass (validate, sweeps).
+  FAULT_WRITE=pattern:how:N: the N-th write through the run-folder writer (app/run_folder.py) of a
+      file whose name matches the glob ``pattern`` fails: how=ENOSPC (the disk fills up part-way
+      through the file), EROFS (the file system refuses it), vanish (its folder is moved away: while
+      a document is being written, before a line is appended).
   FAULT_PID_DIR=folder: each process writes its pid there (to wait for every one to end).
 """
 import json
@@ -44,8 +49,9 @@ _rank_ok = _env.get("FAULT_RANK") in (None, _env.get("RANK", "0"))
 def _act(action):
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    elif action in ("SIGINT", "SIGTERM"):
+    elif action in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"):
         os.kill(os.getpid(), getattr(signal, action))
+        time.sleep(0.2)  # delivered before the step goes on
     elif action == "SIGINT2":
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.2)
@@ -80,6 +86,60 @@ if _env.get("FAULT_AT_STEP") and _rank_ok:
             return _loss(logits, targets, smoothing)
         _objective.smoothed_cross_entropy = _counted
 
+if _env.get("FAULT_AT_EVAL"):
+    import app.evaluate as _evaluate
+    _eval, _evals = _evaluate.evaluate, [0]
+    def _counted_eval(*a, **k):
+        _evals[0] += 1
+        if _evals[0] == int(_env["FAULT_AT_EVAL"]):
+            _act(_env["FAULT_ACTION"])
+        return _eval(*a, **k)
+    _evaluate.evaluate = _counted_eval
+
+if _env.get("FAULT_WRITE"):
+    import errno, fnmatch, os.path
+    import app.run_folder as _rf
+    _pattern, _how, _nth = _env["FAULT_WRITE"].split(":")
+    _writes = [0]
+
+    def _due(path):
+        if not fnmatch.fnmatch(os.path.basename(str(path)), _pattern):
+            return False
+        _writes[0] += 1
+        return _writes[0] == int(_nth)
+
+    def _error(path):
+        code = getattr(errno, _how)
+        return OSError(code, os.strerror(code), str(path))
+
+    _replace_doc, _append = _rf.RunFolder._replace, _rf.RunFolder.append_line
+    def _faulty_replace(self, path, content):
+        if _due(path):
+            if _how == "vanish":  # the folder is moved away while the file is being written
+                def content(f, _content=content, _folder=self.path):
+                    os.rename(_folder, str(_folder) + "-moved")
+                    if callable(_content):
+                        return _content(f)
+                    return f.write(_content.encode() if isinstance(_content, str) else _content)
+                return _replace_doc(self, path, content)
+            if _how == "ENOSPC":  # the disk fills up part-way through the file
+                def content(f, _error=_error(path)):
+                    f.write(b"x")
+                    raise _error
+            else:  # a read-only file system refuses the file itself
+                with self.guard(path):
+                    raise _error(path)
+        return _replace_doc(self, path, content)
+    def _faulty_append(self, name, line):
+        if _due(name):
+            if _how == "vanish":  # the folder is moved away before the line is appended
+                os.rename(self.path, str(self.path) + "-moved")
+            else:
+                with self.guard(self.path / name):
+                    raise _error(self.path / name)
+        return _append(self, name, line)
+    _rf.RunFolder._replace, _rf.RunFolder.append_line = _faulty_replace, _faulty_append
+
 if (_env.get("FAULT_AT_EVENT") or _env.get("FAULT_COUNT_FILE")) and _env.get("RANK", "0") == "0":
     import errno, atexit, torch
     _events, _limit = [0], int(_env.get("FAULT_AT_EVENT") or 0)
@@ -106,12 +166,15 @@ if (_env.get("FAULT_AT_EVENT") or _env.get("FAULT_COUNT_FILE")) and _env.get("RA
     _save, _fsync, _replace = torch.save, os.fsync, os.replace
     def _counting_save(obj, f, *a, **k):
         return _save(obj, _Writer(f) if hasattr(f, "write") else f, *a, **k)
+    def _checkpoint_file(path):
+        return f"{os.sep}checkpoints{os.sep}" in str(path)  # not config.yaml, reports, probes
     def _counting_fsync(fd):
-        if not os.path.isdir(f"/proc/self/fd/{fd}"):  # a file's (a folder's fsync may fail harmlessly)
+        link = f"/proc/self/fd/{fd}"  # a checkpoint file's (a folder's fsync may fail harmlessly)
+        if not os.path.isdir(link) and _checkpoint_file(os.readlink(link)):
             _event(True)
         return _fsync(fd)
     def _counting_replace(src, dst, *a, **k):
-        mine = ".tmp-" in str(src)  # a checkpoint's rename (not other renames of the process)
+        mine = ".tmp-" in str(src) and _checkpoint_file(src)  # a checkpoint's rename
         if mine and _what == "enospc":
             _event(True)
         result = _replace(src, dst, *a, **k)
@@ -182,9 +245,14 @@ def child_env(tmp: Path, **fault: str) -> Dict[str, str]:
     return env
 
 
+EXPERIMENTS = ("paper", "study")  # the commands of python -m experiments
+
+
 def run_app(args: List[str], tmp: Path, timeout: float = 240, **fault: str) -> subprocess.CompletedProcess:
-    """``python -m app ARGS`` in a child process (nice'd: the machine is shared), with a fault."""
-    return subprocess.run(["nice", sys.executable, "-m", "app", *args], cwd=ROOT,
+    """``python -m app ARGS`` (``python -m experiments`` for its commands) in a child process
+    (nice'd: the machine is shared), with a fault."""
+    module = "experiments" if args and args[0] in EXPERIMENTS else "app"
+    return subprocess.run(["nice", sys.executable, "-m", module, *args], cwd=ROOT,
                           env=child_env(tmp, **fault), capture_output=True, text=True, timeout=timeout)
 
 
@@ -220,7 +288,7 @@ def no_traceback(job: subprocess.CompletedProcess) -> None:
 def newest_checkpoint_loads(run_dir: Path) -> Optional[int]:
     """Every step checkpoint left loads as one of ours (a crash leaves none half-written); returns
     the newest step (None: none yet)."""
-    from app.checkpoint import load_checkpoint, step_checkpoints  # noqa: PLC0415
+    from app.checkpoint import load_checkpoint, step_checkpoints
 
     steps = [load_checkpoint(p)["step"] for p in step_checkpoints(run_dir / "checkpoints")]
     return steps[-1] if steps else None
@@ -245,9 +313,9 @@ def same_losses(resumed: Dict[int, float], reference: Dict[int, float], after: i
 
 
 def final_weights_equal(a: Path, b: Path) -> None:
-    import torch  # noqa: PLC0415
+    import torch
 
-    from app.checkpoint import find_checkpoint, load_checkpoint  # noqa: PLC0415
+    from app.checkpoint import find_checkpoint, load_checkpoint
 
     wa, wb = (load_checkpoint(find_checkpoint(r))["model"] for r in (a, b))
     assert wa.keys() == wb.keys()
@@ -265,7 +333,7 @@ def wait_for(condition, timeout: float = 60.0, every: float = 0.2) -> bool:
 
 def all_ended(pid_dir: Path, timeout: float = 90.0) -> bool:
     """Every process that wrote its pid into ``pid_dir`` has ended."""
-    from app.checkpoint import pid_alive  # noqa: PLC0415
+    from app.checkpoint import pid_alive
 
     return wait_for(lambda: not any(pid_alive(int(p.name)) for p in pid_dir.iterdir()), timeout)
 

@@ -54,7 +54,7 @@ def test_cuda_absent_says_what_to_change():
 
 def test_replicas_without_launcher_says_what_to_change(monkeypatch):
     # replicas > 1 on cpu/cuda are torchrun processes, started from the command line (app.distributed)
-    from app.distributed import DistributedError, launch  # noqa: PLC0415
+    from app.distributed import DistributedError, launch
 
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     with pytest.raises(DistributedError, match="python -m app train train.replicas=N"):
@@ -132,7 +132,7 @@ def test_exponent_floats_and_date_like_names_are_read_as_written(tmp_path):
     assert build_config("digits", ["log.name=2024-06-01"]).log.name == "2024-06-01"
     assert build_config("digits", ["log.name=null"]).log.name is None
     data = {"log": {"name": __import__("datetime").date(2024, 6, 1)}, "optim": {"lr": "2e-3"}}
-    from app.config import config_from_dict  # noqa: PLC0415
+    from app.config import config_from_dict
 
     cfg = config_from_dict(data)  # a YAML file's values (config.yaml, presets)
     assert cfg.log.name == "2024-06-01" and cfg.optim.lr == 0.002
@@ -175,8 +175,8 @@ def test_ema_validation_classifier_lives_where_the_ema_weights_do():
     """validate_all scores the EMA copy through the backend, which wraps it in a Classifier on its
     own device: the normalisation buffers follow the weights (a GPU run would otherwise mix CUDA
     weights and CPU buffers), and the EMA's logits are the EMA weights', not the trained ones'."""
-    import app.evaluate  # noqa: PLC0415
-    from app.optim import EMA  # noqa: PLC0415
+    import app.evaluate
+    from app.optim import EMA
 
     cfg = build_config("digits", ["device=cpu"])
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))

@@ -142,7 +142,7 @@ def test_dry_run_prints_and_starts_nothing(monkeypatch, capsys):
 
 
 def test_more_processes_than_gpus_is_refused_before_launching(monkeypatch):
-    from app.distributed import DistributedError  # noqa: PLC0415
+    from app.distributed import DistributedError
 
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -183,7 +183,7 @@ def ipu_config(*overrides):
 
 
 def test_poprun_command():
-    from ipu_options.poprun import poprun_command  # noqa: PLC0415
+    from ipu_options.poprun import poprun_command
 
     cfg = ipu_config("log.out_dir=/runs", "dist.launcher_args=--host h1,h2 --vipu-partition=p16")
     command = poprun_command(cfg, ["train", "--config", "digits", "train.replicas=16"])
@@ -201,7 +201,7 @@ def test_poprun_command():
 
 
 def test_poprun_needs_an_explicit_pipeline():
-    from ipu_options.poprun import poprun_command  # noqa: PLC0415
+    from ipu_options.poprun import poprun_command
 
     with pytest.raises(Exception, match="make plan"):
         poprun_command(config("device=ipu", "train.replicas=4", "dist.instances=2", "ipu.pipeline=auto"),
@@ -247,7 +247,7 @@ def popdist_job(monkeypatch):
 
     def options(ipus_per_replica):
         # as PopDist does: PopTorch options already replicated over this instance's replicas
-        from ipu_options import emulator  # noqa: PLC0415
+        from ipu_options import emulator
 
         rec.record("popdist.poptorch.Options", ipus_per_replica=ipus_per_replica)
         opts = emulator.Options().replicationFactor(job.total // job.instances)
@@ -285,7 +285,7 @@ def popdist_job(monkeypatch):
 
 
 def test_popdist_instance_initialises_and_reduces_through_horovod(popdist_job):
-    from ipu_options.options import build_options, local_replicas  # noqa: PLC0415
+    from ipu_options.options import build_options, local_replicas
 
     cfg = ipu_config("train.seed=11")
     ctx = init_distributed(cfg)
@@ -300,7 +300,7 @@ def test_popdist_instance_initialises_and_reduces_through_horovod(popdist_job):
     ctx.broadcast_parameters(model)
     assert rec.calls[-1] == ("hvd.broadcast_parameters", (["bias", "weight"],), {"root_rank": 0})
 
-    from app.distributed import all_reduce_mean  # the backends' entry point  # noqa: PLC0415
+    from app.distributed import all_reduce_mean  # the backends' entry point
 
     assert float(all_reduce_mean(torch.tensor(3.0))) == 3.0
     assert rec.calls[-1][0] == "hvd.allreduce" and rec.calls[-1][2]["op"] == "Average"
@@ -308,7 +308,7 @@ def test_popdist_instance_initialises_and_reduces_through_horovod(popdist_job):
     assert rec.calls[-1][2]["op"] == "Sum"
 
     # the PopTorch options of this instance start from PopDist's, which set the replication
-    from ipu_options import emulator  # noqa: PLC0415
+    from ipu_options import emulator
 
     opts = build_options(cfg, emulator)
     assert opts.made_by == "popdist" and opts.replication_factor == 4
@@ -318,7 +318,7 @@ def test_popdist_instance_initialises_and_reduces_through_horovod(popdist_job):
 
 
 def test_popdist_checks_the_replica_count(popdist_job):
-    from app.distributed import DistributedError  # noqa: PLC0415
+    from app.distributed import DistributedError
 
     popdist_job.total = 8
     with pytest.raises(DistributedError, match="train.replicas=8"):
@@ -373,7 +373,7 @@ def train_losses(run_dir: Path):
 
 
 def final_weights(run_dir: Path):
-    from app.checkpoint import find_checkpoint, load_checkpoint  # noqa: PLC0415
+    from app.checkpoint import find_checkpoint, load_checkpoint
 
     return load_checkpoint(find_checkpoint(run_dir))["model"]
 
@@ -401,7 +401,7 @@ def env_with_site_hook(tmp_path, source: str):
 
 @one_torchrun_job_at_a_time
 def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
-    from app.cli import main as cli  # noqa: PLC0415
+    from app.cli import main as cli
 
     data, out = image_folder(tmp_path / "data"), tmp_path / "runs"
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
@@ -456,7 +456,7 @@ def test_only_instance_0_writes_under_popdist(popdist_job, tmp_path, instance):
     """The real loop as instance ``instance`` of a PopRun job (stand-in PopDist/Horovod; the
     native backend stands in for PopTorch): Horovod carries the seed, initial weights and
     metrics; only instance 0 writes a run folder, metrics and checkpoints."""
-    from app.cli import main as cli  # noqa: PLC0415
+    from app.cli import main as cli
 
     popdist_job.instance, popdist_job.instances, popdist_job.total = instance, 2, 2
     data, out = image_folder(tmp_path / "data", per_class=4), tmp_path / "runs"
@@ -491,11 +491,11 @@ def test_ddp_gradient_accumulation_equals_plain_accumulation(tmp_path, monkeypat
     """The native backend under DistributedDataParallel (a Gloo group of one, in this process):
     gradients of the accumulated micro-batches are synchronised once (no_sync before) and the
     update equals the single-process one."""
-    import torch.distributed as tdist  # noqa: PLC0415
+    import torch.distributed as tdist
 
-    import app.distributed as distributed  # noqa: PLC0415
-    import backends.process as process  # noqa: PLC0415
-    from backends.native import NativeBackend  # noqa: PLC0415
+    import app.distributed as distributed
+    import backends.process as process
+    from backends.native import NativeBackend
 
     cfg = config("device=cpu", "train.micro_batch=2", "train.grad_accum=3")
     images = torch.randint(0, 256, (6, 3, 2, 2), dtype=torch.uint8)
@@ -543,7 +543,7 @@ TWO = ["train.micro_batch=4", "train.replicas=2", "dist.rdzv_endpoint=127.0.0.1:
 def test_skipped_images_are_counted_over_the_whole_job(tmp_path, monkeypatch):
     """Unreadable images in training and validation: the job's counts are every process's skips
     together, the same as one process reading the same images counts."""
-    from app.cli import main as cli  # noqa: PLC0415
+    from app.cli import main as cli
 
     data, out = image_folder(tmp_path / "data", broken=1), tmp_path / "runs"
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
@@ -585,7 +585,7 @@ def test_ctrl_c_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     assert "stopped by SIGINT at step 2/6; checkpoint saved" in job.stderr, job.stderr[-3000:]
     assert "python -m app train --resume" in job.stderr
     assert [r["step"] for r in records(out / "stop", "train")] == [1, 2]
-    from app.checkpoint import step_checkpoints  # noqa: PLC0415
+    from app.checkpoint import step_checkpoints
 
     assert [p.name for p in step_checkpoints(out / "stop" / "checkpoints")] == ["step-0000002.pt"]
 
@@ -594,8 +594,8 @@ def test_ctrl_c_on_one_process_stops_every_process_at_the_same_step(tmp_path):
 def test_finetune_over_two_processes(tmp_path, monkeypatch):
     """`finetune ... train.replicas=2` starts torchrun like train; the accuracies before and after
     are over all validation images; only process 0 writes, into the fine-tuning run's folder."""
-    from app.checkpoint import find_checkpoint, load_checkpoint  # noqa: PLC0415
-    from app.cli import main as cli  # noqa: PLC0415
+    from app.checkpoint import find_checkpoint, load_checkpoint
+    from app.cli import main as cli
 
     data, out = image_folder(tmp_path / "data"), tmp_path / "runs"
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)

@@ -319,7 +319,7 @@ def changed_value(path, hint, current):
 
 
 def yaml_text(value):
-    import yaml  # noqa: PLC0415
+    import yaml
 
     text = yaml.safe_dump(value, default_flow_style=True).strip()
     return text[:-3].strip() if text.endswith("...") else text
@@ -349,7 +349,7 @@ def test_the_matrix_covers_every_field():
 @full_only
 def test_the_global_batch_may_be_made_another_way_on_resume(tmp_path, trained, capsys):
     """micro-batch 2 × grad-accum 2 is the same global batch of 4: allowed, and it goes on."""
-    import shutil  # noqa: PLC0415
+    import shutil
 
     copy = tmp_path / "run"
     shutil.copytree(trained[2], copy)
@@ -386,7 +386,7 @@ def test_a_resume_may_change_what_the_checkpoint_does_not_hold(tmp_path, trained
     if value is None:
         pytest.skip(f"no single valid change of {path}")
     copy = tmp_path / "run"
-    import shutil  # noqa: PLC0415
+    import shutil
 
     shutil.copytree(run, copy)
     overrides = [f"{path}={yaml_text(value)}"]

@@ -207,10 +207,10 @@ def test_validate_sweep_writes_table_and_plot_and_warns(trained, capsys):
 
 def test_paper_recipe_end_to_end_writes_one_report(tmp_path, monkeypatch, capsys):
     """`make paper` in miniature: native 64 vs half 32 + fine-tuning at 64, a 3-point sweep."""
-    import app.paper
-    from app.cli import main as cli
+    import experiments.paper
+    from experiments.cli import main as cli
 
-    monkeypatch.setattr(app.paper, "SWEEP_POINTS", 3)
+    monkeypatch.setattr(experiments.paper, "SWEEP_POINTS", 3)
     code = cli(["paper", "--config", "digits", "--device", "cpu", "data.dataset=synthetic",
                 "data.synthetic_images=16", "train.micro_batch=8", "train.max_steps=1",
                 "finetune.resolution=64", "log.name=paper", f"log.out_dir={tmp_path}"])
@@ -235,8 +235,9 @@ def test_finetune_runs_its_own_schedule_not_the_source_runs_max_steps(trained):
     import argparse
 
     from app.checkpoint import find_checkpoint, load_checkpoint
+    from app.command_line import given_on_command_line
     from app.config import build_config
-    from app.finetune import finetune_config, given_on_command_line
+    from app.finetune import finetune_config
 
     _, source, _ = trained
     cfg = build_config(str(source / "config.yaml"))
@@ -297,4 +298,6 @@ def test_interrupted_finetune_resumes_with_its_layers_frozen(trained, monkeypatc
 
     assert cli(["finetune", "--resume", str(run), "train.max_steps=4"]) == 0
     assert load_checkpoint(find_checkpoint(run))["step"] == 4
-    assert "+ fine-tuning (4 steps)" in (run / "finetune.md").read_text()
+    # the finished report is kept; the longer fine-tuning's report goes beside it
+    assert "+ fine-tuning (3 steps)" in (run / "finetune.md").read_text()
+    assert "+ fine-tuning (4 steps)" in (run / "finetune-1.md").read_text()

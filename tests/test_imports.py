@@ -6,11 +6,12 @@ Every import statement counts, also those inside functions (a lazy import is sti
     the application and the device layer alike.
   * The device layer (ipu_options/ and backends/native.py) imports no module of the application
     (it may use model/ and the contract).
-  * The native backend does not reach the IPU layer or the emulator (ipu_options/ chooses it).
-  * The PopTorch emulator (poptorch_emulator/) imports neither the application, nor model/, nor
-    the IPU layer that uses it.
-  * Training (app/) imports nothing of benchmarks/.
-  * No import circle joins files of different folders.
+  * The native backend does not reach the IPU layer or its emulator (app/backend.py chooses).
+  * The PopTorch emulator (ipu_options/emulator/) imports neither the application, nor model/,
+    nor the rest of the IPU layer that uses it.
+  * The application (app/) imports nothing of experiments/ or benchmarks/; experiments/ import
+    the application, never benchmarks/.
+  * No import circle between files anywhere.
 """
 import ast
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Callable, Dict, Iterable, List, Set, Tuple
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("app", "backends", "benchmarks", "ipu_options", "model", "poptorch_emulator")
+PACKAGES = ("app", "backends", "benchmarks", "experiments", "ipu_options", "model")
+EMULATOR = "ipu_options.emulator"
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -29,9 +31,12 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
-def imported_names(source: str, module: str, is_package: bool) -> Set[str]:
-    """Absolute names of everything ``source`` imports, ``from X import Y`` giving X and X.Y
-    (Y may be a module); relative imports resolved against ``module``."""
+def imported_names(source: str, module: str, is_package: bool,
+                   is_module: Callable[[str], bool] = lambda name: False) -> Set[str]:
+    """Absolute names of everything ``source`` imports; relative imports resolved against
+    ``module``. ``from X import Y`` gives X.Y (Y may be a module) and X, unless every name it
+    imports is a module (``is_module``): then what it runs of X's ``__init__`` is X's own business,
+    as for ``import X.Y``."""
     names: Set[str] = set()
     package = module if is_package else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(source)):
@@ -42,8 +47,10 @@ def imported_names(source: str, module: str, is_package: bool) -> Set[str]:
             if node.level:
                 anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
+            named = {f"{base}.{alias.name}" for alias in node.names}
+            names.update(named)
+            if not all(is_module(name) for name in named):
+                names.add(base)
     return names
 
 
@@ -52,7 +59,8 @@ def project_graph(root: Path = ROOT, packages: Iterable[str] = PACKAGES) -> Dict
     files = {module_name(p, root): p for pkg in packages for p in (root / pkg).rglob("*.py")}
     graph = {}
     for name, path in files.items():
-        targets = imported_names(path.read_text(encoding="utf-8"), name, path.name == "__init__.py")
+        targets = imported_names(path.read_text(encoding="utf-8"), name, path.name == "__init__.py",
+                                 is_module=files.__contains__)
         graph[name] = {t for t in targets if t in files and t != name}
     return graph
 
@@ -61,27 +69,28 @@ def top(module: str) -> str:
     return module.split(".")[0]
 
 
-def folder(module: str, graph: Dict[str, Set[str]]) -> str:
-    """The folder of a module's file (a package's __init__ is in the package's own folder)."""
-    is_package = any(other.startswith(module + ".") for other in graph)
-    return module if is_package else module.rpartition(".")[0]
+def layer(module: str) -> str:
+    """The top-level package, but the emulator is a layer of its own inside ipu_options/."""
+    return EMULATOR if module == EMULATOR or module.startswith(EMULATOR + ".") else top(module)
 
 
 NATIVE_BACKEND = "backends.native"
 RULES: List[Tuple[str, Callable[[str], bool], Tuple[str, ...]]] = [
-    # (what the rule says, which importing files, forbidden targets (top-level packages))
+    # (what the rule says, which importing files, forbidden targets (layers))
     ("model/ imports nothing of the project", lambda m: top(m) == "model",
-     ("app", "backends", "benchmarks", "ipu_options", "poptorch_emulator")),
+     ("app", "backends", "benchmarks", "experiments", "ipu_options", EMULATOR)),
     ("the backend contract imports only itself",
      lambda m: top(m) == "backends" and m != NATIVE_BACKEND,
-     ("app", "benchmarks", "ipu_options", "model", "poptorch_emulator")),
+     ("app", "benchmarks", "experiments", "ipu_options", EMULATOR, "model")),
     ("the device layer imports no module of the application",
-     lambda m: top(m) == "ipu_options" or m == NATIVE_BACKEND, ("app", "benchmarks")),
+     lambda m: top(m) == "ipu_options" or m == NATIVE_BACKEND, ("app", "benchmarks", "experiments")),
     ("the native backend does not reach the IPU layer", lambda m: m == NATIVE_BACKEND,
-     ("ipu_options", "poptorch_emulator")),
+     ("ipu_options", EMULATOR)),
     ("the emulator imports neither the application, nor model/, nor the IPU layer",
-     lambda m: top(m) == "poptorch_emulator", ("app", "benchmarks", "ipu_options", "model")),
-    ("training imports nothing of benchmarks/", lambda m: top(m) == "app", ("benchmarks",)),
+     lambda m: layer(m) == EMULATOR, ("app", "benchmarks", "experiments", "ipu_options", "model")),
+    ("the application imports nothing of experiments/ or benchmarks/", lambda m: top(m) == "app",
+     ("benchmarks", "experiments")),
+    ("experiments/ import nothing of benchmarks/", lambda m: top(m) == "experiments", ("benchmarks",)),
 ]
 
 
@@ -90,12 +99,12 @@ def violations(graph: Dict[str, Set[str]]) -> List[str]:
     for rule, applies, forbidden in RULES:
         for module, targets in sorted(graph.items()):
             if applies(module):
-                found += [f"{rule}: {module} imports {t}" for t in sorted(targets) if top(t) in forbidden]
+                found += [f"{rule}: {module} imports {t}" for t in sorted(targets) if layer(t) in forbidden]
     return found
 
 
-def cross_folder_cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
-    """Strongly connected components (Tarjan) whose files lie in more than one folder."""
+def cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """Strongly connected components (Tarjan) of more than one file: the import circles."""
     index: Dict[str, int] = {}
     low: Dict[str, int] = {}
     stack: List[str] = []
@@ -106,7 +115,7 @@ def cross_folder_cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
         index[v] = low[v] = len(index)
         stack.append(v)
         on_stack.add(v)
-        for w in graph.get(v, ()):
+        for w in sorted(graph.get(v, ())):
             if w not in index:
                 visit(w)
                 low[v] = min(low[v], low[w])
@@ -125,7 +134,7 @@ def cross_folder_cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
     for v in sorted(graph):
         if v not in index:
             visit(v)
-    return [c for c in components if len({folder(m, graph) for m in c}) > 1]
+    return [c for c in components if len(c) > 1]
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +143,13 @@ def graph():
 
 
 def test_the_graph_sees_imports_of_every_kind(graph):
-    # a module-level import, a lazy one inside a function, a relative one, an import of a package
+    # a module-level import, a relative one, an import of a package, one of a package's module
     assert "app.backend" in graph["app.train"]
     assert "ipu_options.backend" not in graph["app.train"]
-    assert "ipu_options.poprun" in graph["app.distributed"]  # inside init_distributed
     assert "model.proxy_norm" in graph["model.blocks"]  # from .proxy_norm import ...
-    assert "poptorch_emulator" in graph["ipu_options"]
+    assert EMULATOR in graph["ipu_options.lowering_check"]  # from ipu_options.emulator import identity_loss
+    assert "ipu_options.emulator.lowering" in graph["ipu_options.emulator.blocks"]  # from . import lowering
+    assert EMULATOR not in graph["ipu_options.emulator.blocks"]
     assert set(PACKAGES) <= {top(m) for m in graph}
 
 
@@ -149,17 +159,21 @@ def test_import_rule(graph, rule):
     assert not broken, "\n".join(broken)
 
 
-def test_no_import_circle_between_folders(graph):
-    assert cross_folder_cycles(graph) == []
+def test_no_import_circle(graph):
+    assert cycles(graph) == []
 
 
 def test_the_checks_catch_what_they_forbid(tmp_path):
-    """The same checks on a made-up project: an upward import and a circle across folders."""
+    """The same checks on a made-up project: an upward import, lazy and relative imports, a circle
+    across folders and one inside a folder."""
     files = {
         "model/__init__.py": "", "model/net.py": "from app.cfg import X\n",
         "app/__init__.py": "", "app/cfg.py": "def f():\n    from ipu_options import dev\n",
+        "app/a.py": "from app import b\n", "app/b.py": "def g():\n    from . import a\n",
         "ipu_options/__init__.py": "", "ipu_options/dev.py": "from ..app import cfg\n",
-        "backends/__init__.py": "", "benchmarks/__init__.py": "", "poptorch_emulator/__init__.py": "",
+        "ipu_options/emulator/__init__.py": "from . import core\n",
+        "ipu_options/emulator/core.py": "from ipu_options import dev\n",
+        "backends/__init__.py": "", "benchmarks/__init__.py": "", "experiments/__init__.py": "",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -169,4 +183,7 @@ def test_the_checks_catch_what_they_forbid(tmp_path):
     assert "model/ imports nothing of the project: model.net imports app.cfg" in found
     assert "the device layer imports no module of the application: ipu_options.dev imports app.cfg" \
         in found
-    assert cross_folder_cycles(fake) == [["app.cfg", "ipu_options.dev"]]
+    assert ("the emulator imports neither the application, nor model/, nor the IPU layer: "
+            "ipu_options.emulator.core imports ipu_options.dev") in found
+    assert fake["ipu_options.emulator"] == {"ipu_options.emulator.core"}
+    assert cycles(fake) == [["app.a", "app.b"], ["app.cfg", "ipu_options.dev"]]

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ipu_options import emulator as poptorch
+from ipu_options.emulator.executor import BatchSizeError, PipelineError
+from ipu_options.emulator.precision import round_half, stochastic_round_half
 from model import build_model
-from poptorch_emulator.executor import BatchSizeError, PipelineError
-from poptorch_emulator.precision import round_half, stochastic_round_half
 
 LR = 0.02  # realistic step: fp32 noise of the gradients (~1e-5 relative) stays below 1e-5
 

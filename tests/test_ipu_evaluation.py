@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-import poptorch_emulator as emulator
 from app.cli import main as cli
 from app.objective import Classifier
 from backends.batch_norm_stats import BatchNormProbe
+from ipu_options import emulator as emulator
 
 # fp32 on the device (CPU-identical numbers); group norm learns in a few steps (batch norm's
 # running statistics would still be near their start), batch norm for the recalibration
@@ -104,7 +104,7 @@ def test_validate_and_its_resolution_sweep_run_on_the_inference_executables(trai
 
 
 def test_finetune_measurements_run_on_the_inference_executables(tmp_path, monkeypatch):
-    import app.finetune  # noqa: PLC0415
+    import app.finetune
 
     out, run, _, _ = train(tmp_path, BATCH_NORM, 2)
     monkeypatch.setattr(app.finetune, "RECALIBRATION_IMAGES", 16)  # two batches of 8
@@ -142,8 +142,8 @@ def test_inference_executable_keeps_its_weights_until_they_are_copied_to_it():
 
 
 def test_backend_scores_the_weights_it_is_given(capsys):
-    from app.backend import create_backend  # noqa: PLC0415
-    from app.config import build_config  # noqa: PLC0415
+    from app.backend import create_backend
+    from app.config import build_config
 
     cfg = build_config("digits", ["device=ipu-model", *COMMON])
     backend = create_backend(cfg)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-import poptorch_emulator as emulator
 from app.cli import main as cli
 from app.config import ConfigError, build_config
 from app.objective import Classifier
+from ipu_options import emulator as emulator
 from ipu_options.optimizer import build_ipu_optimizer, loss_scaling
 from ipu_options.options import build_options, local_replicas
 
@@ -123,7 +123,7 @@ def test_device_learning_rate_is_the_schedule_from_the_first_step_fresh_and_resu
 
 
 def test_training_returns_only_the_loss(capsys):
-    from app.backend import create_backend  # noqa: PLC0415
+    from app.backend import create_backend
 
     cfg = build_config("digits", ["device=ipu-model", *QUICK, "train.replicas=2", "ipu.device_iterations=2",
                                   "train.micro_batch=2", "train.grad_accum=2", "ipu.precision=32.32"])

@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import poptorch_emulator as poptorch
 from app.config import build_config
 from app.plan import lowering_reports
 from app.presets import grid_names
+from ipu_options import emulator as poptorch
+from ipu_options.emulator import lowering
+from ipu_options.emulator.lowering import LoweringError, check_lowering
 from model.fast_paths import eager_fast_paths
 from model.norms import NormSpec
-from poptorch_emulator import lowering
-from poptorch_emulator.lowering import LoweringError, check_lowering
 
 MIRROR = Path("/work/.mirror/graphcore+poptorch/repo")
 
@@ -267,7 +267,7 @@ def test_facts_name_their_source_and_hold_the_rules_used():
 @pytest.mark.skipif(not MIRROR.is_dir(),
                     reason="needs a clone of graphcore/poptorch")
 def test_facts_regenerate_identically_from_poptorch_sources(tmp_path):
-    from poptorch_emulator.poptorch_sources import extract
+    from ipu_options.emulator.poptorch_sources import extract
 
     try:
         fresh = extract(str(MIRROR), "sdk/poptorch/3.4.0")

@@ -5,11 +5,11 @@ import pickle
 import pytest
 import torch
 
-import poptorch_emulator as poptorch
 from app.config import build_config
 from app.data import build_dataset, build_loader
 from app.data.poptorch_loader import PopTorchLoader
 from benchmarks.photos import make_folder
+from ipu_options import emulator as poptorch
 
 HOST = ["train.micro_batch=2", "train.grad_accum=2", "ipu.device_iterations=2"]  # host batch 8
 

@@ -1,11 +1,11 @@
-"""`python -m app study`: tiny runs (one seed, one step, synthetic images) and the report's logic."""
+"""`python -m experiments study`: tiny runs (one seed, one step, synthetic images) and the report's logic."""
 import json
 
 import pytest
 
-import app.study
-from app.cli import main as cli
-from app.study_report import compare, verdict, write_report
+import experiments.study
+from experiments.cli import main as cli
+from experiments.study_report import compare, verdict, write_report
 
 TINY = ["--device", "cpu", "data.dataset=synthetic", "data.synthetic_images=64", "train.max_steps=1",
         "study.seeds=[0]"]
@@ -22,8 +22,9 @@ def rows_of(tmp_path, name):
 
 
 def test_norms_study_keeps_the_global_batch_and_writes_rows_report_and_plot(tmp_path, monkeypatch):
-    monkeypatch.setattr(app.study, "MICRO_BATCHES", (2, 32))
-    monkeypatch.setattr(app.study, "NORM_VARIANTS", (("BN", "batch", False), ("LN+PN", "layer", True)))
+    monkeypatch.setattr(experiments.study, "MICRO_BATCHES", (2, 32))
+    monkeypatch.setattr(experiments.study, "NORM_VARIANTS",
+                        (("BN", "batch", False), ("LN+PN", "layer", True)))
     assert run_study("norms", tmp_path) == 0
     path, rows = rows_of(tmp_path, "norms")
     assert [r["variant"] for r in rows] == ["BN mb2", "BN mb32", "LN+PN mb2", "LN+PN mb32"]
@@ -40,7 +41,7 @@ def test_norms_study_keeps_the_global_batch_and_writes_rows_report_and_plot(tmp_
 
 
 def test_groups_and_resolution_studies_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(app.study, "GROUP_EXPANSION", ((1, 6), (16, 4)))
+    monkeypatch.setattr(experiments.study, "GROUP_EXPANSION", ((1, 6), (16, 4)))
     assert run_study("groups", tmp_path) == 0
     _, rows = rows_of(tmp_path, "groups")
     assert [(r["group_size"], r["expand_ratio"]) for r in rows] == [(1, 6), (16, 4)]
@@ -83,8 +84,8 @@ def test_report_refuses_empty_rows(tmp_path):
 
 
 def test_a_partial_grid_completes_the_rows_a_whole_grid_replaces_them(tmp_path, capsys):
-    from app.study import RowWriter
-    from app.study_report import load_rows
+    from experiments.study import RowWriter
+    from experiments.study_report import load_rows
 
     stem = tmp_path / "study-norms-digits-cpu"
     first = RowWriter(stem)

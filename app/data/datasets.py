@@ -106,14 +106,32 @@ class ImageDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- folders
 
+def is_a(entry: "os.DirEntry", kind: str) -> bool:
+    """Whether a folder entry is a ``kind`` ("dir" or "file"), following symbolic links. A dangling
+    link is neither (it is skipped); a link loop, which no scan can follow, is refused by name."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as error:
+        raise DatasetError(f"{entry.path} cannot be read: {error.strerror or error} (a symbolic link "
+                           "that points back at itself, or at a link that does): remove it, or point "
+                           "it at a real folder or image") from None
+
+
+def subfolders(folder: Path) -> List[str]:
+    """The names of the folders in ``folder`` (through links)."""
+    with os.scandir(folder) as entries:
+        return [e.name for e in entries if is_a(e, "dir")]
+
+
 def _scan(split_dir: Path, classes: List[str]) -> List[Tuple[str, int]]:
     items = []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
         if not class_dir.is_dir():
             continue
-        files = sorted(e.path for e in os.scandir(class_dir)
-                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        with os.scandir(class_dir) as entries:
+            files = sorted(e.path for e in entries
+                           if e.name.lower().endswith(IMAGE_EXTENSIONS) and is_a(e, "file"))
         items.extend((f, label) for f in files)
     return items
 
@@ -131,10 +149,10 @@ class FolderDataset(ImageDataset):
         for needed in ("train", split):
             if not (base / needed).is_dir():
                 raise DatasetError(f"data.dataset={root!r} has no {needed}/ folder; {LAYOUT}")
-        self.classes = sorted(d.name for d in os.scandir(base / "train") if d.is_dir())
+        self.classes = sorted(subfolders(base / "train"))
         if not self.classes:
             raise DatasetError(f"data.dataset={root!r}: train/ has no class sub-folders; {LAYOUT}")
-        extra = sorted(set(d.name for d in os.scandir(split_dir) if d.is_dir()) - set(self.classes))
+        extra = sorted(set(subfolders(split_dir)) - set(self.classes))
         if extra:
             raise DatasetError(f"data.dataset={root!r}: {split}/ has classes not in train/: "
                                f"{', '.join(extra[:5])}; both splits must use the same class folders")
@@ -169,8 +187,8 @@ class FolderDataset(ImageDataset):
 def digits_split() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits (1,797 8×8 images, no download) as uint8 0–255, split once
     80/20, stratified by class, with a fixed seed: (train_x, train_y, val_x, val_y)."""
-    from sklearn.datasets import load_digits  # noqa: PLC0415  (only when digits are used)
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    from sklearn.datasets import load_digits  # (only when digits are used)
+    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
@@ -253,4 +271,4 @@ def num_classes_of(name: str) -> int:
     train = Path(name).expanduser() / "train"
     if not train.is_dir():
         return IMAGENET_CLASSES
-    return sum(1 for d in os.scandir(train) if d.is_dir()) or IMAGENET_CLASSES
+    return len(subfolders(train)) or IMAGENET_CLASSES

@@ -6,7 +6,7 @@ combines deviceIterations × replicas × gradientAccumulation of them into the h
 worker process of PopTorch's own (the ``AsynchronousDataAccessor``) fills a ring buffer of host
 batches in shared memory ahead of the device, ``persistent_workers=True`` and
 ``async_options={"load_indefinitely": True}``. The same code runs on the emulator
-(poptorch_emulator/dataloader.py), which keeps PopTorch's rules.
+(ipu_options/emulator/dataloader.py), which keeps PopTorch's rules.
 
 What that worker changes, and how the loader keeps its guarantees (app/data/loader.py):
   * The worker gets a pickled copy of the DataLoader (poptorch python/_dataloader.py:202-233)

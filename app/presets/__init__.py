@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from app.resolution import half_resolution
+
 HERE = Path(__file__).parent
 GRID = re.compile(r"b([0-5])-g(1|16)-(gn|lnpn)(-half)?")
 
@@ -41,7 +43,6 @@ def grid_preset(name: str) -> Optional[Dict[str, Any]]:
     preset = deep_update(preset, variants[f"g{g}"])
     preset = deep_update(preset, variants[norm])
     preset["model"]["name"] = f"b{k}"
-    from app.resolution import half_resolution  # noqa: PLC0415  (the one definition of the rule)
 
     res = half_resolution(f"b{k}") if half else row["resolution"]
     preset["data"]["resolution"] = res

@@ -1,8 +1,8 @@
-"""``python -m app study norms|groups|resolution``: the paper's three claims, measured in miniature.
+"""``python -m experiments study norms|groups|resolution``: the paper's three claims, measured in miniature.
 
 Each study trains a few variants of the configuration (``--config``, digits by default) once per
 seed in ``study.seeds``, writes one row per run to ``<study.out_dir>/study-<name>-<dataset>-<device>
-.jsonl`` (and ``.csv``), then the Markdown report and plot from those rows (``app/study_report.py``;
+.jsonl`` (and ``.csv``), then the Markdown report and plot from those rows (``experiments/study_report.py``;
 ``study.report_only=true`` regenerates them from the rows without training). Rows are written as
 runs finish to ``….jsonl.partial``, which replaces the previous rows only once the study is
 complete, so an interrupted study leaves the last complete one in place.
@@ -22,6 +22,7 @@ trains for its ``STUDY_EPOCHS`` — short, so that a study fits ~20 minutes of a
 """
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -33,11 +34,17 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from app.command_line import given_on_command_line
 from app.config import Config, ConfigError
 from app.errors import AppError
-from app.finetune import given_on_command_line
 from app.provenance import cpu_name, git_commit, load_average
+from app.resolution import half_resolution, model_stages, native_resolution
+from app.run_folder import RunFolder
 from app.tracking import new_folder
+from app.train import run_training
+from experiments.paper import derived, run_recipe
+from experiments.study_report import load_rows, write_report
+from model import build_model, count_macs, count_parameters
 
 STUDY_NAMES = ("norms", "groups", "resolution")
 STUDY_EPOCHS = {"norms": 1.5, "groups": 2.0, "resolution": 3.0}
@@ -52,17 +59,18 @@ MICRO_BATCHES = (2, 4, 8, 32)
 GROUP_EXPANSION = ((1, 6), (4, 5), (16, 4), (64, 2))
 
 
-def take_study_name(overrides: List[str]) -> str:
-    """``python -m app study NAME [overrides]``: remove NAME (the first word without '=') from the
-    overrides and return it; ConfigError (exit 2) when it is missing or unknown."""
+def take_study_name(args: argparse.Namespace, overrides: List[str]) -> None:
+    """``python -m experiments study NAME [overrides]``: move NAME (the first word without '=')
+    from the overrides to ``args.study``; ConfigError (exit 2) when it is missing or unknown."""
     for i, word in enumerate(overrides):
         if "=" not in word:
             if word not in STUDY_NAMES:
                 raise ConfigError("study", word, f"one of {', '.join(STUDY_NAMES)} "
-                                  "(python -m app study norms|groups|resolution [overrides])")
+                                  "(python -m experiments study norms|groups|resolution [overrides])")
             del overrides[i]
-            return word
-    raise ConfigError("study", None, f"a study name: python -m app study {'|'.join(STUDY_NAMES)}")
+            args.study = word
+            return
+    raise ConfigError("study", None, f"a study name: python -m experiments study {'|'.join(STUDY_NAMES)}")
 
 
 @dataclass
@@ -95,7 +103,6 @@ def group_variants(cfg: Config) -> List[Variant]:
 
 def study_config(cfg: Config, args: Optional[argparse.Namespace], name: str) -> Config:
     """The base of every run: validated once at its end, raw weights, the study's length."""
-    from app.paper import derived  # noqa: PLC0415  (app.paper imports the training stack)
 
     train: Dict[str, Any] = {"ema_decay": 0.0, "weight_avg_exp": 0.0}
     if not given_on_command_line(args, "train.epochs"):
@@ -144,17 +151,16 @@ class RowWriter:
     def __init__(self, stem: Path):
         self.stem = stem
         self.partial = stem.with_name(stem.name + ".jsonl.partial")
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        self.partial.write_text("")
+        self.folder = RunFolder(stem.parent)
+        self.folder.check_writable()  # the rows' folder, made if need be: before the first run
+        self.folder.write_document(self.partial.name, "")
         self.rows: List[Dict[str, Any]] = []
 
     def add(self, row: Dict[str, Any]) -> None:
         self.rows.append(row)
-        with self.partial.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.folder.append_line(self.partial.name, json.dumps(row))
 
     def finish(self, merge: bool = False) -> Path:
-        from app.study_report import load_rows  # noqa: PLC0415
 
         final = self.stem.with_name(self.stem.name + ".jsonl")
         earlier = load_rows(final) if final.is_file() else []
@@ -163,14 +169,14 @@ class RowWriter:
             ran = {(r["variant"], r["seed"]) for r in self.rows}
             kept = [r for r in earlier if (r["variant"], r["seed"]) not in ran]
             rows = kept + self.rows
-            with self.partial.open("w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            self.folder.write_document(self.partial.name, "".join(json.dumps(r) + "\n" for r in rows))
             print(f"{final}: {len(self.rows)} new rows beside {len(kept)} "
                   f"of the {len(earlier)} already there")
         elif earlier:
             print(f"replacing the {len(earlier)} rows of {final} "
                   "(earlier versions of committed rows are in git)")
-        os.replace(self.partial, final)
+        with self.folder.guard(final):
+            os.replace(self.partial, final)
         write_csv(rows, self.stem.with_name(self.stem.name + ".csv"))
         return final
 
@@ -179,10 +185,11 @@ def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
     keys: List[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    RunFolder(path.parent).write_document(path.name, text.getvalue())
 
 
 def run_row(study: str, variant: Variant, seed: int, result, resolution: int,
@@ -201,8 +208,6 @@ def run_row(study: str, variant: Variant, seed: int, result, resolution: int,
 
 def run_variants(name: str, cfg: Config, variants: List[Variant], folder: Path, writer: RowWriter,
                  env: Dict[str, Any], extra: Callable[[Config], Dict[str, Any]] = lambda c: {}) -> int:
-    from app.paper import derived  # noqa: PLC0415
-    from app.train import run_training  # noqa: PLC0415
 
     for seed in cfg.study.seeds:
         for variant in variants:
@@ -221,7 +226,6 @@ def run_variants(name: str, cfg: Config, variants: List[Variant], folder: Path, 
 
 def model_size(cfg: Config) -> Dict[str, Any]:
     """Parameters and multiply-adds of the variant at the paper's scale (B0 at 224, 1000 classes)."""
-    from model import build_model, count_macs, count_parameters  # noqa: PLC0415
 
     m = cfg.model
     net = build_model(m.name, group_size=m.group_size, expand_ratio=m.expand_ratio, num_classes=1000)
@@ -230,8 +234,6 @@ def model_size(cfg: Config) -> Dict[str, Any]:
 
 def run_resolution(cfg: Config, folder: Path, writer: RowWriter, env: Dict[str, Any],
                    keep_max_steps: bool) -> int:
-    from app.paper import derived, run_recipe  # noqa: PLC0415
-    from app.resolution import half_resolution, model_stages, native_resolution  # noqa: PLC0415
 
     native = cfg.finetune.resolution or native_resolution(cfg.model.name)
     half = half_resolution(native, model_stages(cfg.model.name))
@@ -263,20 +265,18 @@ def slug(label: str) -> str:
 
 
 def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
-    from app.study_report import write_report  # noqa: PLC0415
 
     name = getattr(args, "study", None) or "norms"
     stem = study_stem(cfg, name)
     if cfg.study.report_only:
         rows_path = stem.with_name(stem.name + ".jsonl")
         if not rows_path.is_file():
-            raise AppError(f"study.report_only: no rows at {rows_path}; run python -m app study {name} first")
-        from app.study_report import load_rows  # noqa: PLC0415
-
+            raise AppError(f"study.report_only: no rows at {rows_path}; run "
+                           f"python -m experiments study {name} first")
         write_csv(load_rows(rows_path), stem.with_name(stem.name + ".csv"))  # rows joined by hand too
         print(f"report: {write_report(name, rows_path)}")
         return 0
-    command = " ".join(["python -m app"] + sys.argv[1:]) if args is not None else f"study {name}"
+    command = " ".join(["python -m experiments"] + sys.argv[1:]) if args is not None else f"study {name}"
     base = study_config(cfg, args, name)
     variants = {"norms": norm_variants, "groups": group_variants}.get(name, lambda c: [])(base)
     if cfg.study.variants:  # a part of the grid (e.g. the runs an interrupted study still lacks)

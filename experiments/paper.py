@@ -30,10 +30,11 @@ import torch
 
 from app.backend import create_backend
 from app.checkpoint import find_checkpoint, load_checkpoint
+from app.command_line import given_on_command_line
 from app.config import Config, config_from_dict
 from app.data import build_dataset, build_loader
 from app.evaluate import checkpoint_networks, evaluate
-from app.finetune import FinetuneResult, finetune_lr, given_on_command_line, report_lines, run_finetune
+from app.finetune import FinetuneResult, finetune_lr, report_lines, run_finetune
 from app.provenance import git_commit
 from app.resolution import (
     half_resolution,
@@ -43,6 +44,7 @@ from app.resolution import (
     sweep,
     sweep_table,
 )
+from app.run_folder import RunFolder
 from app.tracking import format_duration, new_folder
 from app.train import TrainResult, run_training
 
@@ -186,7 +188,7 @@ def write_report(folder: Path, cfg: Config, native: int, half: int, stages: int,
                                                   nf.run.run_dir, hf.run.run_dir)) + ".",
     ]
     text = "\n".join(lines) + "\n"
-    (folder / "report.md").write_text(text)
+    RunFolder(folder).write_report("report.md", text)
     return text
 
 
@@ -195,7 +197,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     native = cfg.finetune.resolution or native_resolution(cfg.model.name)
     half = half_resolution(native, stages)  # errors (too small a native size) before any work
     folder = paper_folder(cfg)
-    command = " ".join(["python -m app"] + sys.argv[1:])
+    command = " ".join(["python -m experiments"] + sys.argv[1:])
     print(f"paper recipe in {folder}: native {native}, half {half} (mod {2 ** stages}: "
           f"{native % 2 ** stages} and {half % 2 ** stages})")
     runs = run_recipe(cfg, folder, native, half,

@@ -1,4 +1,4 @@
-"""A study's rows (``app/study.py``) → its Markdown report and plot, regenerated from the rows alone.
+"""A study's rows (``experiments/study.py``) → its Markdown report and plot, regenerated from the rows alone.
 
 Every number in a report is a mean over seeds ± the sample standard deviation (n − 1), with the
 number of seeds. A comparison between two variants is called *separated* only when the
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from app.plotting import pyplot, save
+from app.run_folder import RunFolder
 
 Rows = List[Dict[str, Any]]
 
@@ -221,7 +222,8 @@ SECTIONS = {
               "global batch by gradient accumulation and the same number of updates."),
     "groups": ("Group size: accuracy and CPU throughput", groups_lines, plot_groups,
                "Group sizes 1, 4, 16 and 64 with expansion ratios 6, 5, 4 and 2 (G1 e6 and G16 e4 "
-               "from the paper's configs; G4 and G64 chosen to keep FLOPs near G1's, see app/study.py)."),
+               "from the paper's configs; G4 and G64 chosen to keep FLOPs near G1's, see "
+               "experiments/study.py)."),
     "resolution": ("Native vs half resolution, both fine-tuned", resolution_lines, plot_resolution,
                    "Each seed trains at the native and at the half resolution for the same epochs, then "
                    "fine-tunes both at the native one (last layers, validation preprocessing, SGD) — "
@@ -242,10 +244,10 @@ def write_report(name: str, rows_path: Path, out: Optional[Path] = None) -> Path
     first = rows[0]
     text = [f"# Study: {title} ({first['dataset']}, {first['device']})",
             "", "Generated from the rows in "
-            f"`{rows_path.name}` by `app/study_report.py`; do not edit by hand "
-            f"(regenerate: `python -m app study {name} study.report_only=true`).", "",
+            f"`{rows_path.name}` by `experiments/study_report.py`; do not edit by hand "
+            f"(regenerate: `python -m experiments study {name} study.report_only=true`).", "",
             *provenance(rows), "", f"{what} Each run: {first['epochs']:g} epochs of {first['dataset']} "
             f"({first['model']}), global batch {first['global_batch']}, validated once at its end with "
             "its raw weights.", "", *lines_fn(rows), "", f"![{name}]({plot.name})", ""]
-    out.write_text("\n".join(text))
+    RunFolder(out.parent).write_document(out.name, "\n".join(text))
     return out

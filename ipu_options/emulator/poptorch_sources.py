@@ -1,6 +1,6 @@
 """Regenerate ``poptorch_ops.json``, the lowering check's facts, from PopTorch's own sources.
 
-    python -m poptorch_emulator.poptorch_sources \\
+    python -m ipu_options.emulator.poptorch_sources \\
         --git-dir /work/.mirror/graphcore+poptorch/repo --tag sdk/poptorch/3.4.0
 
 reads a clone of https://github.com/graphcore/poptorch (a bare git directory is enough: files are
@@ -127,7 +127,7 @@ def extract(git_dir: str, tag: str = DEFAULT_TAG) -> dict:
         "repository": "https://github.com/graphcore/poptorch",
         "tag": tag,
         "commit": _git(git_dir, "rev-parse", f"{tag}^{{commit}}").strip(),
-        "regenerate": "python -m poptorch_emulator.poptorch_sources --git-dir DIR --tag TAG",
+        "regenerate": "python -m ipu_options.emulator.poptorch_sources --git-dir DIR --tag TAG",
         "handlers": {op: src for op, (_, src) in sorted(registered.items())},
         "loss_handlers": sorted(op for op, (h, _) in registered.items() if h in losses),
         "affine_pair_handlers": sorted(op for op, (h, _) in registered.items() if h in affine),
