@@ -204,7 +204,7 @@ def test_defaults_map_to_sdk_calls():
                    "opts.TensorLocations.setOptimizerLocation", "opts.enableExecutableCaching",
                    "opts.useOfflineIpuTarget", "opts.useIpuModel"):
         assert absent not in names
-    # torch's contiguous channel groups on the IPU too (poptorch_emulator/norms.py)
+    # torch's contiguous channel groups on the IPU too (ipu_options/emulator/norms.py)
     assert popart(calls)["groupNormStridedChannelGrouping"] is False
 
 
