@@ -35,6 +35,7 @@ from app.resolution import (
     write_sweep_report,
 )
 from app.run_folder import RunFolder
+from app.specs import data_spec
 
 
 def as_classifier(weights: Optional[nn.Module], cfg: Optional[Config]) -> Optional[nn.Module]:
@@ -148,7 +149,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     results = {}
     for kind, network in networks.items():
         for r, dataset in datasets.items():
-            loader = build_loader(dataset, backend.eval_batch_size(cfg), train=False, cfg=cfg,
+            loader = build_loader(dataset, backend.eval_batch_size(), train=False, spec=data_spec(cfg),
                                   device=backend.device)
             results[f"{kind}@{r}"] = evaluate(backend, loader, network, cfg)
     print(f"validation of {path} (step {payload.get('step')}):\n{report(results)}")

@@ -54,6 +54,7 @@ from app.objective import Classifier, build_classifier, build_network
 from app.optim import build_optimizer, lr_at
 from app.resolution import check_resolutions, downsampling_stages
 from app.run_folder import RunFolder, RunFolderError, check_output_root, remove_if_empty, resume_command
+from app.specs import data_spec
 from app.tracking import Tracker, format_duration, new_folder
 from app.weight_average import build_weight_average
 from model import convert_state_dict
@@ -376,8 +377,9 @@ class Trainer:
         process loads its own share of every epoch (the same images as one process would)."""
         cfg, dist, backend = self.cfg, self.dist, self.backend
         self.train_set = build_dataset(cfg, "train", cfg.data.resolution)
-        self.host_batch = host_batch = backend.host_batch_size(cfg)
-        self.loader = build_loader(self.train_set, host_batch, train=True, cfg=cfg,
+        self.host_batch = host_batch = backend.host_batch_size()
+        data = data_spec(cfg)
+        self.loader = build_loader(self.train_set, backend.batch, train=True, spec=data,
                                    device=backend.device, seed=cfg.train.seed,
                                    sampler=shard_sampler(dist, self.train_set, train=True,
                                                          seed=cfg.train.seed, batch_size=host_batch))
@@ -386,7 +388,7 @@ class Trainer:
         for r in self.val_resolutions:
             val_set = build_dataset(cfg, "val", r)
             self.val_loaders[r] = build_loader(
-                val_set, backend.eval_batch_size(cfg), train=False, cfg=cfg, device=backend.device,
+                val_set, backend.eval_batch_size(), train=False, spec=data, device=backend.device,
                 sampler=shard_sampler(dist, val_set, train=False, seed=cfg.train.seed))
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch < 1:
@@ -446,7 +448,7 @@ class Trainer:
             self.hook.setup(self.context)
         self.base_lr = cfg.optim.lr * cfg.global_batch / cfg.optim.lr_reference_batch
         self.optimizer = build_optimizer(model, cfg, self.base_lr)
-        self.backend.prepare(self.classifier, self.optimizer, cfg)
+        self.backend.prepare(self.classifier, self.optimizer)
         self.ema = build_weight_average(cfg, model, self.steps_per_epoch)  # EMA or per-epoch average
 
     def restore(self) -> None:

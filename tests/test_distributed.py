@@ -29,6 +29,7 @@ from app.distributed import (
     scale_summary,
     shard_sampler,
 )
+from app.specs import batch_plan, data_spec, device_spec
 
 
 def config(*overrides):
@@ -66,8 +67,8 @@ def test_ranks_batches_together_are_the_one_process_batches():
     trains on exactly the images (and augmentation seeds) of step k of one process."""
     cfg = config("data.dataset=generated", "data.synthetic_images=48", "data.workers=0")
     dataset = build_dataset(cfg, "train", 32)
-    single = build_loader(dataset, 8, train=True, cfg=cfg, seed=7)
-    ranks = [build_loader(dataset, 4, train=True, cfg=cfg, seed=7,
+    single = build_loader(dataset, 8, train=True, spec=data_spec(cfg), seed=7)
+    ranks = [build_loader(dataset, 4, train=True, spec=data_spec(cfg), seed=7,
                           sampler=shard_sampler(DistContext(rank=r, world_size=2), dataset, train=True,
                                                 seed=7, batch_size=4))
              for r in range(2)]
@@ -504,8 +505,8 @@ def test_ddp_gradient_accumulation_equals_plain_accumulation(tmp_path, monkeypat
     def one_step():
         torch.manual_seed(0)
         model = TinyClassifier()
-        backend = NativeBackend(cfg)
-        backend.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg)
+        backend = NativeBackend(device_spec(cfg), batch_plan(cfg))
+        backend.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
         loss = backend.train_step(images, targets)["loss"]
         return backend.trainer, loss, model.linear.weight.detach().clone()
 

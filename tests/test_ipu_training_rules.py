@@ -129,8 +129,8 @@ def test_training_returns_only_the_loss(capsys):
                                   "train.micro_batch=2", "train.grad_accum=2", "ipu.precision=32.32"])
     backend = create_backend(cfg)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
-    backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
-    images = torch.randint(0, 256, (backend.host_batch_size(cfg), 3, 8, 8), dtype=torch.uint8)
+    backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1))
+    images = torch.randint(0, 256, (backend.host_batch_size(), 3, 8, 8), dtype=torch.uint8)
     targets = torch.arange(images.shape[0]) % 10
     out = backend.train_model(images, targets)
     assert isinstance(out, torch.Tensor) and out.shape == (2,)  # one summed loss per replica

@@ -9,7 +9,7 @@ yields exactly the tail the uninterrupted epoch would have.
 
 Usage::
 
-    loader = build_loader(dataset, 64, train=True, cfg=cfg, device=device, seed=cfg.train.seed)
+    loader = build_loader(dataset, 64, train=True, spec=data_spec(cfg), device=device, seed=cfg.train.seed)
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         for images, targets in loader.iterate(start_batch=k if epoch == start_epoch else 0):
