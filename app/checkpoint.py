@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 import torch
 
+from app.config import ModelConfig
 from app.errors import AppError
 from app.run_folder import TMP_MARK, RunFolder, replace_atomically, resume_command
 from backends.process import proc_stat
@@ -225,13 +226,14 @@ def _describe(payload: Any) -> str:
     return f"a {type(payload).__name__}"
 
 
-def arch_of(model_cfg, num_classes: int) -> Dict[str, Any]:
+def arch_of(model_cfg: ModelConfig, num_classes: int) -> Dict[str, Any]:
     arch = {name: getattr(model_cfg, name) for name in ARCH_FIELDS}
     arch["num_classes"] = num_classes
     return arch
 
 
-def check_architecture(payload: Dict[str, Any], model_cfg, num_classes: int, source: Any) -> None:
+def check_architecture(payload: Dict[str, Any], model_cfg: ModelConfig, num_classes: int,
+                       source: Any) -> None:
     """Raise naming every architectural field where the checkpoint and this run differ."""
     saved = payload.get("arch")
     if saved is None:

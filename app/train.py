@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 import numpy as np
 import torch
 import yaml
+from torch import Tensor
 
 from app.backend import Backend, create_backend
 from app.checkpoint import (
@@ -139,7 +140,7 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
           + (f"; new classifier for {own['classifier.weight'].shape[0]} classes" if new_head else ""))
 
 
-def epoch_batches(loader, start: int) -> Iterator:
+def epoch_batches(loader: Iterable, start: int) -> Iterator:
     """This epoch's batches from batch ``start`` on, without loading the skipped ones where the
     loader can. The first batch is fetched here, so whatever a loader draws from the global RNG
     when it starts is drawn now, at a point the checkpoint's RNG states can be restored after
@@ -530,7 +531,7 @@ class Trainer:
         self.tracker.start_window()
         return self.tracker.timed(batches)  # counts the time spent waiting for data
 
-    def one_step(self, images, targets) -> None:
+    def one_step(self, images: Tensor, targets: Tensor) -> None:
         """One weight update (the rate of update step+1), the EMA when due, the step's records."""
         s, cfg = self.state, self.cfg
         lr = lr_at(s.step + 1.0, cfg, self.steps_per_epoch, self.base_lr)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import ConvNormAct, MBConv
-from .norms import NORM_KINDS, NormSpec
+from .norms import NormSpec
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,6 @@ def build_model(name: str, *, group_size: int = 1, expand_ratio: int = 6, norm: 
     the paper's choice 16); ``norm`` is one of batch, group, layer; ``proxy_norm`` replaces every
     norm's activation by a proxy-normalised one (the paper pairs it with ``norm="layer"``)."""
     key = variant_key(name)
-    if norm not in NORM_KINDS:
-        raise ValueError(f"norm={norm!r} is not one of {', '.join(NORM_KINDS)}")
     for field, value in (("group_size", group_size), ("expand_ratio", expand_ratio),
                          ("num_classes", num_classes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

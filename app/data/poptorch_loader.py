@@ -28,6 +28,7 @@ import warnings
 from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 from torch.utils.data import Sampler
 
 from backends.specs import BatchPlan
@@ -62,7 +63,7 @@ class TensorCollate(Collate):
     """The loader's collate with tensors only: unreadable images as a per-sample count, their
     paths warned here, in the worker."""
 
-    def __call__(self, samples):
+    def __call__(self, samples: List[Tuple[Tensor, int, List[str]]]) -> Tuple[Tensor, Tensor, Tensor]:
         counts = torch.tensor([len(s[2]) for s in samples], dtype=torch.int32)
         for path in (p for s in samples for p in s[2]):
             warnings.warn(f"skipped an unreadable image (replaced by the next readable one): {path}",
@@ -122,7 +123,7 @@ class PopTorchLoader:
         self._stream = iter(self._loader)
         self._position = (epoch, start)
 
-    def iterate(self, start_batch: int = 0):
+    def iterate(self, start_batch: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
         """This epoch's batches from ``start_batch`` on, from the open stream when it is there."""
         epoch, per_epoch = self.batches.epoch, len(self.batches)
         if self._stream is None or self._position != (epoch, start_batch):
