@@ -289,7 +289,7 @@ def torchrun_command(cfg: Config, app_argv: List[str]) -> List[str]:
         command += ["--rdzv_backend=c10d", f"--rdzv_endpoint={d.rdzv_endpoint}"]
     else:
         command += ["--standalone"]  # one machine: a free local port, no address to agree on
-    return command + launcher_args(cfg) + ["-m", "app"] + list(app_argv)
+    return command + launcher_args(cfg.dist.launcher_args) + ["-m", "app"] + list(app_argv)
 
 
 def launch_command(cfg: Config, app_argv: List[str]) -> Optional[List[str]]:

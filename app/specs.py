@@ -11,11 +11,16 @@ IPU_DEVICES = ("ipu", "ipu-model")
 def batch_plan(cfg: Config) -> BatchPlan:
     """The run's sizes on its device: an IPU process drives its share of the replicas for
     ``ipu.device_iterations`` updates per call; a CPU/GPU process is one replica, one update."""
-    t = cfg.train
     if cfg.device in IPU_DEVICES:
-        return BatchPlan(t.micro_batch, t.grad_accum, cfg.ipu.device_iterations, t.replicas,
-                         local_replicas(cfg))
+        return ipu_batch_plan(cfg)
+    t = cfg.train
     return BatchPlan(t.micro_batch, t.grad_accum, replicas=t.replicas)
+
+
+def ipu_batch_plan(cfg: Config) -> BatchPlan:
+    """The sizes of ``cfg`` on IPUs (whatever ``device`` says: ``plan`` and the options' tests)."""
+    t = cfg.train
+    return BatchPlan(t.micro_batch, t.grad_accum, cfg.ipu.device_iterations, t.replicas, local_replicas(cfg))
 
 
 def device_spec(cfg: Config) -> DeviceSpec:

@@ -115,7 +115,7 @@ class PopTorchBackend(Backend):
         self._lr: Optional[float] = None
         self._state_checked = self._device_state_loaded = False
         self.host_classifier = None
-        self.eval_opts = build_options(cfg, poptorch, training=False, splits=self.splits,
+        self.eval_opts = build_options(cfg, poptorch, batch, training=False, splits=self.splits,
                                        use_ipu_model=self.use_ipu_model)
         self.eval_opts.deviceIterations(self.eval_iterations)
         # Evaluation: one device copy of the network (built from the first weights evaluated),
@@ -149,7 +149,7 @@ class PopTorchBackend(Backend):
                                              cfg, lr)
         self._lr = lr
         self.training_output_mode = cfg.ipu.output_mode
-        train_opts = build_options(cfg, poptorch, training=True, splits=self.splits,
+        train_opts = build_options(cfg, poptorch, self.batch, training=True, splits=self.splits,
                                    use_ipu_model=self.use_ipu_model)
         device.train()
         self.train_model = poptorch.trainingModel(_LossOnly(device), train_opts, optimizer=self.optimizer)

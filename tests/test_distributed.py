@@ -29,7 +29,7 @@ from app.distributed import (
     scale_summary,
     shard_sampler,
 )
-from app.specs import batch_plan, data_spec, device_spec
+from app.specs import batch_plan, data_spec, device_spec, ipu_batch_plan
 
 
 def config(*overrides):
@@ -311,7 +311,7 @@ def test_popdist_instance_initialises_and_reduces_through_horovod(popdist_job):
     # the PopTorch options of this instance start from PopDist's, which set the replication
     from ipu_options import emulator
 
-    opts = build_options(cfg, emulator)
+    opts = build_options(cfg, emulator, ipu_batch_plan(cfg))
     assert opts.made_by == "popdist" and opts.replication_factor == 4
     assert [c[0] for c in opts.calls].count("replicationFactor") == 1  # PopDist's call only
     assert ("popdist.poptorch.Options", (), {"ipus_per_replica": 2}) in rec.calls

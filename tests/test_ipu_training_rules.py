@@ -14,6 +14,7 @@ from torch import nn
 from app.cli import main as cli
 from app.config import ConfigError, build_config
 from app.objective import Classifier
+from app.specs import ipu_batch_plan
 from ipu_options import emulator as emulator
 from ipu_options.optimizer import build_ipu_optimizer, loss_scaling
 from ipu_options.options import build_options, local_replicas
@@ -140,7 +141,7 @@ def test_training_returns_only_the_loss(capsys):
 
 def _record_options(overrides, training):
     cfg = build_config("digits", overrides)
-    return build_options(cfg, emulator, training=training)
+    return build_options(cfg, emulator, ipu_batch_plan(cfg), training=training)
 
 
 def test_stochastic_rounding_is_a_training_option_only():
