@@ -26,9 +26,14 @@ class BatchPlan:
         return self.micro_batch * self.grad_accum
 
     @property
+    def micro_batches_per_call(self) -> int:
+        """Micro-batches each replica runs in one ``train_step`` call."""
+        return self.grad_accum * self.device_iterations
+
+    @property
     def host_batch(self) -> int:
         """Images of one ``train_step`` call: what the training loader yields."""
-        return self.update_batch * self.device_iterations * self.local_replicas
+        return self.micro_batch * self.micro_batches_per_call * self.local_replicas
 
     @property
     def global_batch(self) -> int:

@@ -194,7 +194,7 @@ class PopTorchBackend(Backend):
             raise BackendError(f"invalid IPU configuration: {error}") from None
         loss = losses.float().mean()
         if self.training_output_mode == "sum":  # each returned loss sums DI × GA micro-batches
-            loss = loss / (self.batch.device_iterations * self.batch.grad_accum)
+            loss = loss / self.batch.micro_batches_per_call
         return {"loss": all_reduce_mean(loss.cpu())}
 
     def compile(self, images: Tensor, targets: Tensor) -> str:
