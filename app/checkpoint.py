@@ -25,7 +25,11 @@ CHECKPOINT_DIR = "checkpoints"
 BEST = "best.pt"
 STEP_FILE = re.compile(r"step-(\d+)\.pt")
 # The fields of cfg.model that decide the shapes and meaning of the weights.
-ARCH_FIELDS = ("name", "group_size", "expand_ratio", "norm", "proxy_norm", "norm_groups")
+ARCH_FIELDS = ("name", "group_size", "expand_ratio", "norm", "proxy_norm", "norm_groups",
+               "padding", "graph")
+# What a checkpoint without a recorded graph variant computed (written before padding and graph
+# were fields): the override that builds that function again.
+UNRECORDED_GRAPH = {"padding": "symmetric", "graph": "v1"}
 
 
 class CheckpointError(AppError):
@@ -232,12 +236,29 @@ def arch_of(model_cfg: ModelConfig, num_classes: int) -> Dict[str, Any]:
     return arch
 
 
+def check_graph_variant(saved_arch: Dict[str, Any], model_cfg: ModelConfig, source: Any) -> Dict[str, Any]:
+    """The checkpoint's architecture with its graph variant (padding, graph). A checkpoint that
+    records none computed ``UNRECORDED_GRAPH``: loading it into another graph would silently
+    compute another function, so that is refused with the override that restores its graph."""
+    if all(k in saved_arch for k in UNRECORDED_GRAPH):
+        return saved_arch
+    if any(getattr(model_cfg, k) != v for k, v in UNRECORDED_GRAPH.items()):
+        override = " ".join(f"model.{k}={v}" for k, v in UNRECORDED_GRAPH.items())
+        raise CheckpointError(
+            f"checkpoint {source} was written before the graph variant was recorded: it computes "
+            f"this project's first graph (symmetric padding, squeeze-excite and head of graph v1), "
+            f"not this run's (model.padding={model_cfg.padding}, model.graph={model_cfg.graph}). "
+            f"Add {override} to the command line to use it (docs/official-code.md)")
+    return {**UNRECORDED_GRAPH, **saved_arch}
+
+
 def check_architecture(payload: Dict[str, Any], model_cfg: ModelConfig, num_classes: int,
                        source: Any) -> None:
     """Raise naming every architectural field where the checkpoint and this run differ."""
     saved = payload.get("arch")
     if saved is None:
         return  # not one of ours: load_weights reports mismatches by parameter name
+    saved = check_graph_variant(saved, model_cfg, source)
     current = arch_of(model_cfg, num_classes)
     diffs = [f"{'model.' if k != 'num_classes' else ''}{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
              for k, v in current.items() if saved.get(k) != v]

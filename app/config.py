@@ -23,8 +23,10 @@ from app.data.datasets import BUILTIN, IMAGE_EXTENSIONS, is_a
 from backends.errors import ConfigError  # noqa: F401  (defined below the device layer, which raises it too)
 from backends.specs import BatchPlan
 from ipu_options.config import IPUConfig
+from model.blocks import GRAPHS
 from model.efficientnet import MODEL_NAMES, variant_key
 from model.norms import NORM_KINDS
+from model.padding import PADDINGS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEVICES = ("auto", "cpu", "cuda", "ipu", "ipu-model")
@@ -49,6 +51,12 @@ class ModelConfig:
     norm_eps: float = 1e-3
     dropout: Optional[float] = None  # None: the variant's own (0.2 for B0 … 0.5 for B7)
     drop_path: float = 0.2
+    # same: TensorFlow's SAME, as the official code (timm's tf_efficientnet_* too); symmetric: k//2
+    # on every side, as timm's efficientnet_* and torchvision (to reproduce their outputs)
+    padding: str = "same"
+    # official: squeeze-excite and head under proxy norm as the official code; v1: this
+    # project's first graph (with padding=symmetric: what checkpoints without a record computed)
+    graph: str = "official"
     init_from: Optional[str] = None  # a local timm/torchvision/our checkpoint to start from
     init_source: str = "ours"  # ours | timm | torchvision
 
@@ -462,6 +470,10 @@ def _validate_model(m) -> None:
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
     _require(m.dropout is None or 0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1) or null")
     _require(0 <= m.drop_path < 1, "model.drop_path", m.drop_path, "in [0, 1)")
+    _require(m.padding in PADDINGS, "model.padding", m.padding,
+             "same (TensorFlow's, the official code's) or symmetric (timm's efficientnet_*, torchvision)")
+    _require(m.graph in GRAPHS, "model.graph", m.graph,
+             "official, or v1 for checkpoints written before the official graph")
     _require(m.init_source in ("ours", "timm", "torchvision"), "model.init_source", m.init_source,
              "ours, timm or torchvision")
 

@@ -82,7 +82,8 @@ def build_network(cfg: Config, num_classes: int) -> nn.Module:
     m = cfg.model
     return build_model(m.name, group_size=m.group_size, expand_ratio=m.expand_ratio, norm=m.norm,
                        proxy_norm=m.proxy_norm, norm_groups=m.norm_groups, norm_eps=m.norm_eps,
-                       num_classes=num_classes, dropout=m.dropout, drop_path=m.drop_path)
+                       num_classes=num_classes, dropout=m.dropout, drop_path=m.drop_path,
+                       padding=m.padding, graph=m.graph)
 
 
 def network_builder(cfg: Config) -> Callable[[], nn.Module]:

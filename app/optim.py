@@ -1,9 +1,14 @@
 """Optimisation: weight-decay parameter groups, optimisers, the learning-rate schedule, EMA.
 
 Weight decay is an L2 term on the gradient (g ← g + wd·θ) for SGD and RMSprop, as the TensorFlow
-reference adds ``wd·Σ‖θ‖²/2`` to the loss; AdamW decays decoupled (θ ← θ − lr·wd·θ). It applies to
-conv/linear weights and to proxy norm's own β̃, γ̃ (``proxy_bias``, ``proxy_weight``), never to
-norm weights/biases (proxy norm's γ, β live there) or conv/linear biases.
+reference adds it (ipu_optimizer.py:48-53); AdamW decays decoupled (θ ← θ − lr·wd·θ). The
+official rule: every variable decays except those named beta, gamma, proxy or moving_
+(efficientnet.py:557, train.py:234-244), and of the proxy variable, β̃ and γ̃ (rows 4-5) decay
+with the same rate while β, γ, μ̃, 1/σ̃ (rows 0-3) do not (proxy_norm.py:148-152, the
+optimiser's own decay for the variables it takes out of the general rule, train.py:221-227). Here:
+conv and linear weights *and biases* (squeeze-excite, classifier) and proxy norm's β̃, γ̃
+(``proxy_bias``, ``proxy_weight``) decay; norm weights and biases (TF's gamma, beta; proxy norm's
+γ, β live there) do not.
 """
 import copy
 import math
@@ -20,9 +25,9 @@ from model.proxy_norm import ProxyNormAct
 
 def decay_split(model: nn.Module) -> Tuple[List[Tuple[str, nn.Parameter]], List[Tuple[str, nn.Parameter]]]:
     """(decayed, not decayed) trainable parameters as (name, parameter), by the module owning each:
-    ProxyNormAct → decayed; conv/linear ``weight`` → decayed; everything else (norm affine,
-    conv/linear biases) → not decayed. A parameter of another module type decays when it is a
-    matrix or larger (a weight), not when it is a vector (a bias or scale)."""
+    ProxyNormAct (β̃, γ̃) and conv/linear weights and biases → decayed; norm affine → not decayed
+    (the official rule, see the module's docstring). A parameter of another module type decays
+    when it is a matrix or larger (a weight), not when it is a vector (a bias or scale)."""
     decay, no_decay = [], []
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
@@ -32,7 +37,7 @@ def decay_split(model: nn.Module) -> Tuple[List[Tuple[str, nn.Parameter]], List[
             if isinstance(module, ProxyNormAct):
                 decayed = True
             elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-                decayed = name == "weight"
+                decayed = True  # TF's conv2d/kernel, conv2d/bias, dense/kernel, dense/bias
             elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
                 decayed = False
             else:

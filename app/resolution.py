@@ -4,15 +4,16 @@ The recipe: train at about half the native pixel count, fine-tune briefly at the
 and test only at resolutions with the same residue as the training resolution modulo the
 network's total stride, 2^n for n stride-2 stages (32 for EfficientNet's 5).
 
-Why the residue. A stride-2 conv with kernel k and padding k//2 maps a side of H pixels to
-ceil(H/2), so stage i of the network sees ceil(H/2^i). Whether that size is odd — whether the
-stage pads one side more than the other, shifting its sampling grid by half a pixel relative to
-the input — is bit i of (H - 1). The sizes at stages 0 … n-1 are therefore all even/odd in the
-same places for two resolutions exactly when they agree modulo 2^n. Keeping the residue keeps
-every downsampling step aligned as in training; breaking it moves the asymmetric padding to other
-stages, and the features the network learned are sampled on shifted grids (aliasing). This holds
-for odd sizes too (225 ≡ 257 ≡ 1 mod 32: both odd at the same stages), and for a network with a
-different number of stride-2 stages the modulus is 2^n for its own n (``downsampling_stages``).
+Why the residue. A stride-2 conv with kernel k and TensorFlow's SAME padding (or k//2 on each
+side) maps a side of H pixels to ceil(H/2), so stage i of the network sees ceil(H/2^i). Whether
+that size is odd — whether the stage pads one side more than the other, shifting its sampling grid
+by half a pixel relative to the input — is bit i of (H - 1). The sizes at stages 0 … n-1 are
+therefore all even/odd in the same places for two resolutions exactly when they agree modulo 2^n.
+Keeping the residue keeps every downsampling step aligned as in training; breaking it moves the
+asymmetric padding to other stages, and the features the network learned are sampled on shifted
+grids (aliasing). This holds for odd sizes too (225 ≡ 257 ≡ 1 mod 32: both odd at the same
+stages), and for a network with a different number of stride-2 stages the modulus is 2^n for its
+own n (``downsampling_stages``).
 
 Half resolution. ``half_resolution`` is the size with the native size's residue modulo 2^n
 nearest to 0.7 × native (ties go to the smaller, cheaper size). That rule reproduces the paper's

@@ -68,36 +68,34 @@ def os_error_in(error: Optional[BaseException]) -> Optional[OSError]:
     return None
 
 
-def _sync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable; some file systems cannot fsync a folder (the rename is
-    atomic all the same)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def replace_atomically(path: Path, write: Callable) -> Path:
     """``write(f)`` into a temporary file beside ``path``, flushed to disk, renamed over ``path``.
-    The temporary file is removed whatever the failure (a signal included)."""
+    The temporary file is removed whatever the failure (a signal included), also from a folder
+    moved away meanwhile: it is removed through a handle on the folder itself."""
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    folder = os.open(path.parent, os.O_RDONLY)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
         try:
-            tmp.unlink()
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                if os.unlink in os.supports_dir_fd:
+                    os.unlink(tmp.name, dir_fd=folder)
+                else:
+                    tmp.unlink()
+            except OSError:
+                pass  # never created
+            raise
+        try:  # make the rename itself durable
+            os.fsync(folder)
         except OSError:
-            pass  # never written, or its folder is gone
-        raise
-    _sync_folder(path.parent)
+            pass  # some file systems cannot fsync a folder; the rename is still atomic
+    finally:
+        os.close(folder)
     return path
 
 

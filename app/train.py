@@ -132,6 +132,10 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
                   f"torchvision's efficientnet_b0-b4 use {PEER_NORM_EPS:g} (timm's tf_* and torchvision's "
                   f"b5-b7 use 1e-3): set model.norm_eps to the source's to reproduce its outputs",
                   file=sys.stderr)
+        if cfg.model.padding != "symmetric":  # nor is the padding
+            print(f"note: model.padding={cfg.model.padding}, while torchvision and timm's efficientnet_* "
+                  "pad symmetrically (timm's tf_efficientnet_* pad as TensorFlow's SAME): set "
+                  "model.padding to the source's to reproduce its outputs", file=sys.stderr)
     own = model.state_dict()
     new_head = [k for k in own
                 if k.startswith("classifier.") and k in state and state[k].shape != own[k].shape]

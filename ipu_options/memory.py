@@ -3,12 +3,14 @@ stored for the backward pass, by precision, micro-batch, pipeline split and reco
 
 Activations are counted from the layers' shapes (one shape pass on the meta device: no memory,
 no compute) with one rule per layer kind — which tensors the backward pass of that kind needs:
-  conv / linear     its input (the producer's output)
+  conv / linear     its input (the producer's output); a conv with asymmetric TF-SAME pads
+                    keeps the padded tensor (F.pad's output) instead
   batch/group norm  its input (= the conv output) and per-sample or per-channel statistics
   SiLU              its input (the norm's output) and, where the
                     next layer is a conv or a gate, its output as that layer's input
-  proxy norm        the norm's output (φ's input), φ(x) where the scale is applied afterwards,
-                    and per channel 2 × C × 200 proxy-statistic points (batch independent)
+  proxy norm        the norm's output (φ's input), φ(x) where the scale is applied afterwards
+                    (not where it is dropped: the official head), and per channel 2 × C × 200
+                    proxy-statistic points (batch independent)
   squeeze-excite    the pooled vector chain (C-sized per sample) and the gated output
   adds, pooling     nothing (their backward needs shapes only)
 Each stored tensor is counted once, where it is produced. The rules are checked against the bytes
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from model.blocks import ConvNormAct, MBConv
+from model.padding import Conv2dSame
 from model.proxy_norm import ProxyNormAct
 
 IPU_SRAM_BYTES = 900 * 10 ** 6  # GC200 / Bow: 900 MB In-Processor Memory
@@ -58,8 +61,21 @@ def _cna_units(cna: ConvNormAct, deferred: bool = False, output_saved: bool = Tr
     if isinstance(cna.act, ProxyNormAct):
         if deferred:
             return 3  # conv out, norm out, φ(x) − μ̃ (kept by the gate)
+        if not cna.proxy_scale:
+            return 2 + int(output_saved)  # conv out, norm out [+ φ(x) − μ̃]: no scale to apply
         return 3 + int(output_saved)  # conv out, norm out, φ(x) (kept by the scale) [+ output]
     return 2 + int(output_saved)  # conv out, norm out (SiLU's input) [+ SiLU out]
+
+
+def _padding_growth(conv: nn.Module, channels: int, height: int, width: int) -> int:
+    """Elements by which a conv's kept input grows per image when it is padded first (TF SAME
+    with unequal pads: F.pad's output replaces the input as what the conv keeps)."""
+    if not isinstance(conv, Conv2dSame):
+        return 0
+    left, right, top, bottom = conv.pads(height, width)
+    if left == right and top == bottom:
+        return 0  # the conv pads itself
+    return channels * ((height + top + bottom) * (width + left + right) - height * width)
 
 
 def _norm_stats(cna: ConvNormAct) -> Tuple[int, int]:
@@ -104,11 +120,15 @@ def units(model: nn.Module, resolution: int) -> List[Unit]:
             if module.expand is not None:
                 stored += _cna_units(module.expand) * mid * hin * win
                 macs += cin * mid * hin * win
+            stored += _padding_growth(module.spatial.conv, mid, hin, win)
             stored += _cna_units(module.spatial, deferred=True) * mid * hout * wout
             k = module.spatial.conv.kernel_size[0]
             macs += (mid // module.spatial.conv.groups) * k * k * mid * hout * wout
             red = module.se.reduce.out_channels
-            se_small = 4 * mid + 2 * red + (2 * mid if isinstance(module.spatial.act, ProxyNormAct) else 0)
+            # Under proxy norm the gate times 1/σ̃ keeps the gate (and v1's scaled pool its input).
+            proxy = isinstance(module.spatial.act, ProxyNormAct)
+            se_small = 4 * mid + 2 * red + (mid if proxy else 0)
+            se_small += mid if proxy and module.se.scale_pooled else 0
             stored += mid * hout * wout + se_small  # gated output (the projection's input)
             macs += 2 * mid * red
             stored += _cna_units(module.project) * cout * hout * wout
@@ -117,6 +137,7 @@ def units(model: nn.Module, resolution: int) -> List[Unit]:
             cnas = [c for c in (module.expand, module.spatial, module.project) if c is not None]
         elif name == "stem":
             stored += in_elems  # the image, kept by the stem conv
+            stored += _padding_growth(module.conv, cin, hin, win)
             stored += _cna_units(module) * out_elems
             macs += 3 * 9 * cout * hout * wout
             cnas = [module]

@@ -17,8 +17,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .blocks import ConvNormAct, MBConv
+from .blocks import GRAPHS, ConvNormAct, MBConv
 from .norms import NormSpec
+from .padding import PADDINGS
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ B0_STAGES = (
 )
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
+# The std of a unit normal truncated to [-2, 2] (TF1 init_ops.VarianceScaling divides by it).
+TRUNCATED_STD = 0.87962566103423978
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,12 @@ def round_channels(channels: float, divisor: int = 8) -> int:
 class EfficientNet(nn.Module):
     def __init__(self, stages: List[StageSpec], stem_channels: int, head_channels: int,
                  norm: NormSpec, group_size: int = 1, num_classes: int = 1000,
-                 dropout: float = 0.2, drop_path: float = 0.2):
+                 dropout: float = 0.2, drop_path: float = 0.2, padding: str = "same",
+                 graph: str = "official"):
         super().__init__()
         self.norm_spec = norm
-        self.stem = ConvNormAct(3, stem_channels, 3, norm, stride=2)
+        self.padding, self.graph = padding, graph
+        self.stem = ConvNormAct(3, stem_channels, 3, norm, stride=2, padding=padding)
         total_blocks = sum(s.repeats for s in stages)
         in_channels, index, stage_modules = stem_channels, 0, []
         for stage in stages:
@@ -95,11 +100,13 @@ class EfficientNet(nn.Module):
             for i in range(stage.repeats):
                 blocks.append(MBConv(in_channels, stage.channels, stage.kernel,
                                      stage.stride if i == 0 else 1, stage.expand, group_size, norm,
-                                     drop_path=drop_path * index / total_blocks))
+                                     drop_path=drop_path * index / total_blocks,
+                                     padding=padding, graph=graph))
                 in_channels, index = stage.channels, index + 1
             stage_modules.append(nn.Sequential(*blocks))
         self.blocks = nn.Sequential(*stage_modules)
-        self.head = ConvNormAct(in_channels, head_channels, 1, norm)
+        # The official head stops proxy norm before its 1/σ̃ (efficientnet.py:384); v1 applied it.
+        self.head = ConvNormAct(in_channels, head_channels, 1, norm, proxy_scale=graph == "v1")
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(head_channels, num_classes)
@@ -107,18 +114,23 @@ class EfficientNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """TensorFlow EfficientNet's initialisation: fan-out normal for convs; the classifier is
-        uniform in ±1/sqrt(fan_in). (TF bounds it by 1/sqrt(classes), which is the same for
-        1000 classes and 1280 features but gives initial logits of std ~6 with 10 classes.)"""
+        """The official initialisation. Convs: TF1's ``variance_scaling_initializer(scale=2)``,
+        a normal of std sqrt(2 / fan) / TRUNCATED_STD truncated at ±2 of that std (so the weights'
+        std is sqrt(2 / fan)), fan-out for the dense convs and fan-in for the grouped spatial ones
+        (efficientnet.py:345, 350; the two fans are equal for those: k²·group size); zero biases
+        (:121). Classifier: glorot-uniform, ±sqrt(6 / (fan_in + fan_out)), zero bias (:90,
+        ``tf.layers.dense``'s default)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                # k²·out for a dense conv (fan-out); k²·in/groups for a grouped spatial conv
+                # (fan-in; in = out there)
+                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                std = math.sqrt(2.0 / fan) / TRUNCATED_STD
+                nn.init.trunc_normal_(m.weight, 0.0, std, -2.0 * std, 2.0 * std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
-                bound = 1.0 / math.sqrt(m.in_features)
-                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -139,11 +151,18 @@ def scaled_stages(key: str, expand_ratio: int) -> List[StageSpec]:
 def build_model(name: str, *, group_size: int = 1, expand_ratio: int = 6, norm: str = "batch",
                 proxy_norm: bool = False, norm_groups: int = 4, norm_eps: float = 1e-3,
                 num_classes: int = 1000, dropout: Optional[float] = None,
-                drop_path: float = 0.2) -> EfficientNet:
+                drop_path: float = 0.2, padding: str = "same", graph: str = "official") -> EfficientNet:
     """An EfficientNet. ``group_size`` is channels per group of every spatial conv (1 = depthwise,
     the paper's choice 16); ``norm`` is one of batch, group, layer; ``proxy_norm`` replaces every
-    norm's activation by a proxy-normalised one (the paper pairs it with ``norm="layer"``)."""
+    norm's activation by a proxy-normalised one (the paper pairs it with ``norm="layer"``).
+    ``padding``: ``same`` (TensorFlow's, the official code's) or ``symmetric`` (k//2, timm's
+    efficientnet_* and torchvision's); ``graph``: ``official`` or ``v1`` (this project's first
+    squeeze-excite and head under proxy norm, for checkpoints written with it)."""
     key = variant_key(name)
+    if padding not in PADDINGS:
+        raise ValueError(f"padding={padding!r} is not one of {', '.join(PADDINGS)}")
+    if graph not in GRAPHS:
+        raise ValueError(f"graph={graph!r} is not one of {', '.join(GRAPHS)}")
     for field, value in (("group_size", group_size), ("expand_ratio", expand_ratio),
                          ("num_classes", num_classes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -156,4 +175,4 @@ def build_model(name: str, *, group_size: int = 1, expand_ratio: int = 6, norm: 
     spec = NormSpec(norm, norm_groups, norm_eps, proxy_norm)
     return EfficientNet(scaled_stages(key, expand_ratio), round_channels(STEM_CHANNELS * variant.width),
                         round_channels(HEAD_CHANNELS * variant.width), spec, group_size, num_classes,
-                        variant.dropout if dropout is None else dropout, drop_path)
+                        variant.dropout if dropout is None else dropout, drop_path, padding, graph)

@@ -57,6 +57,7 @@ class FusedConvNormAct(nn.Module):
         self.norm = nn.Identity() if fold else layer.norm
         self.activation: Optional[Callable[[Tensor], Tensor]] = None
         self.proxy = isinstance(layer.act, ProxyNormAct)
+        self.proxy_scale = layer.proxy_scale
         if self.proxy:
             self.activation = layer.act.activation
             mean, inv_std = layer.act.proxy_statistics(layer.norm.weight, layer.norm.bias)
@@ -66,7 +67,7 @@ class FusedConvNormAct(nn.Module):
             self.activation = F.silu
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_deferred(x, defer_scale=False)[0]
+        return self.forward_deferred(x, defer_scale=not self.proxy_scale)[0]
 
     def forward_deferred(self, x: Tensor, defer_scale: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         x = self.norm(self.conv(x))  # a temporary of ours: what follows is computed in it

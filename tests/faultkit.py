@@ -17,7 +17,8 @@ The hook reads FAULT_* environment variables:
   FAULT_AT_EVAL=N, FAULT_ACTION=SIG...: that signal at the N-th evaluation pass (validate, sweeps).
   FAULT_WRITE=pattern:how:N: the N-th write through the run-folder writer (app/run_folder.py) of a
       file whose name matches the glob ``pattern`` fails: how=ENOSPC (the disk fills up part-way
-      through the file), EROFS (the file system refuses it), vanish (its folder is moved away first).
+      through the file), EROFS (the file system refuses it), vanish (its folder is moved away: while
+      a document is being written, before a line is appended).
   FAULT_PID_DIR=folder: each process writes its pid there (to wait for every one to end).
 """
 import json
@@ -107,31 +108,35 @@ if _env.get("FAULT_WRITE"):
         _writes[0] += 1
         return _writes[0] == int(_nth)
 
-    def _fail(folder, path):
-        if _how == "vanish":  # the folder is moved away (renamed, or its disk unmounted)
-            os.rename(folder, str(folder) + "-moved")
-            return None
+    def _error(path):
         code = getattr(errno, _how)
         return OSError(code, os.strerror(code), str(path))
 
     _replace_doc, _append = _rf.RunFolder._replace, _rf.RunFolder.append_line
     def _faulty_replace(self, path, content):
         if _due(path):
-            error = _fail(self.path, path)
-            if error is not None and _how == "ENOSPC":  # the disk fills up part-way through the file
-                def content(f, _error=error):
+            if _how == "vanish":  # the folder is moved away while the file is being written
+                def content(f, _content=content, _folder=self.path):
+                    os.rename(_folder, str(_folder) + "-moved")
+                    if callable(_content):
+                        return _content(f)
+                    return f.write(_content.encode() if isinstance(_content, str) else _content)
+                return _replace_doc(self, path, content)
+            if _how == "ENOSPC":  # the disk fills up part-way through the file
+                def content(f, _error=_error(path)):
                     f.write(b"x")
                     raise _error
-            elif error is not None:  # a read-only file system refuses the file itself
+            else:  # a read-only file system refuses the file itself
                 with self.guard(path):
-                    raise error
+                    raise _error(path)
         return _replace_doc(self, path, content)
     def _faulty_append(self, name, line):
         if _due(name):
-            error = _fail(self.path, self.path / name)
-            if error is not None:
+            if _how == "vanish":  # the folder is moved away before the line is appended
+                os.rename(self.path, str(self.path) + "-moved")
+            else:
                 with self.guard(self.path / name):
-                    raise error
+                    raise _error(self.path / name)
         return _append(self, name, line)
     _rf.RunFolder._replace, _rf.RunFolder.append_line = _faulty_replace, _faulty_append
 
@@ -161,12 +166,15 @@ if (_env.get("FAULT_AT_EVENT") or _env.get("FAULT_COUNT_FILE")) and _env.get("RA
     _save, _fsync, _replace = torch.save, os.fsync, os.replace
     def _counting_save(obj, f, *a, **k):
         return _save(obj, _Writer(f) if hasattr(f, "write") else f, *a, **k)
+    def _checkpoint_file(path):
+        return f"{os.sep}checkpoints{os.sep}" in str(path)  # not config.yaml, reports, probes
     def _counting_fsync(fd):
-        if not os.path.isdir(f"/proc/self/fd/{fd}"):  # a file's (a folder's fsync may fail harmlessly)
+        link = f"/proc/self/fd/{fd}"  # a checkpoint file's (a folder's fsync may fail harmlessly)
+        if not os.path.isdir(link) and _checkpoint_file(os.readlink(link)):
             _event(True)
         return _fsync(fd)
     def _counting_replace(src, dst, *a, **k):
-        mine = ".tmp-" in str(src)  # a checkpoint's rename (not other renames of the process)
+        mine = ".tmp-" in str(src) and _checkpoint_file(src)  # a checkpoint's rename
         if mine and _what == "enospc":
             _event(True)
         result = _replace(src, dst, *a, **k)
@@ -237,9 +245,14 @@ def child_env(tmp: Path, **fault: str) -> Dict[str, str]:
     return env
 
 
+EXPERIMENTS = ("paper", "study")  # the commands of python -m experiments
+
+
 def run_app(args: List[str], tmp: Path, timeout: float = 240, **fault: str) -> subprocess.CompletedProcess:
-    """``python -m app ARGS`` in a child process (nice'd: the machine is shared), with a fault."""
-    return subprocess.run(["nice", sys.executable, "-m", "app", *args], cwd=ROOT,
+    """``python -m app ARGS`` (``python -m experiments`` for its commands) in a child process
+    (nice'd: the machine is shared), with a fault."""
+    module = "experiments" if args and args[0] in EXPERIMENTS else "app"
+    return subprocess.run(["nice", sys.executable, "-m", module, *args], cwd=ROOT,
                           env=child_env(tmp, **fault), capture_output=True, text=True, timeout=timeout)
 
 

@@ -148,6 +148,8 @@ def test_a_failed_write_is_a_clear_error_and_loses_nothing(world, tmp_path, site
     if after is None:  # it failed before the first checkpoint: nothing to resume, and it says so
         assert "no checkpoint yet" in job.stderr
         return
+    if how == "EROFS":  # it leaves the run as a full disk does: resumed in those cases
+        return
     resumed = run_app(["train", "--resume", str(run)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     whole_log(run)
@@ -166,9 +168,11 @@ def test_runs_being_a_file_is_refused_before_any_work(world, tmp_path):
 # ----------------------------------------------------------------------------- signals
 
 def signal_cases():
+    """Each command × each stop signal, but train × SIGINT / SIGTERM: those are the family "signals,
+    one process" of tests/test_faults_process.py."""
     cases = []
     for command in ("train", "finetune", "validate", "study"):
-        for sig in SIGNALS:
+        for sig in SIGNALS if command != "train" else ["SIGHUP", "SIGQUIT"]:
             moment = rng("signal", command, sig).randint(1, 2 if command == "study" else 3)
             cases.append((command, sig, moment))
     rng("signals").shuffle(cases)
@@ -243,7 +247,7 @@ def test_a_val_every_given_to_finetune_is_honoured(world, tmp_path):
 # ----------------------------------------------------------------------------- a torn last line
 
 def torn_cases():
-    return [rng("torn", i).randint(1, 120) for i in range(3)]
+    return [rng("torn", i).randint(1, 120) for i in range(2)]
 
 
 @pytest.mark.parametrize("cut", subset(torn_cases(), 1))
@@ -265,7 +269,7 @@ def test_a_torn_last_line_is_removed_on_resume_and_every_record_kept(world, tmp_
 # ----------------------------------------------------------------------------- an edited config.yaml
 
 EDITS = [("model", "name", "b1"), ("model", "group_size", 1), ("optim", "name", "sgd"),
-         ("model", "norm", "group"), ("data", "resolution", 64), ("train", "label_smoothing", 0.0)]
+         ("data", "resolution", 64)]
 
 
 def edit_cases():
