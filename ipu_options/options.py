@@ -32,7 +32,9 @@ from the SDK 3.4 signatures):
   ipu.compile_only                 opts.useOfflineIpuTarget(ipu.offline_ipu_version or 2)
                                        (compile without hardware, then stop)
   device == "ipu-model"            opts.useIpuModel(True)  (real PopTorch only)
-  model.norm group/layer           opts._Popart.set("groupNormStridedChannelGrouping", True)
+  (always)                         opts._Popart.set("groupNormStridedChannelGrouping", False):
+                                   torch's contiguous channel groups, so a checkpoint computes the
+                                   same function on an IPU, the emulator and a CPU/GPU (see below)
   (always)                         opts._Popart.set("scheduleNonWeightUpdateGradientConsumersEarly",
                                    True), opts._Popart.set("disableGradAccumulationTensorStreams",
                                    True): the PopART settings Graphcore's CNN application used
@@ -138,8 +140,13 @@ def build_options(cfg, poptorch, batch: BatchPlan, training: bool = True, splits
         opts.useOfflineIpuTarget(ipu.offline_ipu_version or 2)
     if use_ipu_model:
         opts.useIpuModel(True)
-    if cfg.model.norm in ("group", "layer"):
-        opts._Popart.set("groupNormStridedChannelGrouping", True)
+    # Contiguous channel groups, torch's definition, on every device. Graphcore's CNN application
+    # sets the strided grouping for speed (vision/cnns/pytorch/utils/ipu_settings.py:17, v3.4.1);
+    # poplibs then puts channel k·G + g in group g (include/popnn/GroupNorm.hpp), another function
+    # than the same checkpoint computes on a CPU/GPU. PopART's default is already contiguous
+    # (sessionoptions.hpp: "correct and slightly slower"); set it so that no base Options can
+    # change it. Layer norm (one group) is the same function either way.
+    opts._Popart.set("groupNormStridedChannelGrouping", False)
     opts._Popart.set("scheduleNonWeightUpdateGradientConsumersEarly", True)
     if training:
         opts._Popart.set("disableGradAccumulationTensorStreams", True)
