@@ -96,6 +96,7 @@ compat: $(VENV_SDK)/.installed
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf .pytest_cache .ruff_cache

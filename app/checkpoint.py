@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 import torch
 
+from app.config import ModelConfig
 from app.errors import AppError
 from app.run_folder import TMP_MARK, RunFolder, replace_atomically, resume_command
 from backends.process import proc_stat
@@ -229,13 +230,13 @@ def _describe(payload: Any) -> str:
     return f"a {type(payload).__name__}"
 
 
-def arch_of(model_cfg, num_classes: int) -> Dict[str, Any]:
+def arch_of(model_cfg: ModelConfig, num_classes: int) -> Dict[str, Any]:
     arch = {name: getattr(model_cfg, name) for name in ARCH_FIELDS}
     arch["num_classes"] = num_classes
     return arch
 
 
-def check_graph_variant(saved_arch: Dict[str, Any], model_cfg, source: Any) -> Dict[str, Any]:
+def check_graph_variant(saved_arch: Dict[str, Any], model_cfg: ModelConfig, source: Any) -> Dict[str, Any]:
     """The checkpoint's architecture with its graph variant (padding, graph). A checkpoint that
     records none computed ``UNRECORDED_GRAPH``: loading it into another graph would silently
     compute another function, so that is refused with the override that restores its graph."""
@@ -251,7 +252,8 @@ def check_graph_variant(saved_arch: Dict[str, Any], model_cfg, source: Any) -> D
     return {**UNRECORDED_GRAPH, **saved_arch}
 
 
-def check_architecture(payload: Dict[str, Any], model_cfg, num_classes: int, source: Any) -> None:
+def check_architecture(payload: Dict[str, Any], model_cfg: ModelConfig, num_classes: int,
+                       source: Any) -> None:
     """Raise naming every architectural field where the checkpoint and this run differ."""
     saved = payload.get("arch")
     if saved is None:

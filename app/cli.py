@@ -16,7 +16,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import yaml
 
@@ -147,7 +147,7 @@ def base_preset(args: argparse.Namespace) -> str:
     return DEFAULT_PRESET
 
 
-def run_config_file(source) -> Optional[Path]:
+def run_config_file(source: Union[str, Path]) -> Optional[Path]:
     """The config.yaml of the run that ``source`` (a run folder or a checkpoint in one) belongs to."""
     path = Path(source)
     for folder in (path, path.parent, path.parent.parent):
@@ -156,7 +156,7 @@ def run_config_file(source) -> Optional[Path]:
     return None
 
 
-def check_resume(cfg, args: argparse.Namespace) -> None:
+def check_resume(cfg: Config, args: argparse.Namespace) -> None:
     """``train --resume RUN overrides``: only what a resume may change (app/config.py
     RESUME_MAY_CHANGE), checked against the run's config.yaml before any work."""
     if args.command != "train" or not cfg.resume or cfg.finetune.source:

@@ -21,6 +21,7 @@ import yaml
 
 from app.data.datasets import BUILTIN, IMAGE_EXTENSIONS, is_a
 from backends.errors import ConfigError  # noqa: F401  (defined below the device layer, which raises it too)
+from backends.specs import BatchPlan
 from ipu_options.config import IPUConfig
 from model.blocks import GRAPHS
 from model.efficientnet import MODEL_NAMES, variant_key
@@ -185,8 +186,9 @@ class Config:
 
     @property
     def global_batch(self) -> int:
+        """Images of one weight update across the job (``BatchPlan.global_batch``)."""
         t = self.train
-        return t.micro_batch * t.grad_accum * t.replicas
+        return BatchPlan(t.micro_batch, t.grad_accum, replicas=t.replicas).global_batch
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

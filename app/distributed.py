@@ -36,9 +36,10 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from app.checkpoint import pid_alive
+from app.config import Config
 from app.data.loader import epoch_order
 from app.errors import STOP_SIGNALS
 from backends.errors import DistributedError
@@ -103,7 +104,7 @@ class ShardSampler(Sampler):
 
 # ----------------------------------------------------------------------------- contexts
 
-def shard_sampler(ctx: DistContext, dataset, *, train: bool, seed: int,
+def shard_sampler(ctx: DistContext, dataset: Dataset, *, train: bool, seed: int,
                   batch_size: int = 1) -> Optional[ShardSampler]:
     """This process's share of ``dataset``, taken ``batch_size`` (its host batch) at a time
     when training (None with one process: the loader's own order)."""
@@ -227,7 +228,7 @@ def _wants_cuda(cfg) -> bool:
     return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
 
 
-def init_distributed(cfg) -> DistContext:
+def init_distributed(cfg: Config) -> DistContext:
     """This process's context: joins the PopRun or torchrun job it was started in (the launcher's
     environment says which), else the single-process context. Checks that the job has as many
     replicas as ``train.replicas``."""
@@ -280,7 +281,7 @@ def torchrun_executable() -> List[str]:
     return [sys.executable, "-m", "torch.distributed.run"]
 
 
-def torchrun_command(cfg, app_argv: List[str]) -> List[str]:
+def torchrun_command(cfg: Config, app_argv: List[str]) -> List[str]:
     d = cfg.dist
     per_node = cfg.train.replicas // d.nnodes
     command = torchrun_executable() + [f"--nproc_per_node={per_node}", f"--nnodes={d.nnodes}"]
@@ -288,10 +289,10 @@ def torchrun_command(cfg, app_argv: List[str]) -> List[str]:
         command += ["--rdzv_backend=c10d", f"--rdzv_endpoint={d.rdzv_endpoint}"]
     else:
         command += ["--standalone"]  # one machine: a free local port, no address to agree on
-    return command + launcher_args(cfg) + ["-m", "app"] + list(app_argv)
+    return command + launcher_args(cfg.dist.launcher_args) + ["-m", "app"] + list(app_argv)
 
 
-def launch_command(cfg, app_argv: List[str]) -> Optional[List[str]]:
+def launch_command(cfg: Config, app_argv: List[str]) -> Optional[List[str]]:
     """The launcher command that runs this job on all its processes, or None when this process
     should train itself (one process, or already started by the launcher)."""
     if under_poprun() or under_torchrun():  # started by a launcher already
@@ -303,7 +304,7 @@ def launch_command(cfg, app_argv: List[str]) -> Optional[List[str]]:
     return torchrun_command(cfg, app_argv)
 
 
-def launch(cfg, args: Optional[argparse.Namespace]) -> Optional[int]:
+def launch(cfg: Config, args: Optional[argparse.Namespace]) -> Optional[int]:
     """Start the job under its launcher when it needs one: returns the launcher's exit status (0
     after only printing it with ``dist.dry_run``), or None when this process should train itself.
     The launcher ends every process when one fails and prints that process's error."""
@@ -446,7 +447,7 @@ def settle_job_status(code: int, orderly: bool) -> int:
 
 # ----------------------------------------------------------------------------- reporting
 
-def scale_summary(cfg, ctx: DistContext, base_lr: float) -> str:
+def scale_summary(cfg: Config, ctx: DistContext, base_lr: float) -> str:
     """One line, the same on every device kind: the global batch and how it is made, the learning
     rate scaling, and over which images batch statistics are computed."""
     t = cfg.train

@@ -157,7 +157,7 @@ REPORT = "finetune.md"
 RECALIBRATION_IMAGES = 4096  # enough for stable per-channel statistics; all of a small dataset
 
 
-def checkpoint_source(cfg, args) -> Path:
+def checkpoint_source(cfg: Config, args: Optional[argparse.Namespace]) -> Path:
     """--checkpoint, else finetune.checkpoint, else the newest run in log.out_dir (its best)."""
     source = getattr(args, "checkpoint", None) or cfg.finetune.checkpoint or latest_run(cfg.log.out_dir)
     if source is None:

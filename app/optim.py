@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
+from app.config import Config
 from backends.optimizers import ADAMW_EPS, RMSpropTF
 from model.proxy_norm import ProxyNormAct
 
@@ -59,7 +60,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- optimisers
 
-def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
     """cfg.optim.name: ``rmsprop`` (RMSpropTF), ``sgd`` (momentum, optional Nesterov) or ``adamw``;
     weight decay cfg.optim.weight_decay on the groups of ``param_groups``."""
     o = cfg.optim
@@ -75,7 +76,7 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
 
 # ----------------------------------------------------------------------------- schedule
 
-def lr_at(step: float, cfg, steps_per_epoch: int, base_lr: float) -> float:
+def lr_at(step: float, cfg: Config, steps_per_epoch: int, base_lr: float) -> float:
     """Learning rate after ``step`` weight updates (0 before the first; fractions allowed).
 
     Warm-up: linear from 0 to base_lr over cfg.schedule.warmup_epochs. Then, by

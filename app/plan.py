@@ -9,20 +9,21 @@ from typing import Dict, Optional
 
 import torch
 
+from app.config import Config
 from app.objective import build_classifier, network_builder
 from ipu_options.emulator.lowering import Lowering
 from ipu_options.lowering_check import check_config, describe
 from ipu_options.planning import print_plan
 
 
-def lowering_reports(cfg) -> Dict[str, Lowering]:
+def lowering_reports(cfg: Config) -> Dict[str, Lowering]:
     """The lowering check of the classifier the IPU backend compiles, built on the meta device."""
     with torch.device("meta"):
         classifier = build_classifier(network_builder(cfg)(), cfg)
     return check_config(cfg, classifier)
 
 
-def main(cfg, args: Optional[argparse.Namespace] = None) -> int:
+def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     """The plan, then the PopTorch lowering check of the training and inference graphs (no
     weights, no arithmetic). Exit status 1 if the plan does not fit or PopTorch would refuse a
     graph."""

@@ -270,8 +270,8 @@ def sweep_table(rows: SweepRows, train_resolution: int, stages: int = EFFICIENTN
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(rows: SweepRows, train_resolution: int, path, stages: int = EFFICIENTNET_STAGES,
-               title: Optional[str] = None) -> None:
+def plot_sweep(rows: SweepRows, train_resolution: int, path: Union[str, Path],
+               stages: int = EFFICIENTNET_STAGES, title: Optional[str] = None) -> None:
     """Top-1 against resolution, a line per weights kind; resolutions keeping the residue filled."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -312,7 +312,7 @@ def _new_path(path: Path) -> Path:
     return candidate
 
 
-def write_sweep_report(results: Dict[str, Dict[str, float]], train_resolution: int, folder,
+def write_sweep_report(results: Dict[str, Dict[str, float]], train_resolution: int, folder: Path,
                        stages: int = EFFICIENTNET_STAGES, title: Optional[str] = None) -> Tuple[Path, Path]:
     """Table (Markdown) and plot (PNG) of validation results keyed "<weights>@<resolution>"
     (what ``app.evaluate`` returns), written as resolution-sweep.md/.png in ``folder``."""

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 import numpy as np
 import torch
 import yaml
+from torch import Tensor
 
 from app.backend import Backend, create_backend
 from app.checkpoint import (
@@ -54,6 +55,7 @@ from app.objective import Classifier, build_classifier, build_network
 from app.optim import build_optimizer, lr_at
 from app.resolution import check_resolutions, downsampling_stages
 from app.run_folder import RunFolder, RunFolderError, check_output_root, remove_if_empty, resume_command
+from app.specs import data_spec
 from app.tracking import Tracker, format_duration, new_folder
 from app.weight_average import build_weight_average
 from model import convert_state_dict
@@ -142,7 +144,7 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
           + (f"; new classifier for {own['classifier.weight'].shape[0]} classes" if new_head else ""))
 
 
-def epoch_batches(loader, start: int) -> Iterator:
+def epoch_batches(loader: Iterable, start: int) -> Iterator:
     """This epoch's batches from batch ``start`` on, without loading the skipped ones where the
     loader can. The first batch is fetched here, so whatever a loader draws from the global RNG
     when it starts is drawn now, at a point the checkpoint's RNG states can be restored after
@@ -380,8 +382,9 @@ class Trainer:
         process loads its own share of every epoch (the same images as one process would)."""
         cfg, dist, backend = self.cfg, self.dist, self.backend
         self.train_set = build_dataset(cfg, "train", cfg.data.resolution)
-        self.host_batch = host_batch = backend.host_batch_size(cfg)
-        self.loader = build_loader(self.train_set, host_batch, train=True, cfg=cfg,
+        self.host_batch = host_batch = backend.host_batch_size()
+        data = data_spec(cfg)
+        self.loader = build_loader(self.train_set, backend.batch, train=True, spec=data,
                                    device=backend.device, seed=cfg.train.seed,
                                    sampler=shard_sampler(dist, self.train_set, train=True,
                                                          seed=cfg.train.seed, batch_size=host_batch))
@@ -390,7 +393,7 @@ class Trainer:
         for r in self.val_resolutions:
             val_set = build_dataset(cfg, "val", r)
             self.val_loaders[r] = build_loader(
-                val_set, backend.eval_batch_size(cfg), train=False, cfg=cfg, device=backend.device,
+                val_set, backend.eval_batch_size(), train=False, spec=data, device=backend.device,
                 sampler=shard_sampler(dist, val_set, train=False, seed=cfg.train.seed))
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch < 1:
@@ -450,7 +453,7 @@ class Trainer:
             self.hook.setup(self.context)
         self.base_lr = cfg.optim.lr * cfg.global_batch / cfg.optim.lr_reference_batch
         self.optimizer = build_optimizer(model, cfg, self.base_lr)
-        self.backend.prepare(self.classifier, self.optimizer, cfg)
+        self.backend.prepare(self.classifier, self.optimizer)
         self.ema = build_weight_average(cfg, model, self.steps_per_epoch)  # EMA or per-epoch average
 
     def restore(self) -> None:
@@ -532,7 +535,7 @@ class Trainer:
         self.tracker.start_window()
         return self.tracker.timed(batches)  # counts the time spent waiting for data
 
-    def one_step(self, images, targets) -> None:
+    def one_step(self, images: Tensor, targets: Tensor) -> None:
         """One weight update (the rate of update step+1), the EMA when due, the step's records."""
         s, cfg = self.state, self.cfg
         lr = lr_at(s.step + 1.0, cfg, self.steps_per_epoch, self.base_lr)

@@ -45,6 +45,7 @@ from app.resolution import (
     sweep_table,
 )
 from app.run_folder import RunFolder
+from app.specs import data_spec
 from app.tracking import format_duration, new_folder
 from app.train import TrainResult, run_training
 
@@ -213,8 +214,8 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
               "half + fine-tune": final_weights(runs.half_ft.run.run_dir, cfg, num_classes)[0]}
 
     def evaluate_at(resolution: int) -> Dict[str, Dict[str, float]]:
-        loader = build_loader(build_dataset(cfg, "val", resolution), backend.eval_batch_size(cfg),
-                              train=False, cfg=cfg, device=backend.device)
+        loader = build_loader(build_dataset(cfg, "val", resolution), backend.eval_batch_size(),
+                              train=False, spec=data_spec(cfg), device=backend.device)
         return {name: evaluate(backend, loader, model, cfg) for name, model in models.items()}
 
     rows = sweep(evaluate_at, resolutions, native, stages)

@@ -52,7 +52,7 @@ NORM_VARIANTS = (("BN", "batch", False), ("GN", "group", False), ("LN", "layer",
                  ("LN+PN", "layer", True))
 MICRO_BATCHES = (2, 4, 8, 32)
 # Group size → expansion ratio. The paper's configs pair G1 with e6 and G16 with e4 (configs.yml
-# G1/G16 anchors). For G4 and G64, whose ratios neither the configs nor shared/reference/paper.md
+# G1/G16 anchors). For G4 and G64, whose ratios neither the configs nor the paper
 # give, the integer ratio nearest the paper's aim of "approximately equal FLOPs" (README): G4 e5
 # (B0: 5.15M parameters / 0.42G multiply-adds vs G1 e6's 5.29M / 0.39G) and G64 e2, the smallest
 # ratio that still expands (7.65M / 1.02G; no integer ratio brings G64 down to G1's FLOPs).

@@ -14,6 +14,7 @@ import app.objective
 import app.train
 from app.checkpoint import find_checkpoint, load_checkpoint, step_checkpoints
 from app.cli import main as cli
+from app.specs import batch_plan, device_spec
 from backends.native import NativeBackend
 from tests.test_app_logging_data import write_image_folder
 
@@ -164,8 +165,8 @@ def poison_losses(monkeypatch, bad_calls):
 def test_fp16_loss_scaler_skips_transient_nans_then_stops(tmp_path, monkeypatch, capsys):
     """fp16 semantics on the CPU: a loss scaler that skips updates with non-finite gradients."""
     def backend_with_cpu_scaler(cfg):
-        fp32 = dataclasses.replace(cfg.train, precision="fp32")  # NativeBackend keeps fp16 for CUDA
-        backend = NativeBackend(dataclasses.replace(cfg, train=fp32))
+        # NativeBackend keeps fp16 for CUDA
+        backend = NativeBackend(dataclasses.replace(device_spec(cfg), precision="fp32"), batch_plan(cfg))
         backend.scaler = torch.amp.GradScaler("cpu")
         return backend
 

@@ -12,6 +12,8 @@ Every import statement counts, also those inside functions (a lazy import is sti
   * The application (app/) imports nothing of experiments/ or benchmarks/; experiments/ import
     the application, never benchmarks/.
   * No import circle between files anywhere.
+And no component reads another's part of the run configuration: the backends take specs
+(backends/specs.py), never the configuration; the data layer never reads its ``ipu`` section.
 """
 import ast
 from pathlib import Path
@@ -161,6 +163,26 @@ def test_import_rule(graph, rule):
 
 def test_no_import_circle(graph):
     assert cycles(graph) == []
+
+
+def configuration_reads(source: str) -> Set[str]:
+    """The sections of the run configuration ``source`` reads: ``cfg.<section>``, and ``cfg`` alone
+    for a function that takes the configuration as a parameter."""
+    found: Set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg":
+            found.add(node.attr)
+        elif isinstance(node, ast.arg) and node.arg == "cfg":
+            found.add("cfg")
+    return found
+
+
+def test_components_read_only_their_own_configuration():
+    assert configuration_reads("def f(cfg):\n    return cfg.ipu.x\n") == {"cfg", "ipu"}
+    reads = {module_name(p, ROOT): configuration_reads(p.read_text(encoding="utf-8"))
+             for folder in ("backends", "app/data") for p in (ROOT / folder).rglob("*.py")}
+    assert {m: r for m, r in reads.items() if top(m) == "backends" and r} == {}
+    assert {m: r for m, r in reads.items() if m.startswith("app.data") and "ipu" in r} == {}
 
 
 def test_the_checks_catch_what_they_forbid(tmp_path):
