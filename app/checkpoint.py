@@ -18,7 +18,7 @@ import torch
 
 from app.config import ModelConfig
 from app.errors import AppError
-from app.run_folder import TMP_MARK, RunFolder, replace_atomically, resume_command
+from app.run_folder import TMP_MARK, RunFolder, python_command, replace_atomically, resume_command
 from backends.process import proc_stat
 
 CHECKPOINT_DIR = "checkpoints"
@@ -163,7 +163,7 @@ def check_resume_is_newest(path: Union[str, Path], step: int) -> None:
     raise CheckpointError(
         f"{path} is at step {step}, but its run has newer checkpoints ({names}) that resuming from it "
         f"would overwrite. Continue the run from its newest checkpoint: {resume_command(run)}; or "
-        f"start a new run from these weights: python -m app train --config "
+        f"start a new run from these weights: {python_command()} -m app train --config "
         f"{run / 'config.yaml'} model.init_from={path}; or move the newer checkpoints out of "
         f"{path.parent} first to continue from this one in place")
 

@@ -103,6 +103,15 @@ def native_resolution(model_name: str) -> int:
     return VARIANTS[variant_key(model_name)].resolution
 
 
+def recipe_native(cfg, finetune_resolution_given: bool) -> int:
+    """The native size N of the reduced-resolution recipe (``make paper``, ``study resolution``):
+    ``finetune.resolution`` when the command line gives it, else ``data.native_resolution`` (the
+    data's own test size: digits 96), else ``finetune.resolution``, else the model's native."""
+    given = cfg.finetune.resolution if finetune_resolution_given else None
+    return (given or cfg.data.native_resolution or cfg.finetune.resolution
+            or native_resolution(cfg.model.name))
+
+
 def half_resolution(model_or_native: Union[str, int], stages: int = EFFICIENTNET_STAGES) -> int:
     """Reduced training resolution for a model name ('b0', 'efficientnet-b3') or a native size:
     the size with the native residue modulo 2^stages nearest to 0.7 × native (ties: the smaller).

@@ -41,7 +41,9 @@ def test_digits_end_to_end_through_python_m_app(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run(out)
-    assert "group_size: 16" in proc.stdout  # the resolved configuration is printed
+    # the resolved configuration, as its differences from the preset, in one line
+    header = [line for line in proc.stdout.splitlines() if line.startswith("# resolved configuration")]
+    assert len(header) == 1 and "digits with device=cpu" in header[0] and "train.micro_batch=8" in header[0]
     assert f"run folder: {run}" in proc.stdout.splitlines()[-1]
     assert "final validation: raw@32 top-1" in proc.stdout
     saved = (run / "config.yaml").read_text()

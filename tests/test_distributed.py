@@ -167,13 +167,13 @@ def test_bad_scale_out_settings_name_the_field(overrides, field):
 
 def test_scale_summary_is_one_line_with_batch_lr_and_statistics():
     cfg = config("train.micro_batch=16", "train.grad_accum=2", "train.replicas=4", "model.norm=batch",
-                 "model.proxy_norm=false")
-    line = scale_summary(cfg, DistContext(rank=0, world_size=4, engine="torchrun"), 0.5)
+                 "model.proxy_norm=false", "optim.lr_scaling=auto")
+    line = scale_summary(cfg, DistContext(rank=0, world_size=4, engine="torchrun"))
     assert "\n" not in line
     assert "global batch 128 = micro-batch 16 × grad-accum 2 × 4 replicas" in line
     assert "4 processes × 1 replica" in line and "batch norm over each replica's micro-batch of 16" in line
-    assert f"× 128/{cfg.optim.lr_reference_batch} = 0.5" in line
-    assert "none (layer norm" in scale_summary(config(), DistContext(), 0.1)
+    assert f"× √(128/{cfg.optim.lr_reference_batch}) = " in line and "square-root scaling" in line
+    assert "none (layer norm" in scale_summary(config(), DistContext())
 
 
 # ----------------------------------------------------------------------------- PopRun / PopDist
