@@ -33,6 +33,7 @@ from app.config import (
 )
 from app.distributed import settle_job_status, under_poprun, under_torchrun
 from app.errors import STOP_SIGNALS, AppError, Interrupted, user_message
+from app.plan import job_line
 from app.presets import grid_preset
 from app.resolution import ResolutionWarning
 from app.run_folder import CAUSES, RunFolderError, resume_command, resume_hint
@@ -272,8 +273,6 @@ def run_command(args: argparse.Namespace, command: Command) -> Tuple[int, bool]:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2, False
     if args.command == "plan":
-        from app.plan import job_line  # noqa: PLC0415  (the planner's stack only for plan)
-
         print(job_line(cfg, preset, chosen=not args.config))
     if not (under_torchrun() or under_poprun()):  # the launching command printed it already
         print(f"# resolved configuration ({args.command}): {preset} with {changes_from_preset(cfg, preset)}"

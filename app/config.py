@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from app.data.datasets import BUILTIN, IMAGE_EXTENSIONS, is_a
+from app.presets import deep_update, grid_names, grid_preset
 from app.run_folder import python_command
 from backends.errors import ConfigError  # noqa: F401  (defined below the device layer, which raises it too)
 from backends.specs import BatchPlan
@@ -350,14 +351,11 @@ def override_texts(overrides: List[str]) -> Dict[str, str]:
 
 
 def preset_names() -> List[str]:
-    from app.presets import grid_names
-
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_")) + grid_names()
 
 
 def load_preset(name: str) -> Dict[str, Any]:
     """A preset as a nested dict: a YAML file path, a file in app/presets, or a grid name."""
-    from app.presets import deep_update, grid_preset
 
     path = Path(name)
     if not path.suffix:
