@@ -19,7 +19,7 @@ OVERRIDES = $(if $(MODEL),model.name=$(MODEL)) $(if $(G),model.group_size=$(G)) 
 RUN = $(PY) -m app
 EXPERIMENT = $(PY) -m experiments
 
-.PHONY: train validate finetune plan paper study bench test test-faults compat lint clean env env-dev env-sdk sdk-python
+.PHONY: train validate finetune plan paper study bench test test-faults compat conformance lint clean env env-dev env-sdk sdk-python
 .DEFAULT_GOAL := train
 
 $(VENV)/.runtime: requirements.txt
@@ -93,6 +93,21 @@ sdk-python:
 
 compat: $(VENV_SDK)/.installed
 	$(VENV_SDK)/bin/python -m pytest -q -n 2 --dist loadgroup tests $(ARGS)
+
+# PopTorch 3.4's own test suite on the emulator (docs/emulator-conformance.md). Needs a clone of
+# graphcore/poptorch (POPTORCH_GITDIR= its git directory; the tests are read from tag
+# sdk/poptorch/3.4.0, never copied here) and the harness (CONFORMANCE_TOOLS). FILES= a subset.
+CONFORMANCE_TOOLS ?= ../shared/tools/poptorch_conformance
+conformance:
+	@if [ -z "$(POPTORCH_GITDIR)" ]; then \
+		echo "make conformance: skipped: set POPTORCH_GITDIR=<git dir of a graphcore/poptorch clone>"; \
+	elif [ ! -f "$(CONFORMANCE_TOOLS)/run_suite.sh" ]; then \
+		echo "make conformance: skipped: no harness at $(CONFORMANCE_TOOLS) (set CONFORMANCE_TOOLS=...)"; \
+	else \
+		$(MAKE) --no-print-directory $(VENV_SDK)/.installed && \
+		POPTORCH_GITDIR="$(POPTORCH_GITDIR)" PY="$(CURDIR)/$(VENV_SDK)/bin/python" \
+			bash "$(CONFORMANCE_TOOLS)/run_suite.sh"; \
+	fi
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -257,3 +257,33 @@ def test_is_running_on_ipu_inside_the_executor_only():
 
     poptorch.inferenceModel(Probe())(torch.ones(2))
     assert seen and all(seen) and not poptorch.isRunningOnIpu()
+
+
+# ---------------------------------------------------------------- theme 9: options
+def test_options_freeze_once_used_and_copies_thaw():
+    # python/_options_impl.py:105-135 and python/_poplar_executor.py:152-154
+    opts = poptorch.Options().deviceIterations(2)
+    executor = poptorch.inferenceModel(Regression(), opts)
+    with pytest.raises(AttributeError, match="Can't modify frozen Options"):
+        opts.randomSeed(42)
+    with pytest.raises(AttributeError, match="Can't modify frozen Options"):
+        opts._Popart.set("groupNormStridedChannelGrouping", True)
+    assert executor.options is not opts and executor.options.device_iterations == 2
+    thawed = opts.clone()
+    thawed.deviceIterations(4).Training.gradientAccumulation(2)
+    assert thawed.device_iterations == 4 and opts.device_iterations == 2
+
+
+def test_options_print_their_values_and_io_tiles_assert():
+    text = repr(poptorch.Options().replicationFactor(4))
+    assert text.startswith("Options(") and "replication_factor=4" in text and "0x" not in text
+    with pytest.raises(AssertionError, match="numIOTiles must be an even number between 32 and 192"):
+        poptorch.Options().TensorLocations.numIOTiles(33)  # python/options.py:616-623
+
+
+def test_an_executor_resolves_the_default_output_mode_on_its_copy():
+    # python/_poplar_executor.py:163-176: Final in training, All in inference
+    opts = poptorch.Options()
+    assert poptorch.trainingModel(Regression(), opts).options.output_mode == poptorch.OutputMode.Final
+    assert poptorch.inferenceModel(Regression(), opts).options.output_mode == poptorch.OutputMode.All
+    assert opts.defaultOutputMode()

@@ -130,7 +130,15 @@ class PoplarExecutor:
             raise RuntimeError("Model has already been wrapped in 'poptorch.trainingModel'. Call "
                                "model.destroy() on the model to unwrap before wrapping again.")
         self.__dict__["_user_model"] = model  # before anything that could reach __getattr__
-        self._options = options if options is not None else Options()
+        if options is not None and not isinstance(options, Options):  # _poplar_executor.py:147-151
+            raise ValueRefusal(f"Invalid type: 'options' is of type {type(options)} "
+                               f"(Expected poptorch.Options)")
+        if options is not None:  # python/_poplar_executor.py:152-154: the user's are frozen,
+            options._freeze()  # the executor works on its own copy (frozen too, line 244)
+        self._options = options.clone() if options is not None else Options()
+        if self._options.defaultOutputMode():  # python/_poplar_executor.py:163-176
+            self._options.output_mode = OutputMode.Final if training else OutputMode.All
+        self._options._freeze()
         self._training = training
         if training:
             if optimizer is None:
