@@ -287,3 +287,25 @@ def test_an_executor_resolves_the_default_output_mode_on_its_copy():
     assert poptorch.trainingModel(Regression(), opts).options.output_mode == poptorch.OutputMode.Final
     assert poptorch.inferenceModel(Regression(), opts).options.output_mode == poptorch.OutputMode.All
     assert opts.defaultOutputMode()
+
+
+def test_inputs_must_match_the_compiled_ones():
+    # python/_args_parser.py:58-140: dtype, structure and constants fixed at compilation;
+    # arguments are bound to forward's parameters, so keyword order does not matter
+    class Add(nn.Module):
+        def forward(self, x, y=None, scale=1):
+            return x * scale if y is None else (x + y) * scale
+
+    executor = poptorch.inferenceModel(Add())
+    x = torch.ones(2, 3)
+    executor(x, y=x)
+    executor(y=x, x=x)
+    with pytest.raises(poptorch.Error, match="Data type mismatch for x: expected torch.float32 "
+                                             "but got torch.int64"):
+        executor(x.long(), y=x)
+    with pytest.raises(poptorch.Error, match="Type mismatch for y"):
+        executor(x)  # y falls back to its default, None
+    with pytest.raises(poptorch.Error, match="Value mismatch for scale: expected 1 but got 2"):
+        executor(x, y=x, scale=2)
+    executor.destroy()  # a new compilation accepts new inputs
+    torch.testing.assert_close(executor(x.long()), x.long())

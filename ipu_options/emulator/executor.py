@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from . import blocks, lowering, norms, optim_snapshot, recompute, wrapping
 from .enums import MeanReductionStrategy, OutputMode, ReductionType
 from .errors import RuntimeRefusal, ValueRefusal
+from .inputs import CompiledInputs
 from .options import Options
 from .precision import FP16_MAX, HalfKernels, round_half, stochastic_round_half
 
@@ -161,6 +162,7 @@ class PoplarExecutor:
         self._stale_host: Optional[List[torch.Tensor]] = None
         self._after_run: List[Tuple[int, int]] = []
         self._running = False  # inside a run: the host model's hooks must not copy back
+        self._inputs: Optional[CompiledInputs] = None  # what the executable was compiled for
         self._replica_buffers: Optional[List[List[torch.Tensor]]] = None
         self._recomputation: Optional[recompute.Recomputation] = None
         self._loss_scale: Optional[float] = None
@@ -306,6 +308,8 @@ class PoplarExecutor:
         with _as_traced_graph(), self._channel_grouping():
             if not self._compiled:
                 self._prepare(args, kwargs)
+            else:  # python/_poplar_executor.py:1264 validates every call's inputs
+                self._inputs.validate(args, kwargs)
             if not self._attached:
                 self.attachToDevice()
             self.runs += 1
@@ -398,6 +402,7 @@ class PoplarExecutor:
         """Compile: trace one micro-batch as PopTorch does (its graph, in the caller's grad mode,
         without the eager fast paths), refuse what PopTorch would refuse, then set up replicas."""
         get, _ = self._micro(args, kwargs)
+        self._inputs = CompiledInputs(self._user_model.forward, args, kwargs)
         a, k = get(0, 0, 0)
         model = self._user_model
         # Each module's train/eval mode is the user's: PopTorch traces the model as it is and
