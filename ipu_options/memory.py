@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ipu_options.pipeline import backbone, split_points
 from model.blocks import ConvNormAct, MBConv
 from model.padding import Conv2dSame
 from model.proxy_norm import ProxyNormAct
@@ -97,7 +98,6 @@ def _params(module: nn.Module) -> int:
 
 def units(model: nn.Module, resolution: int) -> List[Unit]:
     """The model's split points with their cost and per-image storage, from one meta pass."""
-    from ipu_options.pipeline import backbone, split_points
 
     net = backbone(model)
     names = split_points(model)

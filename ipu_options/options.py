@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 
 from backends.process import under_poprun
+from backends.specs import BatchPlan
 from ipu_options.pipeline import num_ipus
 from ipu_options.poprun import popdist_local_replicas, popdist_options
 
@@ -98,27 +99,28 @@ def _set_precision(opts, ipu, training: bool) -> None:
     opts._Popart.set("engineOptions", {"target.deterministicWorkers": "portable"})
 
 
-def build_options(cfg, poptorch, training: bool = True, splits: Optional[dict] = None,
+def build_options(cfg, poptorch, batch: BatchPlan, training: bool = True, splits: Optional[dict] = None,
                   use_ipu_model: bool = False, base=None):
-    """The ``poptorch.Options`` of a run. ``splits``: the resolved pipeline ({name: ipu}, from
-    the plan when ``ipu.pipeline`` is "auto"); ``base``: an Options to start from (PopDist's)."""
+    """The ``poptorch.Options`` of a run whose sizes are ``batch``. ``splits``: the resolved
+    pipeline ({name: ipu}, from the plan when ``ipu.pipeline`` is "auto"); ``base``: an Options
+    to start from (PopDist's)."""
     ipu, train = cfg.ipu, cfg.train
     if base is None and under_poprun():  # an instance of a PopRun job: PopDist sets replication
         base = popdist_options(cfg, num_ipus(cfg, splits))
     opts = base if base is not None else poptorch.Options()
     if base is None:
-        opts.replicationFactor(local_replicas(cfg))
-    opts.deviceIterations(ipu.device_iterations)
+        opts.replicationFactor(batch.local_replicas)
+    opts.deviceIterations(batch.device_iterations)
     opts.randomSeed(ipu.seed if ipu.seed is not None else train.seed)
     if training:
-        opts.Training.gradientAccumulation(train.grad_accum)
+        opts.Training.gradientAccumulation(batch.grad_accum)
         reduction = poptorch.ReductionType.Sum if ipu.reduction == "sum" else poptorch.ReductionType.Mean
         opts.Training.accumulationAndReplicationReductionType(reduction)
     # ipu.output_mode is what a training call returns; inference always returns every logit
     # (the loop scores each image).
     opts.outputMode({"all": poptorch.OutputMode.All, "final": poptorch.OutputMode.Final,
                      "sum": poptorch.OutputMode.Sum}[ipu.output_mode if training else "all"])
-    if local_replicas(cfg) > 1:
+    if batch.local_replicas > 1:
         # Each replica keeps its own norm running statistics: PopTorch refuses to compile in-place
         # buffer updates (batch norm in training) with broadcast buffers and several replicas.
         opts.broadcastBuffers(False)

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ipu_options import memory
+from ipu_options.emulator.executor import TRAINING_PIPELINE_RULE
 from ipu_options.memory import IPU_SRAM_BYTES, MB, IPUMemory, Settings, Unit
 from ipu_options.pipeline import canonical_names, check_splits, split_points
 
@@ -215,8 +216,6 @@ def resolve_pipeline(cfg, model: torch.nn.Module, training: bool = True
                   f"see `python -m app plan`); ipu.plan_margin={cfg.ipu.plan_margin} lowers the margin")
     stages = plan.stages
     if training and stages > 1 and cfg.train.grad_accum < 2 * stages - 1:
-        from ipu_options.emulator.executor import TRAINING_PIPELINE_RULE
-
         raise PlanError(f"a pipeline of {stages} IPUs has {2 * stages - 1} stages in training, but "
                         f"train.grad_accum={cfg.train.grad_accum}. PopTorch: \"{TRAINING_PIPELINE_RULE}\" "
                         f"Set train.grad_accum >= {2 * stages - 1}.")

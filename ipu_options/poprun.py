@@ -61,7 +61,7 @@ def poprun_command(cfg, app_argv: List[str]) -> List[str]:
         app_args.append(f"ipu.executable_cache={cache}")
     return ["poprun", f"--num-instances={d.instances}", f"--num-replicas={t.replicas}",
             f"--ipus-per-replica={ipus_per_replica(cfg)}", f"--executable-cache-path={cache}",
-            *launcher_args(cfg), sys.executable, "-m", "app", *app_args]
+            *launcher_args(cfg.dist.launcher_args), sys.executable, "-m", "app", *app_args]
 
 
 class PopDistContext(DistContext):
