@@ -624,7 +624,10 @@ class PoplarExecutor:
                         # buffers PopTorch refuses in-place updates: _check_buffer_updates)
                         self._load_replica(r)
                         a, k = get(d, 0, r)
-                        outputs[d][0][r] = self._user_model(*a, **k)
+                        # copies, as the device's outputs are: a returned buffer is not the buffer
+                        outputs[d][0][r] = tree_map(
+                            lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                            self._user_model(*a, **k))
                         self._save_replica(r)
             self._load_replica(0)
         finally:
