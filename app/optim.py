@@ -87,20 +87,20 @@ LR_SCALING = ("auto", "linear", "sqrt", "none")
 AUTO_SCALING = {"sgd": "linear", "rmsprop": "linear", "adamw": "sqrt"}
 
 
-def lr_scaling_rule(cfg) -> str:
+def lr_scaling_rule(cfg: Config) -> str:
     """``optim.lr_scaling``, with ``auto`` resolved for ``optim.name``."""
     rule = cfg.optim.lr_scaling
     return AUTO_SCALING[cfg.optim.name] if rule == "auto" else rule
 
 
-def peak_lr(cfg) -> float:
+def peak_lr(cfg: Config) -> float:
     """The schedule's peak rate for ``cfg.global_batch``: ``optim.lr`` scaled by ``lr_scaling_rule``."""
     ratio = cfg.global_batch / cfg.optim.lr_reference_batch
     factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[lr_scaling_rule(cfg)]
     return cfg.optim.lr * factor
 
 
-def describe_peak_lr(cfg) -> str:
+def describe_peak_lr(cfg: Config) -> str:
     """'lr 0.002 × √(128/32) = 0.004 (adamw: square-root scaling)': the rule, as the scale line shows it."""
     o, rule = cfg.optim, lr_scaling_rule(cfg)
     ratio = f"{cfg.global_batch}/{o.lr_reference_batch}"
@@ -111,7 +111,7 @@ def describe_peak_lr(cfg) -> str:
     return f"lr {o.lr:g}{factor} = {peak_lr(cfg):.4g} ({o.name}: {why}; {source})"
 
 
-def divergence_warning(cfg) -> Optional[str]:
+def divergence_warning(cfg: Config) -> Optional[str]:
     """A warning when the peak rate reaches ``optim.lr_diverges_at`` (a preset's measured limit),
     naming the fix; None otherwise."""
     limit = cfg.optim.lr_diverges_at

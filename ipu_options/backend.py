@@ -40,6 +40,7 @@ from backends.contract import Backend, BackendError
 from backends.process import all_reduce_mean
 from backends.specs import BatchPlan
 from ipu_options import EMULATED, IMPORT_ERROR, poptorch
+from ipu_options.config import RunConfig
 from ipu_options.optimizer import build_ipu_optimizer, device_groups
 from ipu_options.options import build_options
 from ipu_options.pipeline import SplitError, annotate, num_ipus
@@ -72,7 +73,7 @@ class PopTorchBackend(Backend):
     called once on the meta device, for split names and the memory plan. ``batch``: the run's
     sizes (its ``local_replicas`` are this process's replicas)."""
 
-    def __init__(self, cfg, network: Callable[[], nn.Module], batch: BatchPlan):
+    def __init__(self, cfg: RunConfig, network: Callable[[], nn.Module], batch: BatchPlan):
         self.cfg, self.poptorch, self.batch = cfg, poptorch, batch
         self.use_ipu_model = cfg.device == "ipu-model" and not EMULATED
         self.emulated = cfg.device == "ipu-model"

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ipu_options.config import RunConfig
 from ipu_options.pipeline import backbone, split_points
 from model.blocks import ConvNormAct, MBConv
 from model.padding import Conv2dSame
@@ -235,7 +236,7 @@ class Settings:
     momentum: bool = True
 
     @staticmethod
-    def of(cfg) -> "Settings":
+    def of(cfg: RunConfig) -> "Settings":
         return Settings(cfg.ipu.precision, cfg.optim.name, cfg.train.grad_accum, cfg.train.replicas,
                         cfg.ipu.optimizer_state_offchip, cfg.ipu.replicated_tensor_sharding,
                         cfg.optim.momentum > 0)

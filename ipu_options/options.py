@@ -41,12 +41,14 @@ from the SDK 3.4 signatures):
                                    (faster group/layer norm layout; smaller host streams).
 ``ipu.precision`` is not an option call: it is the model's and inputs' dtype (precision.py).
 """
-from typing import Optional
+from types import ModuleType
+from typing import Any, Dict, Optional
 
 import torch
 
 from backends.process import under_poprun
 from backends.specs import BatchPlan
+from ipu_options.config import RunConfig
 from ipu_options.pipeline import num_ipus
 from ipu_options.poprun import popdist_local_replicas, popdist_options
 
@@ -54,7 +56,7 @@ AUTO_RECOMPUTATION_PIPELINE = 3  # popart.RecomputationType.Pipeline
 AUTO_RECOMPUTATION_ALL = 4  # popart.RecomputationType.RecomputeAll
 
 
-def local_replicas(cfg) -> int:
+def local_replicas(cfg: RunConfig) -> int:
     """Replicas of this process: inside a PopRun job what PopDist says (a poprun started by hand
     need not match dist.instances); otherwise train.replicas over dist.instances."""
     if under_poprun():
@@ -66,7 +68,7 @@ def local_replicas(cfg) -> int:
     return cfg.train.replicas // instances
 
 
-def memory_proportions(cfg, ipus: int):
+def memory_proportions(cfg: RunConfig, ipus: int) -> Dict[str, float]:
     amp = cfg.ipu.available_memory_proportion
     if len(amp) not in (1, ipus):
         raise ValueError(f"ipu.available_memory_proportion has {len(amp)} values for {ipus} IPUs: "
@@ -74,7 +76,8 @@ def memory_proportions(cfg, ipus: int):
     return {f"IPU{i}": float(amp[0] if len(amp) == 1 else amp[i]) for i in range(ipus)}
 
 
-def _set_pipeline(opts, poptorch, cfg, splits: Optional[dict], training: bool) -> None:
+def _set_pipeline(opts: Any, poptorch: ModuleType, cfg: RunConfig, splits: Optional[dict],
+                  training: bool) -> None:
     """Memory proportions per IPU; pipelined execution over several IPUs, or recomputation on one."""
     ipus = num_ipus(cfg, splits)
     opts.setAvailableMemoryProportion(memory_proportions(cfg, ipus))
@@ -99,8 +102,8 @@ def _set_precision(opts, ipu, training: bool) -> None:
     opts._Popart.set("engineOptions", {"target.deterministicWorkers": "portable"})
 
 
-def build_options(cfg, poptorch, batch: BatchPlan, training: bool = True, splits: Optional[dict] = None,
-                  use_ipu_model: bool = False, base=None):
+def build_options(cfg: RunConfig, poptorch: ModuleType, batch: BatchPlan, training: bool = True,
+                  splits: Optional[dict] = None, use_ipu_model: bool = False, base: Any = None) -> Any:
     """The ``poptorch.Options`` of a run whose sizes are ``batch``. ``splits``: the resolved
     pipeline ({name: ipu}, from the plan when ``ipu.pipeline`` is "auto"); ``base``: an Options
     to start from (PopDist's)."""
