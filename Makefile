@@ -19,8 +19,8 @@ OVERRIDES = $(if $(MODEL),model.name=$(MODEL)) $(if $(G),model.group_size=$(G)) 
 RUN = $(PY) -m app
 EXPERIMENT = $(PY) -m experiments
 
-.PHONY: help train validate finetune plan paper study bench bench-report test test-faults compat lint clean \
-	env env-dev env-sdk sdk-python
+.PHONY: help train validate finetune plan paper study bench bench-report test test-faults compat conformance \
+	lint clean env env-dev env-sdk sdk-python
 .DEFAULT_GOAL := train
 # CONFIG, when typed on the command line (or exported): a command that reads a run's own
 # configuration (resume, validate, finetune) or plans a model's own job uses it only then.
@@ -38,6 +38,7 @@ help:
 	@echo "  bench-report  the same, rewriting the committed report in benchmarks/results/"
 	@echo "  test          the whole suite (about 20 minutes on 2 CPU cores); test-faults: every fault case"
 	@echo "  compat        the suite under the Poplar SDK's Python 3.8 + torch 2.0.1 (.venv-sdk)"
+	@echo "  conformance   PopTorch 3.4's own tests on the emulator (POPTORCH_GITDIR=<poptorch clone's .git>)"
 	@echo "  lint | env | env-dev | env-sdk | clean"
 	@echo "Variables:"
 	@echo "  CONFIG=digits|b2-g16-lnpn|file.yaml  DEVICE=auto|cpu|cuda|ipu|ipu-model  MODEL=b0..b7  G=1|16"
@@ -123,6 +124,21 @@ sdk-python:
 
 compat: $(VENV_SDK)/.installed
 	$(VENV_SDK)/bin/python -m pytest -q -n 2 --dist loadgroup tests $(ARGS)
+
+# PopTorch 3.4's own test suite on the emulator (docs/emulator-conformance.md). Needs a clone of
+# graphcore/poptorch (POPTORCH_GITDIR= its git directory; the tests are read from tag
+# sdk/poptorch/3.4.0, never copied here) and the harness (CONFORMANCE_TOOLS). FILES= a subset.
+CONFORMANCE_TOOLS ?= ../shared/tools/poptorch_conformance
+conformance:
+	@if [ -z "$(POPTORCH_GITDIR)" ]; then \
+		echo "make conformance: skipped: set POPTORCH_GITDIR=<git dir of a graphcore/poptorch clone>"; \
+	elif [ ! -f "$(CONFORMANCE_TOOLS)/run_suite.sh" ]; then \
+		echo "make conformance: skipped: no harness at $(CONFORMANCE_TOOLS) (set CONFORMANCE_TOOLS=...)"; \
+	else \
+		$(MAKE) --no-print-directory $(VENV_SDK)/.installed && \
+		POPTORCH_GITDIR="$(POPTORCH_GITDIR)" PY="$(CURDIR)/$(VENV_SDK)/bin/python" \
+			bash "$(CONFORMANCE_TOOLS)/run_suite.sh"; \
+	fi
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -236,7 +236,7 @@ def test_unbroadcast_buffers_stay_per_replica_in_inference():
 
         def forward(self, x):
             self.total.copy_(self.total + x)
-            return self.total.clone()
+            return self.total  # the output is a copy of the buffer, not the buffer
 
     opts = poptorch.Options().replicationFactor(2).broadcastBuffers(False)
     executor = poptorch.inferenceModel(Accumulate(), opts)
@@ -257,3 +257,55 @@ def test_is_running_on_ipu_inside_the_executor_only():
 
     poptorch.inferenceModel(Probe())(torch.ones(2))
     assert seen and all(seen) and not poptorch.isRunningOnIpu()
+
+
+# ---------------------------------------------------------------- theme 9: options
+def test_options_freeze_once_used_and_copies_thaw():
+    # python/_options_impl.py:105-135 and python/_poplar_executor.py:152-154
+    opts = poptorch.Options().deviceIterations(2)
+    executor = poptorch.inferenceModel(Regression(), opts)
+    with pytest.raises(AttributeError, match="Can't modify frozen Options"):
+        opts.randomSeed(42)
+    with pytest.raises(AttributeError, match="Can't modify frozen Options"):
+        opts._Popart.set("groupNormStridedChannelGrouping", True)
+    assert executor.options is not opts and executor.options.device_iterations == 2
+    thawed = opts.clone()
+    thawed.deviceIterations(4).Training.gradientAccumulation(2)
+    assert thawed.device_iterations == 4 and opts.device_iterations == 2
+
+
+def test_options_print_their_values_and_io_tiles_assert():
+    text = repr(poptorch.Options().replicationFactor(4))
+    assert text.startswith("Options(") and "replication_factor=4" in text and "0x" not in text
+    with pytest.raises(AssertionError, match="numIOTiles must be an even number between 32 and 192"):
+        poptorch.Options().TensorLocations.numIOTiles(33)  # python/options.py:616-623
+
+
+def test_an_executor_resolves_the_default_output_mode_on_its_copy():
+    # python/_poplar_executor.py:163-176: Final in training, All in inference
+    opts = poptorch.Options()
+    assert poptorch.trainingModel(Regression(), opts).options.output_mode == poptorch.OutputMode.Final
+    assert poptorch.inferenceModel(Regression(), opts).options.output_mode == poptorch.OutputMode.All
+    assert opts.defaultOutputMode()
+
+
+def test_inputs_must_match_the_compiled_ones():
+    # python/_args_parser.py:58-140: dtype, structure and constants fixed at compilation;
+    # arguments are bound to forward's parameters, so keyword order does not matter
+    class Add(nn.Module):
+        def forward(self, x, y=None, scale=1):
+            return x * scale if y is None else (x + y) * scale
+
+    executor = poptorch.inferenceModel(Add())
+    x = torch.ones(2, 3)
+    executor(x, y=x)
+    executor(y=x, x=x)
+    with pytest.raises(poptorch.Error, match="Data type mismatch for x: expected torch.float32 "
+                                             "but got torch.int64"):
+        executor(x.long(), y=x)
+    with pytest.raises(poptorch.Error, match="Type mismatch for y"):
+        executor(x)  # y falls back to its default, None
+    with pytest.raises(poptorch.Error, match="Value mismatch for scale: expected 1 but got 2"):
+        executor(x, y=x, scale=2)
+    executor.destroy()  # a new compilation accepts new inputs
+    torch.testing.assert_close(executor(x.long()), x.long())

@@ -69,7 +69,8 @@ def test_half_accumulator_keeps_the_running_mean_of_the_micro_batches():
     opts = emulator.Options()
     opts.Training.gradientAccumulation(4)
     trainer = emulator.trainingModel(_SumLoss(model), opts, optimizer=opt)
-    assert opts.Training.meanAccumulationAndReplicationReductionStrategy == \
+    # on the executor's copy of the options (python/_poplar_executor.py:152-154)
+    assert trainer.options.Training.meanAccumulationAndReplicationReductionStrategy == \
         emulator.MeanReductionStrategy.Running
     trainer(torch.full((4, 2), 30000.0))
     torch.testing.assert_close(model.weight.detach(), torch.full((1, 2), -3.0))
@@ -82,7 +83,7 @@ def test_post_reduction_sum_of_half_accumulators_would_overflow():
     opts.Training.gradientAccumulation(4)
     trainer = emulator.trainingModel(_SumLoss(model), opts, optimizer=opt)
     post = emulator.MeanReductionStrategy.Post
-    assert opts.Training.meanAccumulationAndReplicationReductionStrategy == post
+    assert trainer.options.Training.meanAccumulationAndReplicationReductionStrategy == post
     trainer(torch.full((4, 2), 30000.0))
     torch.testing.assert_close(model.weight.detach(), torch.full((1, 2), -3.0))
     half_model, half_opt = _linear_executor(lr=1e-4, accum_type=torch.float16)

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from . import blocks, lowering, norms, optim_snapshot, recompute, wrapping
 from .enums import MeanReductionStrategy, OutputMode, ReductionType
 from .errors import RuntimeRefusal, ValueRefusal
+from .inputs import CompiledInputs
 from .options import Options
 from .precision import FP16_MAX, HalfKernels, round_half, stochastic_round_half
 
@@ -130,7 +131,15 @@ class PoplarExecutor:
             raise RuntimeError("Model has already been wrapped in 'poptorch.trainingModel'. Call "
                                "model.destroy() on the model to unwrap before wrapping again.")
         self.__dict__["_user_model"] = model  # before anything that could reach __getattr__
-        self._options = options if options is not None else Options()
+        if options is not None and not isinstance(options, Options):  # _poplar_executor.py:147-151
+            raise ValueRefusal(f"Invalid type: 'options' is of type {type(options)} "
+                               f"(Expected poptorch.Options)")
+        if options is not None:  # python/_poplar_executor.py:152-154: the user's are frozen,
+            options._freeze()  # the executor works on its own copy (frozen too, line 244)
+        self._options = options.clone() if options is not None else Options()
+        if self._options.defaultOutputMode():  # python/_poplar_executor.py:163-176
+            self._options.output_mode = OutputMode.Final if training else OutputMode.All
+        self._options._freeze()
         self._training = training
         if training:
             if optimizer is None:
@@ -153,6 +162,7 @@ class PoplarExecutor:
         self._stale_host: Optional[List[torch.Tensor]] = None
         self._after_run: List[Tuple[int, int]] = []
         self._running = False  # inside a run: the host model's hooks must not copy back
+        self._inputs: Optional[CompiledInputs] = None  # what the executable was compiled for
         self._replica_buffers: Optional[List[List[torch.Tensor]]] = None
         self._recomputation: Optional[recompute.Recomputation] = None
         self._loss_scale: Optional[float] = None
@@ -298,6 +308,8 @@ class PoplarExecutor:
         with _as_traced_graph(), self._channel_grouping():
             if not self._compiled:
                 self._prepare(args, kwargs)
+            else:  # python/_poplar_executor.py:1264 validates every call's inputs
+                self._inputs.validate(args, kwargs)
             if not self._attached:
                 self.attachToDevice()
             self.runs += 1
@@ -390,6 +402,7 @@ class PoplarExecutor:
         """Compile: trace one micro-batch as PopTorch does (its graph, in the caller's grad mode,
         without the eager fast paths), refuse what PopTorch would refuse, then set up replicas."""
         get, _ = self._micro(args, kwargs)
+        self._inputs = CompiledInputs(self._user_model.forward, args, kwargs)
         a, k = get(0, 0, 0)
         model = self._user_model
         # Each module's train/eval mode is the user's: PopTorch traces the model as it is and
@@ -611,7 +624,10 @@ class PoplarExecutor:
                         # buffers PopTorch refuses in-place updates: _check_buffer_updates)
                         self._load_replica(r)
                         a, k = get(d, 0, r)
-                        outputs[d][0][r] = self._user_model(*a, **k)
+                        # copies, as the device's outputs are: a returned buffer is not the buffer
+                        outputs[d][0][r] = tree_map(
+                            lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                            self._user_model(*a, **k))
                         self._save_replica(r)
             self._load_replica(0)
         finally:
