@@ -309,3 +309,106 @@ def test_inputs_must_match_the_compiled_ones():
         executor(x, y=x, scale=2)
     executor.destroy()  # a new compilation accepts new inputs
     torch.testing.assert_close(executor(x.long()), x.long())
+
+
+# ---------------------------------------------------------------- theme 3: optimiser state
+def test_optimiser_state_is_none_until_compiled_then_named_as_popart_names_it():
+    # python/optim.py:68-105: ipu_state / ipu_param are None until an executable holds the
+    # optimiser; tests/optimizers_test.py:1229-1262 names them (SGD's compound scalars)
+    model = Regression()
+    lr, wd, ls = 0.05, 0.025, 0.75
+    opt = poptorch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd, loss_scaling=ls)
+    step = poptorch.trainingModel(model, optimizer=opt)
+    before = opt.state_dict()
+    assert before["ipu_state"] is None and before["ipu_param"] is None
+    step.compile(*data())
+    params = opt.state_dict()["ipu_param"]
+    assert params["scaledLearningRate0___specific___linear.bias"].item() == pytest.approx(lr / ls)
+    assert params["weightDecayScaleFactor0___specific___linear.weight"].item() == pytest.approx(1 - lr * wd)
+    assert params["lossScaling_FLOAT"].item() == pytest.approx(ls)
+
+
+def test_adam_state_is_read_by_accumulator_name_and_changes_with_training():
+    # tests/optimizers_test.py:1261-1281: Accl1___<param> exists once compiled and changes on a run
+    model = Regression()
+    opt = poptorch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.025)
+    step = poptorch.trainingModel(model, optimizer=opt)
+    x, y = data()
+    step.compile(x, y)
+    s0 = opt.state_dict()
+    assert s0["ipu_param"]["learningRate___specific___linear.bias"].item() == pytest.approx(0.05)
+    assert not s0["ipu_state"]["Accl1___linear.weight"].any()  # PopART's zero accumulators
+    step(x, y)
+    s1 = opt.state_dict()
+    assert not torch.equal(s0["ipu_state"]["Accl1___linear.weight"], s1["ipu_state"]["Accl1___linear.weight"])
+
+
+def test_an_offline_target_never_fills_the_optimiser_state():
+    # tests/optimizers_test.py:1316-1331 (useOfflineIpuTarget: the state stays None)
+    model = Regression()
+    opt = poptorch.optim.SGD(model.parameters(), lr=0.1)
+    step = poptorch.trainingModel(model, poptorch.Options().useOfflineIpuTarget(2), opt)
+    step.compile(*data())
+    assert opt.state_dict()["ipu_state"] is None
+
+
+def test_a_loaded_named_state_is_given_back_until_the_next_run(tmp_path):
+    # python/optim.py:92-100: the loaded dict is kept as the state until the device runs;
+    # python/optim.py:82-84: torch's entries load too, so a scheduler's lr reaches the device
+    model = Regression()
+    x, y = data()
+    opt = poptorch.optim.Adam(model.parameters(), lr=1.0)
+    step = poptorch.trainingModel(model, optimizer=opt)
+    step(x, y)
+    torch.optim.lr_scheduler.ExponentialLR(opt, 0.5).step()
+    step.setOptimizer(opt)
+    torch.save({"opt": opt.state_dict()}, tmp_path / "c.pt")
+    saved = torch.load(tmp_path / "c.pt")["opt"]
+    fresh = poptorch.optim.Adam(model.parameters(), lr=0.1)
+    fresh.load_state_dict(saved)
+    loaded = fresh.state_dict()
+    assert all(torch.equal(loaded["ipu_state"][k], v) for k, v in saved["ipu_state"].items())
+    assert torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["exp_avg"],
+                       opt.state[opt.param_groups[0]["params"][0]]["exp_avg"])
+    step.setOptimizer(fresh)
+    step(x, y)
+    assert fresh.state_dict()["ipu_param"]["learningRate___specific___linear.bias"].item() == 0.5
+
+
+def test_the_projects_earlier_checkpoint_form_still_loads():
+    # this project's checkpoints once held torch's per-index state under "ipu_state" and a list
+    # of groups under "ipu_param": loading them restores that state (the device's then)
+    p = nn.Parameter(torch.ones(3))
+    opt = poptorch.optim.SGD([p], lr=0.1, momentum=0.9)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
+    earlier = {"state": {}, "param_groups": opt.state_dict()["param_groups"],
+               "ipu_state": {0: {"momentum_buffer": torch.full((3,), 0.5)}}, "ipu_param": groups}
+    opt.load_state_dict(earlier)
+    assert torch.equal(opt.state[p]["momentum_buffer"], torch.full((3,), 0.5))
+    with pytest.raises(RuntimeError, match="Only IPU optimizer states"):
+        opt.load_state_dict({"state": {}, "param_groups": earlier["param_groups"]})
+
+
+def test_hyper_parameters_the_user_gave_are_variable_and_may_be_marked():
+    # python/optim.py:10-64: arguments given to the constructor are variable; markAsVariable /
+    # markAsConstant accept the torch defaults plus loss_scaling and assert on anything else
+    opt = poptorch.optim.SGD(Regression().parameters(), lr=0.1)
+    assert not opt.variable_attrs.isConstant("lr")
+    assert opt.variable_attrs.isConstant("loss_scaling")
+    opt.variable_attrs.markAsVariable("loss_scaling")
+    assert not opt.variable_attrs.isConstant("loss_scaling")
+    opt.variable_attrs.markAsConstant("lr")
+    assert opt.variable_attrs.isConstant("lr")
+    with pytest.raises(AssertionError, match="Unknown attribute"):
+        opt.variable_attrs.markAsVariable("not_a_hyper_parameter")
+
+
+def test_print_and_memory_annotations_return_their_input_and_refuse_non_tensors():
+    # python/ops.py:143-156 and 473-478: both return the tensor and refuse anything else
+    t = torch.arange(3.0)
+    assert poptorch.ipu_print_tensor(t, "title") is t
+    assert poptorch.set_available_memory(t, 0.2) is t
+    with pytest.raises(poptorch.Error, match="ipu print tensor must take a torch.tensor"):
+        poptorch.ipu_print_tensor([1.0])
+    with pytest.raises(poptorch.Error, match="set available memory for torch.tensor values"):
+        poptorch.set_available_memory(1.0, 0.2)

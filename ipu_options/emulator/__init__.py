@@ -28,7 +28,7 @@ from .executor import (
     isRunningOnIpu,
     trainingModel,
 )
-from .ops import for_loop
+from .ops import for_loop, ipu_print_tensor, set_available_memory
 from .options import Options, PipelinedExecution, ShardedExecution, TensorLocationSettings
 
 __version__ = "3.4.0+emulated"
@@ -39,6 +39,6 @@ __all__ = [
     "DataLoaderMode", "Error", "MeanReductionStrategy", "Options", "OutputMode",
     "PipelinedExecution", "PoplarExecutor", "RecoverableError", "ReductionType", "ShardedExecution",
     "TensorLocationSettings", "UnrecoverableError", "for_loop", "identity_loss", "inferenceModel",
-    "ipuHardwareIsAvailable", "isRunningOnIpu", "optim", "recomputationCheckpoint", "removeBlocks",
-    "trainingModel",
+    "ipu_print_tensor", "ipuHardwareIsAvailable", "isRunningOnIpu", "optim",
+    "recomputationCheckpoint", "removeBlocks", "set_available_memory", "trainingModel",
 ]

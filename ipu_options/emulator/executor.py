@@ -169,6 +169,9 @@ class PoplarExecutor:
         self._loss_leaf: Optional[int] = None  # the final loss among the output's leaves
         self.stages: List[int] = []  # IPU of each forward pipeline stage, set by compile
         self.lowering: Optional[lowering.Lowering] = None  # what the compile-time check saw
+        # each parameter's name in the model: PopART names the optimiser's tensors by it
+        self._param_names = {p: n for n, p in model.named_parameters()}
+        self._named_optimizer: Optional[torch.optim.Optimizer] = None  # the last setOptimizer's
         if training:
             # python/_poplar_executor.py:241-242 (3.4.0): the constructor calls setOptimizer.
             self.setOptimizer(optimizer)
@@ -200,6 +203,16 @@ class PoplarExecutor:
     def compile(self, *args, **kwargs) -> None:
         with _running_on_ipu(), self._channel_grouping():
             self._prepare(args, kwargs)
+        self._optimizers_on_device()
+
+    def _optimizers_on_device(self) -> None:
+        """Compiled for a device that is online: the optimiser's state is read from it by name
+        (python/optim.py:103-105 has_state, 3.4.0; an offline target never fills it)."""
+        if not (self._training and self._compiled) or self._options.offline_ipu_version is not None:
+            return
+        for opt in {id(o): o for o in (self._optimizer, self._named_optimizer)}.values():
+            if hasattr(opt, "device_names"):
+                opt.device_names(self._param_names)
 
     def _channel_grouping(self):
         """Group norm's channel grouping as the PopART options select it (norms.py)."""
@@ -217,6 +230,9 @@ class PoplarExecutor:
         if len(optimizer.param_groups) != len(self._optimizer.param_groups):
             raise ValueError("setOptimizer: the new optimizer must have the same parameter groups")
         self._dict_optimizer = optim_snapshot.take(optimizer, self._options, self._compiled)
+        self._named_optimizer = optimizer
+        if self._compiled:
+            self._optimizers_on_device()
         if self._loss_scale is not None and not self._options.Training.automatic_loss_scaling:
             self._loss_scale = self._dict_optimizer.loss_scaling
 
@@ -316,6 +332,7 @@ class PoplarExecutor:
             if not self._training:
                 self._follow_training_weights()
                 return self._infer(args, kwargs)
+            self._optimizers_on_device()  # a loaded state goes to the device before the run
             self._running = True
             try:
                 if not self._dirty_host_weights:  # what the host keeps while the device trains
@@ -325,6 +342,7 @@ class PoplarExecutor:
             finally:
                 self._running = False
             self._dirty_host_weights = True
+            self._optimizers_on_device()
             return out
 
     def _weight_tensors(self) -> List[torch.Tensor]:

@@ -8,14 +8,49 @@ every update), ``velocity_scaling`` (SGD; a storage scale of the velocity, numer
 in fp32, so only recorded). RMSprop(use_tf_variant=True) is the TensorFlow variant —
 ``backends.optimizers.RMSpropTF`` (ε inside the square root, squared average starting at one, lr
 accumulated in the momentum buffer), as PopTorch documents it."""
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from backends.optimizers import RMSpropTF
 
 
+class VariableAttributes:
+    """Which hyper-parameters the executable keeps variable (python/optim.py:10-47, 3.4.0): those
+    the user passed to the constructor, and any marked so since. The emulator keeps every one
+    changeable; the marks are recorded for code that reads them."""
+
+    def __init__(self, variable_attributes: List[str], allowed_attributes: List[str]) -> None:
+        self._variable_attributes = variable_attributes
+        self._allowed_attributes = allowed_attributes
+
+    def isConstant(self, attr: str) -> bool:
+        return attr not in self._variable_attributes
+
+    def markAsConstant(self, attr: str) -> None:
+        self._check(attr)
+        self._variable_attributes = [a for a in self._variable_attributes if a != attr]
+
+    def markAsVariable(self, attr: str) -> None:
+        self._check(attr)
+        self._variable_attributes.append(attr)
+
+    def _check(self, attr: str) -> None:
+        assert attr in self._allowed_attributes, (
+            f"Unknown attribute {attr}, allowed values: {self._allowed_attributes}")
+
+
+def _variables(constructor_locals: Dict[str, Any]) -> List[str]:
+    """The constructor's arguments the user gave: variable (python/optim.py:50-64, 3.4.0)."""
+    given = dict(constructor_locals, **constructor_locals.get("torch_kwargs", {}))
+    return [k for k, v in given.items() if v is not None and k not in ("self", "torch_kwargs")]
+
+
 class _PopTorchExtras:
+    def _track_variables(self, variables: List[str]) -> None:
+        # the torch defaults plus the global loss scaling may be marked (python/optim.py:184, 286-288)
+        self.variable_attrs = VariableAttributes(variables, list(self.defaults) + ["loss_scaling"])
+
     def _set_extras(self, loss_scaling: Optional[float], accum_type: Optional[torch.dtype],
                     max_grad_norm: Optional[float] = None, **state_types: Optional[torch.dtype]) -> None:
         allowed = (torch.float16, torch.float32)
@@ -28,20 +63,35 @@ class _PopTorchExtras:
         self.max_grad_norm = max_grad_norm
 
 
-    # PopTorch keeps the optimiser's state on the device. Its state_dict() reads it back as
-    # "ipu_state" / "ipu_param" beside torch's own entries (kept for LR schedulers), and its
-    # load_state_dict() accepts only such a dict: a plain torch optimiser's state cannot be loaded.
+    # PopTorch keeps the optimiser's state on the device (python/optim.py:68-105, 3.4.0): its
+    # state_dict() is torch's entries plus "ipu_state" / "ipu_param", both None until an
+    # executable on a device holds the optimiser, then PopART's tensors by name
+    # ("Accl1___lin.weight", "learningRate___specific___lin.bias"; tests/optimizers_test.py:
+    # 1229-1240). A loaded state is given back as loaded until the device next runs (line 99).
+    _device_names: Optional[Dict[torch.Tensor, str]] = None  # set by the executor (device_names)
+    _loaded_ipu: Optional[Dict[str, Any]] = None  # ipu_state/ipu_param as loaded, not yet run
+
     def state_dict(self) -> Dict[str, Any]:
         torch_state = torch.optim.Optimizer.state_dict(self)
-        hyper = [{k: v for k, v in g.items() if k != "params"} for g in torch_state["param_groups"]]
-        return {**torch_state, "ipu_state": torch_state["state"], "ipu_param": hyper}
+        if self._loaded_ipu is not None:
+            return {**self._loaded_ipu, **torch_state}
+        if self._device_names is None:
+            return {"ipu_state": None, "ipu_param": None, **torch_state}
+        return {"ipu_state": self._named_state(), "ipu_param": self._named_params(), **torch_state}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if not state_dict:
+        if not state_dict:  # python/optim.py:92-98 (3.4.0)
             raise RuntimeError("Cannot load optimizer state dictionary because it is empty.")
         if not ("ipu_state" in state_dict and "ipu_param" in state_dict):
             raise RuntimeError("Only IPU optimizer states can be loaded onto the IPU.")
-        saved = state_dict["ipu_state"]
+        # torch's entries too, so LR schedulers work (python/optim.py:82-84). The emulator's
+        # device state *is* torch's state, so they restore it; PopART's named entries, when
+        # given, are written over it on the next run (device_names). Older checkpoints of this
+        # project hold torch's per-index state under "ipu_state": that is the device's then.
+        named = state_dict["ipu_state"]
+        by_name = isinstance(named, dict) and isinstance(state_dict["ipu_param"], dict)
+        by_index = isinstance(named, dict) and not by_name
+        saved = named if by_index else state_dict.get("state", {})
         torch.optim.Optimizer.load_state_dict(
             self, {"state": saved, "param_groups": state_dict["param_groups"]})
         # torch casts loaded state to each parameter's dtype (fp16 in 16.16); the device keeps the
@@ -52,6 +102,77 @@ class _PopTorchExtras:
             for key, value in values.items():
                 if isinstance(value, torch.Tensor) and isinstance(loaded.get(key), torch.Tensor):
                     loaded[key] = loaded[key].to(value.dtype)
+        if by_name:
+            self._loaded_ipu = {"ipu_state": named, "ipu_param": state_dict["ipu_param"]}
+
+    def device_names(self, names: Dict[torch.Tensor, str]) -> None:
+        """An executable on a device now holds this optimiser (``names``: each parameter's name
+        in the model): a loaded named state is written to it and the state is read by name."""
+        self._device_names = names
+        if self._loaded_ipu is None:
+            return
+        by_name = {f"{self._prefix(key)}___{name}": (p, key) for p, name in names.items()
+                   for key in self.state.get(p, {}) if self._prefix(key)}
+        with torch.no_grad():
+            for entry, value in (self._loaded_ipu["ipu_state"] or {}).items():
+                if entry in by_name and isinstance(value, torch.Tensor):
+                    p, key = by_name[entry]
+                    self.state[p][key].copy_(value)
+        self._loaded_ipu = None
+
+    # torch's state entries under PopART's accumulator names (popart/names.hpp: Accl1___ first
+    # moment, Accl2___ second moment, Accl3___ RMSprop's momentum, Accl___ SGD's velocity).
+    _STATE_PREFIX: Dict[str, str] = {
+        "exp_avg": "Accl1", "exp_avg_sq": "Accl2", "step": "Step", "square_avg": "Accl1",
+        "grad_avg": "Accl2", "momentum_buffer": "Accl"}
+
+    def _prefix(self, key: str) -> Optional[str]:
+        prefix = self._STATE_PREFIX.get(key)
+        return "Accl3" if prefix == "Accl" and isinstance(self, RMSprop) else prefix
+
+    def _named_state(self) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        for p, name in self._device_names.items():
+            for key, value in (self.state.get(p) or self._initial_state(p)).items():
+                prefix = self._prefix(key)
+                if prefix and isinstance(value, torch.Tensor):
+                    out[f"{prefix}___{name}"] = value.detach().clone()
+        return out
+
+    def _initial_state(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The accumulators PopART creates at compilation, before the first update (torch
+        creates its own lazily at the first step): zero moments, RMSpropTF's squares at one."""
+        defaults = self.defaults
+        if isinstance(self, (torch.optim.Adam, torch.optim.AdamW)):
+            return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        if isinstance(self, RMSprop):
+            start = torch.ones_like(p) if self.use_tf_variant else torch.zeros_like(p)
+            return {"square_avg": start}
+        return {"momentum_buffer": torch.zeros_like(p)} if defaults.get("momentum") else {}
+
+    def _named_params(self) -> Dict[str, torch.Tensor]:
+        """The hyper-parameters as PopART names them, per parameter. SGD's are PopART's
+        compound scalars (tests/optimizers_test.py:1245-1258): scaledLearningRate0 =
+        lr * (1 - dampening) / loss_scaling, weightDecayScaleFactor0 =
+        1 - lr * (1 - dampening) * weight_decay."""
+        out: Dict[str, torch.Tensor] = {}
+        for group in self.param_groups:
+            lr, wd = float(group["lr"]), float(group.get("weight_decay", 0.0))
+            for p in group["params"]:
+                name = self._device_names.get(p)
+                if name is None:
+                    continue
+                if isinstance(self, torch.optim.SGD):
+                    dm = float(group.get("dampening", 0.0))
+                    out[f"scaledLearningRate0___specific___{name}"] = torch.tensor(
+                        lr * (1 - dm) / self.loss_scaling)
+                    out[f"weightDecayScaleFactor0___specific___{name}"] = torch.tensor(
+                        1 - lr * (1 - dm) * wd)
+                else:
+                    out[f"learningRate___specific___{name}"] = torch.tensor(lr)
+                    out[f"weightDecay___specific___{name}"] = torch.tensor(wd)
+        out["lossScaling_FLOAT"] = torch.tensor(self.loss_scaling)
+        return out
 
 
 def _given(**kwargs):
@@ -67,12 +188,14 @@ class SGD(_PopTorchExtras, torch.optim.SGD):
                  use_combined_accum: Optional[bool] = None, accum_type: Optional[torch.dtype] = None,
                  velocity_accum_type: Optional[torch.dtype] = None,
                  max_grad_norm: Optional[float] = None) -> None:
+        variables = _variables(locals())
         torch.optim.SGD.__init__(self, params, lr=lr, **_given(
             momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable))
         self._set_extras(loss_scaling, accum_type, max_grad_norm, velocity_accum_type=velocity_accum_type)
         self.velocity_scaling = 1.0 if velocity_scaling is None else float(velocity_scaling)
         self.use_combined_accum = use_combined_accum
+        self._track_variables(variables)
 
 
 class AdamW(_PopTorchExtras, torch.optim.AdamW):
@@ -86,6 +209,7 @@ class AdamW(_PopTorchExtras, torch.optim.AdamW):
                  first_order_momentum_accum_type: Optional[torch.dtype] = None,
                  second_order_momentum_accum_type: Optional[torch.dtype] = None,
                  max_grad_norm: Optional[float] = None) -> None:
+        variables = _variables(locals())
         if bias_correction is False:
             raise NotImplementedError("the emulator's AdamW always applies bias correction")
         torch.optim.AdamW.__init__(self, params, **_given(
@@ -95,6 +219,7 @@ class AdamW(_PopTorchExtras, torch.optim.AdamW):
         self._set_extras(loss_scaling, accum_type, max_grad_norm,
                          first_order_momentum_accum_type=first_order_momentum_accum_type,
                          second_order_momentum_accum_type=second_order_momentum_accum_type)
+        self._track_variables(variables)
 
 
 class Adam(_PopTorchExtras, torch.optim.Adam):
@@ -105,11 +230,13 @@ class Adam(_PopTorchExtras, torch.optim.Adam):
                  first_order_momentum_accum_type: Optional[torch.dtype] = None,
                  second_order_momentum_accum_type: Optional[torch.dtype] = None,
                  max_grad_norm: Optional[float] = None, **torch_kwargs) -> None:
+        variables = _variables(locals())
         torch.optim.Adam.__init__(self, params, **_given(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad), **torch_kwargs)
         self._set_extras(loss_scaling, accum_type, max_grad_norm,
                          first_order_momentum_accum_type=first_order_momentum_accum_type,
                          second_order_momentum_accum_type=second_order_momentum_accum_type)
+        self._track_variables(variables)
 
 
 class RMSprop(_PopTorchExtras, torch.optim.Optimizer):
@@ -127,6 +254,7 @@ class RMSprop(_PopTorchExtras, torch.optim.Optimizer):
                  first_order_momentum_accum_type: Optional[torch.dtype] = None,
                  second_order_momentum_accum_type: Optional[torch.dtype] = None,
                  use_tf_variant: Optional[bool] = None, **torch_kwargs) -> None:
+        variables = _variables(locals())
         args = _given(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
         self.use_tf_variant = self._base is RMSpropTF
         if self.use_tf_variant:
@@ -138,6 +266,7 @@ class RMSprop(_PopTorchExtras, torch.optim.Optimizer):
         self._set_extras(loss_scaling, accum_type, None,
                          first_order_momentum_accum_type=first_order_momentum_accum_type,
                          second_order_momentum_accum_type=second_order_momentum_accum_type)
+        self._track_variables(variables)
 
 
 class _RMSpropTorch(RMSprop, torch.optim.RMSprop):
