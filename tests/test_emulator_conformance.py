@@ -412,3 +412,55 @@ def test_print_and_memory_annotations_return_their_input_and_refuse_non_tensors(
         poptorch.ipu_print_tensor([1.0])
     with pytest.raises(poptorch.Error, match="set available memory for torch.tensor values"):
         poptorch.set_available_memory(1.0, 0.2)
+
+
+def test_dict_subclass_inputs_need_no_parser_and_keep_their_type():
+    # tests/inputs_test.py:326-357 (an OrderedDict subclass is an input as it is); the compiled
+    # structure is still checked (python/_args_parser.py:58-140)
+    import collections
+
+    class Named(collections.OrderedDict):
+        pass
+
+    class Model(nn.Module):
+        def forward(self, args):
+            assert isinstance(args, Named)
+            return args["a"] * 2 + args["b"]
+
+    run = poptorch.inferenceModel(Model())
+    arg = Named(a=torch.ones(2, 2), b=torch.ones(2, 2))
+    assert torch.equal(run(arg), torch.full((2, 2), 3.0))
+    assert torch.equal(run(Named(a=torch.zeros(2, 2), b=torch.ones(2, 2))), torch.ones(2, 2))
+    with pytest.raises(poptorch.Error, match="Type mismatch"):
+        run({"a": torch.ones(2, 2), "b": torch.ones(2, 2)})
+
+
+def test_cycle_counting_is_refused_off_hardware():
+    # python/options.py:1781-1795 sets PopART's instrumentWithHardwareCycleCounter;
+    # popart_compiler/source/CompilerImpl.cpp:640-645, 1290-1293 refuse it on an IPU model
+    opts = poptorch.Options().logCycleCount(True)
+    run = poptorch.inferenceModel(Regression(), opts)
+    with pytest.raises(poptorch.Error, match="only supported on actual IPU hardware"):
+        run(data()[0])
+    assert poptorch.inferenceModel(Regression(), poptorch.Options().logCycleCount(False))(
+        data()[0]).shape == (6, 3)
+
+
+def test_a_loss_no_weight_reaches_trains_without_a_backward_pass():
+    # tests/misc_nn_layers_test.py:174-204: an eval-mode dropout's loss depends on no trainable
+    # weight; PopTorch runs the training model (and the weights stay as they were)
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Parameter(torch.ones(3))
+            self.loss = nn.L1Loss()
+
+        def forward(self, x, target):
+            return x, self.loss(x, target)
+
+    model = Model()
+    step = poptorch.trainingModel(model)
+    x = torch.randn(4, 3)
+    out, loss = step(x, torch.zeros_like(x))
+    assert torch.equal(out, x) and loss.item() == pytest.approx(x.abs().mean().item())
+    assert torch.equal(model.unused, torch.ones(3))

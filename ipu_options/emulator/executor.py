@@ -419,6 +419,10 @@ class PoplarExecutor:
     def _prepare(self, args, kwargs) -> None:
         """Compile: trace one micro-batch as PopTorch does (its graph, in the caller's grad mode,
         without the eager fast paths), refuse what PopTorch would refuse, then set up replicas."""
+        if self._options._Popart.options.get("instrumentWithHardwareCycleCounter"):
+            # the emulator is an IPU model: popart_compiler/source/CompilerImpl.cpp:640-645,
+            # 1290-1293 (3.4.0) refuse cycle counting on anything but IPU hardware
+            raise RuntimeRefusal("Cycle count logging is only supported on actual IPU hardware.")
         get, _ = self._micro(args, kwargs)
         self._inputs = CompiledInputs(self._user_model.forward, args, kwargs)
         a, k = get(0, 0, 0)
@@ -537,7 +541,10 @@ class PoplarExecutor:
                     with self._precision_mode((a, k)):
                         out = model(*a, **k)
                         loss = tree_flatten(out)[0][self._loss_leaf]
-                        (loss * scale if scale != 1.0 else loss).backward()
+                        # a loss no trainable weight reaches has no gradient: PopTorch trains
+                        # such a model anyway (tests/misc_nn_layers_test.py:174-204, 3.4.0)
+                        if loss.requires_grad:
+                            (loss * scale if scale != 1.0 else loss).backward()
                     for p in params:
                         if p.grad is None:
                             continue

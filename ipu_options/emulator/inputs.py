@@ -22,10 +22,12 @@ def _signature(value: Any) -> Any:
     """What is compared later: a tensor's dtype, a container's items, anything else itself."""
     if isinstance(value, torch.Tensor):
         return ("tensor", value.dtype)
+    # subclasses too: an OrderedDict-based type needs no parser of its own (tests/inputs_test.py:
+    # 326-328, sdk/poptorch/3.4.0)
     if isinstance(value, (tuple, list)):
-        return type(value), tuple(_signature(v) for v in value)
+        return "container", type(value), tuple(_signature(v) for v in value)
     if isinstance(value, dict):
-        return type(value), {k: _signature(v) for k, v in value.items()}
+        return "container", type(value), {k: _signature(v) for k, v in value.items()}
     return value
 
 
@@ -79,12 +81,11 @@ def _validate(name: str, compiled: Any, given: Any) -> None:
             raise Error(f"Data type mismatch for {name}: expected {compiled[1]} but got "
                         f"{given.dtype}.{RECOMPILE}")
         return
-    if isinstance(compiled, tuple) and len(compiled) == 2 and isinstance(compiled[0], type) \
-            and compiled[0] in (tuple, list, dict):
-        kind, items = compiled
+    if isinstance(compiled, tuple) and compiled[:1] == ("container",):
+        _, kind, items = compiled
         if type(given) is not kind:
             raise Error(f"Type mismatch for {name}: expected {kind} but got {type(given)}.{RECOMPILE}")
-        if kind is dict:
+        if isinstance(items, dict):
             _validate_keys(name, set(items), set(given))
             for key, item in items.items():
                 _validate(f"{name}[{key}]", item, given[key])

@@ -319,6 +319,11 @@ class Options(_Recorded):
         self._record("enableSyntheticData", enabled)
         return self
 
+    def logCycleCount(self, log_cycle_count: bool) -> "Options":
+        # python/options.py:1781-1795 (3.4.0): a PopART option; the compile refuses it off hardware
+        self._Popart.set("instrumentWithHardwareCycleCounter", log_cycle_count)
+        return self
+
     def logDir(self, log_dir: str) -> "Options":
         self._record("logDir", log_dir)
         return self
