@@ -16,8 +16,9 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 import torch
 
+from app.config import ModelConfig
 from app.errors import AppError
-from app.run_folder import TMP_MARK, RunFolder, replace_atomically, resume_command
+from app.run_folder import TMP_MARK, RunFolder, python_command, replace_atomically, resume_command
 from backends.process import proc_stat
 
 CHECKPOINT_DIR = "checkpoints"
@@ -162,7 +163,7 @@ def check_resume_is_newest(path: Union[str, Path], step: int) -> None:
     raise CheckpointError(
         f"{path} is at step {step}, but its run has newer checkpoints ({names}) that resuming from it "
         f"would overwrite. Continue the run from its newest checkpoint: {resume_command(run)}; or "
-        f"start a new run from these weights: python -m app train --config "
+        f"start a new run from these weights: {python_command()} -m app train --config "
         f"{run / 'config.yaml'} model.init_from={path}; or move the newer checkpoints out of "
         f"{path.parent} first to continue from this one in place")
 
@@ -229,13 +230,13 @@ def _describe(payload: Any) -> str:
     return f"a {type(payload).__name__}"
 
 
-def arch_of(model_cfg, num_classes: int) -> Dict[str, Any]:
+def arch_of(model_cfg: ModelConfig, num_classes: int) -> Dict[str, Any]:
     arch = {name: getattr(model_cfg, name) for name in ARCH_FIELDS}
     arch["num_classes"] = num_classes
     return arch
 
 
-def check_graph_variant(saved_arch: Dict[str, Any], model_cfg, source: Any) -> Dict[str, Any]:
+def check_graph_variant(saved_arch: Dict[str, Any], model_cfg: ModelConfig, source: Any) -> Dict[str, Any]:
     """The checkpoint's architecture with its graph variant (padding, graph). A checkpoint that
     records none computed ``UNRECORDED_GRAPH``: loading it into another graph would silently
     compute another function, so that is refused with the override that restores its graph."""
@@ -251,7 +252,8 @@ def check_graph_variant(saved_arch: Dict[str, Any], model_cfg, source: Any) -> D
     return {**UNRECORDED_GRAPH, **saved_arch}
 
 
-def check_architecture(payload: Dict[str, Any], model_cfg, num_classes: int, source: Any) -> None:
+def check_architecture(payload: Dict[str, Any], model_cfg: ModelConfig, num_classes: int,
+                       source: Any) -> None:
     """Raise naming every architectural field where the checkpoint and this run differ."""
     saved = payload.get("arch")
     if saved is None:

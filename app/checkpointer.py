@@ -29,7 +29,7 @@ from app.checkpoint import (
     set_rng_state,
 )
 from app.errors import AppError
-from app.run_folder import RunFolder
+from app.run_folder import RunFolder, resume_command
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Checkpointer:
         recorded = payload.get("run_kind", self.kind)  # older checkpoints: any kind
         if recorded != self.kind:  # a kind is named after the command that runs it
             raise AppError(f"{path} is a checkpoint of a {recorded} run, not of a {self.kind} run: "
-                           f"resume it with python -m app {recorded} --resume {run_dir}")
+                           f"resume it with {resume_command(run_dir, recorded)}")
         print(f"resuming from {path} (step {payload['step']})")
         self.resumed, self.resumed_path = payload, path
         self.last_saved = payload["step"]

@@ -16,9 +16,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
-
-import yaml
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from app.checkpoint import current_run, discard_unstarted_run, find_checkpoint, latest_run
 from app.config import (
@@ -26,17 +24,25 @@ from app.config import (
     ConfigError,
     UsageError,
     build_config,
+    changes_from_preset,
     check_dataset,
     check_resume_changes,
+    parse_overrides,
     preset_names,
     read_yaml_file,
 )
-from app.distributed import settle_job_status
+from app.distributed import settle_job_status, under_poprun, under_torchrun
 from app.errors import STOP_SIGNALS, AppError, Interrupted, user_message
+from app.plan import job_line
+from app.presets import grid_preset
 from app.resolution import ResolutionWarning
-from app.run_folder import CAUSES, RunFolderError, resume_command
+from app.run_folder import CAUSES, RunFolderError, resume_command, resume_hint
+from model.efficientnet import variant_key
 
 DEFAULT_PRESET = "digits"
+# ``plan``'s own ImageNet job: a dataset folder that is not on this machine counts as ImageNet's
+# 1000 classes (app/data/datasets.py num_classes_of); plan reads no data.
+IMAGENET_PLACEHOLDER = "imagenet"
 
 
 class Command(NamedTuple):
@@ -71,10 +77,29 @@ def route(command: str, cfg: Config) -> Tuple[str, Config]:
     return command, dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, source=None))
 
 
+def own_job(overrides: List[str]) -> Tuple[str, List[str]]:
+    """``plan`` without --config: the ImageNet job of the model the overrides name (model.name,
+    model.group_size, model.norm; default B0 G16 LN+PN, the digits model): its grid preset, on
+    ImageNet (1000 classes) unless data.dataset is given. Other overrides (data.resolution, ...)
+    still apply on top."""
+    model = parse_overrides(overrides).get("model", {})
+    try:
+        name = variant_key(str(model.get("name", "b0")))
+    except ValueError:
+        return DEFAULT_PRESET, overrides  # the configuration check names the problem
+    group = 1 if model.get("group_size") == 1 else 16
+    norm = "gn" if model.get("norm") == "group" else "lnpn"
+    preset = f"{name}-g{group}-{norm}"
+    if grid_preset(preset) is None:  # B6/B7 are outside the paper's grid: the B5 recipe, that model
+        preset = f"b5-g{group}-{norm}"
+    given = any(o.split("=", 1)[0].strip() == "data.dataset" for o in overrides)
+    return preset, overrides + ([] if given else [f"data.dataset={IMAGENET_PLACEHOLDER}"])
+
+
 EXAMPLES = """examples:
   python -m app train                                  # the digits default (make train)
   python -m app train --config b0-g16-lnpn-half data.dataset=/data/imagenet
-  python -m app train --config digits model.group_size=1 optim.lr=0.004 train.epochs=2
+  python -m app train --config digits model.group_size=1 optim.lr=0.001 train.epochs=2
   python -m app train --resume runs/<run>              # continue an interrupted run
   python -m app train --device cuda train.replicas=8 --dry-run   # the torchrun command (docs/scaling-out.md)
   python -m app validate --checkpoint runs/<run> data.val_resolutions=[32,64]
@@ -129,7 +154,7 @@ def base_preset(args: argparse.Namespace) -> str:
         weights = args.checkpoint if Path(args.checkpoint).is_file() else "RUN/checkpoints/best.pt"
         raise UsageError("--checkpoint", (
             f"train does not read --checkpoint (it would train from scratch): continue that run with "
-            f"python -m app train --resume {args.checkpoint}, or start a new run from its weights with "
+            f"{resume_command(args.checkpoint)}, or start a new run from its weights with "
             f"model.init_from={weights}"))
     if args.config:
         return args.config
@@ -147,7 +172,7 @@ def base_preset(args: argparse.Namespace) -> str:
     return DEFAULT_PRESET
 
 
-def run_config_file(source) -> Optional[Path]:
+def run_config_file(source: Union[str, Path]) -> Optional[Path]:
     """The config.yaml of the run that ``source`` (a run folder or a checkpoint in one) belongs to."""
     path = Path(source)
     for folder in (path, path.parent, path.parent.parent):
@@ -156,7 +181,7 @@ def run_config_file(source) -> Optional[Path]:
     return None
 
 
-def check_resume(cfg, args: argparse.Namespace) -> None:
+def check_resume(cfg: Config, args: argparse.Namespace) -> None:
     """``train --resume RUN overrides``: only what a resume may change (app/config.py
     RESUME_MAY_CHANGE), checked against the run's config.yaml before any work."""
     if args.command != "train" or not cfg.resume or cfg.finetune.source:
@@ -234,7 +259,10 @@ def run_command(args: argparse.Namespace, command: Command) -> Tuple[int, bool]:
     try:
         if command.take_words is not None:
             command.take_words(args, overrides)
-        cfg = build_config(base_preset(args), overrides)
+        preset = base_preset(args)
+        if args.command == "plan" and preset == DEFAULT_PRESET and not args.config:
+            preset, overrides = own_job(overrides)
+        cfg = build_config(preset, overrides)
         if command.reads_data:
             check_dataset(cfg)
         check_resume(cfg, args)
@@ -244,8 +272,12 @@ def run_command(args: argparse.Namespace, command: Command) -> Tuple[int, bool]:
     except AppError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2, False
-    print(f"# resolved configuration ({args.command})")
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None).rstrip(), flush=True)
+    if args.command == "plan":
+        print(job_line(cfg, preset, chosen=not args.config))
+    if not (under_torchrun() or under_poprun()):  # the launching command printed it already
+        print(f"# resolved configuration ({args.command}): {preset} with {changes_from_preset(cfg, preset)}"
+              + ("" if args.command == "plan" else " (the whole one: config.yaml in the run folder)"),
+              flush=True)
     name, cfg = route(args.command, cfg)
     run = load_command(COMMANDS[name] if name != args.command else command)
     if run is None:
@@ -281,7 +313,7 @@ def interrupted(interrupt: KeyboardInterrupt, command: str = "train") -> int:
     elif run_dir is not None:
         kind = "finetune" if command == "finetune" else "train"
         print(f"\n{name}: aborted without saving; the newest complete checkpoint in {run_dir} is whole. "
-              f"Resume with:\n  {resume_command(run_dir, kind)}", file=sys.stderr)
+              f"Resume with:\n{resume_hint(run_dir, kind)}", file=sys.stderr)
     else:
         print(f"\n{name}: stopped before any run folder was made; nothing was written", file=sys.stderr)
     return 128 + int(signum)

@@ -20,7 +20,10 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from app.data.datasets import BUILTIN, IMAGE_EXTENSIONS, is_a
+from app.presets import deep_update, grid_names, grid_preset
+from app.run_folder import python_command
 from backends.errors import ConfigError  # noqa: F401  (defined below the device layer, which raises it too)
+from backends.specs import BatchPlan
 from ipu_options.config import IPUConfig
 from model.blocks import GRAPHS
 from model.efficientnet import MODEL_NAMES, variant_key
@@ -65,6 +68,9 @@ class DataConfig:
     dataset: str = "digits"  # digits | synthetic | generated | a folder with train/ and val/
     resolution: int = 224  # training resolution
     val_resolutions: List[int] = field(default_factory=list)  # empty: the training resolution
+    # the data's own test size for the reduced-resolution recipe (make paper, study resolution);
+    # None: the model's native one (224 for B0 …); app/resolution.py recipe_native
+    native_resolution: Optional[int] = None
     workers: int = 2
     prefetch: int = 2  # batches each worker process keeps in flight (torch's prefetch_factor)
     async_loader: bool = True  # ipu/ipu-model training: poptorch.DataLoader, AsyncRebatched mode
@@ -80,8 +86,11 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "rmsprop"  # sgd | rmsprop | adamw
-    lr: float = 0.016  # at ``lr_reference_batch``; scaled linearly with the global batch
+    lr: float = 0.016  # at ``lr_reference_batch``; scaled with the global batch by ``lr_scaling``
     lr_reference_batch: int = 256
+    # auto: linear for sgd/rmsprop (the paper's rates are per image), sqrt for adamw (app/optim.py)
+    lr_scaling: str = "auto"  # auto | linear | sqrt | none
+    lr_diverges_at: Optional[float] = None  # a preset's measured limit: a peak rate >= it is warned of
     momentum: float = 0.9
     nesterov: bool = False  # sgd only
     alpha: float = 0.9  # RMSprop squared-gradient decay
@@ -185,8 +194,9 @@ class Config:
 
     @property
     def global_batch(self) -> int:
+        """Images of one weight update across the job (``BatchPlan.global_batch``)."""
         t = self.train
-        return t.micro_batch * t.grad_accum * t.replicas
+        return BatchPlan(t.micro_batch, t.grad_accum, replicas=t.replicas).global_batch
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -341,14 +351,11 @@ def override_texts(overrides: List[str]) -> Dict[str, str]:
 
 
 def preset_names() -> List[str]:
-    from app.presets import grid_names
-
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_")) + grid_names()
 
 
 def load_preset(name: str) -> Dict[str, Any]:
     """A preset as a nested dict: a YAML file path, a file in app/presets, or a grid name."""
-    from app.presets import deep_update, grid_preset
 
     path = Path(name)
     if not path.suffix:
@@ -374,6 +381,16 @@ def build_config(preset: Optional[str] = None, overrides: Optional[List[str]] = 
     if overrides:
         _merge(cfg, parse_overrides(overrides), texts=override_texts(overrides))
     return cfg.validate()
+
+
+def changes_from_preset(cfg: Config, preset: str) -> str:
+    """``cfg``'s fields that differ from ``preset`` (defaults ← preset) as dotted overrides, the
+    resolved configuration in one line ("nothing" when it is the preset itself)."""
+    base = Config()
+    _merge(base, load_preset(preset))
+    before, after = dotted_fields(base.to_dict()), dotted_fields(cfg.to_dict())
+    changed = [f"{k}={_as_override(v)}" for k, v in after.items() if before.get(k) != v]
+    return " ".join(changed) if changed else "nothing"
 
 
 def config_from_dict(data: Dict[str, Any]) -> Config:
@@ -481,6 +498,8 @@ def _validate_data(d) -> None:
     _require(d.resolution >= 32, "data.resolution", d.resolution, "an integer >= 32")
     _require(all(r >= 32 for r in d.val_resolutions), "data.val_resolutions", d.val_resolutions,
              "integers >= 32")
+    _require(d.native_resolution is None or d.native_resolution >= 32, "data.native_resolution",
+             d.native_resolution, "null or an integer >= 32")
     _require(d.workers >= 0, "data.workers", d.workers, "an integer >= 0")
     _require(d.prefetch >= 1, "data.prefetch", d.prefetch, "an integer >= 1")
     lo, hi = (d.random_crop_scale + [0, 0])[:2]
@@ -498,6 +517,10 @@ def _validate_optim(o) -> None:
     _require(o.name in ("sgd", "rmsprop", "adamw"), "optim.name", o.name, "sgd, rmsprop or adamw")
     _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(o.lr_reference_batch >= 1, "optim.lr_reference_batch", o.lr_reference_batch, "an integer >= 1")
+    _require(o.lr_scaling in ("auto", "linear", "sqrt", "none"), "optim.lr_scaling", o.lr_scaling,
+             "auto (linear for sgd/rmsprop, sqrt for adamw), linear, sqrt or none")
+    _require(o.lr_diverges_at is None or o.lr_diverges_at > 0, "optim.lr_diverges_at", o.lr_diverges_at,
+             "null or a number > 0")
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
     _require(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov", o.nesterov,
              "false, or true only with optim.name=sgd and optim.momentum > 0")
@@ -602,7 +625,7 @@ def validate_ipu_lists(cfg: Config) -> None:
 RESUME_MAY_CHANGE = (
     "device", "resume",
     "data.workers", "data.val_resolutions",
-    "optim.lr", "optim.lr_reference_batch",
+    "optim.lr", "optim.lr_reference_batch", "optim.lr_scaling", "optim.lr_diverges_at",
     "schedule.",
     "train.epochs", "train.max_steps", "train.log_every", "train.val_every", "train.keep_checkpoints",
     "train.checkpoint_every", "train.checkpoint_minutes",
@@ -662,7 +685,8 @@ def check_resume_changes(saved: Dict[str, Any], cfg: Config, run_dir: Any, weigh
             f"({'; '.join(f'{p}: checkpoint {old[p]!r}, config.yaml {new[p]!r}' for p in refused)}); "
             f"a resume continues the checkpoint's run and cannot change that. Put the file back "
             f"({restore}) and resume again; or start a new "
-            f"run with the edited settings from the checkpoint's weights: python -m app train --config "
+            f"run with the edited settings from the checkpoint's weights: "
+            f"{python_command()} -m app train --config "
             f"{Path(str(run_dir)) / 'config.yaml'} model.init_from={weights}"))
     settings = " ".join(f"{p}={_as_override(new[p])}" for p in refused if p != "model.init_from")
     why = ("the global batch decides the steps per epoch and the order of the data"
@@ -672,7 +696,8 @@ def check_resume_changes(saved: Dict[str, Any], cfg: Config, run_dir: Any, weigh
         f"--resume {run_dir} cannot change {shown} ({why}; a resume may change only "
         f"{', '.join(e + '*' if e.endswith('.') else e for e in RESUME_MAY_CHANGE[2:])}). Resume without "
         f"{'that override' if len(refused) == 1 else 'those overrides'}, or start a new run from the "
-        f"checkpoint's weights: python -m app train --config {Path(str(run_dir)) / 'config.yaml'} "
+        f"checkpoint's weights: {python_command()} -m app train --config "
+        f"{Path(str(run_dir)) / 'config.yaml'} "
         f"{settings} model.init_from={weights}".replace("  ", " ")))
 
 

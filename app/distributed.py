@@ -36,11 +36,14 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from app.checkpoint import pid_alive
+from app.config import Config
 from app.data.loader import epoch_order
 from app.errors import STOP_SIGNALS
+from app.optim import describe_peak_lr
+from app.run_folder import python_command
 from backends.errors import DistributedError
 from backends.process import (  # the part of the process context a backend sees
     DistContext,
@@ -59,7 +62,8 @@ IPU_DEVICES = ("ipu", "ipu-model")
 # its exit status (see settle_job_status).
 JOB_STATUS_ENV = "APP_JOB_STATUS_DIR"
 LAUNCHER_PID_ENV = "APP_LAUNCHER_PID"  # that command's process, which the job's processes watch
-ORDERLY_STATUSES = (3,) + tuple(128 + s for s in STOP_SIGNALS)  # outcomes all processes agree on
+# outcomes all processes agree on: a non-finite loss (3), a run that did not learn (4), a signal
+ORDERLY_STATUSES = (3, 4) + tuple(128 + s for s in STOP_SIGNALS)
 
 
 # ----------------------------------------------------------------------------- data split
@@ -103,7 +107,7 @@ class ShardSampler(Sampler):
 
 # ----------------------------------------------------------------------------- contexts
 
-def shard_sampler(ctx: DistContext, dataset, *, train: bool, seed: int,
+def shard_sampler(ctx: DistContext, dataset: Dataset, *, train: bool, seed: int,
                   batch_size: int = 1) -> Optional[ShardSampler]:
     """This process's share of ``dataset``, taken ``batch_size`` (its host batch) at a time
     when training (None with one process: the loader's own order)."""
@@ -227,7 +231,7 @@ def _wants_cuda(cfg) -> bool:
     return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
 
 
-def init_distributed(cfg) -> DistContext:
+def init_distributed(cfg: Config) -> DistContext:
     """This process's context: joins the PopRun or torchrun job it was started in (the launcher's
     environment says which), else the single-process context. Checks that the job has as many
     replicas as ``train.replicas``."""
@@ -241,7 +245,7 @@ def init_distributed(cfg) -> DistContext:
         raise DistributedError(
             f"torchrun started {world_size} processes but train.replicas={cfg.train.replicas}; the "
             f"global batch and learning rate depend on it: set train.replicas={world_size} (REPLICAS="
-            f"{world_size}), or let `python -m app train train.replicas=N` start torchrun itself")
+            f"{world_size}), or let `{python_command()} -m app train train.replicas=N` start torchrun itself")
     if _wants_cuda(cfg):
         if torch.cuda.device_count() <= local_rank:
             raise DistributedError(
@@ -280,7 +284,7 @@ def torchrun_executable() -> List[str]:
     return [sys.executable, "-m", "torch.distributed.run"]
 
 
-def torchrun_command(cfg, app_argv: List[str]) -> List[str]:
+def torchrun_command(cfg: Config, app_argv: List[str]) -> List[str]:
     d = cfg.dist
     per_node = cfg.train.replicas // d.nnodes
     command = torchrun_executable() + [f"--nproc_per_node={per_node}", f"--nnodes={d.nnodes}"]
@@ -288,10 +292,10 @@ def torchrun_command(cfg, app_argv: List[str]) -> List[str]:
         command += ["--rdzv_backend=c10d", f"--rdzv_endpoint={d.rdzv_endpoint}"]
     else:
         command += ["--standalone"]  # one machine: a free local port, no address to agree on
-    return command + launcher_args(cfg) + ["-m", "app"] + list(app_argv)
+    return command + launcher_args(cfg.dist.launcher_args) + ["-m", "app"] + list(app_argv)
 
 
-def launch_command(cfg, app_argv: List[str]) -> Optional[List[str]]:
+def launch_command(cfg: Config, app_argv: List[str]) -> Optional[List[str]]:
     """The launcher command that runs this job on all its processes, or None when this process
     should train itself (one process, or already started by the launcher)."""
     if under_poprun() or under_torchrun():  # started by a launcher already
@@ -303,14 +307,14 @@ def launch_command(cfg, app_argv: List[str]) -> Optional[List[str]]:
     return torchrun_command(cfg, app_argv)
 
 
-def launch(cfg, args: Optional[argparse.Namespace]) -> Optional[int]:
+def launch(cfg: Config, args: Optional[argparse.Namespace]) -> Optional[int]:
     """Start the job under its launcher when it needs one: returns the launcher's exit status (0
     after only printing it with ``dist.dry_run``), or None when this process should train itself.
     The launcher ends every process when one fails and prints that process's error."""
     if args is None:  # called from Python without a command line: nothing to re-run
         if launch_command(cfg, ["train"]) is not None:
             raise DistributedError("a job over several processes is started from the command line: "
-                                   "python -m app train train.replicas=N ...")
+                                   f"{python_command()} -m app train train.replicas=N ...")
         return None
     command = launch_command(cfg, app_command_line(args))
     if cfg.dist.dry_run:
@@ -339,6 +343,10 @@ def run_job(command: List[str]) -> int:
     ``watch_parent``) and stop the same orderly way, and torchrun ends with them."""
     with tempfile.TemporaryDirectory(prefix="app-job-") as status_dir:
         env = dict(os.environ, **{JOB_STATUS_ENV: status_dir, LAUNCHER_PID_ENV: str(os.getpid())})
+        # torchrun's own default, given here so that it does not print a banner about choosing it
+        # (each process then sets its threads from train.cpu_threads)
+        if "torch.distributed.run" in command:
+            env.setdefault("OMP_NUM_THREADS", "1")
         process = subprocess.Popen(command, env=env, start_new_session=True)
         received: List[int] = []
 
@@ -446,9 +454,9 @@ def settle_job_status(code: int, orderly: bool) -> int:
 
 # ----------------------------------------------------------------------------- reporting
 
-def scale_summary(cfg, ctx: DistContext, base_lr: float) -> str:
+def scale_summary(cfg: Config, ctx: DistContext) -> str:
     """One line, the same on every device kind: the global batch and how it is made, the learning
-    rate scaling, and over which images batch statistics are computed."""
+    rate scaling and its rule, and over which images batch statistics are computed."""
     t = cfg.train
     processes = ctx.world_size
     per_process = t.replicas // processes
@@ -460,6 +468,5 @@ def scale_summary(cfg, ctx: DistContext, base_lr: float) -> str:
     else:
         stats = f"none ({cfg.model.norm} norm normalises each image on its own)"
     return (f"scale: global batch {cfg.global_batch} = micro-batch {t.micro_batch} × grad-accum "
-            f"{t.grad_accum} × {t.replicas} replicas ({layout}, {ctx.engine}) | lr {cfg.optim.lr:g} × "
-            f"{cfg.global_batch}/{cfg.optim.lr_reference_batch} = {base_lr:.4g} | batch statistics: "
-            f"{stats}")
+            f"{t.grad_accum} × {t.replicas} replicas ({layout}, {ctx.engine}) | {describe_peak_lr(cfg)} | "
+            f"batch statistics: {stats}")

@@ -7,7 +7,8 @@ backend's inference executable, with the weights copied to it; on CPU/CUDA the b
 The training loop, ``validate``, fine-tuning and the resolution sweeps all measure this way.
 """
 import argparse
-from typing import Dict, Iterable, Optional
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from app.resolution import (
     write_sweep_report,
 )
 from app.run_folder import RunFolder
+from app.specs import data_spec
 
 
 def as_classifier(weights: Optional[nn.Module], cfg: Optional[Config]) -> Optional[nn.Module]:
@@ -78,7 +80,7 @@ def evaluate(backend: Backend, loader: Iterable, weights: Optional[nn.Module] = 
             "loss": loss_sum / seen, "images": seen}
 
 
-def validate_all(backend: Backend, ema, loaders: Dict[int, Iterable],
+def validate_all(backend: Backend, ema: Optional[Any], loaders: Dict[int, Iterable],
                  cfg: Config) -> Dict[str, Dict[str, float]]:
     """Raw weights and EMA weights at every validation resolution, both through the backend:
     {"raw@224": {...}, "ema@224": {...}, ...}."""
@@ -105,7 +107,8 @@ def report(results: Dict[str, Dict[str, float]]) -> str:
                      f"  ({r['images']} images)" for k, r in results.items())
 
 
-def checkpoint_networks(payload: Dict, cfg: Config, num_classes: int, source) -> Dict[str, nn.Module]:
+def checkpoint_networks(payload: Dict, cfg: Config, num_classes: int,
+                        source: Union[str, Path]) -> Dict[str, nn.Module]:
     """{"raw": …, "ema": …}: a checkpoint's weights (EMA only when it has them), each as a network
     on the host; a backend's ``evaluating`` puts them on its device."""
     networks = {}
@@ -148,7 +151,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     results = {}
     for kind, network in networks.items():
         for r, dataset in datasets.items():
-            loader = build_loader(dataset, backend.eval_batch_size(cfg), train=False, cfg=cfg,
+            loader = build_loader(dataset, backend.eval_batch_size(), train=False, spec=data_spec(cfg),
                                   device=backend.device)
             results[f"{kind}@{r}"] = evaluate(backend, loader, network, cfg)
     print(f"validation of {path} (step {payload.get('step')}):\n{report(results)}")

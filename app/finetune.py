@@ -39,7 +39,7 @@ from app.resolution import (
     native_resolution,
     trained_resolution,
 )
-from app.run_folder import RunFolder
+from app.run_folder import RunFolder, python_command
 from app.train import RunHook, TrainResult, TrainSetup, run_training
 from backends.batch_norm_stats import (
     BatchNormProbe,
@@ -157,7 +157,7 @@ REPORT = "finetune.md"
 RECALIBRATION_IMAGES = 4096  # enough for stable per-channel statistics; all of a small dataset
 
 
-def checkpoint_source(cfg, args) -> Path:
+def checkpoint_source(cfg: Config, args: Optional[argparse.Namespace]) -> Path:
     """--checkpoint, else finetune.checkpoint, else the newest run in log.out_dir (its best)."""
     source = getattr(args, "checkpoint", None) or cfg.finetune.checkpoint or latest_run(cfg.log.out_dir)
     if source is None:
@@ -191,9 +191,11 @@ def finetune_config(cfg: Config, payload: Dict[str, Any], path: Path, resolution
     data["data"].update(resolution=resolution, val_resolutions=[resolution], augment=False,
                         mixup=0.0, cutmix_lambda=1.0)
     # Plain SGD without momentum or warm-up, cosine to 0 (Graphcore's PyTorch port, v3.4.1
-    # train/train.py fine_tune()); the rate scales with the global batch (TF1 cosine.py).
+    # train/train.py fine_tune()); the rate scales linearly with the global batch, a rate per image
+    # (TF1 cosine.py), whatever rule or limit the training's own optimiser had.
     data["optim"].update(name="sgd", momentum=0.0, nesterov=False, lr=cfg.finetune.lr,
-                         lr_reference_batch=cfg.finetune.lr_reference_batch)
+                         lr_reference_batch=cfg.finetune.lr_reference_batch, lr_scaling="linear",
+                         lr_diverges_at=None)
     data["schedule"].update(name="cosine", warmup_epochs=0.0, min_lr_ratio=0.0)
     data["train"].update(epochs=cfg.finetune.epochs, ema_decay=0.0, weight_avg_exp=0.0)
     if not keep_val_every:
@@ -317,8 +319,9 @@ def resume_finetune(cfg: Config) -> FinetuneResult:
     command line's overrides), its layers frozen as they were."""
     if not cfg.finetune.source:
         raise AppError(f"{cfg.resume} is not a fine-tuning run (its configuration has no "
-                       f"finetune.source): continue it with python -m app train --resume {cfg.resume}, "
-                       f"or fine-tune it with python -m app finetune --checkpoint {cfg.resume}")
+                       f"finetune.source): continue it with {python_command()} -m app train --resume "
+                       f"{cfg.resume}, "
+                       f"or fine-tune it with {python_command()} -m app finetune --checkpoint {cfg.resume}")
     result = FinetuneResult(run=None, source=Path(cfg.finetune.source), trained_resolution=None,
                             resolution=cfg.data.resolution)
     result.run = run_training(cfg, RunHook("finetune", finetune_setup(cfg, result)))

@@ -6,12 +6,13 @@ whole training objective, which is the form PopTorch's ``trainingModel`` needs. 
 wants the final loss marked with ``poptorch.identity_loss``: a backend sets ``loss_hook`` to that
 instead of this file importing anything device-specific.
 """
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.config import Config
 from app.data import IMAGENET_MEAN, IMAGENET_STD, num_classes_of
 from model import build_model
 
@@ -64,7 +65,7 @@ class Classifier(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def forward(self, images: Tensor, targets: Optional[Tensor] = None):
+    def forward(self, images: Tensor, targets: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         logits = self.model(self.normalise(images))
         if targets is None:
             return logits
@@ -72,11 +73,11 @@ class Classifier(nn.Module):
         return logits, self.loss_hook(loss)
 
 
-def build_classifier(model: nn.Module, cfg) -> Classifier:
+def build_classifier(model: nn.Module, cfg: Config) -> Classifier:
     return Classifier(model, cfg.train.label_smoothing, cfg.train.channels_last)
 
 
-def build_network(cfg, num_classes: int) -> nn.Module:
+def build_network(cfg: Config, num_classes: int) -> nn.Module:
     """The EfficientNet that ``cfg.model`` describes, with ``num_classes`` outputs."""
     m = cfg.model
     return build_model(m.name, group_size=m.group_size, expand_ratio=m.expand_ratio, norm=m.norm,
@@ -85,7 +86,7 @@ def build_network(cfg, num_classes: int) -> nn.Module:
                        padding=m.padding, graph=m.graph)
 
 
-def network_builder(cfg) -> Callable[[], nn.Module]:
+def network_builder(cfg: Config) -> Callable[[], nn.Module]:
     """What the application hands a backend and the planner: a call that builds this run's
     network (``cfg.model`` with the dataset's number of classes), so neither has to know how."""
     num_classes = num_classes_of(cfg.data.dataset)

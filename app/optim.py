@@ -12,11 +12,12 @@ conv and linear weights *and biases* (squeeze-excite, classifier) and proxy norm
 """
 import copy
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from app.config import Config
 from backends.optimizers import ADAMW_EPS, RMSpropTF
 from model.proxy_norm import ProxyNormAct
 
@@ -59,7 +60,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- optimisers
 
-def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
     """cfg.optim.name: ``rmsprop`` (RMSpropTF), ``sgd`` (momentum, optional Nesterov) or ``adamw``;
     weight decay cfg.optim.weight_decay on the groups of ``param_groups``."""
     o = cfg.optim
@@ -73,9 +74,60 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name={o.name!r} is invalid: expected sgd, rmsprop or adamw")
 
 
+# ----------------------------------------------------------------------------- peak rate
+
+# How the peak rate follows the global batch B, from optim.lr at optim.lr_reference_batch B0:
+#   linear  lr·B/B0     the paper's RMSprop and SGD recipes give a rate per image ([TF]
+#                       LR_Schedules/exponential.py: 2^exponent × global batch), so it is linear
+#   sqrt    lr·√(B/B0)  Adam-type optimisers: their step is normalised by the gradient's own size,
+#                       so a linear rule grows the step with the batch far past stability (Malladi
+#                       et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms")
+#   none    lr          the rate as given, whatever the batch
+LR_SCALING = ("auto", "linear", "sqrt", "none")
+AUTO_SCALING = {"sgd": "linear", "rmsprop": "linear", "adamw": "sqrt"}
+
+
+def lr_scaling_rule(cfg: Config) -> str:
+    """``optim.lr_scaling``, with ``auto`` resolved for ``optim.name``."""
+    rule = cfg.optim.lr_scaling
+    return AUTO_SCALING[cfg.optim.name] if rule == "auto" else rule
+
+
+def peak_lr(cfg: Config) -> float:
+    """The schedule's peak rate for ``cfg.global_batch``: ``optim.lr`` scaled by ``lr_scaling_rule``."""
+    ratio = cfg.global_batch / cfg.optim.lr_reference_batch
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[lr_scaling_rule(cfg)]
+    return cfg.optim.lr * factor
+
+
+def describe_peak_lr(cfg: Config) -> str:
+    """'lr 0.002 × √(128/32) = 0.004 (adamw: square-root scaling)': the rule, as the scale line shows it."""
+    o, rule = cfg.optim, lr_scaling_rule(cfg)
+    ratio = f"{cfg.global_batch}/{o.lr_reference_batch}"
+    factor = {"linear": f" × {ratio}", "sqrt": f" × √({ratio})", "none": ""}[rule]
+    why = {"linear": "linear in the global batch: a rate per image", "sqrt": "square-root scaling",
+           "none": "not scaled"}[rule]
+    source = "optim.lr_scaling=auto" if o.lr_scaling == "auto" else f"optim.lr_scaling={rule}"
+    return f"lr {o.lr:g}{factor} = {peak_lr(cfg):.4g} ({o.name}: {why}; {source})"
+
+
+def divergence_warning(cfg: Config) -> Optional[str]:
+    """A warning when the peak rate reaches ``optim.lr_diverges_at`` (a preset's measured limit),
+    naming the fix; None otherwise."""
+    limit = cfg.optim.lr_diverges_at
+    lr = peak_lr(cfg)
+    if limit is None or lr < limit:
+        return None
+    safe = cfg.optim.lr * limit / lr / 2
+    return (f"warning: the peak learning rate {lr:.4g} is at or above {limit:g}, where this preset's "
+            f"training was measured to diverge (the loss grows and validation stays at chance): lower "
+            f"it, e.g. optim.lr={safe:.3g}" + ("" if lr_scaling_rule(cfg) != "linear" else
+                                                 " or optim.lr_scaling=sqrt"))
+
+
 # ----------------------------------------------------------------------------- schedule
 
-def lr_at(step: float, cfg, steps_per_epoch: int, base_lr: float) -> float:
+def lr_at(step: float, cfg: Config, steps_per_epoch: int, base_lr: float) -> float:
     """Learning rate after ``step`` weight updates (0 before the first; fractions allowed).
 
     Warm-up: linear from 0 to base_lr over cfg.schedule.warmup_epochs. Then, by

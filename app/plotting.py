@@ -1,10 +1,11 @@
 """The two matplotlib steps every report plot shares: a headless pyplot, and saving a figure."""
 from pathlib import Path
+from typing import Any, Union
 
 from app.run_folder import RunFolder
 
 
-def pyplot():
+def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend (no display needed); imported only when a plot is made."""
     import matplotlib
 
@@ -14,7 +15,7 @@ def pyplot():
     return plt
 
 
-def save(fig, path, dpi: int = 120) -> None:
+def save(fig: Any, path: Union[str, Path], dpi: int = 120) -> None:
     """Lay out, write (atomically, through the run-folder writer) and close ``fig`` (closing
     frees it: reports draw many figures)."""
     path = Path(path)

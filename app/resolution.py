@@ -103,6 +103,15 @@ def native_resolution(model_name: str) -> int:
     return VARIANTS[variant_key(model_name)].resolution
 
 
+def recipe_native(cfg, finetune_resolution_given: bool) -> int:
+    """The native size N of the reduced-resolution recipe (``make paper``, ``study resolution``):
+    ``finetune.resolution`` when the command line gives it, else ``data.native_resolution`` (the
+    data's own test size: digits 96), else ``finetune.resolution``, else the model's native."""
+    given = cfg.finetune.resolution if finetune_resolution_given else None
+    return (given or cfg.data.native_resolution or cfg.finetune.resolution
+            or native_resolution(cfg.model.name))
+
+
 def half_resolution(model_or_native: Union[str, int], stages: int = EFFICIENTNET_STAGES) -> int:
     """Reduced training resolution for a model name ('b0', 'efficientnet-b3') or a native size:
     the size with the native residue modulo 2^stages nearest to 0.7 × native (ties: the smaller).
@@ -270,8 +279,8 @@ def sweep_table(rows: SweepRows, train_resolution: int, stages: int = EFFICIENTN
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(rows: SweepRows, train_resolution: int, path, stages: int = EFFICIENTNET_STAGES,
-               title: Optional[str] = None) -> None:
+def plot_sweep(rows: SweepRows, train_resolution: int, path: Union[str, Path],
+               stages: int = EFFICIENTNET_STAGES, title: Optional[str] = None) -> None:
     """Top-1 against resolution, a line per weights kind; resolutions keeping the residue filled."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -312,7 +321,7 @@ def _new_path(path: Path) -> Path:
     return candidate
 
 
-def write_sweep_report(results: Dict[str, Dict[str, float]], train_resolution: int, folder,
+def write_sweep_report(results: Dict[str, Dict[str, float]], train_resolution: int, folder: Path,
                        stages: int = EFFICIENTNET_STAGES, title: Optional[str] = None) -> Tuple[Path, Path]:
     """Table (Markdown) and plot (PNG) of validation results keyed "<weights>@<resolution>"
     (what ``app.evaluate`` returns), written as resolution-sweep.md/.png in ``folder``."""

@@ -16,6 +16,7 @@ path, the cause and its fix, what is still whole, and the command that continues
 """
 import errno
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -230,10 +231,27 @@ def check_output_root(root: Union[str, Path], what: str = "log.out_dir") -> None
     RunFolder(root).check_writable()
 
 
+def python_command() -> str:
+    """This interpreter as a user types it in the project folder: ``.venv/bin/python`` for the
+    project's environment (where the packages are; a bare ``python`` may lack them or not exist)."""
+    executable = Path(sys.executable)
+    try:
+        return str(executable.relative_to(Path.cwd()))
+    except ValueError:
+        return str(executable)
+
+
 def resume_command(run_dir: Union[str, Path], command: str = "train") -> str:
     """The one place that spells the command continuing the run in ``run_dir`` (``command``: the
-    kind of run, train or finetune); every message that tells how to go on uses it."""
-    return f"python -m app {command} --resume {run_dir}"
+    kind of run, train or finetune), runnable as printed; every message that tells how to go on
+    uses it."""
+    return f"{python_command()} -m app {command} --resume {run_dir}"
+
+
+def resume_hint(run_dir: Union[str, Path], command: str = "train") -> str:
+    """The two ways to resume, one per indented line, as a stopped run prints them: make's (its
+    ``train RESUME=`` resumes a fine-tuning run as one too), then the interpreter's own."""
+    return f"  make train RESUME={run_dir}\n  {resume_command(run_dir, command)}"
 
 
 def remove_if_empty(folder: Union[str, Path]) -> None:

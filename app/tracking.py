@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
+from app.config import Config
 from app.run_folder import RunFolder
 
 
@@ -54,8 +55,8 @@ class Tracker:
     resumed run first removes a torn last line). Only the main process writes (``enabled=False``
     elsewhere)."""
 
-    def __init__(self, folder: Union[RunFolder, Path], cfg, enabled: bool = True, total_steps: int = 0,
-                 resumed: bool = False):
+    def __init__(self, folder: Union[RunFolder, Path], cfg: Config, enabled: bool = True,
+                 total_steps: int = 0, resumed: bool = False):
         self.enabled = enabled
         self.total_steps = total_steps
         self.folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)

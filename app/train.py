@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 import numpy as np
 import torch
 import yaml
+from torch import Tensor
 
 from app.backend import Backend, create_backend
 from app.checkpoint import (
@@ -51,9 +52,17 @@ from app.distributed import (
 from app.errors import STOP_SIGNALS, AppError
 from app.evaluate import validate_all
 from app.objective import Classifier, build_classifier, build_network
-from app.optim import build_optimizer, lr_at
+from app.optim import build_optimizer, divergence_warning, lr_at, peak_lr
 from app.resolution import check_resolutions, downsampling_stages
-from app.run_folder import RunFolder, RunFolderError, check_output_root, remove_if_empty, resume_command
+from app.run_folder import (
+    RunFolder,
+    RunFolderError,
+    check_output_root,
+    remove_if_empty,
+    resume_command,
+    resume_hint,
+)
+from app.specs import data_spec
 from app.tracking import Tracker, format_duration, new_folder
 from app.weight_average import build_weight_average
 from model import convert_state_dict
@@ -62,6 +71,10 @@ from model import convert_state_dict
 # still counts, as the schedule moves on) and lowered its scale. Only when it keeps happening is
 # the run itself diverging.
 FP16_SKIPS_BEFORE_STOP = 5
+# A run that trained to its end without learning: its validation top-1 is within this factor of
+# chance and its training loss grew. It exits with DIVERGED, not 0, so `make train && ...` stops.
+CHANCE_FACTOR = 1.5
+DIVERGED = 4
 
 
 class NonFiniteLoss(RuntimeError):
@@ -72,16 +85,18 @@ class StopSignal:
     """A stop signal asks the loop to stop after the current step (and save); a second SIGINT
     interrupts at once."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signum: Optional[int] = None
+        self.announce = announce  # one process of a job says it (each one receives the signal)
         self._previous: Dict[int, Any] = {}
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                  "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -92,6 +107,22 @@ class StopSignal:
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+DIGITS_NOTE = ("data: the embedded default, scikit-learn's handwritten digits (8×8 images upscaled to "
+               "{resolution} px, 10 classes), not ImageNet; for ImageNet give DATA=/path/to/imagenet "
+               "(data.dataset) with the model's grid preset, e.g. CONFIG=b2-g16-lnpn")
+
+
+def steps_per_epoch_text(cfg: Config, loop_steps: int, updates_per_step: int) -> str:
+    """'11 steps/epoch of the global batch 128': a step is one weight update of the whole job's
+    global batch on every backend (torchrun processes, IPU replicas, one process); an IPU host
+    batch of several device iterations makes several."""
+    updates = loop_steps * updates_per_step
+    text = f"{updates} steps/epoch of the global batch {cfg.global_batch}"
+    if updates_per_step > 1:
+        text += f" ({loop_steps} host batches of {updates_per_step} device iterations)"
+    return text
 
 
 def seed_everything(seed: int) -> None:
@@ -142,7 +173,7 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
           + (f"; new classifier for {own['classifier.weight'].shape[0]} classes" if new_head else ""))
 
 
-def epoch_batches(loader, start: int) -> Iterator:
+def epoch_batches(loader: Iterable, start: int) -> Iterator:
     """This epoch's batches from batch ``start`` on, without loading the skipped ones where the
     loader can. The first batch is fetched here, so whatever a loader draws from the global RNG
     when it starts is drawn now, at a point the checkpoint's RNG states can be restored after
@@ -277,6 +308,7 @@ class LoopState:
     epoch_rng: Optional[Dict[str, Any]] = None  # the RNG states when this epoch's iterator was made
     first_step: int = 0  # the step this call started from
     nonfinite: int = 0  # consecutive updates the fp16 loss scaler skipped
+    losses: List[float] = field(default_factory=list)  # this call's finite training losses, by step
     trained_images: int = 0  # of the whole job, by this call
     eval_seconds: float = 0.0  # validation and checkpoints, left out of the training time
     results: Dict[str, Dict[str, float]] = field(default_factory=dict)  # the last validation
@@ -321,6 +353,8 @@ class Trainer:
                                 "checkpoint": str(self.checkpointer.resumed_path)})
         started = time.perf_counter()
         exit_code = self.loop()
+        if exit_code == 0 and self.diverged():
+            exit_code = DIVERGED
         skipped = int(job_total(self.dist, skipped_in([self.loader])))  # before the processes part
         elapsed = time.perf_counter() - started
         s, self.skipped = self.state, skipped
@@ -380,8 +414,9 @@ class Trainer:
         process loads its own share of every epoch (the same images as one process would)."""
         cfg, dist, backend = self.cfg, self.dist, self.backend
         self.train_set = build_dataset(cfg, "train", cfg.data.resolution)
-        self.host_batch = host_batch = backend.host_batch_size(cfg)
-        self.loader = build_loader(self.train_set, host_batch, train=True, cfg=cfg,
+        self.host_batch = host_batch = backend.host_batch_size()
+        data = data_spec(cfg)
+        self.loader = build_loader(self.train_set, backend.batch, train=True, spec=data,
                                    device=backend.device, seed=cfg.train.seed,
                                    sampler=shard_sampler(dist, self.train_set, train=True,
                                                          seed=cfg.train.seed, batch_size=host_batch))
@@ -390,7 +425,7 @@ class Trainer:
         for r in self.val_resolutions:
             val_set = build_dataset(cfg, "val", r)
             self.val_loaders[r] = build_loader(
-                val_set, backend.eval_batch_size(cfg), train=False, cfg=cfg, device=backend.device,
+                val_set, backend.eval_batch_size(), train=False, spec=data, device=backend.device,
                 sampler=shard_sampler(dist, val_set, train=False, seed=cfg.train.seed))
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch < 1:
@@ -448,9 +483,9 @@ class Trainer:
                                   self.val_loaders, self.run_dir, self.host_batch, self.resume)
         if self.hook is not None:  # before the optimiser: layers it freezes are not optimised
             self.hook.setup(self.context)
-        self.base_lr = cfg.optim.lr * cfg.global_batch / cfg.optim.lr_reference_batch
+        self.base_lr = peak_lr(cfg)  # optim.lr scaled to the global batch by the optimiser's rule
         self.optimizer = build_optimizer(model, cfg, self.base_lr)
-        self.backend.prepare(self.classifier, self.optimizer, cfg)
+        self.backend.prepare(self.classifier, self.optimizer)
         self.ema = build_weight_average(cfg, model, self.steps_per_epoch)  # EMA or per-epoch average
 
     def restore(self) -> None:
@@ -465,13 +500,20 @@ class Trainer:
         s.ema_step, s.best, s.epoch_rng = counters["ema_step"], counters["best_top1"], counters["epoch_rng"]
 
     def describe(self) -> None:
-        m, backend = self.cfg.model, self.backend
+        cfg, backend = self.cfg, self.backend
+        m = cfg.model
         n_params = sum(p.numel() for p in self.model.parameters())
+        steps = steps_per_epoch_text(cfg, self.steps_per_epoch, backend.updates_per_step)
         print(f"model {m.name} G{m.group_size} e{m.expand_ratio} {m.norm}{'+proxy' if m.proxy_norm else ''}: "
               f"{n_params / 1e6:.2f}M parameters, {self.num_classes} classes | {len(self.train_set)} "
-              f"training images, {self.steps_per_epoch} steps/epoch of {self.host_batch} | device "
-              f"{backend.name}{' (emulated)' if backend.emulated else ''} | {self.total_steps} steps")
-        print(scale_summary(self.cfg, self.dist, self.base_lr))
+              f"training images, {steps} | device {backend.name}{' (emulated)' if backend.emulated else ''} "
+              f"| {self.total_steps} steps")
+        if cfg.data.dataset == "digits":
+            print(DIGITS_NOTE.format(resolution=cfg.data.resolution))
+        print(scale_summary(cfg, self.dist))
+        warning = divergence_warning(cfg)
+        if warning and self.dist.is_main:
+            print(warning, file=sys.stderr)
 
     def early_exit(self) -> Optional[TrainResult]:
         """ipu.compile_only (build the executables from one batch), or nothing left to train."""
@@ -489,7 +531,7 @@ class Trainer:
     # ------------------------------------------------------------------------- the steps
     def loop(self) -> int:
         """Train to the end, to an agreed stop signal, or to a non-finite loss: the exit status."""
-        with StopSignal() as stop:
+        with StopSignal(announce=self.dist.is_main) as stop:
             try:
                 stopping = self.train_until_stop(stop)
                 return self.stop(stopping) if stopping is not None else 0
@@ -532,7 +574,7 @@ class Trainer:
         self.tracker.start_window()
         return self.tracker.timed(batches)  # counts the time spent waiting for data
 
-    def one_step(self, images, targets) -> None:
+    def one_step(self, images: Tensor, targets: Tensor) -> None:
         """One weight update (the rate of update step+1), the EMA when due, the step's records."""
         s, cfg = self.state, self.cfg
         lr = lr_at(s.step + 1.0, cfg, self.steps_per_epoch, self.base_lr)
@@ -543,6 +585,7 @@ class Trainer:
         s.step += 1
         if math.isfinite(loss) and applied:
             s.nonfinite = 0
+            s.losses.append(loss)
             if self.ema is not None and self.ema.due(s.step, self.total_steps):
                 self.backend.sync_to_host()
                 self.ema.update(self.model, steps=(s.step - s.ema_step) * self.backend.updates_per_step)
@@ -634,8 +677,31 @@ class Trainer:
         self.dist.barrier()
         if self.dist.is_main:
             print(f"stopped by {signal.Signals(signum).name} at step {s.step}/{self.total_steps}; "
-                  f"checkpoint saved. Resume with:\n  {self.resume_command()}", file=sys.stderr)
+                  f"checkpoint saved. Resume with:\n{resume_hint(self.run_dir, self.kind)}", file=sys.stderr)
         return 128 + signum
+
+    def diverged(self) -> bool:
+        """After a whole run of at least an epoch: validation at chance while the training loss grew
+        (the mean of the last quarter of the steps above the first quarter's). Says so, and how to
+        fix it, once."""
+        s = self.state
+        quarter = len(s.losses) // 4
+        if not s.results or quarter < 1 or s.step - s.first_step < self.steps_per_epoch:
+            return False
+        chance = 100.0 / self.num_classes
+        top1 = max(r["top1"] for r in s.results.values())
+        first, last = (sum(part) / quarter for part in (s.losses[:quarter], s.losses[-quarter:]))
+        if top1 > CHANCE_FACTOR * chance or last <= first:
+            return False
+        if self.dist.is_main:
+            fix = divergence_warning(self.cfg) or (
+                f"lower the learning rate, e.g. optim.lr={self.cfg.optim.lr / 4:.3g}")
+            print(f"warning: this run did not learn: validation top-1 {top1:.2f}% is at chance "
+                  f"({chance:.2f}% for {self.num_classes} classes) while the training loss grew from "
+                  f"{first:.3f} to {last:.3f} (peak rate {self.base_lr:.4g}). Train again: "
+                  f"{fix.replace('warning: ', '')}. Exit status {DIVERGED}.", file=sys.stderr)
+        self.tracker.write({"kind": "error", "step": s.step, "error": "diverged: validation at chance"})
+        return True
 
     def fail(self, error: NonFiniteLoss) -> int:
         if self.dist.is_main:

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from app.config import Config
 from app.optim import EMA
 
 
@@ -73,7 +74,7 @@ class StepEMA(EMA):
         return step % self.every == 0 or step == total_steps
 
 
-def build_weight_average(cfg, model: nn.Module, steps_per_epoch: int) -> Optional[Any]:
+def build_weight_average(cfg: Config, model: nn.Module, steps_per_epoch: int) -> Optional[Any]:
     """The run's weight average (``train.weight_avg_exp`` or ``train.ema_decay``), or None."""
     t = cfg.train
     if t.weight_avg_exp > 0:

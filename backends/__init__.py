@@ -1,6 +1,7 @@
 """The backend boundary: what the training loop asks of a device, below both of them.
 
   contract.py    ``Backend`` (the interface the loop calls) and ``BackendError``
+  specs.py       the run's sizes (``BatchPlan``) and the native device's settings (``DeviceSpec``)
   errors.py      the errors a user can fix, shared by the application and the device layer
   process.py     this process in the job (``DistContext``, ``all_reduce_mean``, launcher checks)
   optimizers.py  update rules every device runs the same way (TensorFlow RMSprop, AdamW's ε)

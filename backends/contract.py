@@ -5,8 +5,8 @@ how the device turns them into weight updates is the backend's business. Two imp
 ``backends.native.NativeBackend`` (CPU or CUDA in this process) and
 ``ipu_options.backend.PopTorchBackend`` (PopTorch, or its emulator). This file imports nothing
 of the project: the application depends on it, the backends implement it, and neither side
-reaches into the other. ``cfg`` below is the run's configuration (``app.config.Config``); a
-backend reads its fields and never imports the application that defines them.
+reaches into the other. A backend is handed the specs it needs (backends/specs.py), never the
+application's configuration.
 """
 from typing import Any, ContextManager, Dict, Optional
 
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from backends.batch_norm_stats import Statistics
 from backends.errors import BackendError
+from backends.specs import BatchPlan
 
 __all__ = ["Backend", "BackendError"]
 
@@ -23,17 +24,23 @@ class Backend:
     name: str = "base"
     emulated: bool = False  # True when the device is simulated (figures are not hardware figures)
     device: torch.device = torch.device("cpu")  # where the loader should put its tensors
-    updates_per_step: int = 1  # weight updates per train_step call (IPU: device iterations)
     compile_only: bool = False  # build the executables and stop (ipu.compile_only)
+    batch: BatchPlan = BatchPlan(micro_batch=1)  # the run's sizes (the backend's constructor sets it)
 
-    def host_batch_size(self, cfg) -> int:
-        """Images per ``train_step`` call: every micro-batch of one weight update."""
-        return cfg.train.micro_batch * cfg.train.grad_accum
+    @property
+    def updates_per_step(self) -> int:
+        """Weight updates per ``train_step`` call (IPU: the device iterations)."""
+        return self.batch.device_iterations
 
-    def eval_batch_size(self, cfg) -> int:
-        return cfg.train.micro_batch
+    def host_batch_size(self) -> int:
+        """Images per ``train_step`` call."""
+        return self.batch.host_batch
 
-    def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer, cfg) -> None:
+    def eval_batch_size(self) -> int:
+        """Images per ``evaluate`` call."""
+        return self.batch.eval_batch()
+
+    def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         raise NotImplementedError
 
     def train_step(self, images: Tensor, targets: Tensor) -> Dict[str, Tensor]:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from backends.batch_norm_stats import BatchNormProbe, Statistics, split_statistics
 from backends.contract import Backend, BackendError
 from backends.process import all_reduce_mean, current
+from backends.specs import BatchPlan, DeviceSpec
 from model.inference import fuse_for_inference
 
 
@@ -41,23 +42,22 @@ class NativeBackend(Backend):
     """CPU or CUDA in this process: autocast (bf16, or fp16 with a GradScaler), channels-last,
     and ``grad_accum`` micro-batches accumulated inside one ``train_step``."""
 
-    def __init__(self, cfg):
-        self.device = _native_device(cfg.device)
+    def __init__(self, spec: DeviceSpec, batch: BatchPlan):
+        self.device = _native_device(spec.kind)
         self.name = self.device.type
-        t = cfg.train
-        if t.precision == "fp16" and self.device.type != "cuda":
+        self.batch = batch
+        if spec.precision == "fp16" and self.device.type != "cuda":
             raise BackendError("train.precision=fp16 needs a CUDA GPU (its loss scaler is CUDA-only); "
                                "on the CPU use train.precision=bf16 or fp32")
-        if t.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if spec.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise BackendError("train.precision=bf16 is not supported by this GPU; "
                                "use train.precision=fp16 or fp32")
-        if t.cpu_threads is not None:
-            torch.set_num_threads(t.cpu_threads)
-        self.precision = t.precision
-        self.grad_accum = t.grad_accum
-        self.micro_batch = t.micro_batch
-        self.channels_last = t.channels_last
-        self.scaler = _grad_scaler(enabled=t.precision == "fp16")
+        if spec.cpu_threads is not None:
+            torch.set_num_threads(spec.cpu_threads)
+        self.precision = spec.precision
+        self.grad_accum = batch.grad_accum
+        self.channels_last = spec.channels_last
+        self.scaler = _grad_scaler(enabled=spec.precision == "fp16")
         self.classifier = None
         self._scoring: Optional[nn.Module] = None  # what evaluate() runs (evaluating() sets it)
         self.optimizer = None
@@ -69,7 +69,7 @@ class NativeBackend(Backend):
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer, cfg) -> None:
+    def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         # Module.to() moves parameters in place, so the optimiser built on them stays valid.
         classifier.to(self.device)
         if self.channels_last:

@@ -81,10 +81,10 @@ def under_poprun() -> bool:
     return POPRUN_ENV in os.environ
 
 
-def launcher_args(cfg) -> List[str]:
+def launcher_args(items: List[str]) -> List[str]:
     """``dist.launcher_args`` as launcher arguments: each item is split like a shell would, so
     ``dist.launcher_args="--host h1,h2 --vipu-partition=p"`` needs no YAML list syntax."""
-    return [part for item in cfg.dist.launcher_args for part in shlex.split(item)]
+    return [part for item in items for part in shlex.split(item)]
 
 
 def proc_stat(pid) -> Optional[List[str]]:

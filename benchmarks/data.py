@@ -74,11 +74,12 @@ def parse_args(argv):
 def ours_loader(folder: str, split: str, resolution: int, workers: int, batch: int, reduced: bool):
     from app.config import build_config
     from app.data import build_dataset, build_loader
+    from app.specs import data_spec
 
     cfg = build_config(None, [f"data.dataset={folder}", f"data.workers={workers}",
                               f"data.reduced_decode={str(reduced).lower()}"])
     dataset = build_dataset(cfg, split, resolution)
-    loader = build_loader(dataset, batch, train=split == "train", cfg=cfg, seed=0)
+    loader = build_loader(dataset, batch, train=split == "train", spec=data_spec(cfg), seed=0)
     return (images for images, _ in loader)
 
 

@@ -13,7 +13,7 @@ from app.plotting import pyplot, save
 from .photos import IMAGENET_MIX, QUALITIES
 
 # Throughputs the host must feed, training (images/s). The paper's Figure 1 (IPU-POD16, read off
-# the plot, see /work/shared/reference/paper.md): G16-GN B0 ~29.6k at 224, ~47k at the half
+# the plot; Masters et al. 2021, arXiv:2106.03640): G16-GN B0 ~29.6k at 224, ~47k at the half
 # resolution 160. NVIDIA DeepLearningExamples, PyTorch/Classification/ConvNets/efficientnet/
 # README.md, "Training performance: NVIDIA A100 (8x A100 80GB)": efficientnet-b0 on 1 GPU,
 # mixed precision, 2489 img/s (PyTorch 21.03 NGC container, DALI input).

@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from . import RESULTS_DIR
+from . import RESULTS_DIR, SCRATCH_DIR
 from .budget import Budget
 from .cases import Case, expand, our_cases, peer_cases
 from .environment import describe, load_average
@@ -73,7 +73,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true",
                    help="only write rows (default: also <out>.md and plots via benchmarks.report)")
     p.add_argument("--out", help="output path without extension "
-                   "(default benchmarks/results/<preset>-<device>)")
+                   "(default runs/bench/<preset>-<device>, untracked; with --results the committed "
+                   "benchmarks/results/<preset>-<device>)")
+    p.add_argument("--results", action="store_true",
+                   help="write the committed report in benchmarks/results/ (make bench-report)")
     return p
 
 
@@ -300,7 +303,8 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         torch.backends.cudnn.benchmark = True  # as timm's benchmark: warm-up absorbs the autotuning
     if int(s["threads"]) > 0:
         torch.set_num_threads(int(s["threads"]))
-    out = args.out or os.path.join(RESULTS_DIR, f"{args.preset}-{s['device']}")
+    folder = RESULTS_DIR if args.results else SCRATCH_DIR
+    out = args.out or os.path.join(folder, f"{args.preset}-{s['device']}")
     print(f"{len(cases)} cases on {s['device']} ({args.preset}); warm-up {s['warmup']}, "
           f"{s['steps']} timed steps, {s['repeats']} repeat(s); load average {load_average()}",
           flush=True)

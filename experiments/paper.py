@@ -1,6 +1,7 @@
 """``make paper``: the paper's reduced-resolution recipe end to end, in one report.
 
-1. native: train at the native resolution N (the model's own, or ``finetune.resolution``).
+1. native: train at the native resolution N (the model's own, or ``data.native_resolution``, or
+   ``finetune.resolution``: ``app.resolution.recipe_native``).
 2. half: train the same number of epochs at ``half_resolution(N)`` — about half the pixels, same
    residue modulo 2^n — validating at the half size and at N.
 3. fine-tune BOTH models at N (``app.finetune``: last layers, validation preprocessing,
@@ -10,7 +11,7 @@
 The report (``report.md`` + ``sweep.png`` in ``runs/paper-…/``) puts native (+ fine-tune) and half
 (+ fine-tune) side by side: top-1 at N, training images/s and training time.
 
-Sizes for the embedded digits data: the digits preset sets ``finetune.resolution: 96`` as the
+Sizes for the embedded digits data: the digits preset sets ``data.native_resolution: 96`` as the
 "native" size (the 8×8 digits are upscaled; 224 would cost ~5× more for nothing), so half is
 ``half_resolution(96) = 64``: 44 % of the pixels (B4's 380→252 has the same share), and 96 ≡ 64
 ≡ 0 (mod 32), so every one of B0's five stride-2 stages sees even maps at both sizes
@@ -39,12 +40,13 @@ from app.provenance import git_commit
 from app.resolution import (
     half_resolution,
     model_stages,
-    native_resolution,
     plot_sweep,
+    recipe_native,
     sweep,
     sweep_table,
 )
 from app.run_folder import RunFolder
+from app.specs import data_spec
 from app.tracking import format_duration, new_folder
 from app.train import TrainResult, run_training
 
@@ -194,7 +196,7 @@ def write_report(folder: Path, cfg: Config, native: int, half: int, stages: int,
 
 def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     stages = model_stages(cfg.model.name)
-    native = cfg.finetune.resolution or native_resolution(cfg.model.name)
+    native = recipe_native(cfg, given_on_command_line(args, "finetune.resolution"))
     half = half_resolution(native, stages)  # errors (too small a native size) before any work
     folder = paper_folder(cfg)
     command = " ".join(["python -m experiments"] + sys.argv[1:])
@@ -213,8 +215,8 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
               "half + fine-tune": final_weights(runs.half_ft.run.run_dir, cfg, num_classes)[0]}
 
     def evaluate_at(resolution: int) -> Dict[str, Dict[str, float]]:
-        loader = build_loader(build_dataset(cfg, "val", resolution), backend.eval_batch_size(cfg),
-                              train=False, cfg=cfg, device=backend.device)
+        loader = build_loader(build_dataset(cfg, "val", resolution), backend.eval_batch_size(),
+                              train=False, spec=data_spec(cfg), device=backend.device)
         return {name: evaluate(backend, loader, model, cfg) for name, model in models.items()}
 
     rows = sweep(evaluate_at, resolutions, native, stages)

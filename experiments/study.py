@@ -38,7 +38,7 @@ from app.command_line import given_on_command_line
 from app.config import Config, ConfigError
 from app.errors import AppError
 from app.provenance import cpu_name, git_commit, load_average
-from app.resolution import half_resolution, model_stages, native_resolution
+from app.resolution import half_resolution, model_stages, recipe_native
 from app.run_folder import RunFolder
 from app.tracking import new_folder
 from app.train import run_training
@@ -52,7 +52,7 @@ NORM_VARIANTS = (("BN", "batch", False), ("GN", "group", False), ("LN", "layer",
                  ("LN+PN", "layer", True))
 MICRO_BATCHES = (2, 4, 8, 32)
 # Group size → expansion ratio. The paper's configs pair G1 with e6 and G16 with e4 (configs.yml
-# G1/G16 anchors). For G4 and G64, whose ratios neither the configs nor shared/reference/paper.md
+# G1/G16 anchors). For G4 and G64, whose ratios neither the configs nor the paper
 # give, the integer ratio nearest the paper's aim of "approximately equal FLOPs" (README): G4 e5
 # (B0: 5.15M parameters / 0.42G multiply-adds vs G1 e6's 5.29M / 0.39G) and G64 e2, the smallest
 # ratio that still expands (7.65M / 1.02G; no integer ratio brings G64 down to G1's FLOPs).
@@ -233,9 +233,7 @@ def model_size(cfg: Config) -> Dict[str, Any]:
 
 
 def run_resolution(cfg: Config, folder: Path, writer: RowWriter, env: Dict[str, Any],
-                   keep_max_steps: bool) -> int:
-
-    native = cfg.finetune.resolution or native_resolution(cfg.model.name)
+                   keep_max_steps: bool, native: int) -> int:
     half = half_resolution(native, model_stages(cfg.model.name))
     for seed in cfg.study.seeds:
         print(f"\n=== resolution: native {native} vs half {half}, seed {seed} ===", flush=True)
@@ -291,7 +289,8 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     print(f"study {name}: {len(variants) or 4} variants × seeds {cfg.study.seeds} in {folder}; rows: "
           f"{writer.partial}")
     if name == "resolution":
-        code = run_resolution(base, folder, writer, env, given_on_command_line(args, "train.max_steps"))
+        code = run_resolution(base, folder, writer, env, given_on_command_line(args, "train.max_steps"),
+                              recipe_native(base, given_on_command_line(args, "finetune.resolution")))
     else:
         code = run_variants(name, base, variants, folder, writer, env,
                             extra=model_size if name == "groups" else (lambda c: {}))

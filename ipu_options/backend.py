@@ -38,8 +38,14 @@ from torch import Tensor, nn
 from backends.batch_norm_stats import BatchNormProbe, Statistics, split_statistics
 from backends.contract import Backend, BackendError
 from backends.process import all_reduce_mean
-from ipu_options.options import build_options, local_replicas
-from ipu_options.pipeline import num_ipus
+from backends.specs import BatchPlan
+from ipu_options import EMULATED, IMPORT_ERROR, poptorch
+from ipu_options.config import RunConfig
+from ipu_options.optimizer import build_ipu_optimizer, device_groups
+from ipu_options.options import build_options
+from ipu_options.pipeline import SplitError, annotate, num_ipus
+from ipu_options.planning import PlanError, resolve_pipeline
+from ipu_options.precision import apply_precision
 
 
 class _LossOnly(nn.Module):
@@ -64,17 +70,14 @@ def _describe(poptorch_emulated: bool, device: str, compute: torch.device) -> st
 
 class PopTorchBackend(Backend):
     """``network`` builds the network the run trains (the application's ``network_builder``):
-    called once on the meta device, for split names and the memory plan."""
+    called once on the meta device, for split names and the memory plan. ``batch``: the run's
+    sizes (its ``local_replicas`` are this process's replicas)."""
 
-    def __init__(self, cfg, network: Callable[[], nn.Module]):
-        from ipu_options import EMULATED, IMPORT_ERROR, poptorch
-        from ipu_options.pipeline import SplitError
-        from ipu_options.planning import PlanError, resolve_pipeline
-
-        self.cfg, self.poptorch = cfg, poptorch
+    def __init__(self, cfg: RunConfig, network: Callable[[], nn.Module], batch: BatchPlan):
+        self.cfg, self.poptorch, self.batch = cfg, poptorch, batch
         self.use_ipu_model = cfg.device == "ipu-model" and not EMULATED
         self.emulated = cfg.device == "ipu-model"
-        replicas = local_replicas(cfg)
+        replicas = batch.local_replicas
         if cfg.device == "ipu":
             if EMULATED:
                 raise BackendError(
@@ -107,14 +110,13 @@ class PopTorchBackend(Backend):
         stage_text = f", pipeline {self.splits}" if self.splits else ""
         print(f"IPU backend: {self.description}; {replicas} replica(s) × {self.ipus} IPU(s){stage_text}, "
               f"precision {cfg.ipu.precision}")
-        self.eval_iterations = max(cfg.ipu.device_iterations, self.ipus)  # inference: DI >= stages
-        self.updates_per_step = cfg.ipu.device_iterations  # one weight update per device iteration
+        self.eval_iterations = max(batch.device_iterations, self.ipus)  # inference: DI >= stages
         self.compile_only = bool(cfg.ipu.compile_only)
         self.train_model = None
         self._lr: Optional[float] = None
         self._state_checked = self._device_state_loaded = False
         self.host_classifier = None
-        self.eval_opts = build_options(cfg, poptorch, training=False, splits=self.splits,
+        self.eval_opts = build_options(cfg, poptorch, batch, training=False, splits=self.splits,
                                        use_ipu_model=self.use_ipu_model)
         self.eval_opts.deviceIterations(self.eval_iterations)
         # Evaluation: one device copy of the network (built from the first weights evaluated),
@@ -133,19 +135,12 @@ class PopTorchBackend(Backend):
         except (AttributeError, TypeError, RuntimeError):  # no device context manager
             return network()
 
-    # ------------------------------------------------------------------ sizes
-    def host_batch_size(self, cfg) -> int:
-        return (cfg.train.micro_batch * cfg.train.grad_accum * cfg.ipu.device_iterations
-                * local_replicas(cfg))
-
-    def eval_batch_size(self, cfg) -> int:
-        return cfg.train.micro_batch * self.eval_iterations * local_replicas(cfg)
+    def eval_batch_size(self) -> int:
+        return self.batch.eval_batch(self.eval_iterations)
 
     # ------------------------------------------------------------------ setup
-    def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer, cfg) -> None:
-        from ipu_options.optimizer import build_ipu_optimizer, device_groups
-
-        poptorch = self.poptorch
+    def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        cfg, poptorch = self.cfg, self.poptorch
         self.host_classifier, self.host_optimizer = classifier, optimizer
         device = self._device_copy(classifier, self.recompute)
         device.loss_hook = lambda loss: poptorch.identity_loss(loss, reduction="none")
@@ -155,7 +150,7 @@ class PopTorchBackend(Backend):
                                              cfg, lr)
         self._lr = lr
         self.training_output_mode = cfg.ipu.output_mode
-        train_opts = build_options(cfg, poptorch, training=True, splits=self.splits,
+        train_opts = build_options(cfg, poptorch, self.batch, training=True, splits=self.splits,
                                    use_ipu_model=self.use_ipu_model)
         device.train()
         self.train_model = poptorch.trainingModel(_LossOnly(device), train_opts, optimizer=self.optimizer)
@@ -163,8 +158,6 @@ class PopTorchBackend(Backend):
     def _device_copy(self, classifier: nn.Module, recompute) -> nn.Module:
         """``classifier`` copied, in the IPU precision, with the pipeline (and recomputation)
         annotations, on the emulator's compute device."""
-        from ipu_options.pipeline import annotate
-        from ipu_options.precision import apply_precision
 
         device = copy.deepcopy(classifier)
         apply_precision(device.model, self.cfg.ipu.precision)
@@ -202,7 +195,7 @@ class PopTorchBackend(Backend):
             raise BackendError(f"invalid IPU configuration: {error}") from None
         loss = losses.float().mean()
         if self.training_output_mode == "sum":  # each returned loss sums DI × GA micro-batches
-            loss = loss / (self.cfg.ipu.device_iterations * self.cfg.train.grad_accum)
+            loss = loss / self.batch.micro_batches_per_call
         return {"loss": all_reduce_mean(loss.cpu())}
 
     def compile(self, images: Tensor, targets: Tensor) -> str:
@@ -210,7 +203,7 @@ class PopTorchBackend(Backend):
         without running them (PopTorch refuses to run on an offline target)."""
         self.device_classifier.train()
         self.train_model.compile(images.to(self.compute), targets.to(self.compute))
-        unit = self.eval_batch_size(self.cfg)
+        unit = self.eval_batch_size()
         sample = images[:1].expand(unit, *images.shape[1:]).contiguous()
         self._load_weights(self.host_classifier)
         self._inference_model("logits", sample).compile(sample.to(self.compute))
@@ -269,7 +262,7 @@ class PopTorchBackend(Backend):
         if self._inference_classifier is None:
             raise BackendError("evaluate() outside evaluating(): no weights were loaded")
         self._inference_classifier.eval()
-        unit = self.eval_batch_size(self.cfg)
+        unit = self.eval_batch_size()
         results = []
         for start in range(0, images.shape[0], unit):
             chunk = images[start:start + unit]
@@ -295,7 +288,7 @@ class PopTorchBackend(Backend):
         """Per micro-batch (what a batch norm on the IPU normalises over): micro-batches that
         hold padding are left out."""
         self._load_weights(classifier)
-        micro = self.cfg.train.micro_batch
+        micro = self.batch.micro_batch
         pieces = []
         for outputs, n in self._run_inference("bn-statistics", images):
             whole = n // micro

@@ -5,7 +5,7 @@ Declared here (next to the code that turns it into options) and composed into th
 the same on every device kind and live in ``cfg.train``.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Protocol, Union
 
 from backends.errors import ConfigError
 
@@ -88,3 +88,17 @@ class IPUConfig:
         if isinstance(self.pipeline, str) and self.pipeline != "auto":
             raise ConfigError("ipu.pipeline", self.pipeline,
                               'a mapping {module name: IPU index} or "auto"')
+
+
+class RunConfig(Protocol):
+    """The run configuration as this layer reads it: the application's ``Config``, which the
+    device layer never imports; ``ipu`` is the section declared here."""
+
+    device: str
+    ipu: IPUConfig
+    model: Any
+    data: Any
+    optim: Any
+    train: Any
+    dist: Any
+    log: Any

@@ -14,16 +14,17 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from ipu_options.config import RunConfig
 from ipu_options.emulator import identity_loss
 from ipu_options.emulator.lowering import Lowering, check_lowering, facts
+from ipu_options.precision import apply_precision
+from model.fast_paths import eager_fast_paths
 
 
-def check_config(cfg, classifier: nn.Module) -> Dict[str, Lowering]:
+def check_config(cfg: RunConfig, classifier: nn.Module) -> Dict[str, Lowering]:
     """{"training": report, "inference": report} for one micro-batch at ``data.resolution``.
     ``classifier``: the application's, ``forward(images, targets=None)``, on the meta device
     (changed here: precision and loss hook)."""
-    from ipu_options.precision import apply_precision
-    from model.fast_paths import eager_fast_paths
 
     classifier.to("meta")
     classifier.loss_hook = lambda loss: identity_loss(loss, reduction="none")

@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ipu_options.config import RunConfig
+from ipu_options.pipeline import backbone, split_points
 from model.blocks import ConvNormAct, MBConv
 from model.padding import Conv2dSame
 from model.proxy_norm import ProxyNormAct
@@ -97,7 +99,6 @@ def _params(module: nn.Module) -> int:
 
 def units(model: nn.Module, resolution: int) -> List[Unit]:
     """The model's split points with their cost and per-image storage, from one meta pass."""
-    from ipu_options.pipeline import backbone, split_points
 
     net = backbone(model)
     names = split_points(model)
@@ -235,7 +236,7 @@ class Settings:
     momentum: bool = True
 
     @staticmethod
-    def of(cfg) -> "Settings":
+    def of(cfg: RunConfig) -> "Settings":
         return Settings(cfg.ipu.precision, cfg.optim.name, cfg.train.grad_accum, cfg.train.replicas,
                         cfg.ipu.optimizer_state_offchip, cfg.ipu.replicated_tensor_sharding,
                         cfg.optim.momentum > 0)

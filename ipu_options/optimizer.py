@@ -7,19 +7,21 @@ RMSprop ``use_tf_variant=True`` (the recipe's TensorFlow RMSprop: ε inside the 
 squared average starting at one, lr in the momentum buffer:
 ``backends.optimizers.RMSpropTF``).
 """
-from typing import List
+from types import ModuleType
+from typing import Any, List
 
 import torch
 from torch import nn
 
 from backends.optimizers import ADAMW_EPS
+from ipu_options.config import RunConfig
 
 # The static scale (and automatic loss scaling's start) with fp16: Graphcore's EfficientNet
 # configurations (vision/cnns/pytorch/train/configs.yml:72, graphcore/examples v3.4.1).
 HALF_LOSS_SCALING = 128.0
 
 
-def loss_scaling(cfg) -> float:
+def loss_scaling(cfg: RunConfig) -> float:
     """ipu.loss_scaling as the optimiser's: a number as given; "auto" or null: 128 with fp16
     (16.16, 16.32), 1 with 32.32 (config validation refuses auto with 32.32)."""
     ls = cfg.ipu.loss_scaling
@@ -41,7 +43,7 @@ def device_groups(host_optimizer: torch.optim.Optimizer, host_model: nn.Module,
     return groups
 
 
-def build_ipu_optimizer(poptorch, groups: List[dict], cfg, lr: float):
+def build_ipu_optimizer(poptorch: ModuleType, groups: List[dict], cfg: RunConfig, lr: float) -> Any:
     o = cfg.optim
     half = cfg.ipu.precision == "16.16"
     common = dict(loss_scaling=loss_scaling(cfg), accum_type=torch.half if half else torch.float)

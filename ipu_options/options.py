@@ -32,18 +32,23 @@ from the SDK 3.4 signatures):
   ipu.compile_only                 opts.useOfflineIpuTarget(ipu.offline_ipu_version or 2)
                                        (compile without hardware, then stop)
   device == "ipu-model"            opts.useIpuModel(True)  (real PopTorch only)
-  model.norm group/layer           opts._Popart.set("groupNormStridedChannelGrouping", True)
+  (always)                         opts._Popart.set("groupNormStridedChannelGrouping", False):
+                                   torch's contiguous channel groups, so a checkpoint computes the
+                                   same function on an IPU, the emulator and a CPU/GPU (see below)
   (always)                         opts._Popart.set("scheduleNonWeightUpdateGradientConsumersEarly",
                                    True), opts._Popart.set("disableGradAccumulationTensorStreams",
                                    True): the PopART settings Graphcore's CNN application used
                                    (faster group/layer norm layout; smaller host streams).
 ``ipu.precision`` is not an option call: it is the model's and inputs' dtype (precision.py).
 """
-from typing import Optional
+from types import ModuleType
+from typing import Any, Dict, Optional
 
 import torch
 
 from backends.process import under_poprun
+from backends.specs import BatchPlan
+from ipu_options.config import RunConfig
 from ipu_options.pipeline import num_ipus
 from ipu_options.poprun import popdist_local_replicas, popdist_options
 
@@ -51,7 +56,7 @@ AUTO_RECOMPUTATION_PIPELINE = 3  # popart.RecomputationType.Pipeline
 AUTO_RECOMPUTATION_ALL = 4  # popart.RecomputationType.RecomputeAll
 
 
-def local_replicas(cfg) -> int:
+def local_replicas(cfg: RunConfig) -> int:
     """Replicas of this process: inside a PopRun job what PopDist says (a poprun started by hand
     need not match dist.instances); otherwise train.replicas over dist.instances."""
     if under_poprun():
@@ -63,7 +68,7 @@ def local_replicas(cfg) -> int:
     return cfg.train.replicas // instances
 
 
-def memory_proportions(cfg, ipus: int):
+def memory_proportions(cfg: RunConfig, ipus: int) -> Dict[str, float]:
     amp = cfg.ipu.available_memory_proportion
     if len(amp) not in (1, ipus):
         raise ValueError(f"ipu.available_memory_proportion has {len(amp)} values for {ipus} IPUs: "
@@ -71,7 +76,8 @@ def memory_proportions(cfg, ipus: int):
     return {f"IPU{i}": float(amp[0] if len(amp) == 1 else amp[i]) for i in range(ipus)}
 
 
-def _set_pipeline(opts, poptorch, cfg, splits: Optional[dict], training: bool) -> None:
+def _set_pipeline(opts: Any, poptorch: ModuleType, cfg: RunConfig, splits: Optional[dict],
+                  training: bool) -> None:
     """Memory proportions per IPU; pipelined execution over several IPUs, or recomputation on one."""
     ipus = num_ipus(cfg, splits)
     opts.setAvailableMemoryProportion(memory_proportions(cfg, ipus))
@@ -96,27 +102,28 @@ def _set_precision(opts, ipu, training: bool) -> None:
     opts._Popart.set("engineOptions", {"target.deterministicWorkers": "portable"})
 
 
-def build_options(cfg, poptorch, training: bool = True, splits: Optional[dict] = None,
-                  use_ipu_model: bool = False, base=None):
-    """The ``poptorch.Options`` of a run. ``splits``: the resolved pipeline ({name: ipu}, from
-    the plan when ``ipu.pipeline`` is "auto"); ``base``: an Options to start from (PopDist's)."""
+def build_options(cfg: RunConfig, poptorch: ModuleType, batch: BatchPlan, training: bool = True,
+                  splits: Optional[dict] = None, use_ipu_model: bool = False, base: Any = None) -> Any:
+    """The ``poptorch.Options`` of a run whose sizes are ``batch``. ``splits``: the resolved
+    pipeline ({name: ipu}, from the plan when ``ipu.pipeline`` is "auto"); ``base``: an Options
+    to start from (PopDist's)."""
     ipu, train = cfg.ipu, cfg.train
     if base is None and under_poprun():  # an instance of a PopRun job: PopDist sets replication
         base = popdist_options(cfg, num_ipus(cfg, splits))
     opts = base if base is not None else poptorch.Options()
     if base is None:
-        opts.replicationFactor(local_replicas(cfg))
-    opts.deviceIterations(ipu.device_iterations)
+        opts.replicationFactor(batch.local_replicas)
+    opts.deviceIterations(batch.device_iterations)
     opts.randomSeed(ipu.seed if ipu.seed is not None else train.seed)
     if training:
-        opts.Training.gradientAccumulation(train.grad_accum)
+        opts.Training.gradientAccumulation(batch.grad_accum)
         reduction = poptorch.ReductionType.Sum if ipu.reduction == "sum" else poptorch.ReductionType.Mean
         opts.Training.accumulationAndReplicationReductionType(reduction)
     # ipu.output_mode is what a training call returns; inference always returns every logit
     # (the loop scores each image).
     opts.outputMode({"all": poptorch.OutputMode.All, "final": poptorch.OutputMode.Final,
                      "sum": poptorch.OutputMode.Sum}[ipu.output_mode if training else "all"])
-    if local_replicas(cfg) > 1:
+    if batch.local_replicas > 1:
         # Each replica keeps its own norm running statistics: PopTorch refuses to compile in-place
         # buffer updates (batch norm in training) with broadcast buffers and several replicas.
         opts.broadcastBuffers(False)
@@ -136,8 +143,13 @@ def build_options(cfg, poptorch, training: bool = True, splits: Optional[dict] =
         opts.useOfflineIpuTarget(ipu.offline_ipu_version or 2)
     if use_ipu_model:
         opts.useIpuModel(True)
-    if cfg.model.norm in ("group", "layer"):
-        opts._Popart.set("groupNormStridedChannelGrouping", True)
+    # Contiguous channel groups, torch's definition, on every device. Graphcore's CNN application
+    # sets the strided grouping for speed (vision/cnns/pytorch/utils/ipu_settings.py:17, v3.4.1);
+    # poplibs then puts channel k·G + g in group g (include/popnn/GroupNorm.hpp), another function
+    # than the same checkpoint computes on a CPU/GPU. PopART's default is already contiguous
+    # (sessionoptions.hpp: "correct and slightly slower"); set it so that no base Options can
+    # change it. Layer norm (one group) is the same function either way.
+    opts._Popart.set("groupNormStridedChannelGrouping", False)
     opts._Popart.set("scheduleNonWeightUpdateGradientConsumersEarly", True)
     if training:
         opts._Popart.set("disableGradAccumulationTensorStreams", True)

@@ -11,9 +11,12 @@ Valid names are the model's split points: the modules that run one after another
 path (stem, every MBConv block ``blocks.<stage>.<index>``, the first block of a stage as
 ``blocks.<stage>``, head). Unknown names are rejected with that list, before anything runs.
 """
+from types import ModuleType
 from typing import Dict, List, Optional
 
 from torch import nn
+
+from ipu_options.config import RunConfig
 
 PREFIXES = ("", "model.", "net.")  # a Classifier may wrap the EfficientNet under one of these
 
@@ -91,7 +94,7 @@ def check_splits(model: nn.Module, splits: Dict[str, int], recompute: List[str])
     return ordered
 
 
-def num_ipus(cfg, splits: Optional[dict] = None) -> int:
+def num_ipus(cfg: RunConfig, splits: Optional[dict] = None) -> int:
     """IPUs per replica: one more than the highest IPU index of the pipeline."""
     pipeline = splits if splits is not None else cfg.ipu.pipeline
     if not isinstance(pipeline, dict) or not pipeline:
@@ -112,7 +115,7 @@ class _RecomputeHook:
         return f"recomputationCheckpoint({self.name})"
 
 
-def annotate(model: nn.Module, splits: Dict[str, int], recompute: List[str], poptorch,
+def annotate(model: nn.Module, splits: Dict[str, int], recompute: List[str], poptorch: ModuleType,
              stages_checked: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Apply the splits (BeginBlock) and checkpoints (recomputationCheckpoint) to ``model``."""
     ordered = stages_checked if stages_checked is not None else check_splits(model, splits, recompute)

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ipu_options import memory
+from ipu_options.config import RunConfig
+from ipu_options.emulator.executor import TRAINING_PIPELINE_RULE
 from ipu_options.memory import IPU_SRAM_BYTES, MB, IPUMemory, Settings, Unit
 from ipu_options.pipeline import canonical_names, check_splits, split_points
 
@@ -48,11 +50,11 @@ class Plan:
         return len(self.ipus)
 
 
-def budget_bytes(cfg) -> int:
+def budget_bytes(cfg: RunConfig) -> int:
     return int(IPU_SRAM_BYTES * (1.0 - cfg.ipu.plan_margin))
 
 
-def plan_units(cfg, model: torch.nn.Module) -> List[Unit]:
+def plan_units(cfg: RunConfig, model: torch.nn.Module) -> List[Unit]:
     """The planner's units of ``model``, the network the run trains (the application builds it:
     its number of classes comes from the data, which the planner never reads)."""
     return memory.units(model, cfg.data.resolution)
@@ -139,7 +141,7 @@ def largest_micro_batch(us: List[Unit], stages: int, s: Settings, budget: int) -
     return lo
 
 
-def _fixes(cfg, stages: int, tried_recompute: bool = False) -> str:
+def _fixes(cfg: RunConfig, stages: int, tried_recompute: bool = False) -> str:
     """The remedies not already in effect."""
     fixes = [f"lower train.micro_batch (now {cfg.train.micro_batch})",
              f"use more IPUs per replica (ipu.plan_ipus / ipu.pipeline, now {stages})"]
@@ -152,7 +154,7 @@ def _fixes(cfg, stages: int, tried_recompute: bool = False) -> str:
     return ", ".join(fixes) + " or lower data.resolution"
 
 
-def make_plan(cfg, model: torch.nn.Module, propose: Optional[bool] = None) -> Plan:
+def make_plan(cfg: RunConfig, model: torch.nn.Module, propose: Optional[bool] = None) -> Plan:
     """The plan for ``cfg``: its explicit ``ipu.pipeline`` checked (``{}``: one IPU), or, when
     proposing (``auto``; ``python -m app plan`` without splits), the best balanced split on
     ipu.plan_ipus IPUs, else on the fewest IPUs that fit."""
@@ -194,7 +196,7 @@ def _largest_for_splits(us, splits, s, budget, marks) -> int:
 
 # ----------------------------------------------------------------------------- checks, report
 
-def resolve_pipeline(cfg, model: torch.nn.Module, training: bool = True
+def resolve_pipeline(cfg: RunConfig, model: torch.nn.Module, training: bool = True
                      ) -> Tuple[Dict[str, int], List[str], Plan]:
     """The splits and checkpoints a run uses; raises with the fix named when the configuration
     cannot run: unknown split names, too little gradient accumulation for the pipeline, or an
@@ -215,15 +217,13 @@ def resolve_pipeline(cfg, model: torch.nn.Module, training: bool = True
                   f"see `python -m app plan`); ipu.plan_margin={cfg.ipu.plan_margin} lowers the margin")
     stages = plan.stages
     if training and stages > 1 and cfg.train.grad_accum < 2 * stages - 1:
-        from ipu_options.emulator.executor import TRAINING_PIPELINE_RULE
-
         raise PlanError(f"a pipeline of {stages} IPUs has {2 * stages - 1} stages in training, but "
                         f"train.grad_accum={cfg.train.grad_accum}. PopTorch: \"{TRAINING_PIPELINE_RULE}\" "
                         f"Set train.grad_accum >= {2 * stages - 1}.")
     return plan.splits, recompute, plan
 
 
-def report(cfg, plan: Plan) -> str:
+def report(cfg: RunConfig, plan: Plan) -> str:
     m = cfg.model
     total_macs = sum(x.macs for x in plan.ipus) or 1
     lines = [
@@ -256,7 +256,7 @@ def report(cfg, plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def print_plan(cfg, model: torch.nn.Module) -> int:
+def print_plan(cfg: RunConfig, model: torch.nn.Module) -> int:
     """``python -m app plan`` (app/plan.py hands over the network): print the per-IPU table and
     the proposal for the configuration; the exit status says whether it fits."""
     plan_cfg = copy.deepcopy(cfg)

@@ -24,19 +24,21 @@ Hooks for the PopTorch backend:
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from types import ModuleType
+from typing import Any, List, Optional
 
 import torch
 from torch import Tensor, nn
 
 from backends.errors import DistributedError
 from backends.process import DistContext, launcher_args
+from ipu_options.config import RunConfig
 from ipu_options.pipeline import num_ipus
 
 DEFAULT_CACHE = "executable-cache"  # under log.out_dir, unless ipu.executable_cache is set
 
 
-def ipus_per_replica(cfg) -> int:
+def ipus_per_replica(cfg: RunConfig) -> int:
     """IPUs of one replica, from ``ipu.pipeline`` (1 without a pipeline)."""
     if cfg.ipu.pipeline == "auto":
         raise DistributedError(
@@ -46,11 +48,11 @@ def ipus_per_replica(cfg) -> int:
     return num_ipus(cfg)
 
 
-def executable_cache(cfg) -> str:
+def executable_cache(cfg: RunConfig) -> str:
     return cfg.ipu.executable_cache or str(Path(cfg.log.out_dir) / DEFAULT_CACHE)
 
 
-def poprun_command(cfg, app_argv: List[str]) -> List[str]:
+def poprun_command(cfg: RunConfig, app_argv: List[str]) -> List[str]:
     """The poprun command that runs ``python -m app <app_argv>`` on ``dist.instances`` instances.
     The instances share one executable cache (compiled once, loaded by the others); the app is
     told the same path so that PopTorch caches there too."""
@@ -61,13 +63,13 @@ def poprun_command(cfg, app_argv: List[str]) -> List[str]:
         app_args.append(f"ipu.executable_cache={cache}")
     return ["poprun", f"--num-instances={d.instances}", f"--num-replicas={t.replicas}",
             f"--ipus-per-replica={ipus_per_replica(cfg)}", f"--executable-cache-path={cache}",
-            *launcher_args(cfg), sys.executable, "-m", "app", *app_args]
+            *launcher_args(cfg.dist.launcher_args), sys.executable, "-m", "app", *app_args]
 
 
 class PopDistContext(DistContext):
     """One PopRun instance: rank = instance index, world = instances; Horovod for host collectives."""
 
-    def __init__(self, rank: int, world_size: int, local_replicas: int, hvd):
+    def __init__(self, rank: int, world_size: int, local_replicas: int, hvd: ModuleType):
         super().__init__(rank, world_size, rank, "poprun")
         self.local_replicas = local_replicas
         self.hvd = hvd
@@ -101,7 +103,7 @@ def _import_sdk_modules():
     return popdist, hvd
 
 
-def init_popdist(cfg) -> PopDistContext:
+def init_popdist(cfg: RunConfig) -> PopDistContext:
     """Join the PopRun job: PopDist and Horovod initialised, the seed taken from instance 0 (into
     ``cfg.train.seed``), the replica count checked against ``train.replicas``."""
     popdist, hvd = _import_sdk_modules()
@@ -129,7 +131,7 @@ def popdist_local_replicas() -> int:
     return int(popdist.getNumLocalReplicas())
 
 
-def popdist_options(cfg, ipus: Optional[int] = None):
+def popdist_options(cfg: RunConfig, ipus: Optional[int] = None) -> Any:
     """The instance's ``poptorch.Options`` from PopDist (replication = its local replicas).
     ``ipus``: IPUs per replica when the pipeline was resolved elsewhere (default: ipu.pipeline)."""
     popdist, _ = _import_sdk_modules()

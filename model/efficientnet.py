@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import GRAPHS, ConvNormAct, MBConv
-from .norms import NORM_KINDS, NormSpec
+from .norms import NormSpec
 from .padding import PADDINGS
 
 
@@ -159,8 +159,6 @@ def build_model(name: str, *, group_size: int = 1, expand_ratio: int = 6, norm: 
     efficientnet_* and torchvision's); ``graph``: ``official`` or ``v1`` (this project's first
     squeeze-excite and head under proxy norm, for checkpoints written with it)."""
     key = variant_key(name)
-    if norm not in NORM_KINDS:
-        raise ValueError(f"norm={norm!r} is not one of {', '.join(NORM_KINDS)}")
     if padding not in PADDINGS:
         raise ValueError(f"padding={padding!r} is not one of {', '.join(PADDINGS)}")
     if graph not in GRAPHS:

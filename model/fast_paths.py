@@ -7,7 +7,7 @@ torch.jit, torch.compile, a torch.func transform) the plain arithmetic runs inst
 traced graph would keep for backward. Inference has its own, explicit step: ``model.inference``.
 """
 import contextlib
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ _enabled = True
 
 
 @contextlib.contextmanager
-def eager_fast_paths(enabled: bool):
+def eager_fast_paths(enabled: bool) -> Iterator[None]:
     """Allow (True) or forbid (False) the eager fast paths inside the ``with`` block."""
     global _enabled
     previous, _enabled = _enabled, enabled

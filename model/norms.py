@@ -38,10 +38,6 @@ class NormSpec:
         if not self.eps > 0:
             raise ValueError(f"norm_eps={self.eps} must be > 0 (the paper uses 1e-3)")
 
-    @property
-    def batch_independent(self) -> bool:
-        return self.kind != "batch"
-
     def make(self, channels: int, shift: bool = True) -> nn.Module:
         """A norm over ``channels``; ``shift=False`` makes it scale-only: its bias is a zero
         buffer, neither trained nor saved (checkpoints and parameter counts are those of a norm

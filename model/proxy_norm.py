@@ -15,7 +15,7 @@ or compiled (PopTorch, torch.compile) autograd differentiates the same arithmeti
 give the same loss and the same gradients up to float32 rounding (see ``fast_paths.py``).
 """
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +120,7 @@ class _StandardisedSilu(torch.autograd.Function):
     eager training. Autograd would keep SiLU(x) besides x and allocate three activation-sized
     tensors in the backward; this keeps x and the output (which the next layer saves anyway) and
     allocates one tensor each way. On CPUs every fresh activation-sized tensor costs page faults
-    on top of its pass: this was most of proxy norm's training overhead over batch norm."""
+    on top of its pass, which makes them the larger part of proxy norm's cost on a CPU."""
 
     @staticmethod
     def forward(ctx, x, mean, inv_std):
@@ -181,7 +181,8 @@ class ProxyNormAct(nn.Module):
         return _proxy_statistics(self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles,
                                  self.eps, self.activation)[:2]
 
-    def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], defer_scale: bool = False):
+    def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                defer_scale: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """x = γ·Y + β. With ``defer_scale`` returns (φ(x) − μ̃, 1/σ̃) so that a following
         squeeze-excite can fold the division into its gate and save a pass over the tensor.
         (Eager inference computes the statistics once: ``model.inference.fuse_for_inference``.)"""

@@ -59,7 +59,9 @@ def convert_state_dict(state_dict: Dict[str, Tensor], source: str) -> Dict[str, 
     """Rename a timm or torchvision EfficientNet state dict to this project's module names.
 
     The result loads with ``model.load_state_dict(converted)`` into ``build_model(name,
-    group_size=1, expand_ratio=6, norm="batch")`` of the same size."""
+    group_size=1, expand_ratio=6, norm="batch")`` of the same size; with the source's padding
+    (``padding="symmetric"`` for torchvision and timm's efficientnet_*, ``"same"`` for timm's
+    tf_efficientnet_*) it gives the source's outputs."""
     if source not in SOURCES:
         raise ValueError(f"source={source!r} is not one of {', '.join(SOURCES)}")
     if source == "timm":

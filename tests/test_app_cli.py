@@ -9,6 +9,7 @@ from app.backend import create_backend
 from app.cli import main as cli
 from app.config import build_config
 from app.objective import Classifier, smoothed_cross_entropy
+from app.specs import batch_plan, device_spec
 from app.train import StopSignal
 from backends.contract import BackendError
 from backends.native import NativeBackend
@@ -92,9 +93,9 @@ def test_gradient_accumulation_matches_one_big_batch():
         cfg.train.grad_accum, cfg.train.micro_batch = accum, 8 // accum
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
-        backend = NativeBackend(cfg)
-        backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
-        assert backend.host_batch_size(cfg) == 8
+        backend = NativeBackend(device_spec(cfg), batch_plan(cfg))
+        backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1))
+        assert backend.host_batch_size() == 8
         backend.train_step(images, targets)
         weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
@@ -113,8 +114,8 @@ def test_bf16_channels_last_step_on_cpu_updates_the_weights():
     cfg = build_config("digits", ["device=cpu", "train.precision=bf16", "train.channels_last=true",
                                   "train.micro_batch=4", "train.grad_accum=2"])
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
-    backend = NativeBackend(cfg)
-    backend.prepare(Classifier(net, channels_last=True), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
+    backend = NativeBackend(device_spec(cfg), batch_plan(cfg))
+    backend.prepare(Classifier(net, channels_last=True), torch.optim.SGD(net.parameters(), lr=0.1))
     before = net[0].weight.detach().clone()
     out = backend.train_step(torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8), torch.arange(8) % 3)
     assert torch.isfinite(out["loss"]) and not torch.equal(before, net[0].weight)
@@ -158,8 +159,8 @@ def test_nonfinite_gradients_skip_the_update_and_say_so():
     """A finite loss whose backward overflows: fp32/bf16 skip the step like the fp16 scaler does."""
     cfg = build_config("digits", ["device=cpu", "optim.name=sgd"])
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
-    backend = NativeBackend(cfg)
-    backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
+    backend = NativeBackend(device_spec(cfg), batch_plan(cfg))
+    backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1))
     images, targets = torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
     before = net[1].weight.detach().clone()
     hook = net[1].weight.register_hook(lambda grad: grad * float("inf"))
@@ -180,8 +181,8 @@ def test_ema_validation_classifier_lives_where_the_ema_weights_do():
 
     cfg = build_config("digits", ["device=cpu"])
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
-    backend = NativeBackend(cfg)
-    backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
+    backend = NativeBackend(device_spec(cfg), batch_plan(cfg))
+    backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1))
     ema = EMA(net, 0.9)
     with torch.no_grad():
         ema.module[1].weight.add_(1.0)  # the EMA differs from the trained weights

@@ -14,6 +14,7 @@ import app.objective
 import app.train
 from app.checkpoint import find_checkpoint, load_checkpoint, step_checkpoints
 from app.cli import main as cli
+from app.specs import batch_plan, device_spec
 from backends.native import NativeBackend
 from tests.test_app_logging_data import write_image_folder
 
@@ -40,7 +41,9 @@ def test_digits_end_to_end_through_python_m_app(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run(out)
-    assert "group_size: 16" in proc.stdout  # the resolved configuration is printed
+    # the resolved configuration, as its differences from the preset, in one line
+    header = [line for line in proc.stdout.splitlines() if line.startswith("# resolved configuration")]
+    assert len(header) == 1 and "digits with device=cpu" in header[0] and "train.micro_batch=8" in header[0]
     assert f"run folder: {run}" in proc.stdout.splitlines()[-1]
     assert "final validation: raw@32 top-1" in proc.stdout
     saved = (run / "config.yaml").read_text()
@@ -164,8 +167,8 @@ def poison_losses(monkeypatch, bad_calls):
 def test_fp16_loss_scaler_skips_transient_nans_then_stops(tmp_path, monkeypatch, capsys):
     """fp16 semantics on the CPU: a loss scaler that skips updates with non-finite gradients."""
     def backend_with_cpu_scaler(cfg):
-        fp32 = dataclasses.replace(cfg.train, precision="fp32")  # NativeBackend keeps fp16 for CUDA
-        backend = NativeBackend(dataclasses.replace(cfg, train=fp32))
+        # NativeBackend keeps fp16 for CUDA
+        backend = NativeBackend(dataclasses.replace(device_spec(cfg), precision="fp32"), batch_plan(cfg))
         backend.scaler = torch.amp.GradScaler("cpu")
         return backend
 

@@ -11,6 +11,7 @@ from app.data import IMAGENET_MEAN, IMAGENET_STD, DatasetError, build_dataset, b
 from app.data.datasets import ImageDataset, digits_split
 from app.data.mixing import cutmix, mixup, one_hot
 from app.data.transforms import train_transform, val_resize_size, val_transform
+from app.specs import data_spec
 
 
 def make_cfg(*overrides):
@@ -78,7 +79,7 @@ def test_folder_dataset_classes_and_labels(image_folder):
 def test_corrupt_image_skipped_counted_and_batches_full(image_folder, workers):
     cfg = make_cfg(f"data.dataset={image_folder}", f"data.workers={workers}")
     dataset = build_dataset(cfg, "train", 32)
-    loader = build_loader(dataset, 4, train=True, cfg=cfg, seed=0)
+    loader = build_loader(dataset, 4, train=True, spec=data_spec(cfg), seed=0)
     assert len(loader) == 3  # 12 images: every one is asked for once per epoch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -91,7 +92,7 @@ def test_corrupt_image_skipped_counted_and_batches_full(image_folder, workers):
     assert loader.skipped == 2 and loader.skipped_files == {broken}  # once per epoch, both counted
     named = [w for w in caught if broken in str(w.message)]
     assert len(named) == 1  # warned once per file, not once per hit
-    val = build_loader(build_dataset(cfg, "val", 32), 4, train=False, cfg=cfg)
+    val = build_loader(build_dataset(cfg, "val", 32), 4, train=False, spec=data_spec(cfg))
     with pytest.warns(RuntimeWarning, match="val/eel/1.jpg"):
         shapes = [tuple(images.shape) for images, _ in val]
     assert shapes == [(4, 3, 32, 32), (2, 3, 32, 32)] and val.skipped == 1  # val keeps its last batch
@@ -132,23 +133,23 @@ def test_digits_split_stratified_disjoint_deterministic():
 def test_synthetic_fixed_batch_on_device():
     cfg = make_cfg("data.dataset=synthetic", "data.synthetic_images=12")
     dataset = build_dataset(cfg, "train", 32)
-    loader = build_loader(dataset, 4, train=True, cfg=cfg, device="cpu", seed=0)
+    loader = build_loader(dataset, 4, train=True, spec=data_spec(cfg), device="cpu", seed=0)
     batches = list(loader)
     assert len(loader) == len(batches) == 3
     first = batches[0]
     assert first[0].device.type == "cpu" and first[0].dtype == torch.uint8
     assert all(b[0] is first[0] and b[1] is first[1] for b in batches)  # the same tensors, no I/O
     assert first[1].dtype == torch.int64 and int(first[1].max()) < dataset.num_classes
-    ipu = build_loader(dataset, 4, train=True, cfg=cfg, device="ipu-model", seed=0)
+    ipu = build_loader(dataset, 4, train=True, spec=data_spec(cfg), device="ipu-model", seed=0)
     assert next(iter(ipu))[0].device.type == "cpu"  # PopTorch copies host tensors itself
     if torch.cuda.is_available():
-        cuda = build_loader(dataset, 4, train=True, cfg=cfg, device="cuda", seed=0)
+        cuda = build_loader(dataset, 4, train=True, spec=data_spec(cfg), device="cuda", seed=0)
         assert next(iter(cuda))[0].device.type == "cuda"
 
 
 def test_generated_goes_through_collate():
     cfg = make_cfg("data.dataset=generated", "data.synthetic_images=8", "data.workers=0")
-    loader = build_loader(build_dataset(cfg, "train", 32), 4, train=True, cfg=cfg, seed=0)
+    loader = build_loader(build_dataset(cfg, "train", 32), 4, train=True, spec=data_spec(cfg), seed=0)
     a, b = list(loader)
     assert a[0].shape == (4, 3, 32, 32) and not torch.equal(a[0], b[0])
 
@@ -179,7 +180,7 @@ def test_order_deterministic_per_seed_epoch_and_resume_equals_tail():
     small = TinyDataset(40)
 
     def epoch_batches(seed, epoch, start=0, config=cfg):
-        loader = build_loader(small, 8, train=True, cfg=config, seed=seed)
+        loader = build_loader(small, 8, train=True, spec=data_spec(config), seed=seed)
         loader.set_epoch(epoch)
         return list(loader.iterate(start_batch=start))
 
@@ -200,7 +201,8 @@ def test_order_deterministic_per_seed_epoch_and_resume_equals_tail():
 def test_loading_never_draws_from_the_global_rng(workers):
     """Creating an iterator draws the workers' base seed: from the loader's own generator, so the
     model's random streams (dropout, drop path) do not depend on when iterators are made."""
-    loader = build_loader(TinyDataset(24), 8, train=True, cfg=make_cfg(f"data.workers={workers}"), seed=0)
+    spec = data_spec(make_cfg(f"data.workers={workers}"))
+    loader = build_loader(TinyDataset(24), 8, train=True, spec=spec, seed=0)
     torch.manual_seed(123)
     state = torch.get_rng_state()
     for epoch in range(3):
@@ -215,7 +217,7 @@ def test_distributed_sampler_splits_the_epoch():
     seen = []
     for rank in range(2):
         sampler = torch.utils.data.DistributedSampler(small, num_replicas=2, rank=rank, seed=5)
-        loader = build_loader(small, 4, train=True, cfg=cfg, sampler=sampler, seed=0)
+        loader = build_loader(small, 4, train=True, spec=data_spec(cfg), sampler=sampler, seed=0)
         loader.set_epoch(3)  # passed on to the sampler
         assert len(loader) == 5
         seen.append(torch.cat([targets for _, targets in loader]).tolist())
@@ -253,10 +255,10 @@ def test_cutmix_area_matches_lambda():
 
 def test_loader_mixes_when_configured():
     cfg = make_cfg("data.workers=0", "data.mixup=0.2", "data.cutmix_lambda=0.8")
-    loader = build_loader(build_dataset(cfg, "train", 32), 16, train=True, cfg=cfg, seed=0)
+    loader = build_loader(build_dataset(cfg, "train", 32), 16, train=True, spec=data_spec(cfg), seed=0)
     images, targets = next(iter(loader))
     assert images.dtype == torch.uint8 and targets.shape == (16, 10) and targets.dtype == torch.float32
     assert torch.allclose(targets.sum(1), torch.ones(16))
-    val = build_loader(build_dataset(cfg, "val", 32), 16, train=False, cfg=cfg)
+    val = build_loader(build_dataset(cfg, "val", 32), 16, train=False, spec=data_spec(cfg))
     assert next(iter(val))[1].dtype == torch.int64  # no mixing in validation
     assert len(IMAGENET_MEAN) == 3 and all(0 < m < 1 for m in IMAGENET_MEAN + IMAGENET_STD)  # 0–1 scale

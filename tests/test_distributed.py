@@ -29,6 +29,7 @@ from app.distributed import (
     scale_summary,
     shard_sampler,
 )
+from app.specs import batch_plan, data_spec, device_spec, ipu_batch_plan
 
 
 def config(*overrides):
@@ -66,8 +67,8 @@ def test_ranks_batches_together_are_the_one_process_batches():
     trains on exactly the images (and augmentation seeds) of step k of one process."""
     cfg = config("data.dataset=generated", "data.synthetic_images=48", "data.workers=0")
     dataset = build_dataset(cfg, "train", 32)
-    single = build_loader(dataset, 8, train=True, cfg=cfg, seed=7)
-    ranks = [build_loader(dataset, 4, train=True, cfg=cfg, seed=7,
+    single = build_loader(dataset, 8, train=True, spec=data_spec(cfg), seed=7)
+    ranks = [build_loader(dataset, 4, train=True, spec=data_spec(cfg), seed=7,
                           sampler=shard_sampler(DistContext(rank=r, world_size=2), dataset, train=True,
                                                 seed=7, batch_size=4))
              for r in range(2)]
@@ -166,13 +167,13 @@ def test_bad_scale_out_settings_name_the_field(overrides, field):
 
 def test_scale_summary_is_one_line_with_batch_lr_and_statistics():
     cfg = config("train.micro_batch=16", "train.grad_accum=2", "train.replicas=4", "model.norm=batch",
-                 "model.proxy_norm=false")
-    line = scale_summary(cfg, DistContext(rank=0, world_size=4, engine="torchrun"), 0.5)
+                 "model.proxy_norm=false", "optim.lr_scaling=auto")
+    line = scale_summary(cfg, DistContext(rank=0, world_size=4, engine="torchrun"))
     assert "\n" not in line
     assert "global batch 128 = micro-batch 16 × grad-accum 2 × 4 replicas" in line
     assert "4 processes × 1 replica" in line and "batch norm over each replica's micro-batch of 16" in line
-    assert f"× 128/{cfg.optim.lr_reference_batch} = 0.5" in line
-    assert "none (layer norm" in scale_summary(config(), DistContext(), 0.1)
+    assert f"× √(128/{cfg.optim.lr_reference_batch}) = " in line and "square-root scaling" in line
+    assert "none (layer norm" in scale_summary(config(), DistContext())
 
 
 # ----------------------------------------------------------------------------- PopRun / PopDist
@@ -310,7 +311,7 @@ def test_popdist_instance_initialises_and_reduces_through_horovod(popdist_job):
     # the PopTorch options of this instance start from PopDist's, which set the replication
     from ipu_options import emulator
 
-    opts = build_options(cfg, emulator)
+    opts = build_options(cfg, emulator, ipu_batch_plan(cfg))
     assert opts.made_by == "popdist" and opts.replication_factor == 4
     assert [c[0] for c in opts.calls].count("replicationFactor") == 1  # PopDist's call only
     assert ("popdist.poptorch.Options", (), {"ipus_per_replica": 2}) in rec.calls
@@ -504,8 +505,8 @@ def test_ddp_gradient_accumulation_equals_plain_accumulation(tmp_path, monkeypat
     def one_step():
         torch.manual_seed(0)
         model = TinyClassifier()
-        backend = NativeBackend(cfg)
-        backend.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg)
+        backend = NativeBackend(device_spec(cfg), batch_plan(cfg))
+        backend.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
         loss = backend.train_step(images, targets)["loss"]
         return backend.trainer, loss, model.linear.weight.detach().clone()
 

@@ -138,7 +138,8 @@ def test_a_failed_write_is_a_clear_error_and_loses_nothing(world, tmp_path, site
         if label == "config.yaml" and how != "vanish":
             assert not (out / "r").exists()  # no run folder without its config.yaml
         return
-    assert "Still whole:" in job.stderr and "Then continue with: python -m app train --resume" in job.stderr
+    assert "Still whole:" in job.stderr and "Then continue with: " in job.stderr \
+        and "python -m app train --resume" in job.stderr
     if how == "vanish":
         assert "nothing was lost on disk" in job.stderr and not (out / "r").exists()
         moved.rename(out / "r")  # the user puts the folder back

@@ -11,7 +11,10 @@ Every import statement counts, also those inside functions (a lazy import is sti
     nor the rest of the IPU layer that uses it.
   * The application (app/) imports nothing of experiments/ or benchmarks/; experiments/ import
     the application, never benchmarks/.
-  * No import circle between files anywhere.
+  * No import circle between files anywhere, and the project's own packages import one another
+    at module level only (a function-level import would hide an arrow).
+And no component reads another's part of the run configuration: the backends take specs
+(backends/specs.py), never the configuration; the data layer never reads its ``ipu`` section.
 """
 import ast
 from pathlib import Path
@@ -161,6 +164,48 @@ def test_import_rule(graph, rule):
 
 def test_no_import_circle(graph):
     assert cycles(graph) == []
+
+
+def lazy_project_imports(source: str, project: Iterable[str] = PACKAGES) -> List[int]:
+    """Lines of imports of the project inside functions: a lazy import that hides an arrow (or
+    dodges a circle) rather than one that puts off a heavy optional library."""
+    lines = []
+    for function in ast.walk(ast.parse(source)):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or "."] if isinstance(node, ast.ImportFrom) else []
+                if any(n == "." or top(n) in project for n in names) or getattr(node, "level", 0):
+                    lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def test_the_project_imports_itself_at_module_level():
+    assert lazy_project_imports("def f():\n    from app import x\n    import numpy\n") == [2]
+    found = {str(p.relative_to(ROOT)): lazy_project_imports(p.read_text(encoding="utf-8"))
+             for pkg in ("app", "backends", "experiments", "ipu_options", "model")
+             for p in (ROOT / pkg).rglob("*.py")}
+    assert {path: lines for path, lines in found.items() if lines} == {}
+
+
+def configuration_reads(source: str) -> Set[str]:
+    """The sections of the run configuration ``source`` reads: ``cfg.<section>``, and ``cfg`` alone
+    for a function that takes the configuration as a parameter."""
+    found: Set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg":
+            found.add(node.attr)
+        elif isinstance(node, ast.arg) and node.arg == "cfg":
+            found.add("cfg")
+    return found
+
+
+def test_components_read_only_their_own_configuration():
+    assert configuration_reads("def f(cfg):\n    return cfg.ipu.x\n") == {"cfg", "ipu"}
+    reads = {module_name(p, ROOT): configuration_reads(p.read_text(encoding="utf-8"))
+             for folder in ("backends", "app/data") for p in (ROOT / folder).rglob("*.py")}
+    assert {m: r for m, r in reads.items() if top(m) == "backends" and r} == {}
+    assert {m: r for m, r in reads.items() if m.startswith("app.data") and "ipu" in r} == {}
 
 
 def test_the_checks_catch_what_they_forbid(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 from app.cli import main as cli
 from app.config import build_config
 from app.objective import network_builder
+from app.specs import batch_plan
 from backends.contract import BackendError
 from ipu_options.backend import PopTorchBackend
 
@@ -16,7 +17,7 @@ QUICK = ["data.resolution=32", "data.workers=0", "train.log_every=1", "train.ema
 
 def backend(*overrides, device="ipu-model"):
     cfg = build_config("digits", [f"device={device}", *QUICK, *overrides])
-    return PopTorchBackend(cfg, network_builder(cfg))
+    return PopTorchBackend(cfg, network_builder(cfg), batch_plan(cfg))
 
 
 def test_device_ipu_refuses_without_poptorch():
@@ -43,7 +44,7 @@ def test_invalid_ipu_configurations_fail_before_compilation(overrides, message, 
 def test_emulated_backend_says_so(capsys):
     b = backend("train.replicas=2", "train.micro_batch=4", "ipu.device_iterations=2")
     assert b.emulated and "emulator" in capsys.readouterr().out
-    assert b.host_batch_size(b.cfg) == 4 * 1 * 2 * 2
+    assert b.host_batch_size() == 4 * 1 * 2 * 2
 
 
 def _metrics(run, kind):

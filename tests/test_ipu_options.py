@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from app.config import ConfigError, build_config
+from app.specs import ipu_batch_plan
 from ipu_options import emulator
 from ipu_options.options import build_options
 
@@ -171,7 +172,7 @@ class StandIn:
 def record(overrides, **kwargs):
     CALLS.clear()
     cfg = build_config("digits", overrides)
-    build_options(cfg, StandIn, **kwargs)
+    build_options(cfg, StandIn, ipu_batch_plan(cfg), **kwargs)
     return list(CALLS)
 
 
@@ -204,7 +205,8 @@ def test_defaults_map_to_sdk_calls():
                    "opts.TensorLocations.setOptimizerLocation", "opts.enableExecutableCaching",
                    "opts.useOfflineIpuTarget", "opts.useIpuModel"):
         assert absent not in names
-    assert popart(calls)["groupNormStridedChannelGrouping"] is True  # the digits preset is LN+PN
+    # torch's contiguous channel groups on the IPU too (ipu_options/emulator/norms.py)
+    assert popart(calls)["groupNormStridedChannelGrouping"] is False
 
 
 @pytest.mark.parametrize("override,call,arg,expected", [
@@ -270,7 +272,7 @@ def test_inference_options_have_no_training_calls():
 def test_emulator_accepts_the_same_calls():
     cfg = build_config("digits", ["train.replicas=2", "train.grad_accum=3", "ipu.loss_scaling=auto",
                                   "ipu.optimizer_state_offchip=true"])
-    opts = build_options(cfg, emulator)
+    opts = build_options(cfg, emulator, ipu_batch_plan(cfg))
     assert (opts.replication_factor, opts.Training.gradient_accumulation) == (2, 3)
     assert opts.Training.automatic_loss_scaling and opts.Precision.stochastic_rounding
 

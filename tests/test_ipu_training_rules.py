@@ -14,6 +14,7 @@ from torch import nn
 from app.cli import main as cli
 from app.config import ConfigError, build_config
 from app.objective import Classifier
+from app.specs import ipu_batch_plan
 from ipu_options import emulator as emulator
 from ipu_options.optimizer import build_ipu_optimizer, loss_scaling
 from ipu_options.options import build_options, local_replicas
@@ -68,7 +69,8 @@ def test_half_accumulator_keeps_the_running_mean_of_the_micro_batches():
     opts = emulator.Options()
     opts.Training.gradientAccumulation(4)
     trainer = emulator.trainingModel(_SumLoss(model), opts, optimizer=opt)
-    assert opts.Training.meanAccumulationAndReplicationReductionStrategy == \
+    # on the executor's copy of the options (python/_poplar_executor.py:152-154)
+    assert trainer.options.Training.meanAccumulationAndReplicationReductionStrategy == \
         emulator.MeanReductionStrategy.Running
     trainer(torch.full((4, 2), 30000.0))
     torch.testing.assert_close(model.weight.detach(), torch.full((1, 2), -3.0))
@@ -81,7 +83,7 @@ def test_post_reduction_sum_of_half_accumulators_would_overflow():
     opts.Training.gradientAccumulation(4)
     trainer = emulator.trainingModel(_SumLoss(model), opts, optimizer=opt)
     post = emulator.MeanReductionStrategy.Post
-    assert opts.Training.meanAccumulationAndReplicationReductionStrategy == post
+    assert trainer.options.Training.meanAccumulationAndReplicationReductionStrategy == post
     trainer(torch.full((4, 2), 30000.0))
     torch.testing.assert_close(model.weight.detach(), torch.full((1, 2), -3.0))
     half_model, half_opt = _linear_executor(lr=1e-4, accum_type=torch.float16)
@@ -129,8 +131,8 @@ def test_training_returns_only_the_loss(capsys):
                                   "train.micro_batch=2", "train.grad_accum=2", "ipu.precision=32.32"])
     backend = create_backend(cfg)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
-    backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1), cfg)
-    images = torch.randint(0, 256, (backend.host_batch_size(cfg), 3, 8, 8), dtype=torch.uint8)
+    backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1))
+    images = torch.randint(0, 256, (backend.host_batch_size(), 3, 8, 8), dtype=torch.uint8)
     targets = torch.arange(images.shape[0]) % 10
     out = backend.train_model(images, targets)
     assert isinstance(out, torch.Tensor) and out.shape == (2,)  # one summed loss per replica
@@ -140,7 +142,7 @@ def test_training_returns_only_the_loss(capsys):
 
 def _record_options(overrides, training):
     cfg = build_config("digits", overrides)
-    return build_options(cfg, emulator, training=training)
+    return build_options(cfg, emulator, ipu_batch_plan(cfg), training=training)
 
 
 def test_stochastic_rounding_is_a_training_option_only():

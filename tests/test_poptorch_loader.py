@@ -8,6 +8,7 @@ import torch
 from app.config import build_config
 from app.data import build_dataset, build_loader
 from app.data.poptorch_loader import PopTorchLoader
+from app.specs import batch_plan, data_spec
 from benchmarks.photos import make_folder
 from ipu_options import emulator as poptorch
 
@@ -26,8 +27,8 @@ def loaders(folder, workers=0):
     cfg = build_config(None, overrides)
     cfg.device = "ipu-model"  # what --device ipu-model sets
     dataset = build_dataset(cfg, "train", 32)
-    return build_loader(dataset, 8, train=True, cfg=cfg, seed=3), build_loader(dataset, 8, train=True,
-                                                                                 cfg=sync_cfg, seed=3)
+    fast = build_loader(dataset, batch_plan(cfg), train=True, spec=data_spec(cfg), seed=3)
+    return fast, build_loader(dataset, 8, train=True, spec=data_spec(sync_cfg), seed=3)
 
 
 def epoch(loader, number, start=0):

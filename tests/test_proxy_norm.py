@@ -1,4 +1,5 @@
-"""Proxy Norm exactly as shared/reference/proxy_norm.md states it, and batch independence."""
+"""Proxy Norm exactly as the paper defines it (Labatie et al. 2021; model/proxy_norm.py's
+docstring), and batch independence."""
 import math
 
 import pytest

@@ -1,10 +1,13 @@
 """The Trainer's frame: one teardown whatever happens, the loop's state in one place, and run
 kinds that keep to their own checkpoints (the loop itself knows no kind but its own)."""
+import re
+
 import pytest
 
 import app.train
 from app.config import build_config
 from app.errors import AppError
+from app.run_folder import resume_command
 from app.train import LoopState, RunHook, Trainer, run_training
 from backends.native import NativeBackend
 
@@ -72,7 +75,7 @@ def test_a_checkpoint_of_another_kind_of_run_is_not_resumed_as_this_one(tmp_path
     first = run_training(config(tmp_path, "train.max_steps=1", "log.name=other-run"), other)
     assert first.exit_code == 0 and seen == [8]
     with pytest.raises(AppError, match=f"a checkpoint of a other run, not of a train run: resume it "
-                                       f"with python -m app other --resume {first.run_dir}"):
+                                       f"with {re.escape(resume_command(first.run_dir, 'other'))}"):
         run_training(config(tmp_path, f"resume={first.run_dir}", "train.max_steps=2"))
     resumed = run_training(config(tmp_path, f"resume={first.run_dir}", "train.max_steps=2"), other)
     assert resumed.exit_code == 0 and resumed.last_step == 2 and seen == [8, 8]

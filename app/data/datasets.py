@@ -8,7 +8,7 @@ readable one, returning the paths it had to skip so the main process can count a
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -140,7 +140,7 @@ class FolderDataset(ImageDataset):
     """``<root>/<split>/<class>/<image>``. Classes are the sub-folders of ``train/`` (sorted), so
     labels agree between splits; a ``val/`` class missing from ``train/`` is an error."""
 
-    def __init__(self, root: str, split: str, resolution: int, **kwargs):
+    def __init__(self, root: str, split: str, resolution: int, **kwargs: Any):
         super().__init__(split, resolution, **kwargs)
         base = Path(root).expanduser()
         if not base.is_dir():
@@ -202,7 +202,7 @@ class DigitsDataset(ImageDataset):
 
     classes = [str(d) for d in range(10)]
 
-    def __init__(self, split: str, resolution: int, **kwargs):
+    def __init__(self, split: str, resolution: int, **kwargs: Any):
         super().__init__(split, resolution, **kwargs)
         tx, ty, vx, vy = digits_split()
         self.images, self.targets = (tx, ty) if split == "train" else (vx, vy)
@@ -223,7 +223,7 @@ class GeneratedDataset(ImageDataset):
 
     classes = [f"class_{i}" for i in range(GENERATED_CLASSES)]
 
-    def __init__(self, split: str, resolution: int, images: int, **kwargs):
+    def __init__(self, split: str, resolution: int, images: int, **kwargs: Any):
         super().__init__(split, resolution, **kwargs)
         self.length = images
         self.source_size = round(resolution * 256 / 224)  # a little larger than the crop, as on disk

@@ -9,7 +9,7 @@ yields exactly the tail the uninterrupted epoch would have.
 
 Usage::
 
-    loader = build_loader(dataset, 64, train=True, cfg=cfg, device=device, seed=cfg.train.seed)
+    loader = build_loader(dataset, 64, train=True, spec=data_spec(cfg), device=device, seed=cfg.train.seed)
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         for images, targets in loader.iterate(start_batch=k if epoch == start_epoch else 0):
@@ -21,6 +21,7 @@ from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .datasets import DatasetError, ImageDataset, SyntheticDataset
@@ -124,7 +125,7 @@ class Collate:
     def __init__(self, num_classes: int, mixup_alpha: float, cutmix_lambda: float):
         self.num_classes, self.mixup_alpha, self.cutmix_lambda = num_classes, mixup_alpha, cutmix_lambda
 
-    def __call__(self, samples):
+    def __call__(self, samples: List[Tuple[Tensor, int, List[str]]]) -> Tuple[Tensor, Tensor, List[str]]:
         images = torch.from_numpy(np.stack([s[0].numpy() for s in samples]))  # numpy: see to_tensor
         targets = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         skipped = tuple(path for s in samples for path in s[2])
@@ -190,7 +191,7 @@ class Loader:
     def __iter__(self):
         return self.iterate(0)
 
-    def iterate(self, start_batch: int = 0):
+    def iterate(self, start_batch: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
         """This epoch's batches from ``start_batch`` on; the first ones are never loaded."""
         self.batches.start = start_batch
         try:
@@ -215,7 +216,7 @@ class SyntheticLoader:
     step (no host I/O, no copies): measures the device alone. Targets are fixed random labels
     (mixed once into soft targets when mixup/cutmix is on, to keep the loss path the same)."""
 
-    def __init__(self, dataset: SyntheticDataset, batch_size: int, *, device, mixup: float,
+    def __init__(self, dataset: SyntheticDataset, batch_size: int, *, device: torch.device, mixup: float,
                  cutmix: float, seed: int):
         self.dataset, self.batch_size, self.train = dataset, batch_size, True
         self.skipped, self.skipped_files = 0, set()
@@ -239,6 +240,6 @@ class SyntheticLoader:
     def __iter__(self):
         return self.iterate(0)
 
-    def iterate(self, start_batch: int = 0):
+    def iterate(self, start_batch: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
         for _ in range(start_batch, self.length):
             yield self.images, self.targets

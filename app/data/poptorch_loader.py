@@ -25,10 +25,13 @@ What that worker changes, and how the loader keeps its guarantees (app/data/load
     training step consumes it before the next one.
 """
 import warnings
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 from torch.utils.data import Sampler
+
+from backends.specs import BatchPlan
 
 from .datasets import ImageDataset
 from .loader import Collate, EpochBatches, SeededView, check_batches
@@ -60,7 +63,7 @@ class TensorCollate(Collate):
     """The loader's collate with tensors only: unreadable images as a per-sample count, their
     paths warned here, in the worker."""
 
-    def __call__(self, samples):
+    def __call__(self, samples: List[Tuple[Tensor, int, List[str]]]) -> Tuple[Tensor, Tensor, Tensor]:
         counts = torch.tensor([len(s[2]) for s in samples], dtype=torch.int32)
         for path in (p for s in samples for p in s[2]):
             warnings.warn(f"skipped an unreadable image (replaced by the next readable one): {path}",
@@ -73,13 +76,11 @@ class PopTorchLoader:
     """The Loader's interface (``set_epoch``, ``iterate(start_batch)``, ``len``, ``skipped``) over
     ``poptorch.DataLoader(mode=AsyncRebatched)``; see the module docstring."""
 
-    def __init__(self, dataset: ImageDataset, micro_batch: int, factors: Tuple[int, int, int], *,
-                 poptorch, workers: int, prefetch: int, mixup: float, cutmix: float, seed: int,
-                 sampler: Optional[Sampler] = None):
-        device_iterations, replicas, grad_accum = factors
-        host_batch = micro_batch * device_iterations * replicas * grad_accum
+    def __init__(self, dataset: ImageDataset, plan: BatchPlan, *, poptorch: Any, workers: int,
+                 prefetch: int, mixup: float, cutmix: float, seed: int, sampler: Optional[Sampler] = None):
+        host_batch = plan.host_batch
         self.dataset, self.batch_size, self.train = dataset, host_batch, True
-        self.micro_batch, self.factors, self.poptorch = micro_batch, factors, poptorch
+        self.plan, self.poptorch = plan, poptorch
         self.workers, self.prefetch, self.seed = workers, prefetch, seed
         self.collate = TensorCollate(dataset.num_classes, mixup, cutmix)
         self.batches = EpochBatches(len(dataset), host_batch, shuffle=True, drop_last=True, seed=seed,
@@ -106,16 +107,15 @@ class PopTorchLoader:
 
     def _open(self, epoch: int, start: int) -> None:
         self.close()
-        poptorch = self.poptorch
-        device_iterations, replicas, grad_accum = self.factors
+        poptorch, plan = self.poptorch, self.plan
         options = poptorch.Options()  # the loader's own: PopTorch freezes the options it is given
-        options.deviceIterations(device_iterations)
-        options.replicationFactor(replicas)
-        options.Training.gradientAccumulation(grad_accum)
+        options.deviceIterations(plan.device_iterations)
+        options.replicationFactor(plan.local_replicas)
+        options.Training.gradientAccumulation(plan.grad_accum)
         extra = dict(prefetch_factor=self.prefetch) if self.workers > 0 else {}
         self._loader = poptorch.DataLoader(
             options, SeededView(self.dataset, self.seed), num_workers=self.workers,
-            batch_sampler=StreamBatches(self.batches, self.micro_batch, epoch, start),
+            batch_sampler=StreamBatches(self.batches, plan.micro_batch, epoch, start),
             collate_fn=self.collate, drop_last=True, persistent_workers=self.workers > 0,
             auto_distributed_partitioning=False,  # the sampler already holds this process's share
             mode=poptorch.DataLoaderMode.AsyncRebatched, async_options={"load_indefinitely": True},
@@ -123,7 +123,7 @@ class PopTorchLoader:
         self._stream = iter(self._loader)
         self._position = (epoch, start)
 
-    def iterate(self, start_batch: int = 0):
+    def iterate(self, start_batch: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
         """This epoch's batches from ``start_batch`` on, from the open stream when it is there."""
         epoch, per_epoch = self.batches.epoch, len(self.batches)
         if self._stream is None or self._position != (epoch, start_batch):
@@ -144,9 +144,4 @@ class PopTorchLoader:
         self.close()
 
 
-def uses_poptorch_loader(cfg, train: bool) -> bool:
-    """The PopTorch backends' training data goes through poptorch.DataLoader (data.async_loader)."""
-    return train and cfg.device in ("ipu", "ipu-model") and bool(getattr(cfg.data, "async_loader", True))
-
-
-__all__ = ["PopTorchLoader", "StreamBatches", "TensorCollate", "uses_poptorch_loader"]
+__all__ = ["PopTorchLoader", "StreamBatches", "TensorCollate"]

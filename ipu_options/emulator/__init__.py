@@ -20,7 +20,15 @@ from .enums import (
     OutputMode,
     ReductionType,
 )
-from .executor import PoplarExecutor, inferenceModel, ipuHardwareIsAvailable, trainingModel
+from .errors import Error, RecoverableError, UnrecoverableError
+from .executor import (
+    PoplarExecutor,
+    inferenceModel,
+    ipuHardwareIsAvailable,
+    isRunningOnIpu,
+    trainingModel,
+)
+from .ops import for_loop
 from .options import Options, PipelinedExecution, ShardedExecution, TensorLocationSettings
 
 __version__ = "3.4.0+emulated"
@@ -28,9 +36,9 @@ EMULATED = True
 
 __all__ = [
     "AsynchronousDataAccessor", "AutoStage", "BeginBlock", "Block", "ConnectionType", "DataLoader",
-    "DataLoaderMode",
-    "MeanReductionStrategy", "Options", "OutputMode", "PipelinedExecution", "PoplarExecutor",
-    "ReductionType", "ShardedExecution", "TensorLocationSettings", "identity_loss",
-    "inferenceModel", "ipuHardwareIsAvailable", "optim", "recomputationCheckpoint", "removeBlocks",
+    "DataLoaderMode", "Error", "MeanReductionStrategy", "Options", "OutputMode",
+    "PipelinedExecution", "PoplarExecutor", "RecoverableError", "ReductionType", "ShardedExecution",
+    "TensorLocationSettings", "UnrecoverableError", "for_loop", "identity_loss", "inferenceModel",
+    "ipuHardwareIsAvailable", "isRunningOnIpu", "optim", "recomputationCheckpoint", "removeBlocks",
     "trainingModel",
 ]

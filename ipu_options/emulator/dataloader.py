@@ -45,6 +45,7 @@ class DataLoader(torch.utils.data.DataLoader):
                  mode: DataLoaderMode = DataLoaderMode.Sync, async_options: Optional[Dict[str, Any]] = None,
                  rebatched_worker_size: Optional[int] = None, batch_sampler=None, **kwargs):
         self.options = options if options is not None else Options()
+        self.options._freeze()  # PopTorch's DataLoader freezes the options it is given
         o = self.options
         self._is_user_batch_sampler_set = batch_sampler is not None
         if self._is_user_batch_sampler_set:

@@ -14,15 +14,16 @@ and refuses, in PopTorch's words, what PopTorch 3.4 would refuse to lower; in tr
 back-propagated is the one final loss that check finds (PopTorch's rule, not a marked output).
 """
 import contextlib
-import weakref
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import blocks, lowering, optim_snapshot, recompute
+from . import blocks, lowering, norms, optim_snapshot, recompute, wrapping
 from .enums import MeanReductionStrategy, OutputMode, ReductionType
+from .errors import RuntimeRefusal, ValueRefusal
+from .inputs import CompiledInputs
 from .options import Options
 from .precision import FP16_MAX, HalfKernels, round_half, stochastic_round_half
 
@@ -41,8 +42,27 @@ def register_graph_context(factory: Callable[[], ContextManager]) -> None:
         _GRAPH_CONTEXTS.append(factory)
 
 
+_ON_IPU = [0]  # executors running (compiling or executing) now
+
+
+@contextlib.contextmanager
+def _running_on_ipu():
+    _ON_IPU[0] += 1
+    try:
+        yield
+    finally:
+        _ON_IPU[0] -= 1
+
+
+def isRunningOnIpu() -> bool:
+    """True inside a model an executor runs, False outside (python/_impl.py:76-91, 3.4.0: true
+    while PopTorch traces the model for the IPU)."""
+    return _ON_IPU[0] > 0
+
+
 def _as_traced_graph() -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
+    stack.enter_context(_running_on_ipu())
     for factory in _GRAPH_CONTEXTS:
         stack.enter_context(factory())
     return stack
@@ -65,11 +85,11 @@ _FIRST, _SECOND = "first_order_momentum_accum_type", "second_order_momentum_accu
 _STATE_TYPES = {"exp_avg": _FIRST, "momentum_buffer": _FIRST, "exp_avg_sq": _SECOND, "square_avg": _SECOND}
 
 
-class BatchSizeError(ValueError):
+class BatchSizeError(ValueRefusal):
     pass
 
 
-class PipelineError(ValueError):
+class PipelineError(ValueRefusal):
     pass
 
 
@@ -107,15 +127,21 @@ def _combine(pieces: List[Any]) -> Any:
 class PoplarExecutor:
     def __init__(self, model: nn.Module, options: Optional[Options], training: bool,
                  optimizer: Optional[torch.optim.Optimizer] = None):
-        if getattr(model, "_poptorch_wrapped", False) and training:
+        if training and wrapping.is_wrapped(model):  # python/__init__.py:703-708 (3.4.0)
             raise RuntimeError("Model has already been wrapped in 'poptorch.trainingModel'. Call "
                                "model.destroy() on the model to unwrap before wrapping again.")
-        self._user_model = model
-        self._options = options if options is not None else Options()
+        self.__dict__["_user_model"] = model  # before anything that could reach __getattr__
+        if options is not None and not isinstance(options, Options):  # _poplar_executor.py:147-151
+            raise ValueRefusal(f"Invalid type: 'options' is of type {type(options)} "
+                               f"(Expected poptorch.Options)")
+        if options is not None:  # python/_poplar_executor.py:152-154: the user's are frozen,
+            options._freeze()  # the executor works on its own copy (frozen too, line 244)
+        self._options = options.clone() if options is not None else Options()
+        if self._options.defaultOutputMode():  # python/_poplar_executor.py:163-176
+            self._options.output_mode = OutputMode.Final if training else OutputMode.All
+        self._options._freeze()
         self._training = training
         if training:
-            model._poptorch_wrapped = True
-            model.__dict__["_poptorch_trainer"] = weakref.ref(self)
             if optimizer is None:
                 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         self._optimizer = optimizer
@@ -129,6 +155,14 @@ class PoplarExecutor:
         self._dirty_host_weights = False  # the device trained since the last copy to the host
         self._host_weights_version = 0
         self._device_weights: Optional[List[torch.Tensor]] = None  # inference: what the device holds
+        # Training runs on the host model's tensors (the emulator's device copy), but PopTorch's
+        # host copy only changes on copyWeightsToHost: the weights as the host last had them, and
+        # each weight's (storage, version) after the last run to tell whether the user has
+        # written to the host model since.
+        self._stale_host: Optional[List[torch.Tensor]] = None
+        self._after_run: List[Tuple[int, int]] = []
+        self._running = False  # inside a run: the host model's hooks must not copy back
+        self._inputs: Optional[CompiledInputs] = None  # what the executable was compiled for
         self._replica_buffers: Optional[List[List[torch.Tensor]]] = None
         self._recomputation: Optional[recompute.Recomputation] = None
         self._loss_scale: Optional[float] = None
@@ -138,6 +172,15 @@ class PoplarExecutor:
         if training:
             # python/_poplar_executor.py:241-242 (3.4.0): the constructor calls setOptimizer.
             self.setOptimizer(optimizer)
+            wrapping.instrument(model, self)
+
+    def __getattr__(self, attr: str):
+        """The wrapped model's attributes (python/_poplar_executor.py:480-510, 3.4.0), after
+        copying trained weights back as the instrumented model does."""
+        model = self.__dict__.get("_user_model")
+        if model is None or attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(model, attr)
 
     # ------------------------------------------------------------------ PopTorch's surface
     @property
@@ -155,7 +198,12 @@ class PoplarExecutor:
         return self._attached
 
     def compile(self, *args, **kwargs) -> None:
-        self._prepare(args, kwargs)
+        with _running_on_ipu(), self._channel_grouping():
+            self._prepare(args, kwargs)
+
+    def _channel_grouping(self):
+        """Group norm's channel grouping as the PopART options select it (norms.py)."""
+        return norms.channel_grouping(self._options._Popart.options)
 
     def setOptimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Hand the optimiser's hyper-parameters (lr, momentum, …, loss_scaling) to the device, as
@@ -174,14 +222,17 @@ class PoplarExecutor:
 
     def copyWeightsToHostIfNeeded(self) -> bool:
         """Copy back only when the device changed the weights since the last copy (PopTorch)."""
-        if not self._dirty_host_weights:
+        if not self._dirty_host_weights or self._running:
             return False
         self.copyWeightsToHost()
         return True
 
     def copyWeightsToHost(self) -> None:
+        """Device → host: the trained parameters and replica 0's buffers
+        (python/_poplar_executor.py:555-573, 3.4.0)."""
         self._dirty_host_weights = False
         self._host_weights_version += 1  # python/_poplar_executor.py:573 (3.4.0)
+        self._stale_host = None
         if self._replica_buffers is not None:
             with torch.no_grad():
                 for buf, value in zip(self._user_model.buffers(), self._replica_buffers[0]):
@@ -193,17 +244,35 @@ class PoplarExecutor:
         trainingModel's — after that model's weights were copied to the host
         (python/_poplar_executor.py:414-417 and 1245-1262, sdk/poptorch/3.4.0). A host model
         changed in place after that (e.g. other weights loaded into it) runs with the old weights
-        until copyWeightsToDevice, as on an IPU."""
+        until copyWeightsToDevice, as on an IPU. A training executable whose trained weights
+        were never copied back (nothing touched the host model since) gets the host's older
+        weights back over the trained ones, as PopTorch writes them
+        (python/_poplar_executor.py:577-598)."""
         if not self._training:
             self._device_weights = [t.detach().clone() for t in self._weight_tensors()]
+            self._reset_replica_buffers()
             return
+        if self._dirty_host_weights and self._stale_host is not None and \
+                self._fingerprint() == self._after_run:
+            with torch.no_grad():
+                for t, old in zip(self._weight_tensors(), self._stale_host):
+                    t.copy_(old)
+        self._dirty_host_weights = False  # python/_poplar_executor.py:584-585
+        self._stale_host = None
+        self._reset_replica_buffers()
+
+    def _reset_replica_buffers(self) -> None:
+        """Every replica starts again from the host's buffers."""
         if self._replica_buffers is not None:
             self._replica_buffers = [[b.detach().clone() for b in self._user_model.buffers()]
                                      for _ in self._replica_buffers]
 
+    def _fingerprint(self) -> List[Tuple[int, int]]:
+        return [(t.data_ptr(), t._version) for t in self._weight_tensors()]
+
     def detachFromDevice(self) -> None:
         if not self._attached:
-            raise RuntimeError("Device is not attached")
+            raise RuntimeRefusal("Device is not attached")  # _poplar_executor.py:1560 (3.4.0)
         self.copyWeightsToHostIfNeeded()
         self._attached = False
 
@@ -212,7 +281,7 @@ class PoplarExecutor:
             raise RuntimeError("Cannot attach a model that has not been compiled")
         self._check_online("Trying to attach to an offline device (ConnectionType.Never)")
         self._attached = True
-        if not self._training:  # _on_device_attach uploads the weights
+        if not self._training:  # _on_device_attach uploads the weights (_poplar_executor.py:414-417)
             self.copyWeightsToDevice()
 
     def _check_online(self, message: str) -> None:
@@ -226,9 +295,9 @@ class PoplarExecutor:
         if self._recomputation is not None:
             self._recomputation.remove()
             self._recomputation = None
-        self._user_model.__dict__.pop("_poptorch_wrapped", None)
         if self._training:
-            self._user_model.__dict__.pop("_poptorch_trainer", None)
+            self.copyWeightsToHostIfNeeded()  # python/_poplar_executor.py:1482-1500 (3.4.0)
+            wrapping.unwrap(self._user_model)
         self._compiled = False
 
     def __call__(self, *args, **kwargs):
@@ -236,27 +305,41 @@ class PoplarExecutor:
         # (hand-written backwards, batch norm folded into convs, cached proxy statistics).
         self._check_online("Trying to run a model on an offline device (ConnectionType.Never): "
                            "use model.compile(inputs) instead of model(inputs)")
-        with _as_traced_graph():
+        with _as_traced_graph(), self._channel_grouping():
             if not self._compiled:
                 self._prepare(args, kwargs)
+            else:  # python/_poplar_executor.py:1264 validates every call's inputs
+                self._inputs.validate(args, kwargs)
             if not self._attached:
                 self.attachToDevice()
             self.runs += 1
-            if self._training:
-                self._dirty_host_weights = True
-                return self._train(args, kwargs)
-            self._follow_training_weights()
-            return self._infer(args, kwargs)
+            if not self._training:
+                self._follow_training_weights()
+                return self._infer(args, kwargs)
+            self._running = True
+            try:
+                if not self._dirty_host_weights:  # what the host keeps while the device trains
+                    self._stale_host = [t.detach().clone() for t in self._weight_tensors()]
+                out = self._train(args, kwargs)
+                self._after_run = self._fingerprint()
+            finally:
+                self._running = False
+            self._dirty_host_weights = True
+            return out
 
     def _weight_tensors(self) -> List[torch.Tensor]:
-        return list(self._user_model.parameters()) + list(self._user_model.buffers())
+        """Parameters then buffers, read without the host model's copy-back hook."""
+        quiet, self._running = self._running, True
+        try:
+            return list(self._user_model.parameters()) + list(self._user_model.buffers())
+        finally:
+            self._running = quiet
 
     def _follow_training_weights(self) -> None:
         """An inference executable of a trainingModel's module picks up the trained weights
         (python/_poplar_executor.py:1245-1262): copy them to the host if the device changed
         them, and to this executable when the host's version moved on."""
-        ref = self._user_model.__dict__.get("_poptorch_trainer")
-        trainer = ref() if ref is not None else None
+        trainer = wrapping.executor_of(self._user_model)
         if trainer is None:
             return
         trainer.copyWeightsToHostIfNeeded()
@@ -278,8 +361,15 @@ class PoplarExecutor:
         n = di * ga * reps
         sizes = {t.shape[0] for t in tree_flatten((args, kwargs))[0]
                  if isinstance(t, torch.Tensor) and t.dim() > 0}
+        if not sizes and n == 1:
+            # No inputs, scalars only: one run of the graph as given, which PopTorch compiles
+            # and runs (tests/inputs_test.py, test_no_inputs_no_output; norms_test.py,
+            # test_norm_in_loop, sdk/poptorch/3.4.0)
+            return (lambda d, g, r: (args, kwargs)), 0
         if not sizes:
-            raise BatchSizeError("the model's inputs have no batch dimension")
+            raise BatchSizeError(f"the model's inputs have no batch dimension to split into the "
+                                 f"{n} micro-batches of deviceIterations × gradientAccumulation × "
+                                 f"replicationFactor")
         if len(sizes) > 1:
             raise BatchSizeError(f"the inputs' batch dimensions differ: {sorted(sizes)}")
         size = sizes.pop()
@@ -298,26 +388,30 @@ class PoplarExecutor:
         return get, micro
 
     # ------------------------------------------------------------------ compile: stages, checks
-    def _precision_mode(self):
+    def _precision_mode(self, inputs: Any = ()):
+        """fp16 kernels (precision.HalfKernels) when the model or an input is fp16; PopTorch
+        also resolves a conv/linear/norm's weights to its input's type there."""
         model = self._user_model
         # The precision mark sits on the network, which the user's model may wrap (e.g. with its loss).
         half = any(getattr(m, "_ipu_precision", "32.32") != "32.32" for m in model.modules()) or any(
-            p.dtype == torch.half for p in model.parameters())
+            p.dtype == torch.half for p in model.parameters()) or any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.half for t in tree_flatten(inputs)[0])
         return HalfKernels() if half else contextlib.nullcontext()
 
     def _prepare(self, args, kwargs) -> None:
         """Compile: trace one micro-batch as PopTorch does (its graph, in the caller's grad mode,
         without the eager fast paths), refuse what PopTorch would refuse, then set up replicas."""
         get, _ = self._micro(args, kwargs)
+        self._inputs = CompiledInputs(self._user_model.forward, args, kwargs)
         a, k = get(0, 0, 0)
         model = self._user_model
-        was_training = model.training
-        model.train(self._training)
+        # Each module's train/eval mode is the user's: PopTorch traces the model as it is and
+        # never calls train() or eval() (python/__init__.py:672-676 and 729-732, 3.4.0).
         buffers = [b.detach().clone() for b in model.buffers()]
         rng = torch.get_rng_state()
         blocks.start_trace()
         try:
-            with _as_traced_graph(), self._precision_mode():
+            with _as_traced_graph(), self._precision_mode((a, k)):
                 report, _ = lowering.check_lowering(model, a, k, training=self._training)
         finally:
             trace = blocks.stop_trace()
@@ -326,7 +420,6 @@ class PoplarExecutor:
             with torch.no_grad():
                 for b, v in zip(model.buffers(), buffers):
                     b.copy_(v)
-            model.train(was_training)
         report.raise_if_refused()
         if self._training and report.loss_leaf is None:
             raise RuntimeError(LOSS_NOT_RETURNED)
@@ -349,7 +442,7 @@ class PoplarExecutor:
         if not (self._options.replication_factor > 1 and self._options.broadcast_buffers):
             return
         if changed:
-            raise RuntimeError(
+            raise RuntimeRefusal(
                 "PopTorch does not support broadcasting buffers. If your model is able to tolerate "
                 "buffers becoming out of sync between replicas, you can disable buffer broadcasting "
                 f"using poptorch.Options.broadcastBuffers(False). (buffers updated in place: "
@@ -394,11 +487,26 @@ class PoplarExecutor:
         di, ga, reps = self._factors()
         get, _ = self._micro(args, kwargs)
         model, opt = self._user_model, self._optimizer
-        model.train()
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
         accum_half = getattr(opt, "accum_type", torch.float32) == torch.float16
         running = self._running_mean()
         outputs: List[List[List[Any]]] = [[[None] * reps for _ in range(ga)] for _ in range(di)]
+        # Gradients the host model holds (from a CPU backward) are not the device's: set them
+        # aside for the run and give them back after.
+        host_grads = {p: p.grad for p in model.parameters()}
+        for p in host_grads:
+            p.grad = None
+        try:
+            self._run_steps(get, params, outputs, accum_half, running)
+        finally:
+            for p, grad in host_grads.items():
+                p.grad = grad
+        self._load_replica(0)
+        return self._gather(outputs, di, ga, reps)
+
+    def _run_steps(self, get, params, outputs, accum_half: bool, running: bool) -> None:
+        di, ga, reps = self._factors()
+        model = self._user_model
         for d in range(di):
             acc: Dict[nn.Parameter, torch.Tensor] = {}
             scale = self._loss_scale
@@ -408,7 +516,7 @@ class PoplarExecutor:
                 counts: Dict[nn.Parameter, int] = {}
                 for g in range(ga):
                     a, k = get(d, g, r)
-                    with self._precision_mode():
+                    with self._precision_mode((a, k)):
                         out = model(*a, **k)
                         loss = tree_flatten(out)[0][self._loss_leaf]
                         (loss * scale if scale != 1.0 else loss).backward()
@@ -439,8 +547,6 @@ class PoplarExecutor:
                         acc[p] = round_half(acc[p])
             # Running: each replica's accumulator is already its micro-batches' mean
             self._update(params, acc, reps if running else ga * reps)
-        self._load_replica(0)
-        return self._gather(outputs, di, ga, reps)
 
     def _running_mean(self) -> bool:
         training = self._options.Training
@@ -511,11 +617,19 @@ class PoplarExecutor:
         try:
             for t, on_device in zip(host, self._device_weights):  # run with the device's copy
                 t.data = on_device
-            with torch.no_grad(), self._precision_mode():
+            with torch.no_grad(), self._precision_mode((args, kwargs)):
                 for d in range(di):
                     for r in range(reps):
+                        # each replica its own buffers (broadcastBuffers(False); with broadcast
+                        # buffers PopTorch refuses in-place updates: _check_buffer_updates)
+                        self._load_replica(r)
                         a, k = get(d, 0, r)
-                        outputs[d][0][r] = self._user_model(*a, **k)
+                        # copies, as the device's outputs are: a returned buffer is not the buffer
+                        outputs[d][0][r] = tree_map(
+                            lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                            self._user_model(*a, **k))
+                        self._save_replica(r)
+            self._load_replica(0)
         finally:
             for t, data in zip(host, kept):
                 t.data = data

@@ -47,6 +47,8 @@ from torch._C import DispatchKey
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .errors import RuntimeRefusal
+
 FACTS_FILE = Path(__file__).with_name("poptorch_ops.json")
 
 # PopTorch 3.4's words.
@@ -67,7 +69,7 @@ REMOVED = "{kind} {name} is removed from the model when calling the forward meth
 IDENTITY_LOSS = "poptorch::identity_loss"
 
 
-class LoweringError(RuntimeError):
+class LoweringError(RuntimeRefusal):
     """PopTorch would stop compiling this model (the message is PopTorch's, then ours)."""
 
 
@@ -304,6 +306,14 @@ class _Recorder(TorchDispatchMode):
                 leaves = tree_flatten(output)[0]
                 report.loss_leaf = next((i for i, t in enumerate(leaves)
                                          if isinstance(t, Tensor) and t._cdata == final), None)
+                if report.loss_leaf is None:
+                    # The loss as returned after ops on it: the emulator's fp16 casts, or a
+                    # reduction's last step (KLDiv "batchmean" divides kl_div's sum by the batch):
+                    # PopTorch trains on it all the same.
+                    report.loss_leaf = next((i for i, t in enumerate(leaves)
+                                             if isinstance(t, Tensor) and independent[0] in
+                                             self._deps.get(t._cdata, (None, frozenset()))[1]),
+                                            None)
         return report
 
 

@@ -1,21 +1,45 @@
 """``poptorch.Options`` as the emulator needs it: the same setters (each returns self) and the
 values the emulated executor reads back. Settings that only matter to the Poplar compiler
 (memory proportions, tensor locations, PopART flags, caching) are recorded, not acted on."""
+import copy
 from typing import Any, Dict, Optional
 
 import torch
 
 from .enums import AutoStage, MeanReductionStrategy, OutputMode, ReductionType
 
+FROZEN = "Can't modify frozen Options"  # python/_options_impl.py:121-125 (sdk/poptorch/3.4.0)
+
 
 class _Recorded:
-    """Every setter call is kept in ``calls`` (name, args) so tests and the planner can read them."""
+    """Every setter call is kept in ``calls`` (name, args) so tests and the planner can read them.
+    Frozen once a model or DataLoader uses the options: every setter then refuses, in PopTorch's
+    words (python/_options_impl.py:105-125)."""
 
     def __init__(self):
         self.calls = []
+        self._is_frozen = False
 
     def _record(self, name: str, *args: Any) -> None:
+        if self._is_frozen:
+            raise AttributeError(FROZEN)
         self.calls.append((name, args))
+
+    def __deepcopy__(self, memo: dict) -> "_Recorded":
+        """Copies are unfrozen (python/_options_impl.py:127-135)."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for key, value in vars(self).items():
+            setattr(copied, key, copy.deepcopy(value, memo))
+        copied._is_frozen = False
+        return copied
+
+    def _values(self) -> Dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "calls"}
+
+    def __repr__(self) -> str:
+        # python/_options_impl.py:181-189: the values, not the object's address
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self._values().items()) + ")"
 
 
 class _TrainingOptions(_Recorded):
@@ -133,8 +157,10 @@ class _TensorLocationOptions(_Recorded):
         return self._set("setAccumulatorLocation", location)
 
     def numIOTiles(self, num_tiles: int) -> "_TensorLocationOptions":
-        if num_tiles % 2 or not 32 <= num_tiles <= 192:
-            raise ValueError(f"numIOTiles({num_tiles}): must be an even number in [32, 192]")
+        # python/options.py:616-623: assertions, PopTorch's message
+        message = "numIOTiles must be an even number between 32 and 192."
+        assert isinstance(num_tiles, int), message
+        assert 32 <= num_tiles <= 192 and num_tiles % 2 == 0, message
         self._record("numIOTiles", num_tiles)
         return self
 
@@ -157,6 +183,9 @@ class PipelinedExecution:
     def __init__(self, *args: Any):
         self.args = args  # blocks / stages, or an AutoStage; the emulator stages by ipu_id
         self.auto_stage = args[0] if args and isinstance(args[0], AutoStage) else AutoStage.SameAsIpu
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(repr(a) for a in self.args)})"
 
 
 class ShardedExecution(PipelinedExecution):
@@ -181,6 +210,25 @@ class Options(_Recorded):
         self.ipu_model = False
         self.offline_ipu_version: Optional[int] = None
         self.broadcast_buffers = True
+
+    def _freeze(self) -> None:
+        for part in (self, self._training, self._precision, self._tensor_locations, self._popart):
+            part._is_frozen = True
+
+    def clone(self) -> "Options":
+        """An unfrozen deep copy (python/options.py:1895-1898)."""
+        return copy.deepcopy(self)
+
+    def defaultOutputMode(self) -> bool:
+        """True while outputMode was never set (python/options.py)."""
+        return self.output_mode == OutputMode.Default
+
+    def __repr__(self) -> str:
+        parts = [super().__repr__()[len("Options("):-1]]
+        parts += [f"{name}={part!r}" for name, part in (
+            ("Training", self._training), ("Precision", self._precision),
+            ("TensorLocations", self._tensor_locations), ("_Popart", self._popart))]
+        return "Options(" + ", ".join(parts) + ")"
 
     # sub-objects, as properties like PopTorch's
     @property

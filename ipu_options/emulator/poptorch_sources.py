@@ -1,7 +1,7 @@
 """Regenerate ``poptorch_ops.json``, the lowering check's facts, from PopTorch's own sources.
 
     python -m ipu_options.emulator.poptorch_sources \\
-        --git-dir /work/.mirror/graphcore+poptorch/repo --tag sdk/poptorch/3.4.0
+        --git-dir PATH/TO/poptorch/.git --tag sdk/poptorch/3.4.0
 
 reads a clone of https://github.com/graphcore/poptorch (a bare git directory is enough: files are
 read with ``git show TAG:path``) and writes, with the tag, its commit and the file:line of each fact:

@@ -26,7 +26,13 @@ _NO_HALF_KERNEL: Set[Any] = set()  # ops seen failing on fp16 inputs (per proces
 _WIDEN_ON_CPU = {torch.conv2d, torch.nn.functional.conv2d, torch.nn.functional.linear,
                  torch.matmul, torch.mm, torch.addmm, torch.bmm, torch.nn.functional.group_norm,
                  torch.nn.functional.batch_norm, torch.nn.functional.layer_norm,
-                 torch.group_norm, torch.batch_norm, torch.layer_norm}
+                 torch.group_norm, torch.batch_norm, torch.layer_norm,
+                 # losses: their backward kernels lack fp16 on a CPU too (mse_backward, ...)
+                 torch.nn.functional.mse_loss, torch.nn.functional.l1_loss,
+                 torch.nn.functional.smooth_l1_loss, torch.nn.functional.huber_loss,
+                 torch.nn.functional.cross_entropy, torch.nn.functional.nll_loss,
+                 torch.nn.functional.kl_div, torch.nn.functional.binary_cross_entropy,
+                 torch.nn.functional.binary_cross_entropy_with_logits}
 
 
 def _is_half(x: Any) -> bool:
@@ -72,13 +78,42 @@ def _run_in_float(func, args, kwargs: Dict[str, Any]):
                         else t, out)
 
 
+# Ops whose weight and bias PopTorch casts to the input's type: castWeightAndBias
+# (poptorch/source/Utils.cpp:354, called by the norm handlers in
+# popart_canonicalization/NormalizationOps.cpp:104 and 166), and the
+# dispatcher's type resolution of conv/linear weights (tests/half_float_test.py,
+# test_float16_activations_float32_weights: the activation's type wins, sdk/poptorch/3.4.0).
+_F = torch.nn.functional
+_WEIGHTS_FOLLOW_INPUT = {  # op: (positions of weight and bias, their keyword names)
+    _F.linear: ((1, 2), ("weight", "bias")), _F.conv1d: ((1, 2), ("weight", "bias")),
+    _F.conv2d: ((1, 2), ("weight", "bias")), _F.conv3d: ((1, 2), ("weight", "bias")),
+    _F.batch_norm: ((3, 4), ("weight", "bias")), _F.group_norm: ((2, 3), ("weight", "bias")),
+    _F.layer_norm: ((2, 3), ("weight", "bias")), _F.instance_norm: ((3, 4), ("weight", "bias")),
+}
+
+
+def _weights_to_input_type(func, args, kwargs):
+    positions, names = _WEIGHTS_FOLLOW_INPUT[func]
+    x = args[0] if args else kwargs.get("input")
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        return args, kwargs
+    follow = lambda t: t.to(x.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() \
+        and t.dtype != x.dtype else t
+    with lowering.hidden():
+        args = tuple(follow(a) if i in positions else a for i, a in enumerate(args))
+        kwargs = {k: follow(v) if k in names else v for k, v in kwargs.items()}
+    return args, kwargs
+
+
 class HalfKernels(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _WEIGHTS_FOLLOW_INPUT:
+            args, kwargs = _weights_to_input_type(func, args, kwargs)
         if func in _WIDEN_ON_CPU and any(_is_half(x) and x.device.type == "cpu"
                                          for x in _leaves(args, kwargs)):
             return _run_in_float(func, args, kwargs)
-        if func in _NO_HALF_KERNEL:
+        if func in _NO_HALF_KERNEL and any(_is_half(x) for x in _leaves(args, kwargs)):
             return _run_in_float(func, args, kwargs)
         try:
             return func(*args, **kwargs)

@@ -1,0 +1,311 @@
+"""PopTorch 3.4 behaviours the emulator reproduces, each checked against the source line it
+follows (graphcore/poptorch, tag sdk/poptorch/3.4.0). PopTorch's own test suite runs on the
+emulator with `make conformance` (docs/emulator-conformance.md); these keep the behaviours
+in CI without it."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ipu_options import emulator as poptorch
+
+
+class Regression(nn.Module):
+    def __init__(self, loss=None):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.loss = loss or nn.MSELoss()
+
+    def forward(self, x, target=None):
+        out = self.linear(x)
+        if target is None:
+            return out
+        return out, self.loss(out, target)
+
+
+def data(n=6):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 4, generator=g), torch.randn(n, 3, generator=g)
+
+
+# ---------------------------------------------------------------- theme 1: the wrapper
+def test_the_wrapper_forwards_the_models_attributes():
+    # python/_poplar_executor.py:480-510: __getattr__ returns the user model's attribute
+    model = Regression()
+    model.marker = "kept"
+    wrapped = poptorch.trainingModel(model)
+    assert wrapped.linear is model.linear
+    assert wrapped.marker == "kept"
+    assert [n for n, _ in wrapped.named_parameters()] == ["linear.weight", "linear.bias"]
+    with pytest.raises(AttributeError):
+        _ = wrapped.no_such_attribute
+
+
+def test_error_classes_are_poptorchs():
+    # python/poptorch.cpp:745-752: Error(Exception), RecoverableError and UnrecoverableError below it
+    assert issubclass(poptorch.Error, Exception) and not issubclass(poptorch.Error, RuntimeError)
+    assert issubclass(poptorch.RecoverableError, poptorch.Error)
+    assert issubclass(poptorch.UnrecoverableError, poptorch.Error)
+    executor = poptorch.inferenceModel(Regression())
+    executor(data()[0])
+    executor.detachFromDevice()
+    with pytest.raises(poptorch.Error, match="Device is not attached"):  # _poplar_executor.py:1560
+        executor.detachFromDevice()
+
+
+# ---------------------------------------------------------------- theme 2: inputs
+def test_a_model_without_batched_inputs_runs_once():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("start", torch.arange(3.0))
+
+        def forward(self, scale):
+            return self.start * scale
+
+    out = poptorch.inferenceModel(Counter())(torch.tensor(2.0))
+    assert torch.equal(out, torch.tensor([0.0, 2.0, 4.0]))
+    opts = poptorch.Options().deviceIterations(2)  # nothing to split into two iterations
+    with pytest.raises(poptorch.Error, match="no batch dimension"):
+        poptorch.inferenceModel(Counter(), opts)(torch.tensor(2.0))
+
+
+def test_for_loop_feeds_each_output_back():
+    # python/ops.py:158-198: inputs cloned, body applied count times, a list of tensors out
+    x = torch.ones(3)
+    out = poptorch.for_loop(4, lambda t: t * 2, [x])
+    assert torch.equal(out[0], torch.full((3,), 16.0)) and torch.equal(x, torch.ones(3))
+    with pytest.raises(ValueError, match="to be a list of tensors"):
+        poptorch.for_loop(2, lambda t: t, x)
+
+
+# ---------------------------------------------------------------- theme 5: weights
+def test_copy_weights_to_device_writes_the_hosts_weights_over_trained_ones():
+    # python/_poplar_executor.py:577-598: the host keeps its weights until copyWeightsToHost;
+    # copyWeightsToDevice uploads them, so the trained weights on the device are lost
+    torch.manual_seed(0)
+    model = Regression()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = data()
+    trainer = poptorch.trainingModel(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+    for _ in range(3):
+        trainer(x, y)
+    trainer.copyWeightsToDevice()
+    trainer.setOptimizer(torch.optim.SGD(model.parameters(), lr=0.0))
+    out, _ = trainer(x, y)
+    with torch.no_grad():
+        expected = F.linear(x, before["linear.weight"], before["linear.bias"])
+    torch.testing.assert_close(out, expected)
+
+
+def test_touching_the_host_model_copies_trained_weights_back_first():
+    # python/_poplar_executor.py:268-276: _parameters/_buffers/forward copy the weights back
+    torch.manual_seed(0)
+    model = Regression()
+    before = model.linear.weight.detach().clone()
+    x, y = data()
+    trainer = poptorch.trainingModel(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+    trainer(x, y)
+    model.load_state_dict({"linear.weight": before, "linear.bias": torch.zeros(3)})
+    trainer.copyWeightsToDevice()  # the user's weights, not the stale pre-training copy
+    trainer.setOptimizer(torch.optim.SGD(model.parameters(), lr=0.0))
+    out, _ = trainer(x, y)
+    torch.testing.assert_close(out, x @ before.t())
+
+
+def test_a_wrapped_model_saves_and_copies_as_the_plain_model():
+    # python/_impl.py registers the wrapper types with copyreg so that they pickle unwrapped
+    model = Regression()
+    trainer = poptorch.trainingModel(model)
+    trainer(*data())
+    assert type(model).__name__ == "PoptorchRegression"
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # a whole model, not a state dict
+    assert type(loaded) is Regression
+    torch.testing.assert_close(loaded.linear.weight, model.linear.weight)
+
+
+def test_destroy_unwraps_so_the_model_can_be_wrapped_again():
+    # python/__init__.py:703-708 refuses a second trainingModel; destroy() unwraps
+    # (python/_poplar_executor.py:1482-1500, reachable from the model, lines 261-264)
+    model = Regression()
+    trainer = poptorch.trainingModel(model)  # the model holds it only weakly (line 248)
+    trainer(*data())
+    with pytest.raises(RuntimeError, match="already been wrapped"):
+        poptorch.trainingModel(model)
+    model.destroy()
+    assert type(model) is Regression
+    poptorch.trainingModel(model)(*data())
+
+
+# ---------------------------------------------------------------- themes 6 and 7: fp16
+@pytest.mark.parametrize("act,weights,expected", [
+    (torch.half, torch.float, torch.half), (torch.float, torch.half, torch.float)])
+@pytest.mark.parametrize("layer", [lambda: nn.Linear(4, 3), lambda: nn.Conv1d(4, 3, 1)])
+def test_weights_follow_the_activations_type(layer, act, weights, expected):
+    # castWeightAndBias (poptorch/source/Utils.cpp:354): the activation's type wins
+    module = layer().to(weights)
+    x = torch.randn(2, 4, 1) if isinstance(module, nn.Conv1d) else torch.randn(2, 4)
+    out = poptorch.inferenceModel(module)(x.to(act))
+    assert out.dtype == expected
+    with torch.no_grad():
+        reference = module.float()(x.to(act).float())
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_half_inputs_train_float_master_weights():
+    torch.manual_seed(0)
+    model = Regression()
+    x, y = data()
+    trainer = poptorch.trainingModel(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    first = trainer(x.half(), y.half())[1].float()
+    for _ in range(20):
+        out, loss = trainer(x.half(), y.half())
+    assert out.dtype == torch.half and model.linear.weight.dtype == torch.float
+    assert loss.float() < first
+
+
+def test_kl_div_batchmean_trains_on_the_returned_loss():
+    # aten::kl_div(sum) then a division by the batch: the loss returned is what trains
+    torch.manual_seed(0)
+
+    class KL(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x, target):
+            out = F.log_softmax(self.linear(x), dim=1)
+            return out, F.kl_div(out, target, reduction="batchmean")
+
+    model = KL()
+    reference = KL()
+    reference.load_state_dict(model.state_dict())
+    x, target = data()[0], torch.softmax(data()[1], dim=1)
+    trainer = poptorch.trainingModel(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer(x, target)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    reference(x, target)[1].backward()
+    opt.step()
+    torch.testing.assert_close(model.linear.weight, reference.linear.weight)
+
+
+# ---------------------------------------------------------------- theme 8: numbers
+def test_each_modules_mode_is_the_users():
+    # PopTorch never calls train()/eval() (python/__init__.py:672-676, 729-732): a batch norm
+    # left in eval mode inside a model in train mode normalises with its running statistics
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(4)
+    norm.running_mean.uniform_(-1, 1)
+    norm.running_var.uniform_(0.5, 2)
+    norm.eval()
+    outer = nn.Sequential(nn.Identity(), norm)
+    assert outer.training and not norm.training
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = outer(x)
+    torch.testing.assert_close(poptorch.inferenceModel(outer)(x), expected)
+    assert outer.training and not norm.training
+
+
+def test_gradients_left_on_the_host_model_do_not_reach_the_device():
+    torch.manual_seed(0)
+    model, reference = Regression(), Regression()
+    reference.load_state_dict(model.state_dict())
+    x, y = data()
+    model(x, y)[1].backward()  # a CPU backward leaves .grad behind
+    stale = model.linear.weight.grad.clone()
+    trainer = poptorch.trainingModel(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer(x, y)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    reference(x, y)[1].backward()
+    opt.step()
+    torch.testing.assert_close(model.linear.weight, reference.linear.weight)
+    torch.testing.assert_close(model.linear.weight.grad, stale)  # the host's, given back
+
+
+def test_unbroadcast_buffers_stay_per_replica_in_inference():
+    class Accumulate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("total", torch.zeros(1, 2))
+
+        def forward(self, x):
+            self.total.copy_(self.total + x)
+            return self.total  # the output is a copy of the buffer, not the buffer
+
+    opts = poptorch.Options().replicationFactor(2).broadcastBuffers(False)
+    executor = poptorch.inferenceModel(Accumulate(), opts)
+    x = torch.tensor([[9.0], [2.0]])
+    for _ in range(5):
+        out = executor(x)
+    torch.testing.assert_close(out, torch.tensor([[45.0, 45.0], [10.0, 10.0]]))
+
+
+def test_is_running_on_ipu_inside_the_executor_only():
+    # python/_impl.py:76-91: True while the model runs for the IPU, False outside
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(poptorch.isRunningOnIpu())
+            return x * 2
+
+    poptorch.inferenceModel(Probe())(torch.ones(2))
+    assert seen and all(seen) and not poptorch.isRunningOnIpu()
+
+
+# ---------------------------------------------------------------- theme 9: options
+def test_options_freeze_once_used_and_copies_thaw():
+    # python/_options_impl.py:105-135 and python/_poplar_executor.py:152-154
+    opts = poptorch.Options().deviceIterations(2)
+    executor = poptorch.inferenceModel(Regression(), opts)
+    with pytest.raises(AttributeError, match="Can't modify frozen Options"):
+        opts.randomSeed(42)
+    with pytest.raises(AttributeError, match="Can't modify frozen Options"):
+        opts._Popart.set("groupNormStridedChannelGrouping", True)
+    assert executor.options is not opts and executor.options.device_iterations == 2
+    thawed = opts.clone()
+    thawed.deviceIterations(4).Training.gradientAccumulation(2)
+    assert thawed.device_iterations == 4 and opts.device_iterations == 2
+
+
+def test_options_print_their_values_and_io_tiles_assert():
+    text = repr(poptorch.Options().replicationFactor(4))
+    assert text.startswith("Options(") and "replication_factor=4" in text and "0x" not in text
+    with pytest.raises(AssertionError, match="numIOTiles must be an even number between 32 and 192"):
+        poptorch.Options().TensorLocations.numIOTiles(33)  # python/options.py:616-623
+
+
+def test_an_executor_resolves_the_default_output_mode_on_its_copy():
+    # python/_poplar_executor.py:163-176: Final in training, All in inference
+    opts = poptorch.Options()
+    assert poptorch.trainingModel(Regression(), opts).options.output_mode == poptorch.OutputMode.Final
+    assert poptorch.inferenceModel(Regression(), opts).options.output_mode == poptorch.OutputMode.All
+    assert opts.defaultOutputMode()
+
+
+def test_inputs_must_match_the_compiled_ones():
+    # python/_args_parser.py:58-140: dtype, structure and constants fixed at compilation;
+    # arguments are bound to forward's parameters, so keyword order does not matter
+    class Add(nn.Module):
+        def forward(self, x, y=None, scale=1):
+            return x * scale if y is None else (x + y) * scale
+
+    executor = poptorch.inferenceModel(Add())
+    x = torch.ones(2, 3)
+    executor(x, y=x)
+    executor(y=x, x=x)
+    with pytest.raises(poptorch.Error, match="Data type mismatch for x: expected torch.float32 "
+                                             "but got torch.int64"):
+        executor(x.long(), y=x)
+    with pytest.raises(poptorch.Error, match="Type mismatch for y"):
+        executor(x)  # y falls back to its default, None
+    with pytest.raises(poptorch.Error, match="Value mismatch for scale: expected 1 but got 2"):
+        executor(x, y=x, scale=2)
+    executor.destroy()  # a new compilation accepts new inputs
+    torch.testing.assert_close(executor(x.long()), x.long())
