@@ -217,6 +217,7 @@ def start_or_resume(cfg: Config, args: Optional[argparse.Namespace], command: st
         return cfg, folder, Progress(folder, setup_of(cfg))
     folder = Path(cfg.resume)
     given = [o for o in getattr(args, "overrides", None) or [] if "=" in o]
+    given += [f"--{flag} {getattr(args, flag)}" for flag in ("config", "device") if getattr(args, flag, None)]
     if given:
         raise AppError(f"--resume {folder}: continue it as it started, without overrides "
                        f"({' '.join(given)}): "
@@ -243,11 +244,17 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
           f"{native % 2 ** stages} and {half % 2 ** stages})"
           + (f"; resuming, done: {', '.join(progress.data['done']) or 'nothing yet'}" if resumed else ""))
     try:
-        runs = run_recipe(cfg, folder, native, half, progress.setup["keep_max_steps"], progress)
-    except KeyboardInterrupt:
+        return finish_recipe(cfg, folder, native, half, stages, progress, command)
+    except KeyboardInterrupt:  # a signal outside a training loop (during the sweep, at a start)
         print(f"\npaper stopped; continue the recipe with:\n  {experiment_resume_command(folder, 'paper')}",
               file=sys.stderr)
         raise
+
+
+def finish_recipe(cfg: Config, folder: Path, native: int, half: int, stages: int, progress: Progress,
+                  command: str) -> int:
+    """The recipe's phases not finished yet, then the sweep and the report."""
+    runs = run_recipe(cfg, folder, native, half, progress.setup["keep_max_steps"], progress)
     if isinstance(runs, int):
         if runs > 128:
             print(f"\npaper stopped (exit {runs}); its finished phases are kept. Continue the recipe "
