@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -253,7 +254,14 @@ def run_app(args: List[str], tmp: Path, timeout: float = 240, **fault: str) -> s
     (nice'd: the machine is shared), with a fault."""
     module = "experiments" if args and args[0] in EXPERIMENTS else "app"
     return subprocess.run(["nice", sys.executable, "-m", module, *args], cwd=ROOT,
-                          env=child_env(tmp, **fault), capture_output=True, text=True, timeout=timeout)
+                          env=child_env(tmp, **fault), capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=ctrl_c_as_at_a_terminal)
+
+
+def ctrl_c_as_at_a_terminal() -> None:
+    """A shell script's background job (`make test-faults &`) starts with SIGINT ignored, and its
+    children inherit that: the run gets SIGINT as it would at a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def count_write_events(args: List[str], tmp: Path) -> int:

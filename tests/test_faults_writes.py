@@ -33,13 +33,14 @@ from faultkit import (
 
 pytestmark = pytest.mark.faults
 STEPS = 6
+SHORT = 3  # under an epoch (4 steps): a run that short is not judged on whether it learnt
 SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"]
 FT = ["finetune.resolution=64", "finetune.epochs=1", "train.max_steps=4", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The data; an uninterrupted 6-step run; a 4-step run of the same settings (to tear, edit and
+    """The data; an uninterrupted 6-step run; a 3-step run of the same settings (to tear, edit and
     resume); an uninterrupted fine-tuning of the 6-step run (made when first needed)."""
     tmp = tmp_path_factory.mktemp("writes")
     data = image_folder(tmp / "data")
@@ -50,7 +51,7 @@ def world(tmp_path_factory):
             if name == "ref":
                 args = run_args(data, tmp / "refs", "ref", steps=STEPS)
             elif name == "short":
-                args = run_args(data, tmp / "refs", "short", steps=4)
+                args = run_args(data, tmp / "refs", "short", steps=SHORT)
             else:
                 args = ["finetune", "--checkpoint", str(get("ref")), "--device", "cpu", "data.workers=0",
                         f"log.out_dir={tmp / 'refs'}", "log.name=ft", *FT]
@@ -201,7 +202,7 @@ def test_every_stop_signal_ends_every_command_the_same_way(world, tmp_path, comm
         return
     kind = "finetune" if command == "finetune" else "train"
     run = out / "r"
-    assert f"Resume with:\n  python -m app {kind} --resume {run}" in job.stderr
+    assert "Resume with:\n  " in job.stderr and f"python -m app {kind} --resume {run}" in job.stderr
     assert newest_checkpoint_loads(run) == moment
     resumed = run_app([kind, "--resume", str(run)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -257,14 +258,14 @@ def test_a_torn_last_line_is_removed_on_resume_and_every_record_kept(world, tmp_
     shutil.copytree(world[1]("short"), run)
     log = run / "metrics.jsonl"
     complete = log.read_bytes()
-    record = json.dumps({"time": 0.0, "kind": "train", "step": 5, "epoch": 1.25, "loss": 0.5, "lr": 1e-3})
+    record = json.dumps({"time": 0.0, "kind": "train", "step": 4, "epoch": 1.0, "loss": 0.5, "lr": 1e-3})
     log.write_bytes(complete + record.encode()[:cut])  # a kill mid-write
     job = run_app(["train", "--resume", str(run), f"train.max_steps={STEPS}"], tmp_path)
     assert job.returncode == 0, job.stderr[-3000:]
     assert "removed a torn last line" in job.stdout
     assert log.read_bytes().startswith(complete)
     whole_log(run)
-    same_losses(losses(run), losses(world[1]("ref")), 4)
+    same_losses(losses(run), losses(world[1]("ref")), SHORT)
 
 
 # ----------------------------------------------------------------------------- an edited config.yaml

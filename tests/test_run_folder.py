@@ -140,3 +140,15 @@ def test_the_checkpointer_saves_keeps_and_restores(tmp_path):
     with pytest.raises(AppError, match="a checkpoint of a train run, not of a finetune run"):
         Checkpointer(spec, "finetune", is_main=False).open_resume(str(tmp_path), lambda p: p,
                                                                   lambda *a: None)
+
+
+def test_the_time_interval_asks_for_a_checkpoint_once_it_has_passed(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("app.checkpointer.time.monotonic", lambda: clock[0])
+    saver = Checkpointer(CheckpointSpec(keep=1, every_steps=None, every_minutes=2.0), "train", is_main=True)
+    clock[0] += 119.0
+    assert not saver.due(7)
+    clock[0] += 1.0
+    assert saver.due(8)
+    saver.saved(8)  # the interval starts again at each checkpoint, validation's included
+    assert not saver.due(9) and saver.last_saved == 8
