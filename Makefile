@@ -32,7 +32,7 @@ help:
 	@echo "  validate      top-1 of a run (CKPT=, default the newest in runs/); RESOLUTIONS=64,96 sweeps sizes"
 	@echo "  finetune      fine-tune a run at the test resolution (CKPT=, default the newest run)"
 	@echo "  plan          IPU memory/pipeline plan of MODEL's own ImageNet job (its grid preset), or of CONFIG/DATA/RES"
-	@echo "  paper         the paper's reduced-resolution recipe end to end, in one report"
+	@echo "  paper         the paper's reduced-resolution recipe end to end, in one report; RESUME=runs/paper-… continues one"
 	@echo "  study         the paper's claims in miniature (STUDIES=norms groups resolution)"
 	@echo "  bench         throughput benchmark; writes runs/bench/ (untracked)"
 	@echo "  bench-report  the same, rewriting the committed report in benchmarks/results/"
@@ -82,7 +82,7 @@ plan: $(VENV)/.runtime
 	$(RUN) plan $(if $(config_given),--config $(CONFIG)) $(OVERRIDES) $(ARGS)
 
 paper: $(VENV)/.runtime
-	$(EXPERIMENT) paper --config $(CONFIG) --device $(DEVICE) $(OVERRIDES) $(ARGS)
+	$(EXPERIMENT) paper $(if $(RESUME),--resume $(RESUME),--config $(CONFIG) --device $(DEVICE) $(OVERRIDES)) $(ARGS)
 
 # The paper's three claims in miniature (experiments/study.py): STUDIES= a subset of norms groups resolution.
 # Rows, report and plot of each in benchmarks/results/study-<name>-<dataset>-<device>.*

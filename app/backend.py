@@ -3,8 +3,8 @@
 The contract every backend implements (``Backend``, ``BackendError``) is ``backends/contract.py``;
 ``NativeBackend`` (CPU/CUDA) is ``backends/native.py`` and ``PopTorchBackend`` (IPU, or its
 emulator) ``ipu_options/backend.py``. Both are handed what they need — the run's sizes
-(``BatchPlan``), the native one its ``DeviceSpec``, the PopTorch one the configuration and the
-network's builder — and never import the application.
+(``BatchPlan``) and ``DeviceSpec``, the PopTorch one its ``IpuSpec``, ``OptimSpec``, ``ModelSpec``
+and the network's builder (app/specs.py builds them all) — and never import the application.
 """
 from typing import Callable, Optional
 
@@ -12,7 +12,7 @@ from torch import nn
 
 from app.config import Config
 from app.objective import network_builder
-from app.specs import IPU_DEVICES, batch_plan, device_spec
+from app.specs import IPU_DEVICES, batch_plan, device_spec, ipu_spec, model_spec, optim_spec
 from backends.contract import Backend, BackendError
 from backends.native import NativeBackend
 from ipu_options.backend import PopTorchBackend
@@ -25,5 +25,6 @@ def create_backend(cfg: Config, network: Optional[Callable[[], nn.Module]] = Non
     the builder of the run's network (default: ``cfg``'s, see ``app.objective.network_builder``)."""
     batch = batch_plan(cfg)
     if cfg.device in IPU_DEVICES:
-        return PopTorchBackend(cfg, network or network_builder(cfg), batch)
+        return PopTorchBackend(device_spec(cfg), ipu_spec(cfg), batch, optim_spec(cfg), model_spec(cfg),
+                               network or network_builder(cfg))
     return NativeBackend(device_spec(cfg), batch)

@@ -44,6 +44,7 @@ from app.data.loader import epoch_order
 from app.errors import STOP_SIGNALS
 from app.optim import describe_peak_lr
 from app.run_folder import python_command
+from app.specs import IPU_DEVICES, ipu_spec
 from backends.errors import DistributedError
 from backends.process import (  # the part of the process context a backend sees
     DistContext,
@@ -57,7 +58,6 @@ from backends.process import (  # the part of the process context a backend sees
 )
 from ipu_options.poprun import init_popdist, poprun_command
 
-IPU_DEVICES = ("ipu", "ipu-model")
 # Set by `python -m app train` for the torchrun job it starts: a folder where each process leaves
 # its exit status (see settle_job_status).
 JOB_STATUS_ENV = "APP_JOB_STATUS_DIR"
@@ -236,7 +236,9 @@ def init_distributed(cfg: Config) -> DistContext:
     environment says which), else the single-process context. Checks that the job has as many
     replicas as ``train.replicas``."""
     if under_poprun():
-        return set_current(init_popdist(cfg))
+        ctx = init_popdist(cfg.train.replicas, cfg.train.seed)
+        cfg.train.seed = ctx.seed  # instance 0's: every instance starts from the same weights
+        return set_current(ctx)
     if not under_torchrun():
         return set_current(DistContext())
     world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
@@ -301,7 +303,10 @@ def launch_command(cfg: Config, app_argv: List[str]) -> Optional[List[str]]:
     if under_poprun() or under_torchrun():  # started by a launcher already
         return None
     if cfg.device in IPU_DEVICES:
-        return poprun_command(cfg, app_argv) if cfg.dist.instances > 1 else None
+        if cfg.dist.instances == 1:
+            return None
+        return poprun_command(ipu_spec(cfg), cfg.train.replicas, cfg.dist.instances, cfg.dist.launcher_args,
+                              cfg.log.out_dir, app_argv)
     if cfg.train.replicas == 1 and cfg.dist.nnodes == 1:
         return None
     return torchrun_command(cfg, app_argv)

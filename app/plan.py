@@ -12,6 +12,7 @@ import torch
 from app.config import Config
 from app.data.datasets import IMAGENET_CLASSES, num_classes_of
 from app.objective import build_classifier, network_builder
+from app.specs import ipu_batch_plan, ipu_spec, model_spec, optim_spec
 from ipu_options.emulator.lowering import Lowering
 from ipu_options.lowering_check import check_config, describe
 from ipu_options.planning import print_plan
@@ -36,14 +37,15 @@ def lowering_reports(cfg: Config) -> Dict[str, Lowering]:
     """The lowering check of the classifier the IPU backend compiles, built on the meta device."""
     with torch.device("meta"):
         classifier = build_classifier(network_builder(cfg)(), cfg)
-    return check_config(cfg, classifier)
+    return check_config(classifier, ipu_spec(cfg), cfg.train.micro_batch, cfg.data.resolution)
 
 
 def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     """The plan, then the PopTorch lowering check of the training and inference graphs (no
     weights, no arithmetic). Exit status 1 if the plan does not fit or PopTorch would refuse a
     graph."""
-    status = print_plan(cfg, network_builder(cfg)())
+    status = print_plan(network_builder(cfg)(), model_spec(cfg), ipu_spec(cfg), ipu_batch_plan(cfg),
+                        optim_spec(cfg))
     text, lowers = describe(lowering_reports(cfg))
     print(text)
     return status if lowers else max(status, 1)

@@ -2,8 +2,9 @@
 the whole configuration. Every batch size of a run comes from ``batch_plan``."""
 from app.config import Config
 from app.data import DataSpec
-from backends.specs import BatchPlan, DeviceSpec
+from backends.specs import BatchPlan, DeviceSpec, ModelSpec, OptimSpec
 from ipu_options.options import local_replicas
+from ipu_options.specs import IpuSpec
 
 IPU_DEVICES = ("ipu", "ipu-model")
 
@@ -20,7 +21,8 @@ def batch_plan(cfg: Config) -> BatchPlan:
 def ipu_batch_plan(cfg: Config) -> BatchPlan:
     """The sizes of ``cfg`` on IPUs (whatever ``device`` says: ``plan`` and the options' tests)."""
     t = cfg.train
-    return BatchPlan(t.micro_batch, t.grad_accum, cfg.ipu.device_iterations, t.replicas, local_replicas(cfg))
+    return BatchPlan(t.micro_batch, t.grad_accum, cfg.ipu.device_iterations, t.replicas,
+                     local_replicas(t.replicas, cfg.dist.instances))
 
 
 def device_spec(cfg: Config) -> DeviceSpec:
@@ -34,3 +36,31 @@ def data_spec(cfg: Config) -> DataSpec:
     d = cfg.data
     return DataSpec(workers=d.workers, prefetch=d.prefetch, mixup=d.mixup, cutmix_lambda=d.cutmix_lambda,
                     poptorch_loader=cfg.device in IPU_DEVICES and d.async_loader)
+
+
+def ipu_spec(cfg: Config) -> IpuSpec:
+    """The ``ipu`` section, validated, with the device seed resolved (``ipu.seed``, else the run's)."""
+    i = cfg.ipu
+    pipeline = dict(i.pipeline) if isinstance(i.pipeline, dict) else i.pipeline
+    return IpuSpec(pipeline=pipeline, recompute=tuple(i.recompute),
+                   available_memory_proportion=tuple(i.available_memory_proportion),
+                   precision=str(i.precision), partials=i.partials, stochastic_rounding=i.stochastic_rounding,
+                   loss_scaling=i.loss_scaling, optimizer_state_offchip=i.optimizer_state_offchip,
+                   replicated_tensor_sharding=i.replicated_tensor_sharding,
+                   executable_cache=i.executable_cache,
+                   compile_only=i.compile_only, offline_ipu_version=i.offline_ipu_version,
+                   seed=i.seed if i.seed is not None else cfg.train.seed, reduction=i.reduction,
+                   output_mode=i.output_mode, plan_ipus=i.plan_ipus, plan_margin=i.plan_margin)
+
+
+def optim_spec(cfg: Config) -> OptimSpec:
+    o = cfg.optim
+    return OptimSpec(o.name, o.momentum, o.nesterov, o.alpha, o.eps, tuple(o.betas))
+
+
+def model_spec(cfg: Config) -> ModelSpec:
+    """The network's label in the device layer's reports, and its input side."""
+    m = cfg.model
+    norm = f"{m.norm}{'+proxy' if m.proxy_norm else ''}"
+    label = f"efficientnet-{m.name} G{m.group_size} e{m.expand_ratio} {norm}"
+    return ModelSpec(label, cfg.data.resolution)

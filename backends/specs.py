@@ -2,7 +2,7 @@
 by the application (app/specs.py) and handed to the components that use them; nothing here knows
 the configuration's sections."""
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -53,3 +53,24 @@ class DeviceSpec:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
     channels_last: bool = False
     cpu_threads: Optional[int] = None  # torch intra-op threads; None: torch's default
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """The optimiser's kind and hyper-parameters, as a device's optimiser builder reads them (the
+    learning rate comes from the schedule, step by step)."""
+
+    name: str = "rmsprop"  # sgd | rmsprop | adamw
+    momentum: float = 0.9
+    nesterov: bool = False
+    alpha: float = 0.9  # RMSprop squared-gradient decay
+    eps: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The network as a device layer describes it: a label for its reports and the input side."""
+
+    label: str  # e.g. "efficientnet-b0 G16 e4 group+proxy"
+    resolution: int

@@ -25,17 +25,19 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+import yaml
 
 from app.backend import create_backend
 from app.checkpoint import find_checkpoint, load_checkpoint
 from app.command_line import given_on_command_line
-from app.config import Config, config_from_dict
+from app.config import Config, config_from_dict, read_yaml_file
 from app.data import build_dataset, build_loader
+from app.errors import AppError
 from app.evaluate import checkpoint_networks, evaluate
-from app.finetune import FinetuneResult, finetune_lr, report_lines, run_finetune
+from app.finetune import FinetuneResult, finetune_lr, report_lines
 from app.provenance import git_commit
 from app.resolution import (
     half_resolution,
@@ -48,7 +50,13 @@ from app.resolution import (
 from app.run_folder import RunFolder
 from app.specs import data_spec
 from app.tracking import format_duration, new_folder
-from app.train import TrainResult, run_training
+from app.train import TrainResult
+from experiments.progress import (
+    Progress,
+    experiment_resume_command,
+    finetune_phase,
+    train_phase,
+)
 
 SWEEP_POINTS = 9  # test resolutions N - 2^n … N + 2^n in steps of 2^n / 4
 
@@ -96,29 +104,32 @@ class RecipeRuns:
     half_ft: FinetuneResult
 
 
-def run_recipe(cfg: Config, folder: Path, native: int, half: int,
-               keep_max_steps: bool = False) -> Union[RecipeRuns, int]:
+def run_recipe(cfg: Config, folder: Path, native: int, half: int, keep_max_steps: bool,
+               progress: Progress, prefix: str = "") -> Union[RecipeRuns, int]:
     """Train at ``native`` and at ``half`` (validated once, at the end), then fine-tune BOTH at
     ``native``: "for all results (apart from the baseline) we finetune the final model on the
     validation image sizes for 2 epochs" (graphcore-research Making_EfficientNet_More_Efficient/
-    README.md), so the comparison applies the same protocol to both. Returns the runs, or the
-    exit status of the first that failed."""
-    base_log = {"out_dir": str(folder), "name": None}
+    README.md), so the comparison applies the same protocol to both. Each of the four phases runs
+    once: a resume (``progress``, phases named ``prefix`` + label) takes the finished ones' results
+    and continues the interrupted one from its checkpoint. Returns the runs, or the exit status of
+    the first that failed."""
+    base_log = {"out_dir": str(folder)}
     trained: Dict[str, TrainResult] = {}
     for label, resolution, val in (("native", native, [native]), ("half", half, [half, native])):
         print(f"\n=== {label}: training at {resolution} ===", flush=True)
         run_cfg = derived(cfg, log={**base_log, "name": label}, finetune={"resolution": native},
                           data={"resolution": resolution, "val_resolutions": val},
                           train={"val_every": cfg.train.epochs})
-        trained[label] = run_training(run_cfg)
+        trained[label] = train_phase(progress, prefix + label, run_cfg)
         if trained[label].exit_code:
             return trained[label].exit_code
     tuned: Dict[str, FinetuneResult] = {}
     for label in ("native", "half"):
         print(f"\n=== {label} + fine-tuning at {native} ===", flush=True)
         ft_cfg = derived(cfg, log={**base_log, "name": f"{label}-finetune"}, finetune={"resolution": native})
-        tuned[label] = run_finetune(ft_cfg, find_checkpoint(trained[label].run_dir, prefer_best=True),
-                                    keep_max_steps=keep_max_steps)
+        tuned[label] = finetune_phase(progress, f"{prefix}{label}-finetune", ft_cfg,
+                                      find_checkpoint(trained[label].run_dir, prefer_best=True),
+                                      keep_max_steps)
         if tuned[label].run.exit_code:
             return tuned[label].run.exit_code
     return RecipeRuns(trained["native"], trained["half"], tuned["native"], tuned["half"])
@@ -194,17 +205,60 @@ def write_report(folder: Path, cfg: Config, native: int, half: int, stages: int,
     return text
 
 
+def start_or_resume(cfg: Config, args: Optional[argparse.Namespace], command: str,
+                    new_folder_of: Callable[[Config], Path],
+                    setup_of: Callable[[Config], Dict[str, Any]]) -> Tuple[Config, Path, Progress]:
+    """A new paper/study folder (its ``config.yaml``, what ``setup_of`` settles), or the folder
+    ``--resume`` names, continued with what its first start settled: its configuration as it was
+    (overrides would make its phases disagree, so a resume refuses them)."""
+    if not cfg.resume:
+        folder = new_folder_of(cfg)
+        RunFolder(folder).write_document("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return cfg, folder, Progress(folder, setup_of(cfg))
+    folder = Path(cfg.resume)
+    given = [o for o in getattr(args, "overrides", None) or [] if "=" in o]
+    given += [f"--{flag} {getattr(args, flag)}" for flag in ("config", "device") if getattr(args, flag, None)]
+    if given:
+        raise AppError(f"--resume {folder}: continue it as it started, without overrides "
+                       f"({' '.join(given)}): "
+                       f"{experiment_resume_command(folder, command)}")
+    progress = Progress(folder)
+    return config_from_dict(read_yaml_file(folder / "config.yaml")), folder, progress
+
+
 def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     stages = model_stages(cfg.model.name)
-    native = recipe_native(cfg, given_on_command_line(args, "finetune.resolution"))
-    half = half_resolution(native, stages)  # errors (too small a native size) before any work
-    folder = paper_folder(cfg)
-    command = " ".join(["python -m experiments"] + sys.argv[1:])
+
+    def setup(c: Config) -> Dict[str, Any]:
+        native = recipe_native(c, given_on_command_line(args, "finetune.resolution"))
+        return {"native": native, "half": half_resolution(native, stages),  # errors before any work
+                "keep_max_steps": given_on_command_line(args, "train.max_steps"),
+                "command": " ".join(["python -m experiments"] + sys.argv[1:])}
+
+    resumed = bool(cfg.resume)
+    if not resumed:
+        setup(cfg)  # a native size too small: refused before a folder exists
+    cfg, folder, progress = start_or_resume(cfg, args, "paper", paper_folder, setup)
+    native, half, command = progress.setup["native"], progress.setup["half"], progress.setup["command"]
     print(f"paper recipe in {folder}: native {native}, half {half} (mod {2 ** stages}: "
-          f"{native % 2 ** stages} and {half % 2 ** stages})")
-    runs = run_recipe(cfg, folder, native, half,
-                      keep_max_steps=given_on_command_line(args, "train.max_steps"))
+          f"{native % 2 ** stages} and {half % 2 ** stages})"
+          + (f"; resuming, done: {', '.join(progress.data['done']) or 'nothing yet'}" if resumed else ""))
+    try:
+        return finish_recipe(cfg, folder, native, half, stages, progress, command)
+    except KeyboardInterrupt:  # a signal outside a training loop (during the sweep, at a start)
+        print(f"\npaper stopped; continue the recipe with:\n  {experiment_resume_command(folder, 'paper')}",
+              file=sys.stderr)
+        raise
+
+
+def finish_recipe(cfg: Config, folder: Path, native: int, half: int, stages: int, progress: Progress,
+                  command: str) -> int:
+    """The recipe's phases not finished yet, then the sweep and the report."""
+    runs = run_recipe(cfg, folder, native, half, progress.setup["keep_max_steps"], progress)
     if isinstance(runs, int):
+        if runs > 128:
+            print(f"\npaper stopped (exit {runs}); its finished phases are kept. Continue the recipe "
+                  f"with:\n  {experiment_resume_command(folder, 'paper')}", file=sys.stderr)
         return runs
 
     print(f"\n=== sweep of test resolutions around {native} ===", flush=True)

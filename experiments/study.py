@@ -41,8 +41,8 @@ from app.provenance import cpu_name, git_commit, load_average
 from app.resolution import half_resolution, model_stages, recipe_native
 from app.run_folder import RunFolder
 from app.tracking import new_folder
-from app.train import run_training
-from experiments.paper import derived, run_recipe
+from experiments.paper import derived, run_recipe, start_or_resume
+from experiments.progress import Progress, experiment_resume_command, train_phase
 from experiments.study_report import load_rows, write_report
 from model import build_model, count_macs, count_parameters
 
@@ -51,6 +51,7 @@ STUDY_EPOCHS = {"norms": 1.5, "groups": 2.0, "resolution": 3.0}
 NORM_VARIANTS = (("BN", "batch", False), ("GN", "group", False), ("LN", "layer", False),
                  ("LN+PN", "layer", True))
 MICRO_BATCHES = (2, 4, 8, 32)
+RESOLUTION_VARIANTS = ("native", "native + fine-tune", "half", "half + fine-tune")  # its rows per seed
 # Group size → expansion ratio. The paper's configs pair G1 with e6 and G16 with e4 (configs.yml
 # G1/G16 anchors). For G4 and G64, whose ratios neither the configs nor the paper
 # give, the integer ratio nearest the paper's aim of "approximately equal FLOPs" (README): G4 e5
@@ -148,13 +149,26 @@ class RowWriter:
     keeps every earlier row whose (variant, seed) it did not run again. A whole grid replaces
     them. Either way it says so (earlier versions of committed rows are in git)."""
 
-    def __init__(self, stem: Path):
+    def __init__(self, stem: Path, resume: bool = False):
         self.stem = stem
         self.partial = stem.with_name(stem.name + ".jsonl.partial")
         self.folder = RunFolder(stem.parent)
         self.folder.check_writable()  # the rows' folder, made if need be: before the first run
-        self.folder.write_document(self.partial.name, "")
         self.rows: List[Dict[str, Any]] = []
+        if resume and self.partial.is_file():  # the rows of the cells finished before the stop
+            self.folder.repair_log(self.partial.name)
+            self.rows = load_rows(self.partial)
+        else:
+            self.folder.write_document(self.partial.name, "")
+
+    def has(self, variant: str, seed: int) -> bool:
+        return any(r["variant"] == variant and r["seed"] == seed for r in self.rows)
+
+    def drop_seed(self, seed: int) -> None:
+        """Rows of a seed whose cell a kill cut between its rows: written again with the cell."""
+        if any(r["seed"] == seed for r in self.rows):
+            self.rows = [r for r in self.rows if r["seed"] != seed]
+            self.folder.write_document(self.partial.name, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def add(self, row: Dict[str, Any]) -> None:
         self.rows.append(row)
@@ -207,21 +221,29 @@ def run_row(study: str, variant: Variant, seed: int, result, resolution: int,
 # ----------------------------------------------------------------------------- running
 
 def run_variants(name: str, cfg: Config, variants: List[Variant], folder: Path, writer: RowWriter,
-                 env: Dict[str, Any], extra: Callable[[Config], Dict[str, Any]] = lambda c: {}) -> int:
-
+                 env: Dict[str, Any], progress: Progress,
+                 extra: Callable[[Config], Dict[str, Any]] = lambda c: {}) -> int:
+    """Each cell (variant × seed) once: a resume skips those with a row and continues the
+    interrupted one from its checkpoint."""
     for seed in cfg.study.seeds:
         for variant in variants:
+            if writer.has(variant.label, seed):
+                continue
             log = {"out_dir": str(folder), "name": f"{slug(variant.label)}-s{seed}"}
             run_cfg = derived(cfg, **{**variant.sections, "log": log,
                                       "train": {**variant.sections.get("train", {}), "seed": seed}})
             print(f"\n=== {name}: {variant.label}, seed {seed} ===", flush=True)
             load_before = load_average()
-            result = run_training(run_cfg)
+            result = train_phase(progress, log["name"], run_cfg)
             if result.exit_code:
                 return result.exit_code
             writer.add(run_row(name, variant, seed, result, run_cfg.data.resolution, env, load_before,
                                extra(run_cfg)))
     return 0
+
+
+def variants_of(name: str, cfg: Config) -> List[Variant]:
+    return {"norms": norm_variants, "groups": group_variants}.get(name, lambda c: [])(cfg)
 
 
 def model_size(cfg: Config) -> Dict[str, Any]:
@@ -233,13 +255,18 @@ def model_size(cfg: Config) -> Dict[str, Any]:
 
 
 def run_resolution(cfg: Config, folder: Path, writer: RowWriter, env: Dict[str, Any],
-                   keep_max_steps: bool, native: int) -> int:
+                   keep_max_steps: bool, native: int, progress: Progress) -> int:
     half = half_resolution(native, model_stages(cfg.model.name))
     for seed in cfg.study.seeds:
+        if all(writer.has(label, seed) for label in RESOLUTION_VARIANTS):
+            continue
+        writer.drop_seed(seed)
         print(f"\n=== resolution: native {native} vs half {half}, seed {seed} ===", flush=True)
         load_before = load_average()
-        seed_folder = new_folder(folder, f"s{seed}")
-        runs = run_recipe(derived(cfg, train={"seed": seed}), seed_folder, native, half, keep_max_steps)
+        seed_folder = folder / f"s{seed}"
+        RunFolder(seed_folder).check_writable()
+        runs = run_recipe(derived(cfg, train={"seed": seed}), seed_folder, native, half, keep_max_steps,
+                          progress, prefix=f"s{seed}/")
         if isinstance(runs, int):
             return runs
         for label, train, ft, res in (("native", runs.native, None, native),
@@ -276,26 +303,48 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
         return 0
     command = " ".join(["python -m experiments"] + sys.argv[1:]) if args is not None else f"study {name}"
     base = study_config(cfg, args, name)
-    variants = {"norms": norm_variants, "groups": group_variants}.get(name, lambda c: [])(base)
+    variants = variants_of(name, base)
     if cfg.study.variants:  # a part of the grid (e.g. the runs an interrupted study still lacks)
         unknown = sorted(set(cfg.study.variants) - {v.label for v in variants})
         if unknown:
             raise AppError(f"study.variants: {unknown} are not variants of the {name} study; it has "
                            f"{[v.label for v in variants]}")
         variants = [v for v in variants if v.label in cfg.study.variants]
-    folder = new_folder(Path(cfg.log.out_dir), f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    env = environment(base, command)
-    writer = RowWriter(stem)
-    print(f"study {name}: {len(variants) or 4} variants × seeds {cfg.study.seeds} in {folder}; rows: "
-          f"{writer.partial}")
-    if name == "resolution":
-        code = run_resolution(base, folder, writer, env, given_on_command_line(args, "train.max_steps"),
-                              recipe_native(base, given_on_command_line(args, "finetune.resolution")))
-    else:
-        code = run_variants(name, base, variants, folder, writer, env,
-                            extra=model_size if name == "groups" else (lambda c: {}))
+    resumed = bool(cfg.resume)
+
+    def new_study_folder(c: Config) -> Path:
+        return new_folder(Path(c.log.out_dir), f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def setup(c: Config) -> Dict[str, Any]:
+        return {"study": name, "command": command, "variants": [v.label for v in variants],
+                "keep_max_steps": given_on_command_line(args, "train.max_steps"),
+                "native": recipe_native(c, given_on_command_line(args, "finetune.resolution"))
+                if name == "resolution" else None}
+
+    base, folder, progress = start_or_resume(base if not resumed else cfg, args, f"study {name}",
+                                             new_study_folder, setup)
+    if progress.setup["study"] != name:
+        raise AppError(f"--resume {folder}: that folder holds the {progress.setup['study']} study; "
+                       f"{experiment_resume_command(folder, 'study ' + progress.setup['study'])}")
+    variants = [v for v in variants_of(name, base) if v.label in progress.setup["variants"]]
+    env = environment(base, progress.setup["command"])
+    writer = RowWriter(study_stem(base, name), resume=resumed)
+    print(f"study {name}: {len(variants) or 4} variants × seeds {base.study.seeds} in {folder}; rows: "
+          f"{writer.partial}" + (f" ({len(writer.rows)} of them there already)" if resumed else ""))
+    try:
+        if name == "resolution":
+            code = run_resolution(base, folder, writer, env, progress.setup["keep_max_steps"],
+                                  progress.setup["native"], progress)
+        else:
+            code = run_variants(name, base, variants, folder, writer, env, progress,
+                                extra=model_size if name == "groups" else (lambda c: {}))
+    except KeyboardInterrupt:
+        print(f"\nstudy {name} stopped; continue it with:\n  "
+              f"{experiment_resume_command(folder, 'study ' + name)}", file=sys.stderr)
+        raise
     if code:
-        print(f"study {name} stopped (exit {code}); its rows so far: {writer.partial}", file=sys.stderr)
+        print(f"study {name} stopped (exit {code}); its rows so far: {writer.partial}. Continue it "
+              f"with:\n  {experiment_resume_command(folder, 'study ' + name)}", file=sys.stderr)
         return code
     rows_path = writer.finish(merge=bool(cfg.study.variants))
     print(f"rows: {rows_path}\nreport: {write_report(name, rows_path)}")

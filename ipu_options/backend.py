@@ -38,14 +38,14 @@ from torch import Tensor, nn
 from backends.batch_norm_stats import BatchNormProbe, Statistics, split_statistics
 from backends.contract import Backend, BackendError
 from backends.process import all_reduce_mean
-from backends.specs import BatchPlan
+from backends.specs import BatchPlan, DeviceSpec, ModelSpec, OptimSpec
 from ipu_options import EMULATED, IMPORT_ERROR, poptorch
-from ipu_options.config import RunConfig
 from ipu_options.optimizer import build_ipu_optimizer, device_groups
 from ipu_options.options import build_options
 from ipu_options.pipeline import SplitError, annotate, num_ipus
 from ipu_options.planning import PlanError, resolve_pipeline
 from ipu_options.precision import apply_precision
+from ipu_options.specs import IpuSpec
 
 
 class _LossOnly(nn.Module):
@@ -69,16 +69,21 @@ def _describe(poptorch_emulated: bool, device: str, compute: torch.device) -> st
 
 
 class PopTorchBackend(Backend):
-    """``network`` builds the network the run trains (the application's ``network_builder``):
-    called once on the meta device, for split names and the memory plan. ``batch``: the run's
-    sizes (its ``local_replicas`` are this process's replicas)."""
+    """``device_spec``: the kind (ipu | ipu-model) and the emulator's host threads; ``ipu``: the
+    PopTorch options, pipeline and memory settings; ``batch``: the run's sizes (its
+    ``local_replicas`` are this process's replicas); ``optim`` and ``model``: what the device
+    optimiser and the memory plan need. ``network`` builds the network the run trains (the
+    application's ``network_builder``): called once on the meta device, for split names and the
+    memory plan."""
 
-    def __init__(self, cfg: RunConfig, network: Callable[[], nn.Module], batch: BatchPlan):
-        self.cfg, self.poptorch, self.batch = cfg, poptorch, batch
-        self.use_ipu_model = cfg.device == "ipu-model" and not EMULATED
-        self.emulated = cfg.device == "ipu-model"
+    def __init__(self, device_spec: DeviceSpec, ipu: IpuSpec, batch: BatchPlan, optim: OptimSpec,
+                 model: ModelSpec, network: Callable[[], nn.Module]):
+        self.spec, self.optim_spec, self.poptorch, self.batch = ipu, optim, poptorch, batch
+        kind = device_spec.kind
+        self.use_ipu_model = kind == "ipu-model" and not EMULATED
+        self.emulated = kind == "ipu-model"
         replicas = batch.local_replicas
-        if cfg.device == "ipu":
+        if kind == "ipu":
             if EMULATED:
                 raise BackendError(
                     f"device=ipu needs PopTorch from the Poplar SDK 3.4 (Python 3.8, torch 2.0.1), which "
@@ -91,32 +96,32 @@ class PopTorchBackend(Backend):
                                "the project's emulator, which does")
         try:
             self.network = self._meta_network(network)
-            self.splits, self.recompute, self.plan = resolve_pipeline(cfg, self.network)
+            self.splits, self.recompute, self.plan = resolve_pipeline(self.network, model, ipu, batch, optim)
         except (PlanError, SplitError) as error:
             raise BackendError(f"invalid IPU configuration: {error}") from None
-        self.ipus = num_ipus(cfg, self.splits)
-        if cfg.device == "ipu" and not cfg.ipu.compile_only:
+        self.ipus = num_ipus(ipu, self.splits)
+        if kind == "ipu" and not ipu.compile_only:
             needed = self.ipus * replicas
             if not poptorch.ipuHardwareIsAvailable(needed):
                 raise BackendError(f"device=ipu: no {needed} IPUs available ({self.ipus} per replica × "
                                    f"{replicas} replicas); check gc-info / the V-IPU partition, use "
                                    f"ipu.compile_only=true to compile offline, or --device ipu-model")
         self.compute = torch.device("cuda" if EMULATED and torch.cuda.is_available() else "cpu")
-        if EMULATED and getattr(cfg.train, "cpu_threads", None) is not None:
-            torch.set_num_threads(cfg.train.cpu_threads)  # the emulator computes on the host
+        if EMULATED and device_spec.cpu_threads is not None:
+            torch.set_num_threads(device_spec.cpu_threads)  # the emulator computes on the host
         self.device = torch.device("cpu")  # PopTorch takes host tensors; the emulator moves them
-        self.name = "ipu" if cfg.device == "ipu" else "ipu-model"
-        self.description = _describe(EMULATED, cfg.device, self.compute)
+        self.name = "ipu" if kind == "ipu" else "ipu-model"
+        self.description = _describe(EMULATED, kind, self.compute)
         stage_text = f", pipeline {self.splits}" if self.splits else ""
         print(f"IPU backend: {self.description}; {replicas} replica(s) × {self.ipus} IPU(s){stage_text}, "
-              f"precision {cfg.ipu.precision}")
+              f"precision {ipu.precision}")
         self.eval_iterations = max(batch.device_iterations, self.ipus)  # inference: DI >= stages
-        self.compile_only = bool(cfg.ipu.compile_only)
+        self.compile_only = bool(ipu.compile_only)
         self.train_model = None
         self._lr: Optional[float] = None
         self._state_checked = self._device_state_loaded = False
         self.host_classifier = None
-        self.eval_opts = build_options(cfg, poptorch, batch, training=False, splits=self.splits,
+        self.eval_opts = build_options(ipu, poptorch, batch, training=False, splits=self.splits,
                                        use_ipu_model=self.use_ipu_model)
         self.eval_opts.deviceIterations(self.eval_iterations)
         # Evaluation: one device copy of the network (built from the first weights evaluated),
@@ -140,17 +145,17 @@ class PopTorchBackend(Backend):
 
     # ------------------------------------------------------------------ setup
     def prepare(self, classifier: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        cfg, poptorch = self.cfg, self.poptorch
+        poptorch = self.poptorch
         self.host_classifier, self.host_optimizer = classifier, optimizer
         device = self._device_copy(classifier, self.recompute)
         device.loss_hook = lambda loss: poptorch.identity_loss(loss, reduction="none")
         self.device_classifier = device
         lr = optimizer.param_groups[0]["lr"]
         self.optimizer = build_ipu_optimizer(poptorch, device_groups(optimizer, classifier, device),
-                                             cfg, lr)
+                                             self.spec, self.optim_spec, lr)
         self._lr = lr
-        self.training_output_mode = cfg.ipu.output_mode
-        train_opts = build_options(cfg, poptorch, self.batch, training=True, splits=self.splits,
+        self.training_output_mode = self.spec.output_mode
+        train_opts = build_options(self.spec, poptorch, self.batch, training=True, splits=self.splits,
                                    use_ipu_model=self.use_ipu_model)
         device.train()
         self.train_model = poptorch.trainingModel(_LossOnly(device), train_opts, optimizer=self.optimizer)
@@ -160,7 +165,7 @@ class PopTorchBackend(Backend):
         annotations, on the emulator's compute device."""
 
         device = copy.deepcopy(classifier)
-        apply_precision(device.model, self.cfg.ipu.precision)
+        apply_precision(device.model, self.spec.precision)
         if self.splits or recompute:
             annotate(device.model, self.splits, recompute, self.poptorch)
         return device.to(self.compute)
@@ -207,7 +212,7 @@ class PopTorchBackend(Backend):
         sample = images[:1].expand(unit, *images.shape[1:]).contiguous()
         self._load_weights(self.host_classifier)
         self._inference_model("logits", sample).compile(sample.to(self.compute))
-        cache = self.cfg.ipu.executable_cache
+        cache = self.spec.executable_cache
         return ("compiled the training and inference executables" +
                 (f" (cached in {cache})" if cache else " (set ipu.executable_cache to keep them)"))
 

@@ -1,11 +1,12 @@
 """The typed IPU configuration: everything that becomes a ``poptorch.Options`` call.
 
 Declared here (next to the code that turns it into options) and composed into the application's
-``Config`` as ``cfg.ipu``. ``replicas``, ``micro_batch`` and ``grad_accum`` are not here: they mean
-the same on every device kind and live in ``cfg.train``.
+configuration as its ``ipu`` section, which the application turns into an ``IpuSpec``
+(ipu_options/specs.py): the rest of this layer reads only that. ``replicas``, ``micro_batch`` and
+``grad_accum`` are not here: they mean the same on every device kind (``train.*``, ``BatchPlan``).
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol, Union
+from typing import Dict, List, Optional, Union
 
 from backends.errors import ConfigError
 
@@ -89,16 +90,3 @@ class IPUConfig:
             raise ConfigError("ipu.pipeline", self.pipeline,
                               'a mapping {module name: IPU index} or "auto"')
 
-
-class RunConfig(Protocol):
-    """The run configuration as this layer reads it: the application's ``Config``, which the
-    device layer never imports; ``ipu`` is the section declared here."""
-
-    device: str
-    ipu: IPUConfig
-    model: Any
-    data: Any
-    optim: Any
-    train: Any
-    dist: Any
-    log: Any

@@ -14,22 +14,23 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from ipu_options.config import RunConfig
 from ipu_options.emulator import identity_loss
 from ipu_options.emulator.lowering import Lowering, check_lowering, facts
 from ipu_options.precision import apply_precision
+from ipu_options.specs import IpuSpec
 from model.fast_paths import eager_fast_paths
 
 
-def check_config(cfg: RunConfig, classifier: nn.Module) -> Dict[str, Lowering]:
-    """{"training": report, "inference": report} for one micro-batch at ``data.resolution``.
+def check_config(classifier: nn.Module, ipu: IpuSpec, micro_batch: int, resolution: int
+                 ) -> Dict[str, Lowering]:
+    """{"training": report, "inference": report} for one micro-batch of ``resolution`` pixels.
     ``classifier``: the application's, ``forward(images, targets=None)``, on the meta device
     (changed here: precision and loss hook)."""
 
     classifier.to("meta")
     classifier.loss_hook = lambda loss: identity_loss(loss, reduction="none")
-    apply_precision(classifier.model, str(cfg.ipu.precision))
-    n, res = cfg.train.micro_batch, cfg.data.resolution
+    apply_precision(classifier.model, ipu.precision)
+    n, res = micro_batch, resolution
     images = torch.zeros(n, 3, res, res, dtype=torch.uint8, device="meta")
     targets = torch.zeros(n, dtype=torch.long, device="meta")
     reports = {}

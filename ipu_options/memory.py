@@ -33,8 +33,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ipu_options.config import RunConfig
+from backends.specs import BatchPlan, OptimSpec
 from ipu_options.pipeline import backbone, split_points
+from ipu_options.specs import IpuSpec
 from model.blocks import ConvNormAct, MBConv
 from model.padding import Conv2dSame
 from model.proxy_norm import ProxyNormAct
@@ -236,10 +237,9 @@ class Settings:
     momentum: bool = True
 
     @staticmethod
-    def of(cfg: RunConfig) -> "Settings":
-        return Settings(cfg.ipu.precision, cfg.optim.name, cfg.train.grad_accum, cfg.train.replicas,
-                        cfg.ipu.optimizer_state_offchip, cfg.ipu.replicated_tensor_sharding,
-                        cfg.optim.momentum > 0)
+    def of(ipu: IpuSpec, batch: BatchPlan, optim: OptimSpec) -> "Settings":
+        return Settings(ipu.precision, optim.name, batch.grad_accum, batch.replicas,
+                        ipu.optimizer_state_offchip, ipu.replicated_tensor_sharding, optim.momentum > 0)
 
 
 def stage_memory(mine: List[Unit], ipu: int, index: int, stages: int, micro_batch: int,

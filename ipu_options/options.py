@@ -1,6 +1,6 @@
 """``poptorch.Options`` from the configuration, with the SDK 3.4 calls.
 
-Every field of ``cfg.ipu`` (ipu_options/config.py) and the batching fields of ``cfg.train`` map to
+Every field of the ``IpuSpec`` (ipu_options/specs.py) and of the ``BatchPlan`` maps to
 one documented call (tests/test_ipu_options.py checks each against a recording stand-in written
 from the SDK 3.4 signatures):
 
@@ -48,48 +48,48 @@ import torch
 
 from backends.process import under_poprun
 from backends.specs import BatchPlan
-from ipu_options.config import RunConfig
 from ipu_options.pipeline import num_ipus
 from ipu_options.poprun import popdist_local_replicas, popdist_options
+from ipu_options.specs import IpuSpec
 
 AUTO_RECOMPUTATION_PIPELINE = 3  # popart.RecomputationType.Pipeline
 AUTO_RECOMPUTATION_ALL = 4  # popart.RecomputationType.RecomputeAll
 
 
-def local_replicas(cfg: RunConfig) -> int:
+def local_replicas(replicas: int, instances: int) -> int:
     """Replicas of this process: inside a PopRun job what PopDist says (a poprun started by hand
-    need not match dist.instances); otherwise train.replicas over dist.instances."""
+    need not match dist.instances); otherwise ``replicas`` over ``instances``."""
     if under_poprun():
         return popdist_local_replicas()
-    instances = max(1, cfg.dist.instances)
-    if cfg.train.replicas % instances:
-        raise ValueError(f"train.replicas={cfg.train.replicas} is not divisible by "
+    instances = max(1, instances)
+    if replicas % instances:
+        raise ValueError(f"train.replicas={replicas} is not divisible by "
                          f"dist.instances={instances}: use a multiple of {instances} replicas")
-    return cfg.train.replicas // instances
+    return replicas // instances
 
 
-def memory_proportions(cfg: RunConfig, ipus: int) -> Dict[str, float]:
-    amp = cfg.ipu.available_memory_proportion
+def memory_proportions(ipu: IpuSpec, ipus: int) -> Dict[str, float]:
+    amp = ipu.available_memory_proportion
     if len(amp) not in (1, ipus):
         raise ValueError(f"ipu.available_memory_proportion has {len(amp)} values for {ipus} IPUs: "
                          f"give one value for all IPUs or one per IPU")
     return {f"IPU{i}": float(amp[0] if len(amp) == 1 else amp[i]) for i in range(ipus)}
 
 
-def _set_pipeline(opts: Any, poptorch: ModuleType, cfg: RunConfig, splits: Optional[dict],
+def _set_pipeline(opts: Any, poptorch: ModuleType, ipu: IpuSpec, splits: Optional[dict],
                   training: bool) -> None:
     """Memory proportions per IPU; pipelined execution over several IPUs, or recomputation on one."""
-    ipus = num_ipus(cfg, splits)
-    opts.setAvailableMemoryProportion(memory_proportions(cfg, ipus))
+    ipus = num_ipus(ipu, splits)
+    opts.setAvailableMemoryProportion(memory_proportions(ipu, ipus))
     if ipus > 1:
         opts.setExecutionStrategy(poptorch.PipelinedExecution(poptorch.AutoStage.SameAsIpu))
         opts._Popart.set("autoRecomputation", AUTO_RECOMPUTATION_PIPELINE)
-    elif cfg.ipu.recompute and training:
+    elif ipu.recompute and training:
         opts._Popart.set("explicitRecomputation", True)
         opts._Popart.set("autoRecomputation", AUTO_RECOMPUTATION_ALL)
 
 
-def _set_precision(opts, ipu, training: bool) -> None:
+def _set_precision(opts: Any, ipu: IpuSpec, training: bool) -> None:
     opts.Precision.setPartialsType(torch.half if ipu.partials == "half" else torch.float)
     if training:
         # Graphcore's CNN application enables stochastic rounding in train_settings only
@@ -102,19 +102,18 @@ def _set_precision(opts, ipu, training: bool) -> None:
     opts._Popart.set("engineOptions", {"target.deterministicWorkers": "portable"})
 
 
-def build_options(cfg: RunConfig, poptorch: ModuleType, batch: BatchPlan, training: bool = True,
+def build_options(ipu: IpuSpec, poptorch: ModuleType, batch: BatchPlan, training: bool = True,
                   splits: Optional[dict] = None, use_ipu_model: bool = False, base: Any = None) -> Any:
     """The ``poptorch.Options`` of a run whose sizes are ``batch``. ``splits``: the resolved
     pipeline ({name: ipu}, from the plan when ``ipu.pipeline`` is "auto"); ``base``: an Options
     to start from (PopDist's)."""
-    ipu, train = cfg.ipu, cfg.train
     if base is None and under_poprun():  # an instance of a PopRun job: PopDist sets replication
-        base = popdist_options(cfg, num_ipus(cfg, splits))
+        base = popdist_options(ipu, num_ipus(ipu, splits))
     opts = base if base is not None else poptorch.Options()
     if base is None:
         opts.replicationFactor(batch.local_replicas)
     opts.deviceIterations(batch.device_iterations)
-    opts.randomSeed(ipu.seed if ipu.seed is not None else train.seed)
+    opts.randomSeed(ipu.seed)
     if training:
         opts.Training.gradientAccumulation(batch.grad_accum)
         reduction = poptorch.ReductionType.Sum if ipu.reduction == "sum" else poptorch.ReductionType.Mean
@@ -128,7 +127,7 @@ def build_options(cfg: RunConfig, poptorch: ModuleType, batch: BatchPlan, traini
         # buffer updates (batch norm in training) with broadcast buffers and several replicas.
         opts.broadcastBuffers(False)
 
-    _set_pipeline(opts, poptorch, cfg, splits, training)
+    _set_pipeline(opts, poptorch, ipu, splits, training)
     _set_precision(opts, ipu, training)
     if training and ipu.loss_scaling == "auto":
         opts.Training.setAutomaticLossScaling(True)

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from torch import nn
 
-from ipu_options.config import RunConfig
+from ipu_options.specs import IpuSpec
 
 PREFIXES = ("", "model.", "net.")  # a Classifier may wrap the EfficientNet under one of these
 
@@ -94,9 +94,9 @@ def check_splits(model: nn.Module, splits: Dict[str, int], recompute: List[str])
     return ordered
 
 
-def num_ipus(cfg: RunConfig, splits: Optional[dict] = None) -> int:
+def num_ipus(ipu: IpuSpec, splits: Optional[dict] = None) -> int:
     """IPUs per replica: one more than the highest IPU index of the pipeline."""
-    pipeline = splits if splits is not None else cfg.ipu.pipeline
+    pipeline = splits if splits is not None else ipu.pipeline
     if not isinstance(pipeline, dict) or not pipeline:
         return 1
     return max(pipeline.values()) + 1

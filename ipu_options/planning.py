@@ -9,18 +9,18 @@ Budget per IPU: 900 MB × (1 − ipu.plan_margin); the margin (default 30%) is k
 model cannot see — code, exchange and stream buffers, convolution temporaries, per-tile
 fragmentation (see memory.py). Every figure is an estimate, not an IPU measurement.
 """
-import copy
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from backends.specs import BatchPlan, ModelSpec, OptimSpec
 from ipu_options import memory
-from ipu_options.config import RunConfig
 from ipu_options.emulator.executor import TRAINING_PIPELINE_RULE
 from ipu_options.memory import IPU_SRAM_BYTES, MB, IPUMemory, Settings, Unit
 from ipu_options.pipeline import canonical_names, check_splits, split_points
+from ipu_options.specs import IpuSpec
 
 IPU_COUNTS = (1, 2, 4, 8, 16)
 MAX_MICRO_BATCH = 1024
@@ -50,14 +50,14 @@ class Plan:
         return len(self.ipus)
 
 
-def budget_bytes(cfg: RunConfig) -> int:
-    return int(IPU_SRAM_BYTES * (1.0 - cfg.ipu.plan_margin))
+def budget_bytes(ipu: IpuSpec) -> int:
+    return int(IPU_SRAM_BYTES * (1.0 - ipu.plan_margin))
 
 
-def plan_units(cfg: RunConfig, model: torch.nn.Module) -> List[Unit]:
+def plan_units(spec: ModelSpec, model: torch.nn.Module) -> List[Unit]:
     """The planner's units of ``model``, the network the run trains (the application builds it:
     its number of classes comes from the data, which the planner never reads)."""
-    return memory.units(model, cfg.data.resolution)
+    return memory.units(model, spec.resolution)
 
 
 # ----------------------------------------------------------------------------- search
@@ -141,36 +141,37 @@ def largest_micro_batch(us: List[Unit], stages: int, s: Settings, budget: int) -
     return lo
 
 
-def _fixes(cfg: RunConfig, stages: int, tried_recompute: bool = False) -> str:
+def _fixes(ipu: IpuSpec, batch: BatchPlan, stages: int, tried_recompute: bool = False) -> str:
     """The remedies not already in effect."""
-    fixes = [f"lower train.micro_batch (now {cfg.train.micro_batch})",
+    fixes = [f"lower train.micro_batch (now {batch.micro_batch})",
              f"use more IPUs per replica (ipu.plan_ipus / ipu.pipeline, now {stages})"]
     if not tried_recompute:
         fixes.append("add recomputation checkpoints (ipu.recompute, or ipu.pipeline=auto)")
-    if cfg.ipu.precision != "16.16":
+    if ipu.precision != "16.16":
         fixes.append("ipu.precision=16.16")
-    if not cfg.ipu.optimizer_state_offchip:
+    if not ipu.optimizer_state_offchip:
         fixes.append("ipu.optimizer_state_offchip=true")
     return ", ".join(fixes) + " or lower data.resolution"
 
 
-def make_plan(cfg: RunConfig, model: torch.nn.Module, propose: Optional[bool] = None) -> Plan:
-    """The plan for ``cfg``: its explicit ``ipu.pipeline`` checked (``{}``: one IPU), or, when
+def make_plan(model: torch.nn.Module, spec: ModelSpec, ipu: IpuSpec, batch: BatchPlan, optim: OptimSpec,
+              propose: Optional[bool] = None) -> Plan:
+    """The plan for ``model``: the explicit ``ipu.pipeline`` checked (``{}``: one IPU), or, when
     proposing (``auto``; ``python -m app plan`` without splits), the best balanced split on
     ipu.plan_ipus IPUs, else on the fewest IPUs that fit."""
-    us = plan_units(cfg, model)
-    s, budget, micro = Settings.of(cfg), budget_bytes(cfg), cfg.train.micro_batch
-    pipeline = cfg.ipu.pipeline
+    us = plan_units(spec, model)
+    s, budget, micro = Settings.of(ipu, batch, optim), budget_bytes(ipu), batch.micro_batch
+    pipeline = ipu.pipeline
     if propose is None:
         propose = pipeline == "auto"
     if not propose:
-        splits = check_splits(model, pipeline, cfg.ipu.recompute)
-        marks = canonical_names(model, cfg.ipu.recompute, "ipu.recompute")
+        splits = check_splits(model, pipeline, list(ipu.recompute))
+        marks = canonical_names(model, list(ipu.recompute), "ipu.recompute")
         ipus = memory.per_ipu(us, splits, micro, s, marks)
         plan = Plan(splits, marks, micro, ipus, budget)
         plan.max_micro_batch = _largest_for_splits(us, splits, s, budget, marks)
         return plan
-    wanted = cfg.ipu.plan_ipus
+    wanted = ipu.plan_ipus
     counts = [wanted] if wanted else [c for c in IPU_COUNTS if c <= len(us)]
     for count in counts:
         plan = balanced_plan(us, count, micro, s, budget)
@@ -180,9 +181,9 @@ def make_plan(cfg: RunConfig, model: torch.nn.Module, propose: Optional[bool] = 
     largest = largest_micro_batch(us, counts[-1], s, budget)
     hint = (f"micro-batch {largest} would fit on {counts[-1]} IPU(s); " if largest else "")
     raise PlanError(f"no pipeline of {'up to ' if len(counts) > 1 else ''}{counts[-1]} IPU(s) fits "
-                    f"{cfg.model.name} at micro-batch {micro} and resolution {cfg.data.resolution} in "
-                    f"{budget / MB:.0f} MB per IPU (900 MB less the {cfg.ipu.plan_margin:.0%} margin), "
-                    f"even with recomputation: {hint}{_fixes(cfg, counts[-1], tried_recompute=True)}")
+                    f"{spec.label} at micro-batch {micro} and resolution {spec.resolution} in "
+                    f"{budget / MB:.0f} MB per IPU (900 MB less the {ipu.plan_margin:.0%} margin), "
+                    f"even with recomputation: {hint}{_fixes(ipu, batch, counts[-1], tried_recompute=True)}")
 
 
 def _largest_for_splits(us, splits, s, budget, marks) -> int:
@@ -196,43 +197,40 @@ def _largest_for_splits(us, splits, s, budget, marks) -> int:
 
 # ----------------------------------------------------------------------------- checks, report
 
-def resolve_pipeline(cfg: RunConfig, model: torch.nn.Module, training: bool = True
-                     ) -> Tuple[Dict[str, int], List[str], Plan]:
+def resolve_pipeline(model: torch.nn.Module, spec: ModelSpec, ipu: IpuSpec, batch: BatchPlan,
+                     optim: OptimSpec, training: bool = True) -> Tuple[Dict[str, int], List[str], Plan]:
     """The splits and checkpoints a run uses; raises with the fix named when the configuration
     cannot run: unknown split names, too little gradient accumulation for the pipeline, or an
     estimated memory that does not fit."""
-    marks = canonical_names(model, cfg.ipu.recompute, "ipu.recompute")
-    if cfg.ipu.pipeline == "auto":
-        plan = make_plan(cfg, model)
+    marks = canonical_names(model, list(ipu.recompute), "ipu.recompute")
+    plan = make_plan(model, spec, ipu, batch, optim)
+    if ipu.pipeline == "auto":
         recompute = sorted(set(plan.checkpoints) | set(marks), key=split_points(model).index)
     else:
-        plan = make_plan(cfg, model)
         recompute = list(plan.checkpoints)
         if training and not plan.fits:
             over = [m for m in plan.ipus if m.total > plan.budget]
             raise PlanError(
                 "estimated memory does not fit: " + ", ".join(
                     f"IPU{m.ipu} {m.total / MB:.0f} MB > {plan.budget / MB:.0f} MB" for m in over)
-                + f". Fix: {_fixes(cfg, plan.stages)}, or let the planner choose (ipu.pipeline=auto, "
-                  f"see `python -m app plan`); ipu.plan_margin={cfg.ipu.plan_margin} lowers the margin")
+                + f". Fix: {_fixes(ipu, batch, plan.stages)}, or let the planner choose (ipu.pipeline=auto, "
+                  f"see `python -m app plan`); ipu.plan_margin={ipu.plan_margin} lowers the margin")
     stages = plan.stages
-    if training and stages > 1 and cfg.train.grad_accum < 2 * stages - 1:
+    if training and stages > 1 and batch.grad_accum < 2 * stages - 1:
         raise PlanError(f"a pipeline of {stages} IPUs has {2 * stages - 1} stages in training, but "
-                        f"train.grad_accum={cfg.train.grad_accum}. PopTorch: \"{TRAINING_PIPELINE_RULE}\" "
+                        f"train.grad_accum={batch.grad_accum}. PopTorch: \"{TRAINING_PIPELINE_RULE}\" "
                         f"Set train.grad_accum >= {2 * stages - 1}.")
     return plan.splits, recompute, plan
 
 
-def report(cfg: RunConfig, plan: Plan) -> str:
-    m = cfg.model
+def report(plan: Plan, spec: ModelSpec, ipu: IpuSpec, batch: BatchPlan, optim: OptimSpec) -> str:
     total_macs = sum(x.macs for x in plan.ipus) or 1
     lines = [
-        f"IPU memory plan (estimated, not measured on an IPU): efficientnet-{m.name} G{m.group_size} "
-        f"e{m.expand_ratio} {m.norm}{'+proxy' if m.proxy_norm else ''} at {cfg.data.resolution}px, "
-        f"precision {cfg.ipu.precision}, {cfg.optim.name}, micro-batch {plan.micro_batch}, "
-        f"gradient accumulation {cfg.train.grad_accum}, {cfg.train.replicas} replica(s)",
-        f"budget per IPU: 900 MB x {1 - cfg.ipu.plan_margin:.2f} = {plan.budget / MB:.0f} MB "
-        f"(margin {cfg.ipu.plan_margin:.0%} for code, exchange buffers, conv temporaries, fragmentation)",
+        f"IPU memory plan (estimated, not measured on an IPU): {spec.label} at {spec.resolution}px, "
+        f"precision {ipu.precision}, {optim.name}, micro-batch {plan.micro_batch}, "
+        f"gradient accumulation {batch.grad_accum}, {batch.replicas} replica(s)",
+        f"budget per IPU: 900 MB x {1 - ipu.plan_margin:.2f} = {plan.budget / MB:.0f} MB "
+        f"(margin {ipu.plan_margin:.0%} for code, exchange buffers, conv temporaries, fragmentation)",
         "",
         f"{'IPU':>3}  {'from':<12} {'to':<12} {'weights':>8} {'optimiser':>9} {'activations':>11} "
         f"{'total':>8} {'budget':>7}  {'fits':<4} {'compute':>7}",
@@ -250,21 +248,21 @@ def report(cfg: RunConfig, plan: Plan) -> str:
               f"largest micro-batch that fits this split: {plan.max_micro_batch}"]
     if plan.stages > 1:
         lines.append(f"pipeline of {plan.stages} IPUs: needs train.grad_accum >= {2 * plan.stages - 1} "
-                     f"(now {cfg.train.grad_accum}); IPUs per job: {plan.stages * cfg.train.replicas}")
+                     f"(now {batch.grad_accum}); IPUs per job: {plan.stages * batch.replicas}")
     if not plan.fits:
-        lines.append(f"does NOT fit: {_fixes(cfg, plan.stages)}")
+        lines.append(f"does NOT fit: {_fixes(ipu, batch, plan.stages)}")
     return "\n".join(lines)
 
 
-def print_plan(cfg: RunConfig, model: torch.nn.Module) -> int:
+def print_plan(model: torch.nn.Module, spec: ModelSpec, ipu: IpuSpec, batch: BatchPlan,
+               optim: OptimSpec) -> int:
     """``python -m app plan`` (app/plan.py hands over the network): print the per-IPU table and
     the proposal for the configuration; the exit status says whether it fits."""
-    plan_cfg = copy.deepcopy(cfg)
     try:
-        propose = not plan_cfg.ipu.pipeline or plan_cfg.ipu.pipeline == "auto"
-        plan = make_plan(plan_cfg, model, propose=propose)
+        propose = not ipu.pipeline or ipu.pipeline == "auto"
+        plan = make_plan(model, spec, ipu, batch, optim, propose=propose)
     except (PlanError, ValueError) as error:
         print(f"error: {error}")
         return 2
-    print(report(plan_cfg, plan))
+    print(report(plan, spec, ipu, batch, optim))
     return 0 if plan.fits else 1

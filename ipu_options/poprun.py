@@ -12,7 +12,7 @@ Horovod exist only beside the Poplar SDK (requirements-ipu.txt), so they are imp
 and only inside a PopRun job.
 
 Hooks for the PopTorch backend:
-  * ``ipu_options.options.build_options`` starts from ``popdist_options(cfg)`` under poprun: the
+  * ``ipu_options.options.build_options`` starts from ``popdist_options(ipu)`` under poprun: the
     ``poptorch.Options`` PopDist makes for this instance, whose replication factor is already the
     instance's local replicas (``ipu_options.options.local_replicas`` reads the same count from
     ``popdist.getNumLocalReplicas()``, for the host batch);
@@ -32,47 +32,49 @@ from torch import Tensor, nn
 
 from backends.errors import DistributedError
 from backends.process import DistContext, launcher_args
-from ipu_options.config import RunConfig
 from ipu_options.pipeline import num_ipus
+from ipu_options.specs import IpuSpec
 
 DEFAULT_CACHE = "executable-cache"  # under log.out_dir, unless ipu.executable_cache is set
 
 
-def ipus_per_replica(cfg: RunConfig) -> int:
+def ipus_per_replica(ipu: IpuSpec) -> int:
     """IPUs of one replica, from ``ipu.pipeline`` (1 without a pipeline)."""
-    if cfg.ipu.pipeline == "auto":
+    if ipu.pipeline == "auto":
         raise DistributedError(
             'ipu.pipeline="auto" is resolved only when the model is compiled, but poprun needs the IPUs '
             "per replica before it starts: run `make plan` and set the proposed split explicitly, "
             "e.g. ipu.pipeline='{blocks.4: 1}'")
-    return num_ipus(cfg)
+    return num_ipus(ipu)
 
 
-def executable_cache(cfg: RunConfig) -> str:
-    return cfg.ipu.executable_cache or str(Path(cfg.log.out_dir) / DEFAULT_CACHE)
+def executable_cache(ipu: IpuSpec, out_dir: str) -> str:
+    return ipu.executable_cache or str(Path(out_dir) / DEFAULT_CACHE)
 
 
-def poprun_command(cfg: RunConfig, app_argv: List[str]) -> List[str]:
-    """The poprun command that runs ``python -m app <app_argv>`` on ``dist.instances`` instances.
-    The instances share one executable cache (compiled once, loaded by the others); the app is
-    told the same path so that PopTorch caches there too."""
-    t, d = cfg.train, cfg.dist
-    cache = executable_cache(cfg)
+def poprun_command(ipu: IpuSpec, replicas: int, instances: int, extra_args: List[str], out_dir: str,
+                   app_argv: List[str]) -> List[str]:
+    """The poprun command that runs ``python -m app <app_argv>`` on ``instances`` instances driving
+    ``replicas`` replicas (``extra_args``: dist.launcher_args; the default cache goes under
+    ``out_dir``). The instances share one executable cache (compiled once, loaded by the others);
+    the app is told the same path so that PopTorch caches there too."""
+    cache = executable_cache(ipu, out_dir)
     app_args = list(app_argv)
-    if not cfg.ipu.executable_cache:
+    if not ipu.executable_cache:
         app_args.append(f"ipu.executable_cache={cache}")
-    return ["poprun", f"--num-instances={d.instances}", f"--num-replicas={t.replicas}",
-            f"--ipus-per-replica={ipus_per_replica(cfg)}", f"--executable-cache-path={cache}",
-            *launcher_args(cfg.dist.launcher_args), sys.executable, "-m", "app", *app_args]
+    return ["poprun", f"--num-instances={instances}", f"--num-replicas={replicas}",
+            f"--ipus-per-replica={ipus_per_replica(ipu)}", f"--executable-cache-path={cache}",
+            *launcher_args(extra_args), sys.executable, "-m", "app", *app_args]
 
 
 class PopDistContext(DistContext):
     """One PopRun instance: rank = instance index, world = instances; Horovod for host collectives."""
 
-    def __init__(self, rank: int, world_size: int, local_replicas: int, hvd: ModuleType):
+    def __init__(self, rank: int, world_size: int, local_replicas: int, hvd: ModuleType, seed: int):
         super().__init__(rank, world_size, rank, "poprun")
         self.local_replicas = local_replicas
         self.hvd = hvd
+        self.seed = seed  # instance 0's, the job's
 
     def _reduce(self, tensor: Tensor, op) -> Tensor:
         value = self.hvd.allreduce(tensor.detach().double().cpu(), op=op)  # counts stay exact
@@ -103,22 +105,21 @@ def _import_sdk_modules():
     return popdist, hvd
 
 
-def init_popdist(cfg: RunConfig) -> PopDistContext:
-    """Join the PopRun job: PopDist and Horovod initialised, the seed taken from instance 0 (into
-    ``cfg.train.seed``), the replica count checked against ``train.replicas``."""
+def init_popdist(replicas: int, seed: int) -> PopDistContext:
+    """Join the PopRun job: PopDist and Horovod initialised, the seed taken from instance 0 (the
+    context's ``seed``), the job's replica count checked against ``replicas`` (train.replicas)."""
     popdist, hvd = _import_sdk_modules()
     if hasattr(popdist, "init"):
         popdist.init()
     hvd.init()
     total = int(popdist.getNumTotalReplicas())
-    if total != cfg.train.replicas:
+    if total != replicas:
         raise DistributedError(
-            f"poprun runs {total} replicas but train.replicas={cfg.train.replicas}: the global batch and "
+            f"poprun runs {total} replicas but train.replicas={replicas}: the global batch and "
             f"learning rate depend on it, so set train.replicas={total} (REPLICAS={total})")
-    seed = hvd.broadcast(torch.tensor(cfg.train.seed, dtype=torch.int64), root_rank=0, name="seed")
-    cfg.train.seed = int(seed)
+    job_seed = hvd.broadcast(torch.tensor(seed, dtype=torch.int64), root_rank=0, name="seed")
     ctx = PopDistContext(int(popdist.getInstanceIndex()), int(popdist.getNumInstances()),
-                         int(popdist.getNumLocalReplicas()), hvd)
+                         int(popdist.getNumLocalReplicas()), hvd, int(job_seed))
     if not ctx.is_main:
         sys.stdout = open(os.devnull, "w")  # logs from instance 0 only; errors still reach stderr
     return ctx
@@ -131,8 +132,8 @@ def popdist_local_replicas() -> int:
     return int(popdist.getNumLocalReplicas())
 
 
-def popdist_options(cfg: RunConfig, ipus: Optional[int] = None) -> Any:
+def popdist_options(ipu: IpuSpec, ipus: Optional[int] = None) -> Any:
     """The instance's ``poptorch.Options`` from PopDist (replication = its local replicas).
     ``ipus``: IPUs per replica when the pipeline was resolved elsewhere (default: ipu.pipeline)."""
     popdist, _ = _import_sdk_modules()
-    return popdist.poptorch.Options(ipus_per_replica=ipus or ipus_per_replica(cfg))
+    return popdist.poptorch.Options(ipus_per_replica=ipus or ipus_per_replica(ipu))

@@ -29,7 +29,7 @@ from app.distributed import (
     scale_summary,
     shard_sampler,
 )
-from app.specs import batch_plan, data_spec, device_spec, ipu_batch_plan
+from app.specs import batch_plan, data_spec, device_spec, ipu_batch_plan, ipu_spec
 
 
 def config(*overrides):
@@ -187,7 +187,8 @@ def test_poprun_command():
     from ipu_options.poprun import poprun_command
 
     cfg = ipu_config("log.out_dir=/runs", "dist.launcher_args=--host h1,h2 --vipu-partition=p16")
-    command = poprun_command(cfg, ["train", "--config", "digits", "train.replicas=16"])
+    command = poprun_command(ipu_spec(cfg), cfg.train.replicas, cfg.dist.instances, cfg.dist.launcher_args,
+                             cfg.log.out_dir, ["train", "--config", "digits", "train.replicas=16"])
     assert command[:5] == ["poprun", "--num-instances=4", "--num-replicas=16", "--ipus-per-replica=2",
                            "--executable-cache-path=/runs/executable-cache"]
     assert command[5:8] == ["--host", "h1,h2", "--vipu-partition=p16"]  # passed through as given
@@ -195,8 +196,8 @@ def test_poprun_command():
     assert command[10:] == ["app", "train", "--config", "digits", "train.replicas=16",
                             "ipu.executable_cache=/runs/executable-cache"]
     # one IPU per replica without a pipeline; a user's cache path is used as is
-    plain = poprun_command(config("device=ipu", "train.replicas=8", "dist.instances=2",
-                                  "ipu.executable_cache=/c"), ["train"])
+    plain = poprun_command(ipu_spec(config("device=ipu", "ipu.executable_cache=/c")), 8, 2, [], "runs",
+                           ["train"])
     assert "--ipus-per-replica=1" in plain and "--executable-cache-path=/c" in plain
     assert not any(a.startswith("ipu.executable_cache") for a in plain)
 
@@ -205,8 +206,7 @@ def test_poprun_needs_an_explicit_pipeline():
     from ipu_options.poprun import poprun_command
 
     with pytest.raises(Exception, match="make plan"):
-        poprun_command(config("device=ipu", "train.replicas=4", "dist.instances=2", "ipu.pipeline=auto"),
-                       ["train"])
+        poprun_command(ipu_spec(config("device=ipu", "ipu.pipeline=auto")), 4, 2, [], "runs", ["train"])
 
 
 def test_launch_builds_poprun_only_outside_poprun(monkeypatch):
@@ -295,7 +295,7 @@ def test_popdist_instance_initialises_and_reduces_through_horovod(popdist_job):
     seed_call = rec.calls[2]
     assert int(seed_call[1][0]) == 11 and seed_call[2]["root_rank"] == 0  # the seed from instance 0
     assert (ctx.engine, ctx.rank, ctx.world_size, ctx.is_main) == ("poprun", 1, 4, False)
-    assert local_replicas(cfg) == 4
+    assert local_replicas(cfg.train.replicas, cfg.dist.instances) == 4
 
     model = torch.nn.Linear(2, 3)
     ctx.broadcast_parameters(model)
@@ -311,7 +311,7 @@ def test_popdist_instance_initialises_and_reduces_through_horovod(popdist_job):
     # the PopTorch options of this instance start from PopDist's, which set the replication
     from ipu_options import emulator
 
-    opts = build_options(cfg, emulator, ipu_batch_plan(cfg))
+    opts = build_options(ipu_spec(cfg), emulator, ipu_batch_plan(cfg))
     assert opts.made_by == "popdist" and opts.replication_factor == 4
     assert [c[0] for c in opts.calls].count("replicationFactor") == 1  # PopDist's call only
     assert ("popdist.poptorch.Options", (), {"ipus_per_replica": 2}) in rec.calls

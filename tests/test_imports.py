@@ -13,12 +13,14 @@ Every import statement counts, also those inside functions (a lazy import is sti
     the application, never benchmarks/.
   * No import circle between files anywhere, and the project's own packages import one another
     at module level only (a function-level import would hide an arrow).
-And no component reads another's part of the run configuration: the backends take specs
-(backends/specs.py), never the configuration; the data layer never reads its ``ipu`` section.
+And no component reads another's part of the run configuration: the device layer (backends/,
+ipu_options/) takes specs (backends/specs.py, ipu_options/specs.py, built in app/specs.py), never
+the configuration or a section of it; the data layer never reads its ``ipu`` section.
 """
 import ast
+import dataclasses
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import pytest
 
@@ -188,24 +190,64 @@ def test_the_project_imports_itself_at_module_level():
     assert {path: lines for path, lines in found.items() if lines} == {}
 
 
-def configuration_reads(source: str) -> Set[str]:
-    """The sections of the run configuration ``source`` reads: ``cfg.<section>``, and ``cfg`` alone
-    for a function that takes the configuration as a parameter."""
+def configuration_sections() -> Dict[str, Set[str]]:
+    """Each section of the run configuration (``Config``'s dataclass fields) and its field names."""
+    from app.config import Config
+
+    return {f.name: {g.name for g in dataclasses.fields(f.type)}
+            for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type)}
+
+
+def annotation_name(node: Optional[ast.expr]) -> str:
+    """The last name of an annotation: ``Config``, ``app.config.Config`` and ``"Config"`` alike."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value.rpartition(".")[2]
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def configuration_reads(source: str, sections: Dict[str, Set[str]]) -> Set[str]:
+    """Where ``source`` touches the run configuration: ``X.<section>.<one of its fields>`` whatever
+    X is called (``cfg.train.micro_batch``, ``self.run.ipu.precision``), a parameter called
+    ``cfg`` or ``config``, or one annotated with a ``...Config`` type (``IPUConfig`` is the
+    ``ipu`` section's own declaration, which only validates itself)."""
     found: Set[str] = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg":
-            found.add(node.attr)
-        elif isinstance(node, ast.arg) and node.arg == "cfg":
-            found.add("cfg")
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
+                and node.attr in sections.get(node.value.attr, ()):
+            found.add(f"{node.value.attr}.{node.attr}")
+        elif isinstance(node, ast.arg):
+            annotation = annotation_name(node.annotation)
+            if node.arg in ("cfg", "config") or annotation.endswith("Config"):
+                found.add(f"parameter {node.arg}: {annotation or '?'}")
     return found
 
 
 def test_components_read_only_their_own_configuration():
-    assert configuration_reads("def f(cfg):\n    return cfg.ipu.x\n") == {"cfg", "ipu"}
-    reads = {module_name(p, ROOT): configuration_reads(p.read_text(encoding="utf-8"))
-             for folder in ("backends", "app/data") for p in (ROOT / folder).rglob("*.py")}
-    assert {m: r for m, r in reads.items() if top(m) == "backends" and r} == {}
-    assert {m: r for m, r in reads.items() if m.startswith("app.data") and "ipu" in r} == {}
+    """The device layer (backends/, ipu_options/ with its emulator) takes specs, never the run
+    configuration or a section of it; the data layer never reads the ``ipu`` section."""
+    sections = configuration_sections()
+    assert {"train", "optim", "model", "data", "ipu", "log", "dist"} <= set(sections)
+    reads = {module_name(p, ROOT): configuration_reads(p.read_text(encoding="utf-8"), sections)
+             for folder in ("backends", "ipu_options", "app/data") for p in (ROOT / folder).rglob("*.py")}
+    assert {m: r for m, r in reads.items() if top(m) in ("backends", "ipu_options") and r} == {}
+    assert {m: r for m, r in reads.items() if m.startswith("app.data") and any(
+        x.startswith("ipu.") for x in r)} == {}
+
+
+def test_the_configuration_check_sees_every_spelling():
+    sections = configuration_sections()
+    caught = configuration_reads(
+        "def f(run, config, spec: 'RunConfig'):\n"
+        "    return run.train.micro_batch, self.cfg.ipu.precision, getattr(run.optim, 'name')\n",
+        sections)
+    assert caught == {"train.micro_batch", "ipu.precision", "parameter config: ?",
+                      "parameter spec: RunConfig"}
+    # what the device layer legitimately writes is not mistaken for a section read
+    assert configuration_reads("def f(ipu: IpuSpec, batch):\n    return torch.optim.Optimizer, "
+                               "classifier.model.state_dict(), p.data.float(), ipu.precision\n",
+                               sections) == set()
 
 
 def test_the_checks_catch_what_they_forbid(tmp_path):

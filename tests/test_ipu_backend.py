@@ -8,7 +8,7 @@ import pytest
 from app.cli import main as cli
 from app.config import build_config
 from app.objective import network_builder
-from app.specs import batch_plan
+from app.specs import batch_plan, device_spec, ipu_spec, model_spec, optim_spec
 from backends.contract import BackendError
 from ipu_options.backend import PopTorchBackend
 
@@ -17,7 +17,8 @@ QUICK = ["data.resolution=32", "data.workers=0", "train.log_every=1", "train.ema
 
 def backend(*overrides, device="ipu-model"):
     cfg = build_config("digits", [f"device={device}", *QUICK, *overrides])
-    return PopTorchBackend(cfg, network_builder(cfg), batch_plan(cfg))
+    return PopTorchBackend(device_spec(cfg), ipu_spec(cfg), batch_plan(cfg), optim_spec(cfg), model_spec(cfg),
+                           network_builder(cfg))
 
 
 def test_device_ipu_refuses_without_poptorch():

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from app.config import build_config
 from app.objective import network_builder
+from app.specs import ipu_batch_plan, ipu_spec, model_spec, optim_spec
 from ipu_options import memory
 from ipu_options.planning import PlanError, make_plan, report, resolve_pipeline
 from model import build_model
@@ -20,6 +21,11 @@ RES = 64  # every model is resolution-correct: the counts scale with the feature
 def network(cfg):
     """The network the application hands the planner for ``cfg``."""
     return network_builder(cfg)()
+
+
+def specs(cfg):
+    """What the application hands the planner besides the network: model, IPU, batch, optimiser."""
+    return model_spec(cfg), ipu_spec(cfg), ipu_batch_plan(cfg), optim_spec(cfg)
 
 
 def saved_bytes(model, batch: int) -> int:
@@ -86,28 +92,28 @@ def test_pipeline_stash_grows_with_stages_before_the_last():
 
 def test_plan_balances_compute_and_names_split_points(capsys):
     cfg = build_config("b4-g16-lnpn", ["ipu.plan_ipus=2"])
-    plan = make_plan(cfg, network(cfg), propose=True)
+    plan = make_plan(network(cfg), *specs(cfg), propose=True)
     assert plan.fits and plan.stages == 2
     shares = [m.macs for m in plan.ipus]
     assert min(shares) / max(shares) > 0.7
     assert list(plan.splits.values()) == [1]
     assert plan.max_micro_batch >= cfg.train.micro_batch
-    text = report(cfg, plan)
+    text = report(plan, *specs(cfg))
     assert "IPU memory plan (estimated" in text and "proposal: ipu.pipeline=" in text
 
 
 def test_plan_that_cannot_fit_is_refused_with_the_fix():
     cfg = build_config("b4-g16-lnpn", ["train.micro_batch=512", "ipu.plan_ipus=1"])
     with pytest.raises(PlanError, match="lower train.micro_batch"):
-        make_plan(cfg, network(cfg), propose=True)
+        make_plan(network(cfg), *specs(cfg), propose=True)
     explicit = build_config("b4-g16-lnpn", ["train.micro_batch=256", "ipu.pipeline={blocks.4: 1}"])
     with pytest.raises(PlanError, match=r"does not fit: IPU0 .* MB > 630 MB"):
-        resolve_pipeline(explicit, network(explicit))
+        resolve_pipeline(network(explicit), *specs(explicit))
 
 
 def test_auto_pipeline_uses_the_plan():
     cfg = build_config("b4-g16-lnpn", ["ipu.pipeline=auto", "ipu.plan_ipus=2"])
-    splits, recompute, plan = resolve_pipeline(cfg, network(cfg))
+    splits, recompute, plan = resolve_pipeline(network(cfg), *specs(cfg))
     assert splits == plan.splits and len(splits) == 1
     assert set(plan.checkpoints) <= set(recompute)
 
@@ -116,7 +122,9 @@ def test_largest_micro_batch_is_the_boundary():
     from ipu_options.planning import balanced_plan, budget_bytes, largest_micro_batch, plan_units
 
     cfg = build_config("b0-g16-lnpn", ["data.resolution=224"])
-    units, s, budget = plan_units(cfg, network(cfg)), memory.Settings.of(cfg), budget_bytes(cfg)
+    model, ipu, batch, optim = specs(cfg)
+    units, s = plan_units(model, network(cfg)), memory.Settings.of(ipu, batch, optim)
+    budget = budget_bytes(ipu)
     best = largest_micro_batch(units, 1, s, budget)
     assert best > 1
     assert balanced_plan(units, 1, best, s, budget) is not None
@@ -138,7 +146,7 @@ def test_checkpoint_names_count_the_same_in_any_accepted_spelling():
         cfg = build_config("digits", ["data.resolution=224", "train.micro_batch=8",
                                       "ipu.pipeline={blocks.4: 1}", "train.grad_accum=3",
                                       f"ipu.recompute=[{','.join(marks)}]"])
-        return make_plan(cfg, network(cfg))
+        return make_plan(network(cfg), *specs(cfg))
 
     canonical, aliases = plan(["blocks.2.0", "blocks.3.0"]), plan(["blocks.2", "model.blocks.3"])
     none = plan([])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.config import ConfigError, build_config
-from app.specs import ipu_batch_plan
+from app.specs import ipu_batch_plan, ipu_spec
 from ipu_options import emulator
 from ipu_options.options import build_options
 
@@ -172,7 +172,7 @@ class StandIn:
 def record(overrides, **kwargs):
     CALLS.clear()
     cfg = build_config("digits", overrides)
-    build_options(cfg, StandIn, ipu_batch_plan(cfg), **kwargs)
+    build_options(ipu_spec(cfg), StandIn, ipu_batch_plan(cfg), **kwargs)
     return list(CALLS)
 
 
@@ -272,7 +272,7 @@ def test_inference_options_have_no_training_calls():
 def test_emulator_accepts_the_same_calls():
     cfg = build_config("digits", ["train.replicas=2", "train.grad_accum=3", "ipu.loss_scaling=auto",
                                   "ipu.optimizer_state_offchip=true"])
-    opts = build_options(cfg, emulator, ipu_batch_plan(cfg))
+    opts = build_options(ipu_spec(cfg), emulator, ipu_batch_plan(cfg))
     assert (opts.replication_factor, opts.Training.gradient_accumulation) == (2, 3)
     assert opts.Training.automatic_loss_scaling and opts.Precision.stochastic_rounding
 

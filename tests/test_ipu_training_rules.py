@@ -14,7 +14,7 @@ from torch import nn
 from app.cli import main as cli
 from app.config import ConfigError, build_config
 from app.objective import Classifier
-from app.specs import ipu_batch_plan
+from app.specs import ipu_batch_plan, ipu_spec, optim_spec
 from ipu_options import emulator as emulator
 from ipu_options.optimizer import build_ipu_optimizer, loss_scaling
 from ipu_options.options import build_options, local_replicas
@@ -142,7 +142,7 @@ def test_training_returns_only_the_loss(capsys):
 
 def _record_options(overrides, training):
     cfg = build_config("digits", overrides)
-    return build_options(cfg, emulator, ipu_batch_plan(cfg), training=training)
+    return build_options(ipu_spec(cfg), emulator, ipu_batch_plan(cfg), training=training)
 
 
 def test_stochastic_rounding_is_a_training_option_only():
@@ -161,11 +161,12 @@ def test_deterministic_workers_are_portable(training):
 @pytest.mark.parametrize("precision,expected", [("16.16", 128.0), ("16.32", 128.0), ("32.32", 1.0)])
 def test_default_static_loss_scale_follows_graphcores_efficientnet_configs(precision, expected):
     cfg = build_config("digits", [f"ipu.precision={precision}"])
-    assert cfg.ipu.loss_scaling is None and loss_scaling(cfg) == expected
+    assert cfg.ipu.loss_scaling is None and loss_scaling(ipu_spec(cfg)) == expected
     net = nn.Linear(2, 2)
-    opt = build_ipu_optimizer(emulator, [{"params": list(net.parameters())}], cfg, 0.1)
+    opt = build_ipu_optimizer(emulator, [{"params": list(net.parameters())}], ipu_spec(cfg),
+                              optim_spec(cfg), 0.1)
     assert opt.loss_scaling == expected
-    assert loss_scaling(build_config("digits", ["ipu.loss_scaling=4"])) == 4.0
+    assert loss_scaling(ipu_spec(build_config("digits", ["ipu.loss_scaling=4"]))) == 4.0
 
 
 def test_automatic_loss_scaling_with_fp32_is_refused_before_any_work(tmp_path, capsys):
@@ -194,4 +195,4 @@ def test_hand_started_poprun_takes_the_local_replicas_from_popdist(monkeypatch):
     monkeypatch.setenv("POPDIST_NUM_TOTAL_REPLICAS", "12")
     # poprun started by hand: dist.instances left at 1, so the config alone would say 12
     cfg = build_config("digits", ["device=ipu", "train.replicas=12"])
-    assert cfg.dist.instances == 1 and local_replicas(cfg) == 3
+    assert cfg.dist.instances == 1 and local_replicas(cfg.train.replicas, cfg.dist.instances) == 3

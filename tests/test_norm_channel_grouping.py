@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from app.config import build_config
-from app.specs import ipu_batch_plan
+from app.specs import ipu_batch_plan, ipu_spec
 from ipu_options import emulator as poptorch
 from ipu_options.options import build_options
 from model import build_model
@@ -114,7 +114,7 @@ def test_a_checkpoint_computes_the_same_function_on_the_ipu_path_and_the_cpu(nor
     """The project's options (build_options) on the emulator give the CPU model's outputs."""
     torch.manual_seed(4)
     cfg = build_config("digits", [f"model.norm={norm}", f"model.proxy_norm={str(proxy).lower()}"])
-    opts = build_options(cfg, poptorch, ipu_batch_plan(cfg), training=False)
+    opts = build_options(ipu_spec(cfg), poptorch, ipu_batch_plan(cfg), training=False)
     assert opts._Popart.options[STRIDED] is False
     net = build_model("b0", group_size=16, expand_ratio=4, norm=norm, proxy_norm=proxy,
                       num_classes=5, dropout=0.0, drop_path=0.0)

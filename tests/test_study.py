@@ -106,3 +106,25 @@ def test_a_partial_grid_completes_the_rows_a_whole_grid_replaces_them(tmp_path, 
     whole.add({"variant": "LN mb2", "seed": 0, "top1": 40.0})
     assert [r["variant"] for r in load_rows(whole.finish())] == ["LN mb2"]
     assert "replacing the 4 rows" in capsys.readouterr().out
+
+
+def test_a_resume_continues_only_a_study_folder_as_it_started(tmp_path, capsys):
+    """--resume FOLDER: a folder the study started (its progress.json), without overrides, of the
+    same study; each refusal exits 2 and names the way on."""
+    import yaml
+
+    from app.config import build_config
+
+    folder = tmp_path / "study-groups-x"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(build_config("digits").to_dict()))
+    assert cli(["study", "groups", "--resume", str(folder)]) == 2
+    assert "no progress.json there" in capsys.readouterr().err
+    (folder / "progress.json").write_text(json.dumps(
+        {"setup": {"study": "groups", "command": "c", "variants": [], "keep_max_steps": False,
+                   "native": None}, "done": {}, "partial": {}}))
+    assert cli(["study", "groups", "--resume", str(folder), "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "without overrides (train.epochs=2)" in err and f"study groups --resume {folder}" in err
+    assert cli(["study", "norms", "--resume", str(folder)]) == 2
+    assert "holds the groups study; " in capsys.readouterr().err
