@@ -1,5 +1,7 @@
 """The run configuration turned into the specs its components take: each gets its own, never
 the whole configuration. Every batch size of a run comes from ``batch_plan``."""
+import dataclasses
+
 from app.config import Config
 from app.data import DataSpec
 from backends.specs import BatchPlan, DeviceSpec, ModelSpec, OptimSpec
@@ -39,18 +41,15 @@ def data_spec(cfg: Config) -> DataSpec:
 
 
 def ipu_spec(cfg: Config) -> IpuSpec:
-    """The ``ipu`` section, validated, with the device seed resolved (``ipu.seed``, else the run's)."""
+    """The ``ipu`` section's fields of the same names, lists as tuples, the precision as written
+    on a command line (YAML reads 16.16 as a number), and the device seed resolved (``ipu.seed``,
+    else the run's)."""
     i = cfg.ipu
-    pipeline = dict(i.pipeline) if isinstance(i.pipeline, dict) else i.pipeline
-    return IpuSpec(pipeline=pipeline, recompute=tuple(i.recompute),
-                   available_memory_proportion=tuple(i.available_memory_proportion),
-                   precision=str(i.precision), partials=i.partials, stochastic_rounding=i.stochastic_rounding,
-                   loss_scaling=i.loss_scaling, optimizer_state_offchip=i.optimizer_state_offchip,
-                   replicated_tensor_sharding=i.replicated_tensor_sharding,
-                   executable_cache=i.executable_cache,
-                   compile_only=i.compile_only, offline_ipu_version=i.offline_ipu_version,
-                   seed=i.seed if i.seed is not None else cfg.train.seed, reduction=i.reduction,
-                   output_mode=i.output_mode, plan_ipus=i.plan_ipus, plan_margin=i.plan_margin)
+    same = {f.name: getattr(i, f.name) for f in dataclasses.fields(IpuSpec)}
+    return IpuSpec(**{**same, "pipeline": dict(i.pipeline) if isinstance(i.pipeline, dict) else i.pipeline,
+                      "recompute": tuple(i.recompute), "precision": str(i.precision),
+                      "available_memory_proportion": tuple(i.available_memory_proportion),
+                      "seed": i.seed if i.seed is not None else cfg.train.seed})
 
 
 def optim_spec(cfg: Config) -> OptimSpec:

@@ -1,1 +1,1 @@
-python -m benchmarks --preset cpu-goals --steps 2 --repeats 6
+python -m benchmarks --results --preset cpu-goals --steps 2 --repeats 6

@@ -1,1 +1,1 @@
-python -m benchmarks
+python -m benchmarks --results
