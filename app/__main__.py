@@ -1,4 +1,5 @@
 """``python -m app <command> --config PRESET [--device D] [section.field=value ...]``."""
+
 import sys
 
 from app.cli import main

@@ -6,6 +6,7 @@ emulator) ``ipu_options/backend.py``. Both are handed what they need — the run
 (``BatchPlan``) and ``DeviceSpec``, the PopTorch one its ``IpuSpec``, ``OptimSpec``, ``ModelSpec``
 and the network's builder (app/specs.py builds them all) — and never import the application.
 """
+
 from typing import Callable, Optional
 
 from torch import nn
@@ -25,6 +26,12 @@ def create_backend(cfg: Config, network: Optional[Callable[[], nn.Module]] = Non
     the builder of the run's network (default: ``cfg``'s, see ``app.objective.network_builder``)."""
     batch = batch_plan(cfg)
     if cfg.device in IPU_DEVICES:
-        return PopTorchBackend(device_spec(cfg), ipu_spec(cfg), batch, optim_spec(cfg), model_spec(cfg),
-                               network or network_builder(cfg))
+        return PopTorchBackend(
+            device_spec(cfg),
+            ipu_spec(cfg),
+            batch,
+            optim_spec(cfg),
+            model_spec(cfg),
+            network or network_builder(cfg),
+        )
     return NativeBackend(device_spec(cfg), batch)

@@ -6,6 +6,7 @@ position, RNG states, the resolved configuration and the architecture it was tra
 Files live in ``<run>/checkpoints/``: ``step-0000123.pt`` for the last N, ``best.pt`` for the
 best validation accuracy so far.
 """
+
 import os
 import random
 import re
@@ -25,8 +26,7 @@ CHECKPOINT_DIR = "checkpoints"
 BEST = "best.pt"
 STEP_FILE = re.compile(r"step-(\d+)\.pt")
 # The fields of cfg.model that decide the shapes and meaning of the weights.
-ARCH_FIELDS = ("name", "group_size", "expand_ratio", "norm", "proxy_norm", "norm_groups",
-               "padding", "graph")
+ARCH_FIELDS = ("name", "group_size", "expand_ratio", "norm", "proxy_norm", "norm_groups", "padding", "graph")
 # What a checkpoint without a recorded graph variant computed (written before padding and graph
 # were fields): the override that builds that function again.
 UNRECORDED_GRAPH = {"padding": "symmetric", "graph": "v1"}
@@ -38,6 +38,7 @@ class CheckpointError(AppError):
 
 # ----------------------------------------------------------------------------- writing
 
+
 def atomic_save(payload: Dict[str, Any], path: Union[str, Path]) -> Path:
     """``torch.save`` through the run-folder writer's atomic replacement: a crash at any moment
     leaves either the old file or the new one, never half of one."""
@@ -47,9 +48,11 @@ def atomic_save(payload: Dict[str, Any], path: Union[str, Path]) -> Path:
 
 def atomic_copy(source: Union[str, Path], path: Union[str, Path]) -> Path:
     """``source``'s bytes as ``path``, with the same guarantee as ``atomic_save``."""
+
     def copy(f):
         with open(source, "rb") as src:
             shutil.copyfileobj(src, f)
+
     return replace_atomically(Path(path), copy)
 
 
@@ -57,8 +60,10 @@ def newest_whole(folder: Union[str, Path]) -> str:
     """What a failed write leaves whole in a run's checkpoint folder, for its message."""
     folder = Path(folder)
     if not folder.parent.is_dir():
-        return (f"nothing was lost on disk: {folder.parent} is no longer there, and its files "
-                "(checkpoints included) are wherever it was moved")
+        return (
+            f"nothing was lost on disk: {folder.parent} is no longer there, and its files "
+            "(checkpoints included) are wherever it was moved"
+        )
     steps = step_checkpoints(folder)
     if steps:
         return f"the newest complete checkpoint, {steps[-1]}, and every earlier file of the run"
@@ -74,13 +79,18 @@ def step_checkpoints(folder: Union[str, Path]) -> List[Path]:
 
 def nonfinite_tensors(state: Dict[str, Any], prefix: str = "") -> List[str]:
     """Names of the floating-point tensors of ``state`` holding NaN or inf (a state dict)."""
-    return [prefix + name for name, value in state.items()
-            if isinstance(value, torch.Tensor) and value.is_floating_point()
-            and not bool(torch.isfinite(value).all())]
+    return [
+        prefix + name
+        for name, value in state.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
 
 
-def save_checkpoint(run_dir: Union[str, Path, RunFolder], payload: Dict[str, Any], keep: int,
-                    is_best: bool = False) -> Path:
+def save_checkpoint(
+    run_dir: Union[str, Path, RunFolder], payload: Dict[str, Any], keep: int, is_best: bool = False
+) -> Path:
     """The step checkpoint (and best.pt), then the oldest beyond ``keep`` removed. A failed write
     (a full disk, a folder gone) raises RunFolderError naming what is whole and how to go on."""
     run = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
@@ -98,6 +108,7 @@ def save_checkpoint(run_dir: Union[str, Path, RunFolder], payload: Dict[str, Any
 
 
 # ----------------------------------------------------------------------------- RNG states
+
 
 def rng_state() -> Dict[str, Any]:
     """Every random generator the loop draws from, as tensors and plain lists."""
@@ -124,6 +135,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- reading
+
 
 def find_checkpoint(source: Union[str, Path], prefer_best: bool = False) -> Path:
     """A checkpoint file from a file path or a run folder (its newest step, or best.pt)."""
@@ -165,7 +177,8 @@ def check_resume_is_newest(path: Union[str, Path], step: int) -> None:
         f"would overwrite. Continue the run from its newest checkpoint: {resume_command(run)}; or "
         f"start a new run from these weights: {python_command()} -m app train --config "
         f"{run / 'config.yaml'} model.init_from={path}; or move the newer checkpoints out of "
-        f"{path.parent} first to continue from this one in place")
+        f"{path.parent} first to continue from this one in place"
+    )
 
 
 def saved_best_top1(run_dir: Union[str, Path]) -> float:
@@ -186,8 +199,9 @@ def run_dir_of(checkpoint: Union[str, Path]) -> Path:
 TRAINING_KEYS = ("step", "model", "steps_per_epoch")  # what every training checkpoint holds
 
 
-def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu",
-                    expect: Optional[str] = None) -> Dict[str, Any]:
+def load_checkpoint(
+    path: Union[str, Path], map_location: Union[str, torch.device] = "cpu", expect: Optional[str] = None
+) -> Dict[str, Any]:
     """A checkpoint's contents, without running any code it holds. ``expect="training"``: it must
     be one of this application's training checkpoints (resume, validate, fine-tune);
     ``expect="weights"``: a state dict (tensors by name, possibly under ``state_dict``) or one of
@@ -199,25 +213,32 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         raise CheckpointError(
             f"cannot read checkpoint {path}: {first}. It is truncated, damaged, or not a weights-only "
             "torch file (files that need code to load are refused); use another checkpoint, e.g. an "
-            "older step-*.pt of the same run") from None
+            "older step-*.pt of the same run"
+        ) from None
     if expect is None:
         return payload
     if expect == "training":
-        if not (isinstance(payload, dict) and all(k in payload for k in TRAINING_KEYS)
-                and isinstance(payload["model"], dict)):
+        if not (
+            isinstance(payload, dict)
+            and all(k in payload for k in TRAINING_KEYS)
+            and isinstance(payload["model"], dict)
+        ):
             raise CheckpointError(
                 f"{path} is a torch file ({_describe(payload)}) but not a training checkpoint of this "
                 f"application (those hold {', '.join(TRAINING_KEYS)}): give a run folder or its "
-                "checkpoints/step-*.pt; to start from other weights use model.init_from=FILE")
+                "checkpoints/step-*.pt; to start from other weights use model.init_from=FILE"
+            )
         return payload
     weights = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
     if isinstance(weights, dict) and "model" in weights and isinstance(weights["model"], dict):
         weights = weights["model"]  # one of our training checkpoints
-    if not (isinstance(weights, dict) and weights
-            and all(isinstance(v, torch.Tensor) for v in weights.values())):
+    if not (
+        isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values())
+    ):
         raise CheckpointError(
             f"{path} holds {_describe(payload)}, not weights (a state dict of tensors by name, or one "
-            "of our checkpoints): give a weights file for model.init_from")
+            "of our checkpoints): give a weights file for model.init_from"
+        )
     return payload
 
 
@@ -248,24 +269,32 @@ def check_graph_variant(saved_arch: Dict[str, Any], model_cfg: ModelConfig, sour
             f"checkpoint {source} was written before the graph variant was recorded: it computes "
             f"this project's first graph (symmetric padding, squeeze-excite and head of graph v1), "
             f"not this run's (model.padding={model_cfg.padding}, model.graph={model_cfg.graph}). "
-            f"Add {override} to the command line to use it (docs/official-code.md)")
+            f"Add {override} to the command line to use it (docs/official-code.md)"
+        )
     return {**UNRECORDED_GRAPH, **saved_arch}
 
 
-def check_architecture(payload: Dict[str, Any], model_cfg: ModelConfig, num_classes: int,
-                       source: Any) -> None:
+def check_architecture(
+    payload: Dict[str, Any], model_cfg: ModelConfig, num_classes: int, source: Any
+) -> None:
     """Raise naming every architectural field where the checkpoint and this run differ."""
     saved = payload.get("arch")
     if saved is None:
         return  # not one of ours: load_weights reports mismatches by parameter name
     saved = check_graph_variant(saved, model_cfg, source)
     current = arch_of(model_cfg, num_classes)
-    diffs = [f"{'model.' if k != 'num_classes' else ''}{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
-             for k, v in current.items() if saved.get(k) != v]
+    diffs = [
+        f"{'model.' if k != 'num_classes' else ''}{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
+        for k, v in current.items()
+        if saved.get(k) != v
+    ]
     if diffs:
-        raise CheckpointError(f"checkpoint {source} is for a different architecture ("
-                              + "; ".join(diffs) + "). Use the checkpoint's own settings "
-                              "(validate/resume from its run folder without --config), or another checkpoint")
+        raise CheckpointError(
+            f"checkpoint {source} is for a different architecture ("
+            + "; ".join(diffs)
+            + "). Use the checkpoint's own settings "
+            "(validate/resume from its run folder without --config), or another checkpoint"
+        )
 
 
 def load_weights(module: torch.nn.Module, state: Dict[str, Any], source: Any) -> None:
@@ -273,16 +302,24 @@ def load_weights(module: torch.nn.Module, state: Dict[str, Any], source: Any) ->
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
+
         def head(items: List[str]) -> str:
             return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
-        parts = [f"missing {head(missing)}" if missing else "",
-                 f"unexpected {head(unexpected)}" if unexpected else "",
-                 f"shape (checkpoint vs model) {head(shapes)}" if shapes else ""]
-        raise CheckpointError(f"weights in {source} do not fit this model: "
-                              + "; ".join(p for p in parts if p))
+
+        parts = [
+            f"missing {head(missing)}" if missing else "",
+            f"unexpected {head(unexpected)}" if unexpected else "",
+            f"shape (checkpoint vs model) {head(shapes)}" if shapes else "",
+        ]
+        raise CheckpointError(
+            f"weights in {source} do not fit this model: " + "; ".join(p for p in parts if p)
+        )
     module.load_state_dict(state)
 
 
@@ -335,7 +372,8 @@ def lock_run_folder(run_dir: Path) -> None:
         raise CheckpointError(
             f"{run_dir} is being trained by {holder} right now: two processes resuming one run would "
             "write the same checkpoints. Wait for it to finish or stop it (Ctrl-C saves), then resume "
-            f"again: {resume_command(run_dir)}") from None
+            f"again: {resume_command(run_dir)}"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"process {os.getpid()}\n")
@@ -401,11 +439,15 @@ def tidy_resumed_run(checkpoint: Union[str, Path], payload: Dict[str, Any]) -> L
     notes = []
     removed = remove_stale_partials(checkpoint.parent)
     if removed:
-        notes.append(f"removed {len(removed)} partial checkpoint file(s) left by a killed run: "
-                     + ", ".join(p.name for p in removed))
+        notes.append(
+            f"removed {len(removed)} partial checkpoint file(s) left by a killed run: "
+            + ", ".join(p.name for p in removed)
+        )
     if repair_best(checkpoint, payload):
-        notes.append(f"{BEST} was older than the best checkpoint ({checkpoint.name}, top-1 "
-                     f"{own_top1(payload):.2f}%): replaced by it")
+        notes.append(
+            f"{BEST} was older than the best checkpoint ({checkpoint.name}, top-1 "
+            f"{own_top1(payload):.2f}%): replaced by it"
+        )
     return notes
 
 
@@ -415,6 +457,7 @@ def discard_unstarted_run() -> Optional[Path]:
     run_dir, new = _CURRENT_RUN["dir"], _CURRENT_RUN["new"]
     if run_dir is None or not new or not Path(run_dir).is_dir():
         return None
+
     def untouched(entry: Path) -> bool:
         if entry.name in ("config.yaml", LOCK_FILE):
             return True
@@ -423,6 +466,7 @@ def discard_unstarted_run() -> Optional[Path]:
         if entry.name == "metrics.jsonl":  # the tracker's header only: no step was recorded
             return '"kind": "train"' not in entry.read_text(errors="replace")
         return False
+
     if not all(untouched(entry) for entry in Path(run_dir).iterdir()):
         return None
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -8,6 +8,7 @@ steps and at least every ``train.checkpoint_minutes`` minutes, so after a kill -
 checkpoint is a bounded amount of work behind. Files are written through the run-folder writer
 (app/run_folder.py). It knows nothing of data loaders or validation.
 """
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +36,18 @@ from app.run_folder import RunFolder, resume_command
 @dataclass(frozen=True)
 class CheckpointSpec:
     """When checkpoints are written and how many are kept (from ``cfg.train``)."""
+
     keep: int = 3  # step checkpoints kept (best.pt besides)
     every_steps: Optional[int] = None  # a checkpoint every N steps (None: by time only)
     every_minutes: Optional[float] = None  # at least every M minutes of training (None: off)
 
     @classmethod
     def of(cls, train_cfg: Any) -> "CheckpointSpec":
-        return cls(keep=train_cfg.keep_checkpoints, every_steps=train_cfg.checkpoint_every,
-                   every_minutes=train_cfg.checkpoint_minutes)
+        return cls(
+            keep=train_cfg.keep_checkpoints,
+            every_steps=train_cfg.checkpoint_every,
+            every_minutes=train_cfg.checkpoint_minutes,
+        )
 
 
 # The parts whose state a checkpoint holds, by payload key; each has state_dict/load_state_dict.
@@ -62,8 +67,12 @@ class Checkpointer:
         self._saved_at = time.monotonic()
 
     # ------------------------------------------------------------------------- resume policy
-    def open_resume(self, source: str, own_states: Callable[[Dict[str, Any]], Dict[str, Any]],
-                    check_config: Callable[[Dict[str, Any], Path, Path], None]) -> Dict[str, Any]:
+    def open_resume(
+        self,
+        source: str,
+        own_states: Callable[[Dict[str, Any]], Dict[str, Any]],
+        check_config: Callable[[Dict[str, Any], Path, Path], None],
+    ) -> Dict[str, Any]:
         """The checkpoint of ``source`` (a run folder or file) this process resumes, with its own
         random states (``own_states``). Refused when a newer checkpoint of the run exists, when
         ``check_config(saved config, run folder, checkpoint)`` refuses, or when it belongs to
@@ -80,8 +89,10 @@ class Checkpointer:
             begin_resume(path, payload)
         recorded = payload.get("run_kind", self.kind)  # older checkpoints: any kind
         if recorded != self.kind:  # a kind is named after the command that runs it
-            raise AppError(f"{path} is a checkpoint of a {recorded} run, not of a {self.kind} run: "
-                           f"resume it with {resume_command(run_dir, recorded)}")
+            raise AppError(
+                f"{path} is a checkpoint of a {recorded} run, not of a {self.kind} run: "
+                f"resume it with {resume_command(run_dir, recorded)}"
+            )
         print(f"resuming from {path} (step {payload['step']})")
         self.resumed, self.resumed_path = payload, path
         self.last_saved = payload["step"]
@@ -102,8 +113,12 @@ class Checkpointer:
                 parts[name].load_state_dict(resumed[name])
         best = max(resumed["best_top1"], saved_best_top1(self.folder.path))  # best.pt: only a better one
         set_rng_state(resumed["rng"])
-        return {"step": resumed["step"], "ema_step": resumed.get("ema_step", resumed["step"]),
-                "best_top1": best, "epoch_rng": resumed["epoch_rng"]}
+        return {
+            "step": resumed["step"],
+            "ema_step": resumed.get("ema_step", resumed["step"]),
+            "best_top1": best,
+            "epoch_rng": resumed["epoch_rng"],
+        }
 
     # ------------------------------------------------------------------------- saving
     def due(self, step: int) -> bool:
@@ -119,8 +134,14 @@ class Checkpointer:
         finite weights only."""
         return [name for prefix, state in states.items() for name in nonfinite_tensors(state, prefix)]
 
-    def payload(self, step: int, steps_per_epoch: int, parts: Dict[str, Any],
-                counters: Dict[str, Any], record: Dict[str, Any]) -> Dict[str, Any]:
+    def payload(
+        self,
+        step: int,
+        steps_per_epoch: int,
+        parts: Dict[str, Any],
+        counters: Dict[str, Any],
+        record: Dict[str, Any],
+    ) -> Dict[str, Any]:
         """A checkpoint's contents: every part's state by key (None for one the run lacks), the
         loop's ``counters`` (ema_step, best_top1, epoch_rng), this process's random states and the
         ``record`` (metrics, arch, config, what the run's hook adds)."""

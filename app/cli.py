@@ -8,6 +8,7 @@ Commands are imported only when chosen, so one command's dependencies never slow
 ``run_cli(argv, commands, prog)`` serves any table of commands: ``python -m experiments`` (paper,
 study) runs its own through it.
 """
+
 import argparse
 import dataclasses
 import importlib
@@ -112,33 +113,56 @@ overrides: section.field=value with YAML values; sections: device, resume, model
   schedule, train, finetune, ipu, dist, log (see app/config.py for every field and its range)."""
 
 
-def build_parser(commands: Dict[str, Command] = COMMANDS,
-                 prog: str = "python -m app") -> argparse.ArgumentParser:
+def build_parser(
+    commands: Dict[str, Command] = COMMANDS, prog: str = "python -m app"
+) -> argparse.ArgumentParser:
     presets = preset_names()
     shown = ", ".join(p for p in presets if "-" not in p or p.endswith("-g16-lnpn"))
     parser = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="EfficientNet with group convolutions, LayerNorm + Proxy Norm and reduced-resolution "
-                    "training, on IPU, GPU or CPU.",
-        epilog=EXAMPLES.format(presets=f"{shown}, and the grid b<0-5>-g<1|16>-<gn|lnpn>[-half]"))
-    parser.add_argument("command", choices=list(commands),
-                        help="; ".join(f"{name}: {command.help}" for name, command in commands.items()))
-    parser.add_argument("--config", metavar="PRESET",
-                        help=f"a preset name or a YAML file (default: {DEFAULT_PRESET}; with --resume or "
-                             "--checkpoint, the run folder's config.yaml)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "ipu", "ipu-model"],
-                        help="shorthand for device=... (default: the preset's, auto)")
+        "training, on IPU, GPU or CPU.",
+        epilog=EXAMPLES.format(presets=f"{shown}, and the grid b<0-5>-g<1|16>-<gn|lnpn>[-half]"),
+    )
+    parser.add_argument(
+        "command",
+        choices=list(commands),
+        help="; ".join(f"{name}: {command.help}" for name, command in commands.items()),
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PRESET",
+        help=f"a preset name or a YAML file (default: {DEFAULT_PRESET}; with --resume or "
+        "--checkpoint, the run folder's config.yaml)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "ipu", "ipu-model"],
+        help="shorthand for device=... (default: the preset's, auto)",
+    )
     parser.add_argument("--resume", metavar="RUN", help="a run folder or checkpoint to continue training")
-    parser.add_argument("--checkpoint", metavar="PATH",
-                        help="validate/finetune: a run folder or a checkpoint file")
-    parser.add_argument("--resolutions", metavar="LIST",
-                        help="validate: sweep test resolutions, '224,256,288' or 'low:high[:step]'; "
-                             "writes an accuracy-vs-resolution table and plot to the run folder")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the command that launches the job's processes (torchrun / poprun, "
-                             "see docs/scaling-out.md) and exit; shorthand for dist.dry_run=true")
-    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="dotted configuration overrides, e.g. model.group_size=16 optim.lr=0.1")
+    parser.add_argument(
+        "--checkpoint", metavar="PATH", help="validate/finetune: a run folder or a checkpoint file"
+    )
+    parser.add_argument(
+        "--resolutions",
+        metavar="LIST",
+        help="validate: sweep test resolutions, '224,256,288' or 'low:high[:step]'; "
+        "writes an accuracy-vs-resolution table and plot to the run folder",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the command that launches the job's processes (torchrun / poprun, "
+        "see docs/scaling-out.md) and exit; shorthand for dist.dry_run=true",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.field=value",
+        help="dotted configuration overrides, e.g. model.group_size=16 optim.lr=0.1",
+    )
     return parser
 
 
@@ -148,14 +172,21 @@ def base_preset(args: argparse.Namespace) -> str:
     for flag in ("resume", "checkpoint"):
         given = getattr(args, flag)
         if given and not Path(given).exists():
-            raise UsageError(f"--{flag}", f"--{flag} {given}: no such path; give a run folder (e.g. "
-                                          "runs/<run>) or a checkpoint file in one")
+            raise UsageError(
+                f"--{flag}",
+                f"--{flag} {given}: no such path; give a run folder (e.g. "
+                "runs/<run>) or a checkpoint file in one",
+            )
     if args.command == "train" and args.checkpoint:
         weights = args.checkpoint if Path(args.checkpoint).is_file() else "RUN/checkpoints/best.pt"
-        raise UsageError("--checkpoint", (
-            f"train does not read --checkpoint (it would train from scratch): continue that run with "
-            f"{resume_command(args.checkpoint)}, or start a new run from its weights with "
-            f"model.init_from={weights}"))
+        raise UsageError(
+            "--checkpoint",
+            (
+                f"train does not read --checkpoint (it would train from scratch): continue that run with "
+                f"{resume_command(args.checkpoint)}, or start a new run from its weights with "
+                f"model.init_from={weights}"
+            ),
+        )
     if args.config:
         return args.config
     source = args.resume or args.checkpoint
@@ -166,8 +197,11 @@ def base_preset(args: argparse.Namespace) -> str:
     if source:
         found = run_config_file(source)
         if found is None:
-            raise UsageError("--config", f"{source} has no config.yaml next to it, so name the "
-                                         "configuration it was trained with: --config PRESET_OR_FILE")
+            raise UsageError(
+                "--config",
+                f"{source} has no config.yaml next to it, so name the "
+                "configuration it was trained with: --config PRESET_OR_FILE",
+            )
         return str(found)
     return DEFAULT_PRESET
 
@@ -218,8 +252,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     """``python -m app``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in MOVED:
-        print(f"error: '{argv[0]}' is a command of python -m {MOVED[argv[0]]}: run "
-              f"python -m {MOVED[argv[0]]} {' '.join(argv)}", file=sys.stderr)
+        print(
+            f"error: '{argv[0]}' is a command of python -m {MOVED[argv[0]]}: run "
+            f"python -m {MOVED[argv[0]]} {' '.join(argv)}",
+            file=sys.stderr,
+        )
         return 2
     return run_cli(argv, COMMANDS, prog="python -m app")
 
@@ -275,14 +312,18 @@ def run_command(args: argparse.Namespace, command: Command) -> Tuple[int, bool]:
     if args.command == "plan":
         print(job_line(cfg, preset, chosen=not args.config))
     if not (under_torchrun() or under_poprun()):  # the launching command printed it already
-        print(f"# resolved configuration ({args.command}): {preset} with {changes_from_preset(cfg, preset)}"
-              + ("" if args.command == "plan" else " (the whole one: config.yaml in the run folder)"),
-              flush=True)
+        print(
+            f"# resolved configuration ({args.command}): {preset} with {changes_from_preset(cfg, preset)}"
+            + ("" if args.command == "plan" else " (the whole one: config.yaml in the run folder)"),
+            flush=True,
+        )
     name, cfg = route(args.command, cfg)
     run = load_command(COMMANDS[name] if name != args.command else command)
     if run is None:
-        print(f"error: the '{args.command}' command is not in this checkout yet "
-              f"({command.target} is missing)", file=sys.stderr)
+        print(
+            f"error: the '{args.command}' command is not in this checkout yet ({command.target} is missing)",
+            file=sys.stderr,
+        )
         return 2, False
     try:
         return run(cfg, args), True
@@ -308,12 +349,18 @@ def interrupted(interrupt: KeyboardInterrupt, command: str = "train") -> int:
     discarded = discard_unstarted_run()
     run_dir = current_run()["dir"]
     if discarded is not None:
-        print(f"\n{name}: stopped during start-up, before any step; removed the new run folder "
-              f"{discarded} (it held only its config.yaml)", file=sys.stderr)
+        print(
+            f"\n{name}: stopped during start-up, before any step; removed the new run folder "
+            f"{discarded} (it held only its config.yaml)",
+            file=sys.stderr,
+        )
     elif run_dir is not None:
         kind = "finetune" if command == "finetune" else "train"
-        print(f"\n{name}: aborted without saving; the newest complete checkpoint in {run_dir} is whole. "
-              f"Resume with:\n{resume_hint(run_dir, kind)}", file=sys.stderr)
+        print(
+            f"\n{name}: aborted without saving; the newest complete checkpoint in {run_dir} is whole. "
+            f"Resume with:\n{resume_hint(run_dir, kind)}",
+            file=sys.stderr,
+        )
     else:
         print(f"\n{name}: stopped before any run folder was made; nothing was written", file=sys.stderr)
     return 128 + int(signum)

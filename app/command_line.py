@@ -1,5 +1,6 @@
 """What a command line said: shared by the commands of the application and the experiments, so
 that none imports another for it."""
+
 import argparse
 from typing import Optional
 

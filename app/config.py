@@ -8,6 +8,7 @@ A run's configuration is built in three layers, each overriding the last:
 Values of overrides are parsed as YAML (``true``, ``1e-3``, ``[224, 256]``). The result is
 type-checked and validated as a whole before any data is read or any model is built.
 """
+
 import dataclasses
 import datetime
 import math
@@ -142,7 +143,7 @@ class FinetuneConfig:
     # The rate for ``lr_reference_batch`` images, scaled linearly with the fine-tuning's global
     # batch: the README's --base-learning-rate=-11 is 2^-11 PER IMAGE (TF1 LR_Schedules/cosine.py:
     # initial_lr = 2^exponent × global_batch_size), 0.25 at the documented global batch of 512.
-    lr: float = 2.0 ** -11
+    lr: float = 2.0**-11
     lr_reference_batch: int = 1
     trainable_from: str = "blocks.6"  # freeze every module before this one
     # Set by the finetune command in its run's configuration: the checkpoint fine-tuned. It marks
@@ -171,6 +172,7 @@ class LogConfig:
 @dataclass
 class StudyConfig:
     """``python -m experiments study <name>`` (experiments/study.py): the repeats and where the results go."""
+
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     out_dir: str = "benchmarks/results"  # rows (.jsonl, .csv), report (.md) and plot (.png)
     report_only: bool = False  # regenerate the report and plot from the existing rows, run nothing
@@ -207,6 +209,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- building
+
 
 def _as_float(value: Any) -> Optional[float]:
     """A number written as a string (``1e-3``: YAML 1.1 reads exponents without a dot as text)
@@ -255,8 +258,9 @@ def _check_type(path: str, value: Any, hint: Any, text: Optional[str] = None) ->
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             raise ConfigError(path, value, "a mapping")
-        return {_check_type(path, k, args[0]): _check_type(f"{path}.{k}", v, args[1])
-                for k, v in value.items()}
+        return {
+            _check_type(path, k, args[0]): _check_type(f"{path}.{k}", v, args[1]) for k, v in value.items()
+        }
     if hint is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(path, value, "a finite number")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -265,14 +269,16 @@ def _check_type(path: str, value: Any, hint: Any, text: Optional[str] = None) ->
         return _as_float(value)
     if hint is str and not isinstance(value, str) and _as_text(value, text) is not None:
         return _as_text(value, text)
-    if hint is Any or (isinstance(hint, type) and isinstance(value, hint)
-                       and not (hint is int and isinstance(value, bool))):
+    if hint is Any or (
+        isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
         return value
     raise ConfigError(path, value, getattr(hint, "__name__", str(hint)))
 
 
-def _merge(obj: Any, updates: Dict[str, Any], prefix: str = "",
-           texts: Optional[Dict[str, str]] = None) -> None:
+def _merge(
+    obj: Any, updates: Dict[str, Any], prefix: str = "", texts: Optional[Dict[str, str]] = None
+) -> None:
     """Set ``updates`` on the dataclass ``obj``, type-checked; ``texts``: dotted path → the value
     as typed on the command line."""
     texts = texts or {}
@@ -306,8 +312,11 @@ def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
         try:
             node[leaf] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as error:
-            raise UsageError(key, f"{item}: the value is not valid YAML ({_yaml_problem(error)}); "
-                                  "quote it, e.g. 'log.name=\"a:b\"'") from None
+            raise UsageError(
+                key,
+                f"{item}: the value is not valid YAML ({_yaml_problem(error)}); "
+                "quote it, e.g. 'log.name=\"a:b\"'",
+            ) from None
     return tree
 
 
@@ -323,20 +332,28 @@ def read_yaml_file(path: Path) -> Dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise UsageError("--config", f"{path} is not a text file (byte {error.start} is not UTF-8): "
-                                     "give a YAML configuration file") from None
+        raise UsageError(
+            "--config",
+            f"{path} is not a text file (byte {error.start} is not UTF-8): give a YAML configuration file",
+        ) from None
     except OSError as error:
         raise UsageError("--config", f"cannot read {path}: {error.strerror}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UsageError("--config", f"{path} is not valid YAML: {_yaml_problem(error)}; fix that "
-                                     "line (a configuration is a mapping, e.g. `optim: {lr: 0.1}`)") from None
+        raise UsageError(
+            "--config",
+            f"{path} is not valid YAML: {_yaml_problem(error)}; fix that "
+            "line (a configuration is a mapping, e.g. `optim: {lr: 0.1}`)",
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UsageError("--config", f"{path} holds a {type(data).__name__} ({str(data)[:40]!r}), not a "
-                                     "mapping of sections: write it as e.g. `optim: {lr: 0.1}`")
+        raise UsageError(
+            "--config",
+            f"{path} holds a {type(data).__name__} ({str(data)[:40]!r}), not a "
+            "mapping of sections: write it as e.g. `optim: {lr: 0.1}`",
+        )
     return data
 
 
@@ -372,7 +389,6 @@ def load_preset(name: str) -> Dict[str, Any]:
     raise ConfigError("config", name, f"a YAML file or one of the presets: {', '.join(preset_names())}")
 
 
-
 def build_config(preset: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
     """Defaults ← preset ← overrides, then validated."""
     cfg = Config()
@@ -402,22 +418,47 @@ def config_from_dict(data: Dict[str, Any]) -> Config:
 
 # ----------------------------------------------------------------------------- validation
 
+
 def validate_scale_out(cfg: Config) -> None:
     """train.replicas is the whole job's replica count; processes/instances must divide it."""
     t, d = cfg.train, cfg.dist
     on_ipu = cfg.device in ("ipu", "ipu-model")
-    _require(on_ipu or d.instances == 1, "dist.instances", d.instances,
-             "1 on cpu/cuda (PopRun instances are for IPU pods; several GPU machines: dist.nnodes)")
-    _require(not on_ipu or d.nnodes == 1, "dist.nnodes", d.nnodes,
-             "1 on IPUs (several POD hosts: dist.instances with poprun's --host in dist.launcher_args)")
-    _require(t.replicas % d.instances == 0, "train.replicas", t.replicas,
-             f"a multiple of dist.instances={d.instances} (each instance drives the same number)")
-    _require(t.replicas % d.nnodes == 0, "train.replicas", t.replicas,
-             f"a multiple of dist.nnodes={d.nnodes} (torchrun starts replicas/nnodes processes per node)")
-    _require(d.nnodes == 1 or bool(d.rdzv_endpoint), "dist.rdzv_endpoint", d.rdzv_endpoint,
-             "host:port of the first node when dist.nnodes > 1 (every node must give the same)")
-    _require(d.instances == 1 or cfg.device != "ipu-model", "dist.instances", d.instances,
-             "1 with device=ipu-model (the IPU Model emulator has no replication; use device=ipu)")
+    _require(
+        on_ipu or d.instances == 1,
+        "dist.instances",
+        d.instances,
+        "1 on cpu/cuda (PopRun instances are for IPU pods; several GPU machines: dist.nnodes)",
+    )
+    _require(
+        not on_ipu or d.nnodes == 1,
+        "dist.nnodes",
+        d.nnodes,
+        "1 on IPUs (several POD hosts: dist.instances with poprun's --host in dist.launcher_args)",
+    )
+    _require(
+        t.replicas % d.instances == 0,
+        "train.replicas",
+        t.replicas,
+        f"a multiple of dist.instances={d.instances} (each instance drives the same number)",
+    )
+    _require(
+        t.replicas % d.nnodes == 0,
+        "train.replicas",
+        t.replicas,
+        f"a multiple of dist.nnodes={d.nnodes} (torchrun starts replicas/nnodes processes per node)",
+    )
+    _require(
+        d.nnodes == 1 or bool(d.rdzv_endpoint),
+        "dist.rdzv_endpoint",
+        d.rdzv_endpoint,
+        "host:port of the first node when dist.nnodes > 1 (every node must give the same)",
+    )
+    _require(
+        d.instances == 1 or cfg.device != "ipu-model",
+        "dist.instances",
+        d.instances,
+        "1 with device=ipu-model (the IPU Model emulator has no replication; use device=ipu)",
+    )
 
 
 def _require(ok: bool, path: str, value: Any, allowed: str) -> None:
@@ -440,35 +481,46 @@ def check_dataset(cfg: Config) -> None:
     missing = [sub for sub in ("train", "val") if not (root / sub).is_dir()]
     if not root.is_dir() or missing:
         what = "no such folder" if not root.is_dir() else f"no {' or '.join(s + '/' for s in missing)}"
-        raise ConfigError("data.dataset", name,
-                          f"one of {', '.join(BUILTIN)} or an ImageNet-style folder with train/<class>/ "
-                          f"and val/<class>/ ({what}): give the folder's path")
+        raise ConfigError(
+            "data.dataset",
+            name,
+            f"one of {', '.join(BUILTIN)} or an ImageNet-style folder with train/<class>/ "
+            f"and val/<class>/ ({what}): give the folder's path",
+        )
     check_class_folders(root)
 
 
 def check_class_folders(root: Path) -> None:
     """Every class of ``root/train`` has an image (an empty one would be a class no image teaches,
     still counted in the classifier), and ``val/`` has no class ``train/`` lacks."""
+
     def classes(split: str) -> Dict[str, bool]:  # class → holds an image file
         found = {}
         for entry in sorted(os.scandir(root / split), key=lambda e: e.name):
             if is_a(entry, "dir"):
                 with os.scandir(entry.path) as files:  # stops at the first image (ImageNet: fast)
-                    found[entry.name] = any(f.name.lower().endswith(IMAGE_EXTENSIONS) and is_a(f, "file")
-                                            for f in files)
+                    found[entry.name] = any(
+                        f.name.lower().endswith(IMAGE_EXTENSIONS) and is_a(f, "file") for f in files
+                    )
         return found
 
     train, val = classes("train"), classes("val")
     empty = [c for c, has_images in train.items() if not has_images]
     if empty:
-        raise UsageError("data.dataset", f"data.dataset={str(root)!r}: train/ class folder(s) "
-                         f"{', '.join(empty[:5])} hold no images ({', '.join(IMAGE_EXTENSIONS)}): add "
-                         "their images or remove the folders (every folder of train/ is a class)")
+        raise UsageError(
+            "data.dataset",
+            f"data.dataset={str(root)!r}: train/ class folder(s) "
+            f"{', '.join(empty[:5])} hold no images ({', '.join(IMAGE_EXTENSIONS)}): add "
+            "their images or remove the folders (every folder of train/ is a class)",
+        )
     only_val = [c for c in val if c not in train]
     if only_val:
-        raise UsageError("data.dataset", f"data.dataset={str(root)!r}: val/ has class folder(s) "
-                         f"{', '.join(only_val[:5])} that train/ lacks: no image teaches them; move "
-                         "them into train/ too, or out of val/")
+        raise UsageError(
+            "data.dataset",
+            f"data.dataset={str(root)!r}: val/ has class folder(s) "
+            f"{', '.join(only_val[:5])} that train/ lacks: no image teaches them; move "
+            "them into train/ too, or out of val/",
+        )
 
 
 def _validate_model(m) -> None:
@@ -480,35 +532,64 @@ def _validate_model(m) -> None:
     _require(m.group_size >= 1, "model.group_size", m.group_size, "an integer >= 1 (1 = depthwise)")
     _require(m.expand_ratio >= 1, "model.expand_ratio", m.expand_ratio, "an integer >= 1")
     _require(m.norm in NORM_KINDS, "model.norm", m.norm, f"one of {', '.join(NORM_KINDS)}")
-    _require(m.norm_groups in (1, 2, 4, 8), "model.norm_groups", m.norm_groups,
-             "1, 2, 4 or 8 (a divisor of every layer width)")
+    _require(
+        m.norm_groups in (1, 2, 4, 8),
+        "model.norm_groups",
+        m.norm_groups,
+        "1, 2, 4 or 8 (a divisor of every layer width)",
+    )
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
     _require(m.dropout is None or 0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1) or null")
     _require(0 <= m.drop_path < 1, "model.drop_path", m.drop_path, "in [0, 1)")
-    _require(m.padding in PADDINGS, "model.padding", m.padding,
-             "same (TensorFlow's, the official code's) or symmetric (timm's efficientnet_*, torchvision)")
-    _require(m.graph in GRAPHS, "model.graph", m.graph,
-             "official, or v1 for checkpoints written before the official graph")
-    _require(m.init_source in ("ours", "timm", "torchvision"), "model.init_source", m.init_source,
-             "ours, timm or torchvision")
+    _require(
+        m.padding in PADDINGS,
+        "model.padding",
+        m.padding,
+        "same (TensorFlow's, the official code's) or symmetric (timm's efficientnet_*, torchvision)",
+    )
+    _require(
+        m.graph in GRAPHS,
+        "model.graph",
+        m.graph,
+        "official, or v1 for checkpoints written before the official graph",
+    )
+    _require(
+        m.init_source in ("ours", "timm", "torchvision"),
+        "model.init_source",
+        m.init_source,
+        "ours, timm or torchvision",
+    )
 
 
 def _validate_data(d) -> None:
     """``cfg.data``: resolutions, loading and augmentation."""
     _require(d.resolution >= 32, "data.resolution", d.resolution, "an integer >= 32")
-    _require(all(r >= 32 for r in d.val_resolutions), "data.val_resolutions", d.val_resolutions,
-             "integers >= 32")
-    _require(d.native_resolution is None or d.native_resolution >= 32, "data.native_resolution",
-             d.native_resolution, "null or an integer >= 32")
+    _require(
+        all(r >= 32 for r in d.val_resolutions), "data.val_resolutions", d.val_resolutions, "integers >= 32"
+    )
+    _require(
+        d.native_resolution is None or d.native_resolution >= 32,
+        "data.native_resolution",
+        d.native_resolution,
+        "null or an integer >= 32",
+    )
     _require(d.workers >= 0, "data.workers", d.workers, "an integer >= 0")
     _require(d.prefetch >= 1, "data.prefetch", d.prefetch, "an integer >= 1")
     lo, hi = (d.random_crop_scale + [0, 0])[:2]
-    _require(len(d.random_crop_scale) == 2 and 0 < lo <= hi <= 1, "data.random_crop_scale",
-             d.random_crop_scale, "[min, max] with 0 < min <= max <= 1")
+    _require(
+        len(d.random_crop_scale) == 2 and 0 < lo <= hi <= 1,
+        "data.random_crop_scale",
+        d.random_crop_scale,
+        "[min, max] with 0 < min <= max <= 1",
+    )
     _require(d.mixup >= 0, "data.mixup", d.mixup, "a number >= 0 (Beta(α, α); 0 = off)")
     # 1.55·λ₀ − 0.96 is the probability of no cut: λ₀ below 0.62 always cuts
-    _require(0 < d.cutmix_lambda <= 1, "data.cutmix_lambda", d.cutmix_lambda,
-             "in (0, 1]: CutMix v1's λ₀ (the paper's 0.95 B1 … 0.8 B5), 1 = off")
+    _require(
+        0 < d.cutmix_lambda <= 1,
+        "data.cutmix_lambda",
+        d.cutmix_lambda,
+        "in (0, 1]: CutMix v1's λ₀ (the paper's 0.95 B1 … 0.8 B5), 1 = off",
+    )
     _require(d.synthetic_images >= 1, "data.synthetic_images", d.synthetic_images, "an integer >= 1")
 
 
@@ -517,18 +598,34 @@ def _validate_optim(o) -> None:
     _require(o.name in ("sgd", "rmsprop", "adamw"), "optim.name", o.name, "sgd, rmsprop or adamw")
     _require(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(o.lr_reference_batch >= 1, "optim.lr_reference_batch", o.lr_reference_batch, "an integer >= 1")
-    _require(o.lr_scaling in ("auto", "linear", "sqrt", "none"), "optim.lr_scaling", o.lr_scaling,
-             "auto (linear for sgd/rmsprop, sqrt for adamw), linear, sqrt or none")
-    _require(o.lr_diverges_at is None or o.lr_diverges_at > 0, "optim.lr_diverges_at", o.lr_diverges_at,
-             "null or a number > 0")
+    _require(
+        o.lr_scaling in ("auto", "linear", "sqrt", "none"),
+        "optim.lr_scaling",
+        o.lr_scaling,
+        "auto (linear for sgd/rmsprop, sqrt for adamw), linear, sqrt or none",
+    )
+    _require(
+        o.lr_diverges_at is None or o.lr_diverges_at > 0,
+        "optim.lr_diverges_at",
+        o.lr_diverges_at,
+        "null or a number > 0",
+    )
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
-    _require(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov", o.nesterov,
-             "false, or true only with optim.name=sgd and optim.momentum > 0")
+    _require(
+        not o.nesterov or (o.name == "sgd" and o.momentum > 0),
+        "optim.nesterov",
+        o.nesterov,
+        "false, or true only with optim.name=sgd and optim.momentum > 0",
+    )
     _require(0 < o.alpha < 1, "optim.alpha", o.alpha, "in (0, 1)")
     _require(o.eps > 0, "optim.eps", o.eps, "a number > 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
-             "[beta1, beta2], two numbers in [0, 1) (AdamW's averaging factors)")
+    _require(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        o.betas,
+        "[beta1, beta2], two numbers in [0, 1) (AdamW's averaging factors)",
+    )
 
 
 def validate(cfg: Config) -> None:
@@ -539,63 +636,113 @@ def validate(cfg: Config) -> None:
     _validate_optim(cfg.optim)
 
     s = cfg.schedule
-    _require(s.name in ("exponential", "cosine", "step"), "schedule.name", s.name,
-             "exponential, cosine or step")
+    _require(
+        s.name in ("exponential", "cosine", "step"), "schedule.name", s.name, "exponential, cosine or step"
+    )
     _require(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, "a number >= 0")
     _require(0 < s.decay_rate <= 1, "schedule.decay_rate", s.decay_rate, "in (0, 1]")
     _require(s.decay_epochs > 0, "schedule.decay_epochs", s.decay_epochs, "a number > 0")
-    _require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio,
-             "in [0, 1] (the cosine floor as a fraction of the peak rate)")
+    _require(
+        0 <= s.min_lr_ratio <= 1,
+        "schedule.min_lr_ratio",
+        s.min_lr_ratio,
+        "in [0, 1] (the cosine floor as a fraction of the peak rate)",
+    )
 
     t = cfg.train
     _require(t.epochs > 0, "train.epochs", t.epochs, "a number > 0")
     _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "null or >= 1")
-    _require(t.cpu_threads is None or t.cpu_threads >= 1, "train.cpu_threads", t.cpu_threads,
-             "null (torch's default) or an integer >= 1")
+    _require(
+        t.cpu_threads is None or t.cpu_threads >= 1,
+        "train.cpu_threads",
+        t.cpu_threads,
+        "null (torch's default) or an integer >= 1",
+    )
     for name in ("micro_batch", "grad_accum", "replicas", "log_every", "keep_checkpoints"):
         _require(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "in [0, 1)")
     _require(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "in [0, 1) (0 = off)")
     _require(t.ema_every >= 1, "train.ema_every", t.ema_every, "an integer >= 1")
     # numpy's seeds are below 2**32, and each process seeds with train.seed + its rank
-    _require(0 <= t.seed < 2 ** 31, "train.seed", t.seed, "an integer in [0, 2**31)")
+    _require(0 <= t.seed < 2**31, "train.seed", t.seed, "an integer in [0, 2**31)")
     _require(0 <= t.weight_avg_exp < 1, "train.weight_avg_exp", t.weight_avg_exp, "in [0, 1) (0 = off)")
-    _require(t.weight_avg_exp == 0 or t.ema_decay == 0, "train.weight_avg_exp", t.weight_avg_exp,
-             f"0 while train.ema_decay={t.ema_decay:g}: one weight average at a time (set the other to 0)")
+    _require(
+        t.weight_avg_exp == 0 or t.ema_decay == 0,
+        "train.weight_avg_exp",
+        t.weight_avg_exp,
+        f"0 while train.ema_decay={t.ema_decay:g}: one weight average at a time (set the other to 0)",
+    )
     _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "fp32, bf16 or fp16")
     _require(t.val_every > 0, "train.val_every", t.val_every, "a number > 0")
     # Batch norm in training needs more than one value per channel: one image whose last maps are
     # 1×1 (five stride-2 stages) has one, and torch fails mid-run, after the run folder exists.
     last_map = -(-cfg.data.resolution // 32)
-    _require(cfg.model.norm != "batch" or t.micro_batch * last_map ** 2 > 1, "train.micro_batch",
-             t.micro_batch, f"at least 2 with model.norm=batch at data.resolution={cfg.data.resolution} "
-             "(its last feature maps are 1×1: batch statistics of one value); or model.norm=group / "
-             "layer, which normalise each image on its own")
-    _require(t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every",
-             t.checkpoint_every, "null (off) or an integer >= 1 (steps)")
-    _require(t.checkpoint_minutes is None or t.checkpoint_minutes > 0, "train.checkpoint_minutes",
-             t.checkpoint_minutes, "null (off) or a number > 0 (minutes)")
+    _require(
+        cfg.model.norm != "batch" or t.micro_batch * last_map**2 > 1,
+        "train.micro_batch",
+        t.micro_batch,
+        f"at least 2 with model.norm=batch at data.resolution={cfg.data.resolution} "
+        "(its last feature maps are 1×1: batch statistics of one value); or model.norm=group / "
+        "layer, which normalise each image on its own",
+    )
+    _require(
+        t.checkpoint_every is None or t.checkpoint_every >= 1,
+        "train.checkpoint_every",
+        t.checkpoint_every,
+        "null (off) or an integer >= 1 (steps)",
+    )
+    _require(
+        t.checkpoint_minutes is None or t.checkpoint_minutes > 0,
+        "train.checkpoint_minutes",
+        t.checkpoint_minutes,
+        "null (off) or a number > 0 (minutes)",
+    )
     # warm-up longer than the run: the rate would never reach its peak nor the schedule start
-    _require(s.warmup_epochs <= t.epochs, "schedule.warmup_epochs", s.warmup_epochs,
-             f"at most train.epochs={t.epochs:g}: lower schedule.warmup_epochs or raise train.epochs")
+    _require(
+        s.warmup_epochs <= t.epochs,
+        "schedule.warmup_epochs",
+        s.warmup_epochs,
+        f"at most train.epochs={t.epochs:g}: lower schedule.warmup_epochs or raise train.epochs",
+    )
 
     f = cfg.finetune
     _require(f.epochs > 0, "finetune.epochs", f.epochs, "a number > 0")
     _require(f.lr > 0, "finetune.lr", f.lr, "a number > 0")
-    _require(f.lr_reference_batch >= 1, "finetune.lr_reference_batch", f.lr_reference_batch,
-             "an integer >= 1 (finetune.lr is the rate for this many images)")
-    _require(f.resolution is None or f.resolution >= 32, "finetune.resolution", f.resolution,
-             "null or an integer >= 32")
+    _require(
+        f.lr_reference_batch >= 1,
+        "finetune.lr_reference_batch",
+        f.lr_reference_batch,
+        "an integer >= 1 (finetune.lr is the rate for this many images)",
+    )
+    _require(
+        f.resolution is None or f.resolution >= 32,
+        "finetune.resolution",
+        f.resolution,
+        "null or an integer >= 32",
+    )
 
-    _require(cfg.dist.instances >= 1 and cfg.dist.nnodes >= 1, "dist.instances/nnodes",
-             (cfg.dist.instances, cfg.dist.nnodes), "integers >= 1")
+    _require(
+        cfg.dist.instances >= 1 and cfg.dist.nnodes >= 1,
+        "dist.instances/nnodes",
+        (cfg.dist.instances, cfg.dist.nnodes),
+        "integers >= 1",
+    )
     validate_scale_out(cfg)
-    _require(cfg.log.wandb_mode in ("offline", "online"), "log.wandb_mode", cfg.log.wandb_mode,
-             "offline or online")
-    _require(cfg.log.name is None or is_folder_name(cfg.log.name), "log.name", cfg.log.name,
-             "a plain folder name (no / or \\, not . or ..): the run folder is log.out_dir/<log.name>")
-    _require(len(cfg.study.seeds) >= 1 and len(set(cfg.study.seeds)) == len(cfg.study.seeds),
-             "study.seeds", cfg.study.seeds, "a list of distinct integers, at least one")
+    _require(
+        cfg.log.wandb_mode in ("offline", "online"), "log.wandb_mode", cfg.log.wandb_mode, "offline or online"
+    )
+    _require(
+        cfg.log.name is None or is_folder_name(cfg.log.name),
+        "log.name",
+        cfg.log.name,
+        "a plain folder name (no / or \\, not . or ..): the run folder is log.out_dir/<log.name>",
+    )
+    _require(
+        len(cfg.study.seeds) >= 1 and len(set(cfg.study.seeds)) == len(cfg.study.seeds),
+        "study.seeds",
+        cfg.study.seeds,
+        "a list of distinct integers, at least one",
+    )
     cfg.ipu.validate()
     validate_ipu_lists(cfg)
 
@@ -608,9 +755,13 @@ def validate_ipu_lists(cfg: Config) -> None:
         return
     ipus = max(pipeline.values()) + 1 if pipeline else 1
     amp = cfg.ipu.available_memory_proportion
-    _require(len(amp) in (1, ipus), "ipu.available_memory_proportion", amp,
-             f"one value for all IPUs or one per IPU: this configuration uses {ipus} IPU"
-             f"{'s' if ipus > 1 else ''} per replica (ipu.pipeline)")
+    _require(
+        len(amp) in (1, ipus),
+        "ipu.available_memory_proportion",
+        amp,
+        f"one value for all IPUs or one per IPU: this configuration uses {ipus} IPU"
+        f"{'s' if ipus > 1 else ''} per replica (ipu.pipeline)",
+    )
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -623,27 +774,49 @@ def validate_ipu_lists(cfg: Config) -> None:
 # hyper-parameters live in its state), break it (another optimiser), or make a different
 # experiment under the old run's name. Entries ending in "." open a whole section.
 RESUME_MAY_CHANGE = (
-    "device", "resume",
-    "data.workers", "data.val_resolutions",
-    "optim.lr", "optim.lr_reference_batch", "optim.lr_scaling", "optim.lr_diverges_at",
+    "device",
+    "resume",
+    "data.workers",
+    "data.val_resolutions",
+    "optim.lr",
+    "optim.lr_reference_batch",
+    "optim.lr_scaling",
+    "optim.lr_diverges_at",
     "schedule.",
-    "train.epochs", "train.max_steps", "train.log_every", "train.val_every", "train.keep_checkpoints",
-    "train.checkpoint_every", "train.checkpoint_minutes",
-    "train.cpu_threads", "train.channels_last",
+    "train.epochs",
+    "train.max_steps",
+    "train.log_every",
+    "train.val_every",
+    "train.keep_checkpoints",
+    "train.checkpoint_every",
+    "train.checkpoint_minutes",
+    "train.cpu_threads",
+    "train.channels_last",
     # how the global batch is made (it must stay the same: steps per epoch, data order)
-    "train.micro_batch", "train.grad_accum", "train.replicas",
+    "train.micro_batch",
+    "train.grad_accum",
+    "train.replicas",
     "finetune.epochs",
-    "ipu.device_iterations", "ipu.pipeline", "ipu.recompute", "ipu.available_memory_proportion",
-    "ipu.optimizer_state_offchip", "ipu.replicated_tensor_sharding", "ipu.executable_cache",
-    "ipu.output_mode", "ipu.plan_ipus", "ipu.plan_margin",
-    "dist.", "log.",
+    "ipu.device_iterations",
+    "ipu.pipeline",
+    "ipu.recompute",
+    "ipu.available_memory_proportion",
+    "ipu.optimizer_state_offchip",
+    "ipu.replicated_tensor_sharding",
+    "ipu.executable_cache",
+    "ipu.output_mode",
+    "ipu.plan_ipus",
+    "ipu.plan_margin",
+    "dist.",
+    "log.",
 )
 GLOBAL_BATCH_FIELDS = ("train.micro_batch", "train.grad_accum", "train.replicas")
 
 
 def resume_may_change(path: str) -> bool:
-    return any(path == entry or (entry.endswith(".") and path.startswith(entry))
-               for entry in RESUME_MAY_CHANGE)
+    return any(
+        path == entry or (entry.endswith(".") and path.startswith(entry)) for entry in RESUME_MAY_CHANGE
+    )
 
 
 def dotted_fields(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -657,8 +830,13 @@ def dotted_fields(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
-def check_resume_changes(saved: Dict[str, Any], cfg: Config, run_dir: Any, weights: Any,
-                         config_file: Optional[Dict[str, Any]] = None) -> None:
+def check_resume_changes(
+    saved: Dict[str, Any],
+    cfg: Config,
+    run_dir: Any,
+    weights: Any,
+    config_file: Optional[Dict[str, Any]] = None,
+) -> None:
     """Refuse, before any work, a resume whose configuration differs from the run's ``saved`` one
     (its config.yaml, or the checkpoint's) in a field a resume may not change, naming the field and
     the way out: a new run from the checkpoint's weights. ``config_file``: the run's config.yaml
@@ -680,25 +858,35 @@ def check_resume_changes(saved: Dict[str, Any], cfg: Config, run_dir: Any, weigh
     edited = dotted_fields(config_file) if config_file is not None else {}
     if refused and all(p in edited and edited[p] == new[p] for p in refused):
         restore = "; ".join(f"{p}: {_as_override(old[p])}" for p in refused)
-        raise UsageError(refused[0], (
-            f"{Path(str(run_dir)) / 'config.yaml'} was edited after the run's checkpoints were written "
-            f"({'; '.join(f'{p}: checkpoint {old[p]!r}, config.yaml {new[p]!r}' for p in refused)}); "
-            f"a resume continues the checkpoint's run and cannot change that. Put the file back "
-            f"({restore}) and resume again; or start a new "
-            f"run with the edited settings from the checkpoint's weights: "
-            f"{python_command()} -m app train --config "
-            f"{Path(str(run_dir)) / 'config.yaml'} model.init_from={weights}"))
+        raise UsageError(
+            refused[0],
+            (
+                f"{Path(str(run_dir)) / 'config.yaml'} was edited after the run's checkpoints were written "
+                f"({'; '.join(f'{p}: checkpoint {old[p]!r}, config.yaml {new[p]!r}' for p in refused)}); "
+                f"a resume continues the checkpoint's run and cannot change that. Put the file back "
+                f"({restore}) and resume again; or start a new "
+                f"run with the edited settings from the checkpoint's weights: "
+                f"{python_command()} -m app train --config "
+                f"{Path(str(run_dir)) / 'config.yaml'} model.init_from={weights}"
+            ),
+        )
     settings = " ".join(f"{p}={_as_override(new[p])}" for p in refused if p != "model.init_from")
-    why = ("the global batch decides the steps per epoch and the order of the data"
-           if all(p in GLOBAL_BATCH_FIELDS for p in refused) else
-           "the checkpoint holds the run's optimiser state, weights and data position for its own settings")
-    raise UsageError(refused[0], (
-        f"--resume {run_dir} cannot change {shown} ({why}; a resume may change only "
-        f"{', '.join(e + '*' if e.endswith('.') else e for e in RESUME_MAY_CHANGE[2:])}). Resume without "
-        f"{'that override' if len(refused) == 1 else 'those overrides'}, or start a new run from the "
-        f"checkpoint's weights: {python_command()} -m app train --config "
-        f"{Path(str(run_dir)) / 'config.yaml'} "
-        f"{settings} model.init_from={weights}".replace("  ", " ")))
+    why = (
+        "the global batch decides the steps per epoch and the order of the data"
+        if all(p in GLOBAL_BATCH_FIELDS for p in refused)
+        else "the checkpoint holds the run's optimiser state, weights and data position for its own settings"
+    )
+    raise UsageError(
+        refused[0],
+        (
+            f"--resume {run_dir} cannot change {shown} ({why}; a resume may change only "
+            f"{', '.join(e + '*' if e.endswith('.') else e for e in RESUME_MAY_CHANGE[2:])}). Resume without "
+            f"{'that override' if len(refused) == 1 else 'those overrides'}, or start a new run from the "
+            f"checkpoint's weights: {python_command()} -m app train --config "
+            f"{Path(str(run_dir)) / 'config.yaml'} "
+            f"{settings} model.init_from={weights}".replace("  ", " ")
+        ),
+    )
 
 
 def _as_override(value: Any) -> str:

@@ -18,6 +18,7 @@ This module decides the context and registers it (``set_current``); backends ave
 metrics with ``backends.process.all_reduce_mean``, so every process reports the same job-wide
 figures. With one process every collective is the identity and nothing touches ``torch.distributed``.
 """
+
 import argparse
 import ctypes
 import gc
@@ -68,6 +69,7 @@ ORDERLY_STATUSES = (3, 4) + tuple(128 + s for s in STOP_SIGNALS)
 
 # ----------------------------------------------------------------------------- data split
 
+
 class ShardSampler(Sampler):
     """The indices of one process's share of an epoch.
 
@@ -81,8 +83,9 @@ class ShardSampler(Sampler):
     Validation (``shuffle=False``): every image exactly once, round-robin (shares differ by <= 1).
     """
 
-    def __init__(self, size: int, *, rank: int, world_size: int, seed: int, shuffle: bool,
-                 batch_size: int = 1):
+    def __init__(
+        self, size: int, *, rank: int, world_size: int, seed: int, shuffle: bool, batch_size: int = 1
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is invalid for world_size={world_size}")
         self.size, self.rank, self.world_size, self.batch_size = size, rank, world_size, batch_size
@@ -102,19 +105,27 @@ class ShardSampler(Sampler):
         order = epoch_order(self.size, self.seed, self.epoch)
         b, global_batch = self.batch_size, self.batch_size * self.world_size
         starts = range(self.rank * b, len(self) * self.world_size, global_batch)
-        return iter([i for start in starts for i in order[start:start + b]])
+        return iter([i for start in starts for i in order[start : start + b]])
 
 
 # ----------------------------------------------------------------------------- contexts
 
-def shard_sampler(ctx: DistContext, dataset: Dataset, *, train: bool, seed: int,
-                  batch_size: int = 1) -> Optional[ShardSampler]:
+
+def shard_sampler(
+    ctx: DistContext, dataset: Dataset, *, train: bool, seed: int, batch_size: int = 1
+) -> Optional[ShardSampler]:
     """This process's share of ``dataset``, taken ``batch_size`` (its host batch) at a time
     when training (None with one process: the loader's own order)."""
     if ctx.world_size == 1:
         return None
-    return ShardSampler(len(dataset), rank=ctx.rank, world_size=ctx.world_size, seed=seed,
-                        shuffle=train, batch_size=batch_size)
+    return ShardSampler(
+        len(dataset),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=seed,
+        shuffle=train,
+        batch_size=batch_size,
+    )
 
 
 class TorchrunContext(DistContext):
@@ -141,8 +152,9 @@ class TorchrunContext(DistContext):
         pass  # DistributedDataParallel broadcasts rank 0's parameters and buffers when it wraps
 
     def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
-        ids = [device.index if device.index is not None else self.local_rank] \
-            if device.type == "cuda" else None
+        ids = (
+            [device.index if device.index is not None else self.local_rank] if device.type == "cuda" else None
+        )
         return DistributedDataParallel(module, device_ids=ids)
 
     def barrier(self) -> None:
@@ -196,9 +208,12 @@ def own_rng_states(payload: Dict[str, Any], ctx: DistContext) -> Dict[str, Any]:
     by_rank = payload.get("rng_by_rank")
     if ctx.world_size == 1 or not by_rank or len(by_rank) != ctx.world_size:
         if ctx.world_size > 1 and ctx.is_main:
-            print(f"note: the checkpoint holds the random states of {len(by_rank or [None])} process(es), "
-                  f"this job has {ctx.world_size}: dropout and drop-path masks will not repeat the "
-                  "original run's", file=sys.stderr)
+            print(
+                f"note: the checkpoint holds the random states of {len(by_rank or [None])} process(es), "
+                f"this job has {ctx.world_size}: dropout and drop-path masks will not repeat the "
+                "original run's",
+                file=sys.stderr,
+            )
         return payload
     mine = by_rank[ctx.rank]
     return {**payload, "rng": mine["rng"], "epoch_rng": mine["epoch_rng"]}
@@ -215,12 +230,17 @@ def reduce_results(results: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, 
         keys = [k for k in result if k != "images" and k not in COUNTS]
         counts = [k for k in result if k in COUNTS]
         n = float(result["images"])
-        sums = torch.tensor([n] + [float(result[k]) * n for k in keys] + [float(result[k]) for k in counts],
-                            dtype=torch.float64)
+        sums = torch.tensor(
+            [n] + [float(result[k]) * n for k in keys] + [float(result[k]) for k in counts],
+            dtype=torch.float64,
+        )
         sums = ctx.all_reduce_sum(sums)
         total = float(sums[0])
-        combined[name] = {**{k: float(v) / total for k, v in zip(keys, sums[1:])}, "images": int(total),
-                          **{k: int(v) for k, v in zip(counts, sums[1 + len(keys):])}}
+        combined[name] = {
+            **{k: float(v) / total for k, v in zip(keys, sums[1:])},
+            "images": int(total),
+            **{k: int(v) for k, v in zip(counts, sums[1 + len(keys) :])},
+        }
     return combined
 
 
@@ -247,13 +267,15 @@ def init_distributed(cfg: Config) -> DistContext:
         raise DistributedError(
             f"torchrun started {world_size} processes but train.replicas={cfg.train.replicas}; the "
             f"global batch and learning rate depend on it: set train.replicas={world_size} (REPLICAS="
-            f"{world_size}), or let `{python_command()} -m app train train.replicas=N` start torchrun itself")
+            f"{world_size}), or let `{python_command()} -m app train train.replicas=N` start torchrun itself"
+        )
     if _wants_cuda(cfg):
         if torch.cuda.device_count() <= local_rank:
             raise DistributedError(
                 f"process {local_rank} on this machine needs GPU {local_rank}, but only "
                 f"{torch.cuda.device_count()} are visible: start at most that many processes per "
-                "machine (train.replicas / dist.nnodes)")
+                "machine (train.replicas / dist.nnodes)"
+            )
         torch.cuda.set_device(local_rank)  # device=cuda then means this process's own GPU
         backend, device = "nccl", torch.device("cuda", local_rank)
     else:
@@ -269,6 +291,7 @@ def init_distributed(cfg: Config) -> DistContext:
 
 
 # ----------------------------------------------------------------------------- launching
+
 
 def app_command_line(args: argparse.Namespace) -> List[str]:
     """The ``python -m app`` arguments that reproduce this command (for the launched processes)."""
@@ -305,8 +328,14 @@ def launch_command(cfg: Config, app_argv: List[str]) -> Optional[List[str]]:
     if cfg.device in IPU_DEVICES:
         if cfg.dist.instances == 1:
             return None
-        return poprun_command(ipu_spec(cfg), cfg.train.replicas, cfg.dist.instances, cfg.dist.launcher_args,
-                              cfg.log.out_dir, app_argv)
+        return poprun_command(
+            ipu_spec(cfg),
+            cfg.train.replicas,
+            cfg.dist.instances,
+            cfg.dist.launcher_args,
+            cfg.log.out_dir,
+            app_argv,
+        )
     if cfg.train.replicas == 1 and cfg.dist.nnodes == 1:
         return None
     return torchrun_command(cfg, app_argv)
@@ -318,8 +347,10 @@ def launch(cfg: Config, args: Optional[argparse.Namespace]) -> Optional[int]:
     The launcher ends every process when one fails and prints that process's error."""
     if args is None:  # called from Python without a command line: nothing to re-run
         if launch_command(cfg, ["train"]) is not None:
-            raise DistributedError("a job over several processes is started from the command line: "
-                                   f"{python_command()} -m app train train.replicas=N ...")
+            raise DistributedError(
+                "a job over several processes is started from the command line: "
+                f"{python_command()} -m app train train.replicas=N ..."
+            )
         return None
     command = launch_command(cfg, app_command_line(args))
     if cfg.dist.dry_run:
@@ -332,7 +363,8 @@ def launch(cfg: Config, args: Optional[argparse.Namespace]) -> Optional[int]:
     if cfg.device not in IPU_DEVICES and _wants_cuda(cfg) and per_node > torch.cuda.device_count():
         raise DistributedError(
             f"{per_node} processes per machine need {per_node} GPUs, this one has "
-            f"{torch.cuda.device_count()}: lower train.replicas (REPLICAS) or raise dist.nnodes")
+            f"{torch.cuda.device_count()}: lower train.replicas (REPLICAS) or raise dist.nnodes"
+        )
     print(f"launching: {shlex.join(command)}", flush=True)
     return run_job(command)
 
@@ -378,8 +410,11 @@ def run_job(command: List[str]) -> int:
         failed = [c for c in statuses if c != 0]
         return max(failed) if failed else 0 if code == 0 else code
     if received and code != 0:
-        print(f"{signal.Signals(received[0]).name}: the job stopped while starting its processes, "
-              "before any step", file=sys.stderr)
+        print(
+            f"{signal.Signals(received[0]).name}: the job stopped while starting its processes, "
+            "before any step",
+            file=sys.stderr,
+        )
         return 128 + received[0]
     return code
 
@@ -411,8 +446,11 @@ def watch_parent(poll_s: float = 0.5) -> None:
     def watch():
         while pid_alive(int(launcher)):
             time.sleep(poll_s)
-        print(f"the command that started this job (process {launcher}) has ended: stopping the job",
-              file=sys.stderr, flush=True)
+        print(
+            f"the command that started this job (process {launcher}) has ended: stopping the job",
+            file=sys.stderr,
+            flush=True,
+        )
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
@@ -459,19 +497,25 @@ def settle_job_status(code: int, orderly: bool) -> int:
 
 # ----------------------------------------------------------------------------- reporting
 
+
 def scale_summary(cfg: Config, ctx: DistContext) -> str:
     """One line, the same on every device kind: the global batch and how it is made, the learning
     rate scaling and its rule, and over which images batch statistics are computed."""
     t = cfg.train
     processes = ctx.world_size
     per_process = t.replicas // processes
-    layout = f"{processes} {'instances' if ctx.engine == 'poprun' else 'processes'} × " \
-             f"{per_process} replica{'s' if per_process > 1 else ''}" if processes > 1 else \
-             f"{t.replicas} replica{'s' if t.replicas > 1 else ''} in 1 process"
+    layout = (
+        f"{processes} {'instances' if ctx.engine == 'poprun' else 'processes'} × "
+        f"{per_process} replica{'s' if per_process > 1 else ''}"
+        if processes > 1
+        else f"{t.replicas} replica{'s' if t.replicas > 1 else ''} in 1 process"
+    )
     if cfg.model.norm == "batch":
         stats = f"batch norm over each replica's micro-batch of {t.micro_batch} (not synchronised)"
     else:
         stats = f"none ({cfg.model.norm} norm normalises each image on its own)"
-    return (f"scale: global batch {cfg.global_batch} = micro-batch {t.micro_batch} × grad-accum "
-            f"{t.grad_accum} × {t.replicas} replicas ({layout}, {ctx.engine}) | {describe_peak_lr(cfg)} | "
-            f"batch statistics: {stats}")
+    return (
+        f"scale: global batch {cfg.global_batch} = micro-batch {t.micro_batch} × grad-accum "
+        f"{t.grad_accum} × {t.replicas} replicas ({layout}, {ctx.engine}) | {describe_peak_lr(cfg)} | "
+        f"batch statistics: {stats}"
+    )

@@ -4,6 +4,7 @@ it without a traceback and exits with status 2 (ConfigError, raised earlier, doe
 ``AppError`` is ``backends.errors.UserError``: one base for the application's errors and the
 device layer's (BackendError, DistributedError), defined below both.
 """
+
 import signal
 
 from backends.errors import UserError
@@ -12,8 +13,9 @@ AppError = UserError
 
 # Every signal that asks a command to end: Ctrl-C, a scheduler's stop, a closed terminal or a
 # dropped ssh session, Ctrl-\. Each stops after the current step and saves; exit 128 + its number.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
-                     if hasattr(signal, name))
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name)
+)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -37,4 +39,4 @@ def user_message(error: BaseException) -> str:
     last = text.rstrip().splitlines()[-1]  # "app.data.datasets.DatasetError: <message>"
     marker = type(error).__name__ + ": "
     at = last.find(marker)
-    return last[at + len(marker):] if at >= 0 else last
+    return last[at + len(marker) :] if at >= 0 else last

@@ -6,6 +6,7 @@ or, with None, the weights being trained, on the backend's device. On an IPU tha
 backend's inference executable, with the weights copied to it; on CPU/CUDA the backend's device.
 The training loop, ``validate``, fine-tuning and the resolution sweeps all measure this way.
 """
+
 import argparse
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Union
@@ -53,8 +54,13 @@ def as_classifier(weights: Optional[nn.Module], cfg: Optional[Config]) -> Option
 
 
 @torch.no_grad()
-def evaluate(backend: Backend, loader: Iterable, weights: Optional[nn.Module] = None,
-             cfg: Optional[Config] = None, max_batches: Optional[int] = None) -> Dict[str, float]:
+def evaluate(
+    backend: Backend,
+    loader: Iterable,
+    weights: Optional[nn.Module] = None,
+    cfg: Optional[Config] = None,
+    max_batches: Optional[int] = None,
+) -> Dict[str, float]:
     """{"top1": %, "top5": %, "loss": mean unsmoothed cross-entropy, "images": n}. ``weights``: a
     network (with ``cfg``) or a Classifier to score; None: the backend's training weights."""
     correct1 = correct5 = 0
@@ -76,12 +82,17 @@ def evaluate(backend: Backend, loader: Iterable, weights: Optional[nn.Module] = 
             seen += targets.shape[0]
     if seen == 0:
         raise ValueError("the validation loader yielded no images")
-    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen,
-            "loss": loss_sum / seen, "images": seen}
+    return {
+        "top1": 100.0 * correct1 / seen,
+        "top5": 100.0 * correct5 / seen,
+        "loss": loss_sum / seen,
+        "images": seen,
+    }
 
 
-def validate_all(backend: Backend, ema: Optional[Any], loaders: Dict[int, Iterable],
-                 cfg: Config) -> Dict[str, Dict[str, float]]:
+def validate_all(
+    backend: Backend, ema: Optional[Any], loaders: Dict[int, Iterable], cfg: Config
+) -> Dict[str, Dict[str, float]]:
     """Raw weights and EMA weights at every validation resolution, both through the backend:
     {"raw@224": {...}, "ema@224": {...}, ...}."""
     results = {}
@@ -103,12 +114,16 @@ def validate_all(backend: Backend, ema: Optional[Any], loaders: Dict[int, Iterab
 
 
 def report(results: Dict[str, Dict[str, float]]) -> str:
-    return "\n".join(f"  {k:>10}: top-1 {r['top1']:6.2f}%  top-5 {r['top5']:6.2f}%  loss {r['loss']:.4f}"
-                     f"  ({r['images']} images)" for k, r in results.items())
+    return "\n".join(
+        f"  {k:>10}: top-1 {r['top1']:6.2f}%  top-5 {r['top5']:6.2f}%  loss {r['loss']:.4f}"
+        f"  ({r['images']} images)"
+        for k, r in results.items()
+    )
 
 
-def checkpoint_networks(payload: Dict, cfg: Config, num_classes: int,
-                        source: Union[str, Path]) -> Dict[str, nn.Module]:
+def checkpoint_networks(
+    payload: Dict, cfg: Config, num_classes: int, source: Union[str, Path]
+) -> Dict[str, nn.Module]:
     """{"raw": …, "ema": …}: a checkpoint's weights (EMA only when it has them), each as a network
     on the host; a backend's ``evaluating`` puts them on its device."""
     networks = {}
@@ -132,8 +147,10 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
         raise AppError(str(error)) from None
     source = getattr(args, "checkpoint", None) or cfg.resume or latest_run(cfg.log.out_dir)
     if source is None:
-        raise CheckpointError(f"nothing to validate: no run with checkpoints in {cfg.log.out_dir}/; "
-                              "pass --checkpoint RUN_FOLDER_OR_FILE (or train first: make train)")
+        raise CheckpointError(
+            f"nothing to validate: no run with checkpoints in {cfg.log.out_dir}/; "
+            "pass --checkpoint RUN_FOLDER_OR_FILE (or train first: make train)"
+        )
     path = find_checkpoint(source, prefer_best=True)
     if swept:  # the sweep's table and plot go into the run folder: fail now, not after the sweep
         RunFolder(run_dir_of(path)).check_writable()
@@ -151,13 +168,15 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     results = {}
     for kind, network in networks.items():
         for r, dataset in datasets.items():
-            loader = build_loader(dataset, backend.eval_batch_size(), train=False, spec=data_spec(cfg),
-                                  device=backend.device)
+            loader = build_loader(
+                dataset, backend.eval_batch_size(), train=False, spec=data_spec(cfg), device=backend.device
+            )
             results[f"{kind}@{r}"] = evaluate(backend, loader, network, cfg)
     print(f"validation of {path} (step {payload.get('step')}):\n{report(results)}")
     if swept:
-        table, plot = write_sweep_report(results, trained, run_dir_of(path), stages,
-                                         title=f"Accuracy vs test resolution: {path}")
+        table, plot = write_sweep_report(
+            results, trained, run_dir_of(path), stages, title=f"Accuracy vs test resolution: {path}"
+        )
         print(f"{table.read_text()}resolution sweep: {table} and {plot}")
     backend.close()
     return 0

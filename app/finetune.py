@@ -17,6 +17,7 @@ record the frozen layer and the accuracies measured before training), so ``finet
 (or ``train --resume RUN``) freezes the same layers again before the optimiser state is loaded.
 Over several processes it is launched like ``train``; only process 0 writes.
 """
+
 import argparse
 import types
 from dataclasses import dataclass, field
@@ -50,8 +51,10 @@ from backends.batch_norm_stats import (
 )
 from model import build_model
 
-FREEZE_HELP = ("a module name of the network: stem, blocks.<stage> (0-6), blocks.<stage>.<index>, "
-               "head or classifier; every layer before it is frozen")
+FREEZE_HELP = (
+    "a module name of the network: stem, blocks.<stage> (0-6), blocks.<stage>.<index>, "
+    "head or classifier; every layer before it is frozen"
+)
 
 
 # ----------------------------------------------------------------------------- freezing
@@ -85,8 +88,9 @@ def freeze_before(model: nn.Module, layer: str) -> List[str]:
     will compute at test time. Returns the names of the frozen parameters."""
     before, found = _modules_before(model, layer)
     if not found:
-        raise ValueError(f"finetune.trainable_from={layer!r} is not a layer of this model: expected "
-                         f"{FREEZE_HELP}")
+        raise ValueError(
+            f"finetune.trainable_from={layer!r} is not a layer of this model: expected {FREEZE_HELP}"
+        )
     frozen: List[str] = []
     for name, module in before:
         for pname, param in module.named_parameters():
@@ -105,6 +109,7 @@ def trainable_parameters(model: nn.Module) -> List[str]:
 
 # ----------------------------------------------------------------------------- batch norm
 
+
 def _host_statistics(model: nn.Module, device: Optional[torch.device]) -> Callable[[Tensor], Statistics]:
     device = device or next(model.parameters()).device
 
@@ -121,9 +126,13 @@ def _host_statistics(model: nn.Module, device: Optional[torch.device]) -> Callab
 
 
 @torch.no_grad()
-def recalibrate_batch_norm(model: nn.Module, batches: Iterable, device: Optional[torch.device] = None,
-                           max_batches: Optional[int] = None,
-                           statistics: Optional[Callable[[Tensor], Statistics]] = None) -> int:
+def recalibrate_batch_norm(
+    model: nn.Module,
+    batches: Iterable,
+    device: Optional[torch.device] = None,
+    max_batches: Optional[int] = None,
+    statistics: Optional[Callable[[Tensor], Statistics]] = None,
+) -> int:
     """Recompute every batch norm's running mean and variance from ``batches`` (images, or
     (images, targets) pairs), with every other layer in eval mode (no dropout or drop-path) and no
     gradients: only the running statistics change. Each batch counts equally (a cumulative
@@ -161,8 +170,10 @@ def checkpoint_source(cfg: Config, args: Optional[argparse.Namespace]) -> Path:
     """--checkpoint, else finetune.checkpoint, else the newest run in log.out_dir (its best)."""
     source = getattr(args, "checkpoint", None) or cfg.finetune.checkpoint or latest_run(cfg.log.out_dir)
     if source is None:
-        raise CheckpointError(f"nothing to fine-tune: no run with checkpoints in {cfg.log.out_dir}/; pass "
-                              "--checkpoint RUN_FOLDER_OR_FILE or finetune.checkpoint=... (or train first)")
+        raise CheckpointError(
+            f"nothing to fine-tune: no run with checkpoints in {cfg.log.out_dir}/; pass "
+            "--checkpoint RUN_FOLDER_OR_FILE or finetune.checkpoint=... (or train first)"
+        )
     return find_checkpoint(source, prefer_best=True)
 
 
@@ -172,8 +183,14 @@ def finetune_lr(cfg: Config) -> float:
     return cfg.finetune.lr * cfg.global_batch / cfg.finetune.lr_reference_batch
 
 
-def finetune_config(cfg: Config, payload: Dict[str, Any], path: Path, resolution: int,
-                    keep_max_steps: bool = False, keep_val_every: bool = False) -> Config:
+def finetune_config(
+    cfg: Config,
+    payload: Dict[str, Any],
+    path: Path,
+    resolution: int,
+    keep_max_steps: bool = False,
+    keep_val_every: bool = False,
+) -> Config:
     """The training configuration of a fine-tuning run: the checkpoint's architecture and weights,
     the target resolution with validation preprocessing, no mixing, no weight averaging, SGD
     without momentum at ``finetune_lr(cfg)`` on a cosine schedule without warm-up, over
@@ -188,14 +205,21 @@ def finetune_config(cfg: Config, payload: Dict[str, Any], path: Path, resolution
             data["model"][key] = value
     data["resume"] = None
     data["model"].update(init_from=str(path), init_source="ours")
-    data["data"].update(resolution=resolution, val_resolutions=[resolution], augment=False,
-                        mixup=0.0, cutmix_lambda=1.0)
+    data["data"].update(
+        resolution=resolution, val_resolutions=[resolution], augment=False, mixup=0.0, cutmix_lambda=1.0
+    )
     # Plain SGD without momentum or warm-up, cosine to 0 (Graphcore's PyTorch port, v3.4.1
     # train/train.py fine_tune()); the rate scales linearly with the global batch, a rate per image
     # (TF1 cosine.py), whatever rule or limit the training's own optimiser had.
-    data["optim"].update(name="sgd", momentum=0.0, nesterov=False, lr=cfg.finetune.lr,
-                         lr_reference_batch=cfg.finetune.lr_reference_batch, lr_scaling="linear",
-                         lr_diverges_at=None)
+    data["optim"].update(
+        name="sgd",
+        momentum=0.0,
+        nesterov=False,
+        lr=cfg.finetune.lr,
+        lr_reference_batch=cfg.finetune.lr_reference_batch,
+        lr_scaling="linear",
+        lr_diverges_at=None,
+    )
     data["schedule"].update(name="cosine", warmup_epochs=0.0, min_lr_ratio=0.0)
     data["train"].update(epochs=cfg.finetune.epochs, ema_decay=0.0, weight_avg_exp=0.0)
     if not keep_val_every:
@@ -232,8 +256,9 @@ def check_trainable_from(model_name: str, layer: str) -> None:
     with torch.device("meta"):
         model = build_model(model_name, num_classes=1)
     if not _modules_before(model, layer)[1]:
-        raise AppError(f"finetune.trainable_from={layer!r} is not a layer of {model_name}: expected "
-                       f"{FREEZE_HELP}")
+        raise AppError(
+            f"finetune.trainable_from={layer!r} is not a layer of {model_name}: expected {FREEZE_HELP}"
+        )
 
 
 @torch.no_grad()
@@ -261,12 +286,17 @@ def measure_and_recalibrate(ctx: TrainSetup, result: FinetuneResult) -> None:
     if batch_norm_layers(classifier):
         limit = max(1, RECALIBRATION_IMAGES // (ctx.host_batch * current().world_size))
         used = recalibrate_batch_norm(
-            classifier, ctx.train_loader, max_batches=limit,
-            statistics=lambda images: backend.batch_norm_statistics(classifier, images))
+            classifier,
+            ctx.train_loader,
+            max_batches=limit,
+            statistics=lambda images: backend.batch_norm_statistics(classifier, images),
+        )
         average_batch_norm_statistics(ctx.model)
         result.recalibrated = measure()
-        print(f"batch-norm statistics recalibrated at {result.resolution} on {used} batches: "
-              f"top-1 {result.recalibrated['top1']:.2f}%")
+        print(
+            f"batch-norm statistics recalibrated at {result.resolution} on {used} batches: "
+            f"top-1 {result.recalibrated['top1']:.2f}%"
+        )
 
 
 def finetune_setup(ft_cfg: Config, result: FinetuneResult) -> Callable[[TrainSetup], None]:
@@ -286,30 +316,40 @@ def finetune_setup(ft_cfg: Config, result: FinetuneResult) -> Callable[[TrainSet
         frozen = freeze_before(ctx.model, layer)
         result.frozen, result.trainable = len(frozen), len(trainable_parameters(ctx.model))
         result.trainable_from = layer
-        print(f"frozen: everything before {layer} ({result.frozen} tensors); "
-              f"training {result.trainable} tensors")
+        print(
+            f"frozen: everything before {layer} ({result.frozen} tensors); "
+            f"training {result.trainable} tensors"
+        )
         # every checkpoint records that the run is a fine-tuning run, how it froze and what it measured
         ctx.checkpoint_extra["finetune"] = {
-            "source": str(result.source), "trainable_from": layer, "resolution": result.resolution,
-            "trained_resolution": result.trained_resolution, "before": result.before,
-            "recalibrated": result.recalibrated}
+            "source": str(result.source),
+            "trainable_from": layer,
+            "resolution": result.resolution,
+            "trained_resolution": result.trained_resolution,
+            "before": result.before,
+            "recalibrated": result.recalibrated,
+        }
 
     return setup
 
 
-def run_finetune(cfg: Config, source: Path, keep_max_steps: bool = False,
-                 keep_val_every: bool = False) -> FinetuneResult:
+def run_finetune(
+    cfg: Config, source: Path, keep_max_steps: bool = False, keep_val_every: bool = False
+) -> FinetuneResult:
     payload = load_checkpoint(source, expect="training")
     resolution = cfg.finetune.resolution or native_resolution(cfg.model.name)
     ft_cfg = finetune_config(cfg, payload, source, resolution, keep_max_steps, keep_val_every)
-    result = FinetuneResult(run=None, source=source, trained_resolution=trained_resolution(payload),
-                            resolution=resolution)
+    result = FinetuneResult(
+        run=None, source=source, trained_resolution=trained_resolution(payload), resolution=resolution
+    )
     check_trainable_from(ft_cfg.model.name, ft_cfg.finetune.trainable_from)
     stages = model_stages(ft_cfg.model.name)
     if result.trained_resolution is not None:
         check_resolutions(result.trained_resolution, [resolution], stages, what="fine-tuning")
-    print(f"fine-tuning {source} (trained at {result.trained_resolution}) at {resolution}: "
-          f"{describe_rule(resolution, stages)}")
+    print(
+        f"fine-tuning {source} (trained at {result.trained_resolution}) at {resolution}: "
+        f"{describe_rule(resolution, stages)}"
+    )
     result.run = run_training(ft_cfg, RunHook("finetune", finetune_setup(ft_cfg, result)))
     return result
 
@@ -318,12 +358,15 @@ def resume_finetune(cfg: Config) -> FinetuneResult:
     """Continue the fine-tuning run ``cfg.resume`` (``cfg``: its own configuration, with the
     command line's overrides), its layers frozen as they were."""
     if not cfg.finetune.source:
-        raise AppError(f"{cfg.resume} is not a fine-tuning run (its configuration has no "
-                       f"finetune.source): continue it with {python_command()} -m app train --resume "
-                       f"{cfg.resume}, "
-                       f"or fine-tune it with {python_command()} -m app finetune --checkpoint {cfg.resume}")
-    result = FinetuneResult(run=None, source=Path(cfg.finetune.source), trained_resolution=None,
-                            resolution=cfg.data.resolution)
+        raise AppError(
+            f"{cfg.resume} is not a fine-tuning run (its configuration has no "
+            f"finetune.source): continue it with {python_command()} -m app train --resume "
+            f"{cfg.resume}, "
+            f"or fine-tune it with {python_command()} -m app finetune --checkpoint {cfg.resume}"
+        )
+    result = FinetuneResult(
+        run=None, source=Path(cfg.finetune.source), trained_resolution=None, resolution=cfg.data.resolution
+    )
     result.run = run_training(cfg, RunHook("finetune", finetune_setup(cfg, result)))
     return result
 
@@ -336,7 +379,8 @@ def report_lines(result: FinetuneResult) -> List[str]:
     rows.append((f"+ fine-tuning ({result.run.last_step} steps)", result.after))
     return [f"| weights, at {result.resolution} | top-1 % | top-5 % |", "|---|---:|---:|"] + [
         f"| {name} | {m.get('top1', float('nan')):.2f} | {m.get('top5', float('nan')):.2f} |"
-        for name, m in rows]
+        for name, m in rows
+    ]
 
 
 def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
@@ -348,9 +392,12 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     if cfg.resume:
         result = resume_finetune(cfg)
     else:
-        result = run_finetune(cfg, checkpoint_source(cfg, args),
-                              keep_max_steps=given_on_command_line(args, "train.max_steps"),
-                              keep_val_every=given_on_command_line(args, "train.val_every"))
+        result = run_finetune(
+            cfg,
+            checkpoint_source(cfg, args),
+            keep_max_steps=given_on_command_line(args, "train.max_steps"),
+            keep_val_every=given_on_command_line(args, "train.val_every"),
+        )
     if result.run.exit_code:
         return result.run.exit_code
     if not current().is_main:  # one report, from the process that owns the run folder
@@ -361,8 +408,12 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
         return 0
     table = "\n".join(report_lines(result))
     print(f"fine-tuning of {result.source} at {result.resolution}:\n{table}")
-    written = folder.write_report(REPORT, (
-        f"# Fine-tuning at {result.resolution}\n\nFrom `{result.source}` (trained at "
-        f"{result.trained_resolution}); trainable from `{result.trainable_from}`.\n\n{table}\n"))
+    written = folder.write_report(
+        REPORT,
+        (
+            f"# Fine-tuning at {result.resolution}\n\nFrom `{result.source}` (trained at "
+            f"{result.trained_resolution}); trainable from `{result.trainable_from}`.\n\n{table}\n"
+        ),
+    )
     print(f"report: {written}")
     return 0

@@ -6,6 +6,7 @@ whole training objective, which is the form PopTorch's ``trainingModel`` needs. 
 wants the final loss marked with ``poptorch.identity_loss``: a backend sets ``loss_hook`` to that
 instead of this file importing anything device-specific.
 """
+
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -46,9 +47,15 @@ def smoothed_cross_entropy(logits: Tensor, targets: Tensor, smoothing: float = 0
 class Classifier(nn.Module):
     """EfficientNet + on-device normalisation of uint8 images + label-smoothed cross-entropy."""
 
-    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, channels_last: bool = False,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 loss_hook: Callable[[Tensor], Tensor] = identity):
+    def __init__(
+        self,
+        model: nn.Module,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        loss_hook: Callable[[Tensor], Tensor] = identity,
+    ):
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
@@ -80,10 +87,20 @@ def build_classifier(model: nn.Module, cfg: Config) -> Classifier:
 def build_network(cfg: Config, num_classes: int) -> nn.Module:
     """The EfficientNet that ``cfg.model`` describes, with ``num_classes`` outputs."""
     m = cfg.model
-    return build_model(m.name, group_size=m.group_size, expand_ratio=m.expand_ratio, norm=m.norm,
-                       proxy_norm=m.proxy_norm, norm_groups=m.norm_groups, norm_eps=m.norm_eps,
-                       num_classes=num_classes, dropout=m.dropout, drop_path=m.drop_path,
-                       padding=m.padding, graph=m.graph)
+    return build_model(
+        m.name,
+        group_size=m.group_size,
+        expand_ratio=m.expand_ratio,
+        norm=m.norm,
+        proxy_norm=m.proxy_norm,
+        norm_groups=m.norm_groups,
+        norm_eps=m.norm_eps,
+        num_classes=num_classes,
+        dropout=m.dropout,
+        drop_path=m.drop_path,
+        padding=m.padding,
+        graph=m.graph,
+    )
 
 
 def network_builder(cfg: Config) -> Callable[[], nn.Module]:

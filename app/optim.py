@@ -10,6 +10,7 @@ conv and linear weights *and biases* (squeeze-excite, classifier) and proxy norm
 (``proxy_bias``, ``proxy_weight``) decay; norm weights and biases (TF's gamma, beta; proxy norm's
 γ, β live there) do not.
 """
+
 import copy
 import math
 from typing import Any, Dict, List, Optional, Tuple
@@ -22,6 +23,7 @@ from backends.optimizers import ADAMW_EPS, RMSpropTF
 from model.proxy_norm import ProxyNormAct
 
 # ----------------------------------------------------------------------------- parameter groups
+
 
 def decay_split(model: nn.Module) -> Tuple[List[Tuple[str, nn.Parameter]], List[Tuple[str, nn.Parameter]]]:
     """(decayed, not decayed) trainable parameters as (name, parameter), by the module owning each:
@@ -50,8 +52,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     """Optimiser parameter groups: decayed parameters with ``weight_decay``, the rest with 0.
     Empty groups are left out; a model with nothing trainable is an error."""
     decay, no_decay = decay_split(model)
-    groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
-              {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for _, p in decay], "weight_decay": weight_decay},
+        {"params": [p for _, p in no_decay], "weight_decay": 0.0},
+    ]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
@@ -59,6 +63,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- optimisers
+
 
 def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
     """cfg.optim.name: ``rmsprop`` (RMSpropTF), ``sgd`` (momentum, optional Nesterov) or ``adamw``;
@@ -105,8 +110,11 @@ def describe_peak_lr(cfg: Config) -> str:
     o, rule = cfg.optim, lr_scaling_rule(cfg)
     ratio = f"{cfg.global_batch}/{o.lr_reference_batch}"
     factor = {"linear": f" × {ratio}", "sqrt": f" × √({ratio})", "none": ""}[rule]
-    why = {"linear": "linear in the global batch: a rate per image", "sqrt": "square-root scaling",
-           "none": "not scaled"}[rule]
+    why = {
+        "linear": "linear in the global batch: a rate per image",
+        "sqrt": "square-root scaling",
+        "none": "not scaled",
+    }[rule]
     source = "optim.lr_scaling=auto" if o.lr_scaling == "auto" else f"optim.lr_scaling={rule}"
     return f"lr {o.lr:g}{factor} = {peak_lr(cfg):.4g} ({o.name}: {why}; {source})"
 
@@ -119,13 +127,16 @@ def divergence_warning(cfg: Config) -> Optional[str]:
     if limit is None or lr < limit:
         return None
     safe = cfg.optim.lr * limit / lr / 2
-    return (f"warning: the peak learning rate {lr:.4g} is at or above {limit:g}, where this preset's "
-            f"training was measured to diverge (the loss grows and validation stays at chance): lower "
-            f"it, e.g. optim.lr={safe:.3g}" + ("" if lr_scaling_rule(cfg) != "linear" else
-                                                 " or optim.lr_scaling=sqrt"))
+    return (
+        f"warning: the peak learning rate {lr:.4g} is at or above {limit:g}, where this preset's "
+        f"training was measured to diverge (the loss grows and validation stays at chance): lower "
+        f"it, e.g. optim.lr={safe:.3g}"
+        + ("" if lr_scaling_rule(cfg) != "linear" else " or optim.lr_scaling=sqrt")
+    )
 
 
 # ----------------------------------------------------------------------------- schedule
+
 
 def lr_at(step: float, cfg: Config, steps_per_epoch: int, base_lr: float) -> float:
     """Learning rate after ``step`` weight updates (0 before the first; fractions allowed).
@@ -158,6 +169,7 @@ def lr_at(step: float, cfg: Config, steps_per_epoch: int, base_lr: float) -> flo
 
 
 # ----------------------------------------------------------------------------- EMA
+
 
 class EMA:
     """Exponential moving average of a model's weights: after each weight update,

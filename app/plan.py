@@ -4,6 +4,7 @@ The planner (ipu_options/planning.py) estimates what it is given; this command h
 network the configuration trains, built as training builds it, and hands the lowering check
 (ipu_options/lowering_check.py) the classifier the IPU backend compiles.
 """
+
 import argparse
 from typing import Dict, Optional
 
@@ -25,9 +26,11 @@ def job_line(cfg: Config, preset: str, chosen: bool) -> str:
     classes = num_classes_of(cfg.data.dataset)
     data = "ImageNet" if classes == IMAGENET_CLASSES else f"data.dataset={cfg.data.dataset}"
     norm = f"{m.norm}{'+proxy' if m.proxy_norm else ''} norm"
-    line = (f"plan: {m.name.upper()} G{m.group_size} {norm} on {data} ({classes} classes) at "
-            f"{cfg.data.resolution} px, micro-batch {t.micro_batch} × grad-accum "
-            f"{t.grad_accum} × {t.replicas} replica{'s' if t.replicas > 1 else ''} (preset {preset})")
+    line = (
+        f"plan: {m.name.upper()} G{m.group_size} {norm} on {data} ({classes} classes) at "
+        f"{cfg.data.resolution} px, micro-batch {t.micro_batch} × grad-accum "
+        f"{t.grad_accum} × {t.replicas} replica{'s' if t.replicas > 1 else ''} (preset {preset})"
+    )
     if chosen:
         line += "; CONFIG=, DATA= or RES= plan another job (CONFIG=digits: the digits toy)"
     return line
@@ -44,8 +47,9 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     """The plan, then the PopTorch lowering check of the training and inference graphs (no
     weights, no arithmetic). Exit status 1 if the plan does not fit or PopTorch would refuse a
     graph."""
-    status = print_plan(network_builder(cfg)(), model_spec(cfg), ipu_spec(cfg), ipu_batch_plan(cfg),
-                        optim_spec(cfg))
+    status = print_plan(
+        network_builder(cfg)(), model_spec(cfg), ipu_spec(cfg), ipu_batch_plan(cfg), optim_spec(cfg)
+    )
     text, lowers = describe(lowering_reports(cfg))
     print(text)
     return status if lowers else max(status, 1)

@@ -1,4 +1,5 @@
 """The two matplotlib steps every report plot shares: a headless pyplot, and saving a figure."""
+
 from pathlib import Path
 from typing import Any, Union
 
@@ -22,6 +23,7 @@ def save(fig: Any, path: Union[str, Path], dpi: int = 120) -> None:
     fig.tight_layout()
     try:
         RunFolder(path.parent).write_document(
-            path.name, lambda f: fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+            path.name, lambda f: fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+        )
     finally:
         pyplot().close(fig)

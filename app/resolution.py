@@ -23,6 +23,7 @@ native/√2 ≈ 0.7071 × native, would give B4 284 instead of the paper's 252 (
 midpoint 268 of 252 and 284). Every factor in (0.6923, 0.7053) reproduces the table; 0.7 is the
 round one inside it.
 """
+
 import sys
 import warnings
 from functools import lru_cache
@@ -46,6 +47,7 @@ class ResolutionWarning(UserWarning):
 
 # ----------------------------------------------------------------------------- the rule
 
+
 def _check_size(name: str, value: int, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
@@ -55,7 +57,7 @@ def residue(resolution: int, stages: int = EFFICIENTNET_STAGES) -> int:
     """``resolution`` modulo the total stride 2^stages."""
     _check_size("resolution", resolution)
     _check_size("stages", stages, 0)
-    return resolution % (2 ** stages)
+    return resolution % (2**stages)
 
 
 def keeps_residue(train_resolution: int, test_resolution: int, stages: int = EFFICIENTNET_STAGES) -> bool:
@@ -74,29 +76,32 @@ def feature_sizes(resolution: int, stages: int = EFFICIENTNET_STAGES) -> List[in
     return sizes
 
 
-def compatible_resolutions(train_resolution: int, low: int, high: int,
-                           stages: int = EFFICIENTNET_STAGES) -> List[int]:
+def compatible_resolutions(
+    train_resolution: int, low: int, high: int, stages: int = EFFICIENTNET_STAGES
+) -> List[int]:
     """Every resolution in [low, high] (both included) that keeps ``train_resolution``'s residue."""
     _check_size("low", low)
     _check_size("high", high)
     if high < low:
         raise ValueError(f"high={high} is below low={low}: give the range as low <= high")
-    step, r = 2 ** stages, residue(train_resolution, stages)
+    step, r = 2**stages, residue(train_resolution, stages)
     first = low + (r - low) % step
     return list(range(first, high + 1, step))
 
 
-def nearest_compatible(train_resolution: int, resolution: int,
-                       stages: int = EFFICIENTNET_STAGES) -> Tuple[Optional[int], int]:
+def nearest_compatible(
+    train_resolution: int, resolution: int, stages: int = EFFICIENTNET_STAGES
+) -> Tuple[Optional[int], int]:
     """The closest sizes below (None when there is none >= 1) and above ``resolution`` (either may
     equal it when it keeps the residue) that keep ``train_resolution``'s residue."""
-    step, r = 2 ** stages, residue(train_resolution, stages)
+    step, r = 2**stages, residue(train_resolution, stages)
     below = resolution - (resolution - r) % step
     above = resolution + (r - resolution) % step
     return (below if below >= 1 else None), above
 
 
 # ----------------------------------------------------------------------------- sizes per model
+
 
 def native_resolution(model_name: str) -> int:
     """The resolution EfficientNet-<model> was designed for (B0 224 … B7 600)."""
@@ -108,8 +113,7 @@ def recipe_native(cfg, finetune_resolution_given: bool) -> int:
     ``finetune.resolution`` when the command line gives it, else ``data.native_resolution`` (the
     data's own test size: digits 96), else ``finetune.resolution``, else the model's native."""
     given = cfg.finetune.resolution if finetune_resolution_given else None
-    return (given or cfg.data.native_resolution or cfg.finetune.resolution
-            or native_resolution(cfg.model.name))
+    return given or cfg.data.native_resolution or cfg.finetune.resolution or native_resolution(cfg.model.name)
 
 
 def half_resolution(model_or_native: Union[str, int], stages: int = EFFICIENTNET_STAGES) -> int:
@@ -122,10 +126,12 @@ def half_resolution(model_or_native: Union[str, int], stages: int = EFFICIENTNET
     target = HALF_RESOLUTION_FACTOR * native
     half = min(candidates, key=lambda size: (abs(size - target), size))
     if half == native:
-        raise ValueError(f"no reduced resolution for native {native} keeps its residue modulo "
-                         f"{2 ** stages} near {target:.0f}: the sizes with that residue are "
-                         f"{', '.join(map(str, candidates))}; choose a native resolution of at least "
-                         f"{int(2 ** stages / (1 - HALF_RESOLUTION_FACTOR) / 2) + 1} or fewer stages")
+        raise ValueError(
+            f"no reduced resolution for native {native} keeps its residue modulo "
+            f"{2**stages} near {target:.0f}: the sizes with that residue are "
+            f"{', '.join(map(str, candidates))}; choose a native resolution of at least "
+            f"{int(2**stages / (1 - HALF_RESOLUTION_FACTOR) / 2) + 1} or fewer stages"
+        )
     return half
 
 
@@ -133,6 +139,7 @@ HALF_RESOLUTIONS: Dict[str, int] = {key: half_resolution(key) for key in VARIANT
 
 
 # ----------------------------------------------------------------------------- from a model
+
 
 def _strides(module: nn.Module) -> Tuple[int, ...]:
     stride = getattr(module, "stride", None)
@@ -153,8 +160,10 @@ def downsampling_stages(model: nn.Module, in_channels: int = 3) -> int:
     for m in strided:
         s = max(_strides(m))
         if s & (s - 1):
-            raise ValueError(f"{type(m).__name__} has stride {s}, not a power of two: the "
-                             "residue rule modulo 2^n does not apply to this model")
+            raise ValueError(
+                f"{type(m).__name__} has stride {s}, not a power of two: the "
+                "residue rule modulo 2^n does not apply to this model"
+            )
         bound += s.bit_length() - 1
     if bound == 0:
         return 0
@@ -172,9 +181,14 @@ def downsampling_stages(model: nn.Module, in_channels: int = 3) -> int:
     try:
         model.eval()
         param = next(model.parameters(), None)
-        x = torch.zeros(1, in_channels, probe, probe,
-                        device=param.device if param is not None else None,
-                        dtype=param.dtype if param is not None else None)
+        x = torch.zeros(
+            1,
+            in_channels,
+            probe,
+            probe,
+            device=param.device if param is not None else None,
+            dtype=param.dtype if param is not None else None,
+        )
         with torch.no_grad():
             model(x)
     finally:
@@ -196,19 +210,23 @@ def model_stages(model_name: str) -> int:
 
 # ----------------------------------------------------------------------------- the warning
 
+
 def rule_message(train_resolution: int, resolution: int, stages: int, what: str) -> str:
-    step = 2 ** stages
+    step = 2**stages
     below, above = nearest_compatible(train_resolution, resolution, stages)
     nearby = " or ".join(str(s) for s in (below, above) if s is not None)
-    return (f"{what} resolution {resolution} does not keep the training resolution "
-            f"{train_resolution}'s residue modulo {step} ({resolution} mod {step} = "
-            f"{resolution % step}, {train_resolution} mod {step} = {train_resolution % step}): "
-            f"its {stages} stride-2 stages pad asymmetrically at other stages than in training, "
-            f"which costs accuracy. Nearby sizes that keep it: {nearby}")
+    return (
+        f"{what} resolution {resolution} does not keep the training resolution "
+        f"{train_resolution}'s residue modulo {step} ({resolution} mod {step} = "
+        f"{resolution % step}, {train_resolution} mod {step} = {train_resolution % step}): "
+        f"its {stages} stride-2 stages pad asymmetrically at other stages than in training, "
+        f"which costs accuracy. Nearby sizes that keep it: {nearby}"
+    )
 
 
-def check_resolutions(train_resolution: int, resolutions: Iterable[int],
-                      stages: int = EFFICIENTNET_STAGES, what: str = "test") -> List[int]:
+def check_resolutions(
+    train_resolution: int, resolutions: Iterable[int], stages: int = EFFICIENTNET_STAGES, what: str = "test"
+) -> List[int]:
     """Warn (a ResolutionWarning and a console line) for each resolution that breaks the rule
     relative to ``train_resolution``; return those resolutions (empty when all keep it)."""
     broken = [r for r in resolutions if not keeps_residue(train_resolution, r, stages)]
@@ -220,6 +238,7 @@ def check_resolutions(train_resolution: int, resolutions: Iterable[int],
 
 
 # ----------------------------------------------------------------------------- sweeps
+
 
 def parse_resolutions(text: str) -> List[int]:
     """'224,256,288' or an inclusive range 'low:high[:step]' (step 8 by default) → sizes."""
@@ -236,8 +255,10 @@ def parse_resolutions(text: str) -> List[int]:
         else:
             sizes = [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise ValueError(f"--resolutions {text!r} is invalid: give sizes as '224,256,288' or a range "
-                         "'low:high[:step]' such as '160:320:16'") from None
+        raise ValueError(
+            f"--resolutions {text!r} is invalid: give sizes as '224,256,288' or a range "
+            "'low:high[:step]' such as '160:320:16'"
+        ) from None
     if not sizes or min(sizes) < 1:
         raise ValueError(f"--resolutions {text!r} is invalid: expected positive sizes")
     return sorted(set(sizes))
@@ -246,18 +267,31 @@ def parse_resolutions(text: str) -> List[int]:
 SweepRows = List[Dict[str, Union[int, float, bool, str]]]
 
 
-def sweep(evaluate_at: Callable[[int], Dict[str, Dict[str, float]]], resolutions: Sequence[int],
-          train_resolution: int, stages: int = EFFICIENTNET_STAGES) -> SweepRows:
+def sweep(
+    evaluate_at: Callable[[int], Dict[str, Dict[str, float]]],
+    resolutions: Sequence[int],
+    train_resolution: int,
+    stages: int = EFFICIENTNET_STAGES,
+) -> SweepRows:
     """Accuracy at every resolution. ``evaluate_at(r)`` returns {"raw": {"top1": …}, "ema": …};
     one row per (resolution, weights) with whether r keeps the training residue."""
-    return [_row(r, weights, metrics, train_resolution, stages)
-            for r in resolutions for weights, metrics in evaluate_at(r).items()]
+    return [
+        _row(r, weights, metrics, train_resolution, stages)
+        for r in resolutions
+        for weights, metrics in evaluate_at(r).items()
+    ]
 
 
-def _row(resolution: int, weights: str, metrics: Dict[str, float], train_resolution: int,
-         stages: int) -> Dict[str, Union[int, float, bool, str]]:
-    return {"resolution": resolution, "weights": weights, "top1": metrics["top1"], "top5": metrics["top5"],
-            "keeps_residue": keeps_residue(train_resolution, resolution, stages)}
+def _row(
+    resolution: int, weights: str, metrics: Dict[str, float], train_resolution: int, stages: int
+) -> Dict[str, Union[int, float, bool, str]]:
+    return {
+        "resolution": resolution,
+        "weights": weights,
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "keeps_residue": keeps_residue(train_resolution, resolution, stages),
+    }
 
 
 def sweep_table(rows: SweepRows, train_resolution: int, stages: int = EFFICIENTNET_STAGES) -> str:
@@ -266,12 +300,18 @@ def sweep_table(rows: SweepRows, train_resolution: int, stages: int = EFFICIENTN
     by_res: Dict[int, Dict[str, float]] = {}
     for row in rows:
         by_res.setdefault(int(row["resolution"]), {})[str(row["weights"])] = float(row["top1"])
-    step = 2 ** stages
-    lines = [f"Trained at {train_resolution} ({train_resolution} mod {step} = {train_resolution % step}); "
-             f"✓ marks test resolutions with the same residue modulo {step}.", "",
-             "| resolution | mod " + str(step) + " | keeps residue | "
-             + " | ".join(f"{k} top-1 %" for k in kinds) + " |",
-             "|---:|---:|:---:|" + "---:|" * len(kinds)]
+    step = 2**stages
+    lines = [
+        f"Trained at {train_resolution} ({train_resolution} mod {step} = {train_resolution % step}); "
+        f"✓ marks test resolutions with the same residue modulo {step}.",
+        "",
+        "| resolution | mod "
+        + str(step)
+        + " | keeps residue | "
+        + " | ".join(f"{k} top-1 %" for k in kinds)
+        + " |",
+        "|---:|---:|:---:|" + "---:|" * len(kinds),
+    ]
     for r in sorted(by_res):
         cells = " | ".join(f"{by_res[r][k]:.2f}" if k in by_res[r] else "–" for k in kinds)
         mark = "✓" if keeps_residue(train_resolution, r, stages) else ""
@@ -279,8 +319,13 @@ def sweep_table(rows: SweepRows, train_resolution: int, stages: int = EFFICIENTN
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(rows: SweepRows, train_resolution: int, path: Union[str, Path],
-               stages: int = EFFICIENTNET_STAGES, title: Optional[str] = None) -> None:
+def plot_sweep(
+    rows: SweepRows,
+    train_resolution: int,
+    path: Union[str, Path],
+    stages: int = EFFICIENTNET_STAGES,
+    title: Optional[str] = None,
+) -> None:
     """Top-1 against resolution, a line per weights kind; resolutions keeping the residue filled."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -288,14 +333,19 @@ def plot_sweep(rows: SweepRows, train_resolution: int, path: Union[str, Path],
         mine = sorted((row for row in rows if row["weights"] == kind), key=lambda row: row["resolution"])
         xs = [row["resolution"] for row in mine]
         ys = [row["top1"] for row in mine]
-        line, = ax.plot(xs, ys, label=kind)
+        (line,) = ax.plot(xs, ys, label=kind)
         kept = [(x, y) for x, y, row in zip(xs, ys, mine) if row["keeps_residue"]]
         ax.scatter([x for x, _ in kept], [y for _, y in kept], color=line.get_color(), zorder=3)
         other = [(x, y) for x, y, row in zip(xs, ys, mine) if not row["keeps_residue"]]
-        ax.scatter([x for x, _ in other], [y for _, y in other], facecolors="none",
-                   edgecolors=line.get_color(), zorder=3)
+        ax.scatter(
+            [x for x, _ in other],
+            [y for _, y in other],
+            facecolors="none",
+            edgecolors=line.get_color(),
+            zorder=3,
+        )
     ax.axvline(train_resolution, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel(f"test resolution (filled: ≡ {train_resolution} mod {2 ** stages})")
+    ax.set_xlabel(f"test resolution (filled: ≡ {train_resolution} mod {2**stages})")
     ax.set_ylabel("top-1 %")
     ax.set_title(title or f"accuracy vs test resolution (trained at {train_resolution})")
     ax.grid(alpha=0.3)
@@ -321,34 +371,46 @@ def _new_path(path: Path) -> Path:
     return candidate
 
 
-def write_sweep_report(results: Dict[str, Dict[str, float]], train_resolution: int, folder: Path,
-                       stages: int = EFFICIENTNET_STAGES, title: Optional[str] = None) -> Tuple[Path, Path]:
+def write_sweep_report(
+    results: Dict[str, Dict[str, float]],
+    train_resolution: int,
+    folder: Path,
+    stages: int = EFFICIENTNET_STAGES,
+    title: Optional[str] = None,
+) -> Tuple[Path, Path]:
     """Table (Markdown) and plot (PNG) of validation results keyed "<weights>@<resolution>"
     (what ``app.evaluate`` returns), written as resolution-sweep.md/.png in ``folder``."""
-    rows = [_row(int(key.rpartition("@")[2]), key.rpartition("@")[0], metrics, train_resolution, stages)
-            for key, metrics in results.items()]
+    rows = [
+        _row(int(key.rpartition("@")[2]), key.rpartition("@")[0], metrics, train_resolution, stages)
+        for key, metrics in results.items()
+    ]
     folder = Path(folder)
     md, png = _new_path(folder / "resolution-sweep.md"), _new_path(folder / "resolution-sweep.png")
     heading = f"# {title}\n\n" if title else ""
     plot_sweep(rows, train_resolution, png, stages, title=title)
-    RunFolder(folder).write_document(md.name, heading + sweep_table(rows, train_resolution, stages)
-                                     + f"\n![accuracy vs resolution]({png.name})\n")
+    RunFolder(folder).write_document(
+        md.name,
+        heading + sweep_table(rows, train_resolution, stages) + f"\n![accuracy vs resolution]({png.name})\n",
+    )
     return md, png
 
 
 def describe_rule(train_resolution: int, stages: int = EFFICIENTNET_STAGES) -> str:
     """One line for logs: the training size's residue and its feature-map sizes per stage."""
     sizes = "→".join(str(s) for s in feature_sizes(train_resolution, stages))
-    return (f"training resolution {train_resolution}: residue {residue(train_resolution, stages)} mod "
-            f"{2 ** stages}, feature maps {sizes}")
+    return (
+        f"training resolution {train_resolution}: residue {residue(train_resolution, stages)} mod "
+        f"{2**stages}, feature maps {sizes}"
+    )
 
 
 def _main_table() -> str:  # pragma: no cover - `python -m app.resolution` prints the sizes
     lines = ["| model | native | half | half px / native px |", "|---|---:|---:|---:|"]
     for key, variant in VARIANTS.items():
         half = HALF_RESOLUTIONS[key]
-        lines.append(f"| {key.upper()} | {variant.resolution} | {half} | "
-                     f"{(half / variant.resolution) ** 2:.2f} |")
+        lines.append(
+            f"| {key.upper()} | {variant.resolution} | {half} | {(half / variant.resolution) ** 2:.2f} |"
+        )
     return "\n".join(lines)
 
 

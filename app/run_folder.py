@@ -14,6 +14,7 @@ Any ``OSError`` of those writes (a full disk, a read-only mount, an I/O error, a
 a symbolic link loop) becomes a ``RunFolderError``: a user error (exit status 2) that names the
 path, the cause and its fix, what is still whole, and the command that continues the work.
 """
+
 import errno
 import os
 import sys
@@ -33,12 +34,16 @@ CAUSES = {
     errno.EACCES: ("permission denied", "make the folder writable or choose another log.out_dir"),
     errno.EPERM: ("operation not permitted", "make the folder writable or choose another log.out_dir"),
     errno.EIO: ("the disk reported an I/O error", "check the disk (dmesg) before writing to it again"),
-    errno.ENOENT: ("the folder is gone (moved or deleted while the command ran)",
-                   "put the folder back where it was"),
+    errno.ENOENT: (
+        "the folder is gone (moved or deleted while the command ran)",
+        "put the folder back where it was",
+    ),
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "move that file out of the way"),
     errno.EEXIST: ("a part of the path is a file, not a folder", "move that file out of the way"),
-    errno.ELOOP: ("a symbolic link in the path points back at itself",
-                  "remove or repair the symbolic link loop"),
+    errno.ELOOP: (
+        "a symbolic link in the path points back at itself",
+        "remove or repair the symbolic link loop",
+    ),
 }
 
 
@@ -110,8 +115,7 @@ class RunFolder:
     ``resume`` is the command that continues the work after a failed write; ``whole`` describes
     what is still whole (the newest checkpoint). Both may be set once they are known."""
 
-    def __init__(self, path: Union[str, Path], resume: str = "",
-                 whole: Optional[Callable[[], str]] = None):
+    def __init__(self, path: Union[str, Path], resume: str = "", whole: Optional[Callable[[], str]] = None):
         self.path = Path(path)
         self.resume = resume
         self.whole = whole
@@ -206,8 +210,10 @@ class RunFolder:
                 f.flush()
                 os.fsync(f.fileno())
         removed = len(data) - keep
-        print(f"note: removed a torn last line of {path} ({removed} bytes, cut by a crash mid-write); "
-              "every complete record is kept")
+        print(
+            f"note: removed a torn last line of {path} ({removed} bytes, cut by a crash mid-write); "
+            "every complete record is kept"
+        )
         return removed
 
     # ------------------------------------------------------------------------- checks
@@ -226,8 +232,7 @@ def check_output_root(root: Union[str, Path], what: str = "log.out_dir") -> None
     place, a read-only mount or a full disk is named now, with its fix."""
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise AppError(f"{what}={str(root)!r} is a file, not a folder: move it away or choose another "
-                       f"{what}")
+        raise AppError(f"{what}={str(root)!r} is a file, not a folder: move it away or choose another {what}")
     RunFolder(root).check_writable()
 
 

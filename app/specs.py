@@ -1,5 +1,6 @@
 """The run configuration turned into the specs its components take: each gets its own, never
 the whole configuration. Every batch size of a run comes from ``batch_plan``."""
+
 import dataclasses
 
 from app.config import Config
@@ -23,8 +24,13 @@ def batch_plan(cfg: Config) -> BatchPlan:
 def ipu_batch_plan(cfg: Config) -> BatchPlan:
     """The sizes of ``cfg`` on IPUs (whatever ``device`` says: ``plan`` and the options' tests)."""
     t = cfg.train
-    return BatchPlan(t.micro_batch, t.grad_accum, cfg.ipu.device_iterations, t.replicas,
-                     local_replicas(t.replicas, cfg.dist.instances))
+    return BatchPlan(
+        t.micro_batch,
+        t.grad_accum,
+        cfg.ipu.device_iterations,
+        t.replicas,
+        local_replicas(t.replicas, cfg.dist.instances),
+    )
 
 
 def device_spec(cfg: Config) -> DeviceSpec:
@@ -36,8 +42,13 @@ def data_spec(cfg: Config) -> DataSpec:
     """The loaders' settings; training data of an IPU run goes through poptorch.DataLoader unless
     ``data.async_loader`` is off."""
     d = cfg.data
-    return DataSpec(workers=d.workers, prefetch=d.prefetch, mixup=d.mixup, cutmix_lambda=d.cutmix_lambda,
-                    poptorch_loader=cfg.device in IPU_DEVICES and d.async_loader)
+    return DataSpec(
+        workers=d.workers,
+        prefetch=d.prefetch,
+        mixup=d.mixup,
+        cutmix_lambda=d.cutmix_lambda,
+        poptorch_loader=cfg.device in IPU_DEVICES and d.async_loader,
+    )
 
 
 def ipu_spec(cfg: Config) -> IpuSpec:
@@ -46,10 +57,16 @@ def ipu_spec(cfg: Config) -> IpuSpec:
     else the run's)."""
     i = cfg.ipu
     same = {f.name: getattr(i, f.name) for f in dataclasses.fields(IpuSpec)}
-    return IpuSpec(**{**same, "pipeline": dict(i.pipeline) if isinstance(i.pipeline, dict) else i.pipeline,
-                      "recompute": tuple(i.recompute), "precision": str(i.precision),
-                      "available_memory_proportion": tuple(i.available_memory_proportion),
-                      "seed": i.seed if i.seed is not None else cfg.train.seed})
+    return IpuSpec(
+        **{
+            **same,
+            "pipeline": dict(i.pipeline) if isinstance(i.pipeline, dict) else i.pipeline,
+            "recompute": tuple(i.recompute),
+            "precision": str(i.precision),
+            "available_memory_proportion": tuple(i.available_memory_proportion),
+            "seed": i.seed if i.seed is not None else cfg.train.seed,
+        }
+    )
 
 
 def optim_spec(cfg: Config) -> OptimSpec:

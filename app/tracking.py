@@ -5,6 +5,7 @@ wandb is offline unless the user sets ``log.wandb_mode=online``: an offline run 
 ``<run>/wandb/`` and never touches the network or asks for a login (``wandb sync`` uploads it
 later). Without the ``wandb`` package the run goes on with a warning.
 """
+
 import errno
 import importlib
 import json
@@ -55,8 +56,14 @@ class Tracker:
     resumed run first removes a torn last line). Only the main process writes (``enabled=False``
     elsewhere)."""
 
-    def __init__(self, folder: Union[RunFolder, Path], cfg: Config, enabled: bool = True,
-                 total_steps: int = 0, resumed: bool = False):
+    def __init__(
+        self,
+        folder: Union[RunFolder, Path],
+        cfg: Config,
+        enabled: bool = True,
+        total_steps: int = 0,
+        resumed: bool = False,
+    ):
         self.enabled = enabled
         self.total_steps = total_steps
         self.folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
@@ -107,8 +114,11 @@ class Tracker:
         per_step = elapsed / self._window_steps
         s = self._step_seconds
         self._step_seconds = per_step if s is None else 0.7 * s + 0.3 * per_step
-        return {"images_per_s": self._window_images / elapsed, "step_s": per_step,
-                "data_wait": min(self._window_wait / elapsed, 1.0)}
+        return {
+            "images_per_s": self._window_images / elapsed,
+            "step_s": per_step,
+            "data_wait": min(self._window_wait / elapsed, 1.0),
+        }
 
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
@@ -119,8 +129,9 @@ class Tracker:
         self.folder.append_line(METRICS, json.dumps(record))
         if self.wandb is not None:
             with self.folder.guard(self.folder / "wandb"):
-                self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
-                               step=record.get("step"))
+                self.wandb.log(
+                    {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step")
+                )
 
     def log_step(self, step: int, epoch: float, lr: float, **extra: Any) -> None:
         """Log the mean loss and the throughput of the steps since the last call."""
@@ -128,25 +139,38 @@ class Tracker:
         loss = sum(losses) / len(losses) if losses else float("nan")
         speed = self._throughput()
         # data_wait_s / data_wait_fraction: time blocked on the loader in the window (see timed)
-        self.write({"kind": "train", "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
-                    "images_per_s": round(speed["images_per_s"], 2),
-                    "data_wait_s": round(self._window_wait, 4),
-                    "data_wait_fraction": round(speed["data_wait"], 4), **extra})
+        self.write(
+            {
+                "kind": "train",
+                "step": step,
+                "epoch": round(epoch, 4),
+                "loss": loss,
+                "lr": lr,
+                "images_per_s": round(speed["images_per_s"], 2),
+                "data_wait_s": round(self._window_wait, 4),
+                "data_wait_fraction": round(speed["data_wait"], 4),
+                **extra,
+            }
+        )
         if self.enabled:
             eta = (self.total_steps - step) * (self._step_seconds or float("nan"))
-            print(f"step {step:>6}/{self.total_steps} | epoch {epoch:6.2f} | loss {loss:.4f} | "
-                  f"lr {lr:.3e} | {speed['images_per_s']:7.1f} img/s | "
-                  f"data wait {100 * speed['data_wait']:4.1f}% | ETA {format_duration(eta)}",
-                  flush=True)
+            print(
+                f"step {step:>6}/{self.total_steps} | epoch {epoch:6.2f} | loss {loss:.4f} | "
+                f"lr {lr:.3e} | {speed['images_per_s']:7.1f} img/s | "
+                f"data wait {100 * speed['data_wait']:4.1f}% | ETA {format_duration(eta)}",
+                flush=True,
+            )
         self.start_window()
 
-    def log_validation(self, step: int, epoch: float, results: Dict[str, Dict[str, float]],
-                       skipped_images: int = 0) -> None:
+    def log_validation(
+        self, step: int, epoch: float, results: Dict[str, Dict[str, float]], skipped_images: int = 0
+    ) -> None:
         """``results``: {"raw@32": {"top1":…, "top5":…, "loss":…}, "ema@32": {…}};
         ``skipped_images``: unreadable validation images replaced during this validation."""
         flat = {f"{name}/{k}": round(v, 5) for name, r in results.items() for k, v in r.items()}
-        self.write({"kind": "val", "step": step, "epoch": round(epoch, 4), **flat,
-                    "skipped_images": skipped_images})
+        self.write(
+            {"kind": "val", "step": step, "epoch": round(epoch, 4), **flat, "skipped_images": skipped_images}
+        )
         if self.enabled:
             parts = [f"{name} top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}%" for name, r in results.items()]
             note = f" ({skipped_images} unreadable images replaced)" if skipped_images else ""
@@ -162,12 +186,22 @@ def _start_wandb(run_dir: Path, cfg):
     try:
         wandb = importlib.import_module("wandb")
     except ImportError:
-        print("warning: log.wandb=true but the wandb package is not installed; "
-              "logging to metrics.jsonl only (pip install wandb)", file=sys.stderr)
+        print(
+            "warning: log.wandb=true but the wandb package is not installed; "
+            "logging to metrics.jsonl only (pip install wandb)",
+            file=sys.stderr,
+        )
         return None
     mode = cfg.log.wandb_mode
     if mode == "offline":
         os.environ["WANDB_MODE"] = "offline"  # also covers wandb's background service
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(project=cfg.log.wandb_project, name=Path(run_dir).name, dir=str(run_dir),
-                      config=cfg.to_dict(), mode=mode, resume="allow", id=Path(run_dir).name)
+    return wandb.init(
+        project=cfg.log.wandb_project,
+        name=Path(run_dir).name,
+        dir=str(run_dir),
+        config=cfg.to_dict(),
+        mode=mode,
+        resume="allow",
+        id=Path(run_dir).name,
+    )

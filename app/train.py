@@ -8,6 +8,7 @@ Everything device-specific is behind the backend (backends/contract.py); everyth
 files runs on the main process only. Other kinds of run (fine-tuning) add a ``RunHook``; the
 loop does not know them.
 """
+
 import argparse
 import itertools
 import math
@@ -95,8 +96,12 @@ class StopSignal:
             raise KeyboardInterrupt
         self.signum = signum
         if self.announce:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                  "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                "(press Ctrl-C again to abort without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -109,9 +114,11 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-DIGITS_NOTE = ("data: the embedded default, scikit-learn's handwritten digits (8×8 images upscaled to "
-               "{resolution} px, 10 classes), not ImageNet; for ImageNet give DATA=/path/to/imagenet "
-               "(data.dataset) with the model's grid preset, e.g. CONFIG=b2-g16-lnpn")
+DIGITS_NOTE = (
+    "data: the embedded default, scikit-learn's handwritten digits (8×8 images upscaled to "
+    "{resolution} px, 10 classes), not ImageNet; for ImageNet give DATA=/path/to/imagenet "
+    "(data.dataset) with the model's grid preset, e.g. CONFIG=b2-g16-lnpn"
+)
 
 
 def steps_per_epoch_text(cfg: Config, loop_steps: int, updates_per_step: int) -> str:
@@ -157,20 +164,28 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
     else:
         state = convert_state_dict(state.get("state_dict", state), source)
         if cfg.model.norm_eps != PEER_NORM_EPS:  # the epsilon is not in a state dict
-            print(f"note: model.norm_eps={cfg.model.norm_eps:g}, while timm's efficientnet_* and "
-                  f"torchvision's efficientnet_b0-b4 use {PEER_NORM_EPS:g} (timm's tf_* and torchvision's "
-                  f"b5-b7 use 1e-3): set model.norm_eps to the source's to reproduce its outputs",
-                  file=sys.stderr)
+            print(
+                f"note: model.norm_eps={cfg.model.norm_eps:g}, while timm's efficientnet_* and "
+                f"torchvision's efficientnet_b0-b4 use {PEER_NORM_EPS:g} (timm's tf_* and torchvision's "
+                f"b5-b7 use 1e-3): set model.norm_eps to the source's to reproduce its outputs",
+                file=sys.stderr,
+            )
         if cfg.model.padding != "symmetric":  # nor is the padding
-            print(f"note: model.padding={cfg.model.padding}, while torchvision and timm's efficientnet_* "
-                  "pad symmetrically (timm's tf_efficientnet_* pad as TensorFlow's SAME): set "
-                  "model.padding to the source's to reproduce its outputs", file=sys.stderr)
+            print(
+                f"note: model.padding={cfg.model.padding}, while torchvision and timm's efficientnet_* "
+                "pad symmetrically (timm's tf_efficientnet_* pad as TensorFlow's SAME): set "
+                "model.padding to the source's to reproduce its outputs",
+                file=sys.stderr,
+            )
     own = model.state_dict()
-    new_head = [k for k in own
-                if k.startswith("classifier.") and k in state and state[k].shape != own[k].shape]
+    new_head = [
+        k for k in own if k.startswith("classifier.") and k in state and state[k].shape != own[k].shape
+    ]
     load_weights(model, {**state, **{k: own[k] for k in new_head}}, path)
-    print(f"initialised from {path} ({source})"
-          + (f"; new classifier for {own['classifier.weight'].shape[0]} classes" if new_head else ""))
+    print(
+        f"initialised from {path} ({source})"
+        + (f"; new classifier for {own['classifier.weight'].shape[0]} classes" if new_head else "")
+    )
 
 
 def epoch_batches(loader: Iterable, start: int) -> Iterator:
@@ -194,6 +209,7 @@ class TrainSetup:
     (or resumed) weights are loaded, before the optimiser sees its parameters (so freezing layers
     there takes them out of the optimiser) and before the backend prepares (compiles) the
     classifier."""
+
     cfg: Config
     model: torch.nn.Module  # the EfficientNet
     classifier: Classifier  # the model with input normalisation and loss
@@ -235,6 +251,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
 
 # ----------------------------------------------------------------------------- over processes
 
+
 def job_total(dist: DistContext, count: float) -> float:
     """``count`` summed over every process of the job (each counts its own share), e.g. skipped
     images. Every process must call it at the same point."""
@@ -254,8 +271,12 @@ def agreed_signal(dist: DistContext, own: Optional[int]) -> Optional[int]:
     processes a step later than others, or only one): one all-reduce of (count, sum of signals)."""
     if dist.world_size == 1:
         return own
-    count, total = (float(v) for v in dist.all_reduce_sum(
-        torch.tensor([1.0 if own else 0.0, float(own or 0)], dtype=torch.float64)))
+    count, total = (
+        float(v)
+        for v in dist.all_reduce_sum(
+            torch.tensor([1.0 if own else 0.0, float(own or 0)], dtype=torch.float64)
+        )
+    )
     if count == 0:
         return None
     if own is not None:
@@ -265,6 +286,7 @@ def agreed_signal(dist: DistContext, own: Optional[int]) -> Optional[int]:
 
 
 # ----------------------------------------------------------------------------- messages
+
 
 def nonfinite_advice(cfg: Config, last_saved: Optional[int], run_dir: Path, resume_command: str) -> str:
     """What to do after a non-finite loss, gradient or weight: only fixes that change something,
@@ -277,11 +299,15 @@ def nonfinite_advice(cfg: Config, last_saved: Optional[int], run_dir: Path, resu
         fixes.append("train.precision=fp32")
     fix = " or ".join(fixes)
     if last_saved is None:
-        return (f"Training stopped before its first checkpoint, so there is nothing to resume: start "
-                f"again with {fix}")
-    return (f"Training stopped; the checkpoint of step {last_saved} (in {run_dir / 'checkpoints'}) "
-            f"holds the last finite weights. Try {fix}: continue from it with the change, e.g. "
-            f"{resume_command} optim.lr=..., or start again")
+        return (
+            f"Training stopped before its first checkpoint, so there is nothing to resume: start "
+            f"again with {fix}"
+        )
+    return (
+        f"Training stopped; the checkpoint of step {last_saved} (in {run_dir / 'checkpoints'}) "
+        f"holds the last finite weights. Try {fix}: continue from it with the change, e.g. "
+        f"{resume_command} optim.lr=..., or start again"
+    )
 
 
 @dataclass
@@ -290,6 +316,7 @@ class RunHook:
     the loop knowing it: ``setup`` runs once the network has its first weights (see
     ``TrainSetup``); ``kind``, the name of the command that runs it, is recorded in every
     checkpoint, and a checkpoint of another kind is not resumed by this one."""
+
     kind: str
     setup: Callable[[TrainSetup], None]
 
@@ -302,6 +329,7 @@ class LoopState:
     """Everything the loop changes as it runs. A checkpoint holds the step, the best top-1, the EMA
     step and the epoch's RNG states, from which a resumed run starts (its last saved step is the
     checkpoint's); the rest describe this call."""
+
     step: int = 0  # weight updates of the run so far
     best: float = -1.0  # the best top-1 (best.pt holds that model)
     ema_step: int = 0  # the step of the last EMA update (train.ema_every > 1 resumes exactly)
@@ -346,11 +374,17 @@ class Trainer:
         early = self.early_exit()
         if early is not None:
             return early
-        self.tracker = Tracker(self.folder, self.cfg, enabled=self.dist.is_main,
-                               total_steps=self.total_steps, resumed=self.resume is not None)
+        self.tracker = Tracker(
+            self.folder,
+            self.cfg,
+            enabled=self.dist.is_main,
+            total_steps=self.total_steps,
+            resumed=self.resume is not None,
+        )
         if self.resume is not None:  # records after this one continue from the checkpoint's step
-            self.tracker.write({"kind": "resume", "step": self.state.step,
-                                "checkpoint": str(self.checkpointer.resumed_path)})
+            self.tracker.write(
+                {"kind": "resume", "step": self.state.step, "checkpoint": str(self.checkpointer.resumed_path)}
+            )
         started = time.perf_counter()
         exit_code = self.loop()
         if exit_code == 0 and self.diverged():
@@ -358,8 +392,16 @@ class Trainer:
         skipped = int(job_total(self.dist, skipped_in([self.loader])))  # before the processes part
         elapsed = time.perf_counter() - started
         s, self.skipped = self.state, skipped
-        return TrainResult(exit_code, self.run_dir, s.step - s.first_step, s.trained_images,
-                           elapsed - s.eval_seconds, elapsed, s.results, last_step=s.step)
+        return TrainResult(
+            exit_code,
+            self.run_dir,
+            s.step - s.first_step,
+            s.trained_images,
+            elapsed - s.eval_seconds,
+            elapsed,
+            s.results,
+            last_step=s.step,
+        )
 
     def close(self, failed: bool = False) -> None:
         """Release the tracker, the backend and the process group, whichever exist. After a
@@ -373,10 +415,14 @@ class Trainer:
             self.dist.close()
 
     def report(self, outcome: TrainResult) -> None:
-        print(f"done: {self.total_steps} steps in {format_duration(outcome.wall_seconds)}"
-              + (f", {self.skipped} unreadable images skipped" if self.skipped else ""))
-        print("final validation: " + " | ".join(f"{k} top-1 {r['top1']:.2f}%"
-                                                for k, r in outcome.results.items()))
+        print(
+            f"done: {self.total_steps} steps in {format_duration(outcome.wall_seconds)}"
+            + (f", {self.skipped} unreadable images skipped" if self.skipped else "")
+        )
+        print(
+            "final validation: "
+            + " | ".join(f"{k} top-1 {r['top1']:.2f}%" for k, r in outcome.results.items())
+        )
         print(f"run folder: {self.run_dir}")
 
     # ------------------------------------------------------------------------- set-up
@@ -400,14 +446,17 @@ class Trainer:
         """The checkpoint being resumed (its folder is this run's); checked before anything is read."""
         if not self.cfg.resume:
             return
+
         def check_config(saved: Dict[str, Any], run_dir: Path, path: Path) -> None:
             if self.hook is None:  # what a resume may change (a hook's run rebuilds its configuration)
                 on_disk = run_dir / "config.yaml"
-                check_resume_changes(saved, self.cfg, run_dir, path,
-                                     read_yaml_file(on_disk) if on_disk.is_file() else None)
+                check_resume_changes(
+                    saved, self.cfg, run_dir, path, read_yaml_file(on_disk) if on_disk.is_file() else None
+                )
 
         self.resume = self.checkpointer.open_resume(
-            self.cfg.resume, lambda payload: own_rng_states(payload, self.dist), check_config)
+            self.cfg.resume, lambda payload: own_rng_states(payload, self.dist), check_config
+        )
 
     def build_data(self) -> None:
         """Before a new run folder exists: a wrong dataset or batch leaves nothing behind. Each
@@ -416,21 +465,35 @@ class Trainer:
         self.train_set = build_dataset(cfg, "train", cfg.data.resolution)
         self.host_batch = host_batch = backend.host_batch_size()
         data = data_spec(cfg)
-        self.loader = build_loader(self.train_set, backend.batch, train=True, spec=data,
-                                   device=backend.device, seed=cfg.train.seed,
-                                   sampler=shard_sampler(dist, self.train_set, train=True,
-                                                         seed=cfg.train.seed, batch_size=host_batch))
+        self.loader = build_loader(
+            self.train_set,
+            backend.batch,
+            train=True,
+            spec=data,
+            device=backend.device,
+            seed=cfg.train.seed,
+            sampler=shard_sampler(
+                dist, self.train_set, train=True, seed=cfg.train.seed, batch_size=host_batch
+            ),
+        )
         self.val_resolutions = cfg.data.val_resolutions or [cfg.data.resolution]
         self.val_loaders = {}
         for r in self.val_resolutions:
             val_set = build_dataset(cfg, "val", r)
             self.val_loaders[r] = build_loader(
-                val_set, backend.eval_batch_size(), train=False, spec=data, device=backend.device,
-                sampler=shard_sampler(dist, val_set, train=False, seed=cfg.train.seed))
+                val_set,
+                backend.eval_batch_size(),
+                train=False,
+                spec=data,
+                device=backend.device,
+                sampler=shard_sampler(dist, val_set, train=False, seed=cfg.train.seed),
+            )
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch < 1:
-            raise AppError(f"the training set ({len(self.train_set)} images) is smaller than one host "
-                           f"batch ({host_batch}); lower train.micro_batch or train.grad_accum")
+            raise AppError(
+                f"the training set ({len(self.train_set)} images) is smaller than one host "
+                f"batch ({host_batch}); lower train.micro_batch or train.grad_accum"
+            )
         self.total_steps = math.ceil(cfg.train.epochs * self.steps_per_epoch)
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
@@ -442,16 +505,19 @@ class Trainer:
         cfg, resume = self.cfg, self.resume
         self.num_classes = self.train_set.num_classes
         self.model = build_network(cfg, self.num_classes)
-        check_resolutions(cfg.data.resolution, self.val_resolutions, downsampling_stages(self.model),
-                          what="validation")
+        check_resolutions(
+            cfg.data.resolution, self.val_resolutions, downsampling_stages(self.model), what="validation"
+        )
         if cfg.model.init_from and resume is None:
             load_initial_weights(self.model, cfg)
         if resume is not None:
             check_architecture(resume, cfg.model, self.num_classes, cfg.resume)
             if resume["steps_per_epoch"] != self.steps_per_epoch:
-                raise AppError(f"the checkpoint has {resume['steps_per_epoch']} steps per epoch, this "
-                               f"configuration {self.steps_per_epoch}: resume with the same data and "
-                               "batch size")
+                raise AppError(
+                    f"the checkpoint has {resume['steps_per_epoch']} steps per epoch, this "
+                    f"configuration {self.steps_per_epoch}: resume with the same data and "
+                    "batch size"
+                )
             load_weights(self.model, resume["model"], self.checkpointer.resumed_path)
 
     def open_run_dir(self) -> None:
@@ -463,7 +529,8 @@ class Trainer:
             self.run_dir = new_run_dir(self.cfg)
             try:
                 RunFolder(self.run_dir).write_document(
-                    "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+                    "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+                )
             except RunFolderError:
                 remove_if_empty(self.run_dir)  # no run folder without its configuration
                 raise
@@ -479,8 +546,17 @@ class Trainer:
         cfg, model = self.cfg, self.model
         self.dist.broadcast_parameters(model)  # every replica starts from the main process's weights
         self.classifier = build_classifier(model, cfg)
-        self.context = TrainSetup(cfg, model, self.classifier, self.backend, self.loader,
-                                  self.val_loaders, self.run_dir, self.host_batch, self.resume)
+        self.context = TrainSetup(
+            cfg,
+            model,
+            self.classifier,
+            self.backend,
+            self.loader,
+            self.val_loaders,
+            self.run_dir,
+            self.host_batch,
+            self.resume,
+        )
         if self.hook is not None:  # before the optimiser: layers it freezes are not optimised
             self.hook.setup(self.context)
         self.base_lr = peak_lr(cfg)  # optim.lr scaled to the global batch by the optimiser's rule
@@ -494,7 +570,8 @@ class Trainer:
         if self.resume is None:
             return
         counters = self.checkpointer.restore(
-            {"ema": self.ema, "optimizer": self.optimizer, "backend": self.backend})
+            {"ema": self.ema, "optimizer": self.optimizer, "backend": self.backend}
+        )
         s = self.state
         s.step = s.first_step = counters["step"]
         s.ema_step, s.best, s.epoch_rng = counters["ema_step"], counters["best_top1"], counters["epoch_rng"]
@@ -504,10 +581,12 @@ class Trainer:
         m = cfg.model
         n_params = sum(p.numel() for p in self.model.parameters())
         steps = steps_per_epoch_text(cfg, self.steps_per_epoch, backend.updates_per_step)
-        print(f"model {m.name} G{m.group_size} e{m.expand_ratio} {m.norm}{'+proxy' if m.proxy_norm else ''}: "
-              f"{n_params / 1e6:.2f}M parameters, {self.num_classes} classes | {len(self.train_set)} "
-              f"training images, {steps} | device {backend.name}{' (emulated)' if backend.emulated else ''} "
-              f"| {self.total_steps} steps")
+        print(
+            f"model {m.name} G{m.group_size} e{m.expand_ratio} {m.norm}{'+proxy' if m.proxy_norm else ''}: "
+            f"{n_params / 1e6:.2f}M parameters, {self.num_classes} classes | {len(self.train_set)} "
+            f"training images, {steps} | device {backend.name}{' (emulated)' if backend.emulated else ''} "
+            f"| {self.total_steps} steps"
+        )
         if cfg.data.dataset == "digits":
             print(DIGITS_NOTE.format(resolution=cfg.data.resolution))
         print(scale_summary(cfg, self.dist))
@@ -523,8 +602,10 @@ class Trainer:
             print(self.backend.compile(images, targets))
             return TrainResult(0, self.run_dir)
         if self.state.step >= self.total_steps:
-            print(f"nothing to do: {self.run_dir} is at step {self.state.step} of {self.total_steps} "
-                  "already (raise train.epochs or train.max_steps to train on)")
+            print(
+                f"nothing to do: {self.run_dir} is at step {self.state.step} of {self.total_steps} "
+                "already (raise train.epochs or train.max_steps to train on)"
+            )
             return TrainResult(0, self.run_dir, last_step=self.state.step, finished_before=True)
         return None
 
@@ -595,20 +676,30 @@ class Trainer:
         self.tracker.count(images.shape[0] * self.dist.world_size, loss)  # images of the whole job
         s.trained_images += images.shape[0] * self.dist.world_size
         if s.step % cfg.train.log_every == 0 or s.step == self.total_steps:
-            self.tracker.log_step(s.step, s.step / self.steps_per_epoch, lr,
-                                  skipped_images=int(job_total(self.dist, skipped_in([self.loader]))))
+            self.tracker.log_step(
+                s.step,
+                s.step / self.steps_per_epoch,
+                lr,
+                skipped_images=int(job_total(self.dist, skipped_in([self.loader]))),
+            )
 
     def skipped_update(self, loss: float) -> None:
         """A non-finite loss or gradient: fp16 tolerates a few (its scaler skipped the update);
         anything else stops the run."""
         s = self.state
         s.nonfinite += 1
-        problem = f"loss is {loss} at step {s.step}" if not math.isfinite(loss) else \
-            f"gradients are not finite at step {s.step} (loss {loss:.4g}; update not applied)"
+        problem = (
+            f"loss is {loss} at step {s.step}"
+            if not math.isfinite(loss)
+            else f"gradients are not finite at step {s.step} (loss {loss:.4g}; update not applied)"
+        )
         if self.cfg.train.precision != "fp16" or s.nonfinite >= FP16_SKIPS_BEFORE_STOP:
             raise NonFiniteLoss(problem)
-        print(f"warning: loss {loss} at step {s.step}: the fp16 loss scaler skipped this "
-              "update and lowered its scale", file=sys.stderr)
+        print(
+            f"warning: loss {loss} at step {s.step}: the fp16 loss scaler skipped this "
+            "update and lowered its scale",
+            file=sys.stderr,
+        )
 
     # ------------------------------------------------------------------------- validate and save
     def validate_and_save(self) -> None:
@@ -631,8 +722,9 @@ class Trainer:
             set_rng_state(before)
         # the images of the raw passes (an EMA pass reads the same ones: counted in its own entry)
         skipped = sum(r.get("skipped_images", 0) for name, r in results.items() if name.startswith("raw@"))
-        self.tracker.log_validation(at_step, at_step / self.steps_per_epoch, results,
-                                    skipped_images=int(skipped))
+        self.tracker.log_validation(
+            at_step, at_step / self.steps_per_epoch, results, skipped_images=int(skipped)
+        )
         return results
 
     def save(self, at_step: int, metrics: Dict[str, float], is_best: bool = False) -> None:
@@ -643,24 +735,39 @@ class Trainer:
         if dist.is_main:
             self.backend.sync_to_host()
             bad = self.checkpointer.nonfinite(
-                {"": self.model.state_dict(),
-                 **({"ema.": self.ema.module.state_dict()} if self.ema is not None else {})})
+                {
+                    "": self.model.state_dict(),
+                    **({"ema.": self.ema.module.state_dict()} if self.ema is not None else {}),
+                }
+            )
         if any_process(dist, bool(bad)):
             shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
-            raise NonFiniteLoss(f"weights are not finite after step {at_step}"
-                                + (f" ({shown})" if shown else "") + "; they were not saved")
+            raise NonFiniteLoss(
+                f"weights are not finite after step {at_step}"
+                + (f" ({shown})" if shown else "")
+                + "; they were not saved"
+            )
         rngs = gather_rng_states(dist, {"rng": rng_state(), "epoch_rng": s.epoch_rng})  # every process's
         if dist.is_main:
-            parts = {"model": self.model, "ema": self.ema, "optimizer": self.optimizer,
-                     "backend": self.backend}
+            parts = {
+                "model": self.model,
+                "ema": self.ema,
+                "optimizer": self.optimizer,
+                "backend": self.backend,
+            }
             # ema_step: the step of the last EMA update (train.ema_every > 1 resumes exactly);
             # epoch_rng: the RNG states when this epoch's data iterator was created
             counters = {"ema_step": s.ema_step, "best_top1": s.best, "epoch_rng": s.epoch_rng}
-            record = {"metrics": metrics, "arch": arch_of(self.cfg.model, self.num_classes),
-                      "config": self.cfg.to_dict(), "rng_by_rank": rngs,
-                      **self.context.checkpoint_extra}  # what the run's hook records
+            record = {
+                "metrics": metrics,
+                "arch": arch_of(self.cfg.model, self.num_classes),
+                "config": self.cfg.to_dict(),
+                "rng_by_rank": rngs,
+                **self.context.checkpoint_extra,
+            }  # what the run's hook records
             self.checkpointer.save(
-                self.checkpointer.payload(at_step, self.steps_per_epoch, parts, counters, record), is_best)
+                self.checkpointer.payload(at_step, self.steps_per_epoch, parts, counters, record), is_best
+            )
         self.checkpointer.saved(at_step)
 
     # ------------------------------------------------------------------------- stop
@@ -676,8 +783,11 @@ class Trainer:
         # one exits with a failure status
         self.dist.barrier()
         if self.dist.is_main:
-            print(f"stopped by {signal.Signals(signum).name} at step {s.step}/{self.total_steps}; "
-                  f"checkpoint saved. Resume with:\n{resume_hint(self.run_dir, self.kind)}", file=sys.stderr)
+            print(
+                f"stopped by {signal.Signals(signum).name} at step {s.step}/{self.total_steps}; "
+                f"checkpoint saved. Resume with:\n{resume_hint(self.run_dir, self.kind)}",
+                file=sys.stderr,
+            )
         return 128 + signum
 
     def diverged(self) -> bool:
@@ -695,18 +805,23 @@ class Trainer:
             return False
         if self.dist.is_main:
             fix = divergence_warning(self.cfg) or (
-                f"lower the learning rate, e.g. optim.lr={self.cfg.optim.lr / 4:.3g}")
-            print(f"warning: this run did not learn: validation top-1 {top1:.2f}% is at chance "
-                  f"({chance:.2f}% for {self.num_classes} classes) while the training loss grew from "
-                  f"{first:.3f} to {last:.3f} (peak rate {self.base_lr:.4g}). Train again: "
-                  f"{fix.replace('warning: ', '')}. Exit status {DIVERGED}.", file=sys.stderr)
+                f"lower the learning rate, e.g. optim.lr={self.cfg.optim.lr / 4:.3g}"
+            )
+            print(
+                f"warning: this run did not learn: validation top-1 {top1:.2f}% is at chance "
+                f"({chance:.2f}% for {self.num_classes} classes) while the training loss grew from "
+                f"{first:.3f} to {last:.3f} (peak rate {self.base_lr:.4g}). Train again: "
+                f"{fix.replace('warning: ', '')}. Exit status {DIVERGED}.",
+                file=sys.stderr,
+            )
         self.tracker.write({"kind": "error", "step": s.step, "error": "diverged: validation at chance"})
         return True
 
     def fail(self, error: NonFiniteLoss) -> int:
         if self.dist.is_main:
-            advice = nonfinite_advice(self.cfg, self.checkpointer.last_saved, self.run_dir,
-                                      self.resume_command())
+            advice = nonfinite_advice(
+                self.cfg, self.checkpointer.last_saved, self.run_dir, self.resume_command()
+            )
             print(f"error: {error}. {advice}", file=sys.stderr)
         self.tracker.write({"kind": "error", "step": self.state.step, "error": str(error)})  # the failed step
         return 3

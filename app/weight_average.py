@@ -13,6 +13,7 @@ checkpoint's ``ema``, the weights fine-tuning and ``make paper`` start from):
   running statistics included; Graphcore's PyTorch port averages parameters only); integer
   buffers (batch norm's update counter) are the newest.
 """
+
 import copy
 from typing import Any, Dict, Optional
 
@@ -54,8 +55,12 @@ class EpochAverage:
         self.updates += 1
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"module": self.module.state_dict(), "decay": self.decay, "updates": self.updates,
-                "kind": "epoch"}
+        return {
+            "module": self.module.state_dict(),
+            "decay": self.decay,
+            "updates": self.updates,
+            "kind": "epoch",
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])

@@ -11,6 +11,7 @@ The IPU backend is ``ipu_options.backend.PopTorchBackend``. Nothing here imports
 the model or the IPU layer (tests/test_imports.py checks it): the application picks a backend
 (``app.backend.create_backend``) and hands it what it needs.
 """
+
 from backends.contract import Backend, BackendError
 
 __all__ = ["Backend", "BackendError"]

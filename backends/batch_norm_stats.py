@@ -10,6 +10,7 @@ normalised with its batch statistics, and returns those statistics, a [1, C] pai
 backend runs the probe like any inference model (on an IPU: its own inference executable, where
 a micro-batch is one batch); the host averages the pairs and writes them into the running buffers.
 """
+
 from typing import List, Sequence, Tuple
 
 import torch
@@ -64,8 +65,9 @@ def split_statistics(outputs: Sequence[Tensor]) -> Statistics:
 
 
 @torch.no_grad()
-def write_statistics(model: nn.Module, means: Sequence[Tensor], variances: Sequence[Tensor],
-                     batches: int) -> None:
+def write_statistics(
+    model: nn.Module, means: Sequence[Tensor], variances: Sequence[Tensor], batches: int
+) -> None:
     for layer, mean, var in zip(batch_norm_layers(model), means, variances):
         layer.running_mean.copy_(mean.to(layer.running_mean))
         layer.running_var.copy_(var.to(layer.running_var))

@@ -8,6 +8,7 @@ of the project: the application depends on it, the backends implement it, and ne
 reaches into the other. A backend is handed the specs it needs (backends/specs.py), never the
 application's configuration.
 """
+
 from typing import Any, ContextManager, Dict, Optional
 
 import torch

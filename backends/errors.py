@@ -4,6 +4,7 @@ Each message names the problem and the fix. The command line prints them without
 and exits with status 2. They live here, below both sides, so that a backend can refuse a
 configuration without importing the application that reads it.
 """
+
 from typing import Any
 
 

@@ -7,6 +7,7 @@ DistributedDataParallel under torchrun (through the process context the applicat
 (model/inference.py), made again after every weight update. Part of the device layer: it imports
 nothing of the application.
 """
+
 import contextlib
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -24,10 +25,12 @@ def _native_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        why = ("this PyTorch is a CPU-only build: install a CUDA build of PyTorch"
-               if torch.version.cuda is None else
-               f"this CUDA {torch.version.cuda} build of PyTorch sees no GPU: check the driver and "
-               "CUDA_VISIBLE_DEVICES")
+        why = (
+            "this PyTorch is a CPU-only build: install a CUDA build of PyTorch"
+            if torch.version.cuda is None
+            else f"this CUDA {torch.version.cuda} build of PyTorch sees no GPU: check the driver and "
+            "CUDA_VISIBLE_DEVICES"
+        )
         raise BackendError(f"device=cuda is not available ({why}); or use --device cpu (or auto)")
     return torch.device(requested)
 
@@ -47,11 +50,14 @@ class NativeBackend(Backend):
         self.name = self.device.type
         self.batch = batch
         if spec.precision == "fp16" and self.device.type != "cuda":
-            raise BackendError("train.precision=fp16 needs a CUDA GPU (its loss scaler is CUDA-only); "
-                               "on the CPU use train.precision=bf16 or fp32")
+            raise BackendError(
+                "train.precision=fp16 needs a CUDA GPU (its loss scaler is CUDA-only); "
+                "on the CPU use train.precision=bf16 or fp32"
+            )
         if spec.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise BackendError("train.precision=bf16 is not supported by this GPU; "
-                               "use train.precision=fp16 or fp32")
+            raise BackendError(
+                "train.precision=bf16 is not supported by this GPU; use train.precision=fp16 or fp32"
+            )
         if spec.cpu_threads is not None:
             torch.set_num_threads(spec.cpu_threads)
         self.precision = spec.precision
@@ -96,8 +102,11 @@ class NativeBackend(Backend):
         for i, (x, y) in enumerate(pieces):
             # DDP: gradients are all-reduced once, on the last micro-batch of the update
             last = i == len(pieces) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.trainer, "no_sync") \
+            sync = (
+                contextlib.nullcontext()
+                if last or not hasattr(self.trainer, "no_sync")
                 else self.trainer.no_sync()
+            )
             with sync:
                 with self.autocast():
                     _, loss = self.trainer(x, y)
@@ -124,8 +133,12 @@ class NativeBackend(Backend):
         """The loss on the host, and whether it and every gradient are finite: one norm per
         gradient (finite exactly when its tensor is, short of a norm beyond 3e38) and a single
         read-back for all of them."""
-        grads = [p.grad.detach() for group in self.optimizer.param_groups for p in group["params"]
-                 if p.grad is not None]
+        grads = [
+            p.grad.detach()
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
         foreach_norm = getattr(torch, "_foreach_norm", None)
         norms = foreach_norm(grads) if foreach_norm is not None else [g.norm() for g in grads]
         checks = [loss.detach().float().reshape(1)] + [n.float().reshape(1) for n in norms]
@@ -140,8 +153,9 @@ class NativeBackend(Backend):
     @contextlib.contextmanager
     def evaluating(self, classifier: Optional[nn.Module] = None) -> Iterator[None]:
         if classifier is None and self.classifier is None:
-            raise BackendError("nothing to evaluate: the backend has no training model (prepare) "
-                               "and no weights were given")
+            raise BackendError(
+                "nothing to evaluate: the backend has no training model (prepare) and no weights were given"
+            )
         previous = self._scoring
         # a given classifier (moved to this device: Module.to() moves in place) is scored through
         # its own fused copy (model/inference.py), like the training classifier

@@ -5,6 +5,7 @@ PopTorch's ``RMSprop(use_tf_variant=True)`` — emulated in ``ipu_options.emulat
 rule. ``ADAMW_EPS`` is AdamW's ε on every device (``optim.eps`` is RMSprop's, inside the square
 root). Pure torch: nothing of the application or the model.
 """
+
 from typing import Iterable
 
 import torch
@@ -25,13 +26,23 @@ class RMSpropTF(torch.optim.Optimizer):
     1 (torch: 0, which makes the first steps huge), and lr multiplies the momentum buffer's input,
     so a change of lr only affects new contributions (torch scales the whole buffer)."""
 
-    def __init__(self, params: Iterable, lr: float, alpha: float = 0.9, eps: float = 1e-3,
-                 momentum: float = 0.9, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        alpha: float = 0.9,
+        eps: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+    ):
         if lr < 0 or not 0 < alpha < 1 or eps <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
-            raise ValueError(f"RMSpropTF: invalid lr={lr}, alpha={alpha}, eps={eps}, "
-                             f"momentum={momentum} or weight_decay={weight_decay}")
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, momentum=momentum,
-                                      weight_decay=weight_decay))
+            raise ValueError(
+                f"RMSpropTF: invalid lr={lr}, alpha={alpha}, eps={eps}, "
+                f"momentum={momentum} or weight_decay={weight_decay}"
+            )
+        super().__init__(
+            params, dict(lr=lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=weight_decay)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -7,6 +7,7 @@ backend averages its metrics with ``all_reduce_mean``, so all processes report t
 job-wide figures. With one process every collective is the identity and nothing here touches
 ``torch.distributed``.
 """
+
 import os
 import shlex
 from dataclasses import dataclass

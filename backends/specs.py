@@ -1,6 +1,7 @@
 """The run's sizes and device settings as small typed values, built once from the configuration
 by the application (app/specs.py) and handed to the components that use them; nothing here knows
 the configuration's sections."""
+
 from dataclasses import dataclass
 from typing import Optional, Tuple
 

@@ -3,6 +3,7 @@
 Checking only "is the budget spent?" before each case let a case that started a second before the
 deadline run to its end, minutes over on a large model or under torch.compile; gpu.sh has a fixed
 slot. So each case's duration is estimated from the cases already run, before it is built."""
+
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -12,15 +13,14 @@ from .cases import Case
 def work(case: Case) -> float:
     """A rough cost proxy known before the model is built (MACs are not): pixels per step, a
     training step ≈ 3 forwards."""
-    return case.batch * case.resolution ** 2 * (3 if case.mode == "train" else 1)
+    return case.batch * case.resolution**2 * (3 if case.mode == "train" else 1)
 
 
 def estimate_seconds(case: Case, durations: List[Tuple[Case, float]]) -> float:
     """Seconds ``case`` may take (build, warm-up, timed steps, the memory step): the longest case
     so far, scaled up where this one has more work; never scaled down, since the proxy misses
     what makes a case slow without more pixels (a bigger model, autotuning, compilation)."""
-    return max((seconds * max(1.0, work(case) / work(done)) for done, seconds in durations),
-               default=0.0)
+    return max((seconds * max(1.0, work(case) / work(done)) for done, seconds in durations), default=0.0)
 
 
 class Budget:
@@ -41,8 +41,10 @@ class Budget:
         estimate = estimate_seconds(case, self.durations)
         if elapsed + estimate <= self.budget_s:
             return None
-        return (f"time budget of {self.budget_s:g} s: {elapsed:.0f} s spent, this case would "
-                f"take ~{estimate:.0f} s more")
+        return (
+            f"time budget of {self.budget_s:g} s: {elapsed:.0f} s spent, this case would "
+            f"take ~{estimate:.0f} s more"
+        )
 
     def record(self, case: Case, since: float) -> None:
         """``case`` ran from ``since`` (a reading of ``clock``) until now, errors included."""

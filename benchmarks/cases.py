@@ -1,4 +1,5 @@
 """What one measurement is (a Case) and the named matrices of cases (presets)."""
+
 import itertools
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -25,6 +26,7 @@ DEVICES = ("cpu", "cuda", "ipu", "ipu-model")
 class Case:
     """One configuration to time. ``subject`` is ``ours`` or a peer name from peers.PEERS; for a
     peer, the variant fields (group size, expansion, norm) describe nothing and stay at defaults."""
+
     subject: str = OURS
     model: str = "b0"
     group_size: int = 1
@@ -39,9 +41,14 @@ class Case:
     device: str = "cpu"
 
     def __post_init__(self):
-        checks = (("subject", self.subject, (OURS,) + tuple(PEERS)), ("norm", self.norm, tuple(NORMS)),
-                  ("precision", self.precision, PRECISIONS), ("layout", self.layout, LAYOUTS),
-                  ("mode", self.mode, MODES), ("device", self.device, DEVICES))
+        checks = (
+            ("subject", self.subject, (OURS,) + tuple(PEERS)),
+            ("norm", self.norm, tuple(NORMS)),
+            ("precision", self.precision, PRECISIONS),
+            ("layout", self.layout, LAYOUTS),
+            ("mode", self.mode, MODES),
+            ("device", self.device, DEVICES),
+        )
         for field, value, valid in checks:
             if value not in valid:
                 raise ValueError(f"{field}={value!r} is not one of {', '.join(valid)}")
@@ -82,13 +89,21 @@ def parse_variant(text: str) -> Tuple[int, int, str]:
             raise ValueError
         return int(parts[0][1:]), int(parts[1][1:]), parts[2]
     except (ValueError, IndexError):
-        raise ValueError(f"variant {text!r} must look like g16-e4-ln+pn (group size, expansion, "
-                         f"norm in {', '.join(NORMS)})") from None
+        raise ValueError(
+            f"variant {text!r} must look like g16-e4-ln+pn (group size, expansion, "
+            f"norm in {', '.join(NORMS)})"
+        ) from None
 
 
-def our_cases(models: Iterable[str], groups: Iterable[int], expands: Iterable[int],
-              norms: Iterable[str], resolutions: Iterable[str],
-              variants: Optional[Iterable[str]] = None, **common) -> List[Case]:
+def our_cases(
+    models: Iterable[str],
+    groups: Iterable[int],
+    expands: Iterable[int],
+    norms: Iterable[str],
+    resolutions: Iterable[str],
+    variants: Optional[Iterable[str]] = None,
+    **common,
+) -> List[Case]:
     """Each model × variant × resolution. ``variants`` ('g16-e4-ln+pn', ...) names exact
     combinations; without it groups × expands × norms are crossed."""
     if variants:
@@ -104,8 +119,11 @@ def our_cases(models: Iterable[str], groups: Iterable[int], expands: Iterable[in
 def peer_cases(peers: Iterable[str], resolutions: Iterable[str], **common) -> List[Case]:
     """Each peer at each resolution label, read for the size it corresponds to (timm B2 at
     native runs at 260 like our B2; an explicit number applies to all)."""
-    return [Case(peer, model=peer_model(peer), resolution=resolve_resolution(peer_model(peer), res),
-                 **common) for peer in peers for res in resolutions]
+    return [
+        Case(peer, model=peer_model(peer), resolution=resolve_resolution(peer_model(peer), res), **common)
+        for peer in peers
+        for res in resolutions
+    ]
 
 
 def expand(cases: Iterable[Case], **axes: Iterable[object]) -> List[Case]:

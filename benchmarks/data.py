@@ -21,6 +21,7 @@ its worker processes (read from /proc: see ``time_case``). Cases run in interlea
 rounds reversed), so every pipeline sees the machine's busy and quiet moments alike; every row
 records the load average.
 """
+
 import argparse
 import csv
 import gc
@@ -50,14 +51,24 @@ def _list(kind=str):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--folder", help="an ImageNet-style folder to read (default: one made at run time "
-                                    "from the bundled photographs)")
-    p.add_argument("--images", type=int, default=160, help="images per class per split in the made "
-                                                            "folder (one class per photograph)")
+    p.add_argument(
+        "--folder",
+        help="an ImageNet-style folder to read (default: one made at run time from the bundled photographs)",
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        default=160,
+        help="images per class per split in the made folder (one class per photograph)",
+    )
     p.add_argument("--pipelines", type=_list(), default=list(PIPELINES))
     p.add_argument("--splits", type=_list(), default=["train", "val"])
-    p.add_argument("--resolutions", type=_list(int), default=[224, 160, 128],
-                   help="224 native B0; 160 the paper's half-resolution B0 (app/resolution.py); 128")
+    p.add_argument(
+        "--resolutions",
+        type=_list(int),
+        default=[224, 160, 128],
+        help="224 native B0; 160 the paper's half-resolution B0 (app/resolution.py); 128",
+    )
     p.add_argument("--workers", type=_list(int), default=[1, 2])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds over all cases")
@@ -76,8 +87,10 @@ def ours_loader(folder: str, split: str, resolution: int, workers: int, batch: i
     from app.data import build_dataset, build_loader
     from app.specs import data_spec
 
-    cfg = build_config(None, [f"data.dataset={folder}", f"data.workers={workers}",
-                              f"data.reduced_decode={str(reduced).lower()}"])
+    cfg = build_config(
+        None,
+        [f"data.dataset={folder}", f"data.workers={workers}", f"data.reduced_decode={str(reduced).lower()}"],
+    )
     dataset = build_dataset(cfg, split, resolution)
     loader = build_loader(dataset, batch, train=split == "train", spec=data_spec(cfg), seed=0)
     return (images for images, _ in loader)
@@ -90,10 +103,12 @@ def torchvision_loader(folder: str, split: str, resolution: int, workers: int, b
         steps = [transforms.RandomResizedCrop(resolution), transforms.RandomHorizontalFlip()]
     else:
         steps = [transforms.Resize(round(resolution * 256 / 224)), transforms.CenterCrop(resolution)]
-    data = datasets.ImageFolder(os.path.join(folder, split),
-                                transform=transforms.Compose(steps + [transforms.PILToTensor()]))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=split == "train",
-                                         num_workers=workers, drop_last=split == "train")
+    data = datasets.ImageFolder(
+        os.path.join(folder, split), transform=transforms.Compose(steps + [transforms.PILToTensor()])
+    )
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch, shuffle=split == "train", num_workers=workers, drop_last=split == "train"
+    )
     return (images for images, _ in loader)
 
 
@@ -137,9 +152,14 @@ def time_case(batches: Iterable[torch.Tensor]) -> Dict[str, float]:
         workers.update(workers_cpu())  # the last reading of each worker before it ends
     total = images + first.shape[0]
     cpu_ms = 1000 * (sum(workers.values()) / total + main_cpu / images)
-    return {"images": images, "batches": batches_timed, "seconds": round(seconds, 4),
-            "images_per_s": round(images / seconds, 2), "cpu_ms_per_image": round(cpu_ms, 3),
-            "worker_processes_seen": len(workers)}
+    return {
+        "images": images,
+        "batches": batches_timed,
+        "seconds": round(seconds, 4),
+        "images_per_s": round(images / seconds, 2),
+        "cpu_ms_per_image": round(cpu_ms, 3),
+        "worker_processes_seen": len(workers),
+    }
 
 
 def reduction_shares(folder: str, resolution: int, crops: int = 400) -> Dict[str, float]:
@@ -162,8 +182,10 @@ def reduction_shares(folder: str, resolution: int, crops: int = 400) -> Dict[str
         box = random_crop_box(w, h, (0.08, 1.0), np.random.default_rng(sample_seed(0, 0, n)))
         train[reduction_for((box[2] - box[0], box[3] - box[1]), (resolution, resolution))] += 1
         val[reduction_for((w, h), val_resize_size(w, h, resolution))] += 1
-    return {**{f"train_1/{k}": round(v / crops, 3) for k, v in train.items()},
-            **{f"val_1/{k}": round(v / crops, 3) for k, v in val.items()}}
+    return {
+        **{f"train_1/{k}": round(v / crops, 3) for k, v in train.items()},
+        **{f"val_1/{k}": round(v / crops, 3) for k, v in val.items()},
+    }
 
 
 def versions() -> Dict[str, str]:
@@ -172,12 +194,18 @@ def versions() -> Dict[str, str]:
 
     try:
         import torchvision
+
         tv = torchvision.__version__
     except ImportError:
         tv = "not installed"
-    return {"pillow": PIL.__version__, "libjpeg_turbo": str(features.version("libjpeg_turbo")),
-            "torchvision": tv, "numpy": np.__version__, "python": sys.version.split()[0],
-            "cpus": str(os.cpu_count())}
+    return {
+        "pillow": PIL.__version__,
+        "libjpeg_turbo": str(features.version("libjpeg_turbo")),
+        "torchvision": tv,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "cpus": str(os.cpu_count()),
+    }
 
 
 def main(argv=None) -> int:
@@ -186,34 +214,56 @@ def main(argv=None) -> int:
     base = os.path.join(RESULTS_DIR, args.out)
     torch.set_num_threads(1)  # the main process only receives batches; workers use one thread each
     with tempfile.TemporaryDirectory(prefix="data-bench-") as tmp:
-        folder = args.folder or str(make_folder(Path(tmp) / "imagenet-like", args.images,
-                                                sizes=IMAGENET_MIX, qualities=QUALITIES))
-        cases = [(p, s, r, w) for s in args.splits for r in args.resolutions for w in args.workers
-                 for p in args.pipelines]
-        fixed = {**describe("cpu"), **versions(), "batch": args.batch,
-                 "photographs": ",".join(photographs()) if not args.folder else "",
-                 "folder": "made at run time" if not args.folder else args.folder,
-                 "command": "python -m benchmarks.data " + " ".join(sys.argv[1:] if argv is None else argv)}
+        folder = args.folder or str(
+            make_folder(Path(tmp) / "imagenet-like", args.images, sizes=IMAGENET_MIX, qualities=QUALITIES)
+        )
+        cases = [
+            (p, s, r, w)
+            for s in args.splits
+            for r in args.resolutions
+            for w in args.workers
+            for p in args.pipelines
+        ]
+        fixed = {
+            **describe("cpu"),
+            **versions(),
+            "batch": args.batch,
+            "photographs": ",".join(photographs()) if not args.folder else "",
+            "folder": "made at run time" if not args.folder else args.folder,
+            "command": "python -m benchmarks.data " + " ".join(sys.argv[1:] if argv is None else argv),
+        }
         shares = {r: reduction_shares(folder, r) for r in args.resolutions}
         rows: List[Dict[str, object]] = []
         for round_ in range(args.repeats):
-            for pipeline, split, resolution, workers in (cases if round_ % 2 == 0 else cases[::-1]):
+            for pipeline, split, resolution, workers in cases if round_ % 2 == 0 else cases[::-1]:
                 load_before = load_average()
                 if pipeline == "torchvision":
                     batches = torchvision_loader(folder, split, resolution, workers, args.batch)
                 else:
-                    batches = ours_loader(folder, split, resolution, workers, args.batch,
-                                          reduced=pipeline == "ours")
-                row = {**fixed, "pipeline": pipeline, "split": split, "resolution": resolution,
-                       "workers": workers, "round": round_, **time_case(batches),
-                       "load_before": load_before, "load_after": load_average(),
-                       **(shares[resolution] if pipeline == "ours" else {})}
+                    batches = ours_loader(
+                        folder, split, resolution, workers, args.batch, reduced=pipeline == "ours"
+                    )
+                row = {
+                    **fixed,
+                    "pipeline": pipeline,
+                    "split": split,
+                    "resolution": resolution,
+                    "workers": workers,
+                    "round": round_,
+                    **time_case(batches),
+                    "load_before": load_before,
+                    "load_after": load_average(),
+                    **(shares[resolution] if pipeline == "ours" else {}),
+                }
                 del batches
                 gc.collect()  # this case's workers end before the next case starts
                 rows.append(row)
-                print(f"{pipeline:>11} {split:>5} {resolution:>4} px {workers} worker(s): "
-                      f"{row['images_per_s']:8.1f} img/s, {row['cpu_ms_per_image']} CPU ms/image "
-                      f"(load {row['load_after']})", flush=True)
+                print(
+                    f"{pipeline:>11} {split:>5} {resolution:>4} px {workers} worker(s): "
+                    f"{row['images_per_s']:8.1f} img/s, {row['cpu_ms_per_image']} CPU ms/image "
+                    f"(load {row['load_after']})",
+                    flush=True,
+                )
     with open(base + ".jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -1,7 +1,8 @@
 """Rows of ``python -m benchmarks.data`` → Markdown report and PNG plot (generated; never edit).
 
-    python -m benchmarks.data_report benchmarks/results/data-cpu.jsonl [--out benchmarks/results/data-cpu]
+python -m benchmarks.data_report benchmarks/results/data-cpu.jsonl [--out benchmarks/results/data-cpu]
 """
+
 import argparse
 import json
 import os
@@ -24,8 +25,11 @@ TARGETS = (
 )
 
 
-def medians(rows: Sequence[Dict], field: str = "images_per_s",
-            keys: Tuple[str, ...] = ("pipeline", "split", "resolution", "workers")) -> Dict[Tuple, float]:
+def medians(
+    rows: Sequence[Dict],
+    field: str = "images_per_s",
+    keys: Tuple[str, ...] = ("pipeline", "split", "resolution", "workers"),
+) -> Dict[Tuple, float]:
     """``keys`` values → median of ``field`` over the rows (rounds) that have it."""
     groups: Dict[Tuple, List[float]] = {}
     for row in rows:
@@ -46,15 +50,22 @@ def cores_needed(rate: Dict[Tuple, float], cpu_ms: Optional[Dict[Tuple, float]] 
     """Per target and pipeline: cores from the CPU time per image (all worker counts) and from
     one worker's wall-clock rate (an upper bound where the machine is busy)."""
     cpu_ms = cpu_ms or {}
-    lines = ["| target | img/s | pipeline | CPU ms / image | cores (CPU time) | 1-worker img/s | "
-             "cores (1-worker wall clock) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| target | img/s | pipeline | CPU ms / image | cores (CPU time) | 1-worker img/s | "
+        "cores (1-worker wall clock) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, target, resolution in TARGETS:
         for pipeline in ("ours", "ours-full", "torchvision"):
             per_core = rate.get((pipeline, "train", resolution, 1))
             ms = cpu_ms.get((pipeline, "train", resolution))
             if per_core or ms:
-                cells = [f"{ms:.2f}" if ms else "–", f"{target * ms / 1000:,.0f}" if ms else "–",
-                         _num(per_core), f"{target / per_core:,.0f}" if per_core else "–"]
+                cells = [
+                    f"{ms:.2f}" if ms else "–",
+                    f"{target * ms / 1000:,.0f}" if ms else "–",
+                    _num(per_core),
+                    f"{target / per_core:,.0f}" if per_core else "–",
+                ]
                 lines.append(f"| {name} | {target:,} | {pipeline} | " + " | ".join(cells) + " |")
     return lines
 
@@ -77,9 +88,13 @@ def markdown(rows: Sequence[Dict]) -> str:
         f"- load average during the rows: {min(loads):.2f} – {max(loads):.2f} "
         f"(median {statistics.median(loads):.2f}) on {first['cpus']} CPUs",
         f"- data: {first['folder']}"
-        + (f" from the bundled photographs {first['photographs']}, re-encoded as JPEG at "
-           f"{', '.join(f'{w}×{h}' for w, h in IMAGENET_MIX)} (cycled) and qualities "
-           f"{', '.join(map(str, QUALITIES))}" if first.get("photographs") else ""),
+        + (
+            f" from the bundled photographs {first['photographs']}, re-encoded as JPEG at "
+            f"{', '.join(f'{w}×{h}' for w, h in IMAGENET_MIX)} (cycled) and qualities "
+            f"{', '.join(map(str, QUALITIES))}"
+            if first.get("photographs")
+            else ""
+        ),
         f"- batch {first['batch']}; images/s of decode + augmentation + collation into uint8 batches, "
         "from the first batch's arrival to the end of the epoch (worker start-up excluded); median of "
         f"{max(r['round'] for r in rows) + 1} interleaved rounds",
@@ -94,39 +109,58 @@ def markdown(rows: Sequence[Dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for split, resolution, workers in keys:
-        ours, full, tv = (rate.get((p, split, resolution, workers))
-                          for p in ("ours", "ours-full", "torchvision"))
-        out.append(f"| {split} | {resolution} | {workers} | {_num(ours)} | {_num(full)} | {_num(tv)} | "
-                   f"{_ratio(ours, tv)} | {_ratio(ours, full)} |")
+        ours, full, tv = (
+            rate.get((p, split, resolution, workers)) for p in ("ours", "ours-full", "torchvision")
+        )
+        out.append(
+            f"| {split} | {resolution} | {workers} | {_num(ours)} | {_num(full)} | {_num(tv)} | "
+            f"{_ratio(ours, tv)} | {_ratio(ours, full)} |"
+        )
     shares = {r["resolution"]: r for r in rows if r["pipeline"] == "ours" and "train_1/1" in r}
     if shares:
-        out += ["", "## How much the reduced decode skips", "",
-                "Share of crops decoded at each scale (training: random crops drawn as the loader draws "
-                "them; validation: per image):", "",
-                "| resolution | train 1/1 | 1/2 | 1/4 | 1/8 | val 1/1 | 1/2 | 1/4 | 1/8 |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "## How much the reduced decode skips",
+            "",
+            "Share of crops decoded at each scale (training: random crops drawn as the loader draws "
+            "them; validation: per image):",
+            "",
+            "| resolution | train 1/1 | 1/2 | 1/4 | 1/8 | val 1/1 | 1/2 | 1/4 | 1/8 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for resolution in sorted(shares, reverse=True):
             s = shares[resolution]
             cells = [f"{100 * s[f'{split}_1/{k}']:.0f}%" for split in ("train", "val") for k in (1, 2, 4, 8)]
             out.append(f"| {resolution} | " + " | ".join(cells) + " |")
     cpu_ms = medians(rows, "cpu_ms_per_image", ("pipeline", "split", "resolution"))
     if cpu_ms:
-        out += ["", "## CPU time per image", "",
-                "CPU milliseconds per image while the batches were timed (main process and worker "
-                "processes), median over rounds and worker counts: the cost of the work itself, "
-                "which other jobs on the machine disturb far less than the wall clock.", "",
-                "| split | resolution | ours | ours-full | torchvision | torchvision / ours |",
-                "|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "## CPU time per image",
+            "",
+            "CPU milliseconds per image while the batches were timed (main process and worker "
+            "processes), median over rounds and worker counts: the cost of the work itself, "
+            "which other jobs on the machine disturb far less than the wall clock.",
+            "",
+            "| split | resolution | ours | ours-full | torchvision | torchvision / ours |",
+            "|---|---|---|---|---|---|",
+        ]
         for split, resolution in sorted({k[1:] for k in cpu_ms}, key=lambda k: (k[0] != "train", -k[1])):
-            ours, full, tv = (cpu_ms.get((p, split, resolution))
-                              for p in ("ours", "ours-full", "torchvision"))
+            ours, full, tv = (
+                cpu_ms.get((p, split, resolution)) for p in ("ours", "ours-full", "torchvision")
+            )
             cells = " | ".join(f"{v:.2f}" if v else "–" for v in (ours, full, tv))
             out.append(f"| {split} | {resolution} | {cells} | {_ratio(tv, ours)} |")
-    out += ["", "## Host cores to feed one accelerator system", "",
-            "Cores (CPU time) = target images/s × CPU seconds per training image measured here; cores "
-            "(1-worker wall clock) = target ÷ one worker's images/s, an upper bound on this busy "
-            "shared VM (the worker got only part of a core). Cores of this VM; a dedicated server "
-            "core is faster, which scales every figure down alike.", ""]
+    out += [
+        "",
+        "## Host cores to feed one accelerator system",
+        "",
+        "Cores (CPU time) = target images/s × CPU seconds per training image measured here; cores "
+        "(1-worker wall clock) = target ÷ one worker's images/s, an upper bound on this busy "
+        "shared VM (the worker got only part of a core). Cores of this VM; a dedicated server "
+        "core is faster, which scales every figure down alike.",
+        "",
+    ]
     out += cores_needed(rate, cpu_ms)
     out += ["", "![images/s](" + os.path.basename(first.get("_plot", "")) + ")" if first.get("_plot") else ""]
     return "\n".join(out).rstrip() + "\n"
@@ -142,15 +176,25 @@ def plot(rows: Sequence[Dict], path: str) -> Optional[str]:
     workers = sorted({k[3] for k in rate})
     groups = sorted({(k[1], k[2]) for k in rate}, key=lambda k: (k[0] != "train", -k[1]))
     pipelines = [p for p in ("ours", "ours-full", "torchvision") if any(k[0] == p for k in rate)]
-    panels = [(f"images/s, {w} worker process{'' if w == 1 else 'es'}", "images/s",
-               lambda p, s, r, w=w: rate.get((p, s, r, w), 0)) for w in workers]
+    panels = [
+        (
+            f"images/s, {w} worker process{'' if w == 1 else 'es'}",
+            "images/s",
+            lambda p, s, r, w=w: rate.get((p, s, r, w), 0),
+        )
+        for w in workers
+    ]
     panels.append(("CPU ms per image (all processes)", "ms", lambda p, s, r: cpu_ms.get((p, s, r), 0)))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     width = 0.8 / len(pipelines)
     for ax, (title, unit, value) in zip(axes[0], panels):
         for i, p in enumerate(pipelines):
-            ax.bar([g + i * width for g in range(len(groups))], [value(p, s, r) for s, r in groups],
-                   width, label=p)
+            ax.bar(
+                [g + i * width for g in range(len(groups))],
+                [value(p, s, r) for s, r in groups],
+                width,
+                label=p,
+            )
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
         ax.set_xticklabels([f"{s}\n{r}" for s, r in groups])
         ax.set_title(title)

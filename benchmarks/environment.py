@@ -1,4 +1,5 @@
 """Facts about the machine and software that every result row records, so rows stay comparable."""
+
 import datetime
 import platform
 from typing import Dict

@@ -1,6 +1,7 @@
 """Timing one Case: synthetic inputs already on the device, warm-up, timed steps with device
 synchronisation, then one row of figures. A training step is zero_grad, forward, cross-entropy,
 backward and an SGD step (timm's benchmark does the same, so figures compare)."""
+
 import contextlib
 import ctypes
 import math
@@ -25,8 +26,13 @@ NUM_CLASSES = 1000
 
 def build(case: Case) -> nn.Module:
     if case.subject == OURS:
-        return build_model(case.model, group_size=case.group_size, expand_ratio=case.expand_ratio,
-                           num_classes=NUM_CLASSES, **NORMS[case.norm])
+        return build_model(
+            case.model,
+            group_size=case.group_size,
+            expand_ratio=case.expand_ratio,
+            num_classes=NUM_CLASSES,
+            **NORMS[case.norm],
+        )
     return build_peer(case.subject)
 
 
@@ -135,8 +141,9 @@ class _WithLoss(nn.Module):
         return logits, self.identity_loss(self.loss(logits, targets), reduction="none")
 
 
-def make_step(case: Case, model: nn.Module, images: torch.Tensor,
-              targets: torch.Tensor) -> Callable[[], None]:
+def make_step(
+    case: Case, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
+) -> Callable[[], None]:
     """A closure running one step of ``case.mode`` on the prepared inputs."""
     if case.device in ("ipu", "ipu-model"):
         return _poptorch_step(case, model, images, targets)
@@ -147,6 +154,7 @@ def make_step(case: Case, model: nn.Module, images: torch.Tensor,
         def infer() -> None:
             with torch.no_grad(), autocast(case):
                 runner(images)
+
         return infer
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
@@ -166,6 +174,7 @@ def make_step(case: Case, model: nn.Module, images: torch.Tensor,
         else:
             loss.backward()
             optimizer.step()
+
     train.optimizer = optimizer  # its state counts towards the case's memory
     return train
 
@@ -174,9 +183,12 @@ def _poptorch_step(case: Case, model: nn.Module, images, targets) -> Callable[[]
     """ipu: real PopTorch (skipped when the SDK is absent); ipu-model: the emulator, whose rows
     are labelled emulated and only show that the path runs, never IPU speed."""
     import ipu_options
+
     if case.device == "ipu" and ipu_options.EMULATED:
-        raise RuntimeError(f"PopTorch unavailable ({ipu_options.IMPORT_ERROR}); use --device "
-                           "ipu-model for the emulator or install the Poplar SDK")
+        raise RuntimeError(
+            f"PopTorch unavailable ({ipu_options.IMPORT_ERROR}); use --device "
+            "ipu-model for the emulator or install the Poplar SDK"
+        )
     poptorch = ipu_options.poptorch
     options = poptorch.Options()
     if case.precision != "fp32":
@@ -189,6 +201,7 @@ def _poptorch_step(case: Case, model: nn.Module, images, targets) -> Callable[[]
 
     def train() -> None:
         executor(images, targets)
+
     train.optimizer = optimizer
     return train
 
@@ -251,12 +264,21 @@ class Prepared:
         optimizer_state = getattr(getattr(self.step, "optimizer", None), "state", {})
         state = [t for s in optimizer_state.values() for t in s.values()]
         model = self.model
-        return resident_bytes([*model.parameters(), *(p.grad for p in model.parameters()),
-                               *model.buffers(), *state, self.images, self.targets])
+        return resident_bytes(
+            [
+                *model.parameters(),
+                *(p.grad for p in model.parameters()),
+                *model.buffers(),
+                *state,
+                self.images,
+                self.targets,
+            ]
+        )
 
 
-def summarise(case: Case, prepared: Prepared, times: List[float],
-              peak_flops: Optional[float]) -> Dict[str, object]:
+def summarise(
+    case: Case, prepared: Prepared, times: List[float], peak_flops: Optional[float]
+) -> Dict[str, object]:
     """Figures of one case from its step times. FLOPs = 2 × MACs; training = 3 × forward."""
     median = statistics.median(times)
     images_per_s = case.batch / median
@@ -282,8 +304,9 @@ def peak_uses_tf32(device: str, precision: str) -> bool:
     return device == "cuda" and precision == "fp32" and conv_tf32()
 
 
-def measure_peak_flops(device: str, precision: str, size: Optional[int] = None,
-                       repeats: int = 3, tf32: Optional[bool] = None) -> float:
+def measure_peak_flops(
+    device: str, precision: str, size: Optional[int] = None, repeats: int = 3, tf32: Optional[bool] = None
+) -> float:
     """The device's practical ceiling in ``precision``: best FLOP/s of a large square matmul.
 
     ``tf32``: run the matmul with cuBLAS TF32 on or off (default: ``peak_uses_tf32``); the flag

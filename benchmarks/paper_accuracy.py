@@ -3,11 +3,15 @@ recorded in the team's reference notes (shared/reference/paper.md). The paper's 
 expansion 6; its G16 models use expansion 4 (about the same parameter count).
 
 Keys: (model, group size, expansion, norm label, half-resolution training)."""
+
 from typing import Dict, Optional, Tuple
 
 _COLUMNS = (  # (group, expansion, norm, half-res) of each column after the baseline
-    (1, 6, "gn", False), (16, 4, "gn", False), (16, 4, "ln+pn", False),
-    (16, 4, "gn", True), (16, 4, "ln+pn", True),
+    (1, 6, "gn", False),
+    (16, 4, "gn", False),
+    (16, 4, "ln+pn", False),
+    (16, 4, "gn", True),
+    (16, 4, "ln+pn", True),
 )
 _ROWS = {
     "b0": (79.1, 79.1, 79.4, 77.9, 78.3),
@@ -19,10 +23,10 @@ _ROWS = {
 }
 PAPER_TOP1: Dict[Tuple[str, int, int, str, bool], float] = {
     (model, g, e, norm, half): acc
-    for model, accs in _ROWS.items() for (g, e, norm, half), acc in zip(_COLUMNS, accs)
+    for model, accs in _ROWS.items()
+    for (g, e, norm, half), acc in zip(_COLUMNS, accs)
 }
 
 
-def paper_top1(model: str, group_size: int, expand_ratio: int, norm: str,
-               half_res: bool) -> Optional[float]:
+def paper_top1(model: str, group_size: int, expand_ratio: int, norm: str, half_res: bool) -> Optional[float]:
     return PAPER_TOP1.get((model, group_size, expand_ratio, norm, half_res))

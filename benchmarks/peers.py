@@ -1,4 +1,5 @@
 """The models a user would pick instead of ours, each built only if its library is installed."""
+
 import importlib
 from typing import Callable, Dict, Optional, Tuple
 
@@ -9,6 +10,7 @@ def _timm(name: str, **kwargs) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         timm = importlib.import_module("timm")
         return timm.create_model(name, pretrained=False, **kwargs)
+
     return build
 
 
@@ -16,6 +18,7 @@ def _torchvision(name: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         models = importlib.import_module("torchvision.models")
         return getattr(models, name)(weights=None)
+
     return build
 
 

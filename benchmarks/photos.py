@@ -10,6 +10,7 @@ larger photographs; ``IMAGENET_SIZES`` and ``QUALITIES`` mimic that. Sizes large
 upsampled from it (smoother than a real large photo, so its reduced-decode error is, if anything,
 lower than on real large photographs; the report says so).
 """
+
 import io
 from functools import lru_cache
 from pathlib import Path
@@ -21,8 +22,18 @@ from PIL import Image
 IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (640, 480), (500, 500), (1200, 900))
 # the benchmark's mix, 20 long: ImageNet's common sizes (~500×375 in both orientations, 500×333,
 # 500×500, 640×480 and 640×427 as scikit-learn's photographs), and one in twenty a large photograph
-_COMMON = ((500, 375), (375, 500), (500, 333), (500, 375), (333, 500), (500, 500), (640, 480),
-           (375, 500), (500, 375), (640, 427))
+_COMMON = (
+    (500, 375),
+    (375, 500),
+    (500, 333),
+    (500, 375),
+    (333, 500),
+    (500, 500),
+    (640, 480),
+    (375, 500),
+    (500, 375),
+    (640, 427),
+)
 IMAGENET_MIX = _COMMON + _COMMON[:-1] + ((1200, 900),)
 QUALITIES = (75, 90, 95)
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # colour photographs it ships
@@ -80,8 +91,13 @@ def reencode(photo: Image.Image, size: Tuple[int, int], quality: int, shift: int
     return out.getvalue()
 
 
-def make_folder(root: Path, images_per_class: int, sizes: Sequence[Tuple[int, int]] = IMAGENET_SIZES,
-                qualities: Sequence[int] = QUALITIES, val_per_class: int = 0) -> Path:
+def make_folder(
+    root: Path,
+    images_per_class: int,
+    sizes: Sequence[Tuple[int, int]] = IMAGENET_SIZES,
+    qualities: Sequence[int] = QUALITIES,
+    val_per_class: int = 0,
+) -> Path:
     """An ImageNet-style folder ``root/{train,val}/<photograph>/<n>.jpg``: one class per
     photograph, its images cycling through ``sizes`` and ``qualities``."""
     root = Path(root)

@@ -4,6 +4,7 @@ wherever both sides ran under one setting (device, resolution, batch, precision,
 Sides are paired by what was measured (model size, group size, expansion ratio, norm), never by
 one fixed name, so a matrix at other sizes or expansions (gpu.sh: B0-B4, G16 at e4) still gets
 its rows."""
+
 from typing import Callable, Dict, List, Optional, Tuple
 
 OURS = "ours"
@@ -34,9 +35,11 @@ def precision_label(row) -> str:
 
 def describe_setting(row, with_layout: bool = True) -> str:
     """'cuda 224px b128 fp32 (TF32) nchw compiled'."""
-    return (f"{row['device']} {row['resolution']}px b{row['batch']} {precision_label(row)}"
-            + (f" {row['layout']}" if with_layout else "")
-            + (" compiled" if row.get("compile") else ""))
+    return (
+        f"{row['device']} {row['resolution']}px b{row['batch']} {precision_label(row)}"
+        + (f" {row['layout']}" if with_layout else "")
+        + (" compiled" if row.get("compile") else "")
+    )
 
 
 def variant(row) -> Tuple:
@@ -71,9 +74,11 @@ def _norm_vs_bn(a) -> Optional[Tuple[Tuple, object]]:
     head = f"{_qualifier(model, expand)}G{group}-{norm.upper()} vs G{group}-BN step cost"
     if norm != "ln+pn":
         return (model, group, expand, "bn"), head
-    label = {"train": f"{head} (goal <= 1.25)",
-             # No goal: at inference batch norm folds into its conv, LN must still normalise.
-             "infer": f"{head} (no goal: BN folds into the conv)"}
+    label = {
+        "train": f"{head} (goal <= 1.25)",
+        # No goal: at inference batch norm folds into its conv, LN must still normalise.
+        "infer": f"{head} (no goal: BN folds into the conv)",
+    }
     return (model, group, expand, "bn"), label
 
 
@@ -94,11 +99,15 @@ def _entry(label, a, b, figure: str) -> Dict[str, object]:
         value = a["images_per_s"] / b["images_per_s"]
     else:
         value = a["step_ms_median"] / b["step_ms_median"]
-    return {"what": label[a["mode"]] if isinstance(label, dict) else label, "mode": a["mode"],
-            "setting": describe_setting(a), "ratio": round(value, 3),
-            "per_repeat": _repeat_ratios(a, b, figure),
-            "load": max(a.get("load_avg", 0), b.get("load_avg", 0)),
-            "utilisation": (a.get("utilisation"), b.get("utilisation"))}
+    return {
+        "what": label[a["mode"]] if isinstance(label, dict) else label,
+        "mode": a["mode"],
+        "setting": describe_setting(a),
+        "ratio": round(value, 3),
+        "per_repeat": _repeat_ratios(a, b, figure),
+        "load": max(a.get("load_avg", 0), b.get("load_avg", 0)),
+        "utilisation": (a.get("utilisation"), b.get("utilisation")),
+    }
 
 
 def ratios(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
@@ -109,8 +118,11 @@ def ratios(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
         for a in rows:
             if not _ours(a) or variant(a)[1:] != ours_variant:
                 continue
-            b = _find(rows, lambda r, a=a, peer=peer: r.get("name") == peer and r.get("model") == a["model"],
-                      setting_of(a))
+            b = _find(
+                rows,
+                lambda r, a=a, peer=peer: r.get("name") == peer and r.get("model") == a["model"],
+                setting_of(a),
+            )
             if b is not None:
                 out.append(_entry(template.format(size=a["model"].upper()), a, b, "speed"))
     for pair in VARIANT_PAIRS:

@@ -1,4 +1,5 @@
 """The benchmark command: expand a preset (plus overrides) into cases, time them, write rows."""
+
 import argparse
 import csv
 import gc
@@ -45,12 +46,16 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Training and inference throughput of our EfficientNet variants and their "
-                    "peers, side by side. A preset sets every axis; the options override it.")
+        "peers, side by side. A preset sets every axis; the options override it.",
+    )
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--device", choices=["cpu", "cuda", "ipu", "ipu-model"])
     p.add_argument("--models", type=_list(), help="b0..b7, comma-separated")
-    p.add_argument("--variants", type=_list(),
-                   help="exact variants, e.g. g1-e6-bn,g16-e4-ln+pn (overrides groups/expands/norms)")
+    p.add_argument(
+        "--variants",
+        type=_list(),
+        help="exact variants, e.g. g1-e6-bn,g16-e4-ln+pn (overrides groups/expands/norms)",
+    )
     p.add_argument("--groups", type=_list(int), help="group sizes, e.g. 1,16")
     p.add_argument("--expands", type=_list(int), help="expansion ratios, e.g. 4,6")
     p.add_argument("--norms", type=_list(), help="bn,gn,ln,ln+pn")
@@ -63,20 +68,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", type=_list(), help="peer names, or 'none'")
     p.add_argument("--warmup", type=int)
     p.add_argument("--steps", type=int)
-    p.add_argument("--repeats", type=int,
-                   help="rounds over all cases, interleaved (ours and peers alternate)")
-    p.add_argument("--threads", type=int,
-                   help="torch CPU threads (0: torch's default; the CPU presets use 1)")
-    p.add_argument("--budget-s", type=float,
-                   help="start no case that would not end within this many seconds, estimated from "
-                        "the cases before it (the rest become skipped rows)")
-    p.add_argument("--no-report", action="store_true",
-                   help="only write rows (default: also <out>.md and plots via benchmarks.report)")
-    p.add_argument("--out", help="output path without extension "
-                   "(default runs/bench/<preset>-<device>, untracked; with --results the committed "
-                   "benchmarks/results/<preset>-<device>)")
-    p.add_argument("--results", action="store_true",
-                   help="write the committed report in benchmarks/results/ (make bench-report)")
+    p.add_argument(
+        "--repeats", type=int, help="rounds over all cases, interleaved (ours and peers alternate)"
+    )
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (0: torch's default; the CPU presets use 1)"
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        help="start no case that would not end within this many seconds, estimated from "
+        "the cases before it (the rest become skipped rows)",
+    )
+    p.add_argument(
+        "--no-report",
+        action="store_true",
+        help="only write rows (default: also <out>.md and plots via benchmarks.report)",
+    )
+    p.add_argument(
+        "--out",
+        help="output path without extension "
+        "(default runs/bench/<preset>-<device>, untracked; with --results the committed "
+        "benchmarks/results/<preset>-<device>)",
+    )
+    p.add_argument(
+        "--results",
+        action="store_true",
+        help="write the committed report in benchmarks/results/ (make bench-report)",
+    )
     return p
 
 
@@ -93,16 +112,29 @@ def settings(args: argparse.Namespace) -> Dict[str, object]:
         chosen["peers"] = []
     for key in ("warmup", "steps", "repeats", "threads"):
         if int(chosen[key]) < (0 if key in ("warmup", "threads") else 1):
-            raise SystemExit(f"error: --{key}={chosen[key]} is too small (warmup, threads >= 0; "
-                             "steps, repeats >= 1)")
+            raise SystemExit(
+                f"error: --{key}={chosen[key]} is too small (warmup, threads >= 0; steps, repeats >= 1)"
+            )
     return chosen
 
 
 def build_cases(s: Dict[str, object]) -> List[Case]:
-    axes = dict(batch=s["batch"], precision=s["precisions"], layout=s["layouts"],
-                compile=s["compile"], mode=s["modes"])
-    ours = our_cases(s["models"], s["groups"], s["expands"], s["norms"], s["res"],
-                     variants=s.get("variants"), device=s["device"])
+    axes = dict(
+        batch=s["batch"],
+        precision=s["precisions"],
+        layout=s["layouts"],
+        compile=s["compile"],
+        mode=s["modes"],
+    )
+    ours = our_cases(
+        s["models"],
+        s["groups"],
+        s["expands"],
+        s["norms"],
+        s["res"],
+        variants=s.get("variants"),
+        device=s["device"],
+    )
     peers = peer_cases(s["peers"], s["res"], device=s["device"])
     # Each peer right after our cases of its size: a time budget that ends the run early cuts
     # whole sizes at the end, never the peers of the sizes that were measured.
@@ -114,17 +146,20 @@ def build_cases(s: Dict[str, object]) -> List[Case]:
 def check_device(device: str) -> None:
     """Fail before any work when the device cannot run at all."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA device "
-                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
-                         "use --device cpu or install a CUDA build of torch")
+        raise SystemExit(
+            "error: --device cuda but torch sees no CUDA device "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+            "use --device cpu or install a CUDA build of torch"
+        )
 
 
 def _skip_row(case: Case, reason: str, status: str = "skipped") -> Dict[str, object]:
     return {**case.as_dict(), "status": status, "reason": reason}
 
 
-def run_cases(cases: List[Case], warmup: int, steps: int, repeats: int,
-              log=print, budget_s: Optional[float] = None) -> List[Dict[str, object]]:
+def run_cases(
+    cases: List[Case], warmup: int, steps: int, repeats: int, log=print, budget_s: Optional[float] = None
+) -> List[Dict[str, object]]:
     """Time every case. With repeats > 1 all runnable cases are built first and timed round by
     round, so ours and the peers share the machine's good and bad moments alike.
 
@@ -160,7 +195,7 @@ def run_cases(cases: List[Case], warmup: int, steps: int, repeats: int,
         for r in range(repeats):
             # Odd rounds run the cases in reverse, so a drift in the machine's load (or the cost
             # of following a particular case) does not always favour the same side of a comparison.
-            for i in (runnable if r % 2 == 0 else runnable[::-1]):
+            for i in runnable if r % 2 == 0 else runnable[::-1]:
                 if i in rows:
                     continue
                 case = cases[i]
@@ -172,11 +207,22 @@ def run_cases(cases: List[Case], warmup: int, steps: int, repeats: int,
                     continue
                 since = budget.clock()
                 try:
-                    t = _prepare_and_time(i, cases, prepared, lowered, warmup if r == 0 or not
-                                          interleave else 1, steps, log, may_lower=r == 0)
+                    t = _prepare_and_time(
+                        i,
+                        cases,
+                        prepared,
+                        lowered,
+                        warmup if r == 0 or not interleave else 1,
+                        steps,
+                        log,
+                        may_lower=r == 0,
+                    )
                 except (RuntimeError, ValueError, NotImplementedError) as error:
-                    rows[i] = _skip_row(cases[i], f"{type(error).__name__}: "
-                                        f"{str(error).splitlines()[0][:300]}", status="error")
+                    rows[i] = _skip_row(
+                        cases[i],
+                        f"{type(error).__name__}: {str(error).splitlines()[0][:300]}",
+                        status="error",
+                    )
                     prepared.pop(i, None)
                     log(f"error {case.name} {case.mode}: {rows[i]['reason']}")
                     continue
@@ -188,8 +234,14 @@ def run_cases(cases: List[Case], warmup: int, steps: int, repeats: int,
                 per_repeat[i].append(sorted(t)[len(t) // 2] * 1e3)
                 loads[i].append(load_average())
                 if r == repeats - 1 or not interleave:
-                    rows[i] = _finish(case, prepared[i], times[i], per_repeat[i], loads[i],
-                                      peaks.get((case.device, case.precision)))
+                    rows[i] = _finish(
+                        case,
+                        prepared[i],
+                        times[i],
+                        per_repeat[i],
+                        loads[i],
+                        peaks.get((case.device, case.precision)),
+                    )
                     if i in lowered:
                         rows[i]["reason"] = f"batch lowered from {lowered[i]} (out of device memory)"
                     log(_line(rows[i]))
@@ -216,9 +268,16 @@ def mark_faster_layout(rows: List[Dict[str, object]]) -> None:
         row["faster_layout"] = None if best is None else row["layout"] == best
 
 
-def _prepare_and_time(i: int, cases: List[Case], prepared: Dict[int, Prepared],
-                      lowered: Dict[int, int], warmup: int, steps: int, log,
-                      may_lower: bool) -> List[float]:
+def _prepare_and_time(
+    i: int,
+    cases: List[Case],
+    prepared: Dict[int, Prepared],
+    lowered: Dict[int, int],
+    warmup: int,
+    steps: int,
+    log,
+    may_lower: bool,
+) -> List[float]:
     """Step times of case ``i``, building it first if needed. Out of device memory in the first
     repeat (``may_lower``) the batch halves until it fits (``cases[i]`` is replaced; ``lowered``
     remembers the batch asked for); otherwise, or at batch 1, a RuntimeError says so."""
@@ -259,9 +318,11 @@ def _finish(case, prepared, times, per_repeat, loads, peak) -> Dict[str, object]
 
 
 def _line(row: Dict[str, object]) -> str:
-    return (f"{row['name']:<34} {row['mode']:<5} {row['precision']:<4} {row['layout']:<13} "
-            f"{row['resolution']:>4}px b{row['batch']:<4} {row['step_ms_median']:>9.1f} ms "
-            f"{row['images_per_s']:>9.1f} img/s  load {row['load_avg']}")
+    return (
+        f"{row['name']:<34} {row['mode']:<5} {row['precision']:<4} {row['layout']:<13} "
+        f"{row['resolution']:>4}px b{row['batch']:<4} {row['step_ms_median']:>9.1f} ms "
+        f"{row['images_per_s']:>9.1f} img/s  load {row['load_avg']}"
+    )
 
 
 CSV_SKIP = ("repeat_ms_median",)
@@ -305,17 +366,25 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         torch.set_num_threads(int(s["threads"]))
     folder = RESULTS_DIR if args.results else SCRATCH_DIR
     out = args.out or os.path.join(folder, f"{args.preset}-{s['device']}")
-    print(f"{len(cases)} cases on {s['device']} ({args.preset}); warm-up {s['warmup']}, "
-          f"{s['steps']} timed steps, {s['repeats']} repeat(s); load average {load_average()}",
-          flush=True)
+    print(
+        f"{len(cases)} cases on {s['device']} ({args.preset}); warm-up {s['warmup']}, "
+        f"{s['steps']} timed steps, {s['repeats']} repeat(s); load average {load_average()}",
+        flush=True,
+    )
     # gpu.sh's time limit sends SIGINT; a shell that starts commands in the background may leave
     # it ignored, so ask for KeyboardInterrupt explicitly (run_cases then keeps the rows so far).
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:  # not the main thread (an embedding caller): its own handling stands
         pass
-    rows = run_cases(cases, int(s["warmup"]), int(s["steps"]), int(s["repeats"]),
-                     log=lambda m: print(m, flush=True), budget_s=args.budget_s)
+    rows = run_cases(
+        cases,
+        int(s["warmup"]),
+        int(s["steps"]),
+        int(s["repeats"]),
+        log=lambda m: print(m, flush=True),
+        budget_s=args.budget_s,
+    )
     mark_faster_layout(rows)
     for path in write_rows(rows, out):
         print(f"wrote {path}")

@@ -5,6 +5,7 @@ peak measured with a plain matmul is ~8x below what the convolutions can reach o
 fp32 utilisation would come out ~8x too high. torch >= 2.9 has per-backend ``fp32_precision``
 strings; reading the legacy ``allow_tf32`` flags after anyone used them raises, so the newer API
 is used where it exists and the legacy one (torch 2.0, the Poplar SDK's) otherwise."""
+
 import contextlib
 from typing import Iterator
 

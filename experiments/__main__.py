@@ -1,4 +1,5 @@
 """``python -m experiments paper|study [--config PRESET] [--device D] [section.field=value ...]``."""
+
 import sys
 
 from experiments.cli import main

@@ -1,5 +1,6 @@
 """``python -m experiments paper|study``: the application's command line (app/cli.py) with these
 commands."""
+
 from typing import List, Optional
 
 from app.cli import Command, run_cli
@@ -7,9 +8,11 @@ from experiments.study import take_study_name
 
 COMMANDS = {
     "paper": Command("experiments.paper:main", "reproduce the paper's tables and figures"),
-    "study": Command("experiments.study:main",
-                     "norms|groups|resolution: a claim of the paper, over seeds, in a report",
-                     take_words=take_study_name),
+    "study": Command(
+        "experiments.study:main",
+        "norms|groups|resolution: a claim of the paper, over seeds, in a report",
+        take_words=take_study_name,
+    ),
 }
 
 

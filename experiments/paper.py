@@ -19,6 +19,7 @@ Sizes for the embedded digits data: the digits preset sets ``data.native_resolut
 differ modulo 32: at 24 the fourth stride-2 stage, at 48 the fifth, downsamples an odd 3×3 map
 where 32 and 64 give even ones — the misalignment the rule is about.
 """
+
 import argparse
 import sys
 import time
@@ -85,7 +86,7 @@ def final_weights(run_dir: Path, cfg: Config, num_classes: int):
 
 
 def sweep_resolutions(native: int, stages: int) -> List[int]:
-    step = max(1, 2 ** stages // 4)
+    step = max(1, 2**stages // 4)
     half_span = step * (SWEEP_POINTS // 2)
     return [r for r in range(native - half_span, native + half_span + 1, step) if r >= 32]
 
@@ -98,14 +99,22 @@ def _top1(results: Dict[str, Dict[str, float]], resolution: int) -> Dict[str, fl
 @dataclass
 class RecipeRuns:
     """The four runs of the recipe: both models trained, both fine-tuned at the native size."""
+
     native: TrainResult
     half: TrainResult
     native_ft: FinetuneResult
     half_ft: FinetuneResult
 
 
-def run_recipe(cfg: Config, folder: Path, native: int, half: int, keep_max_steps: bool,
-               progress: Progress, prefix: str = "") -> Union[RecipeRuns, int]:
+def run_recipe(
+    cfg: Config,
+    folder: Path,
+    native: int,
+    half: int,
+    keep_max_steps: bool,
+    progress: Progress,
+    prefix: str = "",
+) -> Union[RecipeRuns, int]:
     """Train at ``native`` and at ``half`` (validated once, at the end), then fine-tune BOTH at
     ``native``: "for all results (apart from the baseline) we finetune the final model on the
     validation image sizes for 2 epochs" (graphcore-research Making_EfficientNet_More_Efficient/
@@ -117,9 +126,13 @@ def run_recipe(cfg: Config, folder: Path, native: int, half: int, keep_max_steps
     trained: Dict[str, TrainResult] = {}
     for label, resolution, val in (("native", native, [native]), ("half", half, [half, native])):
         print(f"\n=== {label}: training at {resolution} ===", flush=True)
-        run_cfg = derived(cfg, log={**base_log, "name": label}, finetune={"resolution": native},
-                          data={"resolution": resolution, "val_resolutions": val},
-                          train={"val_every": cfg.train.epochs})
+        run_cfg = derived(
+            cfg,
+            log={**base_log, "name": label},
+            finetune={"resolution": native},
+            data={"resolution": resolution, "val_resolutions": val},
+            train={"val_every": cfg.train.epochs},
+        )
         trained[label] = train_phase(progress, prefix + label, run_cfg)
         if trained[label].exit_code:
             return trained[label].exit_code
@@ -127,21 +140,34 @@ def run_recipe(cfg: Config, folder: Path, native: int, half: int, keep_max_steps
     for label in ("native", "half"):
         print(f"\n=== {label} + fine-tuning at {native} ===", flush=True)
         ft_cfg = derived(cfg, log={**base_log, "name": f"{label}-finetune"}, finetune={"resolution": native})
-        tuned[label] = finetune_phase(progress, f"{prefix}{label}-finetune", ft_cfg,
-                                      find_checkpoint(trained[label].run_dir, prefer_best=True),
-                                      keep_max_steps)
+        tuned[label] = finetune_phase(
+            progress,
+            f"{prefix}{label}-finetune",
+            ft_cfg,
+            find_checkpoint(trained[label].run_dir, prefer_best=True),
+            keep_max_steps,
+        )
         if tuned[label].run.exit_code:
             return tuned[label].run.exit_code
     return RecipeRuns(trained["native"], trained["half"], tuned["native"], tuned["half"])
 
 
-def write_report(folder: Path, cfg: Config, native: int, half: int, stages: int, runs: RecipeRuns,
-                 sweep_md: str, command: str, device: str) -> str:
+def write_report(
+    folder: Path,
+    cfg: Config,
+    native: int,
+    half: int,
+    stages: int,
+    runs: RecipeRuns,
+    sweep_md: str,
+    command: str,
+    device: str,
+) -> str:
     n_acc, h_acc = _top1(runs.native.results, native), _top1(runs.half.results, native)
     nf, hf = runs.native_ft, runs.half_ft
     native_total = runs.native.train_seconds + nf.run.train_seconds
     half_total = runs.half.train_seconds + hf.run.train_seconds
-    step = 2 ** stages
+    step = 2**stages
     m = cfg.model
 
     def pct(r: Dict[str, float]) -> str:
@@ -197,17 +223,24 @@ def write_report(folder: Path, cfg: Config, native: int, half: int, stages: int,
         sweep_md,
         "![accuracy vs resolution](sweep.png)",
         "",
-        "Runs: " + ", ".join(f"`{r}`" for r in (runs.native.run_dir, runs.half.run_dir,
-                                                  nf.run.run_dir, hf.run.run_dir)) + ".",
+        "Runs: "
+        + ", ".join(
+            f"`{r}`" for r in (runs.native.run_dir, runs.half.run_dir, nf.run.run_dir, hf.run.run_dir)
+        )
+        + ".",
     ]
     text = "\n".join(lines) + "\n"
     RunFolder(folder).write_report("report.md", text)
     return text
 
 
-def start_or_resume(cfg: Config, args: Optional[argparse.Namespace], command: str,
-                    new_folder_of: Callable[[Config], Path],
-                    setup_of: Callable[[Config], Dict[str, Any]]) -> Tuple[Config, Path, Progress]:
+def start_or_resume(
+    cfg: Config,
+    args: Optional[argparse.Namespace],
+    command: str,
+    new_folder_of: Callable[[Config], Path],
+    setup_of: Callable[[Config], Dict[str, Any]],
+) -> Tuple[Config, Path, Progress]:
     """A new paper/study folder (its ``config.yaml``, what ``setup_of`` settles), or the folder
     ``--resume`` names, continued with what its first start settled: its configuration as it was
     (overrides would make its phases disagree, so a resume refuses them)."""
@@ -219,9 +252,11 @@ def start_or_resume(cfg: Config, args: Optional[argparse.Namespace], command: st
     given = [o for o in getattr(args, "overrides", None) or [] if "=" in o]
     given += [f"--{flag} {getattr(args, flag)}" for flag in ("config", "device") if getattr(args, flag, None)]
     if given:
-        raise AppError(f"--resume {folder}: continue it as it started, without overrides "
-                       f"({' '.join(given)}): "
-                       f"{experiment_resume_command(folder, command)}")
+        raise AppError(
+            f"--resume {folder}: continue it as it started, without overrides "
+            f"({' '.join(given)}): "
+            f"{experiment_resume_command(folder, command)}"
+        )
     progress = Progress(folder)
     return config_from_dict(read_yaml_file(folder / "config.yaml")), folder, progress
 
@@ -231,56 +266,86 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
 
     def setup(c: Config) -> Dict[str, Any]:
         native = recipe_native(c, given_on_command_line(args, "finetune.resolution"))
-        return {"native": native, "half": half_resolution(native, stages),  # errors before any work
-                "keep_max_steps": given_on_command_line(args, "train.max_steps"),
-                "command": " ".join(["python -m experiments"] + sys.argv[1:])}
+        return {
+            "native": native,
+            "half": half_resolution(native, stages),  # errors before any work
+            "keep_max_steps": given_on_command_line(args, "train.max_steps"),
+            "command": " ".join(["python -m experiments"] + sys.argv[1:]),
+        }
 
     resumed = bool(cfg.resume)
     if not resumed:
         setup(cfg)  # a native size too small: refused before a folder exists
     cfg, folder, progress = start_or_resume(cfg, args, "paper", paper_folder, setup)
     native, half, command = progress.setup["native"], progress.setup["half"], progress.setup["command"]
-    print(f"paper recipe in {folder}: native {native}, half {half} (mod {2 ** stages}: "
-          f"{native % 2 ** stages} and {half % 2 ** stages})"
-          + (f"; resuming, done: {', '.join(progress.data['done']) or 'nothing yet'}" if resumed else ""))
+    print(
+        f"paper recipe in {folder}: native {native}, half {half} (mod {2**stages}: "
+        f"{native % 2**stages} and {half % 2**stages})"
+        + (f"; resuming, done: {', '.join(progress.data['done']) or 'nothing yet'}" if resumed else "")
+    )
     try:
         return finish_recipe(cfg, folder, native, half, stages, progress, command)
     except KeyboardInterrupt:  # a signal outside a training loop (during the sweep, at a start)
-        print(f"\npaper stopped; continue the recipe with:\n  {experiment_resume_command(folder, 'paper')}",
-              file=sys.stderr)
+        print(
+            f"\npaper stopped; continue the recipe with:\n  {experiment_resume_command(folder, 'paper')}",
+            file=sys.stderr,
+        )
         raise
 
 
-def finish_recipe(cfg: Config, folder: Path, native: int, half: int, stages: int, progress: Progress,
-                  command: str) -> int:
+def finish_recipe(
+    cfg: Config, folder: Path, native: int, half: int, stages: int, progress: Progress, command: str
+) -> int:
     """The recipe's phases not finished yet, then the sweep and the report."""
     runs = run_recipe(cfg, folder, native, half, progress.setup["keep_max_steps"], progress)
     if isinstance(runs, int):
         if runs > 128:
-            print(f"\npaper stopped (exit {runs}); its finished phases are kept. Continue the recipe "
-                  f"with:\n  {experiment_resume_command(folder, 'paper')}", file=sys.stderr)
+            print(
+                f"\npaper stopped (exit {runs}); its finished phases are kept. Continue the recipe "
+                f"with:\n  {experiment_resume_command(folder, 'paper')}",
+                file=sys.stderr,
+            )
         return runs
 
     print(f"\n=== sweep of test resolutions around {native} ===", flush=True)
     backend = create_backend(cfg)
     resolutions = sweep_resolutions(native, stages)
     num_classes = build_dataset(cfg, "val", native).num_classes
-    models = {"native + fine-tune": final_weights(runs.native_ft.run.run_dir, cfg, num_classes)[0],
-              "half + fine-tune": final_weights(runs.half_ft.run.run_dir, cfg, num_classes)[0]}
+    models = {
+        "native + fine-tune": final_weights(runs.native_ft.run.run_dir, cfg, num_classes)[0],
+        "half + fine-tune": final_weights(runs.half_ft.run.run_dir, cfg, num_classes)[0],
+    }
 
     def evaluate_at(resolution: int) -> Dict[str, Dict[str, float]]:
-        loader = build_loader(build_dataset(cfg, "val", resolution), backend.eval_batch_size(),
-                              train=False, spec=data_spec(cfg), device=backend.device)
+        loader = build_loader(
+            build_dataset(cfg, "val", resolution),
+            backend.eval_batch_size(),
+            train=False,
+            spec=data_spec(cfg),
+            device=backend.device,
+        )
         return {name: evaluate(backend, loader, model, cfg) for name, model in models.items()}
 
     rows = sweep(evaluate_at, resolutions, native, stages)
     backend.close()
-    plot_sweep(rows, native, folder / "sweep.png", stages,
-               title=f"{cfg.model.name.upper()} on {cfg.data.dataset}: trained/fine-tuned at {native}")
-    report = write_report(folder, cfg, native, half, stages, runs, sweep_table(rows, native, stages),
-                          command, f"{backend.name}"
-                          + (" (emulated)" if backend.emulated else ""))
+    plot_sweep(
+        rows,
+        native,
+        folder / "sweep.png",
+        stages,
+        title=f"{cfg.model.name.upper()} on {cfg.data.dataset}: trained/fine-tuned at {native}",
+    )
+    report = write_report(
+        folder,
+        cfg,
+        native,
+        half,
+        stages,
+        runs,
+        sweep_table(rows, native, stages),
+        command,
+        f"{backend.name}" + (" (emulated)" if backend.emulated else ""),
+    )
     print("\n" + report)
     print(f"report: {folder / 'report.md'}")
     return 0
-

@@ -2,6 +2,7 @@
 reached: the phases finished (their results, in ``progress.json``), the one interrupted (its run
 folder, resumed from its checkpoint), and what the first start settled (``config.yaml``, the
 resolutions, the command) so that a resume repeats it exactly."""
+
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -32,9 +33,11 @@ class Progress:
         path = self.folder / STATE
         if setup is None:  # a resume: what the first start recorded
             if not path.is_file():
-                raise AppError(f"--resume {folder}: no {STATE} there, so it is not a paper or study "
-                               "folder this version started; give the runs/paper-… or runs/study-… "
-                               "folder that the stop message named")
+                raise AppError(
+                    f"--resume {folder}: no {STATE} there, so it is not a paper or study "
+                    "folder this version started; give the runs/paper-… or runs/study-… "
+                    "folder that the stop message named"
+                )
             self.data = json.loads(path.read_text())
         else:
             self.data = {"setup": setup, "done": {}, "partial": {}}
@@ -112,8 +115,9 @@ def train_phase(progress: Progress, phase: str, run_cfg: Config) -> TrainResult:
     return record(progress, phase, run, run, as_record)
 
 
-def finetune_phase(progress: Progress, phase: str, ft_cfg: Config, source: Path,
-                   keep_max_steps: bool) -> FinetuneResult:
+def finetune_phase(
+    progress: Progress, phase: str, ft_cfg: Config, source: Path, keep_max_steps: bool
+) -> FinetuneResult:
     """Fine-tune as ``train_phase`` trains: recorded, resumed or new."""
     if phase in progress.data["done"]:
         return saved_finetune_result(progress.data["done"][phase])

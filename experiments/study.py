@@ -20,6 +20,7 @@ Every run validates once, at its end, with its raw weights (no weight averaging:
 about the variants, not the averaging). Unless this command line sets ``train.epochs``, each study
 trains for its ``STUDY_EPOCHS`` — short, so that a study fits ~20 minutes of a 2-core CPU.
 """
+
 import argparse
 import csv
 import io
@@ -48,8 +49,12 @@ from model import build_model, count_macs, count_parameters
 
 STUDY_NAMES = ("norms", "groups", "resolution")
 STUDY_EPOCHS = {"norms": 1.5, "groups": 2.0, "resolution": 3.0}
-NORM_VARIANTS = (("BN", "batch", False), ("GN", "group", False), ("LN", "layer", False),
-                 ("LN+PN", "layer", True))
+NORM_VARIANTS = (
+    ("BN", "batch", False),
+    ("GN", "group", False),
+    ("LN", "layer", False),
+    ("LN+PN", "layer", True),
+)
 MICRO_BATCHES = (2, 4, 8, 32)
 RESOLUTION_VARIANTS = ("native", "native + fine-tune", "half", "half + fine-tune")  # its rows per seed
 # Group size → expansion ratio. The paper's configs pair G1 with e6 and G16 with e4 (configs.yml
@@ -66,8 +71,12 @@ def take_study_name(args: argparse.Namespace, overrides: List[str]) -> None:
     for i, word in enumerate(overrides):
         if "=" not in word:
             if word not in STUDY_NAMES:
-                raise ConfigError("study", word, f"one of {', '.join(STUDY_NAMES)} "
-                                  "(python -m experiments study norms|groups|resolution [overrides])")
+                raise ConfigError(
+                    "study",
+                    word,
+                    f"one of {', '.join(STUDY_NAMES)} "
+                    "(python -m experiments study norms|groups|resolution [overrides])",
+                )
             del overrides[i]
             args.study = word
             return
@@ -87,19 +96,33 @@ def norm_variants(cfg: Config) -> List[Variant]:
     for label, norm, proxy in NORM_VARIANTS:
         for micro in MICRO_BATCHES:
             if total % micro:
-                raise AppError(f"the norms study keeps the global batch ({cfg.global_batch}) by "
-                               f"accumulation: micro-batch {micro} does not divide it; set "
-                               f"train.micro_batch × train.grad_accum to a multiple of 32")
-            out.append(Variant(f"{label} mb{micro}",
-                               {"model": {"norm": norm, "proxy_norm": proxy},
-                                "train": {"micro_batch": micro, "grad_accum": total // micro}},
-                               {"norm": label, "micro_batch": micro, "grad_accum": total // micro}))
+                raise AppError(
+                    f"the norms study keeps the global batch ({cfg.global_batch}) by "
+                    f"accumulation: micro-batch {micro} does not divide it; set "
+                    f"train.micro_batch × train.grad_accum to a multiple of 32"
+                )
+            out.append(
+                Variant(
+                    f"{label} mb{micro}",
+                    {
+                        "model": {"norm": norm, "proxy_norm": proxy},
+                        "train": {"micro_batch": micro, "grad_accum": total // micro},
+                    },
+                    {"norm": label, "micro_batch": micro, "grad_accum": total // micro},
+                )
+            )
     return out
 
 
 def group_variants(cfg: Config) -> List[Variant]:
-    return [Variant(f"G{g} e{e}", {"model": {"group_size": g, "expand_ratio": e}},
-                    {"group_size": g, "expand_ratio": e}) for g, e in GROUP_EXPANSION]
+    return [
+        Variant(
+            f"G{g} e{e}",
+            {"model": {"group_size": g, "expand_ratio": e}},
+            {"group_size": g, "expand_ratio": e},
+        )
+        for g, e in GROUP_EXPANSION
+    ]
 
 
 def study_config(cfg: Config, args: Optional[argparse.Namespace], name: str) -> Config:
@@ -117,6 +140,7 @@ def study_config(cfg: Config, args: Optional[argparse.Namespace], name: str) -> 
 
 # ----------------------------------------------------------------------------- rows
 
+
 def device_kind(cfg: Config) -> str:
     """``device=auto`` as the native backend resolves it (app/backend.py)."""
     if cfg.device == "auto":
@@ -133,13 +157,20 @@ def environment(cfg: Config, command: str) -> Dict[str, Any]:
     """What every row of the study records about its setting and machine."""
     m = cfg.model
     model = f"{m.name.upper()} G{m.group_size} e{m.expand_ratio} {m.norm}{'+PN' if m.proxy_norm else ''}"
-    return {"dataset": Path(cfg.data.dataset).name or "data", "model": model, "epochs": cfg.train.epochs,
-            "global_batch": cfg.global_batch, "device": device_kind(cfg), "cpu": cpu_name(),
-            "cores": os.cpu_count(),
-            # the threads each run sets (train.cpu_threads), not this process's
-            "threads": cfg.train.cpu_threads or torch.get_num_threads(),
-            "torch": torch.__version__, "commit": git_commit(),
-            "command": command}
+    return {
+        "dataset": Path(cfg.data.dataset).name or "data",
+        "model": model,
+        "epochs": cfg.train.epochs,
+        "global_batch": cfg.global_batch,
+        "device": device_kind(cfg),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        # the threads each run sets (train.cpu_threads), not this process's
+        "threads": cfg.train.cpu_threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "command": command,
+    }
 
 
 class RowWriter:
@@ -184,11 +215,14 @@ class RowWriter:
             kept = [r for r in earlier if (r["variant"], r["seed"]) not in ran]
             rows = kept + self.rows
             self.folder.write_document(self.partial.name, "".join(json.dumps(r) + "\n" for r in rows))
-            print(f"{final}: {len(self.rows)} new rows beside {len(kept)} "
-                  f"of the {len(earlier)} already there")
+            print(
+                f"{final}: {len(self.rows)} new rows beside {len(kept)} of the {len(earlier)} already there"
+            )
         elif earlier:
-            print(f"replacing the {len(earlier)} rows of {final} "
-                  "(earlier versions of committed rows are in git)")
+            print(
+                f"replacing the {len(earlier)} rows of {final} "
+                "(earlier versions of committed rows are in git)"
+            )
         with self.folder.guard(final):
             os.replace(self.partial, final)
         write_csv(rows, self.stem.with_name(self.stem.name + ".csv"))
@@ -206,23 +240,50 @@ def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
     RunFolder(path.parent).write_document(path.name, text.getvalue())
 
 
-def run_row(study: str, variant: Variant, seed: int, result, resolution: int,
-            env: Dict[str, Any], load_before: float,
-            extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def run_row(
+    study: str,
+    variant: Variant,
+    seed: int,
+    result,
+    resolution: int,
+    env: Dict[str, Any],
+    load_before: float,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
     metrics = result.results.get(f"raw@{resolution}", {})
-    return {"study": study, "variant": variant.label, "seed": seed, **variant.fields,
-            "resolution": resolution, "top1": metrics.get("top1"), "top5": metrics.get("top5"),
-            "steps": result.steps, "images": result.images, "train_seconds": round(result.train_seconds, 2),
-            "images_per_s": round(result.images_per_s, 2), **(extra or {}),
-            "load_before": load_before, "load_after": load_average(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **env}
+    return {
+        "study": study,
+        "variant": variant.label,
+        "seed": seed,
+        **variant.fields,
+        "resolution": resolution,
+        "top1": metrics.get("top1"),
+        "top5": metrics.get("top5"),
+        "steps": result.steps,
+        "images": result.images,
+        "train_seconds": round(result.train_seconds, 2),
+        "images_per_s": round(result.images_per_s, 2),
+        **(extra or {}),
+        "load_before": load_before,
+        "load_after": load_average(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **env,
+    }
 
 
 # ----------------------------------------------------------------------------- running
 
-def run_variants(name: str, cfg: Config, variants: List[Variant], folder: Path, writer: RowWriter,
-                 env: Dict[str, Any], progress: Progress,
-                 extra: Callable[[Config], Dict[str, Any]] = lambda c: {}) -> int:
+
+def run_variants(
+    name: str,
+    cfg: Config,
+    variants: List[Variant],
+    folder: Path,
+    writer: RowWriter,
+    env: Dict[str, Any],
+    progress: Progress,
+    extra: Callable[[Config], Dict[str, Any]] = lambda c: {},
+) -> int:
     """Each cell (variant × seed) once: a resume skips those with a row and continues the
     interrupted one from its checkpoint."""
     for seed in cfg.study.seeds:
@@ -230,15 +291,24 @@ def run_variants(name: str, cfg: Config, variants: List[Variant], folder: Path, 
             if writer.has(variant.label, seed):
                 continue
             log = {"out_dir": str(folder), "name": f"{slug(variant.label)}-s{seed}"}
-            run_cfg = derived(cfg, **{**variant.sections, "log": log,
-                                      "train": {**variant.sections.get("train", {}), "seed": seed}})
+            run_cfg = derived(
+                cfg,
+                **{
+                    **variant.sections,
+                    "log": log,
+                    "train": {**variant.sections.get("train", {}), "seed": seed},
+                },
+            )
             print(f"\n=== {name}: {variant.label}, seed {seed} ===", flush=True)
             load_before = load_average()
             result = train_phase(progress, log["name"], run_cfg)
             if result.exit_code:
                 return result.exit_code
-            writer.add(run_row(name, variant, seed, result, run_cfg.data.resolution, env, load_before,
-                               extra(run_cfg)))
+            writer.add(
+                run_row(
+                    name, variant, seed, result, run_cfg.data.resolution, env, load_before, extra(run_cfg)
+                )
+            )
     return 0
 
 
@@ -254,8 +324,15 @@ def model_size(cfg: Config) -> Dict[str, Any]:
     return {"parameters_1000": count_parameters(net), "macs_224": count_macs(net, 224)}
 
 
-def run_resolution(cfg: Config, folder: Path, writer: RowWriter, env: Dict[str, Any],
-                   keep_max_steps: bool, native: int, progress: Progress) -> int:
+def run_resolution(
+    cfg: Config,
+    folder: Path,
+    writer: RowWriter,
+    env: Dict[str, Any],
+    keep_max_steps: bool,
+    native: int,
+    progress: Progress,
+) -> int:
     half = half_resolution(native, model_stages(cfg.model.name))
     for seed in cfg.study.seeds:
         if all(writer.has(label, seed) for label in RESOLUTION_VARIANTS):
@@ -265,23 +342,44 @@ def run_resolution(cfg: Config, folder: Path, writer: RowWriter, env: Dict[str, 
         load_before = load_average()
         seed_folder = folder / f"s{seed}"
         RunFolder(seed_folder).check_writable()
-        runs = run_recipe(derived(cfg, train={"seed": seed}), seed_folder, native, half, keep_max_steps,
-                          progress, prefix=f"s{seed}/")
+        runs = run_recipe(
+            derived(cfg, train={"seed": seed}),
+            seed_folder,
+            native,
+            half,
+            keep_max_steps,
+            progress,
+            prefix=f"s{seed}/",
+        )
         if isinstance(runs, int):
             return runs
-        for label, train, ft, res in (("native", runs.native, None, native),
-                                      ("native + fine-tune", runs.native, runs.native_ft, native),
-                                      ("half", runs.half, None, half),
-                                      ("half + fine-tune", runs.half, runs.half_ft, half)):
+        for label, train, ft, res in (
+            ("native", runs.native, None, native),
+            ("native + fine-tune", runs.native, runs.native_ft, native),
+            ("half", runs.half, None, half),
+            ("half + fine-tune", runs.half, runs.half_ft, half),
+        ):
             metrics = ft.after if ft is not None else train.results.get(f"raw@{native}", {})
             seconds = train.train_seconds + (ft.run.train_seconds if ft is not None else 0.0)
-            writer.add({"study": "resolution", "variant": label, "seed": seed, "train_resolution": res,
-                        "test_resolution": native, "top1": metrics.get("top1"), "top5": metrics.get("top5"),
-                        "train_seconds": round(train.train_seconds, 2),
-                        "finetune_seconds": round(ft.run.train_seconds, 2) if ft is not None else 0.0,
-                        "total_seconds": round(seconds, 2), "images_per_s": round(train.images_per_s, 2),
-                        "load_before": load_before, "load_after": load_average(),
-                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **env})
+            writer.add(
+                {
+                    "study": "resolution",
+                    "variant": label,
+                    "seed": seed,
+                    "train_resolution": res,
+                    "test_resolution": native,
+                    "top1": metrics.get("top1"),
+                    "top5": metrics.get("top5"),
+                    "train_seconds": round(train.train_seconds, 2),
+                    "finetune_seconds": round(ft.run.train_seconds, 2) if ft is not None else 0.0,
+                    "total_seconds": round(seconds, 2),
+                    "images_per_s": round(train.images_per_s, 2),
+                    "load_before": load_before,
+                    "load_after": load_average(),
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    **env,
+                }
+            )
     return 0
 
 
@@ -296,8 +394,9 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     if cfg.study.report_only:
         rows_path = stem.with_name(stem.name + ".jsonl")
         if not rows_path.is_file():
-            raise AppError(f"study.report_only: no rows at {rows_path}; run "
-                           f"python -m experiments study {name} first")
+            raise AppError(
+                f"study.report_only: no rows at {rows_path}; run python -m experiments study {name} first"
+            )
         write_csv(load_rows(rows_path), stem.with_name(stem.name + ".csv"))  # rows joined by hand too
         print(f"report: {write_report(name, rows_path)}")
         return 0
@@ -307,8 +406,10 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
     if cfg.study.variants:  # a part of the grid (e.g. the runs an interrupted study still lacks)
         unknown = sorted(set(cfg.study.variants) - {v.label for v in variants})
         if unknown:
-            raise AppError(f"study.variants: {unknown} are not variants of the {name} study; it has "
-                           f"{[v.label for v in variants]}")
+            raise AppError(
+                f"study.variants: {unknown} are not variants of the {name} study; it has "
+                f"{[v.label for v in variants]}"
+            )
         variants = [v for v in variants if v.label in cfg.study.variants]
     resumed = bool(cfg.resume)
 
@@ -316,35 +417,66 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
         return new_folder(Path(c.log.out_dir), f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     def setup(c: Config) -> Dict[str, Any]:
-        return {"study": name, "command": command, "variants": [v.label for v in variants],
-                "keep_max_steps": given_on_command_line(args, "train.max_steps"),
-                "native": recipe_native(c, given_on_command_line(args, "finetune.resolution"))
-                if name == "resolution" else None}
+        return {
+            "study": name,
+            "command": command,
+            "variants": [v.label for v in variants],
+            "keep_max_steps": given_on_command_line(args, "train.max_steps"),
+            "native": recipe_native(c, given_on_command_line(args, "finetune.resolution"))
+            if name == "resolution"
+            else None,
+        }
 
-    base, folder, progress = start_or_resume(base if not resumed else cfg, args, f"study {name}",
-                                             new_study_folder, setup)
+    base, folder, progress = start_or_resume(
+        base if not resumed else cfg, args, f"study {name}", new_study_folder, setup
+    )
     if progress.setup["study"] != name:
-        raise AppError(f"--resume {folder}: that folder holds the {progress.setup['study']} study; "
-                       f"{experiment_resume_command(folder, 'study ' + progress.setup['study'])}")
+        raise AppError(
+            f"--resume {folder}: that folder holds the {progress.setup['study']} study; "
+            f"{experiment_resume_command(folder, 'study ' + progress.setup['study'])}"
+        )
     variants = [v for v in variants_of(name, base) if v.label in progress.setup["variants"]]
     env = environment(base, progress.setup["command"])
     writer = RowWriter(study_stem(base, name), resume=resumed)
-    print(f"study {name}: {len(variants) or 4} variants × seeds {base.study.seeds} in {folder}; rows: "
-          f"{writer.partial}" + (f" ({len(writer.rows)} of them there already)" if resumed else ""))
+    print(
+        f"study {name}: {len(variants) or 4} variants × seeds {base.study.seeds} in {folder}; rows: "
+        f"{writer.partial}" + (f" ({len(writer.rows)} of them there already)" if resumed else "")
+    )
     try:
         if name == "resolution":
-            code = run_resolution(base, folder, writer, env, progress.setup["keep_max_steps"],
-                                  progress.setup["native"], progress)
+            code = run_resolution(
+                base,
+                folder,
+                writer,
+                env,
+                progress.setup["keep_max_steps"],
+                progress.setup["native"],
+                progress,
+            )
         else:
-            code = run_variants(name, base, variants, folder, writer, env, progress,
-                                extra=model_size if name == "groups" else (lambda c: {}))
+            code = run_variants(
+                name,
+                base,
+                variants,
+                folder,
+                writer,
+                env,
+                progress,
+                extra=model_size if name == "groups" else (lambda c: {}),
+            )
     except KeyboardInterrupt:
-        print(f"\nstudy {name} stopped; continue it with:\n  "
-              f"{experiment_resume_command(folder, 'study ' + name)}", file=sys.stderr)
+        print(
+            f"\nstudy {name} stopped; continue it with:\n  "
+            f"{experiment_resume_command(folder, 'study ' + name)}",
+            file=sys.stderr,
+        )
         raise
     if code:
-        print(f"study {name} stopped (exit {code}); its rows so far: {writer.partial}. Continue it "
-              f"with:\n  {experiment_resume_command(folder, 'study ' + name)}", file=sys.stderr)
+        print(
+            f"study {name} stopped (exit {code}); its rows so far: {writer.partial}. Continue it "
+            f"with:\n  {experiment_resume_command(folder, 'study ' + name)}",
+            file=sys.stderr,
+        )
         return code
     rows_path = writer.finish(merge=bool(cfg.study.variants))
     print(f"rows: {rows_path}\nreport: {write_report(name, rows_path)}")

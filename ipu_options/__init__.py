@@ -7,6 +7,7 @@ signatures for everything the application uses. ``EMULATED`` tells which one it 
 Setting ``IPU_OPTIONS_EMULATE=1`` forces the emulator (tests of the emulator on an SDK machine).
 ``ipu_options.emulator`` is the emulator in either case.
 """
+
 import os
 
 from ipu_options import emulator

@@ -27,6 +27,7 @@ only on that call (python/_poplar_executor.py:414-417, 577-598, 1245-1262). One 
 executable per input shape (a compiled PopTorch executable has fixed input shapes); batch-norm
 recalibration statistics run as a second inference graph (backends/batch_norm_stats.py).
 """
+
 import contextlib
 import copy
 import sys
@@ -76,8 +77,15 @@ class PopTorchBackend(Backend):
     application's ``network_builder``): called once on the meta device, for split names and the
     memory plan."""
 
-    def __init__(self, device_spec: DeviceSpec, ipu: IpuSpec, batch: BatchPlan, optim: OptimSpec,
-                 model: ModelSpec, network: Callable[[], nn.Module]):
+    def __init__(
+        self,
+        device_spec: DeviceSpec,
+        ipu: IpuSpec,
+        batch: BatchPlan,
+        optim: OptimSpec,
+        model: ModelSpec,
+        network: Callable[[], nn.Module],
+    ):
         self.spec, self.optim_spec, self.poptorch, self.batch = ipu, optim, poptorch, batch
         kind = device_spec.kind
         self.use_ipu_model = kind == "ipu-model" and not EMULATED
@@ -89,11 +97,14 @@ class PopTorchBackend(Backend):
                     f"device=ipu needs PopTorch from the Poplar SDK 3.4 (Python 3.8, torch 2.0.1), which "
                     f"does not import here ({IMPORT_ERROR}). Enable the SDK (source "
                     f"poplar_sdk/enable) and install its poptorch wheel (requirements-ipu.txt), or run "
-                    f"--device ipu-model (the emulator) or --device cpu/cuda")
+                    f"--device ipu-model (the emulator) or --device cpu/cuda"
+                )
         elif self.use_ipu_model and replicas > 1:
-            raise BackendError("the SDK's IPU Model does not support replicated graphs: use "
-                               "train.replicas=1 with --device ipu-model, or IPU_OPTIONS_EMULATE=1 to run "
-                               "the project's emulator, which does")
+            raise BackendError(
+                "the SDK's IPU Model does not support replicated graphs: use "
+                "train.replicas=1 with --device ipu-model, or IPU_OPTIONS_EMULATE=1 to run "
+                "the project's emulator, which does"
+            )
         try:
             self.network = self._meta_network(network)
             self.splits, self.recompute, self.plan = resolve_pipeline(self.network, model, ipu, batch, optim)
@@ -103,9 +114,11 @@ class PopTorchBackend(Backend):
         if kind == "ipu" and not ipu.compile_only:
             needed = self.ipus * replicas
             if not poptorch.ipuHardwareIsAvailable(needed):
-                raise BackendError(f"device=ipu: no {needed} IPUs available ({self.ipus} per replica × "
-                                   f"{replicas} replicas); check gc-info / the V-IPU partition, use "
-                                   f"ipu.compile_only=true to compile offline, or --device ipu-model")
+                raise BackendError(
+                    f"device=ipu: no {needed} IPUs available ({self.ipus} per replica × "
+                    f"{replicas} replicas); check gc-info / the V-IPU partition, use "
+                    f"ipu.compile_only=true to compile offline, or --device ipu-model"
+                )
         self.compute = torch.device("cuda" if EMULATED and torch.cuda.is_available() else "cpu")
         if EMULATED and device_spec.cpu_threads is not None:
             torch.set_num_threads(device_spec.cpu_threads)  # the emulator computes on the host
@@ -113,16 +126,19 @@ class PopTorchBackend(Backend):
         self.name = "ipu" if kind == "ipu" else "ipu-model"
         self.description = _describe(EMULATED, kind, self.compute)
         stage_text = f", pipeline {self.splits}" if self.splits else ""
-        print(f"IPU backend: {self.description}; {replicas} replica(s) × {self.ipus} IPU(s){stage_text}, "
-              f"precision {ipu.precision}")
+        print(
+            f"IPU backend: {self.description}; {replicas} replica(s) × {self.ipus} IPU(s){stage_text}, "
+            f"precision {ipu.precision}"
+        )
         self.eval_iterations = max(batch.device_iterations, self.ipus)  # inference: DI >= stages
         self.compile_only = bool(ipu.compile_only)
         self.train_model = None
         self._lr: Optional[float] = None
         self._state_checked = self._device_state_loaded = False
         self.host_classifier = None
-        self.eval_opts = build_options(ipu, poptorch, batch, training=False, splits=self.splits,
-                                       use_ipu_model=self.use_ipu_model)
+        self.eval_opts = build_options(
+            ipu, poptorch, batch, training=False, splits=self.splits, use_ipu_model=self.use_ipu_model
+        )
         self.eval_opts.deviceIterations(self.eval_iterations)
         # Evaluation: one device copy of the network (built from the first weights evaluated),
         # its inference executables by (graph, input shape), and the weights each one holds.
@@ -151,12 +167,19 @@ class PopTorchBackend(Backend):
         device.loss_hook = lambda loss: poptorch.identity_loss(loss, reduction="none")
         self.device_classifier = device
         lr = optimizer.param_groups[0]["lr"]
-        self.optimizer = build_ipu_optimizer(poptorch, device_groups(optimizer, classifier, device),
-                                             self.spec, self.optim_spec, lr)
+        self.optimizer = build_ipu_optimizer(
+            poptorch, device_groups(optimizer, classifier, device), self.spec, self.optim_spec, lr
+        )
         self._lr = lr
         self.training_output_mode = self.spec.output_mode
-        train_opts = build_options(self.spec, poptorch, self.batch, training=True, splits=self.splits,
-                                   use_ipu_model=self.use_ipu_model)
+        train_opts = build_options(
+            self.spec,
+            poptorch,
+            self.batch,
+            training=True,
+            splits=self.splits,
+            use_ipu_model=self.use_ipu_model,
+        )
         device.train()
         self.train_model = poptorch.trainingModel(_LossOnly(device), train_opts, optimizer=self.optimizer)
 
@@ -185,8 +208,11 @@ class PopTorchBackend(Backend):
         state (momentum, squared averages) starts afresh rather than drop it silently."""
         self._state_checked = True
         if self.host_optimizer.state and not self._device_state_loaded:
-            print("warning: the checkpoint holds no IPU optimiser state (it comes from a CPU/GPU run): "
-                  "the weights carry over, the optimiser's state starts afresh", file=sys.stderr)
+            print(
+                "warning: the checkpoint holds no IPU optimiser state (it comes from a CPU/GPU run): "
+                "the weights carry over, the optimiser's state starts afresh",
+                file=sys.stderr,
+            )
 
     def train_step(self, images: Tensor, targets: Tensor) -> Dict[str, Tensor]:
         if not self._state_checked:
@@ -213,8 +239,9 @@ class PopTorchBackend(Backend):
         self._load_weights(self.host_classifier)
         self._inference_model("logits", sample).compile(sample.to(self.compute))
         cache = self.spec.executable_cache
-        return ("compiled the training and inference executables" +
-                (f" (cached in {cache})" if cache else " (set ipu.executable_cache to keep them)"))
+        return "compiled the training and inference executables" + (
+            f" (cached in {cache})" if cache else " (set ipu.executable_cache to keep them)"
+        )
 
     def set_lr(self, lr: float) -> None:
         """The rate reaches the device only through setOptimizer (PopTorch converts the optimiser
@@ -244,8 +271,9 @@ class PopTorchBackend(Backend):
     def evaluating(self, classifier: Optional[nn.Module] = None) -> Iterator[None]:
         if classifier is None:
             if self.train_model is None:
-                raise BackendError("nothing to evaluate: no training model was prepared and no "
-                                   "weights were given")
+                raise BackendError(
+                    "nothing to evaluate: no training model was prepared and no weights were given"
+                )
             self.sync_to_host()  # the trained weights, from the device
             classifier = self.host_classifier
         self._load_weights(classifier)
@@ -256,8 +284,11 @@ class PopTorchBackend(Backend):
         like ``sample``: PopTorch compiles for fixed input shapes."""
         key = (graph, tuple(sample.shape))
         if key not in self.inference_models:
-            module = self._inference_classifier if graph == "logits" else \
-                BatchNormProbe(self._inference_classifier)
+            module = (
+                self._inference_classifier
+                if graph == "logits"
+                else BatchNormProbe(self._inference_classifier)
+            )
             self.inference_models[key] = self.poptorch.inferenceModel(module, self.eval_opts)
         return self.inference_models[key]
 
@@ -270,7 +301,7 @@ class PopTorchBackend(Backend):
         unit = self.eval_batch_size()
         results = []
         for start in range(0, images.shape[0], unit):
-            chunk = images[start:start + unit]
+            chunk = images[start : start + unit]
             n = chunk.shape[0]
             if n < unit:  # the executable has a fixed batch: pad, then drop the padding
                 chunk = torch.cat([chunk, chunk[:1].expand(unit - n, *chunk.shape[1:])])
@@ -300,8 +331,10 @@ class PopTorchBackend(Backend):
             if whole:
                 pieces.append([t[:whole].float().cpu() for t in outputs])
         if not pieces:
-            raise BackendError(f"batch-norm statistics need at least one full micro-batch of {micro} "
-                               f"images; got {images.shape[0]}")
+            raise BackendError(
+                f"batch-norm statistics need at least one full micro-batch of {micro} "
+                f"images; got {images.shape[0]}"
+            )
         return split_statistics([torch.cat(column) for column in zip(*pieces)])
 
     def sync_to_host(self) -> None:

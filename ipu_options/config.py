@@ -5,6 +5,7 @@ configuration as its ``ipu`` section, which the application turns into an ``IpuS
 (ipu_options/specs.py): the rest of this layer reads only that. ``replicas``, ``micro_batch`` and
 ``grad_accum`` are not here: they mean the same on every device kind (``train.*``, ``BatchPlan``).
 """
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
@@ -53,21 +54,30 @@ class IPUConfig:
         if self.partials not in PARTIALS:
             raise ConfigError("ipu.partials", self.partials, f"one of {', '.join(PARTIALS)}")
         if not all(0.0 < p <= 1.0 for p in self.available_memory_proportion):
-            raise ConfigError("ipu.available_memory_proportion", self.available_memory_proportion,
-                              "values in (0, 1], one per IPU or a single value for all")
+            raise ConfigError(
+                "ipu.available_memory_proportion",
+                self.available_memory_proportion,
+                "values in (0, 1], one per IPU or a single value for all",
+            )
         if isinstance(self.loss_scaling, str) and self.loss_scaling != "auto":
             raise ConfigError("ipu.loss_scaling", self.loss_scaling, 'a positive number or "auto"')
-        if self.loss_scaling is not None and not isinstance(self.loss_scaling, str) \
-                and not self.loss_scaling > 0:
+        if (
+            self.loss_scaling is not None
+            and not isinstance(self.loss_scaling, str)
+            and not self.loss_scaling > 0
+        ):
             raise ConfigError("ipu.loss_scaling", self.loss_scaling, 'a positive number, "auto" or null')
         if self.loss_scaling == "auto" and self.precision == "32.32":
             # PopART's automatic loss scaling tracks fp16 gradients only and stops the compilation
             # without them: "[AutomaticLossScale transform] No tracked gradient tensors of type
             # fp16 were found." (willow/src/transforms/automaticlossscaling.cpp:275-278, 3.4.0)
-            raise ConfigError("ipu.loss_scaling", self.loss_scaling,
-                              "a number or null with ipu.precision=32.32 (automatic loss scaling needs "
-                              "fp16 gradients: PopART stops with \"No tracked gradient tensors of type "
-                              "fp16 were found\"); or ipu.precision=16.16 / 16.32 with auto")
+            raise ConfigError(
+                "ipu.loss_scaling",
+                self.loss_scaling,
+                "a number or null with ipu.precision=32.32 (automatic loss scaling needs "
+                'fp16 gradients: PopART stops with "No tracked gradient tensors of type '
+                'fp16 were found"); or ipu.precision=16.16 / 16.32 with auto',
+            )
         if self.plan_ipus is not None and self.plan_ipus < 1:
             raise ConfigError("ipu.plan_ipus", self.plan_ipus, "an integer >= 1 or null")
         if not 0.0 <= self.plan_margin < 1.0:
@@ -77,16 +87,21 @@ class IPUConfig:
         if self.output_mode not in ("all", "final", "sum"):
             raise ConfigError("ipu.output_mode", self.output_mode, "all, final or sum")
         if self.offline_ipu_version is not None and self.offline_ipu_version not in (1, 2, 21):
-            raise ConfigError("ipu.offline_ipu_version", self.offline_ipu_version,
-                              "1 (Mk1), 2 (Mk2) or 21 (Mk2 with FP8 support), or null")
+            raise ConfigError(
+                "ipu.offline_ipu_version",
+                self.offline_ipu_version,
+                "1 (Mk1), 2 (Mk2) or 21 (Mk2 with FP8 support), or null",
+            )
         if self.offline_ipu_version is not None and not self.compile_only:
             # An offline target cannot run an executable, only build one.
-            raise ConfigError("ipu.offline_ipu_version", self.offline_ipu_version,
-                              "null, or a version together with ipu.compile_only=true")
+            raise ConfigError(
+                "ipu.offline_ipu_version",
+                self.offline_ipu_version,
+                "null, or a version together with ipu.compile_only=true",
+            )
         if isinstance(self.pipeline, dict) and any(
-                not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in self.pipeline.values()):
+            not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in self.pipeline.values()
+        ):
             raise ConfigError("ipu.pipeline", self.pipeline, "IPU indices that are integers >= 0")
         if isinstance(self.pipeline, str) and self.pipeline != "auto":
-            raise ConfigError("ipu.pipeline", self.pipeline,
-                              'a mapping {module name: IPU index} or "auto"')
-
+            raise ConfigError("ipu.pipeline", self.pipeline, 'a mapping {module name: IPU index} or "auto"')

@@ -9,6 +9,7 @@ targets, a trainingModel's rules) and inference forward (images only) are checke
 handlers, and its refusals. Pipeline and recomputation annotations are not applied: they add
 PopTorch's own ops, not aten ones.
 """
+
 from typing import Dict, List, Tuple
 
 import torch
@@ -21,8 +22,9 @@ from ipu_options.specs import IpuSpec
 from model.fast_paths import eager_fast_paths
 
 
-def check_config(classifier: nn.Module, ipu: IpuSpec, micro_batch: int, resolution: int
-                 ) -> Dict[str, Lowering]:
+def check_config(
+    classifier: nn.Module, ipu: IpuSpec, micro_batch: int, resolution: int
+) -> Dict[str, Lowering]:
     """{"training": report, "inference": report} for one micro-batch of ``resolution`` pixels.
     ``classifier``: the application's, ``forward(images, targets=None)``, on the meta device
     (changed here: precision and loss hook)."""
@@ -44,14 +46,17 @@ def check_config(classifier: nn.Module, ipu: IpuSpec, micro_batch: int, resoluti
 def describe(reports: Dict[str, Lowering]) -> Tuple[str, bool]:
     """A few lines for the console, and whether PopTorch would lower both graphs."""
     f = facts()
-    lines: List[str] = [f"PopTorch lowering check (emulated: aten ops and handler rules of "
-                        f"{f['tag']}, {f['commit'][:10]}; torch {torch.__version__}):"]
+    lines: List[str] = [
+        f"PopTorch lowering check (emulated: aten ops and handler rules of "
+        f"{f['tag']}, {f['commit'][:10]}; torch {torch.__version__}):"
+    ]
     for mode, r in reports.items():
         top = ", ".join(f"{k} {v}" for k, v in r.kinds.most_common(6))
         if r.lowers:
             losses = f"; {r.losses} loss(es), final loss = output {r.loss_leaf}" if r.training else ""
-            lines.append(f"  {mode}: lowers — {sum(r.kinds.values())} nodes of "
-                         f"{len(r.kinds)} kinds ({top}, …){losses}")
+            lines.append(
+                f"  {mode}: lowers — {sum(r.kinds.values())} nodes of {len(r.kinds)} kinds ({top}, …){losses}"
+            )
         else:
             lines.append(f"  {mode}: PopTorch would stop compiling:")
             lines.extend(f"    {line}" for p in r.problems for line in p.splitlines())

@@ -26,6 +26,7 @@ per-tile fragmentation — out-of-memory is per tile, so one overloaded tile fai
 while the IPU total looks fine. A plan that fits here can still fail to compile; one that does
 not fit here will not compile.
 """
+
 import copy
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -40,8 +41,8 @@ from model.blocks import ConvNormAct, MBConv
 from model.padding import Conv2dSame
 from model.proxy_norm import ProxyNormAct
 
-IPU_SRAM_BYTES = 900 * 10 ** 6  # GC200 / Bow: 900 MB In-Processor Memory
-MB = 10 ** 6
+IPU_SRAM_BYTES = 900 * 10**6  # GC200 / Bow: 900 MB In-Processor Memory
+MB = 10**6
 
 
 @dataclass
@@ -107,7 +108,8 @@ def units(model: nn.Module, resolution: int) -> List[Unit]:
     probe = copy.deepcopy(net).to("meta")  # the caller's model stays where it is
     for name in names:
         probe.get_submodule(name).register_forward_hook(
-            lambda m, i, o, name=name: shapes.__setitem__(name, (tuple(i[0].shape), tuple(o.shape))))
+            lambda m, i, o, name=name: shapes.__setitem__(name, (tuple(i[0].shape), tuple(o.shape)))
+        )
     with torch.no_grad():
         probe.eval()(torch.zeros(1, 3, resolution, resolution, device="meta"))
 
@@ -198,8 +200,13 @@ class IPUMemory:
         return self.weights + self.optimizer + self.activations
 
 
-def activations_bytes(us: List[Unit], micro_batch: int, act_bytes: int,
-                      checkpoints: Optional[List[str]] = None, recompute_all: bool = False) -> int:
+def activations_bytes(
+    us: List[Unit],
+    micro_batch: int,
+    act_bytes: int,
+    checkpoints: Optional[List[str]] = None,
+    recompute_all: bool = False,
+) -> int:
     """Bytes stored for backward by a run of units for one micro-batch. With checkpoints (or
     ``recompute_all``: everything recomputed from the run's input), only checkpoint outputs and
     the run's input are stored, plus — during the backward pass — one recomputed segment at a
@@ -238,12 +245,26 @@ class Settings:
 
     @staticmethod
     def of(ipu: IpuSpec, batch: BatchPlan, optim: OptimSpec) -> "Settings":
-        return Settings(ipu.precision, optim.name, batch.grad_accum, batch.replicas,
-                        ipu.optimizer_state_offchip, ipu.replicated_tensor_sharding, optim.momentum > 0)
+        return Settings(
+            ipu.precision,
+            optim.name,
+            batch.grad_accum,
+            batch.replicas,
+            ipu.optimizer_state_offchip,
+            ipu.replicated_tensor_sharding,
+            optim.momentum > 0,
+        )
 
 
-def stage_memory(mine: List[Unit], ipu: int, index: int, stages: int, micro_batch: int,
-                 s: Settings, checkpoints: Optional[List[str]] = None) -> IPUMemory:
+def stage_memory(
+    mine: List[Unit],
+    ipu: int,
+    index: int,
+    stages: int,
+    micro_batch: int,
+    s: Settings,
+    checkpoints: Optional[List[str]] = None,
+) -> IPUMemory:
     """One IPU of one replica. In a pipeline of S stages, stage i keeps its input and its
     checkpoint outputs for the 2(S − i) − 1 micro-batches in flight and, with PopTorch's pipeline
     recomputation (on by default), recomputes the rest in the backward pass; the last stage runs
@@ -261,21 +282,31 @@ def stage_memory(mine: List[Unit], ipu: int, index: int, stages: int, micro_batc
     if stages > 1 and index < stages - 1:
         in_flight = 2 * (stages - index) - 2  # micro-batches besides the one being recomputed
         stash = kept_elems(mine, mem.checkpoints) * micro_batch * p.activation_bytes * in_flight
-        mem.activations = stash + activations_bytes(mine, micro_batch, p.activation_bytes,
-                                                    mem.checkpoints, recompute_all=True)
+        mem.activations = stash + activations_bytes(
+            mine, micro_batch, p.activation_bytes, mem.checkpoints, recompute_all=True
+        )
     else:
         mem.activations = activations_bytes(mine, micro_batch, p.activation_bytes, mem.checkpoints)
     mem.macs = sum(u.macs for u in mine)
     return mem
 
 
-def per_ipu(us: List[Unit], splits: Dict[str, int], micro_batch: int, s: Settings,
-            checkpoints: Optional[List[str]] = None) -> List[IPUMemory]:
+def per_ipu(
+    us: List[Unit],
+    splits: Dict[str, int],
+    micro_batch: int,
+    s: Settings,
+    checkpoints: Optional[List[str]] = None,
+) -> List[IPUMemory]:
     """Memory of each IPU of one replica for a pipeline ``splits`` ({unit name: IPU})."""
     stage_of, current = [], 0
     for u in us:
         current = splits.get(u.name, current)
         stage_of.append(current)
     ipus = sorted(set(stage_of))
-    return [stage_memory([u for u, st in zip(us, stage_of) if st == ipu], ipu, i, len(ipus),
-                         micro_batch, s, checkpoints) for i, ipu in enumerate(ipus)]
+    return [
+        stage_memory(
+            [u for u, st in zip(us, stage_of) if st == ipu], ipu, i, len(ipus), micro_batch, s, checkpoints
+        )
+        for i, ipu in enumerate(ipus)
+    ]

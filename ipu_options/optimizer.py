@@ -7,6 +7,7 @@ RMSprop ``use_tf_variant=True`` (the recipe's TensorFlow RMSprop: ε inside the 
 squared average starting at one, lr in the momentum buffer:
 ``backends.optimizers.RMSpropTF``).
 """
+
 from types import ModuleType
 from typing import Any, List
 
@@ -31,8 +32,9 @@ def loss_scaling(ipu: IpuSpec) -> float:
     return float(ls)
 
 
-def device_groups(host_optimizer: torch.optim.Optimizer, host_model: nn.Module,
-                  device_model: nn.Module) -> List[dict]:
+def device_groups(
+    host_optimizer: torch.optim.Optimizer, host_model: nn.Module, device_model: nn.Module
+) -> List[dict]:
     """The host optimiser's groups with every parameter replaced by the device copy's."""
     index = {id(p): i for i, p in enumerate(host_model.parameters())}
     device_params = list(device_model.parameters())
@@ -44,19 +46,34 @@ def device_groups(host_optimizer: torch.optim.Optimizer, host_model: nn.Module,
     return groups
 
 
-def build_ipu_optimizer(poptorch: ModuleType, groups: List[dict], ipu: IpuSpec, o: OptimSpec,
-                        lr: float) -> Any:
+def build_ipu_optimizer(
+    poptorch: ModuleType, groups: List[dict], ipu: IpuSpec, o: OptimSpec, lr: float
+) -> Any:
     half = ipu.precision == "16.16"
     common = dict(loss_scaling=loss_scaling(ipu), accum_type=torch.half if half else torch.float)
     if o.name == "rmsprop":
-        return poptorch.optim.RMSprop(groups, lr=lr, alpha=o.alpha, eps=o.eps, momentum=o.momentum,
-                                      use_tf_variant=True, first_order_momentum_accum_type=torch.float,
-                                      second_order_momentum_accum_type=torch.float, **common)
+        return poptorch.optim.RMSprop(
+            groups,
+            lr=lr,
+            alpha=o.alpha,
+            eps=o.eps,
+            momentum=o.momentum,
+            use_tf_variant=True,
+            first_order_momentum_accum_type=torch.float,
+            second_order_momentum_accum_type=torch.float,
+            **common,
+        )
     if o.name == "sgd":
         # No velocity_scaling: PopTorch 3.4 ignores it (and warns) for its default SGD variant.
         return poptorch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, **common)
     if o.name == "adamw":
-        return poptorch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=ADAMW_EPS,
-                                    first_order_momentum_accum_type=torch.float,
-                                    second_order_momentum_accum_type=torch.float, **common)
+        return poptorch.optim.AdamW(
+            groups,
+            lr=lr,
+            betas=tuple(o.betas),
+            eps=ADAMW_EPS,
+            first_order_momentum_accum_type=torch.float,
+            second_order_momentum_accum_type=torch.float,
+            **common,
+        )
     raise ValueError(f"optim.name={o.name!r}: expected sgd, rmsprop or adamw")

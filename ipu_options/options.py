@@ -41,6 +41,7 @@ from the SDK 3.4 signatures):
                                    (faster group/layer norm layout; smaller host streams).
 ``ipu.precision`` is not an option call: it is the model's and inputs' dtype (precision.py).
 """
+
 from types import ModuleType
 from typing import Any, Dict, Optional
 
@@ -63,21 +64,26 @@ def local_replicas(replicas: int, instances: int) -> int:
         return popdist_local_replicas()
     instances = max(1, instances)
     if replicas % instances:
-        raise ValueError(f"train.replicas={replicas} is not divisible by "
-                         f"dist.instances={instances}: use a multiple of {instances} replicas")
+        raise ValueError(
+            f"train.replicas={replicas} is not divisible by "
+            f"dist.instances={instances}: use a multiple of {instances} replicas"
+        )
     return replicas // instances
 
 
 def memory_proportions(ipu: IpuSpec, ipus: int) -> Dict[str, float]:
     amp = ipu.available_memory_proportion
     if len(amp) not in (1, ipus):
-        raise ValueError(f"ipu.available_memory_proportion has {len(amp)} values for {ipus} IPUs: "
-                         f"give one value for all IPUs or one per IPU")
+        raise ValueError(
+            f"ipu.available_memory_proportion has {len(amp)} values for {ipus} IPUs: "
+            f"give one value for all IPUs or one per IPU"
+        )
     return {f"IPU{i}": float(amp[0] if len(amp) == 1 else amp[i]) for i in range(ipus)}
 
 
-def _set_pipeline(opts: Any, poptorch: ModuleType, ipu: IpuSpec, splits: Optional[dict],
-                  training: bool) -> None:
+def _set_pipeline(
+    opts: Any, poptorch: ModuleType, ipu: IpuSpec, splits: Optional[dict], training: bool
+) -> None:
     """Memory proportions per IPU; pipelined execution over several IPUs, or recomputation on one."""
     ipus = num_ipus(ipu, splits)
     opts.setAvailableMemoryProportion(memory_proportions(ipu, ipus))
@@ -102,8 +108,15 @@ def _set_precision(opts: Any, ipu: IpuSpec, training: bool) -> None:
     opts._Popart.set("engineOptions", {"target.deterministicWorkers": "portable"})
 
 
-def build_options(ipu: IpuSpec, poptorch: ModuleType, batch: BatchPlan, training: bool = True,
-                  splits: Optional[dict] = None, use_ipu_model: bool = False, base: Any = None) -> Any:
+def build_options(
+    ipu: IpuSpec,
+    poptorch: ModuleType,
+    batch: BatchPlan,
+    training: bool = True,
+    splits: Optional[dict] = None,
+    use_ipu_model: bool = False,
+    base: Any = None,
+) -> Any:
     """The ``poptorch.Options`` of a run whose sizes are ``batch``. ``splits``: the resolved
     pipeline ({name: ipu}, from the plan when ``ipu.pipeline`` is "auto"); ``base``: an Options
     to start from (PopDist's)."""
@@ -120,8 +133,11 @@ def build_options(ipu: IpuSpec, poptorch: ModuleType, batch: BatchPlan, training
         opts.Training.accumulationAndReplicationReductionType(reduction)
     # ipu.output_mode is what a training call returns; inference always returns every logit
     # (the loop scores each image).
-    opts.outputMode({"all": poptorch.OutputMode.All, "final": poptorch.OutputMode.Final,
-                     "sum": poptorch.OutputMode.Sum}[ipu.output_mode if training else "all"])
+    opts.outputMode(
+        {"all": poptorch.OutputMode.All, "final": poptorch.OutputMode.Final, "sum": poptorch.OutputMode.Sum}[
+            ipu.output_mode if training else "all"
+        ]
+    )
     if batch.local_replicas > 1:
         # Each replica keeps its own norm running statistics: PopTorch refuses to compile in-place
         # buffer updates (batch norm in training) with broadcast buffers and several replicas.
@@ -132,9 +148,11 @@ def build_options(ipu: IpuSpec, poptorch: ModuleType, batch: BatchPlan, training
     if training and ipu.loss_scaling == "auto":
         opts.Training.setAutomaticLossScaling(True)
     if ipu.optimizer_state_offchip or ipu.replicated_tensor_sharding:
-        location = (poptorch.TensorLocationSettings()
-                    .useOnChipStorage(not ipu.optimizer_state_offchip)
-                    .useReplicatedTensorSharding(bool(ipu.replicated_tensor_sharding)))
+        location = (
+            poptorch.TensorLocationSettings()
+            .useOnChipStorage(not ipu.optimizer_state_offchip)
+            .useReplicatedTensorSharding(bool(ipu.replicated_tensor_sharding))
+        )
         opts.TensorLocations.setOptimizerLocation(location)
     if ipu.executable_cache:
         opts.enableExecutableCaching(ipu.executable_cache)

@@ -11,6 +11,7 @@ Valid names are the model's split points: the modules that run one after another
 path (stem, every MBConv block ``blocks.<stage>.<index>``, the first block of a stage as
 ``blocks.<stage>``, head). Unknown names are rejected with that list, before anything runs.
 """
+
 from types import ModuleType
 from typing import Dict, List, Optional
 
@@ -48,14 +49,16 @@ def resolve(model: nn.Module, name: str, field: str) -> nn.Module:
     key = name
     for prefix in PREFIXES:
         if prefix and key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     parts = key.split(".")
     if len(parts) == 2 and parts[0] == "blocks":
         key = f"{key}.0"
     valid = split_points(model)
     if key not in valid:
-        raise SplitError(f"{field}: unknown module {name!r}; valid split points are "
-                         f"{', '.join(valid)} (blocks.<stage> means its first block)")
+        raise SplitError(
+            f"{field}: unknown module {name!r}; valid split points are "
+            f"{', '.join(valid)} (blocks.<stage> means its first block)"
+        )
     return net.get_submodule(key)
 
 
@@ -84,8 +87,10 @@ def check_splits(model: nn.Module, splits: Dict[str, int], recompute: List[str])
     ordered = dict(sorted(canonical.items(), key=lambda kv: order.index(kv[0])))
     ipus = [0] + list(ordered.values())
     if any(b < a for a, b in zip(ipus, ipus[1:])):
-        raise SplitError(f"ipu.pipeline: IPU indices must not decrease along the model; got "
-                         f"{ordered}: give later split points equal or higher IPU indices")
+        raise SplitError(
+            f"ipu.pipeline: IPU indices must not decrease along the model; got "
+            f"{ordered}: give later split points equal or higher IPU indices"
+        )
     used = sorted(set(ipus))
     if used != list(range(len(used))):
         raise SplitError(f"ipu.pipeline: IPUs {used} leave a gap; number them 0, 1, 2, ... in order")
@@ -115,8 +120,13 @@ class _RecomputeHook:
         return f"recomputationCheckpoint({self.name})"
 
 
-def annotate(model: nn.Module, splits: Dict[str, int], recompute: List[str], poptorch: ModuleType,
-             stages_checked: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+def annotate(
+    model: nn.Module,
+    splits: Dict[str, int],
+    recompute: List[str],
+    poptorch: ModuleType,
+    stages_checked: Optional[Dict[str, int]] = None,
+) -> Dict[str, int]:
     """Apply the splits (BeginBlock) and checkpoints (recomputationCheckpoint) to ``model``."""
     ordered = stages_checked if stages_checked is not None else check_splits(model, splits, recompute)
     for name, ipu in ordered.items():

@@ -9,6 +9,7 @@ Budget per IPU: 900 MB × (1 − ipu.plan_margin); the margin (default 30%) is k
 model cannot see — code, exchange and stream buffers, convolution temporaries, per-tile
 fragmentation (see memory.py). Every figure is an estimate, not an IPU measurement.
 """
+
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
@@ -62,8 +63,10 @@ def plan_units(spec: ModelSpec, model: torch.nn.Module) -> List[Unit]:
 
 # ----------------------------------------------------------------------------- search
 
-def _stage_fit(us: Tuple[Unit, ...], index: int, stages: int, micro: int, s: Settings,
-               budget: int, allow_recompute: bool) -> Optional[Tuple[IPUMemory, List[str]]]:
+
+def _stage_fit(
+    us: Tuple[Unit, ...], index: int, stages: int, micro: int, s: Settings, budget: int, allow_recompute: bool
+) -> Optional[Tuple[IPUMemory, List[str]]]:
     """The stage's memory without checkpoints, else with the best spacing of checkpoints."""
     ipu = index
     plain = memory.stage_memory(list(us), ipu, index, stages, micro, s)
@@ -80,8 +83,9 @@ def _stage_fit(us: Tuple[Unit, ...], index: int, stages: int, micro: int, s: Set
     return best
 
 
-def balanced_plan(us: List[Unit], stages: int, micro: int, s: Settings, budget: int,
-                  allow_recompute: bool = True) -> Optional[Plan]:
+def balanced_plan(
+    us: List[Unit], stages: int, micro: int, s: Settings, budget: int, allow_recompute: bool = True
+) -> Optional[Plan]:
     """Contiguous stages over the units minimising the largest stage's compute, each stage
     fitting the budget (dynamic programming over split positions)."""
     n = len(us)
@@ -143,8 +147,10 @@ def largest_micro_batch(us: List[Unit], stages: int, s: Settings, budget: int) -
 
 def _fixes(ipu: IpuSpec, batch: BatchPlan, stages: int, tried_recompute: bool = False) -> str:
     """The remedies not already in effect."""
-    fixes = [f"lower train.micro_batch (now {batch.micro_batch})",
-             f"use more IPUs per replica (ipu.plan_ipus / ipu.pipeline, now {stages})"]
+    fixes = [
+        f"lower train.micro_batch (now {batch.micro_batch})",
+        f"use more IPUs per replica (ipu.plan_ipus / ipu.pipeline, now {stages})",
+    ]
     if not tried_recompute:
         fixes.append("add recomputation checkpoints (ipu.recompute, or ipu.pipeline=auto)")
     if ipu.precision != "16.16":
@@ -154,8 +160,14 @@ def _fixes(ipu: IpuSpec, batch: BatchPlan, stages: int, tried_recompute: bool = 
     return ", ".join(fixes) + " or lower data.resolution"
 
 
-def make_plan(model: torch.nn.Module, spec: ModelSpec, ipu: IpuSpec, batch: BatchPlan, optim: OptimSpec,
-              propose: Optional[bool] = None) -> Plan:
+def make_plan(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    ipu: IpuSpec,
+    batch: BatchPlan,
+    optim: OptimSpec,
+    propose: Optional[bool] = None,
+) -> Plan:
     """The plan for ``model``: the explicit ``ipu.pipeline`` checked (``{}``: one IPU), or, when
     proposing (``auto``; ``python -m app plan`` without splits), the best balanced split on
     ipu.plan_ipus IPUs, else on the fewest IPUs that fit."""
@@ -179,11 +191,13 @@ def make_plan(model: torch.nn.Module, spec: ModelSpec, ipu: IpuSpec, batch: Batc
             plan.max_micro_batch = largest_micro_batch(us, count, s, budget)
             return plan
     largest = largest_micro_batch(us, counts[-1], s, budget)
-    hint = (f"micro-batch {largest} would fit on {counts[-1]} IPU(s); " if largest else "")
-    raise PlanError(f"no pipeline of {'up to ' if len(counts) > 1 else ''}{counts[-1]} IPU(s) fits "
-                    f"{spec.label} at micro-batch {micro} and resolution {spec.resolution} in "
-                    f"{budget / MB:.0f} MB per IPU (900 MB less the {ipu.plan_margin:.0%} margin), "
-                    f"even with recomputation: {hint}{_fixes(ipu, batch, counts[-1], tried_recompute=True)}")
+    hint = f"micro-batch {largest} would fit on {counts[-1]} IPU(s); " if largest else ""
+    raise PlanError(
+        f"no pipeline of {'up to ' if len(counts) > 1 else ''}{counts[-1]} IPU(s) fits "
+        f"{spec.label} at micro-batch {micro} and resolution {spec.resolution} in "
+        f"{budget / MB:.0f} MB per IPU (900 MB less the {ipu.plan_margin:.0%} margin), "
+        f"even with recomputation: {hint}{_fixes(ipu, batch, counts[-1], tried_recompute=True)}"
+    )
 
 
 def _largest_for_splits(us, splits, s, budget, marks) -> int:
@@ -197,8 +211,15 @@ def _largest_for_splits(us, splits, s, budget, marks) -> int:
 
 # ----------------------------------------------------------------------------- checks, report
 
-def resolve_pipeline(model: torch.nn.Module, spec: ModelSpec, ipu: IpuSpec, batch: BatchPlan,
-                     optim: OptimSpec, training: bool = True) -> Tuple[Dict[str, int], List[str], Plan]:
+
+def resolve_pipeline(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    ipu: IpuSpec,
+    batch: BatchPlan,
+    optim: OptimSpec,
+    training: bool = True,
+) -> Tuple[Dict[str, int], List[str], Plan]:
     """The splits and checkpoints a run uses; raises with the fix named when the configuration
     cannot run: unknown split names, too little gradient accumulation for the pipeline, or an
     estimated memory that does not fit."""
@@ -211,15 +232,18 @@ def resolve_pipeline(model: torch.nn.Module, spec: ModelSpec, ipu: IpuSpec, batc
         if training and not plan.fits:
             over = [m for m in plan.ipus if m.total > plan.budget]
             raise PlanError(
-                "estimated memory does not fit: " + ", ".join(
-                    f"IPU{m.ipu} {m.total / MB:.0f} MB > {plan.budget / MB:.0f} MB" for m in over)
+                "estimated memory does not fit: "
+                + ", ".join(f"IPU{m.ipu} {m.total / MB:.0f} MB > {plan.budget / MB:.0f} MB" for m in over)
                 + f". Fix: {_fixes(ipu, batch, plan.stages)}, or let the planner choose (ipu.pipeline=auto, "
-                  f"see `python -m app plan`); ipu.plan_margin={ipu.plan_margin} lowers the margin")
+                f"see `python -m app plan`); ipu.plan_margin={ipu.plan_margin} lowers the margin"
+            )
     stages = plan.stages
     if training and stages > 1 and batch.grad_accum < 2 * stages - 1:
-        raise PlanError(f"a pipeline of {stages} IPUs has {2 * stages - 1} stages in training, but "
-                        f"train.grad_accum={batch.grad_accum}. PopTorch: \"{TRAINING_PIPELINE_RULE}\" "
-                        f"Set train.grad_accum >= {2 * stages - 1}.")
+        raise PlanError(
+            f"a pipeline of {stages} IPUs has {2 * stages - 1} stages in training, but "
+            f'train.grad_accum={batch.grad_accum}. PopTorch: "{TRAINING_PIPELINE_RULE}" '
+            f"Set train.grad_accum >= {2 * stages - 1}."
+        )
     return plan.splits, recompute, plan
 
 
@@ -240,22 +264,30 @@ def report(plan: Plan, spec: ModelSpec, ipu: IpuSpec, batch: BatchPlan, optim: O
             f"{mem.ipu:>3}  {mem.units[0]:<12} {mem.units[-1]:<12} {mem.weights / MB:>6.1f}MB "
             f"{mem.optimizer / MB:>7.1f}MB {mem.activations / MB:>9.1f}MB {mem.total / MB:>6.1f}MB "
             f"{plan.budget / MB:>5.0f}MB  {'yes' if mem.total <= plan.budget else 'NO':<4} "
-            f"{100.0 * mem.macs / total_macs:>6.1f}%")
+            f"{100.0 * mem.macs / total_macs:>6.1f}%"
+        )
     pipeline = "{" + ", ".join(f"{k}: {v}" for k, v in plan.splits.items()) + "}"
-    lines += ["", f"proposal: ipu.pipeline='{pipeline}'" if plan.splits else "proposal: one IPU per replica",
-              f"          ipu.recompute=[{','.join(plan.checkpoints)}]" if plan.checkpoints else
-              "          no recomputation checkpoints needed",
-              f"largest micro-batch that fits this split: {plan.max_micro_batch}"]
+    lines += [
+        "",
+        f"proposal: ipu.pipeline='{pipeline}'" if plan.splits else "proposal: one IPU per replica",
+        f"          ipu.recompute=[{','.join(plan.checkpoints)}]"
+        if plan.checkpoints
+        else "          no recomputation checkpoints needed",
+        f"largest micro-batch that fits this split: {plan.max_micro_batch}",
+    ]
     if plan.stages > 1:
-        lines.append(f"pipeline of {plan.stages} IPUs: needs train.grad_accum >= {2 * plan.stages - 1} "
-                     f"(now {batch.grad_accum}); IPUs per job: {plan.stages * batch.replicas}")
+        lines.append(
+            f"pipeline of {plan.stages} IPUs: needs train.grad_accum >= {2 * plan.stages - 1} "
+            f"(now {batch.grad_accum}); IPUs per job: {plan.stages * batch.replicas}"
+        )
     if not plan.fits:
         lines.append(f"does NOT fit: {_fixes(ipu, batch, plan.stages)}")
     return "\n".join(lines)
 
 
-def print_plan(model: torch.nn.Module, spec: ModelSpec, ipu: IpuSpec, batch: BatchPlan,
-               optim: OptimSpec) -> int:
+def print_plan(
+    model: torch.nn.Module, spec: ModelSpec, ipu: IpuSpec, batch: BatchPlan, optim: OptimSpec
+) -> int:
     """``python -m app plan`` (app/plan.py hands over the network): print the per-IPU table and
     the proposal for the configuration; the exit status says whether it fits."""
     try:

@@ -21,6 +21,7 @@ Hooks for the PopTorch backend:
   * ``backends.process.current()`` — this instance's context (rank, is_main), which the
     application registers (``app.distributed.init_distributed``) and uses to split the data.
 """
+
 import os
 import sys
 from pathlib import Path
@@ -44,7 +45,8 @@ def ipus_per_replica(ipu: IpuSpec) -> int:
         raise DistributedError(
             'ipu.pipeline="auto" is resolved only when the model is compiled, but poprun needs the IPUs '
             "per replica before it starts: run `make plan` and set the proposed split explicitly, "
-            "e.g. ipu.pipeline='{blocks.4: 1}'")
+            "e.g. ipu.pipeline='{blocks.4: 1}'"
+        )
     return num_ipus(ipu)
 
 
@@ -52,8 +54,9 @@ def executable_cache(ipu: IpuSpec, out_dir: str) -> str:
     return ipu.executable_cache or str(Path(out_dir) / DEFAULT_CACHE)
 
 
-def poprun_command(ipu: IpuSpec, replicas: int, instances: int, extra_args: List[str], out_dir: str,
-                   app_argv: List[str]) -> List[str]:
+def poprun_command(
+    ipu: IpuSpec, replicas: int, instances: int, extra_args: List[str], out_dir: str, app_argv: List[str]
+) -> List[str]:
     """The poprun command that runs ``python -m app <app_argv>`` on ``instances`` instances driving
     ``replicas`` replicas (``extra_args``: dist.launcher_args; the default cache goes under
     ``out_dir``). The instances share one executable cache (compiled once, loaded by the others);
@@ -62,9 +65,18 @@ def poprun_command(ipu: IpuSpec, replicas: int, instances: int, extra_args: List
     app_args = list(app_argv)
     if not ipu.executable_cache:
         app_args.append(f"ipu.executable_cache={cache}")
-    return ["poprun", f"--num-instances={instances}", f"--num-replicas={replicas}",
-            f"--ipus-per-replica={ipus_per_replica(ipu)}", f"--executable-cache-path={cache}",
-            *launcher_args(extra_args), sys.executable, "-m", "app", *app_args]
+    return [
+        "poprun",
+        f"--num-instances={instances}",
+        f"--num-replicas={replicas}",
+        f"--ipus-per-replica={ipus_per_replica(ipu)}",
+        f"--executable-cache-path={cache}",
+        *launcher_args(extra_args),
+        sys.executable,
+        "-m",
+        "app",
+        *app_args,
+    ]
 
 
 class PopDistContext(DistContext):
@@ -101,7 +113,8 @@ def _import_sdk_modules():
     except ImportError as error:
         raise DistributedError(
             f"this process runs under poprun but cannot import {error.name}: install the Poplar SDK's "
-            "PopTorch and PopDist wheels and Horovod beside them (see requirements-ipu.txt)") from None
+            "PopTorch and PopDist wheels and Horovod beside them (see requirements-ipu.txt)"
+        ) from None
     return popdist, hvd
 
 
@@ -116,10 +129,16 @@ def init_popdist(replicas: int, seed: int) -> PopDistContext:
     if total != replicas:
         raise DistributedError(
             f"poprun runs {total} replicas but train.replicas={replicas}: the global batch and "
-            f"learning rate depend on it, so set train.replicas={total} (REPLICAS={total})")
+            f"learning rate depend on it, so set train.replicas={total} (REPLICAS={total})"
+        )
     job_seed = hvd.broadcast(torch.tensor(seed, dtype=torch.int64), root_rank=0, name="seed")
-    ctx = PopDistContext(int(popdist.getInstanceIndex()), int(popdist.getNumInstances()),
-                         int(popdist.getNumLocalReplicas()), hvd, int(job_seed))
+    ctx = PopDistContext(
+        int(popdist.getInstanceIndex()),
+        int(popdist.getNumInstances()),
+        int(popdist.getNumLocalReplicas()),
+        hvd,
+        int(job_seed),
+    )
     if not ctx.is_main:
         sys.stdout = open(os.devnull, "w")  # logs from instance 0 only; errors still reach stderr
     return ctx

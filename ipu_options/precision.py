@@ -8,6 +8,7 @@
 Both fp16 modes cast the network's input to fp16; the loss is computed in fp32 by the objective.
 Only the backend's device copy of the model is changed: the host model (checkpoints, EMA) stays fp32.
 """
+
 import types
 
 import torch

@@ -1,6 +1,7 @@
 """``IpuSpec``: what the IPU layer is told about a run besides its sizes (``BatchPlan``), optimiser
 (``OptimSpec``) and network (``ModelSpec``). Built once by the application (app/specs.py) from its
 ``ipu`` section (ipu_options/config.py, validated there) and the run's seed; frozen."""
+
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple, Union
 

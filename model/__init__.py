@@ -1,4 +1,5 @@
 """EfficientNet B0–B7 with group convolutions, batch-independent norms and Proxy Norm."""
+
 from .blocks import ConvNormAct, MBConv, SqueezeExcite
 from .counting import count_macs, count_parameters
 from .efficientnet import MODEL_NAMES, VARIANTS, EfficientNet, build_model, variant_key
@@ -9,7 +10,21 @@ from .proxy_norm import ProxyNormAct, normal_quantiles
 from .weight_import import convert_state_dict
 
 __all__ = [
-    "build_model", "count_parameters", "count_macs", "convert_state_dict", "EfficientNet",
-    "ConvNormAct", "MBConv", "SqueezeExcite", "ProxyNormAct", "NormSpec", "normal_quantiles",
-    "spatial_groups", "variant_key", "fuse_for_inference", "MODEL_NAMES", "NORM_KINDS", "VARIANTS",
+    "build_model",
+    "count_parameters",
+    "count_macs",
+    "convert_state_dict",
+    "EfficientNet",
+    "ConvNormAct",
+    "MBConv",
+    "SqueezeExcite",
+    "ProxyNormAct",
+    "NormSpec",
+    "normal_quantiles",
+    "spatial_groups",
+    "variant_key",
+    "fuse_for_inference",
+    "MODEL_NAMES",
+    "NORM_KINDS",
+    "VARIANTS",
 ]

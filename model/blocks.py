@@ -3,6 +3,7 @@
 Group convolutions (the paper's first idea) are ``group_conv.spatial_groups``: every spatial conv
 of a block has ``group_size`` channels per group instead of one (depthwise).
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -26,9 +27,18 @@ class ConvNormAct(nn.Module):
     ``proxy_scale=False``: proxy norm's output stops at φ(γY + β) − μ̃, without the 1/σ̃ (the
     official head, efficientnet.py:384: the classifier after it absorbs a per-channel scale)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: NormSpec,
-                 stride: int = 1, groups: int = 1, activation: bool = True,
-                 padding: str = "same", proxy_scale: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        norm: NormSpec,
+        stride: int = 1,
+        groups: int = 1,
+        activation: bool = True,
+        padding: str = "same",
+        proxy_scale: bool = True,
+    ):
         super().__init__()
         self.conv = make_conv(in_channels, out_channels, kernel_size, stride, groups, padding=padding)
         self.proxy_scale = proxy_scale
@@ -102,16 +112,34 @@ class MBConv(nn.Module):
     project 1×1, with a residual connection when shapes allow. ``expand_ratio=1`` is EfficientNet's
     first-stage depthwise-separable block."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
-                 expand_ratio: int, group_size: int, norm: NormSpec, se_ratio: float = 0.25,
-                 drop_path: float = 0.0, padding: str = "same", graph: str = "official"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        expand_ratio: int,
+        group_size: int,
+        norm: NormSpec,
+        se_ratio: float = 0.25,
+        drop_path: float = 0.0,
+        padding: str = "same",
+        graph: str = "official",
+    ):
         super().__init__()
         if graph not in GRAPHS:
             raise ValueError(f"graph={graph!r} is not one of {', '.join(GRAPHS)}")
         mid = in_channels * expand_ratio
         self.expand = ConvNormAct(in_channels, mid, 1, norm) if expand_ratio != 1 else None
-        self.spatial = ConvNormAct(mid, mid, kernel_size, norm, stride=stride,
-                                   groups=spatial_groups(mid, group_size), padding=padding)
+        self.spatial = ConvNormAct(
+            mid,
+            mid,
+            kernel_size,
+            norm,
+            stride=stride,
+            groups=spatial_groups(mid, group_size),
+            padding=padding,
+        )
         self.se = SqueezeExcite(mid, max(1, int(in_channels * se_ratio)), scale_pooled=graph == "v1")
         self.project = ConvNormAct(mid, out_channels, 1, norm, activation=False)
         self.residual = stride == 1 and in_channels == out_channels

@@ -1,4 +1,5 @@
 """Model size and cost, counted from the layers themselves (no lookup tables)."""
+
 import copy
 
 import torch

@@ -10,6 +10,7 @@ recomputation checkpoints on the IPU, freezing for fine-tuning):
     head                      1×1 conv → norm → act
     pool, dropout, classifier
 """
+
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -85,10 +86,19 @@ def round_channels(channels: float, divisor: int = 8) -> int:
 
 
 class EfficientNet(nn.Module):
-    def __init__(self, stages: List[StageSpec], stem_channels: int, head_channels: int,
-                 norm: NormSpec, group_size: int = 1, num_classes: int = 1000,
-                 dropout: float = 0.2, drop_path: float = 0.2, padding: str = "same",
-                 graph: str = "official"):
+    def __init__(
+        self,
+        stages: List[StageSpec],
+        stem_channels: int,
+        head_channels: int,
+        norm: NormSpec,
+        group_size: int = 1,
+        num_classes: int = 1000,
+        dropout: float = 0.2,
+        drop_path: float = 0.2,
+        padding: str = "same",
+        graph: str = "official",
+    ):
         super().__init__()
         self.norm_spec = norm
         self.padding, self.graph = padding, graph
@@ -98,10 +108,20 @@ class EfficientNet(nn.Module):
         for stage in stages:
             blocks = []
             for i in range(stage.repeats):
-                blocks.append(MBConv(in_channels, stage.channels, stage.kernel,
-                                     stage.stride if i == 0 else 1, stage.expand, group_size, norm,
-                                     drop_path=drop_path * index / total_blocks,
-                                     padding=padding, graph=graph))
+                blocks.append(
+                    MBConv(
+                        in_channels,
+                        stage.channels,
+                        stage.kernel,
+                        stage.stride if i == 0 else 1,
+                        stage.expand,
+                        group_size,
+                        norm,
+                        drop_path=drop_path * index / total_blocks,
+                        padding=padding,
+                        graph=graph,
+                    )
+                )
                 in_channels, index = stage.channels, index + 1
             stage_modules.append(nn.Sequential(*blocks))
         self.blocks = nn.Sequential(*stage_modules)
@@ -143,15 +163,33 @@ class EfficientNet(nn.Module):
 
 def scaled_stages(key: str, expand_ratio: int) -> List[StageSpec]:
     v = VARIANTS[key]
-    return [StageSpec(math.ceil(s.repeats * v.depth), s.kernel, s.stride,
-                       1 if s.expand == 1 else expand_ratio, round_channels(s.channels * v.width))
-            for s in B0_STAGES]
+    return [
+        StageSpec(
+            math.ceil(s.repeats * v.depth),
+            s.kernel,
+            s.stride,
+            1 if s.expand == 1 else expand_ratio,
+            round_channels(s.channels * v.width),
+        )
+        for s in B0_STAGES
+    ]
 
 
-def build_model(name: str, *, group_size: int = 1, expand_ratio: int = 6, norm: str = "batch",
-                proxy_norm: bool = False, norm_groups: int = 4, norm_eps: float = 1e-3,
-                num_classes: int = 1000, dropout: Optional[float] = None,
-                drop_path: float = 0.2, padding: str = "same", graph: str = "official") -> EfficientNet:
+def build_model(
+    name: str,
+    *,
+    group_size: int = 1,
+    expand_ratio: int = 6,
+    norm: str = "batch",
+    proxy_norm: bool = False,
+    norm_groups: int = 4,
+    norm_eps: float = 1e-3,
+    num_classes: int = 1000,
+    dropout: Optional[float] = None,
+    drop_path: float = 0.2,
+    padding: str = "same",
+    graph: str = "official",
+) -> EfficientNet:
     """An EfficientNet. ``group_size`` is channels per group of every spatial conv (1 = depthwise,
     the paper's choice 16); ``norm`` is one of batch, group, layer; ``proxy_norm`` replaces every
     norm's activation by a proxy-normalised one (the paper pairs it with ``norm="layer"``).
@@ -163,8 +201,11 @@ def build_model(name: str, *, group_size: int = 1, expand_ratio: int = 6, norm: 
         raise ValueError(f"padding={padding!r} is not one of {', '.join(PADDINGS)}")
     if graph not in GRAPHS:
         raise ValueError(f"graph={graph!r} is not one of {', '.join(GRAPHS)}")
-    for field, value in (("group_size", group_size), ("expand_ratio", expand_ratio),
-                         ("num_classes", num_classes)):
+    for field, value in (
+        ("group_size", group_size),
+        ("expand_ratio", expand_ratio),
+        ("num_classes", num_classes),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{field}={value!r} must be a positive integer")
     if dropout is not None and not 0.0 <= dropout < 1.0:
@@ -173,6 +214,15 @@ def build_model(name: str, *, group_size: int = 1, expand_ratio: int = 6, norm: 
         raise ValueError(f"drop_path={drop_path} must be in [0, 1)")
     variant = VARIANTS[key]
     spec = NormSpec(norm, norm_groups, norm_eps, proxy_norm)
-    return EfficientNet(scaled_stages(key, expand_ratio), round_channels(STEM_CHANNELS * variant.width),
-                        round_channels(HEAD_CHANNELS * variant.width), spec, group_size, num_classes,
-                        variant.dropout if dropout is None else dropout, drop_path, padding, graph)
+    return EfficientNet(
+        scaled_stages(key, expand_ratio),
+        round_channels(STEM_CHANNELS * variant.width),
+        round_channels(HEAD_CHANNELS * variant.width),
+        spec,
+        group_size,
+        num_classes,
+        variant.dropout if dropout is None else dropout,
+        drop_path,
+        padding,
+        graph,
+    )

@@ -6,6 +6,7 @@ torch.jit, torch.compile, a torch.func transform) the plain arithmetic runs inst
 ``eager_fast_paths(False)`` makes eager code run it too: to compare the two, or to measure what a
 traced graph would keep for backward. Inference has its own, explicit step: ``model.inference``.
 """
+
 import contextlib
 from typing import Iterator, Optional
 
@@ -42,5 +43,4 @@ def plain_eager(*tensors: Optional[Tensor]) -> bool:
     dynamo = getattr(torch, "_dynamo", None)
     if dynamo is not None and dynamo.is_compiling():
         return False
-    return all(t is None or (t.device.type in ("cpu", "cuda") and not _functorch_wrapped(t))
-               for t in tensors)
+    return all(t is None or (t.device.type in ("cpu", "cuda") and not _functorch_wrapped(t)) for t in tensors)

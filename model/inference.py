@@ -14,6 +14,7 @@ checkpoint load) reach it only by fusing again. The model itself is left as it w
 hooks, tracing and compilers see the layers as written. Forward hooks on the model's
 conv-norm-activation layers or their norms are not carried over (the fused layers replace them).
 """
+
 import copy
 from typing import Callable, Optional, Tuple
 

@@ -8,6 +8,7 @@ a norm given a weight without a bias (``ERROR_ON(isNone(*weight) != isNone(*bias
 poptorch/source/popart_canonicalization/NormalizationOps.cpp:53, for batch, layer, group and
 instance norms alike), and a zero bias is the same arithmetic with no trainable shift.
 """
+
 from dataclasses import dataclass
 
 import torch

@@ -9,6 +9,7 @@ side; at stride 2 on an even input it is one pixel less on the top/left than on 
 the sampling grid then starts at pixel 0 instead of −1. ``symmetric``: k//2 on every side.
 Both give the same output size, so the two paddings differ only in which pixels are read.
 """
+
 from typing import Optional, Tuple
 
 import torch.nn.functional as F
@@ -47,17 +48,24 @@ class Conv2dSame(nn.Conv2d):
         left, right, top, bottom = self.pads(x.shape[-2], x.shape[-1])
         if left == right and top == bottom:
             return F.conv2d(x, weight, bias, self.stride, (top, left), 1, self.groups)
-        return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, self.stride, 0, 1,
-                        self.groups)
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, self.stride, 0, 1, self.groups)
 
 
-def make_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-              groups: int = 1, bias: bool = False, padding: str = "same") -> nn.Conv2d:
+def make_conv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    groups: int = 1,
+    bias: bool = False,
+    padding: str = "same",
+) -> nn.Conv2d:
     """A conv with ``padding`` (one of ``PADDINGS``). ``same`` with an odd kernel at stride 1 is
     k//2 on every side for any input, so it stays a plain ``nn.Conv2d``."""
     if padding not in PADDINGS:
         raise ValueError(f"padding={padding!r} is not one of {', '.join(PADDINGS)}")
     if padding == "symmetric" or (stride == 1 and kernel_size % 2 == 1):
-        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2,
-                         groups=groups, bias=bias)
+        return nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, groups=groups, bias=bias
+        )
     return Conv2dSame(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)

@@ -14,6 +14,7 @@ hand-written backwards (as the reference code has for the statistics); wherever 
 or compiled (PopTorch, torch.compile) autograd differentiates the same arithmetic, so both paths
 give the same loss and the same gradients up to float32 rounding (see ``fast_paths.py``).
 """
+
 import math
 from typing import Callable, Optional, Tuple, Union
 
@@ -33,9 +34,15 @@ def normal_quantiles(n: int = PROXY_POINTS) -> Tensor:
     return (math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)).float()
 
 
-def _proxy_statistics(proxy_bias: Tensor, proxy_weight: Tensor, weight: Tensor,
-                      bias: Optional[Tensor], quantiles: Tensor, eps: float,
-                      activation: Callable[[Tensor], Tensor]):
+def _proxy_statistics(
+    proxy_bias: Tensor,
+    proxy_weight: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    quantiles: Tensor,
+    eps: float,
+    activation: Callable[[Tensor], Tensor],
+):
     """μ̃, 1/sqrt(σ̃² + ε) and the intermediates a backward pass needs, all float32. The
     pre-activations γ·(β̃ + (1 + γ̃)·u) + β are slope·u + offset with per-channel
     slope = γ(1 + γ̃) and offset = γβ̃ + β: two passes over the C×N points instead of four."""
@@ -62,8 +69,13 @@ def _differentiable_backward(fn: Callable, inputs: Tuple, grads: Tuple) -> Tuple
         outputs = fn(*inputs)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
-        found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
-                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
+        found = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [inputs[i] for i in wanted],
+            [g for _, g in pairs],
+            create_graph=True,
+            allow_unused=True,
+        )
     for i, g in zip(wanted, found):
         result[i] = g
     return tuple(result)
@@ -83,7 +95,8 @@ class _SiluProxyStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, proxy_bias, proxy_weight, weight, bias, quantiles, eps):
         mean, inv_std, pre, centred = _proxy_statistics(
-            proxy_bias, proxy_weight, weight, bias, quantiles, eps, F.silu)
+            proxy_bias, proxy_weight, weight, bias, quantiles, eps, F.silu
+        )
         ctx.save_for_backward(proxy_bias, proxy_weight, weight, bias, quantiles, pre, centred, inv_std)
         ctx.has_bias, ctx.eps = bias is not None, eps
         return mean, inv_std
@@ -105,14 +118,19 @@ class _SiluProxyStatistics(torch.autograd.Function):
         grad_var = -0.5 * grad_inv_std.float() * inv_std.pow(3)
         grad_z = torch.addcmul((grad_mean.float() / n)[:, None], centred, (2.0 * grad_var / n)[:, None])
         grad_pre = torch.ops.aten.silu_backward(grad_z, pre)
-        grad_offset = grad_pre.sum(dim=1)                 # pre = slope·u + offset
+        grad_offset = grad_pre.sum(dim=1)  # pre = slope·u + offset
         grad_slope = torch.mv(grad_pre, quantiles.float())
         w = weight.float()
         # slope = γ(1 + γ̃), offset = γβ̃ + β
         grad_weight = grad_slope * (1.0 + pw.float()) + grad_offset * pb.float()
-        return (grad_offset.mul(w).to(pb.dtype), grad_slope.mul(w).to(pw.dtype),
-                grad_weight.to(weight.dtype), grad_offset.to(bias.dtype) if ctx.has_bias else None,
-                None, None)
+        return (
+            grad_offset.mul(w).to(pb.dtype),
+            grad_slope.mul(w).to(pw.dtype),
+            grad_weight.to(weight.dtype),
+            grad_offset.to(bias.dtype) if ctx.has_bias else None,
+            None,
+            None,
+        )
 
 
 class _StandardisedSilu(torch.autograd.Function):
@@ -155,12 +173,17 @@ class _StandardisedSilu(torch.autograd.Function):
 class ProxyNormAct(nn.Module):
     """PN-φ for inputs that the preceding norm already scaled and shifted by (γ, β)."""
 
-    def __init__(self, channels: int, activation: Callable[[Tensor], Tensor] = F.silu,
-                 points: int = PROXY_POINTS, eps: float = PROXY_EPS):
+    def __init__(
+        self,
+        channels: int,
+        activation: Callable[[Tensor], Tensor] = F.silu,
+        points: int = PROXY_POINTS,
+        eps: float = PROXY_EPS,
+    ):
         super().__init__()
         self.activation = activation
         self.eps = eps
-        self.proxy_bias = nn.Parameter(torch.zeros(channels))    # β̃
+        self.proxy_bias = nn.Parameter(torch.zeros(channels))  # β̃
         self.proxy_weight = nn.Parameter(torch.zeros(channels))  # γ̃: the proxy's std is 1 + γ̃
         self.register_buffer("quantiles", normal_quantiles(points), persistent=False)
 
@@ -176,13 +199,16 @@ class ProxyNormAct(nn.Module):
     def proxy_statistics(self, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """(μ̃, 1/sqrt(σ̃² + ε)) per channel, always float32 (explicit casts: no autocast reaches it)."""
         if self.activation is F.silu and plain_eager(self.quantiles, weight, self.proxy_weight):
-            return _SiluProxyStatistics.apply(self.proxy_bias, self.proxy_weight, weight, bias,
-                                              self.quantiles, self.eps)
-        return _proxy_statistics(self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles,
-                                 self.eps, self.activation)[:2]
+            return _SiluProxyStatistics.apply(
+                self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles, self.eps
+            )
+        return _proxy_statistics(
+            self.proxy_bias, self.proxy_weight, weight, bias, self.quantiles, self.eps, self.activation
+        )[:2]
 
-    def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                defer_scale: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    def forward(
+        self, x: Tensor, weight: Tensor, bias: Optional[Tensor], defer_scale: bool = False
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """x = γ·Y + β. With ``defer_scale`` returns (φ(x) − μ̃, 1/σ̃) so that a following
         squeeze-excite can fold the division into its gate and save a pass over the tensor.
         (Eager inference computes the statistics once: ``model.inference.fuse_for_inference``.)"""

@@ -3,6 +3,7 @@
 Files only: the caller loads the peer's state dict from disk with
 ``torch.load(path, weights_only=True)``; nothing is downloaded here.
 """
+
 import re
 from typing import Callable, Dict, Optional
 
@@ -10,16 +11,35 @@ from torch import Tensor
 
 SOURCES = ("timm", "torchvision")
 
-_TIMM_TOP = {"conv_stem": "stem.conv", "bn1": "stem.norm", "conv_head": "head.conv",
-             "bn2": "head.norm", "classifier": "classifier"}
+_TIMM_TOP = {
+    "conv_stem": "stem.conv",
+    "bn1": "stem.norm",
+    "conv_head": "head.conv",
+    "bn2": "head.norm",
+    "classifier": "classifier",
+}
 # Inside a block, timm names layers by position; which position is which depends on whether the
 # block has an expansion conv (inverted residual) or not (depthwise-separable first stage).
-_TIMM_INVERTED = {"conv_pw": "expand.conv", "bn1": "expand.norm", "conv_dw": "spatial.conv",
-                  "bn2": "spatial.norm", "conv_pwl": "project.conv", "bn3": "project.norm"}
-_TIMM_SEPARABLE = {"conv_dw": "spatial.conv", "bn1": "spatial.norm", "conv_pw": "project.conv",
-                   "bn2": "project.norm"}
-_SE = {"se.conv_reduce": "se.reduce", "se.conv_expand": "se.expand",
-       "se.fc1": "se.reduce", "se.fc2": "se.expand"}
+_TIMM_INVERTED = {
+    "conv_pw": "expand.conv",
+    "bn1": "expand.norm",
+    "conv_dw": "spatial.conv",
+    "bn2": "spatial.norm",
+    "conv_pwl": "project.conv",
+    "bn3": "project.norm",
+}
+_TIMM_SEPARABLE = {
+    "conv_dw": "spatial.conv",
+    "bn1": "spatial.norm",
+    "conv_pw": "project.conv",
+    "bn2": "project.norm",
+}
+_SE = {
+    "se.conv_reduce": "se.reduce",
+    "se.conv_expand": "se.expand",
+    "se.fc1": "se.reduce",
+    "se.fc2": "se.expand",
+}
 
 
 def _timm_key(key: str, inverted_blocks: set) -> Optional[str]:
@@ -65,13 +85,15 @@ def convert_state_dict(state_dict: Dict[str, Tensor], source: str) -> Dict[str, 
     if source not in SOURCES:
         raise ValueError(f"source={source!r} is not one of {', '.join(SOURCES)}")
     if source == "timm":
-        inverted = {m.groups() for k in state_dict
-                    for m in [re.match(r"blocks\.(\d+)\.(\d+)\.conv_pwl\.", k)] if m}
+        inverted = {
+            m.groups() for k in state_dict for m in [re.match(r"blocks\.(\d+)\.(\d+)\.conv_pwl\.", k)] if m
+        }
         rename: Callable[[str, set], Optional[str]] = _timm_key
     else:
         # A torchvision block with an expansion conv has four parts (block.0 … block.3).
-        inverted = {m.groups() for k in state_dict
-                    for m in [re.match(r"features\.(\d+)\.(\d+)\.block\.3\.", k)] if m}
+        inverted = {
+            m.groups() for k in state_dict for m in [re.match(r"features\.(\d+)\.(\d+)\.block\.3\.", k)] if m
+        }
         inverted = {(str(int(s) - 1), i) for s, i in inverted}
         rename = _torchvision_key
     converted, unknown = {}, []
@@ -82,6 +104,8 @@ def convert_state_dict(state_dict: Dict[str, Tensor], source: str) -> Dict[str, 
         else:
             converted[new] = value
     if unknown:
-        raise ValueError(f"{len(unknown)} {source} keys have no counterpart in this EfficientNet "
-                         f"(is it a {source} EfficientNet B0–B7 checkpoint?): {unknown[:5]}")
+        raise ValueError(
+            f"{len(unknown)} {source} keys have no counterpart in this EfficientNet "
+            f"(is it a {source} EfficientNet B0–B7 checkpoint?): {unknown[:5]}"
+        )
     return converted

@@ -21,6 +21,7 @@ The hook reads FAULT_* environment variables:
       a document is being written, before a line is appended).
   FAULT_PID_DIR=folder: each process writes its pid there (to wait for every one to end).
 """
+
 import json
 import os
 import random
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MATRIX_SEED = 15  # the matrix is random but the same on every run: cases are reproducible by name
 FULL = os.environ.get("FAULTS_FULL", "") not in ("", "0")  # make test-faults: the whole matrix
 
-HOOK = r'''
+HOOK = r"""
 import os, signal, sys, time
 _env = os.environ
 if _env.get("FAULT_PID_DIR"):
@@ -185,7 +186,7 @@ if (_env.get("FAULT_AT_EVENT") or _env.get("FAULT_COUNT_FILE")) and _env.get("RA
     torch.save, os.fsync, os.replace = _counting_save, _counting_fsync, _counting_replace
     if _env.get("FAULT_COUNT_FILE"):
         atexit.register(lambda: _events[0] and open(_env["FAULT_COUNT_FILE"], "w").write(str(_events[0])))
-'''
+"""
 
 
 def rng(*names) -> random.Random:
@@ -203,6 +204,7 @@ full_only = pytest.mark.skipif(not FULL, reason="the whole fault matrix: make te
 
 
 # ----------------------------------------------------------------------------- data and runs
+
 
 def image_folder(root: Path, per_class: int = 8, val_per_class: int = 2, classes: int = 2) -> Path:
     """A deterministic PNG folder: train/class<k>/ and val/class<k>/."""
@@ -222,11 +224,30 @@ def run_args(data: Path, out: Path, name: str, *overrides: str, steps: int = 6) 
     """A tiny run: B0 G16 e1 LayerNorm + Proxy Norm at 32 px, AdamW, dropout and drop path on (so
     a process's random state matters), EMA on (so validation has a second pass), 4 steps per
     epoch of 4 images, a checkpoint every 2 steps."""
-    return ["train", "--config", "digits", "--device", "cpu", f"data.dataset={data}",
-            "data.resolution=32", "data.workers=0", "model.expand_ratio=1", "model.dropout=0.2",
-            "model.drop_path=0.2", "train.micro_batch=4", "train.ema_decay=0.9", "train.log_every=1",
-            "train.val_every=0.5", f"train.max_steps={steps}", "train.epochs=3", "train.keep_checkpoints=2",
-            "schedule.warmup_epochs=0.5", f"log.out_dir={out}", f"log.name={name}", *overrides]
+    return [
+        "train",
+        "--config",
+        "digits",
+        "--device",
+        "cpu",
+        f"data.dataset={data}",
+        "data.resolution=32",
+        "data.workers=0",
+        "model.expand_ratio=1",
+        "model.dropout=0.2",
+        "model.drop_path=0.2",
+        "train.micro_batch=4",
+        "train.ema_decay=0.9",
+        "train.log_every=1",
+        "train.val_every=0.5",
+        f"train.max_steps={steps}",
+        "train.epochs=3",
+        "train.keep_checkpoints=2",
+        "schedule.warmup_epochs=0.5",
+        f"log.out_dir={out}",
+        f"log.name={name}",
+        *overrides,
+    ]
 
 
 TWO = ["train.micro_batch=2", "train.replicas=2", "dist.rdzv_endpoint=127.0.0.1:0"]
@@ -253,9 +274,15 @@ def run_app(args: List[str], tmp: Path, timeout: float = 240, **fault: str) -> s
     """``python -m app ARGS`` (``python -m experiments`` for its commands) in a child process
     (nice'd: the machine is shared), with a fault."""
     module = "experiments" if args and args[0] in EXPERIMENTS else "app"
-    return subprocess.run(["nice", sys.executable, "-m", module, *args], cwd=ROOT,
-                          env=child_env(tmp, **fault), capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=ctrl_c_as_at_a_terminal)
+    return subprocess.run(
+        ["nice", sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=child_env(tmp, **fault),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=ctrl_c_as_at_a_terminal,
+    )
 
 
 def ctrl_c_as_at_a_terminal() -> None:
@@ -273,6 +300,7 @@ def count_write_events(args: List[str], tmp: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- the README's promises
+
 
 def records(run_dir: Path, kind: str) -> List[dict]:
     path = run_dir / "metrics.jsonl"
@@ -349,5 +377,8 @@ def all_ended(pid_dir: Path, timeout: float = 90.0) -> bool:
 def snapshot(folder: Path) -> Dict[str, tuple]:
     """Every file under ``folder`` with its size and modification time (what a refusal must not touch)."""
     # the run folder's lock file (app/checkpoint.py) is the kernel's lock, not data: left out
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }

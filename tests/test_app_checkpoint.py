@@ -1,4 +1,5 @@
 """Checkpoints: atomic writes, pruning, RNG round trip, and architecture mismatches named."""
+
 import random
 
 import numpy as np
@@ -81,8 +82,17 @@ def test_foreign_weights_mismatch_names_parameters():
 
 
 def test_validate_refuses_checkpoint_of_another_architecture(tmp_path, capsys):
-    args = ["--device", "cpu", "data.resolution=32", "data.workers=0", "train.micro_batch=8",
-            "train.max_steps=1", "train.ema_decay=0", f"log.out_dir={tmp_path}", "log.name=r"]
+    args = [
+        "--device",
+        "cpu",
+        "data.resolution=32",
+        "data.workers=0",
+        "train.micro_batch=8",
+        "train.max_steps=1",
+        "train.ema_decay=0",
+        f"log.out_dir={tmp_path}",
+        "log.name=r",
+    ]
     assert cli(["train", *args]) == 0
     capsys.readouterr()
     # From the run folder alone, validate takes the run's own configuration.
@@ -95,10 +105,17 @@ def test_validate_refuses_checkpoint_of_another_architecture(tmp_path, capsys):
 
 def test_init_from_our_checkpoint_prefers_ema_and_keeps_a_new_classifier(tmp_path):
     trained, averaged = build_model("b0", num_classes=10), build_model("b0", num_classes=10)
-    atomic_save({"model": trained.state_dict(), "ema": {"module": averaged.state_dict()}},
-                tmp_path / "c.pt")
-    cfg = build_config("digits", ["model.group_size=1", "model.expand_ratio=6", "model.norm=batch",
-                                  "model.proxy_norm=false", f"model.init_from={tmp_path / 'c.pt'}"])
+    atomic_save({"model": trained.state_dict(), "ema": {"module": averaged.state_dict()}}, tmp_path / "c.pt")
+    cfg = build_config(
+        "digits",
+        [
+            "model.group_size=1",
+            "model.expand_ratio=6",
+            "model.norm=batch",
+            "model.proxy_norm=false",
+            f"model.init_from={tmp_path / 'c.pt'}",
+        ],
+    )
     fresh = build_model("b0", num_classes=7)
     classifier_before = fresh.classifier.weight.clone()
     load_initial_weights(fresh, cfg)
@@ -109,16 +126,27 @@ def test_init_from_our_checkpoint_prefers_ema_and_keeps_a_new_classifier(tmp_pat
 
 def test_init_from_another_architecture_names_the_mismatch(tmp_path):
     g1 = build_config("digits", ["model.group_size=1"])
-    atomic_save({"model": build_model("b0", num_classes=10).state_dict(), "arch": ckpt.arch_of(g1.model, 10)},
-                tmp_path / "g1.pt")
+    atomic_save(
+        {"model": build_model("b0", num_classes=10).state_dict(), "arch": ckpt.arch_of(g1.model, 10)},
+        tmp_path / "g1.pt",
+    )
     cfg = build_config("digits", [f"model.init_from={tmp_path / 'g1.pt'}"])
     with pytest.raises(CheckpointError, match="model.group_size: checkpoint 1, this run 16"):
-        load_initial_weights(build_model("b0", group_size=16, expand_ratio=4, norm="layer",
-                                         proxy_norm=True, num_classes=10), cfg)
+        load_initial_weights(
+            build_model("b0", group_size=16, expand_ratio=4, norm="layer", proxy_norm=True, num_classes=10),
+            cfg,
+        )
 
 
-QUICK = ["--device", "cpu", "data.resolution=32", "data.workers=0", "train.micro_batch=8",
-         "train.ema_decay=0", "train.val_every=0.01"]  # a validation and a checkpoint every 2 steps
+QUICK = [
+    "--device",
+    "cpu",
+    "data.resolution=32",
+    "data.workers=0",
+    "train.micro_batch=8",
+    "train.ema_decay=0",
+    "train.val_every=0.01",
+]  # a validation and a checkpoint every 2 steps
 
 
 def test_resuming_an_older_checkpoint_is_refused_and_touches_nothing(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """The command line and the device boundary: errors before work, messages that say what to change."""
+
 import os
 import signal
 
@@ -15,20 +16,23 @@ from backends.contract import BackendError
 from backends.native import NativeBackend
 
 
-@pytest.mark.parametrize("override, named, allowed", [
-    ("optim.lr=-1", "optim.lr=-1", "a number > 0"),
-    ("model.norm=instance", "model.norm='instance'", "one of batch, group, layer"),
-    ("train.precision=fp8", "train.precision='fp8'", "fp32, bf16 or fp16"),
-    ("data.resolution=16", "data.resolution=16", "an integer >= 32"),
-    ("train.micro_btach=4", "train.micro_btach", "has: epochs, max_steps, micro_batch"),
-    ("optim.betas=[0.9]", "optim.betas=[0.9]", "two numbers in [0, 1)"),
-    ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5]", "two numbers in [0, 1)"),
-    ("schedule.min_lr_ratio=1.5", "schedule.min_lr_ratio=1.5", "in [0, 1]"),
-    ("schedule.warmup_epochs=9", "schedule.warmup_epochs=9.0", "at most train.epochs=6"),
-    ("log.name=a/b", "log.name='a/b'", "a plain folder name"),
-    ("log.name=..", "log.name='..'", "a plain folder name"),
-    ("data.dataset=/nonexistent/imagenet", "data.dataset='/nonexistent/imagenet'", "(no such folder)"),
-])
+@pytest.mark.parametrize(
+    "override, named, allowed",
+    [
+        ("optim.lr=-1", "optim.lr=-1", "a number > 0"),
+        ("model.norm=instance", "model.norm='instance'", "one of batch, group, layer"),
+        ("train.precision=fp8", "train.precision='fp8'", "fp32, bf16 or fp16"),
+        ("data.resolution=16", "data.resolution=16", "an integer >= 32"),
+        ("train.micro_btach=4", "train.micro_btach", "has: epochs, max_steps, micro_batch"),
+        ("optim.betas=[0.9]", "optim.betas=[0.9]", "two numbers in [0, 1)"),
+        ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5]", "two numbers in [0, 1)"),
+        ("schedule.min_lr_ratio=1.5", "schedule.min_lr_ratio=1.5", "in [0, 1]"),
+        ("schedule.warmup_epochs=9", "schedule.warmup_epochs=9.0", "at most train.epochs=6"),
+        ("log.name=a/b", "log.name='a/b'", "a plain folder name"),
+        ("log.name=..", "log.name='..'", "a plain folder name"),
+        ("data.dataset=/nonexistent/imagenet", "data.dataset='/nonexistent/imagenet'", "(no such folder)"),
+    ],
+)
 def test_config_errors_exit_2_naming_field_and_range(tmp_path, capsys, override, named, allowed):
     assert cli(["train", override, f"log.out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
@@ -111,8 +115,16 @@ def test_sigterm_asks_the_loop_to_stop_after_the_step():
 
 
 def test_bf16_channels_last_step_on_cpu_updates_the_weights():
-    cfg = build_config("digits", ["device=cpu", "train.precision=bf16", "train.channels_last=true",
-                                  "train.micro_batch=4", "train.grad_accum=2"])
+    cfg = build_config(
+        "digits",
+        [
+            "device=cpu",
+            "train.precision=bf16",
+            "train.channels_last=true",
+            "train.micro_batch=4",
+            "train.grad_accum=2",
+        ],
+    )
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
     backend = NativeBackend(device_spec(cfg), batch_plan(cfg))
     backend.prepare(Classifier(net, channels_last=True), torch.optim.SGD(net.parameters(), lr=0.1))
@@ -126,8 +138,9 @@ def test_bf16_channels_last_step_on_cpu_updates_the_weights():
 def test_exponent_floats_and_date_like_names_are_read_as_written(tmp_path):
     """YAML 1.1 reads 1e-3 as text and 2024-06-01 as a date: a float field takes the number, a text
     field what was typed."""
-    cfg = build_config("digits", ["optim.lr=1e-3", "ipu.loss_scaling=1e3", "log.name=2024-06-01",
-                                  "log.name=007"])
+    cfg = build_config(
+        "digits", ["optim.lr=1e-3", "ipu.loss_scaling=1e3", "log.name=2024-06-01", "log.name=007"]
+    )
     assert cfg.optim.lr == 0.001 and cfg.ipu.loss_scaling == 1000.0
     assert cfg.log.name == "007"
     assert build_config("digits", ["log.name=2024-06-01"]).log.name == "2024-06-01"

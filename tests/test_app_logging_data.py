@@ -1,4 +1,5 @@
 """Logging (offline Weights & Biases) and training on a folder of real JPEG files."""
+
 import json
 import sys
 from pathlib import Path
@@ -18,8 +19,20 @@ def test_offline_wandb_writes_a_local_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # our dir= must win
-    assert cli(["train", *QUICK, "train.micro_batch=8", "train.max_steps=2", "log.wandb=true",
-                f"log.out_dir={tmp_path}", "log.name=w"]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                *QUICK,
+                "train.micro_batch=8",
+                "train.max_steps=2",
+                "log.wandb=true",
+                f"log.out_dir={tmp_path}",
+                "log.name=w",
+            ]
+        )
+        == 0
+    )
     offline = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
 
@@ -45,8 +58,18 @@ def test_image_folder_with_a_corrupt_file_trains_and_counts_the_skip(tmp_path, c
     # 12 train files (one corrupt), batch 4: one epoch of 3 steps reads every file.
     # the corrupt file is deliberate: its warning is expected, not a failure to report
     with pytest.warns(RuntimeWarning, match="skipped an unreadable image .*broken.jpg"):
-        code = cli(["train", *QUICK, f"data.dataset={data}", "train.micro_batch=4", "train.epochs=1",
-                    "schedule.warmup_epochs=1", f"log.out_dir={tmp_path / 'runs'}", "log.name=f"])
+        code = cli(
+            [
+                "train",
+                *QUICK,
+                f"data.dataset={data}",
+                "train.micro_batch=4",
+                "train.epochs=1",
+                "schedule.warmup_epochs=1",
+                f"log.out_dir={tmp_path / 'runs'}",
+                "log.name=f",
+            ]
+        )
     out = capsys.readouterr().out
     assert code == 0
     run = tmp_path / "runs" / "f"

@@ -1,4 +1,5 @@
 """The training application end to end: CLI, run folder, metrics, checkpoints, resume, NaN, signals."""
+
 import dataclasses
 import json
 import os
@@ -36,8 +37,21 @@ def only_run(out_dir: Path) -> Path:
 
 def test_digits_end_to_end_through_python_m_app(tmp_path):
     out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "app", "train", "--config", "digits", "--device", "cpu", *QUICK,
-           "train.max_steps=3", "train.val_every=0.02", f"log.out_dir={out}", "train.keep_checkpoints=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "app",
+        "train",
+        "--config",
+        "digits",
+        "--device",
+        "cpu",
+        *QUICK,
+        "train.max_steps=3",
+        "train.val_every=0.02",
+        f"log.out_dir={out}",
+        "train.keep_checkpoints=1",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run(out)
@@ -62,8 +76,16 @@ def test_digits_end_to_end_through_python_m_app(tmp_path):
 
 
 def test_run_folder_is_never_reused(tmp_path, capsys):
-    args = ["train", "--device", "cpu", *QUICK, "train.max_steps=1", "train.ema_decay=0",
-            f"log.out_dir={tmp_path}", "log.name=same"]
+    args = [
+        "train",
+        "--device",
+        "cpu",
+        *QUICK,
+        "train.max_steps=1",
+        "train.ema_decay=0",
+        f"log.out_dir={tmp_path}",
+        "log.name=same",
+    ]
     assert cli(args) == 0
     (tmp_path / "same" / "notes.txt").write_text("mine")
     assert cli(args) == 0
@@ -89,8 +111,16 @@ def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT):
 
 def test_resume_after_interrupt_repeats_losses_step_for_step(tmp_path, monkeypatch, capsys):
     # digits at micro-batch 8: steps 1–6 lie mid-epoch, so data position and RNG must both resume.
-    args = ["train", "--device", "cpu", *QUICK, "train.max_steps=6", "train.val_every=100",
-            "model.drop_path=0.2", "model.dropout=0.3"]
+    args = [
+        "train",
+        "--device",
+        "cpu",
+        *QUICK,
+        "train.max_steps=6",
+        "train.val_every=100",
+        "model.drop_path=0.2",
+        "model.dropout=0.3",
+    ]
     assert cli(args + [f"log.out_dir={tmp_path / 'full'}"]) == 0
     full = [r["loss"] for r in read_metrics(only_run(tmp_path / "full"))]
 
@@ -110,8 +140,17 @@ def test_resume_after_interrupt_repeats_losses_step_for_step(tmp_path, monkeypat
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     poison_losses(monkeypatch, lambda n: n >= 4)
     # val_every=0.01 epochs = every 2 steps of 8 images (digits: about 1440 training images)
-    code = cli(["train", "--device", "cpu", *QUICK, "train.max_steps=8", "train.val_every=0.01",
-                f"log.out_dir={tmp_path}"])
+    code = cli(
+        [
+            "train",
+            "--device",
+            "cpu",
+            *QUICK,
+            "train.max_steps=8",
+            "train.val_every=0.01",
+            f"log.out_dir={tmp_path}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3
     assert "loss is nan at step 4" in err
@@ -127,9 +166,19 @@ def test_resume_across_an_epoch_boundary_with_worker_processes(tmp_path, monkeyp
     """JPEG folder of 12 images, batch 4: 3 steps per epoch; interrupted at step 2, resumed through
     the epoch boundary, with augmentation decoded in a worker process."""
     data = write_image_folder(tmp_path / "images")
-    args = ["train", "--device", "cpu", f"data.dataset={data}", "data.resolution=32", "data.workers=1",
-            "train.micro_batch=4", "train.epochs=2", "train.log_every=1", "train.val_every=100",
-            "model.drop_path=0.2"]
+    args = [
+        "train",
+        "--device",
+        "cpu",
+        f"data.dataset={data}",
+        "data.resolution=32",
+        "data.workers=1",
+        "train.micro_batch=4",
+        "train.epochs=2",
+        "train.log_every=1",
+        "train.val_every=100",
+        "model.drop_path=0.2",
+    ]
     full, resumed = full_and_resumed_losses(args, tmp_path, monkeypatch, at_step=2)
     assert len(full) == 6 and resumed == full
 
@@ -162,10 +211,13 @@ def poison_losses(monkeypatch, bad_calls):
     monkeypatch.setattr(app.objective, "smoothed_cross_entropy", poisoned)
 
 
-@pytest.mark.skipif(not hasattr(torch, "amp") or not hasattr(torch.amp, "GradScaler"),
-                    reason="needs torch.amp.GradScaler('cpu') (torch >= 2.3)")
+@pytest.mark.skipif(
+    not hasattr(torch, "amp") or not hasattr(torch.amp, "GradScaler"),
+    reason="needs torch.amp.GradScaler('cpu') (torch >= 2.3)",
+)
 def test_fp16_loss_scaler_skips_transient_nans_then_stops(tmp_path, monkeypatch, capsys):
     """fp16 semantics on the CPU: a loss scaler that skips updates with non-finite gradients."""
+
     def backend_with_cpu_scaler(cfg):
         # NativeBackend keeps fp16 for CUDA
         backend = NativeBackend(dataclasses.replace(device_spec(cfg), precision="fp32"), batch_plan(cfg))
@@ -173,8 +225,16 @@ def test_fp16_loss_scaler_skips_transient_nans_then_stops(tmp_path, monkeypatch,
         return backend
 
     monkeypatch.setattr(app.train, "create_backend", backend_with_cpu_scaler)
-    args = ["train", "--device", "cpu", *QUICK, "train.precision=fp16", "train.ema_decay=0",
-            "train.max_steps=6", "train.val_every=100"]
+    args = [
+        "train",
+        "--device",
+        "cpu",
+        *QUICK,
+        "train.precision=fp16",
+        "train.ema_decay=0",
+        "train.max_steps=6",
+        "train.val_every=100",
+    ]
     with monkeypatch.context() as m:
         poison_losses(m, lambda n: n in (3, 4))  # two bad steps: skipped, the run goes on
         assert cli(args + [f"log.out_dir={tmp_path / 'transient'}"]) == 0
@@ -196,9 +256,21 @@ def test_resume_from_a_validation_checkpoint_with_worker_processes(tmp_path, mon
     uninterrupted one only reused it, so a base seed drawn from the global RNG would shift the
     drop-path masks of every later step. The loader draws from its own generator instead."""
     data = write_image_folder(tmp_path / "images")
-    args = ["train", "--device", "cpu", f"data.dataset={data}", "data.resolution=32", "data.workers=1",
-            "train.micro_batch=4", "train.epochs=3", "train.log_every=1", "train.val_every=1",
-            "model.drop_path=0.2", "model.dropout=0.3", "train.ema_decay=0"]
+    args = [
+        "train",
+        "--device",
+        "cpu",
+        f"data.dataset={data}",
+        "data.resolution=32",
+        "data.workers=1",
+        "train.micro_batch=4",
+        "train.epochs=3",
+        "train.log_every=1",
+        "train.val_every=1",
+        "model.drop_path=0.2",
+        "model.dropout=0.3",
+        "train.ema_decay=0",
+    ]
     assert cli(args + [f"log.out_dir={tmp_path / 'full'}"]) == 0
     full = [r["loss"] for r in read_metrics(only_run(tmp_path / "full"))]
     with monkeypatch.context() as m:
@@ -218,9 +290,22 @@ def all_finite(state) -> bool:
 def test_an_update_that_blows_up_the_weights_is_never_checkpointed(tmp_path, capsys):
     """SGD at lr 1e6: finite losses until the gradients overflow; a validation and checkpoint at
     every step. The update with non-finite gradients is not applied and no saved file holds NaN."""
-    code = cli(["train", "--device", "cpu", "data.resolution=32", "data.workers=0", "optim.name=sgd",
-                "optim.lr=1000000.0", "schedule.warmup_epochs=0", "train.max_steps=10",
-                "train.val_every=0.0227", "train.ema_decay=0", f"log.out_dir={tmp_path}"])
+    code = cli(
+        [
+            "train",
+            "--device",
+            "cpu",
+            "data.resolution=32",
+            "data.workers=0",
+            "optim.name=sgd",
+            "optim.lr=1000000.0",
+            "schedule.warmup_epochs=0",
+            "train.max_steps=10",
+            "train.val_every=0.0227",
+            "train.ema_decay=0",
+            f"log.out_dir={tmp_path}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3
     run = only_run(tmp_path)
@@ -249,8 +334,17 @@ def test_nonfinite_weights_are_refused_by_the_checkpoint(tmp_path, monkeypatch, 
         return out
 
     monkeypatch.setattr(NativeBackend, "train_step", poisoning_step)
-    code = cli(["train", "--device", "cpu", *QUICK, "train.max_steps=8", "train.val_every=0.01",
-                f"log.out_dir={tmp_path}"])  # validation + checkpoint every 2 steps
+    code = cli(
+        [
+            "train",
+            "--device",
+            "cpu",
+            *QUICK,
+            "train.max_steps=8",
+            "train.val_every=0.01",
+            f"log.out_dir={tmp_path}",
+        ]
+    )  # validation + checkpoint every 2 steps
     err = capsys.readouterr().err
     assert code == 3
     assert "weights are not finite after step 4" in err and "the checkpoint of step 2" in err
@@ -261,8 +355,17 @@ def test_nonfinite_weights_are_refused_by_the_checkpoint(tmp_path, monkeypatch, 
 
 def test_nan_before_the_first_checkpoint_promises_no_checkpoint(tmp_path, monkeypatch, capsys):
     poison_losses(monkeypatch, lambda n: n >= 2)
-    code = cli(["train", "--device", "cpu", *QUICK, "train.max_steps=6", "train.val_every=100",
-                f"log.out_dir={tmp_path}"])
+    code = cli(
+        [
+            "train",
+            "--device",
+            "cpu",
+            *QUICK,
+            "train.max_steps=6",
+            "train.val_every=100",
+            f"log.out_dir={tmp_path}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3 and "loss is nan at step 2" in err
     assert "intact" not in err and "--resume" not in err and "train.precision=fp32" not in err
@@ -273,8 +376,16 @@ def test_nan_before_the_first_checkpoint_promises_no_checkpoint(tmp_path, monkey
 def test_resume_with_ema_every_n_steps_keeps_the_ema_exact(tmp_path, monkeypatch, capsys):
     """EMA every 3 updates, interrupted at step 4: the resumed run's next average must still count
     the 3 updates since step 3, not 2 since the interruption."""
-    args = ["train", "--device", "cpu", *QUICK, "train.max_steps=6", "train.val_every=100",
-            "train.ema_decay=0.9", "train.ema_every=3"]
+    args = [
+        "train",
+        "--device",
+        "cpu",
+        *QUICK,
+        "train.max_steps=6",
+        "train.val_every=100",
+        "train.ema_decay=0.9",
+        "train.ema_every=3",
+    ]
     assert cli(args + [f"log.out_dir={tmp_path / 'full'}"]) == 0
     full = load_checkpoint(find_checkpoint(only_run(tmp_path / "full")))
     with monkeypatch.context() as m:
@@ -286,5 +397,6 @@ def test_resume_with_ema_every_n_steps_keeps_the_ema_exact(tmp_path, monkeypatch
     resumed = load_checkpoint(find_checkpoint(run))
     assert resumed["step"] == full["step"] == 6 and resumed["ema"]["updates"] == full["ema"]["updates"]
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
-    assert all(torch.equal(full["ema"]["module"][k], resumed["ema"]["module"][k])
-               for k in full["ema"]["module"])
+    assert all(
+        torch.equal(full["ema"]["module"][k], resumed["ema"]["module"][k]) for k in full["ema"]["module"]
+    )

@@ -1,4 +1,5 @@
 """The benchmark harness's accounting on tiny models (not speed: no timing thresholds)."""
+
 import csv
 import json
 from types import SimpleNamespace
@@ -11,17 +12,49 @@ from benchmarks import budget, measure, peers, report, run, tf32
 from benchmarks.cases import Case, parse_variant
 from model import build_model, count_macs, count_parameters
 
-ROW_FIELDS = {"name", "subject", "model", "group_size", "expand_ratio", "norm", "resolution",
-              "batch", "precision", "layout", "compile", "mode", "device", "status",
-              "step_ms_median", "step_ms_p90", "step_ms_mean", "images_per_s", "params", "gmacs",
-              "achieved_tflops", "peak_tflops", "utilisation", "peak_mem_mb", "peak_mem_kind",
-              "device_name", "emulated", "torch", "cuda", "threads", "date", "commit", "load_avg",
-              "repeat_ms_median", "tf32"}
+ROW_FIELDS = {
+    "name",
+    "subject",
+    "model",
+    "group_size",
+    "expand_ratio",
+    "norm",
+    "resolution",
+    "batch",
+    "precision",
+    "layout",
+    "compile",
+    "mode",
+    "device",
+    "status",
+    "step_ms_median",
+    "step_ms_p90",
+    "step_ms_mean",
+    "images_per_s",
+    "params",
+    "gmacs",
+    "achieved_tflops",
+    "peak_tflops",
+    "utilisation",
+    "peak_mem_mb",
+    "peak_mem_kind",
+    "device_name",
+    "emulated",
+    "torch",
+    "cuda",
+    "threads",
+    "date",
+    "commit",
+    "load_avg",
+    "repeat_ms_median",
+    "tf32",
+}
 
 
 def tiny_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(4, 1000))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1000)
+    )
 
 
 @pytest.fixture
@@ -81,8 +114,10 @@ def test_peak_memory_is_per_case_even_when_cases_interleave(monkeypatch, tiny_pe
     """The hungry case's 96 MiB shows in its own row and not in the tiny case timed after it, nor
     do its weights while it stays resident between rounds."""
     monkeypatch.setitem(peers.PEERS, "torchvision/resnet50", ("torch", _Hungry))
-    cases = [Case("torchvision/resnet50", resolution=16, batch=2, mode="infer"),
-             Case(tiny_peer, resolution=16, batch=2, mode="infer")]
+    cases = [
+        Case("torchvision/resnet50", resolution=16, batch=2, mode="infer"),
+        Case(tiny_peer, resolution=16, batch=2, mode="infer"),
+    ]
     rows = run.run_cases(cases, warmup=1, steps=2, repeats=2, log=lambda m: None)
     kinds = {r["peak_mem_kind"] for r in rows}
     if measure.start_peak("cpu") is None:  # no /proc/self/clear_refs: the lifetime peak, said so
@@ -95,8 +130,10 @@ def test_peak_memory_is_per_case_even_when_cases_interleave(monkeypatch, tiny_pe
 
 def test_missing_peer_is_skipped_and_others_still_run(monkeypatch, tiny_peer):
     monkeypatch.setitem(peers.PEERS, "timm/efficientnet_b2", ("no_such_library_xyz", tiny_net))
-    cases = [Case("timm/efficientnet_b2", resolution=16, batch=2, mode="infer"),
-             Case(tiny_peer, resolution=16, batch=2, mode="infer")]
+    cases = [
+        Case("timm/efficientnet_b2", resolution=16, batch=2, mode="infer"),
+        Case(tiny_peer, resolution=16, batch=2, mode="infer"),
+    ]
     rows = run.run_cases(cases, warmup=0, steps=1, repeats=1, log=lambda m: None)
     assert rows[0]["status"] == "skipped" and "pip install no_such_library_xyz" in rows[0]["reason"]
     assert rows[1]["status"] == "ok"
@@ -104,8 +141,8 @@ def test_missing_peer_is_skipped_and_others_still_run(monkeypatch, tiny_peer):
 
 def test_ipu_without_sdk_is_an_error_row_and_ipu_model_is_labelled_emulated(tiny_peer):
     import ipu_options
-    cases = [Case(tiny_peer, resolution=16, batch=2, mode=m, device="ipu-model")
-             for m in ("infer", "train")]
+
+    cases = [Case(tiny_peer, resolution=16, batch=2, mode=m, device="ipu-model") for m in ("infer", "train")]
     if ipu_options.EMULATED:
         cases.append(Case(tiny_peer, resolution=16, batch=2, mode="infer", device="ipu"))
     rows = run.run_cases(cases, warmup=0, steps=1, repeats=1, log=lambda m: None)
@@ -117,8 +154,24 @@ def test_ipu_without_sdk_is_an_error_row_and_ipu_model_is_labelled_emulated(tiny
 
 def test_cli_writes_rows_and_report_builds_tables_and_plots(tmp_path):
     out = str(tmp_path / "r")
-    code = run.main(["--preset", "tiny", "--variants", "g1-e6-bn,g16-e6-bn", "--modes", "infer",
-                     "--peers", "none", "--warmup", "0", "--steps", "1", "--out", out])
+    code = run.main(
+        [
+            "--preset",
+            "tiny",
+            "--variants",
+            "g1-e6-bn,g16-e6-bn",
+            "--modes",
+            "infer",
+            "--peers",
+            "none",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--out",
+            out,
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in open(out + ".jsonl")]
     assert [r["name"] for r in rows] == ["ours-b0-g1-e6-bn", "ours-b0-g16-e6-bn"]
@@ -133,17 +186,25 @@ def test_cli_writes_rows_and_report_builds_tables_and_plots(tmp_path):
 
 def ok_row(case: Case, step_ms: float, repeats=(), utilisation=None) -> dict:
     """A result row as run.py writes it, with made-up figures."""
-    return {**case.as_dict(), "status": "ok", "step_ms_median": step_ms,
-            "images_per_s": case.batch / step_ms * 1e3, "repeat_ms_median": list(repeats),
-            "utilisation": utilisation, "load_avg": 1.0}
+    return {
+        **case.as_dict(),
+        "status": "ok",
+        "step_ms_median": step_ms,
+        "images_per_s": case.batch / step_ms * 1e3,
+        "repeat_ms_median": list(repeats),
+        "utilisation": utilisation,
+        "load_avg": 1.0,
+    }
 
 
 def test_ratios_pair_rows_of_the_same_setting_only():
     ours = Case(resolution=64, batch=4)
     timm = Case("timm/efficientnet_b0", resolution=64, batch=4)
-    rows = [ok_row(ours, 10.0, [10.0, 12.0], utilisation=0.3),
-            ok_row(timm, 15.0, [15.0, 12.0], utilisation=0.2),
-            ok_row(Case("timm/efficientnet_b0", resolution=64, batch=8), 1.0)]
+    rows = [
+        ok_row(ours, 10.0, [10.0, 12.0], utilisation=0.3),
+        ok_row(timm, 15.0, [15.0, 12.0], utilisation=0.2),
+        ok_row(Case("timm/efficientnet_b0", resolution=64, batch=8), 1.0),
+    ]
     found = report.ratios(rows)
     assert len(found) == 1
     assert found[0]["what"] == "ours B0 vs timm B0 (img/s ratio, >=1: ours faster)"
@@ -159,14 +220,18 @@ def test_ratios_pair_variants_by_size_group_expansion_and_norm():
     for precision in ("fp32", "bf16"):
         for layout in ("nchw", "channels_last"):
             axes = dict(resolution=64, batch=4, precision=precision, layout=layout, device="cuda")
-            rows += [ok_row(Case(group_size=16, expand_ratio=4, norm="ln+pn", **axes), 12.0),
-                     ok_row(Case(group_size=16, expand_ratio=4, norm="bn", **axes), 10.0),
-                     ok_row(Case(group_size=16, expand_ratio=6, norm="bn", **axes), 8.0),
-                     ok_row(Case(group_size=1, expand_ratio=6, norm="bn", **axes), 4.0),
-                     ok_row(Case(model="b2", group_size=1, expand_ratio=6, norm="bn", **axes), 1.0)]
+            rows += [
+                ok_row(Case(group_size=16, expand_ratio=4, norm="ln+pn", **axes), 12.0),
+                ok_row(Case(group_size=16, expand_ratio=4, norm="bn", **axes), 10.0),
+                ok_row(Case(group_size=16, expand_ratio=6, norm="bn", **axes), 8.0),
+                ok_row(Case(group_size=1, expand_ratio=6, norm="bn", **axes), 4.0),
+                ok_row(Case(model="b2", group_size=1, expand_ratio=6, norm="bn", **axes), 1.0),
+            ]
             setting = f"cuda 64px b4 {precision} {layout}"
-            expected += [("B0 e4: G16-LN+PN vs G16-BN step cost (goal <= 1.25)", setting, 1.2),
-                         ("G16-BN vs G1-BN step cost", setting, 2.0)]
+            expected += [
+                ("B0 e4: G16-LN+PN vs G16-BN step cost (goal <= 1.25)", setting, 1.2),
+                ("G16-BN vs G1-BN step cost", setting, 2.0),
+            ]
     found = report.ratios(rows)
     assert sorted((f["what"], f["setting"], f["ratio"]) for f in found) == sorted(expected)
 
@@ -184,10 +249,15 @@ def test_gpu_preset_runs_both_sides_of_each_comparison():
 
 
 def test_report_names_tf32_only_for_fp32_rows_that_used_it():
-    rows = [dict(ok_row(Case(device="cuda", precision=p), 10.0), tf32=t)
-            for p, t in (("fp32", True), ("fp32", False), ("bf16", True))]
+    rows = [
+        dict(ok_row(Case(device="cuda", precision=p), 10.0), tf32=t)
+        for p, t in (("fp32", True), ("fp32", False), ("bf16", True))
+    ]
     assert [report.describe_setting(r) for r in rows] == [
-        "cuda 224px b32 fp32 (TF32) nchw", "cuda 224px b32 fp32 nchw", "cuda 224px b32 bf16 nchw"]
+        "cuda 224px b32 fp32 (TF32) nchw",
+        "cuda 224px b32 fp32 nchw",
+        "cuda 224px b32 bf16 nchw",
+    ]
 
 
 @pytest.mark.parametrize("before", ["ieee", "tf32"])
@@ -215,8 +285,7 @@ def test_matmul_tf32_on_torch_2_0_keeps_the_precision_string(monkeypatch):
     store = {"precision": "medium"}
     monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(allow_tf32=True))
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: store["precision"])
-    monkeypatch.setattr(torch, "set_float32_matmul_precision",
-                        lambda value: store.update(precision=value))
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda value: store.update(precision=value))
     with tf32.matmul_tf32(False):
         assert store["precision"] == "highest" and not tf32.matmul_tf32_enabled()
     assert store["precision"] == "medium"
@@ -225,12 +294,16 @@ def test_matmul_tf32_on_torch_2_0_keeps_the_precision_string(monkeypatch):
     assert store["precision"] == "medium"
 
 
-@pytest.mark.parametrize("cudnn, expected", [
-    (SimpleNamespace(conv=SimpleNamespace(fp32_precision="tf32"), fp32_precision="none"), True),
-    (SimpleNamespace(conv=SimpleNamespace(fp32_precision="ieee"), fp32_precision="tf32"), False),
-    (SimpleNamespace(conv=SimpleNamespace(fp32_precision="none"), fp32_precision="tf32"), True),
-    (SimpleNamespace(allow_tf32=True), True),  # torch 2.0: the legacy flag
-    (SimpleNamespace(allow_tf32=False), False)])
+@pytest.mark.parametrize(
+    "cudnn, expected",
+    [
+        (SimpleNamespace(conv=SimpleNamespace(fp32_precision="tf32"), fp32_precision="none"), True),
+        (SimpleNamespace(conv=SimpleNamespace(fp32_precision="ieee"), fp32_precision="tf32"), False),
+        (SimpleNamespace(conv=SimpleNamespace(fp32_precision="none"), fp32_precision="tf32"), True),
+        (SimpleNamespace(allow_tf32=True), True),  # torch 2.0: the legacy flag
+        (SimpleNamespace(allow_tf32=False), False),
+    ],
+)
 def test_conv_tf32_reads_the_setting_the_convolutions_use(monkeypatch, cudnn, expected):
     monkeypatch.setattr(torch.backends, "cudnn", cudnn)
     assert tf32.conv_tf32() is expected
@@ -307,9 +380,11 @@ class _Interrupting(nn.Module):
 
 def test_interrupt_keeps_the_rows_measured_so_far(monkeypatch, tiny_peer):
     monkeypatch.setitem(peers.PEERS, "torchvision/resnet50", ("torch", _Interrupting))
-    cases = [Case(tiny_peer, resolution=16, batch=2, mode="infer"),
-             Case("torchvision/resnet50", resolution=16, batch=2, mode="infer"),
-             Case(tiny_peer, resolution=16, batch=2, mode="train")]
+    cases = [
+        Case(tiny_peer, resolution=16, batch=2, mode="infer"),
+        Case("torchvision/resnet50", resolution=16, batch=2, mode="infer"),
+        Case(tiny_peer, resolution=16, batch=2, mode="train"),
+    ]
     rows = run.run_cases(cases, warmup=0, steps=1, repeats=1, log=lambda m: None)
     assert [r["status"] for r in rows] == ["ok", "skipped", "skipped"]
     assert all("interrupted" in r["reason"] for r in rows[1:])
@@ -324,8 +399,13 @@ def test_out_of_memory_halves_the_batch_and_says_so(monkeypatch, tiny_peer):
         return real(case)
 
     monkeypatch.setattr(run, "Prepared", prepared_that_fits_4)
-    rows = run.run_cases([Case(tiny_peer, resolution=16, batch=16, mode="train")], warmup=0,
-                         steps=2, repeats=1, log=lambda m: None)
+    rows = run.run_cases(
+        [Case(tiny_peer, resolution=16, batch=16, mode="train")],
+        warmup=0,
+        steps=2,
+        repeats=1,
+        log=lambda m: None,
+    )
     assert rows[0]["status"] == "ok" and rows[0]["batch"] == 4
     assert "lowered from 16" in rows[0]["reason"]
     assert rows[0]["images_per_s"] == pytest.approx(4 / (rows[0]["step_ms_median"] / 1e3), rel=1e-2)

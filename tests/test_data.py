@@ -1,4 +1,5 @@
 """app/data: transforms, folders with a corrupt file, built-ins, determinism, resume, mixing."""
+
 import warnings
 
 import numpy as np
@@ -19,6 +20,7 @@ def make_cfg(*overrides):
 
 
 # ----------------------------------------------------------------------------- transforms
+
 
 def test_train_transform_shape_dtype_and_flip_varies():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8))
@@ -45,6 +47,7 @@ def test_val_transform_resizes_shorter_side_then_centre_crops():
 
 
 # ----------------------------------------------------------------------------- folders
+
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
@@ -110,6 +113,7 @@ def test_folder_layout_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- built-ins
 
+
 def test_digits_split_stratified_disjoint_deterministic():
     tx, ty, vx, vy = digits_split()
     assert len(ty) + len(vy) == 1797 and abs(len(vy) - 0.2 * 1797) <= 1
@@ -155,6 +159,7 @@ def test_generated_goes_through_collate():
 
 
 # ----------------------------------------------------------------------------- order and resume
+
 
 class TinyDataset(ImageDataset):
     """Random 12×12 images in memory, through the real training transform; label = index."""
@@ -226,10 +231,12 @@ def test_distributed_sampler_splits_the_epoch():
 
 # ----------------------------------------------------------------------------- mixing
 
+
 def two_images(size, value):
     """A black image and a uniform one of ``value``."""
-    return torch.stack([torch.zeros(3, size, size, dtype=torch.uint8),
-                        torch.full((3, size, size), value, dtype=torch.uint8)])
+    return torch.stack(
+        [torch.zeros(3, size, size, dtype=torch.uint8), torch.full((3, size, size), value, dtype=torch.uint8)]
+    )
 
 
 def test_mixup_soft_targets():

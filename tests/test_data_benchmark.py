@@ -1,4 +1,5 @@
 """benchmarks/data.py: rows, report and plot of the input-pipeline benchmark, at a toy size."""
+
 import json
 
 import pytest
@@ -10,8 +11,20 @@ from benchmarks.data_report import TARGETS, cores_needed, medians
 def test_toy_run_writes_rows_report_and_plot(tmp_path, monkeypatch):
     pytest.importorskip("torchvision")
     monkeypatch.setattr(bench, "RESULTS_DIR", str(tmp_path))
-    argv = ["--images", "4", "--resolutions", "160", "--workers", "0", "--batch", "2",
-            "--repeats", "2", "--out", "toy"]
+    argv = [
+        "--images",
+        "4",
+        "--resolutions",
+        "160",
+        "--workers",
+        "0",
+        "--batch",
+        "2",
+        "--repeats",
+        "2",
+        "--out",
+        "toy",
+    ]
     assert bench.main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "toy.jsonl").read_text().splitlines()]
     # 3 pipelines × 2 splits × 1 resolution × 1 worker count × 2 rounds
@@ -38,8 +51,10 @@ def test_bad_options_are_refused_before_any_work(capsys):
 
 
 def test_core_counts_follow_from_the_measured_rate():
-    rows = [{"pipeline": "ours", "split": "train", "resolution": r, "workers": 1, "images_per_s": 250.0}
-            for r in (224, 160)]
+    rows = [
+        {"pipeline": "ours", "split": "train", "resolution": r, "workers": 1, "images_per_s": 250.0}
+        for r in (224, 160)
+    ]
     cpu = {("ours", "train", r): 4.0 for r in (224, 160)}  # 4 CPU ms per image
     lines = cores_needed(medians(rows), cpu)
     assert len(lines) == 2 + len(TARGETS)  # header, rule, one row per target (only "ours" measured)

@@ -3,6 +3,7 @@
 PopRun, PopDist and Horovod cannot be installed here (SDK-only / torch < 2.1), so they are
 replaced by recording stand-ins that behave like one instance of a PopRun job.
 """
+
 import argparse
 import json
 import os
@@ -38,10 +39,13 @@ def config(*overrides):
 
 # ----------------------------------------------------------------------------- data split
 
+
 @pytest.mark.parametrize("size,world,batch", [(20, 2, 1), (23, 3, 2), (7, 4, 1), (40, 2, 8)])
 def test_shards_are_disjoint_equal_and_cover_the_epoch(size, world, batch):
-    shards = [list(ShardSampler(size, rank=r, world_size=world, seed=5, shuffle=True, batch_size=batch))
-              for r in range(world)]
+    shards = [
+        list(ShardSampler(size, rank=r, world_size=world, seed=5, shuffle=True, batch_size=batch))
+        for r in range(world)
+    ]
     seen = [i for shard in shards for i in shard]
     assert len(seen) == len(set(seen))  # no image twice
     per_rank = size // (world * batch) * batch
@@ -68,10 +72,19 @@ def test_ranks_batches_together_are_the_one_process_batches():
     cfg = config("data.dataset=generated", "data.synthetic_images=48", "data.workers=0")
     dataset = build_dataset(cfg, "train", 32)
     single = build_loader(dataset, 8, train=True, spec=data_spec(cfg), seed=7)
-    ranks = [build_loader(dataset, 4, train=True, spec=data_spec(cfg), seed=7,
-                          sampler=shard_sampler(DistContext(rank=r, world_size=2), dataset, train=True,
-                                                seed=7, batch_size=4))
-             for r in range(2)]
+    ranks = [
+        build_loader(
+            dataset,
+            4,
+            train=True,
+            spec=data_spec(cfg),
+            seed=7,
+            sampler=shard_sampler(
+                DistContext(rank=r, world_size=2), dataset, train=True, seed=7, batch_size=4
+            ),
+        )
+        for r in range(2)
+    ]
     for epoch in (0, 1):
         for loader in (single, *ranks):
             loader.set_epoch(epoch)
@@ -91,10 +104,17 @@ def test_one_process_has_no_sampler():
 
 # ----------------------------------------------------------------------------- torchrun launch
 
+
 def cli_args(*overrides):
     """What app.cli's parser makes of ``train --config digits --device cpu <overrides>``."""
-    return argparse.Namespace(command="train", config="digits", device="cpu", resume=None,
-                              checkpoint=None, overrides=list(overrides))
+    return argparse.Namespace(
+        command="train",
+        config="digits",
+        device="cpu",
+        resume=None,
+        checkpoint=None,
+        overrides=list(overrides),
+    )
 
 
 def test_torchrun_command_one_machine(monkeypatch):
@@ -104,16 +124,30 @@ def test_torchrun_command_one_machine(monkeypatch):
     command = launch_command(cfg, app_command_line(args))
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]  # torchrun of this Python
     assert "--nproc_per_node=4" in command and "--nnodes=1" in command and "--standalone" in command
-    tail = command[command.index("-m", 3):]
+    tail = command[command.index("-m", 3) :]
     # the same command line again, minus the dry run
-    assert tail == ["-m", "app", "train", "--config", "digits", "--device", "cpu", "train.replicas=4",
-                    "train.micro_batch=8"]
+    assert tail == [
+        "-m",
+        "app",
+        "train",
+        "--config",
+        "digits",
+        "--device",
+        "cpu",
+        "train.replicas=4",
+        "train.micro_batch=8",
+    ]
 
 
 def test_torchrun_command_several_machines(monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    cfg = config("device=cuda", "train.replicas=16", "dist.nnodes=2", "dist.rdzv_endpoint=node0:29500",
-                 "dist.launcher_args=[--max_restarts=0]")
+    cfg = config(
+        "device=cuda",
+        "train.replicas=16",
+        "dist.nnodes=2",
+        "dist.rdzv_endpoint=node0:29500",
+        "dist.launcher_args=[--max_restarts=0]",
+    )
     command = launch_command(cfg, ["train"])
     assert "--nproc_per_node=8" in command and "--nnodes=2" in command
     assert "--rdzv_backend=c10d" in command and "--rdzv_endpoint=node0:29500" in command
@@ -153,12 +187,15 @@ def test_more_processes_than_gpus_is_refused_before_launching(monkeypatch):
         launch(config("device=cuda", "train.replicas=8"), cli_args("train.replicas=8"))
 
 
-@pytest.mark.parametrize("overrides,field", [
-    (["train.replicas=3", "dist.nnodes=2", "dist.rdzv_endpoint=h:1"], "train.replicas"),
-    (["train.replicas=4", "dist.nnodes=2"], "dist.rdzv_endpoint"),
-    (["device=cpu", "train.replicas=4", "dist.instances=2"], "dist.instances"),
-    (["device=ipu", "train.replicas=6", "dist.instances=4"], "train.replicas"),
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["train.replicas=3", "dist.nnodes=2", "dist.rdzv_endpoint=h:1"], "train.replicas"),
+        (["train.replicas=4", "dist.nnodes=2"], "dist.rdzv_endpoint"),
+        (["device=cpu", "train.replicas=4", "dist.instances=2"], "dist.instances"),
+        (["device=ipu", "train.replicas=6", "dist.instances=4"], "train.replicas"),
+    ],
+)
 def test_bad_scale_out_settings_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as error:
         config(*overrides)
@@ -166,8 +203,14 @@ def test_bad_scale_out_settings_name_the_field(overrides, field):
 
 
 def test_scale_summary_is_one_line_with_batch_lr_and_statistics():
-    cfg = config("train.micro_batch=16", "train.grad_accum=2", "train.replicas=4", "model.norm=batch",
-                 "model.proxy_norm=false", "optim.lr_scaling=auto")
+    cfg = config(
+        "train.micro_batch=16",
+        "train.grad_accum=2",
+        "train.replicas=4",
+        "model.norm=batch",
+        "model.proxy_norm=false",
+        "optim.lr_scaling=auto",
+    )
     line = scale_summary(cfg, DistContext(rank=0, world_size=4, engine="torchrun"))
     assert "\n" not in line
     assert "global batch 128 = micro-batch 16 × grad-accum 2 × 4 replicas" in line
@@ -178,26 +221,46 @@ def test_scale_summary_is_one_line_with_batch_lr_and_statistics():
 
 # ----------------------------------------------------------------------------- PopRun / PopDist
 
+
 def ipu_config(*overrides):
-    return config("device=ipu", "train.replicas=16", "dist.instances=4",
-                  "ipu.pipeline={blocks.4: 1}", *overrides)
+    return config(
+        "device=ipu", "train.replicas=16", "dist.instances=4", "ipu.pipeline={blocks.4: 1}", *overrides
+    )
 
 
 def test_poprun_command():
     from ipu_options.poprun import poprun_command
 
     cfg = ipu_config("log.out_dir=/runs", "dist.launcher_args=--host h1,h2 --vipu-partition=p16")
-    command = poprun_command(ipu_spec(cfg), cfg.train.replicas, cfg.dist.instances, cfg.dist.launcher_args,
-                             cfg.log.out_dir, ["train", "--config", "digits", "train.replicas=16"])
-    assert command[:5] == ["poprun", "--num-instances=4", "--num-replicas=16", "--ipus-per-replica=2",
-                           "--executable-cache-path=/runs/executable-cache"]
+    command = poprun_command(
+        ipu_spec(cfg),
+        cfg.train.replicas,
+        cfg.dist.instances,
+        cfg.dist.launcher_args,
+        cfg.log.out_dir,
+        ["train", "--config", "digits", "train.replicas=16"],
+    )
+    assert command[:5] == [
+        "poprun",
+        "--num-instances=4",
+        "--num-replicas=16",
+        "--ipus-per-replica=2",
+        "--executable-cache-path=/runs/executable-cache",
+    ]
     assert command[5:8] == ["--host", "h1,h2", "--vipu-partition=p16"]  # passed through as given
     assert command[8:10] == [sys.executable, "-m"]
-    assert command[10:] == ["app", "train", "--config", "digits", "train.replicas=16",
-                            "ipu.executable_cache=/runs/executable-cache"]
+    assert command[10:] == [
+        "app",
+        "train",
+        "--config",
+        "digits",
+        "train.replicas=16",
+        "ipu.executable_cache=/runs/executable-cache",
+    ]
     # one IPU per replica without a pipeline; a user's cache path is used as is
-    plain = poprun_command(ipu_spec(config("device=ipu", "ipu.executable_cache=/c")), 8, 2, [], "runs",
-                           ["train"])
+    plain = poprun_command(
+        ipu_spec(config("device=ipu", "ipu.executable_cache=/c")), 8, 2, [], "runs", ["train"]
+    )
     assert "--ipus-per-replica=1" in plain and "--executable-cache-path=/c" in plain
     assert not any(a.startswith("ipu.executable_cache") for a in plain)
 
@@ -277,8 +340,12 @@ def popdist_job(monkeypatch):
 
     hvd.broadcast, hvd.allreduce, hvd.broadcast_parameters = broadcast, allreduce, broadcast_parameters
     horovod.torch = hvd
-    for name, module in (("popdist", popdist), ("popdist.poptorch", popdist_poptorch),
-                         ("horovod", horovod), ("horovod.torch", hvd)):
+    for name, module in (
+        ("popdist", popdist),
+        ("popdist.poptorch", popdist_poptorch),
+        ("horovod", horovod),
+        ("horovod.torch", hvd),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setenv("POPDIST_NUM_TOTAL_REPLICAS", "16")
     monkeypatch.setattr(sys, "stdout", sys.stdout)  # restored after the test (non-main is silenced)
@@ -361,11 +428,30 @@ def image_folder(root: Path, per_class: int = 8, val_per_class: int = 2, broken:
 def quick_run(data: Path, out: Path, name: str, *overrides: str):
     """B0 G16 LayerNorm + Proxy Norm, no dropout (masks would differ between layouts), SGD, 3 steps
     of a global batch of 8 (2 epochs of 16 images: the second epoch's shuffle is split too)."""
-    return ["train", "--config", "digits", "--device", "cpu", f"data.dataset={data}", "data.resolution=32",
-            "data.workers=0", "model.norm=layer", "model.proxy_norm=true", "model.dropout=0",
-            "model.drop_path=0", "optim.name=sgd", "optim.lr=0.0005", "optim.lr_reference_batch=8",
-            "schedule.warmup_epochs=0", "train.ema_decay=0", "train.max_steps=3", "train.log_every=1",
-            f"log.out_dir={out}", f"log.name={name}", *overrides]
+    return [
+        "train",
+        "--config",
+        "digits",
+        "--device",
+        "cpu",
+        f"data.dataset={data}",
+        "data.resolution=32",
+        "data.workers=0",
+        "model.norm=layer",
+        "model.proxy_norm=true",
+        "model.dropout=0",
+        "model.drop_path=0",
+        "optim.name=sgd",
+        "optim.lr=0.0005",
+        "optim.lr_reference_batch=8",
+        "schedule.warmup_epochs=0",
+        "train.ema_decay=0",
+        "train.max_steps=3",
+        "train.log_every=1",
+        f"log.out_dir={out}",
+        f"log.name={name}",
+        *overrides,
+    ]
 
 
 def train_losses(run_dir: Path):
@@ -410,9 +496,20 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     assert cli(quick_run(data, out, "one", "train.micro_batch=4", "train.grad_accum=2")) == 0
     # two processes on loopback, a micro-batch of 4 each: the same micro-batches (ShardSampler)
     two = subprocess.run(
-        [sys.executable, "-m", "app", *quick_run(data, out, "two", "train.micro_batch=4",
-                                                  "train.replicas=2", "dist.rdzv_endpoint=127.0.0.1:0")],
-        cwd=ROOT, env=loopback_env(), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "app",
+            *quick_run(
+                data, out, "two", "train.micro_batch=4", "train.replicas=2", "dist.rdzv_endpoint=127.0.0.1:0"
+            ),
+        ],
+        cwd=ROOT,
+        env=loopback_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "--nproc_per_node=2" in two.stdout and "2 processes × 1 replica" in two.stdout
     assert "global batch 8 = micro-batch 4 × grad-accum 1 × 2 replicas" in two.stdout
@@ -431,18 +528,33 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
 def test_a_failed_rank_ends_the_job_and_shows_its_error(tmp_path):
     """Rank 1 fails at its first collective while rank 0 waits in it: torchrun must stop rank 0
     and the job must fail with rank 1's error on the console."""
-    env = env_with_site_hook(tmp_path, (
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    import torch.distributed as d\n"
-        "    def fail(*a, **k):\n"
-        "        raise RuntimeError('rank 1 failed on purpose')\n"
-        "    d.all_reduce = fail\n"))
+    env = env_with_site_hook(
+        tmp_path,
+        (
+            "import os\n"
+            "if os.environ.get('RANK') == '1':\n"
+            "    import torch.distributed as d\n"
+            "    def fail(*a, **k):\n"
+            "        raise RuntimeError('rank 1 failed on purpose')\n"
+            "    d.all_reduce = fail\n"
+        ),
+    )
     data, out = image_folder(tmp_path / "data"), tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, "-m", "app", *quick_run(data, out, "fail", "train.micro_batch=4",
-                                                  "train.replicas=2", "dist.rdzv_endpoint=127.0.0.1:0")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "app",
+            *quick_run(
+                data, out, "fail", "train.micro_batch=4", "train.replicas=2", "dist.rdzv_endpoint=127.0.0.1:0"
+            ),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "rank 1 failed on purpose" in proc.stderr
     assert not train_losses_exist(out / "fail")
@@ -461,8 +573,9 @@ def test_only_instance_0_writes_under_popdist(popdist_job, tmp_path, instance):
 
     popdist_job.instance, popdist_job.instances, popdist_job.total = instance, 2, 2
     data, out = image_folder(tmp_path / "data", per_class=4), tmp_path / "runs"
-    assert cli(quick_run(data, out, "pod", "train.micro_batch=2", "train.replicas=2",
-                         "train.max_steps=2")) == 0
+    assert (
+        cli(quick_run(data, out, "pod", "train.micro_batch=2", "train.replicas=2", "train.max_steps=2")) == 0
+    )
     names = popdist_job.rec.names()
     assert names[:3] == ["popdist.init", "hvd.init", "hvd.broadcast"]
     assert "hvd.broadcast_parameters" in names
@@ -512,11 +625,9 @@ def test_ddp_gradient_accumulation_equals_plain_accumulation(tmp_path, monkeypat
 
     _, plain_loss, plain_weight = one_step()
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    tdist.init_process_group("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0,
-                             world_size=1)
+    tdist.init_process_group("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        monkeypatch.setattr(process, "_CURRENT",
-                            distributed.TorchrunContext(0, 1, 0, torch.device("cpu")))
+        monkeypatch.setattr(process, "_CURRENT", distributed.TorchrunContext(0, 1, 0, torch.device("cpu")))
         trainer, ddp_loss, ddp_weight = one_step()
     finally:
         tdist.destroy_process_group()
@@ -533,8 +644,14 @@ def records(run_dir: Path, kind: str):
 
 
 def torchrun_job(out_args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "app", *out_args], cwd=ROOT, env=env or loopback_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "app", *out_args],
+        cwd=ROOT,
+        env=env or loopback_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 TWO = ["train.micro_batch=4", "train.replicas=2", "dist.rdzv_endpoint=127.0.0.1:0"]
@@ -549,8 +666,10 @@ def test_skipped_images_are_counted_over_the_whole_job(tmp_path, monkeypatch):
     data, out = image_folder(tmp_path / "data", broken=1), tmp_path / "runs"
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     # 4 steps: in the second epoch's second batch, process 1's share holds a broken image
-    assert cli(quick_run(data, out, "one", "train.micro_batch=4", "train.grad_accum=2",
-                         "train.max_steps=4")) == 0
+    assert (
+        cli(quick_run(data, out, "one", "train.micro_batch=4", "train.grad_accum=2", "train.max_steps=4"))
+        == 0
+    )
     two = torchrun_job(quick_run(data, out, "two", *TWO, "train.max_steps=4"))
     assert two.returncode == 0, two.stderr[-3000:]
     one_train = [r["skipped_images"] for r in records(out / "one", "train")]
@@ -565,23 +684,28 @@ def test_skipped_images_are_counted_over_the_whole_job(tmp_path, monkeypatch):
 def test_ctrl_c_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     """SIGINT reaches only process 1, during step 2: the whole job stops after step 2 together
     (process 0 saves that step's checkpoint) instead of process 0 training on alone."""
-    env = env_with_site_hook(tmp_path, (
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    import signal\n"
-        "    import torch\n"
-        "    import app.objective as objective\n"
-        "    original, calls = objective.smoothed_cross_entropy, [0]\n"
-        "    def loss(logits, targets, smoothing=0.0):\n"
-        "        if torch.is_grad_enabled():\n"
-        "            calls[0] += 1\n"
-        "            if calls[0] == 2:\n"
-        "                os.kill(os.getpid(), signal.SIGINT)\n"
-        "        return original(logits, targets, smoothing)\n"
-        "    objective.smoothed_cross_entropy = loss\n"))
+    env = env_with_site_hook(
+        tmp_path,
+        (
+            "import os\n"
+            "if os.environ.get('RANK') == '1':\n"
+            "    import signal\n"
+            "    import torch\n"
+            "    import app.objective as objective\n"
+            "    original, calls = objective.smoothed_cross_entropy, [0]\n"
+            "    def loss(logits, targets, smoothing=0.0):\n"
+            "        if torch.is_grad_enabled():\n"
+            "            calls[0] += 1\n"
+            "            if calls[0] == 2:\n"
+            "                os.kill(os.getpid(), signal.SIGINT)\n"
+            "        return original(logits, targets, smoothing)\n"
+            "    objective.smoothed_cross_entropy = loss\n"
+        ),
+    )
     data, out = image_folder(tmp_path / "data"), tmp_path / "runs"
-    job = torchrun_job(quick_run(data, out, "stop", *TWO, "train.max_steps=6", "train.val_every=100"),
-                       env=env)
+    job = torchrun_job(
+        quick_run(data, out, "stop", *TWO, "train.max_steps=6", "train.val_every=100"), env=env
+    )
     assert job.returncode != 0  # an interrupted job
     assert "stopped by SIGINT at step 2/6; checkpoint saved" in job.stderr, job.stderr[-3000:]
     assert "python -m app train --resume" in job.stderr
@@ -600,11 +724,34 @@ def test_finetune_over_two_processes(tmp_path, monkeypatch):
 
     data, out = image_folder(tmp_path / "data"), tmp_path / "runs"
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    assert cli(quick_run(data, out, "src", "train.micro_batch=8", "model.norm=batch",
-                         "model.proxy_norm=false", "train.max_steps=2")) == 0
-    job = torchrun_job(["finetune", "--checkpoint", str(out / "src"), "--device", "cpu", *TWO,
-                        "finetune.resolution=64", "finetune.trainable_from=blocks.6",
-                        "train.max_steps=2", f"log.out_dir={out}"])
+    assert (
+        cli(
+            quick_run(
+                data,
+                out,
+                "src",
+                "train.micro_batch=8",
+                "model.norm=batch",
+                "model.proxy_norm=false",
+                "train.max_steps=2",
+            )
+        )
+        == 0
+    )
+    job = torchrun_job(
+        [
+            "finetune",
+            "--checkpoint",
+            str(out / "src"),
+            "--device",
+            "cpu",
+            *TWO,
+            "finetune.resolution=64",
+            "finetune.trainable_from=blocks.6",
+            "train.max_steps=2",
+            f"log.out_dir={out}",
+        ]
+    )
     assert job.returncode == 0, job.stderr[-3000:]
     assert "--nproc_per_node=2" in job.stdout and "2 processes × 1 replica" in job.stdout
     assert sorted(p.name for p in out.iterdir()) == ["src", "src-finetune-64"]  # no stray report

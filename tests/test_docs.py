@@ -7,6 +7,7 @@
 * Every figure (a decimal number) quoted next to a report under benchmarks/results/ is a figure of
   that report: a section's paragraphs and tables after the one naming a report quote that report.
 """
+
 import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Set, Tuple
@@ -19,8 +20,10 @@ DOCS = ROOT / "docs"
 PAGES = [README] + sorted(DOCS.glob("*.md"))
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-CODE_PATH = re.compile(r"`((?:app|model|backends|ipu_options|experiments|benchmarks|tests|docs)"
-                       r"/[\w./-]*[\w/])`")
+CODE_PATH = re.compile(
+    r"`((?:app|model|backends|ipu_options|experiments|benchmarks|tests|docs)"
+    r"/[\w./-]*[\w/])`"
+)
 REPORT = re.compile(r"benchmarks/results/([\w.-]+\.md)")
 DECIMAL = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.]*\d)")
 HASH = r"(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b"  # hex with a letter and a digit
@@ -141,14 +144,21 @@ def test_quoted_figures_are_those_of_their_reports():
                 checked[r] = checked.get(r, 0) + 1
     assert not wrong, "\n".join(wrong)
     # The pages do quote the reports: the benchmark, input-pipeline, recipe and study figures.
-    assert {"cpu-goals-cpu.md", "quick-cpu.md", "data-cpu.md", "paper-digits-cpu.md",
-            "study-norms-digits-cpu.md"} <= set(checked)
+    assert {
+        "cpu-goals-cpu.md",
+        "quick-cpu.md",
+        "data-cpu.md",
+        "paper-digits-cpu.md",
+        "study-norms-digits-cpu.md",
+    } <= set(checked)
 
 
 def test_a_misquoted_figure_is_caught(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("## Measured\n\nFrom `benchmarks/results/paper-digits-cpu.md`: 99.44 % native.\n\n"
-                    "Half reaches 97.78 %, then 12.34 % elsewhere.\n\n## Other\n\nB0 at 1.5 px.\n")
+    page.write_text(
+        "## Measured\n\nFrom `benchmarks/results/paper-digits-cpu.md`: 99.44 % native.\n\n"
+        "Half reaches 97.78 %, then 12.34 % elsewhere.\n\n## Other\n\nB0 at 1.5 px.\n"
+    )
     figures = list(quoted_figures(page))
     assert [f for f, _ in figures] == ["99.44", "97.78", "12.34"]  # the last section names no report
     assert [in_report(f, "paper-digits-cpu.md") for f, _ in figures] == [True, True, False]

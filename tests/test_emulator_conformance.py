@@ -2,6 +2,7 @@
 follows (graphcore/poptorch, tag sdk/poptorch/3.4.0). PopTorch's own test suite runs on the
 emulator with `make conformance` (docs/emulator-conformance.md); these keep the behaviours
 in CI without it."""
+
 import io
 
 import pytest
@@ -143,8 +144,9 @@ def test_destroy_unwraps_so_the_model_can_be_wrapped_again():
 
 
 # ---------------------------------------------------------------- themes 6 and 7: fp16
-@pytest.mark.parametrize("act,weights,expected", [
-    (torch.half, torch.float, torch.half), (torch.float, torch.half, torch.float)])
+@pytest.mark.parametrize(
+    "act,weights,expected", [(torch.half, torch.float, torch.half), (torch.float, torch.half, torch.float)]
+)
 @pytest.mark.parametrize("layer", [lambda: nn.Linear(4, 3), lambda: nn.Conv1d(4, 3, 1)])
 def test_weights_follow_the_activations_type(layer, act, weights, expected):
     # castWeightAndBias (poptorch/source/Utils.cpp:354): the activation's type wins
@@ -300,8 +302,9 @@ def test_inputs_must_match_the_compiled_ones():
     x = torch.ones(2, 3)
     executor(x, y=x)
     executor(y=x, x=x)
-    with pytest.raises(poptorch.Error, match="Data type mismatch for x: expected torch.float32 "
-                                             "but got torch.int64"):
+    with pytest.raises(
+        poptorch.Error, match="Data type mismatch for x: expected torch.float32 but got torch.int64"
+    ):
         executor(x.long(), y=x)
     with pytest.raises(poptorch.Error, match="Type mismatch for y"):
         executor(x)  # y falls back to its default, None
@@ -368,8 +371,10 @@ def test_a_loaded_named_state_is_given_back_until_the_next_run(tmp_path):
     fresh.load_state_dict(saved)
     loaded = fresh.state_dict()
     assert all(torch.equal(loaded["ipu_state"][k], v) for k, v in saved["ipu_state"].items())
-    assert torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["exp_avg"],
-                       opt.state[opt.param_groups[0]["params"][0]]["exp_avg"])
+    assert torch.equal(
+        fresh.state[fresh.param_groups[0]["params"][0]]["exp_avg"],
+        opt.state[opt.param_groups[0]["params"][0]]["exp_avg"],
+    )
     step.setOptimizer(fresh)
     step(x, y)
     assert fresh.state_dict()["ipu_param"]["learningRate___specific___linear.bias"].item() == 0.5
@@ -381,8 +386,12 @@ def test_the_projects_earlier_checkpoint_form_still_loads():
     p = nn.Parameter(torch.ones(3))
     opt = poptorch.optim.SGD([p], lr=0.1, momentum=0.9)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
-    earlier = {"state": {}, "param_groups": opt.state_dict()["param_groups"],
-               "ipu_state": {0: {"momentum_buffer": torch.full((3,), 0.5)}}, "ipu_param": groups}
+    earlier = {
+        "state": {},
+        "param_groups": opt.state_dict()["param_groups"],
+        "ipu_state": {0: {"momentum_buffer": torch.full((3,), 0.5)}},
+        "ipu_param": groups,
+    }
     opt.load_state_dict(earlier)
     assert torch.equal(opt.state[p]["momentum_buffer"], torch.full((3,), 0.5))
     with pytest.raises(RuntimeError, match="Only IPU optimizer states"):
@@ -443,7 +452,8 @@ def test_cycle_counting_is_refused_off_hardware():
     with pytest.raises(poptorch.Error, match="only supported on actual IPU hardware"):
         run(data()[0])
     assert poptorch.inferenceModel(Regression(), poptorch.Options().logCycleCount(False))(
-        data()[0]).shape == (6, 3)
+        data()[0]
+    ).shape == (6, 3)
 
 
 def test_a_loss_no_weight_reaches_trains_without_a_backward_pass():

@@ -1,6 +1,7 @@
 """The eager fast paths (model/fast_paths.py) and the fused inference copy (model/inference.py)
 never change what the model computes: no cache outlives a weight, hooks see real layer outputs,
 torch.func transforms and second derivatives take the plain arithmetic or fail saying so."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,16 @@ VARIANTS = [("batch", False), ("layer", True)]
 
 def net(norm, proxy, seed=0):
     torch.manual_seed(seed)
-    m = build_model("b0", group_size=16, expand_ratio=4, norm=norm, proxy_norm=proxy, num_classes=5,
-                    dropout=0.0, drop_path=0.0)
+    m = build_model(
+        "b0",
+        group_size=16,
+        expand_ratio=4,
+        norm=norm,
+        proxy_norm=proxy,
+        num_classes=5,
+        dropout=0.0,
+        drop_path=0.0,
+    )
     with torch.no_grad():  # statistics away from their initial values, so a stale one shows
         for mod in m.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):

@@ -8,6 +8,7 @@ runs are not trained again), continues the interrupted one from its checkpoint w
 uninterrupted run's losses step for step, and ends with the uninterrupted command's results (the
 report's accuracy tables, the study's rows, timings and dates aside).
 """
+
 import json
 import re
 import signal
@@ -19,22 +20,48 @@ from faultkit import image_folder, losses, no_traceback, rng, run_app, subset
 pytestmark = pytest.mark.faults
 
 SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"]
-TINY = ["--config", "digits", "--device", "cpu", "data.workers=0", "model.expand_ratio=1",
-        "train.micro_batch=4", "train.max_steps=2", "train.log_every=1", "finetune.epochs=1",
-        "study.seeds=[0]"]
+TINY = [
+    "--config",
+    "digits",
+    "--device",
+    "cpu",
+    "data.workers=0",
+    "model.expand_ratio=1",
+    "train.micro_batch=4",
+    "train.max_steps=2",
+    "train.log_every=1",
+    "finetune.epochs=1",
+    "study.seeds=[0]",
+]
 # training steps of the whole command: 4 phases of 2 (paper, the resolution study), 2 cells of 2
 STEPS = {"paper": 8, "study groups": 4, "study resolution": 8}
 TIMING = ("Measured", "images/s", "training time", "Runs:")  # report lines that differ run to run
-ROW_TIMING = {"date", "load_before", "load_after", "train_seconds", "finetune_seconds", "total_seconds",
-              "images_per_s", "command"}
+ROW_TIMING = {
+    "date",
+    "load_before",
+    "load_after",
+    "train_seconds",
+    "finetune_seconds",
+    "total_seconds",
+    "images_per_s",
+    "command",
+}
 
 
 def command_args(command: str, data: Path, out: Path):
-    extra = {"paper": ["finetune.resolution=64", "log.name=p"],
-             "study groups": ["data.resolution=32", "study.variants=[G1 e6, G16 e4]"],
-             "study resolution": ["finetune.resolution=64"]}[command]
-    return [*command.split(), *TINY, f"data.dataset={data}", f"log.out_dir={out / 'runs'}",
-            f"study.out_dir={out / 'rows'}", *extra]
+    extra = {
+        "paper": ["finetune.resolution=64", "log.name=p"],
+        "study groups": ["data.resolution=32", "study.variants=[G1 e6, G16 e4]"],
+        "study resolution": ["finetune.resolution=64"],
+    }[command]
+    return [
+        *command.split(),
+        *TINY,
+        f"data.dataset={data}",
+        f"log.out_dir={out / 'runs'}",
+        f"study.out_dir={out / 'rows'}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ Each case asserts the README's promise for a user error: exit status 2 with a me
 the problem and the fix, no traceback, and nothing written (no run folder; a resumed run's files
 untouched) — or, for what is allowed, a run that goes on.
 """
+
 import dataclasses
 import io
 import os
@@ -23,8 +24,10 @@ from app.cli import main as cli
 from app.config import GLOBAL_BATCH_FIELDS, Config, build_config, dotted_fields, resume_may_change
 
 # the unreadable images here are deliberate: their warnings are expected, not failures to report
-pytestmark = [pytest.mark.faults,
-              pytest.mark.filterwarnings("ignore:skipped an unreadable image:RuntimeWarning")]
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.filterwarnings("ignore:skipped an unreadable image:RuntimeWarning"),
+]
 
 
 def run_cli(capsys, args):
@@ -94,11 +97,14 @@ def test_memory_proportions_per_pipeline_stage(tmp_path, capsys):
     assert code == 2 and "2 IPUs per replica" in err
 
 
-@pytest.mark.parametrize("argv,says", [
-    (["train", "--resume", "/nonexistent/run"], "no such path"),
-    (["validate", "--checkpoint", "/nonexistent/run"], "no such path"),
-    (["finetune", "--checkpoint", "/nonexistent/run"], "no such path"),
-])
+@pytest.mark.parametrize(
+    "argv,says",
+    [
+        (["train", "--resume", "/nonexistent/run"], "no such path"),
+        (["validate", "--checkpoint", "/nonexistent/run"], "no such path"),
+        (["finetune", "--checkpoint", "/nonexistent/run"], "no such path"),
+    ],
+)
 def test_a_missing_path_says_so(tmp_path, capsys, argv, says):
     code, _, err = run_cli(capsys, argv + [f"log.out_dir={tmp_path}"])
     assert code == 2 and says in err and argv[2] in err
@@ -115,10 +121,12 @@ def test_train_with_checkpoint_is_refused_naming_resume_and_init_from(trained, c
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def malicious_pickle(marker: Path) -> bytes:
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     buffer = io.BytesIO()
     torch.save({"step": 1, "model": Payload()}, buffer, pickle_protocol=pickle.HIGHEST_PROTOCOL)
     return buffer.getvalue()
@@ -129,7 +137,7 @@ def corrupted(kind: str, good: Path, tmp: Path, seed: int) -> bytes:
     torch file that is not a checkpoint, or a pickle that runs code when loaded."""
     data = good.read_bytes()
     if kind == "truncated":
-        return data[:rng("truncate", seed).randrange(1, len(data) - 1)]
+        return data[: rng("truncate", seed).randrange(1, len(data) - 1)]
     if kind == "zero bytes":
         return b""
     if kind == "wrong architecture":
@@ -140,15 +148,27 @@ def corrupted(kind: str, good: Path, tmp: Path, seed: int) -> bytes:
         return buffer.getvalue()
     if kind == "malicious pickle":
         return malicious_pickle(tmp / "pwned")
-    objects = {"a tensor": torch.zeros(3), "a dict": {"weights": [1, 2]}, "a list": [torch.ones(2)],
-               "a state dict": {"layer.weight": torch.ones(2, 2)}}
+    objects = {
+        "a tensor": torch.zeros(3),
+        "a dict": {"weights": [1, 2]},
+        "a list": [torch.ones(2)],
+        "a state dict": {"layer.weight": torch.ones(2, 2)},
+    }
     buffer = io.BytesIO()
     torch.save(objects[kind.split(": ")[1]], buffer)
     return buffer.getvalue()
 
 
-CORRUPTIONS = ["truncated", "zero bytes", "wrong architecture", "malicious pickle", "not ours: a tensor",
-               "not ours: a dict", "not ours: a list", "not ours: a state dict"]
+CORRUPTIONS = [
+    "truncated",
+    "zero bytes",
+    "wrong architecture",
+    "malicious pickle",
+    "not ours: a tensor",
+    "not ours: a dict",
+    "not ours: a list",
+    "not ours: a state dict",
+]
 CONSUMERS = ["train --resume", "validate --checkpoint", "finetune --checkpoint", "model.init_from"]
 CHECKPOINT_CASES = [(c, u, s) for s, (c, u) in enumerate((c, u) for c in CORRUPTIONS for u in CONSUMERS)]
 
@@ -165,11 +185,12 @@ def test_a_bad_checkpoint_is_a_clear_error(trained, tmp_path, capsys, kind, cons
     bad.write_bytes(corrupted(kind, run / "checkpoints" / "step-0000002.pt", tmp_path, seed))
     before = snapshot(bad_run)
     common = [f"data.dataset={data}", f"log.out_dir={tmp_path / 'runs'}"]
-    argv = {"train --resume": ["train", "--resume", str(bad), *common],
-            "validate --checkpoint": ["validate", "--checkpoint", str(bad), *common],
-            "finetune --checkpoint": ["finetune", "--checkpoint", str(bad), *common],
-            "model.init_from": ["train", "--config", str(run / "config.yaml"), f"model.init_from={bad}",
-                                *common]}[consumer]
+    argv = {
+        "train --resume": ["train", "--resume", str(bad), *common],
+        "validate --checkpoint": ["validate", "--checkpoint", str(bad), *common],
+        "finetune --checkpoint": ["finetune", "--checkpoint", str(bad), *common],
+        "model.init_from": ["train", "--config", str(run / "config.yaml"), f"model.init_from={bad}", *common],
+    }[consumer]
     code, _, err = run_cli(capsys, argv)
     if kind == "not ours: a state dict" and consumer == "model.init_from":
         assert code == 2 and "do not fit this model" in err  # weights, of another network
@@ -182,6 +203,7 @@ def test_a_bad_checkpoint_is_a_clear_error(trained, tmp_path, capsys, kind, cons
 
 
 # ----------------------------------------------------------------------------- datasets
+
 
 def bad_image(kind: str, path: Path) -> Path:
     """One image file of ``kind``; returns the path written (its name may differ)."""
@@ -221,8 +243,12 @@ def test_a_bad_image_is_skipped_or_read(tmp_path, capsys, kind, workers):
     for split in ("train", "val"):
         for c in (0, 1):
             bad_image(kind, data / split / f"class{c}" / "0000-odd.jpg")
-    code, _, _ = run_cli(capsys, run_args(data, out, "r", f"data.workers={workers}", "train.val_every=1",
-                                          "train.micro_batch=5", steps=3))
+    code, _, _ = run_cli(
+        capsys,
+        run_args(
+            data, out, "r", f"data.workers={workers}", "train.val_every=1", "train.micro_batch=5", steps=3
+        ),
+    )
     assert code == 0
     val = records(out / "r", "val")[-1]
     expected = 2 if kind in UNREADABLE else 0
@@ -255,8 +281,10 @@ def test_class_folders_without_training_images_are_refused(tmp_path, capsys, lay
 
 # ----------------------------------------------------------------------------- resume overrides
 
+
 def field_hints():
     """Every dotted field of the configuration with its type, from the dataclasses."""
+
     def walk(cls, prefix):
         for f in dataclasses.fields(cls):
             hint = typing.get_type_hints(cls)[f.name]
@@ -264,18 +292,34 @@ def field_hints():
                 yield from walk(hint, f"{prefix}{f.name}.")
             else:
                 yield f"{prefix}{f.name}", hint
+
     return dict(walk(Config, ""))
 
 
 # Text fields take one of a few values: candidates to change them to (the first valid one is used).
 TEXT_CHOICES = {
-    "device": ["auto"], "model.name": ["b1"], "model.norm": ["group", "batch"], "model.init_source": ["timm"],
-    "model.init_from": ["weights.pt"], "data.dataset": ["generated"], "optim.name": ["rmsprop", "sgd"],
-    "schedule.name": ["exponential", "step"], "train.precision": ["bf16"], "finetune.checkpoint": ["x"],
-    "finetune.trainable_from": ["blocks.5"], "log.name": ["renamed"], "log.out_dir": ["elsewhere"],
-    "log.wandb_mode": ["offline"], "log.wandb_project": ["other"], "ipu.precision": ["32.32"],
-    "ipu.partials": ["float"], "ipu.reduction": ["sum"], "ipu.output_mode": ["final"],
-    "ipu.executable_cache": ["cache"], "ipu.pipeline": [{"blocks.3": 1}], "dist.rdzv_endpoint": ["h:1"],
+    "device": ["auto"],
+    "model.name": ["b1"],
+    "model.norm": ["group", "batch"],
+    "model.init_source": ["timm"],
+    "model.init_from": ["weights.pt"],
+    "data.dataset": ["generated"],
+    "optim.name": ["rmsprop", "sgd"],
+    "schedule.name": ["exponential", "step"],
+    "train.precision": ["bf16"],
+    "finetune.checkpoint": ["x"],
+    "finetune.trainable_from": ["blocks.5"],
+    "log.name": ["renamed"],
+    "log.out_dir": ["elsewhere"],
+    "log.wandb_mode": ["offline"],
+    "log.wandb_project": ["other"],
+    "ipu.precision": ["32.32"],
+    "ipu.partials": ["float"],
+    "ipu.reduction": ["sum"],
+    "ipu.output_mode": ["final"],
+    "ipu.executable_cache": ["cache"],
+    "ipu.pipeline": [{"blocks.3": 1}],
+    "dist.rdzv_endpoint": ["h:1"],
     "ipu.loss_scaling": ["auto"],
 }
 # Fields the matrix does not change on a resume, and why.
@@ -355,8 +399,10 @@ def test_the_global_batch_may_be_made_another_way_on_resume(tmp_path, trained, c
 
     copy = tmp_path / "run"
     shutil.copytree(trained[2], copy)
-    code, _, err = run_cli(capsys, ["train", "--resume", str(copy), "train.micro_batch=2",
-                                    "train.grad_accum=2", "train.max_steps=3"])
+    code, _, err = run_cli(
+        capsys,
+        ["train", "--resume", str(copy), "train.micro_batch=2", "train.grad_accum=2", "train.max_steps=3"],
+    )
     assert code == 0, err
     assert [r["step"] for r in records(copy, "train")][-1] == 3
 

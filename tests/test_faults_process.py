@@ -7,6 +7,7 @@ writes) and asserts the README's promises: the documented exit status, no traceb
 complete checkpoint loads, no partial file outlives a resume, and the resumed run's losses and
 final weights equal the uninterrupted run's, step for step.
 """
+
 import signal
 import subprocess
 import sys
@@ -143,8 +144,9 @@ def test_best_is_repaired_after_a_kill_between_the_two_renames(world, tmp_path):
     args = run_args(data, out, "r", steps=2)
     count = count_write_events(args, tmp_path)  # two files: step-2.pt, best.pt
     kill_at = count // 2  # the last event of the first file: its rename
-    job = run_app(run_args(data, tmp_path / "killed", "r", steps=2), tmp_path, at_event=kill_at,
-                  event_action="kill")
+    job = run_app(
+        run_args(data, tmp_path / "killed", "r", steps=2), tmp_path, at_event=kill_at, event_action="kill"
+    )
     assert job.returncode == -signal.SIGKILL
     run = tmp_path / "killed" / "r"
     assert newest_checkpoint_loads(run) == 2 and not (run / "checkpoints" / "best.pt").exists()
@@ -175,8 +177,9 @@ def test_stale_partial_files_are_removed_on_resume_only_when_their_writer_is_dea
     job = run_app(run_args(data, out, "r", steps=2), tmp_path)
     assert job.returncode == 0
     folder = out / "r" / "checkpoints"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     (folder / f".step-0000004.pt.tmp-{dead}").write_bytes(b"partial")
     (folder / f".best.pt.tmp-{dead}").write_bytes(b"partial")
     alive = folder / ".step-0000009.pt.tmp-1"  # pid 1 never ends
@@ -220,9 +223,14 @@ def test_two_resumes_of_one_run_cannot_both_proceed(world, tmp_path):
     assert run_app(run_args(data, out, "r", steps=2), tmp_path).returncode == 0
     run = out / "r"
     slow = child_env(tmp_path, at_step=1, action="sleep")  # a second per step: it holds the run
-    first = subprocess.Popen(["nice", sys.executable, "-m", "app", "train", "--resume", str(run),
-                              "train.max_steps=12"], cwd=ROOT, env=slow,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        ["nice", sys.executable, "-m", "app", "train", "--resume", str(run), "train.max_steps=12"],
+        cwd=ROOT,
+        env=slow,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert wait_for(lambda: records(run, "resume") != [], timeout=120)
         second = run_app(["train", "--resume", str(run), "train.max_steps=12"], tmp_path)
@@ -240,12 +248,14 @@ def test_two_resumes_of_one_run_cannot_both_proceed(world, tmp_path):
 
 # ----------------------------------------------------------------------------- two processes
 
+
 def two_process_cases():
     """(who is signalled, signal, step, rank whose hook acts): a training process, or the launcher
     (signalled from inside the job at that step, as a scheduler would)."""
     cases = []
-    for i, (target, sig) in enumerate([("launcher", "SIGTERM"), ("worker", "SIGTERM"), ("worker", "SIGINT"),
-                                       ("launcher", "SIGINT")]):
+    for i, (target, sig) in enumerate(
+        [("launcher", "SIGTERM"), ("worker", "SIGTERM"), ("worker", "SIGINT"), ("launcher", "SIGINT")]
+    ):
         r = rng("two", i)
         cases.append((target, sig, r.randint(1, STEPS - 1), r.randint(0, 1)))
     return cases
@@ -257,8 +267,9 @@ def test_two_processes_stop_in_order_and_resume_exactly(world, tmp_path, target,
     data, _, _ = world
     out = tmp_path / "runs"
     action = sig if target == "worker" else f"launcher-{sig}"
-    job = run_app(run_args(data, out, "r", *TWO, steps=STEPS), tmp_path, at_step=step, action=action,
-                  rank=rank)
+    job = run_app(
+        run_args(data, out, "r", *TWO, steps=STEPS), tmp_path, at_step=step, action=action, rank=rank
+    )
     assert job.returncode == 128 + getattr(signal, sig), job.stderr[-3000:]
     no_traceback(job)
     stop = stopped_at(job.stderr, sig)
@@ -279,8 +290,14 @@ def test_kill_9_in_a_two_process_job(world, tmp_path, victim):
     pids.mkdir()
     step = rng("kill-two", victim).randint(3, STEPS - 1)
     action = "launcher-kill" if victim == "launcher" else "kill"
-    job = run_app(run_args(data, out, "r", *TWO, steps=40), tmp_path, at_step=step, action=action,
-                  rank=rng("kill-two-rank", victim).randint(0, 1), pid_dir=str(pids))
+    job = run_app(
+        run_args(data, out, "r", *TWO, steps=40),
+        tmp_path,
+        at_step=step,
+        action=action,
+        rank=rng("kill-two-rank", victim).randint(0, 1),
+        pid_dir=str(pids),
+    )
     assert all_ended(pids), "a process of the job is still running"
     if victim == "launcher":
         assert job.returncode == -signal.SIGKILL

@@ -9,6 +9,7 @@ user error, a message naming the file, the cause and the way on, nothing the use
 no partial file left, every checkpoint left loads, and a resumed run's losses equal the
 uninterrupted run's, step for step.
 """
+
 import errno
 import json
 import os
@@ -53,8 +54,17 @@ def world(tmp_path_factory):
             elif name == "short":
                 args = run_args(data, tmp / "refs", "short", steps=SHORT)
             else:
-                args = ["finetune", "--checkpoint", str(get("ref")), "--device", "cpu", "data.workers=0",
-                        f"log.out_dir={tmp / 'refs'}", "log.name=ft", *FT]
+                args = [
+                    "finetune",
+                    "--checkpoint",
+                    str(get("ref")),
+                    "--device",
+                    "cpu",
+                    "data.workers=0",
+                    f"log.out_dir={tmp / 'refs'}",
+                    "log.name=ft",
+                    *FT,
+                ]
             job = run_app(args, tmp)
             assert job.returncode == 0, job.stderr[-3000:]
             made[name] = tmp / "refs" / ("ft" if name == "ft" else name)
@@ -106,21 +116,52 @@ def command_args(command, world, out: Path, name: str):
     if command == "train":
         return run_args(data, out, name, steps=STEPS)
     if command == "finetune":
-        return ["finetune", "--checkpoint", str(get("ref")), "--device", "cpu", "data.workers=0",
-                f"log.out_dir={out}", f"log.name={name}", *FT]
+        return [
+            "finetune",
+            "--checkpoint",
+            str(get("ref")),
+            "--device",
+            "cpu",
+            "data.workers=0",
+            f"log.out_dir={out}",
+            f"log.name={name}",
+            *FT,
+        ]
     if command == "validate":
         run = out / name
         shutil.copytree(get("ref"), run)
-        return ["validate", "--checkpoint", str(run), "--device", "cpu", "data.workers=0",
-                "--resolutions", "32,64"]
-    return ["study", "groups", "--config", "digits", "--device", "cpu", f"data.dataset={data}",
-            "data.resolution=32", "data.workers=0", "train.micro_batch=4", "train.max_steps=2",
-            "study.seeds=[0]", "study.variants=[G16 e4]", f"study.out_dir={out / name}",
-            f"log.out_dir={out / name / 'runs'}"]
+        return [
+            "validate",
+            "--checkpoint",
+            str(run),
+            "--device",
+            "cpu",
+            "data.workers=0",
+            "--resolutions",
+            "32,64",
+        ]
+    return [
+        "study",
+        "groups",
+        "--config",
+        "digits",
+        "--device",
+        "cpu",
+        f"data.dataset={data}",
+        "data.resolution=32",
+        "data.workers=0",
+        "train.micro_batch=4",
+        "train.max_steps=2",
+        "study.seeds=[0]",
+        "study.variants=[G16 e4]",
+        f"study.out_dir={out / name}",
+        f"log.out_dir={out / name / 'runs'}",
+    ]
 
 
-@pytest.mark.parametrize("site,how", subset(write_cases(), 1),
-                         ids=lambda v: v[0] if isinstance(v, tuple) else v)
+@pytest.mark.parametrize(
+    "site,how", subset(write_cases(), 1), ids=lambda v: v[0] if isinstance(v, tuple) else v
+)
 def test_a_failed_write_is_a_clear_error_and_loses_nothing(world, tmp_path, site, how):
     """Exit 2, no traceback, the message names the file, the cause, what is whole and (for a
     training run) the resume command; no partial file; checkpoints load; the log is whole. A
@@ -139,8 +180,11 @@ def test_a_failed_write_is_a_clear_error_and_loses_nothing(world, tmp_path, site
         if label == "config.yaml" and how != "vanish":
             assert not (out / "r").exists()  # no run folder without its config.yaml
         return
-    assert "Still whole:" in job.stderr and "Then continue with: " in job.stderr \
+    assert (
+        "Still whole:" in job.stderr
+        and "Then continue with: " in job.stderr
         and "python -m app train --resume" in job.stderr
+    )
     if how == "vanish":
         assert "nothing was lost on disk" in job.stderr and not (out / "r").exists()
         moved.rename(out / "r")  # the user puts the folder back
@@ -168,6 +212,7 @@ def test_runs_being_a_file_is_refused_before_any_work(world, tmp_path):
 
 
 # ----------------------------------------------------------------------------- signals
+
 
 def signal_cases():
     """Each command × each stop signal, but train × SIGINT / SIGTERM: those are the family "signals,
@@ -212,6 +257,7 @@ def test_every_stop_signal_ends_every_command_the_same_way(world, tmp_path, comm
 
 # ----------------------------------------------------------------------------- fine-tuning
 
+
 def test_kill_9_during_finetuning_leaves_a_checkpoint_at_the_interval(world, tmp_path):
     """train.checkpoint_every bounds the work a kill -9 loses, fine-tuning included; the resumed
     fine-tuning repeats the uninterrupted one's losses and writes its report once."""
@@ -241,12 +287,16 @@ def test_a_val_every_given_to_finetune_is_honoured(world, tmp_path):
     out = tmp_path / "out"
     job = run_app(command_args("finetune", world, out, "r") + ["train.val_every=0.5"], tmp_path)
     assert job.returncode == 0, job.stderr[-3000:]
-    steps = [json.loads(line)["step"] for line in (out / "r" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "val"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "r" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "val"
+    ]
     assert len(steps) > 1 and steps[-1] == 4, steps
 
 
 # ----------------------------------------------------------------------------- a torn last line
+
 
 def torn_cases():
     return [rng("torn", i).randint(1, 120) for i in range(2)]
@@ -270,8 +320,12 @@ def test_a_torn_last_line_is_removed_on_resume_and_every_record_kept(world, tmp_
 
 # ----------------------------------------------------------------------------- an edited config.yaml
 
-EDITS = [("model", "name", "b1"), ("model", "group_size", 1), ("optim", "name", "sgd"),
-         ("data", "resolution", 64)]
+EDITS = [
+    ("model", "name", "b1"),
+    ("model", "group_size", 1),
+    ("optim", "name", "sgd"),
+    ("data", "resolution", 64),
+]
 
 
 def edit_cases():
@@ -323,8 +377,10 @@ def test_a_symbolic_link_loop_in_the_data_is_named(tmp_path, split, what):
 def test_batch_norm_on_one_value_is_refused_before_any_run_folder(world, tmp_path):
     data, _ = world
     out = tmp_path / "runs"
-    job = run_app(run_args(data, out, "r", "train.micro_batch=1", "model.norm=batch",
-                           "model.proxy_norm=false"), tmp_path)
+    job = run_app(
+        run_args(data, out, "r", "train.micro_batch=1", "model.norm=batch", "model.proxy_norm=false"),
+        tmp_path,
+    )
     assert job.returncode == 2 and "train.micro_batch=1" in job.stderr, job.stderr[-2000:]
     no_traceback(job)
     assert not out.exists() or not any(out.iterdir())

@@ -1,6 +1,7 @@
 """Fine-tuning: freezing (frozen parameters and statistics bit-identical after training), batch-norm
 recalibration (only running statistics change, to the exact batch statistics), and a tiny
 end-to-end finetune."""
+
 import contextlib
 import io
 
@@ -124,8 +125,15 @@ def test_training_images_with_validation_preprocessing():
 
 # ----------------------------------------------------------------------------- end to end
 
-QUICK = ["--device", "cpu", "data.workers=0", "train.micro_batch=8", "train.log_every=1",
-         "model.norm=batch", "model.proxy_norm=false"]
+QUICK = [
+    "--device",
+    "cpu",
+    "data.workers=0",
+    "train.micro_batch=8",
+    "train.log_every=1",
+    "model.norm=batch",
+    "model.proxy_norm=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +145,20 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     console = io.StringIO()
     with contextlib.redirect_stdout(console):
-        code = cli(["train", "--config", "digits", *QUICK, "data.resolution=32",
-                    "data.val_resolutions=[32,40]", "train.max_steps=2", "train.val_every=100",
-                    "log.name=src", f"log.out_dir={out}"])
+        code = cli(
+            [
+                "train",
+                "--config",
+                "digits",
+                *QUICK,
+                "data.resolution=32",
+                "data.val_resolutions=[32,40]",
+                "train.max_steps=2",
+                "train.val_every=100",
+                "log.name=src",
+                f"log.out_dir={out}",
+            ]
+        )
     assert code == 0, console.getvalue()[-2000:]
     return out, out / "src", console.getvalue()
 
@@ -157,8 +176,17 @@ def test_tiny_finetune_end_to_end(trained, monkeypatch, capsys):
 
     monkeypatch.setattr(app.finetune, "RECALIBRATION_IMAGES", 16)  # 2 batches are enough here
     out, source, _ = trained
-    code = cli(["finetune", "--checkpoint", str(source), *QUICK, "finetune.resolution=64",
-                "train.max_steps=2", f"log.out_dir={out}"])
+    code = cli(
+        [
+            "finetune",
+            "--checkpoint",
+            str(source),
+            *QUICK,
+            "finetune.resolution=64",
+            "train.max_steps=2",
+            f"log.out_dir={out}",
+        ]
+    )
     console = capsys.readouterr().out
     assert code == 0, console[-2000:]
     run = out / "src-finetune-64"
@@ -184,8 +212,16 @@ def test_finetune_rejects_an_unknown_layer_before_any_work(trained, capsys):
 
     out, source, _ = trained
     before = sorted(p.name for p in out.iterdir())
-    code = cli(["finetune", "--checkpoint", str(source), *QUICK, "finetune.trainable_from=blocks.9",
-                f"log.out_dir={out}"])
+    code = cli(
+        [
+            "finetune",
+            "--checkpoint",
+            str(source),
+            *QUICK,
+            "finetune.trainable_from=blocks.9",
+            f"log.out_dir={out}",
+        ]
+    )
     assert code == 2
     assert "finetune.trainable_from='blocks.9' is not a layer of b0" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before  # no run folder made
@@ -211,14 +247,33 @@ def test_paper_recipe_end_to_end_writes_one_report(tmp_path, monkeypatch, capsys
     from experiments.cli import main as cli
 
     monkeypatch.setattr(experiments.paper, "SWEEP_POINTS", 3)
-    code = cli(["paper", "--config", "digits", "--device", "cpu", "data.dataset=synthetic",
-                "data.synthetic_images=16", "train.micro_batch=8", "train.max_steps=1",
-                "finetune.resolution=64", "log.name=paper", f"log.out_dir={tmp_path}"])
+    code = cli(
+        [
+            "paper",
+            "--config",
+            "digits",
+            "--device",
+            "cpu",
+            "data.dataset=synthetic",
+            "data.synthetic_images=16",
+            "train.micro_batch=8",
+            "train.max_steps=1",
+            "finetune.resolution=64",
+            "log.name=paper",
+            f"log.out_dir={tmp_path}",
+        ]
+    )
     console = capsys.readouterr().out
     assert code == 0, console[-3000:]
     folder = tmp_path / "paper"
-    assert {p.name for p in folder.iterdir()} >= {"native", "half", "native-finetune", "half-finetune",
-                                                  "report.md", "sweep.png"}
+    assert {p.name for p in folder.iterdir()} >= {
+        "native",
+        "half",
+        "native-finetune",
+        "half-finetune",
+        "report.md",
+        "sweep.png",
+    }
     report = (folder / "report.md").read_text()
     assert "Native resolution 64, half 32" in report
     assert "| top-1 at 64 (%) |" in report and "| training images/s |" in report
@@ -271,8 +326,16 @@ def test_interrupted_finetune_resumes_with_its_layers_frozen(trained, monkeypatc
 
     monkeypatch.setattr(app.finetune, "RECALIBRATION_IMAGES", 16)
     out, source, _ = trained
-    args = ["finetune", "--checkpoint", str(source), *QUICK, "finetune.resolution=64",
-            "train.max_steps=3", "model.drop_path=0.2", f"log.out_dir={out}"]
+    args = [
+        "finetune",
+        "--checkpoint",
+        str(source),
+        *QUICK,
+        "finetune.resolution=64",
+        "train.max_steps=3",
+        "model.drop_path=0.2",
+        f"log.out_dir={out}",
+    ]
     assert cli(args + ["log.name=ft-full"]) == 0
     with monkeypatch.context() as m:
         interrupt_at(m, 2)

@@ -17,6 +17,7 @@ And no component reads another's part of the run configuration: the device layer
 ipu_options/) takes specs (backends/specs.py, ipu_options/specs.py, built in app/specs.py), never
 the configuration or a section of it; the data layer never reads its ``ipu`` section.
 """
+
 import ast
 import dataclasses
 from pathlib import Path
@@ -36,8 +37,9 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
-def imported_names(source: str, module: str, is_package: bool,
-                   is_module: Callable[[str], bool] = lambda name: False) -> Set[str]:
+def imported_names(
+    source: str, module: str, is_package: bool, is_module: Callable[[str], bool] = lambda name: False
+) -> Set[str]:
     """Absolute names of everything ``source`` imports; relative imports resolved against
     ``module``. ``from X import Y`` gives X.Y (Y may be a module) and X, unless every name it
     imports is a module (``is_module``): then what it runs of X's ``__init__`` is X's own business,
@@ -50,7 +52,7 @@ def imported_names(source: str, module: str, is_package: bool,
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             named = {f"{base}.{alias.name}" for alias in node.names}
             names.update(named)
@@ -64,8 +66,9 @@ def project_graph(root: Path = ROOT, packages: Iterable[str] = PACKAGES) -> Dict
     files = {module_name(p, root): p for pkg in packages for p in (root / pkg).rglob("*.py")}
     graph = {}
     for name, path in files.items():
-        targets = imported_names(path.read_text(encoding="utf-8"), name, path.name == "__init__.py",
-                                 is_module=files.__contains__)
+        targets = imported_names(
+            path.read_text(encoding="utf-8"), name, path.name == "__init__.py", is_module=files.__contains__
+        )
         graph[name] = {t for t in targets if t in files and t != name}
     return graph
 
@@ -82,19 +85,36 @@ def layer(module: str) -> str:
 NATIVE_BACKEND = "backends.native"
 RULES: List[Tuple[str, Callable[[str], bool], Tuple[str, ...]]] = [
     # (what the rule says, which importing files, forbidden targets (layers))
-    ("model/ imports nothing of the project", lambda m: top(m) == "model",
-     ("app", "backends", "benchmarks", "experiments", "ipu_options", EMULATOR)),
-    ("the backend contract imports only itself",
-     lambda m: top(m) == "backends" and m != NATIVE_BACKEND,
-     ("app", "benchmarks", "experiments", "ipu_options", EMULATOR, "model")),
-    ("the device layer imports no module of the application",
-     lambda m: top(m) == "ipu_options" or m == NATIVE_BACKEND, ("app", "benchmarks", "experiments")),
-    ("the native backend does not reach the IPU layer", lambda m: m == NATIVE_BACKEND,
-     ("ipu_options", EMULATOR)),
-    ("the emulator imports neither the application, nor model/, nor the IPU layer",
-     lambda m: layer(m) == EMULATOR, ("app", "benchmarks", "experiments", "ipu_options", "model")),
-    ("the application imports nothing of experiments/ or benchmarks/", lambda m: top(m) == "app",
-     ("benchmarks", "experiments")),
+    (
+        "model/ imports nothing of the project",
+        lambda m: top(m) == "model",
+        ("app", "backends", "benchmarks", "experiments", "ipu_options", EMULATOR),
+    ),
+    (
+        "the backend contract imports only itself",
+        lambda m: top(m) == "backends" and m != NATIVE_BACKEND,
+        ("app", "benchmarks", "experiments", "ipu_options", EMULATOR, "model"),
+    ),
+    (
+        "the device layer imports no module of the application",
+        lambda m: top(m) == "ipu_options" or m == NATIVE_BACKEND,
+        ("app", "benchmarks", "experiments"),
+    ),
+    (
+        "the native backend does not reach the IPU layer",
+        lambda m: m == NATIVE_BACKEND,
+        ("ipu_options", EMULATOR),
+    ),
+    (
+        "the emulator imports neither the application, nor model/, nor the IPU layer",
+        lambda m: layer(m) == EMULATOR,
+        ("app", "benchmarks", "experiments", "ipu_options", "model"),
+    ),
+    (
+        "the application imports nothing of experiments/ or benchmarks/",
+        lambda m: top(m) == "app",
+        ("benchmarks", "experiments"),
+    ),
     ("experiments/ import nothing of benchmarks/", lambda m: top(m) == "experiments", ("benchmarks",)),
 ]
 
@@ -175,8 +195,13 @@ def lazy_project_imports(source: str, project: Iterable[str] = PACKAGES) -> List
     for function in ast.walk(ast.parse(source)):
         if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for node in ast.walk(function):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module or "."] if isinstance(node, ast.ImportFrom) else []
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or "."]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 if any(n == "." or top(n) in project for n in names) or getattr(node, "level", 0):
                     lines.append(node.lineno)
     return sorted(set(lines))
@@ -184,9 +209,11 @@ def lazy_project_imports(source: str, project: Iterable[str] = PACKAGES) -> List
 
 def test_the_project_imports_itself_at_module_level():
     assert lazy_project_imports("def f():\n    from app import x\n    import numpy\n") == [2]
-    found = {str(p.relative_to(ROOT)): lazy_project_imports(p.read_text(encoding="utf-8"))
-             for pkg in ("app", "backends", "experiments", "ipu_options", "model")
-             for p in (ROOT / pkg).rglob("*.py")}
+    found = {
+        str(p.relative_to(ROOT)): lazy_project_imports(p.read_text(encoding="utf-8"))
+        for pkg in ("app", "backends", "experiments", "ipu_options", "model")
+        for p in (ROOT / pkg).rglob("*.py")
+    }
     assert {path: lines for path, lines in found.items() if lines} == {}
 
 
@@ -194,8 +221,11 @@ def configuration_sections() -> Dict[str, Set[str]]:
     """Each section of the run configuration (``Config``'s dataclass fields) and its field names."""
     from app.config import Config
 
-    return {f.name: {g.name for g in dataclasses.fields(f.type)}
-            for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type)}
+    return {
+        f.name: {g.name for g in dataclasses.fields(f.type)}
+        for f in dataclasses.fields(Config)
+        if dataclasses.is_dataclass(f.type)
+    }
 
 
 def annotation_name(node: Optional[ast.expr]) -> str:
@@ -214,8 +244,11 @@ def configuration_reads(source: str, sections: Dict[str, Set[str]]) -> Set[str]:
     ``ipu`` section's own declaration, which only validates itself)."""
     found: Set[str] = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
-                and node.attr in sections.get(node.value.attr, ()):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.attr in sections.get(node.value.attr, ())
+        ):
             found.add(f"{node.value.attr}.{node.attr}")
         elif isinstance(node, ast.arg):
             annotation = annotation_name(node.annotation)
@@ -229,11 +262,15 @@ def test_components_read_only_their_own_configuration():
     configuration or a section of it; the data layer never reads the ``ipu`` section."""
     sections = configuration_sections()
     assert {"train", "optim", "model", "data", "ipu", "log", "dist"} <= set(sections)
-    reads = {module_name(p, ROOT): configuration_reads(p.read_text(encoding="utf-8"), sections)
-             for folder in ("backends", "ipu_options", "app/data") for p in (ROOT / folder).rglob("*.py")}
+    reads = {
+        module_name(p, ROOT): configuration_reads(p.read_text(encoding="utf-8"), sections)
+        for folder in ("backends", "ipu_options", "app/data")
+        for p in (ROOT / folder).rglob("*.py")
+    }
     assert {m: r for m, r in reads.items() if top(m) in ("backends", "ipu_options") and r} == {}
-    assert {m: r for m, r in reads.items() if m.startswith("app.data") and any(
-        x.startswith("ipu.") for x in r)} == {}
+    assert {
+        m: r for m, r in reads.items() if m.startswith("app.data") and any(x.startswith("ipu.") for x in r)
+    } == {}
 
 
 def test_the_configuration_check_sees_every_spelling():
@@ -241,26 +278,42 @@ def test_the_configuration_check_sees_every_spelling():
     caught = configuration_reads(
         "def f(run, config, spec: 'RunConfig'):\n"
         "    return run.train.micro_batch, self.cfg.ipu.precision, getattr(run.optim, 'name')\n",
-        sections)
-    assert caught == {"train.micro_batch", "ipu.precision", "parameter config: ?",
-                      "parameter spec: RunConfig"}
+        sections,
+    )
+    assert caught == {
+        "train.micro_batch",
+        "ipu.precision",
+        "parameter config: ?",
+        "parameter spec: RunConfig",
+    }
     # what the device layer legitimately writes is not mistaken for a section read
-    assert configuration_reads("def f(ipu: IpuSpec, batch):\n    return torch.optim.Optimizer, "
-                               "classifier.model.state_dict(), p.data.float(), ipu.precision\n",
-                               sections) == set()
+    assert (
+        configuration_reads(
+            "def f(ipu: IpuSpec, batch):\n    return torch.optim.Optimizer, "
+            "classifier.model.state_dict(), p.data.float(), ipu.precision\n",
+            sections,
+        )
+        == set()
+    )
 
 
 def test_the_checks_catch_what_they_forbid(tmp_path):
     """The same checks on a made-up project: an upward import, lazy and relative imports, a circle
     across folders and one inside a folder."""
     files = {
-        "model/__init__.py": "", "model/net.py": "from app.cfg import X\n",
-        "app/__init__.py": "", "app/cfg.py": "def f():\n    from ipu_options import dev\n",
-        "app/a.py": "from app import b\n", "app/b.py": "def g():\n    from . import a\n",
-        "ipu_options/__init__.py": "", "ipu_options/dev.py": "from ..app import cfg\n",
+        "model/__init__.py": "",
+        "model/net.py": "from app.cfg import X\n",
+        "app/__init__.py": "",
+        "app/cfg.py": "def f():\n    from ipu_options import dev\n",
+        "app/a.py": "from app import b\n",
+        "app/b.py": "def g():\n    from . import a\n",
+        "ipu_options/__init__.py": "",
+        "ipu_options/dev.py": "from ..app import cfg\n",
         "ipu_options/emulator/__init__.py": "from . import core\n",
         "ipu_options/emulator/core.py": "from ipu_options import dev\n",
-        "backends/__init__.py": "", "benchmarks/__init__.py": "", "experiments/__init__.py": "",
+        "backends/__init__.py": "",
+        "benchmarks/__init__.py": "",
+        "experiments/__init__.py": "",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -268,9 +321,10 @@ def test_the_checks_catch_what_they_forbid(tmp_path):
     fake = project_graph(tmp_path)
     found = violations(fake)
     assert "model/ imports nothing of the project: model.net imports app.cfg" in found
-    assert "the device layer imports no module of the application: ipu_options.dev imports app.cfg" \
-        in found
-    assert ("the emulator imports neither the application, nor model/, nor the IPU layer: "
-            "ipu_options.emulator.core imports ipu_options.dev") in found
+    assert "the device layer imports no module of the application: ipu_options.dev imports app.cfg" in found
+    assert (
+        "the emulator imports neither the application, nor model/, nor the IPU layer: "
+        "ipu_options.emulator.core imports ipu_options.dev"
+    ) in found
     assert fake["ipu_options.emulator"] == {"ipu_options.emulator.core"}
     assert cycles(fake) == [["app.a", "app.b"], ["app.cfg", "ipu_options.dev"]]

@@ -1,5 +1,6 @@
 """The PopTorch emulator reproduces IPU batching, reductions, outputs, pipelining rules,
 recomputation and fp16 rounding."""
+
 import copy
 
 import pytest
@@ -33,13 +34,22 @@ def graph_arithmetic():
     two agree to the last bits that reduction order allows (the eager fast paths' hand-written
     backwards round differently)."""
     from model.fast_paths import eager_fast_paths
+
     with eager_fast_paths(False):
         yield
 
 
 def tiny(norm="layer", proxy=True):
-    return build_model("b0", group_size=16, expand_ratio=4, norm=norm, proxy_norm=proxy,
-                       num_classes=5, dropout=0.0, drop_path=0.0)
+    return build_model(
+        "b0",
+        group_size=16,
+        expand_ratio=4,
+        norm=norm,
+        proxy_norm=proxy,
+        num_classes=5,
+        dropout=0.0,
+        drop_path=0.0,
+    )
 
 
 def options(replicas=2, ga=3, di=1, reduction=poptorch.ReductionType.Mean):
@@ -84,7 +94,7 @@ def test_batch_norm_uses_per_micro_batch_statistics():
     grads = [torch.zeros_like(p) for p in explicit.parameters()]
     for i in range(6):
         explicit.zero_grad()
-        F.cross_entropy(explicit(x[2 * i:2 * i + 2]), y[2 * i:2 * i + 2]).backward()
+        F.cross_entropy(explicit(x[2 * i : 2 * i + 2]), y[2 * i : 2 * i + 2]).backward()
         grads = [g + p.grad / 6 for g, p in zip(grads, explicit.parameters())]
     with torch.no_grad():
         for p, g in zip(explicit.parameters(), grads):
@@ -215,12 +225,13 @@ def test_recomputation_drops_stored_activations_and_keeps_gradients():
     step(x, y)
     assert max_diff(plain, rec) <= 1e-5
     # recomputation did not update batch-norm running statistics twice
-    assert torch.allclose(plain.blocks[3][0].spatial.norm.running_mean,
-                          rec.blocks[3][0].spatial.norm.running_mean, atol=1e-6)
+    assert torch.allclose(
+        plain.blocks[3][0].spatial.norm.running_mean, rec.blocks[3][0].spatial.norm.running_mean, atol=1e-6
+    )
 
 
 def test_stochastic_rounding_is_unbiased_and_on_the_fp16_grid():
-    x = torch.full((200000,), 1.0 + 2.0 ** -12)  # a quarter of the way from 1 to the next fp16
+    x = torch.full((200000,), 1.0 + 2.0**-12)  # a quarter of the way from 1 to the next fp16
     r = stochastic_round_half(x)
     assert torch.equal(r.half().float(), r)
     assert abs(r.mean().item() - x[0].item()) < 2e-5
@@ -248,10 +259,11 @@ def test_automatic_loss_scaling_backs_off_on_overflow():
     model = WithLoss(net)
     opts = options(1, 1)
     opts.Training.setAutomaticLossScaling(True)
-    step = poptorch.trainingModel(model, opts, poptorch.optim.SGD(model.parameters(), lr=0.0,
-                                                                  loss_scaling=2.0 ** 40))
+    step = poptorch.trainingModel(
+        model, opts, poptorch.optim.SGD(model.parameters(), lr=0.0, loss_scaling=2.0**40)
+    )
     step(x.half(), y)
-    assert step.loss_scale < 2.0 ** 40
+    assert step.loss_scale < 2.0**40
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
@@ -266,8 +278,9 @@ def test_options_setters_return_self_and_dataloader_combines_batches():
 
 def test_optimisers_accept_poptorch_arguments():
     p = [nn.Parameter(torch.ones(3))]
-    rms = poptorch.optim.RMSprop(p, lr=0.1, alpha=0.9, eps=1e-3, momentum=0.9, use_tf_variant=True,
-                                 loss_scaling=64.0)
+    rms = poptorch.optim.RMSprop(
+        p, lr=0.1, alpha=0.9, eps=1e-3, momentum=0.9, use_tf_variant=True, loss_scaling=64.0
+    )
     from backends.optimizers import RMSpropTF
 
     assert isinstance(rms, RMSpropTF) and rms.loss_scaling == 64.0

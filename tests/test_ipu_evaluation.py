@@ -3,6 +3,7 @@ in-loop validation of the raw and the EMA weights, ``validate`` and its resoluti
 fine-tuning's measurements before training and after batch-norm recalibration. Each test shows
 where it ran (the emulated executables' call counts) and that a plain CPU run of the same weights
 gives the same top-1."""
+
 import contextlib
 import io
 import json
@@ -20,8 +21,15 @@ from ipu_options import emulator as emulator
 
 # fp32 on the device (CPU-identical numbers); group norm learns in a few steps (batch norm's
 # running statistics would still be near their start), batch norm for the recalibration
-COMMON = ["data.workers=0", "train.micro_batch=8", "train.log_every=1", "model.proxy_norm=false",
-          "data.resolution=32", "ipu.precision=32.32", "train.cpu_threads=1"]
+COMMON = [
+    "data.workers=0",
+    "train.micro_batch=8",
+    "train.log_every=1",
+    "model.proxy_norm=false",
+    "data.resolution=32",
+    "ipu.precision=32.32",
+    "train.cpu_threads=1",
+]
 GROUP_NORM, BATCH_NORM = ["model.norm=group"], ["model.norm=batch"]
 VAL_IMAGES = 360  # digits' validation split
 
@@ -63,9 +71,22 @@ def losses(console):
 
 def train(out, norm, steps):
     with recorded_inference() as made:
-        console = run_cli(["train", "--device", "ipu-model", *COMMON, *norm, f"train.max_steps={steps}",
-                           "schedule.warmup_epochs=0", "optim.lr=0.004", "train.val_every=100",
-                           "train.ema_decay=0.5", f"log.name={norm[0][11:]}", f"log.out_dir={out}"])
+        console = run_cli(
+            [
+                "train",
+                "--device",
+                "ipu-model",
+                *COMMON,
+                *norm,
+                f"train.max_steps={steps}",
+                "schedule.warmup_epochs=0",
+                "optim.lr=0.004",
+                "train.val_every=100",
+                "train.ema_decay=0.5",
+                f"log.name={norm[0][11:]}",
+                f"log.out_dir={out}",
+            ]
+        )
     return out, out / norm[0][11:], console, made
 
 
@@ -108,16 +129,26 @@ def test_finetune_measurements_run_on_the_inference_executables(tmp_path, monkey
 
     out, run, _, _ = train(tmp_path, BATCH_NORM, 2)
     monkeypatch.setattr(app.finetune, "RECALIBRATION_IMAGES", 16)  # two batches of 8
-    args = ["--checkpoint", str(run), *COMMON, *BATCH_NORM, "finetune.resolution=64", "train.max_steps=1",
-            "train.ema_decay=0", f"log.out_dir={out}"]
+    args = [
+        "--checkpoint",
+        str(run),
+        *COMMON,
+        *BATCH_NORM,
+        "finetune.resolution=64",
+        "train.max_steps=1",
+        "train.ema_decay=0",
+        f"log.out_dir={out}",
+    ]
     with recorded_inference() as made:
         emulated = run_cli(["finetune", "--device", "ipu-model", *args, "log.name=ft-ipu"])
     cpu = run_cli(["finetune", "--device", "cpu", *args, "log.name=ft-cpu"])
     assert runs_of(made, BatchNormProbe) == 2  # the recalibration's two batches, on the device
     # before, recalibrated, and the fine-tuning run's own validation at the end
     assert runs_of(made) == 3 * math.ceil(VAL_IMAGES / 8)
-    measured = (r"before fine-tuning, at 64: top-1 ([0-9.]+)%|"
-                r"recalibrated at 64 on 2 batches: top-1 ([0-9.]+)%")
+    measured = (
+        r"before fine-tuning, at 64: top-1 ([0-9.]+)%|"
+        r"recalibrated at 64 on 2 batches: top-1 ([0-9.]+)%"
+    )
 
     def figures(console):
         return [float(a or b) for a, b in re.findall(measured, console)]

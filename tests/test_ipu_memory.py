@@ -1,5 +1,6 @@
 """The memory model's activation estimate against the bytes autograd really saves for backward
 (saved-tensor hooks on the CPU), and the planner's proposals and refusals."""
+
 from unittest import mock
 
 import pytest
@@ -45,10 +46,14 @@ def saved_bytes(model, batch: int) -> int:
     # The activations as a traced graph keeps them (no eager fast paths); the C×200 proxy
     # statistics as the memory model counts them, the hand-written backward's 2 × C × 200 points
     # (autograd of the plain arithmetic keeps more or fewer depending on the torch version).
-    statistics = mock.patch.object(ProxyNormAct, "proxy_statistics", lambda pn, w, b: (
-        _SiluProxyStatistics.apply(pn.proxy_bias, pn.proxy_weight, w, b, pn.quantiles, pn.eps)))
-    with eager_fast_paths(False), statistics, \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    statistics = mock.patch.object(
+        ProxyNormAct,
+        "proxy_statistics",
+        lambda pn, w, b: _SiluProxyStatistics.apply(
+            pn.proxy_bias, pn.proxy_weight, w, b, pn.quantiles, pn.eps
+        ),
+    )
+    with eager_fast_paths(False), statistics, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         F.cross_entropy(model(x), y)
     return sum(seen.values())
 
@@ -59,8 +64,9 @@ def saved_bytes(model, batch: int) -> int:
 @pytest.mark.parametrize("group,expand", [(1, 6), (16, 4)])
 @pytest.mark.parametrize("norm,proxy", [("batch", False), ("layer", True)])
 def test_activation_estimate_within_15_percent_of_saved_tensors(name, group, expand, norm, proxy):
-    model = build_model(name, group_size=group, expand_ratio=expand, norm=norm, proxy_norm=proxy,
-                        num_classes=10)
+    model = build_model(
+        name, group_size=group, expand_ratio=expand, norm=norm, proxy_norm=proxy, num_classes=10
+    )
     units = memory.units(model, RES)
     one, three = saved_bytes(model, 1), saved_bytes(model, 3)
     est_one = memory.activations_bytes(units, 1, 4)
@@ -143,9 +149,16 @@ def test_plan_command_prints_the_table(capsys):
 def test_checkpoint_names_count_the_same_in_any_accepted_spelling():
     # annotate() accepts `blocks.2`, `model.blocks.2.0`; the plan must count those checkpoints too
     def plan(marks):
-        cfg = build_config("digits", ["data.resolution=224", "train.micro_batch=8",
-                                      "ipu.pipeline={blocks.4: 1}", "train.grad_accum=3",
-                                      f"ipu.recompute=[{','.join(marks)}]"])
+        cfg = build_config(
+            "digits",
+            [
+                "data.resolution=224",
+                "train.micro_batch=8",
+                "ipu.pipeline={blocks.4: 1}",
+                "train.grad_accum=3",
+                f"ipu.recompute=[{','.join(marks)}]",
+            ],
+        )
         return make_plan(network(cfg), *specs(cfg))
 
     canonical, aliases = plan(["blocks.2.0", "blocks.3.0"]), plan(["blocks.2", "model.blocks.3"])
@@ -156,8 +169,10 @@ def test_checkpoint_names_count_the_same_in_any_accepted_spelling():
 
 
 def test_pipeline_stage_stashes_its_checkpoints_for_every_micro_batch_in_flight():
-    us = [memory.Unit(f"u{i}", params=0, macs=0, stored=100, fixed=0, input_elems=10, output_elems=7)
-          for i in range(4)]
+    us = [
+        memory.Unit(f"u{i}", params=0, macs=0, stored=100, fixed=0, input_elems=10, output_elems=7)
+        for i in range(4)
+    ]
     s = memory.Settings(precision="32.32")
     two = memory.stage_memory(us, 0, 0, 3, 1, s, checkpoints=["u1"])  # 2(3-0)-1 = 5 in flight
     none = memory.stage_memory(us, 0, 0, 3, 1, s, checkpoints=[])

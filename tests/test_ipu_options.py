@@ -2,6 +2,7 @@
 with the right value. The stand-in below is written from the SDK 3.4 signatures
 (graphcore/poptorch, branch sdk-release-3.4, python/options.py and enums.py): same method names,
 parameter names and accepted types; it records each call with its bound arguments."""
+
 import enum
 import inspect
 from typing import Dict, Optional
@@ -192,40 +193,59 @@ def test_defaults_map_to_sdk_calls():
     assert value_of(calls, "opts.Training.gradientAccumulation", "gradient_accumulation") == 6
     assert value_of(calls, "opts.randomSeed", "random_seed") == 7
     assert value_of(calls, "opts.deviceIterations", "device_iterations") == 1
-    assert value_of(calls, "opts.Training.accumulationAndReplicationReductionType",
-                    "reduction_type") == SdkEnum.ReductionType.Mean
+    assert (
+        value_of(calls, "opts.Training.accumulationAndReplicationReductionType", "reduction_type")
+        == SdkEnum.ReductionType.Mean
+    )
     # training returns the loss only, summed per replica (no per-micro-batch stream)
     assert value_of(calls, "opts.outputMode", "output_mode") == SdkEnum.OutputMode.Sum
-    assert value_of(calls, "opts.setAvailableMemoryProportion",
-                    "available_memory_proportion") == {"IPU0": 0.6}
+    assert value_of(calls, "opts.setAvailableMemoryProportion", "available_memory_proportion") == {
+        "IPU0": 0.6
+    }
     assert value_of(calls, "opts.Precision.setPartialsType", "dtype") == torch.half
     assert value_of(calls, "opts.Precision.enableStochasticRounding", "enabled") is True
     names = {c[0] for c in calls}
-    for absent in ("opts.setExecutionStrategy", "opts.Training.setAutomaticLossScaling",
-                   "opts.TensorLocations.setOptimizerLocation", "opts.enableExecutableCaching",
-                   "opts.useOfflineIpuTarget", "opts.useIpuModel"):
+    for absent in (
+        "opts.setExecutionStrategy",
+        "opts.Training.setAutomaticLossScaling",
+        "opts.TensorLocations.setOptimizerLocation",
+        "opts.enableExecutableCaching",
+        "opts.useOfflineIpuTarget",
+        "opts.useIpuModel",
+    ):
         assert absent not in names
     # torch's contiguous channel groups on the IPU too (ipu_options/emulator/norms.py)
     assert popart(calls)["groupNormStridedChannelGrouping"] is False
 
 
-@pytest.mark.parametrize("override,call,arg,expected", [
-    ("ipu.device_iterations=5", "opts.deviceIterations", "device_iterations", 5),
-    ("ipu.seed=123", "opts.randomSeed", "random_seed", 123),
-    ("ipu.reduction=sum", "opts.Training.accumulationAndReplicationReductionType", "reduction_type",
-     SdkEnum.ReductionType.Sum),
-    ("ipu.output_mode=final", "opts.outputMode", "output_mode", SdkEnum.OutputMode.Final),
-    ("ipu.output_mode=all", "opts.outputMode", "output_mode", SdkEnum.OutputMode.All),
-    ("ipu.partials=float", "opts.Precision.setPartialsType", "dtype", torch.float),
-    ("ipu.stochastic_rounding=false", "opts.Precision.enableStochasticRounding", "enabled", False),
-    ("ipu.loss_scaling=auto", "opts.Training.setAutomaticLossScaling", "enabled", True),
-    ("ipu.executable_cache=/tmp/exe", "opts.enableExecutableCaching", "path", "/tmp/exe"),
-    ("ipu.compile_only=true", "opts.useOfflineIpuTarget", "ipu_version", 2),
-    ("ipu.compile_only=true ipu.offline_ipu_version=21", "opts.useOfflineIpuTarget", "ipu_version", 21),
-    ("train.replicas=2", "opts.broadcastBuffers", "broadcast_buffers", False),
-    ("ipu.available_memory_proportion=[0.3]", "opts.setAvailableMemoryProportion",
-     "available_memory_proportion", {"IPU0": 0.3}),
-])
+@pytest.mark.parametrize(
+    "override,call,arg,expected",
+    [
+        ("ipu.device_iterations=5", "opts.deviceIterations", "device_iterations", 5),
+        ("ipu.seed=123", "opts.randomSeed", "random_seed", 123),
+        (
+            "ipu.reduction=sum",
+            "opts.Training.accumulationAndReplicationReductionType",
+            "reduction_type",
+            SdkEnum.ReductionType.Sum,
+        ),
+        ("ipu.output_mode=final", "opts.outputMode", "output_mode", SdkEnum.OutputMode.Final),
+        ("ipu.output_mode=all", "opts.outputMode", "output_mode", SdkEnum.OutputMode.All),
+        ("ipu.partials=float", "opts.Precision.setPartialsType", "dtype", torch.float),
+        ("ipu.stochastic_rounding=false", "opts.Precision.enableStochasticRounding", "enabled", False),
+        ("ipu.loss_scaling=auto", "opts.Training.setAutomaticLossScaling", "enabled", True),
+        ("ipu.executable_cache=/tmp/exe", "opts.enableExecutableCaching", "path", "/tmp/exe"),
+        ("ipu.compile_only=true", "opts.useOfflineIpuTarget", "ipu_version", 2),
+        ("ipu.compile_only=true ipu.offline_ipu_version=21", "opts.useOfflineIpuTarget", "ipu_version", 21),
+        ("train.replicas=2", "opts.broadcastBuffers", "broadcast_buffers", False),
+        (
+            "ipu.available_memory_proportion=[0.3]",
+            "opts.setAvailableMemoryProportion",
+            "available_memory_proportion",
+            {"IPU0": 0.3},
+        ),
+    ],
+)
 def test_each_field_reaches_its_call(override, call, arg, expected):
     assert value_of(record(override.split()), call, arg) == expected
 
@@ -240,27 +260,42 @@ def test_output_mode_applies_to_training_and_inference_returns_every_output():
 
 
 def test_pipeline_memory_and_recomputation():
-    calls = record(["train.grad_accum=8", "ipu.pipeline={blocks.3: 1, blocks.5: 2}",
-                    "ipu.available_memory_proportion=[0.2, 0.3, 0.4]"])
-    assert value_of(calls, "opts.setAvailableMemoryProportion", "available_memory_proportion") == \
-        {"IPU0": 0.2, "IPU1": 0.3, "IPU2": 0.4}
+    calls = record(
+        [
+            "train.grad_accum=8",
+            "ipu.pipeline={blocks.3: 1, blocks.5: 2}",
+            "ipu.available_memory_proportion=[0.2, 0.3, 0.4]",
+        ]
+    )
+    assert value_of(calls, "opts.setAvailableMemoryProportion", "available_memory_proportion") == {
+        "IPU0": 0.2,
+        "IPU1": 0.3,
+        "IPU2": 0.4,
+    }
     strategy = value_of(calls, "opts.setExecutionStrategy", "strategy")
     assert strategy.args == (SdkEnum.AutoStage.SameAsIpu,)
     assert popart(calls)["autoRecomputation"] == 3
     single = record(["ipu.recompute=[blocks.2.0]"])
     assert popart(single)["autoRecomputation"] == 4 and popart(single)["explicitRecomputation"] is True
     with pytest.raises(ValueError, match=r"available_memory_proportion=\[0.2, 0.3\] is invalid.*uses 3 IPUs"):
-        record(["train.grad_accum=8", "ipu.pipeline={blocks.3: 1, blocks.5: 2}",
-                "ipu.available_memory_proportion=[0.2, 0.3]"])
+        record(
+            [
+                "train.grad_accum=8",
+                "ipu.pipeline={blocks.3: 1, blocks.5: 2}",
+                "ipu.available_memory_proportion=[0.2, 0.3]",
+            ]
+        )
 
 
 def test_optimizer_state_location_and_ipu_model():
-    calls = record(["ipu.optimizer_state_offchip=true", "ipu.replicated_tensor_sharding=true"],
-                   use_ipu_model=True)
+    calls = record(
+        ["ipu.optimizer_state_offchip=true", "ipu.replicated_tensor_sharding=true"], use_ipu_model=True
+    )
     assert value_of(calls, "TensorLocationSettings.useOnChipStorage", "use") is False
     assert value_of(calls, "TensorLocationSettings.useReplicatedTensorSharding", "use") is True
-    assert isinstance(value_of(calls, "opts.TensorLocations.setOptimizerLocation", "location"),
-                      TensorLocationSettings)
+    assert isinstance(
+        value_of(calls, "opts.TensorLocations.setOptimizerLocation", "location"), TensorLocationSettings
+    )
     assert value_of(calls, "opts.useIpuModel", "use_model") is True
 
 
@@ -270,15 +305,30 @@ def test_inference_options_have_no_training_calls():
 
 
 def test_emulator_accepts_the_same_calls():
-    cfg = build_config("digits", ["train.replicas=2", "train.grad_accum=3", "ipu.loss_scaling=auto",
-                                  "ipu.optimizer_state_offchip=true"])
+    cfg = build_config(
+        "digits",
+        [
+            "train.replicas=2",
+            "train.grad_accum=3",
+            "ipu.loss_scaling=auto",
+            "ipu.optimizer_state_offchip=true",
+        ],
+    )
     opts = build_options(ipu_spec(cfg), emulator, ipu_batch_plan(cfg))
     assert (opts.replication_factor, opts.Training.gradient_accumulation) == (2, 3)
     assert opts.Training.automatic_loss_scaling and opts.Precision.stochastic_rounding
 
 
-@pytest.mark.parametrize("override", ["ipu.reduction=max", "ipu.output_mode=every", "ipu.pipeline={stem: -1}",
-                                      "ipu.offline_ipu_version=3", "ipu.offline_ipu_version=2"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "ipu.reduction=max",
+        "ipu.output_mode=every",
+        "ipu.pipeline={stem: -1}",
+        "ipu.offline_ipu_version=3",
+        "ipu.offline_ipu_version=2",
+    ],
+)
 def test_invalid_fields_are_config_errors(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         build_config("digits", [override])

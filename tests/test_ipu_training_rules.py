@@ -3,6 +3,7 @@ read at trainingModel/setOptimizer only (so the device's learning rate is the sc
 first step, fresh or resumed), half accumulators keep a running mean, automatic loss scaling needs
 fp16, and the options Graphcore's CNN application sets (stochastic rounding for training only,
 deterministic workers, loss scale 128 with fp16)."""
+
 import json
 import sys
 import types
@@ -70,8 +71,10 @@ def test_half_accumulator_keeps_the_running_mean_of_the_micro_batches():
     opts.Training.gradientAccumulation(4)
     trainer = emulator.trainingModel(_SumLoss(model), opts, optimizer=opt)
     # on the executor's copy of the options (python/_poplar_executor.py:152-154)
-    assert trainer.options.Training.meanAccumulationAndReplicationReductionStrategy == \
-        emulator.MeanReductionStrategy.Running
+    assert (
+        trainer.options.Training.meanAccumulationAndReplicationReductionStrategy
+        == emulator.MeanReductionStrategy.Running
+    )
     trainer(torch.full((4, 2), 30000.0))
     torch.testing.assert_close(model.weight.detach(), torch.full((1, 2), -3.0))
 
@@ -111,8 +114,16 @@ def trainers(monkeypatch):
 
 def test_device_learning_rate_is_the_schedule_from_the_first_step_fresh_and_resumed(tmp_path, trainers):
     out = tmp_path / "runs"
-    common = ["--device", "ipu-model", *QUICK, "train.micro_batch=4", "ipu.precision=32.32",
-              "schedule.warmup_epochs=0.5", f"log.out_dir={out}", "log.name=run"]
+    common = [
+        "--device",
+        "ipu-model",
+        *QUICK,
+        "train.micro_batch=4",
+        "ipu.precision=32.32",
+        "schedule.warmup_epochs=0.5",
+        f"log.out_dir={out}",
+        "log.name=run",
+    ]
     assert cli(["train", *common, "train.max_steps=3"]) == 0
     fresh = _train_records(out / "run")
     scheduled = [r["lr"] for r in fresh]
@@ -127,8 +138,18 @@ def test_device_learning_rate_is_the_schedule_from_the_first_step_fresh_and_resu
 def test_training_returns_only_the_loss(capsys):
     from app.backend import create_backend
 
-    cfg = build_config("digits", ["device=ipu-model", *QUICK, "train.replicas=2", "ipu.device_iterations=2",
-                                  "train.micro_batch=2", "train.grad_accum=2", "ipu.precision=32.32"])
+    cfg = build_config(
+        "digits",
+        [
+            "device=ipu-model",
+            *QUICK,
+            "train.replicas=2",
+            "ipu.device_iterations=2",
+            "train.micro_batch=2",
+            "train.grad_accum=2",
+            "ipu.precision=32.32",
+        ],
+    )
     backend = create_backend(cfg)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
     backend.prepare(Classifier(net), torch.optim.SGD(net.parameters(), lr=0.1))
@@ -163,8 +184,9 @@ def test_default_static_loss_scale_follows_graphcores_efficientnet_configs(preci
     cfg = build_config("digits", [f"ipu.precision={precision}"])
     assert cfg.ipu.loss_scaling is None and loss_scaling(ipu_spec(cfg)) == expected
     net = nn.Linear(2, 2)
-    opt = build_ipu_optimizer(emulator, [{"params": list(net.parameters())}], ipu_spec(cfg),
-                              optim_spec(cfg), 0.1)
+    opt = build_ipu_optimizer(
+        emulator, [{"params": list(net.parameters())}], ipu_spec(cfg), optim_spec(cfg), 0.1
+    )
     assert opt.loss_scaling == expected
     assert loss_scaling(ipu_spec(build_config("digits", ["ipu.loss_scaling=4"]))) == 4.0
 
@@ -173,8 +195,19 @@ def test_automatic_loss_scaling_with_fp32_is_refused_before_any_work(tmp_path, c
     with pytest.raises(ConfigError, match=r"No tracked gradient tensors of type fp16 were found"):
         build_config("digits", ["ipu.loss_scaling=auto", "ipu.precision=32.32"])
     out = tmp_path / "runs"
-    assert cli(["train", "--device", "ipu-model", "ipu.loss_scaling=auto", "ipu.precision=32.32",
-                f"log.out_dir={out}"]) == 2
+    assert (
+        cli(
+            [
+                "train",
+                "--device",
+                "ipu-model",
+                "ipu.loss_scaling=auto",
+                "ipu.precision=32.32",
+                f"log.out_dir={out}",
+            ]
+        )
+        == 2
+    )
     assert "ipu.loss_scaling" in capsys.readouterr().err and not out.exists()
     assert build_config("digits", ["ipu.loss_scaling=auto", "ipu.precision=16.16"]).ipu.loss_scaling == "auto"
 
@@ -188,9 +221,12 @@ def test_hand_started_poprun_takes_the_local_replicas_from_popdist(monkeypatch):
     popdist = types.ModuleType("popdist")
     popdist.getNumLocalReplicas = lambda: 3
     popdist.poptorch = types.ModuleType("popdist.poptorch")
-    for name, module in (("popdist", popdist), ("popdist.poptorch", popdist.poptorch),
-                         ("horovod", types.ModuleType("horovod")),
-                         ("horovod.torch", types.ModuleType("horovod.torch"))):
+    for name, module in (
+        ("popdist", popdist),
+        ("popdist.poptorch", popdist.poptorch),
+        ("horovod", types.ModuleType("horovod")),
+        ("horovod.torch", types.ModuleType("horovod.torch")),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setenv("POPDIST_NUM_TOTAL_REPLICAS", "12")
     # poprun started by hand: dist.instances left at 1, so the config alone would say 12

@@ -1,5 +1,6 @@
 """Time blocked on the loader per logged window (app/tracking.py): the console line and
 metrics.jsonl say how much of the window training waited for data."""
+
 import json
 
 import app.tracking
@@ -44,9 +45,24 @@ def test_wait_is_the_time_batches_take_to_arrive(tmp_path, monkeypatch, capsys):
 
 
 def test_training_reports_the_loader_wait(tmp_path, capsys):
-    assert cli(["train", "--device", "cpu", "data.resolution=32", "data.workers=0", "train.micro_batch=8",
-                "train.max_steps=2", "train.log_every=1", "train.ema_decay=0",
-                f"log.out_dir={tmp_path}", "log.name=w"]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                "--device",
+                "cpu",
+                "data.resolution=32",
+                "data.workers=0",
+                "train.micro_batch=8",
+                "train.max_steps=2",
+                "train.log_every=1",
+                "train.ema_decay=0",
+                f"log.out_dir={tmp_path}",
+                "log.name=w",
+            ]
+        )
+        == 0
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert len(lines) == 2 and all("% | ETA" in line and "data wait" in line for line in lines)
     records = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]

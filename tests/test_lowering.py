@@ -1,5 +1,6 @@
 """The lowering check holds a model against PopTorch 3.4's own rules, and the emulator compiles
 through it: what PopTorch refuses is refused in PopTorch's words, what it accepts trains."""
+
 import json
 import os
 import subprocess
@@ -131,9 +132,12 @@ def test_two_independent_losses_are_refused_and_identity_loss_combines_them():
     def two(z, t):
         return z, F.cross_entropy(z, t) + F.nll_loss(F.log_softmax(z, -1), t)
 
-    with pytest.raises(LoweringError, match="Multiple independent losses found in graph. Graph must "
-                                            "have one final loss. Wrap final graph loss in "
-                                            r"poptorch.identity_loss."):
+    with pytest.raises(
+        LoweringError,
+        match="Multiple independent losses found in graph. Graph must "
+        "have one final loss. Wrap final graph loss in "
+        r"poptorch.identity_loss.",
+    ):
         train_once(Objective(Net(nn.GroupNorm(1, 8)), two), x, y)
 
     def combined(z, t):
@@ -180,10 +184,12 @@ def test_item_and_reassigned_buffers_are_refused():
             return x * self.count
 
     report, _ = check_lowering(Reassign(), (torch.rand(2, 3),), training=False)
-    assert report.problems == ["Buffer count is reassigned within the model when calling the forward "
-                               "method. This is not supported. Consider using self.count.copy_(src) "
-                               "to copy data from a source tensor, where src is the name of the "
-                               "source tensor."]
+    assert report.problems == [
+        "Buffer count is reassigned within the model when calling the forward "
+        "method. This is not supported. Consider using self.count.copy_(src) "
+        "to copy data from a source tensor, where src is the name of the "
+        "source tensor."
+    ]
 
 
 def test_buffer_updates_with_replicas_are_refused_in_inference_too():
@@ -200,7 +206,8 @@ def test_buffer_updates_with_replicas_are_refused_in_inference_too():
     with pytest.raises(RuntimeError, match=r"broadcastBuffers\(False\)"):
         poptorch.inferenceModel(Counting(), opts)(torch.rand(4, 3))
     poptorch.inferenceModel(Counting(), poptorch.Options().replicationFactor(2).broadcastBuffers(False))(
-        torch.rand(4, 3))
+        torch.rand(4, 3)
+    )
 
 
 # ---------------------------------------------------------------- what PopTorch accepts trains
@@ -215,6 +222,7 @@ def reference_step(net, x, y, lr):
 def test_emulator_trains_on_a_built_in_loss_returned_beside_the_logits(marking):
     """Item 2 of issue 11: PopTorch takes F.cross_entropy's nll_loss as the model's loss
     (LossOps.cpp makes it an identity loss); the emulator used to refuse it unmarked."""
+
     def built_in(z, t):
         return z, F.cross_entropy(z, t)
 
@@ -257,17 +265,21 @@ def test_facts_name_their_source_and_hold_the_rules_used():
     facts = json.loads(lowering.FACTS_FILE.read_text())
     assert facts["tag"] == "sdk/poptorch/3.4.0" and len(facts["commit"]) == 40
     assert facts["handlers"]["native_group_norm"].startswith(
-        "poptorch/source/popart_canonicalization/NormalizationOps.cpp:")
+        "poptorch/source/popart_canonicalization/NormalizationOps.cpp:"
+    )
     assert {"nll_loss_forward", "cross_entropy_loss", "mse_loss"} <= set(facts["loss_handlers"])
     assert {"native_group_norm", "native_batch_norm", "native_layer_norm"} <= set(
-        facts["affine_pair_handlers"])
+        facts["affine_pair_handlers"]
+    )
     assert facts["ipu_key_ops"]["dropout"]["function"] == "fallback"
     assert lowering.node_kind("add_.Tensor") == "add" and lowering.node_kind("copy_") == "copy_"
     assert lowering.node_kind("zero_") == "zeros_like"
 
 
-@pytest.mark.skipif(not POPTORCH_GITDIR or not Path(POPTORCH_GITDIR).is_dir(),
-                    reason="set POPTORCH_GITDIR to the git directory of a graphcore/poptorch clone")
+@pytest.mark.skipif(
+    not POPTORCH_GITDIR or not Path(POPTORCH_GITDIR).is_dir(),
+    reason="set POPTORCH_GITDIR to the git directory of a graphcore/poptorch clone",
+)
 def test_facts_regenerate_identically_from_poptorch_sources(tmp_path):
     from ipu_options.emulator.poptorch_sources import extract
 

@@ -1,4 +1,5 @@
 """The model family against the paper's tables and against the peers users already trust."""
+
 import pytest
 import torch
 
@@ -9,9 +10,16 @@ from model import VARIANTS, build_model, convert_state_dict, count_macs, count_p
 def timm():
     return pytest.importorskip("timm")
 
+
 # paper.md: parameters / multiply-adds at native resolution.
-PAPER_G16_E4 = {"b0": (5.91e6, 0.64e9), "b1": (8.33e6, 1.11e9), "b2": (9.50e6, 1.52e9),
-                "b3": (12.6e6, 2.73e9), "b4": (19.3e6, 6.18e9), "b5": (28.7e6, 13.5e9)}
+PAPER_G16_E4 = {
+    "b0": (5.91e6, 0.64e9),
+    "b1": (8.33e6, 1.11e9),
+    "b2": (9.50e6, 1.52e9),
+    "b3": (12.6e6, 2.73e9),
+    "b4": (19.3e6, 6.18e9),
+    "b5": (28.7e6, 13.5e9),
+}
 PAPER_G1_E6_MACS = {"b0": 0.39e9, "b1": 0.69e9, "b2": 0.99e9, "b3": 1.83e9, "b4": 4.39e9, "b5": 10.3e9}
 
 
@@ -48,9 +56,15 @@ def test_macs_scale_with_resolution_and_meta_equals_cpu():
     assert 3.5 < large / small < 4.1
     # The meta-device pass must count what a real pass counts.
     macs = []
-    hooks = [m.register_forward_hook(lambda m, i, o: macs.append(
-        o[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]))
-        for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [
+        m.register_forward_hook(
+            lambda m, i, o: macs.append(
+                o[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+            )
+        )
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
     with torch.no_grad():
         model.eval()(torch.zeros(1, 3, 64, 64))
     for h in hooks:
@@ -115,13 +129,16 @@ def test_convert_rejects_foreign_checkpoints():
         convert_state_dict({"fc.weight": torch.zeros(1)}, "timm")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(name="b8"), "efficientnet-b0"),
-    (dict(name="b0", norm="instance"), "batch, group, layer"),
-    (dict(name="b0", group_size=0), "group_size"),
-    (dict(name="b0", norm="group", norm_groups=3), "norm_groups=3"),
-    (dict(name="b0", dropout=1.5), "dropout"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name="b8"), "efficientnet-b0"),
+        (dict(name="b0", norm="instance"), "batch, group, layer"),
+        (dict(name="b0", group_size=0), "group_size"),
+        (dict(name="b0", norm="group", norm_groups=3), "norm_groups=3"),
+        (dict(name="b0", dropout=1.5), "dropout"),
+    ],
+)
 def test_invalid_builds_name_the_valid_choices(kwargs, match):
     name = kwargs.pop("name")
     with pytest.raises(ValueError, match=match):
@@ -134,9 +151,21 @@ def test_short_and_long_names_build_the_same_model():
 
 def test_stable_module_names():
     names = dict(build_model("b0", norm="layer", proxy_norm=True).named_modules())
-    for name in ["stem", "stem.conv", "stem.norm", "stem.act", "blocks.0.0.spatial",
-                 "blocks.0.0.se", "blocks.0.0.project", "blocks.3.0.expand", "blocks.6.0",
-                 "head", "pool", "dropout", "classifier"]:
+    for name in [
+        "stem",
+        "stem.conv",
+        "stem.norm",
+        "stem.act",
+        "blocks.0.0.spatial",
+        "blocks.0.0.se",
+        "blocks.0.0.project",
+        "blocks.3.0.expand",
+        "blocks.6.0",
+        "head",
+        "pool",
+        "dropout",
+        "classifier",
+    ]:
         assert name in names
     assert "blocks.0.0.expand" not in names  # the first stage has no expansion conv
 
@@ -144,8 +173,9 @@ def test_stable_module_names():
 @pytest.mark.parametrize("classes", [2, 10, 1000])
 def test_initial_logits_are_moderate_for_any_number_of_classes(classes):
     # A classifier initialised for 1000 classes must not start a 2-class task at a loss of ~12.
-    model = build_model("b0", group_size=16, expand_ratio=4, norm="layer", proxy_norm=True,
-                        num_classes=classes).eval()
+    model = build_model(
+        "b0", group_size=16, expand_ratio=4, norm="layer", proxy_norm=True, num_classes=classes
+    ).eval()
     with torch.no_grad():
         logits = model(torch.randn(16, 3, 64, 64))
     assert logits.std().item() < 2.0

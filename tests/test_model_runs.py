@@ -1,4 +1,5 @@
 """Every model builds and trains a step at odd resolutions, in channels-last and under bf16."""
+
 import pytest
 import torch
 
@@ -19,8 +20,7 @@ def _train_step(model, x):
 
 @pytest.mark.parametrize("name", ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7"])
 def test_every_model_trains_at_an_odd_resolution(name):
-    model = build_model(name, group_size=16, expand_ratio=4, norm="layer", proxy_norm=True,
-                        num_classes=7)
+    model = build_model(name, group_size=16, expand_ratio=4, norm="layer", proxy_norm=True, num_classes=7)
     out = _train_step(model, torch.randn(2, 3, 97, 97))
     assert out.shape == (2, 7)
 
@@ -52,8 +52,9 @@ def test_bf16_autocast_on_cpu(norm):
     assert out.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("norm", [dict(norm="batch"), dict(norm="batch", proxy_norm=True)],
-                         ids=["bn", "bn+pn"])
+@pytest.mark.parametrize(
+    "norm", [dict(norm="batch"), dict(norm="batch", proxy_norm=True)], ids=["bn", "bn+pn"]
+)
 def test_fused_inference_copy_folds_batch_norm_into_the_conv(norm, monkeypatch):
     """``fuse_for_inference`` runs conv+BN as one conv (batch norm never runs) and gives the
     unfolded result to float32 rounding; the model itself still runs its norms, hooks included,
@@ -61,6 +62,7 @@ def test_fused_inference_copy_folds_batch_norm_into_the_conv(norm, monkeypatch):
     import torch.nn.functional as F
 
     from model import fuse_for_inference
+
     torch.manual_seed(0)
     model = build_model("b0", group_size=16, expand_ratio=4, num_classes=10, **norm)
     x = torch.randn(4, 3, 64, 64)
@@ -76,6 +78,7 @@ def test_fused_inference_copy_folds_batch_norm_into_the_conv(norm, monkeypatch):
     def counting_batch_norm(*args, **kwargs):
         calls.append(1)
         return batch_norm(*args, **kwargs)
+
     batch_norm = F.batch_norm
     monkeypatch.setattr(F, "batch_norm", counting_batch_norm)
     with torch.no_grad():

@@ -7,6 +7,7 @@ option through unchanged (popart_compiler/source/SessionOptions.cpp:408, sdk/pop
 its own test expects a different function once it is set (tests/norms_test.py:244-266). The
 project sets it false, so a checkpoint computes the same function on an IPU, the emulator and a
 CPU/GPU; the emulator computes the strided grouping when a user sets it."""
+
 import copy
 
 import pytest
@@ -33,8 +34,9 @@ def strided_reference(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
         mean = part.mean(dim=dims, keepdim=True)
         var = part.var(dim=dims, unbiased=False, keepdim=True)
         shape = (1, len(idx)) + (1,) * (x.dim() - 2)
-        out[:, idx] = ((part - mean) / torch.sqrt(var + norm.eps) * norm.weight[idx].view(shape)
-                       + norm.bias[idx].view(shape))
+        out[:, idx] = (part - mean) / torch.sqrt(var + norm.eps) * norm.weight[idx].view(shape) + norm.bias[
+            idx
+        ].view(shape)
     return out
 
 
@@ -108,21 +110,33 @@ def test_strided_grouping_trains_through_the_emulator():
     assert not torch.equal(norm.weight.detach(), before.weight.detach())
 
 
-@pytest.mark.parametrize("norm,proxy", [("batch", False), ("group", False), ("group", True),
-                                        ("layer", False), ("layer", True)])
+@pytest.mark.parametrize(
+    "norm,proxy", [("batch", False), ("group", False), ("group", True), ("layer", False), ("layer", True)]
+)
 def test_a_checkpoint_computes_the_same_function_on_the_ipu_path_and_the_cpu(norm, proxy):
     """The project's options (build_options) on the emulator give the CPU model's outputs."""
     torch.manual_seed(4)
     cfg = build_config("digits", [f"model.norm={norm}", f"model.proxy_norm={str(proxy).lower()}"])
     opts = build_options(ipu_spec(cfg), poptorch, ipu_batch_plan(cfg), training=False)
     assert opts._Popart.options[STRIDED] is False
-    net = build_model("b0", group_size=16, expand_ratio=4, norm=norm, proxy_norm=proxy,
-                      num_classes=5, dropout=0.0, drop_path=0.0)
+    net = build_model(
+        "b0",
+        group_size=16,
+        expand_ratio=4,
+        norm=norm,
+        proxy_norm=proxy,
+        num_classes=5,
+        dropout=0.0,
+        drop_path=0.0,
+    )
     with torch.no_grad():  # a checkpoint with non-trivial affine parameters and statistics
         for name, t in net.state_dict().items():
             if t.is_floating_point():
-                t.copy_(torch.rand_like(t) * 0.5 + 0.75 if "var" in name or "weight" in name
-                        else torch.randn_like(t) * 0.1)
+                t.copy_(
+                    torch.rand_like(t) * 0.5 + 0.75
+                    if "var" in name or "weight" in name
+                    else torch.randn_like(t) * 0.1
+                )
     cpu = copy.deepcopy(net).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), eager_fast_paths(False):

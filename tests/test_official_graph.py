@@ -2,6 +2,7 @@
 09b7c67, vision/cnns/tensorflow1/training/: Models/efficientnet.py, Models/proxy_norm.py,
 train.py, ipu_optimizer.py). Each test pins one choice against the official semantics, read
 from the cited lines; docs/official-code.md lists them."""
+
 import math
 
 import pytest
@@ -25,8 +26,9 @@ from model.padding import Conv2dSame, make_conv, same_pads
 
 
 def lnpn_b0(**kwargs):
-    return build_model("b0", group_size=16, expand_ratio=4, norm="layer", proxy_norm=True,
-                       num_classes=10, **kwargs)
+    return build_model(
+        "b0", group_size=16, expand_ratio=4, norm="layer", proxy_norm=True, num_classes=10, **kwargs
+    )
 
 
 def perturbed(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -42,6 +44,7 @@ def perturbed(module: nn.Module, seed: int = 0) -> nn.Module:
 # ----------------------------------------------------------------------------- padding
 # efficientnet.py:112-115: every conv is tf.nn.conv2d(..., padding='SAME'). TensorFlow's SAME:
 # out = ceil(H / s), total = max((out - 1)·s + k - H, 0), total // 2 before, the rest after.
+
 
 @pytest.mark.parametrize("size", [6, 7, 8, 9, 14, 15, 224, 225])
 @pytest.mark.parametrize("kernel,stride", [(3, 2), (5, 2), (3, 1), (5, 1), (1, 1)])
@@ -120,8 +123,9 @@ def _redrawn(peer: nn.Module) -> nn.Module:
     return peer.eval()
 
 
-@pytest.mark.parametrize("peer_name,padding", [("efficientnet_b0", "symmetric"),
-                                                ("tf_efficientnet_b0", "same")])
+@pytest.mark.parametrize(
+    "peer_name,padding", [("efficientnet_b0", "symmetric"), ("tf_efficientnet_b0", "same")]
+)
 def test_peer_import_is_exact_with_the_peers_padding_and_not_with_the_other(peer_name, padding):
     """timm's efficientnet_b0 pads k//2; its tf_efficientnet_b0 pads as TensorFlow's SAME (an
     independent implementation of the official padding)."""
@@ -139,6 +143,7 @@ def test_peer_import_is_exact_with_the_peers_padding_and_not_with_the_other(peer
 
 
 # ----------------------------------------------------------------------------- squeeze-excite
+
 
 def _pn_parts(layer, x):
     """(φ(γY + β) − μ̃, 1/σ̃) of a conv-norm-PN layer, written out from proxy_norm.py:82-89."""
@@ -167,6 +172,7 @@ def test_squeeze_excite_pools_the_unscaled_proxy_output_and_scales_the_gate():
 
 
 # ----------------------------------------------------------------------------- head
+
 
 def test_head_applies_proxy_norm_without_its_inverse_std():
     """efficientnet.py:383-384: the top's PN has delay_scale=True and drops the returned 1/σ̃; the
@@ -216,6 +222,7 @@ def test_torch_compile_traces_the_same_function():
 
 # ----------------------------------------------------------------------------- weight decay
 
+
 def official_decays(tf_name: str, proxy_row: int = -1) -> bool:
     """train.py:234-244 with efficientnet.py:557: decay unless the name holds beta, gamma, proxy
     or moving_; the proxy variable's rows 4-5 (β̃, γ̃) are decayed by the PN optimiser instead
@@ -238,8 +245,14 @@ def tf_name_of(module: nn.Module, name: str):
 
 @pytest.mark.parametrize("proxy", [True, False])
 def test_weight_decay_follows_the_official_name_rule(proxy):
-    model = build_model("b0", group_size=16, expand_ratio=4, norm="layer" if proxy else "group",
-                        proxy_norm=proxy, num_classes=10)
+    model = build_model(
+        "b0",
+        group_size=16,
+        expand_ratio=4,
+        norm="layer" if proxy else "group",
+        proxy_norm=proxy,
+        num_classes=10,
+    )
     decay, no_decay = (dict(part) for part in decay_split(model))
     modules = dict(model.named_modules())
     for full in list(decay) + list(no_decay):
@@ -251,13 +264,13 @@ def test_weight_decay_follows_the_official_name_rule(proxy):
 
 # ----------------------------------------------------------------------------- initialisation
 
+
 def test_initialisation_is_the_official_truncated_normal_and_glorot_uniform():
     """efficientnet.py:345 (dense convs, fan-out) and :350 (grouped convs, fan-in): TF1's
     variance_scaling_initializer(scale=2), a normal of std sqrt(2/fan)/0.8796 cut at ±2 of that
     std; :90 the classifier glorot-uniform; biases zero (:121, tf.layers.dense's default)."""
     torch.manual_seed(0)
-    model = build_model("b0", group_size=16, expand_ratio=4, norm="layer", proxy_norm=True,
-                        num_classes=1000)
+    model = build_model("b0", group_size=16, expand_ratio=4, norm="layer", proxy_norm=True, num_classes=1000)
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             in_per_group = m.in_channels // m.groups
@@ -280,14 +293,22 @@ def test_initialisation_is_the_official_truncated_normal_and_glorot_uniform():
 
 # ----------------------------------------------------------------------------- sizes
 
+
 def test_g16_b0_lnpn_has_the_official_parameter_count():
     # The official network's trainable variables for G16 B0 LN+PN number 5,938,484 (the issue's
     # count from the official code; the proxy variable's μ̃ and 1/σ̃ rows are not counted there
     # as they are not parameters here).
     for graph in ("official", "v1"):
         for padding in ("same", "symmetric"):
-            model = build_model("b0", group_size=16, expand_ratio=4, norm="layer", proxy_norm=True,
-                                padding=padding, graph=graph)
+            model = build_model(
+                "b0",
+                group_size=16,
+                expand_ratio=4,
+                norm="layer",
+                proxy_norm=True,
+                padding=padding,
+                graph=graph,
+            )
             assert count_parameters(model) == 5_938_484
 
 
@@ -303,16 +324,17 @@ def test_memory_model_counts_the_padded_tensors():
     same, symmetric = lnpn_b0(), lnpn_b0(padding="symmetric")
     a, b = memory.units(same, 64), memory.units(symmetric, 64)
     grown = {u.name: u.stored - v.stored for u, v in zip(a, b) if u.stored != v.stored}
-    expected = {"stem": 3 * (65 ** 2 - 64 ** 2)}
+    expected = {"stem": 3 * (65**2 - 64**2)}
     for name, module in same.named_modules():
         if isinstance(module, MBConv) and module.spatial.conv.stride[0] == 2:
             h = {"blocks.1.0": 32, "blocks.2.0": 16, "blocks.3.0": 8, "blocks.5.0": 4}[name]
             k = module.spatial.conv.kernel_size[0]
-            expected[name] = module.spatial.conv.in_channels * ((h + k - 2) ** 2 - h ** 2)
+            expected[name] = module.spatial.conv.in_channels * ((h + k - 2) ** 2 - h**2)
     assert grown == expected
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def test_unrecorded_checkpoints_are_refused_unless_their_graph_is_asked_for():
     cfg = build_config("digits")
@@ -329,9 +351,19 @@ def test_unrecorded_checkpoints_are_refused_unless_their_graph_is_asked_for():
 
 
 def test_validating_a_checkpoint_written_before_the_record_exits_2_with_the_override(tmp_path, capsys):
-    args = ["--device", "cpu", "data.resolution=32", "data.workers=0", "train.micro_batch=8",
-            "train.max_steps=1", "train.ema_decay=0", f"log.out_dir={tmp_path}", "log.name=r",
-            "model.padding=symmetric", "model.graph=v1"]
+    args = [
+        "--device",
+        "cpu",
+        "data.resolution=32",
+        "data.workers=0",
+        "train.micro_batch=8",
+        "train.max_steps=1",
+        "train.ema_decay=0",
+        f"log.out_dir={tmp_path}",
+        "log.name=r",
+        "model.padding=symmetric",
+        "model.graph=v1",
+    ]
     assert cli(["train", *args]) == 0
     run = tmp_path / "r"
     # Make it a checkpoint of before the record: neither its arch nor its config.yaml has the fields.
@@ -341,8 +373,14 @@ def test_validating_a_checkpoint_written_before_the_record_exits_2_with_the_over
             del payload["arch"][key]
         torch.save(payload, path)
     config = run / "config.yaml"
-    config.write_text("\n".join(line for line in config.read_text().splitlines()
-                                if not line.strip().startswith(("padding:", "graph:"))) + "\n")
+    config.write_text(
+        "\n".join(
+            line
+            for line in config.read_text().splitlines()
+            if not line.strip().startswith(("padding:", "graph:"))
+        )
+        + "\n"
+    )
     capsys.readouterr()
     assert cli(["validate", "--checkpoint", str(run)]) == 2
     err = capsys.readouterr().err

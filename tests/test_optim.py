@@ -1,4 +1,5 @@
 """app/optim.py: weight-decay groups, RMSprop TF variant, schedules, EMA."""
+
 import math
 
 import pytest
@@ -19,13 +20,20 @@ def test_param_groups_exclusions_by_name(lnpn_model):
     decay, no_decay = (dict(part) for part in decay_split(lnpn_model))
     # The official rule (efficientnet.py:557, train.py:234-244, proxy_norm.py:148-152): conv and
     # dense kernels and biases decay, and proxy norm's β̃, γ̃; the norms' gamma/beta do not.
-    for name in ("stem.conv.weight", "stem.act.proxy_bias", "stem.act.proxy_weight",
-                 "blocks.0.0.se.reduce.weight", "blocks.0.0.se.reduce.bias",
-                 "blocks.0.0.se.expand.bias", "blocks.1.0.expand.act.proxy_weight",
-                 "head.act.proxy_bias", "classifier.weight", "classifier.bias"):
+    for name in (
+        "stem.conv.weight",
+        "stem.act.proxy_bias",
+        "stem.act.proxy_weight",
+        "blocks.0.0.se.reduce.weight",
+        "blocks.0.0.se.reduce.bias",
+        "blocks.0.0.se.expand.bias",
+        "blocks.1.0.expand.act.proxy_weight",
+        "head.act.proxy_bias",
+        "classifier.weight",
+        "classifier.bias",
+    ):
         assert name in decay, name
-    for name in ("stem.norm.weight", "stem.norm.bias", "blocks.0.0.project.norm.weight",
-                 "head.norm.bias"):
+    for name in ("stem.norm.weight", "stem.norm.bias", "blocks.0.0.project.norm.weight", "head.norm.bias"):
         assert name in no_decay, name
     every = dict(lnpn_model.named_parameters())
     assert set(decay) | set(no_decay) == set(every) and not set(decay) & set(no_decay)
@@ -93,8 +101,13 @@ def test_build_optimizer_kinds():
 
 
 def schedule_cfg(name, **extra):
-    overrides = [f"schedule.name={name}", "schedule.warmup_epochs=2", "schedule.decay_rate=0.5",
-                 "schedule.decay_epochs=1.5", "train.epochs=10"]
+    overrides = [
+        f"schedule.name={name}",
+        "schedule.warmup_epochs=2",
+        "schedule.decay_rate=0.5",
+        "schedule.decay_epochs=1.5",
+        "train.epochs=10",
+    ]
     return build_config(None, overrides + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -107,7 +120,7 @@ def test_lr_exponential_staircase_from_step_zero():
     cfg = schedule_cfg("exponential")
     # epochs 2.0 and 2.9 are in the second stair (floor(e / 1.5) = 1), 3.0 in the third
     values = [lr_at(e * 10, cfg, 10, 1.0) for e in (2.0, 2.9, 3.0, 4.4, 4.5, 9.0)]
-    assert values == pytest.approx([0.5, 0.5, 0.25, 0.25, 0.125, 0.5 ** 6])
+    assert values == pytest.approx([0.5, 0.5, 0.25, 0.25, 0.125, 0.5**6])
 
 
 def test_lr_step_counts_from_end_of_warmup():
@@ -161,5 +174,5 @@ def test_ema_update_every_k_steps_uses_decay_to_the_power_k():
     with torch.no_grad():
         model.weight.add_(1.0)
     ema.update(model, steps=3)
-    expected = start * 0.9 ** 3 + model.weight * (1 - 0.9 ** 3)
+    expected = start * 0.9**3 + model.weight * (1 - 0.9**3)
     assert torch.allclose(ema.module.weight, expected)

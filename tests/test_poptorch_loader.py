@@ -1,5 +1,6 @@
 """Training data for the PopTorch backends: poptorch.DataLoader in AsyncRebatched mode (on the
 emulator, which keeps PopTorch 3.4's DataLoader rules), batch for batch the synchronous loader's."""
+
 import pickle
 
 import pytest
@@ -60,8 +61,9 @@ def test_async_rebatched_batches_are_the_sync_loaders_across_epochs_and_resume(p
 def test_the_worker_never_sees_later_changes_to_the_callers_loader():
     ds = torch.utils.data.TensorDataset(torch.arange(24).float())
     sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(24)), 4, True)
-    loader = poptorch.DataLoader(poptorch.Options(), ds, batch_sampler=sampler,
-                                 mode=poptorch.DataLoaderMode.AsyncRebatched)
+    loader = poptorch.DataLoader(
+        poptorch.Options(), ds, batch_sampler=sampler, mode=poptorch.DataLoaderMode.AsyncRebatched
+    )
     sampler.batch_size = 12  # after construction: the worker iterates its own pickled copy
     (first,) = next(iter(loader))
     assert first.tolist() == [0, 1, 2, 3]
@@ -75,8 +77,9 @@ def test_poptorch_rules_the_emulator_keeps():
     with pytest.raises(RuntimeError, match="mutually exclusive with batch_size, shuffle"):
         poptorch.DataLoader(o, ds, batch_size=4, batch_sampler=sampler)
     with pytest.raises(AssertionError, match="must be <= to the combined batch size"):
-        poptorch.DataLoader(o, ds, batch_size=2, mode=poptorch.DataLoaderMode.AsyncRebatched,
-                            rebatched_worker_size=8)
+        poptorch.DataLoader(
+            o, ds, batch_size=2, mode=poptorch.DataLoaderMode.AsyncRebatched, rebatched_worker_size=8
+        )
     # Sync with a batch_sampler: its batches combined device_iterations at a time
     combined = [b[0].tolist() for b in poptorch.DataLoader(o, ds, batch_sampler=sampler)]
     assert combined[0] == list(range(10)) and len(combined) == 4
@@ -89,11 +92,13 @@ def test_poptorch_rules_the_emulator_keeps():
     assert next(iter(rebatched))[0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     rebatched.terminate()
     with pytest.raises(RuntimeError, match="failed to start.*flat 1D container of tensors"):
-        poptorch.DataLoader(o, Strings(), batch_size=1, mode=poptorch.DataLoaderMode.AsyncRebatched,
-                            collate_fn=with_paths)
+        poptorch.DataLoader(
+            o, Strings(), batch_size=1, mode=poptorch.DataLoaderMode.AsyncRebatched, collate_fn=with_paths
+        )
     with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):  # it must cross a process
-        poptorch.DataLoader(o, ds, batch_size=2, mode=poptorch.DataLoaderMode.AsyncRebatched,
-                            collate_fn=lambda s: s)
+        poptorch.DataLoader(
+            o, ds, batch_size=2, mode=poptorch.DataLoaderMode.AsyncRebatched, collate_fn=lambda s: s
+        )
 
 
 class Strings(torch.utils.data.Dataset):

@@ -1,5 +1,6 @@
 """Proxy Norm exactly as the paper defines it (Labatie et al. 2021; model/proxy_norm.py's
 docstring), and batch independence."""
+
 import math
 
 import pytest
@@ -37,7 +38,8 @@ def test_output_is_normalised_for_inputs_from_the_proxy_distribution():
     pn, gamma, beta = _random_proxy()
     c = gamma.numel()
     y = pn.proxy_bias[None, :, None, None] + (1 + pn.proxy_weight[None, :, None, None]) * torch.randn(
-        4096, c, 4, 4)
+        4096, c, 4, 4
+    )
     with torch.no_grad():
         out = pn(gamma.view(1, -1, 1, 1) * y + beta.view(1, -1, 1, 1), gamma, beta)
         _, inv_std = pn.proxy_statistics(gamma, beta)
@@ -115,14 +117,18 @@ def _output_of_first_sample(model, batch):
     return model(batch)[0]
 
 
-@pytest.mark.parametrize("norm, independent", [
-    (dict(norm="layer", proxy_norm=True), True),
-    (dict(norm="group"), True),
-    (dict(norm="batch"), False),
-])
+@pytest.mark.parametrize(
+    "norm, independent",
+    [
+        (dict(norm="layer", proxy_norm=True), True),
+        (dict(norm="group"), True),
+        (dict(norm="batch"), False),
+    ],
+)
 def test_batch_independence(norm, independent):
-    model = build_model("b0", group_size=16, expand_ratio=4, num_classes=10, dropout=0.0,
-                        drop_path=0.0, **norm).train()
+    model = build_model(
+        "b0", group_size=16, expand_ratio=4, num_classes=10, dropout=0.0, drop_path=0.0, **norm
+    ).train()
     batch = torch.randn(4, 3, 64, 64)
     other = batch.clone()
     other[1:] = torch.randn(3, 3, 64, 64) * 3 + 1
@@ -136,6 +142,7 @@ def test_fused_inference_matches_the_recorded_path_exactly_and_follows_weight_up
     path autograd records, and fused again after a weight update (in place, as optimisers do) it
     follows the update."""
     from model import build_model, fuse_for_inference
+
     model = build_model("b0", group_size=16, norm="layer", proxy_norm=True, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
     for _ in range(2):
@@ -156,6 +163,7 @@ def test_hand_written_backward_of_the_proxy_statistics_matches_autograd():
     import torch.nn.functional as F
 
     from model.proxy_norm import _proxy_statistics
+
     pn, gamma, _ = _random_proxy()
     for bias in (torch.randn(gamma.numel()), None):
         w = gamma.detach().clone().requires_grad_(True)
@@ -174,6 +182,7 @@ def test_hand_written_backward_of_the_proxy_statistics_matches_autograd():
 @pytest.mark.parametrize("deferred", [False, True])
 def test_hand_written_backward_of_the_standardised_silu_passes_gradcheck(deferred):
     from model.proxy_norm import _StandardisedSilu
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g).requires_grad_(True)
     mean = torch.randn(1, 3, 1, 1, dtype=torch.float64, generator=g).requires_grad_(True)
@@ -187,6 +196,7 @@ def test_hand_written_backward_of_the_standardised_silu_passes_gradcheck(deferre
 
 def _loss_and_grads(model, x, y, fast):
     from model.fast_paths import eager_fast_paths
+
     model.zero_grad(set_to_none=True)
     with eager_fast_paths(fast):
         loss = F.cross_entropy(model(x), y)
@@ -198,8 +208,16 @@ def _loss_and_grads(model, x, y, fast):
 def test_eager_training_fast_paths_give_the_traced_arithmetic_loss_and_gradients(channels_last):
     """Training eagerly (hand-written backwards, in-place writes) and the arithmetic PopTorch
     traces give the same loss bit for bit and the same gradients to float32 rounding."""
-    model = build_model("b0", group_size=16, expand_ratio=4, norm="layer", proxy_norm=True,
-                        num_classes=10, dropout=0.0, drop_path=0.0)
+    model = build_model(
+        "b0",
+        group_size=16,
+        expand_ratio=4,
+        norm="layer",
+        proxy_norm=True,
+        num_classes=10,
+        dropout=0.0,
+        drop_path=0.0,
+    )
     x, y = torch.randn(3, 3, 64, 64), torch.randint(0, 10, (3,))
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)

@@ -1,4 +1,5 @@
 """The paper's recipe: mixing distributions, per-epoch weight averaging, the fine-tuning rate, presets."""
+
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ DRAWS = 200_000
 
 # ----------------------------------------------------------------------------- mixing
 
+
 @pytest.mark.parametrize("alpha", [0.1, 0.2])
 def test_mixup_coefficients_have_the_moments_of_max_of_a_beta(alpha):
     """m = max(b, 1 − b), b ~ Beta(α, α): E[m] = 1 − I½(α+1, α), E[m²] = (α+1)/(2α+1)·(1 − I½(α+2, α))
@@ -26,7 +28,7 @@ def test_mixup_coefficients_have_the_moments_of_max_of_a_beta(alpha):
     mean = 1 - betainc(alpha + 1, alpha, 0.5)
     second = (alpha + 1) / (2 * alpha + 1) * (1 - betainc(alpha + 2, alpha, 0.5))
     assert m.mean() == pytest.approx(mean, abs=3e-3)
-    assert (m ** 2).mean() == pytest.approx(second, abs=3e-3)
+    assert (m**2).mean() == pytest.approx(second, abs=3e-3)
     assert len(set(mixup_coefficients(8, alpha, np.random.default_rng(1)).tolist())) == 8  # per sample
 
 
@@ -43,7 +45,7 @@ def test_cutmix_v1_lambda_has_the_analytic_moments(lambda0):
     assert lam.min() > 0 and lam.max() <= 1
     assert (lam == 1.0).mean() == pytest.approx(p, abs=6e-3)
     assert lam.mean() == pytest.approx(mean, abs=3e-3)
-    assert (lam ** 2).mean() == pytest.approx(second, abs=3e-3)
+    assert (lam**2).mean() == pytest.approx(second, abs=3e-3)
 
 
 def test_mixup_then_cutmix_targets_are_the_pixel_shares():
@@ -66,6 +68,7 @@ def test_mixup_then_cutmix_targets_are_the_pixel_shares():
 
 
 # ----------------------------------------------------------------------------- weight averaging
+
 
 def tiny_net() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
@@ -110,16 +113,22 @@ def test_weight_average_kind_and_schedule():
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-@pytest.mark.parametrize("micro, accum, expected", [(32, 16, 0.25), (16, 48, 0.375), (32, 1, 2 ** -6)])
+
+@pytest.mark.parametrize("micro, accum, expected", [(32, 16, 0.25), (16, 48, 0.375), (32, 1, 2**-6)])
 def test_finetune_rate_is_per_image_times_the_global_batch(tmp_path, micro, accum, expected):
     """2⁻¹¹ per image × global batch (TF1 cosine.py); the fine-tuning run gets SGD without
     momentum, cosine without warm-up, and the training loop's scaling gives the same rate."""
-    cfg = build_config("b0-g16-lnpn", [f"train.micro_batch={micro}", f"train.grad_accum={accum}",
-                                       f"log.out_dir={tmp_path}"])
+    cfg = build_config(
+        "b0-g16-lnpn", [f"train.micro_batch={micro}", f"train.grad_accum={accum}", f"log.out_dir={tmp_path}"]
+    )
     assert finetune_lr(cfg) == pytest.approx(expected)
     ft = finetune_config(cfg, {}, tmp_path / "src" / "checkpoints" / "best.pt", 224)
-    assert (ft.optim.name, ft.optim.momentum, ft.schedule.name, ft.schedule.warmup_epochs) == \
-        ("sgd", 0.0, "cosine", 0.0)
+    assert (ft.optim.name, ft.optim.momentum, ft.schedule.name, ft.schedule.warmup_epochs) == (
+        "sgd",
+        0.0,
+        "cosine",
+        0.0,
+    )
     assert ft.optim.lr * ft.global_batch / ft.optim.lr_reference_batch == pytest.approx(expected)
     assert (ft.data.augment, ft.data.mixup, ft.data.cutmix_lambda) == (False, 0.0, 1.0)
     assert ft.train.weight_avg_exp == 0 and ft.train.ema_decay == 0
@@ -127,13 +136,21 @@ def test_finetune_rate_is_per_image_times_the_global_batch(tmp_path, micro, accu
 
 # ----------------------------------------------------------------------------- presets
 
-@pytest.mark.parametrize("name, mixup, lambda0", [("b0-g1-gn", 0.1, 1.0), ("b1-g16-lnpn", 0.1, 0.95),
-                                                  ("b3-g16-gn-half", 0.2, 0.9), ("b5-g16-lnpn", 0.2, 0.8)])
+
+@pytest.mark.parametrize(
+    "name, mixup, lambda0",
+    [
+        ("b0-g1-gn", 0.1, 1.0),
+        ("b1-g16-lnpn", 0.1, 0.95),
+        ("b3-g16-gn-half", 0.2, 0.9),
+        ("b5-g16-lnpn", 0.2, 0.8),
+    ],
+)
 def test_grid_presets_carry_the_configs_recipe(name, mixup, lambda0):
     cfg = build_config(name)
     assert (cfg.data.mixup, cfg.data.cutmix_lambda) == (mixup, lambda0)
     assert cfg.data.random_crop_scale == [0.05, 1.0] and cfg.global_batch == 768
     assert cfg.train.weight_avg_exp == 0.97 and cfg.train.ema_decay == 0
     assert cfg.ipu.precision == "16.32" and cfg.ipu.loss_scaling == 128
-    assert cfg.optim.lr * cfg.global_batch / cfg.optim.lr_reference_batch == pytest.approx(2 ** -14 * 768)
+    assert cfg.optim.lr * cfg.global_batch / cfg.optim.lr_reference_batch == pytest.approx(2**-14 * 768)
     assert finetune_lr(build_config(name, ["train.micro_batch=32", "train.grad_accum=16"])) == 0.25

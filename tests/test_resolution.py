@@ -1,5 +1,6 @@
 """The resolution helper: half-resolution sizes, the residue rule (odd sizes, other stage counts),
 the stage count read off a model, the warning, and the sweep's table and plot."""
+
 import warnings
 
 import pytest
@@ -150,7 +151,7 @@ def test_warning_fires_exactly_when_the_rule_is_broken(train_res, stages, capsys
             warnings.simplefilter("always")
             broken = check_resolutions(train_res, [test_res], stages, what="validation")
         mine = [w for w in caught if issubclass(w.category, ResolutionWarning)]
-        expected = (test_res - train_res) % 2 ** stages != 0
+        expected = (test_res - train_res) % 2**stages != 0
         assert (len(mine) == 1) == expected == (broken == [test_res]), test_res
         console = capsys.readouterr().out
         assert ("warning: validation resolution" in console) == expected
@@ -172,12 +173,16 @@ def test_parse_resolutions():
 
 def test_sweep_table_and_plot(tmp_path):
     fake = {96: 97.0, 100: 90.0, 128: 95.5}
+
     def evaluate_at(r):
         return {"raw": {"top1": fake[r], "top5": 100.0}, "ema": {"top1": fake[r] + 1, "top5": 100.0}}
 
     rows = sweep(evaluate_at, [96, 100, 128], train_resolution=64)
-    assert [(r["resolution"], r["keeps_residue"]) for r in rows if r["weights"] == "raw"] == \
-        [(96, True), (100, False), (128, True)]
+    assert [(r["resolution"], r["keeps_residue"]) for r in rows if r["weights"] == "raw"] == [
+        (96, True),
+        (100, False),
+        (128, True),
+    ]
     table = sweep_table(rows, 64)
     lines = table.splitlines()
     assert "| 96 | 0 | ✓ | 98.00 | 97.00 |" in lines  # columns: ema, raw
@@ -195,8 +200,11 @@ def test_half_presets_train_at_the_half_resolution():
 
 
 def test_sweep_report_from_validation_results_keeps_earlier_reports(tmp_path):
-    results = {"raw@64": {"top1": 90.0, "top5": 99.0}, "raw@72": {"top1": 80.0, "top5": 98.0},
-               "ema@64": {"top1": 91.0, "top5": 99.5}}
+    results = {
+        "raw@64": {"top1": 90.0, "top5": 99.0},
+        "raw@72": {"top1": 80.0, "top5": 98.0},
+        "ema@64": {"top1": 91.0, "top5": 99.5},
+    }
     md, png = write_sweep_report(results, 96, tmp_path, title="b0 sweep")
     text = md.read_text()
     assert text.startswith("# b0 sweep") and "| 64 | 0 | ✓ | 91.00 | 90.00 |" in text

@@ -1,4 +1,5 @@
 """The run-folder writer (app/run_folder.py) and the Checkpointer (app/checkpointer.py), in process."""
+
 import errno
 import json
 
@@ -14,6 +15,7 @@ def failing(code):
     def write(f):
         f.write(b"half")
         raise OSError(code, "injected")
+
     return write
 
 
@@ -29,8 +31,15 @@ def test_a_failed_document_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert f"python -m app train --resume {tmp_path}" in text
 
 
-@pytest.mark.parametrize("code,says", [(errno.EROFS, "read-only"), (errno.EIO, "I/O error"),
-                                        (errno.ELOOP, "symbolic link"), (errno.EDQUOT, "quota")])
+@pytest.mark.parametrize(
+    "code,says",
+    [
+        (errno.EROFS, "read-only"),
+        (errno.EIO, "I/O error"),
+        (errno.ELOOP, "symbolic link"),
+        (errno.EDQUOT, "quota"),
+    ],
+)
 def test_every_cause_is_named_with_its_fix(tmp_path, code, says):
     with pytest.raises(RunFolderError, match=says):
         RunFolder(tmp_path).write_document("x.md", failing(code))
@@ -42,8 +51,10 @@ def test_a_folder_moved_away_is_not_made_again(tmp_path):
     run.mkdir()
     folder = RunFolder(run, whole=lambda: "the newest checkpoint")
     run.rename(tmp_path / "moved")
-    for write in (lambda: folder.write_document("checkpoints/step-0000001.pt", b"x"),
-                  lambda: folder.append_line("metrics.jsonl", "{}")):
+    for write in (
+        lambda: folder.write_document("checkpoints/step-0000001.pt", b"x"),
+        lambda: folder.append_line("metrics.jsonl", "{}"),
+    ):
         with pytest.raises(RunFolderError, match="the folder is gone.*Still whole: the newest checkpoint"):
             write()
     assert not run.exists()
@@ -80,8 +91,14 @@ def test_a_failed_append_is_cut_back_and_a_torn_line_repaired(tmp_path, monkeypa
             return self.f.truncate(size)
 
     real_open = open
-    monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: Full(real_open(path, mode, *a, **k))
-                        if str(path) == str(log) and mode == "ab" else real_open(path, mode, *a, **k))
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda path, mode="r", *a, **k: (
+            Full(real_open(path, mode, *a, **k))
+            if str(path) == str(log) and mode == "ab"
+            else real_open(path, mode, *a, **k)
+        ),
+    )
     with pytest.raises(RunFolderError, match="disk is full"):
         folder.append_line("metrics.jsonl", json.dumps({"step": 2}))
     monkeypatch.undo()
@@ -123,8 +140,13 @@ def test_the_checkpointer_saves_keeps_and_restores(tmp_path):
     assert [s for s in range(1, 10) if saver.due(s)] == [3, 6, 9]
     parts = {"model": Part(1.0), "ema": None, "optimizer": Part(2.0), "backend": Part(3.0)}
     for step in (3, 6, 9):
-        payload = saver.payload(step, 4, parts, {"ema_step": step, "best_top1": 50.0, "epoch_rng": None},
-                                {"metrics": {}, "config": {"train": {}}})
+        payload = saver.payload(
+            step,
+            4,
+            parts,
+            {"ema_step": step, "best_top1": 50.0, "epoch_rng": None},
+            {"metrics": {}, "config": {"train": {}}},
+        )
         saver.save(payload)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step-0000006.pt", "step-0000009.pt"]
@@ -138,8 +160,7 @@ def test_the_checkpointer_saves_keeps_and_restores(tmp_path):
     assert resumed["step"] == counters["step"] == 9 and counters["best_top1"] == 50.0
     assert fresh["optimizer"].value.item() == 2.0 and fresh["backend"].value.item() == 3.0
     with pytest.raises(AppError, match="a checkpoint of a train run, not of a finetune run"):
-        Checkpointer(spec, "finetune", is_main=False).open_resume(str(tmp_path), lambda p: p,
-                                                                  lambda *a: None)
+        Checkpointer(spec, "finetune", is_main=False).open_resume(str(tmp_path), lambda p: p, lambda *a: None)
 
 
 def test_the_time_interval_asks_for_a_checkpoint_once_it_has_passed(monkeypatch):

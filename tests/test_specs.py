@@ -1,4 +1,5 @@
 """The run's specs (app/specs.py): every batch size from one BatchPlan, for either device kind."""
+
 import pytest
 
 from app.config import build_config
@@ -26,18 +27,29 @@ def test_an_ipu_process_drives_its_share_of_the_replicas():
 
 @pytest.mark.parametrize("device, through_poptorch", [("cpu", False), ("ipu-model", True)])
 def test_data_and_device_specs_carry_only_their_own_settings(device, through_poptorch):
-    cfg = build_config("digits", [f"device={device}", "data.workers=3", "data.mixup=0.2",
-                                  "train.precision=bf16"])
+    cfg = build_config(
+        "digits", [f"device={device}", "data.workers=3", "data.mixup=0.2", "train.precision=bf16"]
+    )
     data = data_spec(cfg)
     assert (data.workers, data.mixup, data.poptorch_loader) == (3, 0.2, through_poptorch)
     assert device_spec(cfg).precision == "bf16" and device_spec(cfg).kind == device
 
 
 def test_ipu_optimiser_and_model_specs_carry_what_the_ipu_layer_reads():
-    cfg = build_config("digits", ["device=ipu-model", "ipu.pipeline={blocks.4: 1}",
-                                  "ipu.recompute=[blocks.2]",
-                                  "ipu.precision=16.32", "ipu.available_memory_proportion=[0.3,0.4]",
-                                  "train.seed=7", "optim.name=sgd", "optim.momentum=0", "data.resolution=40"])
+    cfg = build_config(
+        "digits",
+        [
+            "device=ipu-model",
+            "ipu.pipeline={blocks.4: 1}",
+            "ipu.recompute=[blocks.2]",
+            "ipu.precision=16.32",
+            "ipu.available_memory_proportion=[0.3,0.4]",
+            "train.seed=7",
+            "optim.name=sgd",
+            "optim.momentum=0",
+            "data.resolution=40",
+        ],
+    )
     ipu = ipu_spec(cfg)
     assert ipu.pipeline == {"blocks.4": 1} and ipu.recompute == ("blocks.2",)
     assert ipu.precision == "16.32" and ipu.available_memory_proportion == (0.3, 0.4)

@@ -1,4 +1,5 @@
 """`python -m experiments study`: tiny runs (one seed, one step, synthetic images) and the report's logic."""
+
 import json
 
 import pytest
@@ -7,13 +8,29 @@ import experiments.study
 from experiments.cli import main as cli
 from experiments.study_report import compare, verdict, write_report
 
-TINY = ["--device", "cpu", "data.dataset=synthetic", "data.synthetic_images=64", "train.max_steps=1",
-        "study.seeds=[0]"]
+TINY = [
+    "--device",
+    "cpu",
+    "data.dataset=synthetic",
+    "data.synthetic_images=64",
+    "train.max_steps=1",
+    "study.seeds=[0]",
+]
 
 
 def run_study(name, tmp_path, *extra):
-    return cli(["study", name, "--config", "digits", *TINY, f"study.out_dir={tmp_path}",
-                f"log.out_dir={tmp_path / 'runs'}", *extra])
+    return cli(
+        [
+            "study",
+            name,
+            "--config",
+            "digits",
+            *TINY,
+            f"study.out_dir={tmp_path}",
+            f"log.out_dir={tmp_path / 'runs'}",
+            *extra,
+        ]
+    )
 
 
 def rows_of(tmp_path, name):
@@ -23,8 +40,9 @@ def rows_of(tmp_path, name):
 
 def test_norms_study_keeps_the_global_batch_and_writes_rows_report_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments.study, "MICRO_BATCHES", (2, 32))
-    monkeypatch.setattr(experiments.study, "NORM_VARIANTS",
-                        (("BN", "batch", False), ("LN+PN", "layer", True)))
+    monkeypatch.setattr(
+        experiments.study, "NORM_VARIANTS", (("BN", "batch", False), ("LN+PN", "layer", True))
+    )
     assert run_study("norms", tmp_path) == 0
     path, rows = rows_of(tmp_path, "norms")
     assert [r["variant"] for r in rows] == ["BN mb2", "BN mb32", "LN+PN mb2", "LN+PN mb32"]
@@ -57,10 +75,14 @@ def test_study_name_is_required_and_checked(tmp_path, capsys):
     assert cli(["study", "--config", "digits", f"study.out_dir={tmp_path}"]) == 2
     assert cli(["study", "norm", "--config", "digits"]) == 2
     assert "one of norms, groups, resolution" in capsys.readouterr().err
-    assert cli(["study", "norms", "--config", "digits", f"study.out_dir={tmp_path}",
-                "study.report_only=true"]) == 2  # no rows yet: says which command makes them
-    assert cli(["study", "groups", "--config", "digits", f"study.out_dir={tmp_path}",
-                "study.variants=[G2 e6]"]) == 2
+    assert (
+        cli(["study", "norms", "--config", "digits", f"study.out_dir={tmp_path}", "study.report_only=true"])
+        == 2
+    )  # no rows yet: says which command makes them
+    assert (
+        cli(["study", "groups", "--config", "digits", f"study.out_dir={tmp_path}", "study.variants=[G2 e6]"])
+        == 2
+    )
     assert "not variants of the groups study" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before any run or file
 
@@ -98,7 +120,11 @@ def test_a_partial_grid_completes_the_rows_a_whole_grid_replaces_them(tmp_path, 
     part.add({"variant": "GN mb4", "seed": 0, "top1": 30.0})
     rows = load_rows(part.finish(merge=True))
     assert sorted((r["variant"], r["seed"], r["top1"]) for r in rows) == [
-        ("BN mb2", 0, 10.0), ("BN mb2", 1, 10.0), ("BN mb4", 0, 20.0), ("GN mb4", 0, 30.0)]
+        ("BN mb2", 0, 10.0),
+        ("BN mb2", 1, 10.0),
+        ("BN mb4", 0, 20.0),
+        ("GN mb4", 0, 30.0),
+    ]
     assert "2 new rows beside 2 of the 3 already there" in capsys.readouterr().out
     assert (tmp_path / "study-norms-digits-cpu.csv").read_text().count("\n") == 5  # header + 4 rows
 
@@ -120,9 +146,21 @@ def test_a_resume_continues_only_a_study_folder_as_it_started(tmp_path, capsys):
     (folder / "config.yaml").write_text(yaml.safe_dump(build_config("digits").to_dict()))
     assert cli(["study", "groups", "--resume", str(folder)]) == 2
     assert "no progress.json there" in capsys.readouterr().err
-    (folder / "progress.json").write_text(json.dumps(
-        {"setup": {"study": "groups", "command": "c", "variants": [], "keep_max_steps": False,
-                   "native": None}, "done": {}, "partial": {}}))
+    (folder / "progress.json").write_text(
+        json.dumps(
+            {
+                "setup": {
+                    "study": "groups",
+                    "command": "c",
+                    "variants": [],
+                    "keep_max_steps": False,
+                    "native": None,
+                },
+                "done": {},
+                "partial": {},
+            }
+        )
+    )
     assert cli(["study", "groups", "--resume", str(folder), "train.epochs=2"]) == 2
     err = capsys.readouterr().err
     assert "without overrides (train.epochs=2)" in err and f"study groups --resume {folder}" in err

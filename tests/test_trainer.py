@@ -1,5 +1,6 @@
 """The Trainer's frame: one teardown whatever happens, the loop's state in one place, and run
 kinds that keep to their own checkpoints (the loop itself knows no kind but its own)."""
+
 import re
 
 import pytest
@@ -11,8 +12,15 @@ from app.run_folder import resume_command
 from app.train import LoopState, RunHook, Trainer, run_training
 from backends.native import NativeBackend
 
-QUICK = ["device=cpu", "data.resolution=32", "data.workers=0", "train.micro_batch=8",
-         "train.log_every=1", "train.ema_decay=0", "train.val_every=100"]
+QUICK = [
+    "device=cpu",
+    "data.resolution=32",
+    "data.workers=0",
+    "train.micro_batch=8",
+    "train.log_every=1",
+    "train.ema_decay=0",
+    "train.val_every=100",
+]
 
 
 def config(tmp_path, *overrides):
@@ -32,12 +40,14 @@ class Closing:
             ctx = real_init(cfg)
             ctx.close = lambda: self.closed.append("process group")
             return ctx
+
         monkeypatch.setattr(app.train, "init_distributed", init)
 
     def _recorder(self, name, close):
         def recording(obj, *args, **kwargs):
             self.closed.append(name)
             return close(obj, *args, **kwargs)
+
         return recording
 
 
@@ -46,6 +56,7 @@ def test_teardown_runs_when_a_step_raises_something_unexpected(tmp_path, monkeyp
 
     def broken_step(self, images, targets):
         raise RuntimeError("device lost")
+
     monkeypatch.setattr(NativeBackend, "train_step", broken_step)
     with pytest.raises(RuntimeError, match="device lost"):
         run_training(config(tmp_path, "train.max_steps=2"))
@@ -74,8 +85,11 @@ def test_a_checkpoint_of_another_kind_of_run_is_not_resumed_as_this_one(tmp_path
     other = RunHook("other", lambda setup: seen.append(setup.host_batch))
     first = run_training(config(tmp_path, "train.max_steps=1", "log.name=other-run"), other)
     assert first.exit_code == 0 and seen == [8]
-    with pytest.raises(AppError, match=f"a checkpoint of a other run, not of a train run: resume it "
-                                       f"with {re.escape(resume_command(first.run_dir, 'other'))}"):
+    with pytest.raises(
+        AppError,
+        match=f"a checkpoint of a other run, not of a train run: resume it "
+        f"with {re.escape(resume_command(first.run_dir, 'other'))}",
+    ):
         run_training(config(tmp_path, f"resume={first.run_dir}", "train.max_steps=2"))
     resumed = run_training(config(tmp_path, f"resume={first.run_dir}", "train.max_steps=2"), other)
     assert resumed.exit_code == 0 and resumed.last_step == 2 and seen == [8, 8]

@@ -1,5 +1,6 @@
 """``build_loader``: the loader a dataset and a configuration call for — one fixed synthetic batch,
 the PopTorch DataLoader of an IPU run's training data, or the host ``Loader`` (app/data/loader.py)."""
+
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -35,9 +36,16 @@ def _torch_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev if dev.type in ("cpu", "cuda") else torch.device("cpu")
 
 
-def build_loader(dataset: ImageDataset, batch: Union[int, BatchPlan], *, train: bool, spec: DataSpec,
-                 device: Union[str, torch.device, None] = None, sampler: Optional[Sampler] = None,
-                 seed: int = 0) -> Union[Loader, SyntheticLoader, PopTorchLoader]:
+def build_loader(
+    dataset: ImageDataset,
+    batch: Union[int, BatchPlan],
+    *,
+    train: bool,
+    spec: DataSpec,
+    device: Union[str, torch.device, None] = None,
+    sampler: Optional[Sampler] = None,
+    seed: int = 0,
+) -> Union[Loader, SyntheticLoader, PopTorchLoader]:
     """The loader for ``dataset`` (see app/data/loader.py): ``batch`` images per batch — a number,
     or the run's ``BatchPlan`` for its training data (its host batch; poptorch.DataLoader
     rebatches its micro-batches) — the last partial batch dropped when training, kept for
@@ -54,8 +62,26 @@ def build_loader(dataset: ImageDataset, batch: Union[int, BatchPlan], *, train: 
     if train and spec.poptorch_loader:
         if not isinstance(batch, BatchPlan):
             raise ValueError("poptorch.DataLoader's training data needs the run's BatchPlan, not a number")
-        return PopTorchLoader(dataset, batch, poptorch=poptorch, workers=spec.workers,
-                              prefetch=spec.prefetch, mixup=mixup, cutmix=cutmix, seed=seed, sampler=sampler)
-    return Loader(dataset, batch_size, train=train, workers=spec.workers,
-                  pin_memory=dev.type == "cuda", mixup=mixup, cutmix=cutmix, seed=seed,
-                  sampler=sampler, prefetch=spec.prefetch)
+        return PopTorchLoader(
+            dataset,
+            batch,
+            poptorch=poptorch,
+            workers=spec.workers,
+            prefetch=spec.prefetch,
+            mixup=mixup,
+            cutmix=cutmix,
+            seed=seed,
+            sampler=sampler,
+        )
+    return Loader(
+        dataset,
+        batch_size,
+        train=train,
+        workers=spec.workers,
+        pin_memory=dev.type == "cuda",
+        mixup=mixup,
+        cutmix=cutmix,
+        seed=seed,
+        sampler=sampler,
+        prefetch=spec.prefetch,
+    )

@@ -5,6 +5,7 @@ Every dataset yields ``(uint8 tensor [3, r, r], int label)`` from ``dataset[i]``
 makes the augmentation a function of ``seed`` alone and replaces an unreadable image by the next
 readable one, returning the paths it had to skip so the main process can count and report them.
 """
+
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -20,9 +21,11 @@ from .transforms import train_transform, val_transform
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BUILTIN = ("digits", "synthetic", "generated")
-LAYOUT = ("expected an ImageNet-style folder: <root>/train/<class>/<image> and "
-          "<root>/val/<class>/<image> (one sub-folder per class, images with extensions "
-          f"{', '.join(IMAGE_EXTENSIONS)}), or one of the built-in datasets {', '.join(BUILTIN)}")
+LAYOUT = (
+    "expected an ImageNet-style folder: <root>/train/<class>/<image> and "
+    "<root>/val/<class>/<image> (one sub-folder per class, images with extensions "
+    f"{', '.join(IMAGE_EXTENSIONS)}), or one of the built-in datasets {', '.join(BUILTIN)}"
+)
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 GENERATED_CLASSES = 1000  # synthetic/generated data stand in for ImageNet
@@ -42,8 +45,15 @@ class ImageDataset(torch.utils.data.Dataset):
 
     classes: List[str]
 
-    def __init__(self, split: str, resolution: int, scale: Sequence[float] = (0.08, 1.0),
-                 hflip: bool = True, augment: bool = True, reduced_decode: bool = True):
+    def __init__(
+        self,
+        split: str,
+        resolution: int,
+        scale: Sequence[float] = (0.08, 1.0),
+        hflip: bool = True,
+        augment: bool = True,
+        reduced_decode: bool = True,
+    ):
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r} is invalid: expected 'train' or 'val'")
         self.split, self.resolution = split, resolution
@@ -71,8 +81,9 @@ class ImageDataset(torch.utils.data.Dataset):
         """The split's transform of ``image``, which may be opened but not yet decoded (the
         transform decodes it, reduced where the crop allows)."""
         if self.split == "train" and self.augment:
-            return train_transform(image, self.resolution, self.scale, self.hflip, rng,
-                                   reduced=self.reduced_decode)
+            return train_transform(
+                image, self.resolution, self.scale, self.hflip, rng, reduced=self.reduced_decode
+            )
         return val_transform(image, self.resolution, reduced=self.reduced_decode)
 
     def load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
@@ -99,12 +110,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         # outside the loader: augmentation seeded from torch's global RNG (torch.manual_seed rules)
-        seed = int(torch.randint(0, 2 ** 62, (1,)))
+        seed = int(torch.randint(0, 2**62, (1,)))
         image, label, _ = self.sample(index, seed)
         return image, label
 
 
 # ----------------------------------------------------------------------------- folders
+
 
 def is_a(entry: "os.DirEntry", kind: str) -> bool:
     """Whether a folder entry is a ``kind`` ("dir" or "file"), following symbolic links. A dangling
@@ -112,9 +124,11 @@ def is_a(entry: "os.DirEntry", kind: str) -> bool:
     try:
         return entry.is_dir() if kind == "dir" else entry.is_file()
     except OSError as error:
-        raise DatasetError(f"{entry.path} cannot be read: {error.strerror or error} (a symbolic link "
-                           "that points back at itself, or at a link that does): remove it, or point "
-                           "it at a real folder or image") from None
+        raise DatasetError(
+            f"{entry.path} cannot be read: {error.strerror or error} (a symbolic link "
+            "that points back at itself, or at a link that does): remove it, or point "
+            "it at a real folder or image"
+        ) from None
 
 
 def subfolders(folder: Path) -> List[str]:
@@ -130,8 +144,9 @@ def _scan(split_dir: Path, classes: List[str]) -> List[Tuple[str, int]]:
         if not class_dir.is_dir():
             continue
         with os.scandir(class_dir) as entries:
-            files = sorted(e.path for e in entries
-                           if e.name.lower().endswith(IMAGE_EXTENSIONS) and is_a(e, "file"))
+            files = sorted(
+                e.path for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS) and is_a(e, "file")
+            )
         items.extend((f, label) for f in files)
     return items
 
@@ -154,8 +169,10 @@ class FolderDataset(ImageDataset):
             raise DatasetError(f"data.dataset={root!r}: train/ has no class sub-folders; {LAYOUT}")
         extra = sorted(set(subfolders(split_dir)) - set(self.classes))
         if extra:
-            raise DatasetError(f"data.dataset={root!r}: {split}/ has classes not in train/: "
-                               f"{', '.join(extra[:5])}; both splits must use the same class folders")
+            raise DatasetError(
+                f"data.dataset={root!r}: {split}/ has classes not in train/: "
+                f"{', '.join(extra[:5])}; both splits must use the same class folders"
+            )
         self.items = _scan(split_dir, self.classes)
         if not self.items:
             raise DatasetError(f"data.dataset={root!r}: {split}/ holds no images; {LAYOUT}")
@@ -183,6 +200,7 @@ class FolderDataset(ImageDataset):
 
 # ----------------------------------------------------------------------------- built-ins
 
+
 @lru_cache(maxsize=1)
 def digits_split() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits (1,797 8×8 images, no download) as uint8 0–255, split once
@@ -192,8 +210,13 @@ def digits_split() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    tx, vx, ty, vy = train_test_split(images, digits.target, test_size=DIGITS_VAL_FRACTION,
-                                      stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
+    tx, vx, ty, vy = train_test_split(
+        images,
+        digits.target,
+        test_size=DIGITS_VAL_FRACTION,
+        stratify=digits.target,
+        random_state=DIGITS_SPLIT_SEED,
+    )
     return tx, ty.astype(np.int64), vx, vy.astype(np.int64)
 
 
@@ -249,8 +272,12 @@ class SyntheticDataset(GeneratedDataset):
 def build_dataset(cfg, split: str, resolution: int, root: Optional[str] = None) -> ImageDataset:
     """The dataset named by ``cfg.data.dataset`` (or ``root``) for ``split`` at ``resolution``."""
     name = root if root is not None else cfg.data.dataset
-    opts = dict(scale=cfg.data.random_crop_scale, hflip=cfg.data.hflip, augment=cfg.data.augment,
-                reduced_decode=cfg.data.reduced_decode)
+    opts = dict(
+        scale=cfg.data.random_crop_scale,
+        hflip=cfg.data.hflip,
+        augment=cfg.data.augment,
+        reduced_decode=cfg.data.reduced_decode,
+    )
     if name == "digits":
         return DigitsDataset(split, resolution, **opts)
     if name in ("synthetic", "generated"):

@@ -16,6 +16,7 @@ Usage::
             ...
     loader.skipped  # unreadable images replaced so far, counted across all worker processes
 """
+
 import warnings
 from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -61,8 +62,16 @@ class EpochBatches(Sampler):
     (seed, epoch) when shuffling, the given sampler's order (after its own set_epoch) when one is
     passed (e.g. a DistributedSampler), else sequential."""
 
-    def __init__(self, size: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
-                 sampler: Optional[Sampler] = None):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int,
+        sampler: Optional[Sampler] = None,
+    ):
         self.size, self.batch_size = size, batch_size
         self.shuffle, self.drop_last, self.seed, self.sampler = shuffle, drop_last, seed, sampler
         self.epoch, self.start = 0, 0
@@ -92,8 +101,12 @@ class EpochBatches(Sampler):
         # Keys are (index, epoch): the sample seeds are mixed in the workers (SeededView), so the
         # main process does no per-sample work beyond slicing the order
         order, epoch = self.order(), self.epoch
-        return iter([[(i, epoch) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
-                     for b in range(self.start, self._count(len(order)))])
+        return iter(
+            [
+                [(i, epoch) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+                for b in range(self.start, self._count(len(order)))
+            ]
+        )
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -130,19 +143,23 @@ class Collate:
         targets = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         skipped = tuple(path for s in samples for path in s[2])
         rng = np.random.default_rng(mix_seed(len(samples), *[s[3] for s in samples[:4]]))
-        images, targets = mix_batch(images, targets, self.num_classes, self.mixup_alpha,
-                                    self.cutmix_lambda, rng)
+        images, targets = mix_batch(
+            images, targets, self.num_classes, self.mixup_alpha, self.cutmix_lambda, rng
+        )
         return images, targets, skipped
 
 
-def check_batches(dataset: ImageDataset, batches: EpochBatches, batch_size: int,
-                  sampler: Optional[Sampler]) -> None:
+def check_batches(
+    dataset: ImageDataset, batches: EpochBatches, batch_size: int, sampler: Optional[Sampler]
+) -> None:
     """Refuse data that does not fill one batch, naming the fix."""
     if len(batches) == 0:
         share = f" (this process's share: {len(sampler)})" if sampler is not None else ""
-        raise DatasetError(f"the {dataset.split} data has {len(dataset)} images{share}, fewer than "
-                           f"one batch of {batch_size}: lower train.micro_batch (or "
-                           "train.grad_accum / train.replicas), or use more data")
+        raise DatasetError(
+            f"the {dataset.split} data has {len(dataset)} images{share}, fewer than "
+            f"one batch of {batch_size}: lower train.micro_batch (or "
+            "train.grad_accum / train.replicas), or use more data"
+        )
 
 
 class Loader:
@@ -150,12 +167,24 @@ class Loader:
     ``iterate(start_batch=k)``: this epoch from batch k on (resume). ``skipped``: unreadable
     images replaced so far (each replacement counts); ``skipped_files``: their paths."""
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, *, train: bool, workers: int,
-                 pin_memory: bool, mixup: float, cutmix: float, seed: int,
-                 sampler: Optional[Sampler] = None, prefetch: int = 2):
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        batch_size: int,
+        *,
+        train: bool,
+        workers: int,
+        pin_memory: bool,
+        mixup: float,
+        cutmix: float,
+        seed: int,
+        sampler: Optional[Sampler] = None,
+        prefetch: int = 2,
+    ):
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
-        self.batches = EpochBatches(len(dataset), batch_size, shuffle=train, drop_last=train,
-                                    seed=seed, sampler=sampler)
+        self.batches = EpochBatches(
+            len(dataset), batch_size, shuffle=train, drop_last=train, seed=seed, sampler=sampler
+        )
         check_batches(dataset, self.batches, batch_size, sampler)
         # The DataLoader draws its workers' base seed when an iterator is created (every epoch
         # without workers, once with persistent ones). From the global RNG that draw would happen
@@ -171,9 +200,14 @@ class Loader:
         # float32) and, for CUDA, land in pinned memory so the host-to-device copy is async.
         extra = dict(prefetch_factor=prefetch, persistent_workers=True) if workers > 0 else {}
         self._loader = DataLoader(
-            SeededView(dataset, seed), batch_sampler=self.batches, num_workers=workers,
+            SeededView(dataset, seed),
+            batch_sampler=self.batches,
+            num_workers=workers,
             collate_fn=Collate(dataset.num_classes, mixup if train else 0.0, cutmix if train else 1.0),
-            pin_memory=pin_memory, generator=self._generator, **extra)
+            pin_memory=pin_memory,
+            generator=self._generator,
+            **extra,
+        )
         self.skipped = 0
         self.skipped_files: Set[str] = set()
 
@@ -207,8 +241,11 @@ class Loader:
         for path in skipped:
             if path not in self.skipped_files:
                 self.skipped_files.add(path)
-                warnings.warn(f"skipped an unreadable image (replaced by the next readable one): "
-                              f"{path}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"skipped an unreadable image (replaced by the next readable one): {path}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
 
 class SyntheticLoader:
@@ -216,20 +253,36 @@ class SyntheticLoader:
     step (no host I/O, no copies): measures the device alone. Targets are fixed random labels
     (mixed once into soft targets when mixup/cutmix is on, to keep the loss path the same)."""
 
-    def __init__(self, dataset: SyntheticDataset, batch_size: int, *, device: torch.device, mixup: float,
-                 cutmix: float, seed: int):
+    def __init__(
+        self,
+        dataset: SyntheticDataset,
+        batch_size: int,
+        *,
+        device: torch.device,
+        mixup: float,
+        cutmix: float,
+        seed: int,
+    ):
         self.dataset, self.batch_size, self.train = dataset, batch_size, True
         self.skipped, self.skipped_files = 0, set()
         self.length = max(len(dataset) // batch_size, 1)
         self.epoch = 0
         r = dataset.resolution
         generator = torch.Generator(device=device).manual_seed(mix_seed(seed))
-        self.images = torch.randint(0, 256, (batch_size, 3, r, r), dtype=torch.uint8, device=device,
-                                    generator=generator)
-        self.targets = torch.randint(0, dataset.num_classes, (batch_size,), device=device,
-                                     generator=generator)
-        self.images, self.targets = mix_batch(self.images, self.targets, dataset.num_classes, mixup,
-                                              cutmix, np.random.default_rng(mix_seed(seed, 1)))
+        self.images = torch.randint(
+            0, 256, (batch_size, 3, r, r), dtype=torch.uint8, device=device, generator=generator
+        )
+        self.targets = torch.randint(
+            0, dataset.num_classes, (batch_size,), device=device, generator=generator
+        )
+        self.images, self.targets = mix_batch(
+            self.images,
+            self.targets,
+            dataset.num_classes,
+            mixup,
+            cutmix,
+            np.random.default_rng(mix_seed(seed, 1)),
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

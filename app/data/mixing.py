@@ -16,6 +16,7 @@ runs mixed (Graphcore's TF1 code at 09b7c67, ``vision/cnns/tensorflow1/training/
 Label smoothing is the loss's job (``app/objective.py``): it is linear, so smoothing each one-hot
 before mixing, as the TF code does, equals smoothing the mixed targets.
 """
+
 import math
 from typing import Tuple
 
@@ -45,14 +46,16 @@ def cutmix_shift(batch_size: int) -> int:
 
 # ----------------------------------------------------------------------------- mixup
 
+
 def mixup_coefficients(batch_size: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
     """Per-sample mixup weights of the sample's own image: max(b, 1 − b), b ~ Beta(α, α)."""
     b = rng.beta(alpha, alpha, size=batch_size)
     return np.maximum(b, 1.0 - b)
 
 
-def mixup(images: torch.Tensor, soft: torch.Tensor,
-          coefficients: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+def mixup(
+    images: torch.Tensor, soft: torch.Tensor, coefficients: np.ndarray
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """m_i·x_i + (1 − m_i)·x_{i−1} (rounded back to uint8) and the same mix of the soft targets."""
     m = torch.as_tensor(coefficients, dtype=torch.float32, device=images.device)
     own = images.float()  # one float copy; the partners are rolled from it (same products, fewer copies)
@@ -62,6 +65,7 @@ def mixup(images: torch.Tensor, soft: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- cutmix
+
 
 def cutmix_v1_lambda(lambda0: float, rng: np.random.Generator) -> float:
     """One draw of CutMix v1's λ for λ₀: 1 (no cut) with probability 1.55·λ₀ − 0.96, else
@@ -79,12 +83,17 @@ def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator) ->
     cy = min(max(rng.uniform(0, height), box_h / 2), height - box_h / 2)
     cx = min(max(rng.uniform(0, width), box_w / 2), width - box_w / 2)
     # tf.round rounds halves to even, as Python's round does
-    return (int(round(cy - box_h / 2)), int(round(cy + box_h / 2)),
-            int(round(cx - box_w / 2)), int(round(cx + box_w / 2)))
+    return (
+        int(round(cy - box_h / 2)),
+        int(round(cy + box_h / 2)),
+        int(round(cx - box_w / 2)),
+        int(round(cx + box_w / 2)),
+    )
 
 
-def cutmix(images: torch.Tensor, soft: torch.Tensor, lam: float,
-           rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor, float]:
+def cutmix(
+    images: torch.Tensor, soft: torch.Tensor, lam: float, rng: np.random.Generator
+) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """Paste the box from sample i − 2 into every sample i; returns the images, the targets and
     the λ actually applied (the share of each image's own pixels)."""
     height, width = images.shape[-2:]
@@ -101,12 +110,19 @@ def cutmix(images: torch.Tensor, soft: torch.Tensor, lam: float,
 
 # ----------------------------------------------------------------------------- both
 
+
 def mixing_enabled(mixup_alpha: float, cutmix_lambda: float) -> bool:
     return mixup_alpha > 0 or cutmix_lambda < 1
 
 
-def mix_batch(images: torch.Tensor, targets: torch.Tensor, num_classes: int, mixup_alpha: float,
-              cutmix_lambda: float, rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+def mix_batch(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    mixup_alpha: float,
+    cutmix_lambda: float,
+    rng: np.random.Generator,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mixup (``mixup_alpha`` > 0), then CutMix v1 (``cutmix_lambda`` λ₀ < 1). With neither, the
     batch and its integer targets are returned as they are. (A batch of one is its own partner:
     mixing it changes nothing.)"""

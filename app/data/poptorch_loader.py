@@ -24,6 +24,7 @@ What that worker changes, and how the loader keeps its guarantees (app/data/load
   * A batch is a view of PopTorch's ring buffer, valid until later batches are asked for: the
     training step consumes it before the next one.
 """
+
 import warnings
 from typing import Any, Iterator, List, Optional, Tuple
 
@@ -55,7 +56,7 @@ class StreamBatches(Sampler):
             self.epochs.start = start
             for host in iter(self.epochs):
                 for first in range(0, len(host), self.batch_size):
-                    yield host[first:first + self.batch_size]
+                    yield host[first : first + self.batch_size]
             epoch, start = epoch + 1, 0
 
 
@@ -66,8 +67,11 @@ class TensorCollate(Collate):
     def __call__(self, samples: List[Tuple[Tensor, int, List[str]]]) -> Tuple[Tensor, Tensor, Tensor]:
         counts = torch.tensor([len(s[2]) for s in samples], dtype=torch.int32)
         for path in (p for s in samples for p in s[2]):
-            warnings.warn(f"skipped an unreadable image (replaced by the next readable one): {path}",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"skipped an unreadable image (replaced by the next readable one): {path}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         images, targets, _ = super().__call__(samples)
         return images, targets, counts
 
@@ -76,15 +80,27 @@ class PopTorchLoader:
     """The Loader's interface (``set_epoch``, ``iterate(start_batch)``, ``len``, ``skipped``) over
     ``poptorch.DataLoader(mode=AsyncRebatched)``; see the module docstring."""
 
-    def __init__(self, dataset: ImageDataset, plan: BatchPlan, *, poptorch: Any, workers: int,
-                 prefetch: int, mixup: float, cutmix: float, seed: int, sampler: Optional[Sampler] = None):
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        plan: BatchPlan,
+        *,
+        poptorch: Any,
+        workers: int,
+        prefetch: int,
+        mixup: float,
+        cutmix: float,
+        seed: int,
+        sampler: Optional[Sampler] = None,
+    ):
         host_batch = plan.host_batch
         self.dataset, self.batch_size, self.train = dataset, host_batch, True
         self.plan, self.poptorch = plan, poptorch
         self.workers, self.prefetch, self.seed = workers, prefetch, seed
         self.collate = TensorCollate(dataset.num_classes, mixup, cutmix)
-        self.batches = EpochBatches(len(dataset), host_batch, shuffle=True, drop_last=True, seed=seed,
-                                    sampler=sampler)
+        self.batches = EpochBatches(
+            len(dataset), host_batch, shuffle=True, drop_last=True, seed=seed, sampler=sampler
+        )
         check_batches(dataset, self.batches, host_batch, sampler)
         self.skipped = 0
         self.skipped_files: set = set()  # paths are warned by the workers (tensors only cross over)
@@ -114,12 +130,18 @@ class PopTorchLoader:
         options.Training.gradientAccumulation(plan.grad_accum)
         extra = dict(prefetch_factor=self.prefetch) if self.workers > 0 else {}
         self._loader = poptorch.DataLoader(
-            options, SeededView(self.dataset, self.seed), num_workers=self.workers,
+            options,
+            SeededView(self.dataset, self.seed),
+            num_workers=self.workers,
             batch_sampler=StreamBatches(self.batches, plan.micro_batch, epoch, start),
-            collate_fn=self.collate, drop_last=True, persistent_workers=self.workers > 0,
+            collate_fn=self.collate,
+            drop_last=True,
+            persistent_workers=self.workers > 0,
             auto_distributed_partitioning=False,  # the sampler already holds this process's share
-            mode=poptorch.DataLoaderMode.AsyncRebatched, async_options={"load_indefinitely": True},
-            **extra)
+            mode=poptorch.DataLoaderMode.AsyncRebatched,
+            async_options={"load_indefinitely": True},
+            **extra,
+        )
         self._stream = iter(self._loader)
         self._position = (epoch, start)
 

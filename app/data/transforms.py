@@ -21,6 +21,7 @@ output is bit-for-bit the full decode's.
 Randomness comes from a ``numpy.random.Generator`` passed in, so the loader can make every sample's
 augmentation a function of (seed, epoch, index) alone, whichever worker process decodes it.
 """
+
 import math
 from typing import Sequence, Tuple
 
@@ -42,8 +43,14 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
-def random_crop_box(width: int, height: int, scale: Sequence[float], rng: np.random.Generator,
-                    ratio: Tuple[float, float] = RATIO, attempts: int = 10) -> Box:
+def random_crop_box(
+    width: int,
+    height: int,
+    scale: Sequence[float],
+    rng: np.random.Generator,
+    ratio: Tuple[float, float] = RATIO,
+    attempts: int = 10,
+) -> Box:
     """A box covering a random fraction ``scale`` of the area with aspect ratio in ``ratio``;
     after ``attempts`` misses (crop larger than the image), the largest centred box whose ratio is
     clamped into ``ratio``."""
@@ -91,8 +98,14 @@ def decode_reduced(image: Image.Image, factor: int) -> Tuple[Image.Image, int]:
     return image.convert("RGB"), applied
 
 
-def train_transform(image: Image.Image, resolution: int, scale: Sequence[float], hflip: bool,
-                    rng: np.random.Generator, reduced: bool = True) -> torch.Tensor:
+def train_transform(
+    image: Image.Image,
+    resolution: int,
+    scale: Sequence[float],
+    hflip: bool,
+    rng: np.random.Generator,
+    reduced: bool = True,
+) -> torch.Tensor:
     box = random_crop_box(image.width, image.height, scale, rng)
     flip = hflip and rng.random() < 0.5
     factor = reduction_for((box[2] - box[0], box[3] - box[1]), (resolution, resolution)) if reduced else 1

@@ -4,6 +4,7 @@ A grid name reads ``b<k>-g<1|16>-<gn|lnpn>[-half]``. Its preset is ``_recipe.yam
 training recipe) updated with the model's row of ``_models.yaml`` and the variant's rows of
 ``_variants.yaml``; ``-half`` trains at the model's half resolution (``app/resolution.py``).
 """
+
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -28,8 +29,9 @@ def deep_update(base: Dict[str, Any], updates: Dict[str, Any]) -> Dict[str, Any]
 
 
 def grid_names() -> List[str]:
-    return [f"b{k}-g{g}-{n}{h}" for k in range(6) for g in (1, 16) for n in ("gn", "lnpn")
-            for h in ("", "-half")]
+    return [
+        f"b{k}-g{g}-{n}{h}" for k in range(6) for g in (1, 16) for n in ("gn", "lnpn") for h in ("", "-half")
+    ]
 
 
 def grid_preset(name: str) -> Optional[Dict[str, Any]]:

@@ -9,6 +9,7 @@ torch.utils.checkpoint), ``optim``, ``dataloader``, ``precision`` (fp16 rounding
 rounding, fp16 kernels on the CPU), ``lowering`` (the compile-time check of a forward pass
 against PopTorch 3.4's handlers and rules, with the facts in ``poptorch_ops.json`` that
 ``poptorch_sources`` extracts from PopTorch's sources)."""
+
 from . import optim
 from .blocks import BeginBlock, Block, identity_loss, recomputationCheckpoint, removeBlocks
 from .dataloader import AsynchronousDataAccessor, DataLoader
@@ -35,10 +36,33 @@ __version__ = "3.4.0+emulated"
 EMULATED = True
 
 __all__ = [
-    "AsynchronousDataAccessor", "AutoStage", "BeginBlock", "Block", "ConnectionType", "DataLoader",
-    "DataLoaderMode", "Error", "MeanReductionStrategy", "Options", "OutputMode",
-    "PipelinedExecution", "PoplarExecutor", "RecoverableError", "ReductionType", "ShardedExecution",
-    "TensorLocationSettings", "UnrecoverableError", "for_loop", "identity_loss", "inferenceModel",
-    "ipu_print_tensor", "ipuHardwareIsAvailable", "isRunningOnIpu", "optim",
-    "recomputationCheckpoint", "removeBlocks", "set_available_memory", "trainingModel",
+    "AsynchronousDataAccessor",
+    "AutoStage",
+    "BeginBlock",
+    "Block",
+    "ConnectionType",
+    "DataLoader",
+    "DataLoaderMode",
+    "Error",
+    "MeanReductionStrategy",
+    "Options",
+    "OutputMode",
+    "PipelinedExecution",
+    "PoplarExecutor",
+    "RecoverableError",
+    "ReductionType",
+    "ShardedExecution",
+    "TensorLocationSettings",
+    "UnrecoverableError",
+    "for_loop",
+    "identity_loss",
+    "inferenceModel",
+    "ipu_print_tensor",
+    "ipuHardwareIsAvailable",
+    "isRunningOnIpu",
+    "optim",
+    "recomputationCheckpoint",
+    "removeBlocks",
+    "set_available_memory",
+    "trainingModel",
 ]

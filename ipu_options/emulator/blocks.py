@@ -4,6 +4,7 @@ and ``identity_loss``, as PopTorch defines them.
 ``BeginBlock`` attaches a forward pre-hook to the module (PopTorch does the same): when a stage
 trace is active, entering the module starts a new block on ``ipu_id``. The executor turns the
 trace into pipeline stages and checks them against PopTorch's rules."""
+
 from typing import List, Optional, Tuple
 
 import torch
@@ -44,8 +45,9 @@ class _BlockHook:
         return f"BeginBlock(user_id={self.user_id}, ipu_id={self.ipu_id})"
 
 
-def BeginBlock(layer_to_call: nn.Module, user_id: Optional[str] = None,
-               ipu_id: Optional[int] = None) -> nn.Module:
+def BeginBlock(
+    layer_to_call: nn.Module, user_id: Optional[str] = None, ipu_id: Optional[int] = None
+) -> nn.Module:
     if not isinstance(layer_to_call, nn.Module):
         raise TypeError("BeginBlock: module is not an instance of torch.nn.Module")
     if any(isinstance(h, _BlockHook) for h in layer_to_call._forward_pre_hooks.values()):

@@ -23,6 +23,7 @@ What the emulator keeps of them:
 The emulator's worker is a thread over the pickled copy rather than a process: the isolation
 of state is the same, the parallelism is not (it shares the interpreter).
 """
+
 import pickle
 import threading
 from collections import deque
@@ -39,11 +40,22 @@ FRESH_PROCESS_SEED = 67280421310721
 
 
 class DataLoader(torch.utils.data.DataLoader):
-    def __init__(self, options: Options, dataset: torch.utils.data.Dataset, batch_size: int = 1,
-                 shuffle: Optional[bool] = None, num_workers: int = 0, drop_last: bool = True,
-                 persistent_workers: Optional[bool] = None, auto_distributed_partitioning: bool = True,
-                 mode: DataLoaderMode = DataLoaderMode.Sync, async_options: Optional[Dict[str, Any]] = None,
-                 rebatched_worker_size: Optional[int] = None, batch_sampler=None, **kwargs):
+    def __init__(
+        self,
+        options: Options,
+        dataset: torch.utils.data.Dataset,
+        batch_size: int = 1,
+        shuffle: Optional[bool] = None,
+        num_workers: int = 0,
+        drop_last: bool = True,
+        persistent_workers: Optional[bool] = None,
+        auto_distributed_partitioning: bool = True,
+        mode: DataLoaderMode = DataLoaderMode.Sync,
+        async_options: Optional[Dict[str, Any]] = None,
+        rebatched_worker_size: Optional[int] = None,
+        batch_sampler=None,
+        **kwargs,
+    ):
         self.options = options if options is not None else Options()
         self.options._freeze()  # PopTorch's DataLoader freezes the options it is given
         o = self.options
@@ -69,7 +81,8 @@ class DataLoader(torch.utils.data.DataLoader):
         # __init__.py:431-449: AsyncRebatched (or Async with a remainder) rebatches in the worker
         rebatched_size = None
         if mode == DataLoaderMode.AsyncRebatched or (
-                mode == DataLoaderMode.Async and not real_drop_last and self.combined_batch_size > 1):
+            mode == DataLoaderMode.Async and not real_drop_last and self.combined_batch_size > 1
+        ):
             mode = DataLoaderMode.Async
             rebatched_size = self.combined_batch_size
             self.rebatched_drop_last = drop_last
@@ -77,17 +90,26 @@ class DataLoader(torch.utils.data.DataLoader):
             if rebatched_worker_size is not None:
                 assert rebatched_worker_size <= self.combined_batch_size, (
                     f"The rebatched_worker_size ({rebatched_worker_size}) must be <= to the combined "
-                    f"batch size ({self.combined_batch_size})")
+                    f"batch size ({self.combined_batch_size})"
+                )
                 dataset_batch_size = rebatched_worker_size
-        super().__init__(dataset, batch_size=dataset_batch_size, shuffle=bool(shuffle),
-                         batch_sampler=batch_sampler, num_workers=num_workers, drop_last=drop_last,
-                         persistent_workers=persistent_workers and num_workers > 0, **kwargs)
+        super().__init__(
+            dataset,
+            batch_size=dataset_batch_size,
+            shuffle=bool(shuffle),
+            batch_sampler=batch_sampler,
+            num_workers=num_workers,
+            drop_last=drop_last,
+            persistent_workers=persistent_workers and num_workers > 0,
+            **kwargs,
+        )
         self._accessor = None
         if mode == DataLoaderMode.Async:
             async_options = dict(async_options or {})
             assert "rebatched_size" not in async_options, (
                 "You cannot use DataLoaderMode.AsyncRebatched and manually specify the rebatched_size "
-                "in async_options")
+                "in async_options"
+            )
             self._accessor = AsynchronousDataAccessor(self, **async_options, rebatched_size=rebatched_size)
 
     @property
@@ -159,13 +181,22 @@ def _concat(batches):
 class AsynchronousDataAccessor:
     """__init__.py:526-650 and _dataloader.py's worker, emulated with a thread (see the module)."""
 
-    def __init__(self, dataset, buffer_size: int = 3, miss_sleep_time_in_ms: float = 0.1,
-                 load_indefinitely: bool = True, early_preload: bool = False, sharing_strategy=None,
-                 rebatched_size: Optional[int] = None):
+    def __init__(
+        self,
+        dataset,
+        buffer_size: int = 3,
+        miss_sleep_time_in_ms: float = 0.1,
+        load_indefinitely: bool = True,
+        early_preload: bool = False,
+        sharing_strategy=None,
+        rebatched_size: Optional[int] = None,
+    ):
         if isinstance(dataset, DataLoader) and dataset._accessor is not None:
-            raise RuntimeError("The DataLoader already uses an AsynchronousDataAccessor internally. Either "
-                               "use the existing one or set mode='poptorch.DataLoaderMode.Sync' in the "
-                               "DataLoader.")
+            raise RuntimeError(
+                "The DataLoader already uses an AsynchronousDataAccessor internally. Either "
+                "use the existing one or set mode='poptorch.DataLoaderMode.Sync' in the "
+                "DataLoader."
+            )
         if rebatched_size is not None:
             assert rebatched_size > 1, "rebatched_size must be None or greater than 1"
         self.rebatched_size = rebatched_size
@@ -195,8 +226,9 @@ class AsynchronousDataAccessor:
         try:
             self._check(self._first)
         except AssertionError as error:
-            raise RuntimeError("AsynchronousDataAccessor worker thread failed to start "
-                               f"(Check above for details): {error}") from error
+            raise RuntimeError(
+                f"AsynchronousDataAccessor worker thread failed to start (Check above for details): {error}"
+            ) from error
         self._thread = threading.Thread(target=self._run, name="poptorch-emulator-async", daemon=True)
         self._thread.start()
 
@@ -208,7 +240,8 @@ class AsynchronousDataAccessor:
         for index, tensor in enumerate(tensors):
             assert isinstance(tensor, torch.Tensor), (
                 f"Tensor at index {index} is not a torch tensor ({type(tensor)}). "
-                "AsynchronousDataAccessor expects data to be organised as a flat 1D container of tensors.")
+                "AsynchronousDataAccessor expects data to be organised as a flat 1D container of tensors."
+            )
         return tensors, keys
 
     def _run(self) -> None:
@@ -254,14 +287,22 @@ class AsynchronousDataAccessor:
     def _publish(self, generation: int, parts) -> None:
         with self._cond:
             # one slot stays with the reader: at most buffer_size - 1 elements wait
-            while (len(self._ready) >= self._buffer_size - 1 and not self._stop
-                   and generation == self._generation):
+            while (
+                len(self._ready) >= self._buffer_size - 1
+                and not self._stop
+                and generation == self._generation
+            ):
                 self._cond.wait(0.05)
             if self._stop or generation != self._generation:
                 return
-            element = None if parts is None else [
-                torch.cat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
-                for i in range(len(parts[0]))]
+            element = (
+                None
+                if parts is None
+                else [
+                    torch.cat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
+                    for i in range(len(parts[0]))
+                ]
+            )
             self._ready.append((generation, element))
             self._cond.notify_all()
 

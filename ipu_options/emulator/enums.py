@@ -1,5 +1,6 @@
 """PopTorch's enumerations, with SDK 3.4's member values (python/enums.py), so code and saved
 configurations read the same under the emulator and the real module."""
+
 import enum
 
 

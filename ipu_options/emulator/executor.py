@@ -13,6 +13,7 @@ Compiling (the first call, or ``compile``) traces one micro-batch through ``lowe
 and refuses, in PopTorch's words, what PopTorch 3.4 would refuse to lower; in training the loss
 back-propagated is the one final loss that check finds (PopTorch's rule, not a marked output).
 """
+
 import contextlib
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
@@ -69,17 +70,21 @@ def _as_traced_graph() -> contextlib.ExitStack:
 
 
 # PopTorch's words (SDK 3.4 user guide, "Pipelined execution"), quoted in our errors.
-TRAINING_PIPELINE_RULE = ("You must set gradientAccumulation to be greater than or equal to the "
-                          "number of pipeline stages (forward and backward).")
-INFERENCE_PIPELINE_RULE = ("you must set deviceIterations to be greater than or equal to the "
-                           "number of pipeline stages used by the model.")
+TRAINING_PIPELINE_RULE = (
+    "You must set gradientAccumulation to be greater than or equal to the "
+    "number of pipeline stages (forward and backward)."
+)
+INFERENCE_PIPELINE_RULE = (
+    "you must set deviceIterations to be greater than or equal to the "
+    "number of pipeline stages used by the model."
+)
 
 # Automatic loss scaling, after PopART's defaults (automaticLossScalingSettings): halve the scale
 # when more than this proportion of fp16 gradients lie above this fraction of the fp16 maximum,
 # double it otherwise, once per weight update.
 ALS_BIN_EDGE = 0.125
 ALS_UPPER_PROPORTION = 1e-7
-ALS_MAX_SCALE = 2.0 ** 24
+ALS_MAX_SCALE = 2.0**24
 
 _FIRST, _SECOND = "first_order_momentum_accum_type", "second_order_momentum_accum_type"
 _STATE_TYPES = {"exp_avg": _FIRST, "momentum_buffer": _FIRST, "exp_avg_sq": _SECOND, "square_avg": _SECOND}
@@ -95,9 +100,11 @@ class PipelineError(ValueRefusal):
 
 # Not PopTorch's rule but the emulator's: PopART trains on the final loss wherever it is in the
 # graph; the emulator back-propagates from a tensor the forward returns.
-LOSS_NOT_RETURNED = ("trainingModel (emulated): the model's final loss is not among its outputs; "
-                     "the emulator back-propagates from a returned tensor: return the loss "
-                     "(e.g. `return logits, loss`)")
+LOSS_NOT_RETURNED = (
+    "trainingModel (emulated): the model's final loss is not among its outputs; "
+    "the emulator back-propagates from a returned tensor: return the loss "
+    "(e.g. `return logits, loss`)"
+)
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -125,15 +132,23 @@ def _combine(pieces: List[Any]) -> Any:
 
 
 class PoplarExecutor:
-    def __init__(self, model: nn.Module, options: Optional[Options], training: bool,
-                 optimizer: Optional[torch.optim.Optimizer] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        options: Optional[Options],
+        training: bool,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+    ):
         if training and wrapping.is_wrapped(model):  # python/__init__.py:703-708 (3.4.0)
-            raise RuntimeError("Model has already been wrapped in 'poptorch.trainingModel'. Call "
-                               "model.destroy() on the model to unwrap before wrapping again.")
+            raise RuntimeError(
+                "Model has already been wrapped in 'poptorch.trainingModel'. Call "
+                "model.destroy() on the model to unwrap before wrapping again."
+            )
         self.__dict__["_user_model"] = model  # before anything that could reach __getattr__
         if options is not None and not isinstance(options, Options):  # _poplar_executor.py:147-151
-            raise ValueRefusal(f"Invalid type: 'options' is of type {type(options)} "
-                               f"(Expected poptorch.Options)")
+            raise ValueRefusal(
+                f"Invalid type: 'options' is of type {type(options)} (Expected poptorch.Options)"
+            )
         if options is not None:  # python/_poplar_executor.py:152-154: the user's are frozen,
             options._freeze()  # the executor works on its own copy (frozen too, line 244)
         self._options = options.clone() if options is not None else Options()
@@ -268,8 +283,11 @@ class PoplarExecutor:
             self._device_weights = [t.detach().clone() for t in self._weight_tensors()]
             self._reset_replica_buffers()
             return
-        if self._dirty_host_weights and self._stale_host is not None and \
-                self._fingerprint() == self._after_run:
+        if (
+            self._dirty_host_weights
+            and self._stale_host is not None
+            and self._fingerprint() == self._after_run
+        ):
             with torch.no_grad():
                 for t, old in zip(self._weight_tensors(), self._stale_host):
                     t.copy_(old)
@@ -280,8 +298,9 @@ class PoplarExecutor:
     def _reset_replica_buffers(self) -> None:
         """Every replica starts again from the host's buffers."""
         if self._replica_buffers is not None:
-            self._replica_buffers = [[b.detach().clone() for b in self._user_model.buffers()]
-                                     for _ in self._replica_buffers]
+            self._replica_buffers = [
+                [b.detach().clone() for b in self._user_model.buffers()] for _ in self._replica_buffers
+            ]
 
     def _fingerprint(self) -> List[Tuple[int, int]]:
         return [(t.data_ptr(), t._version) for t in self._weight_tensors()]
@@ -319,8 +338,10 @@ class PoplarExecutor:
     def __call__(self, *args, **kwargs):
         # An IPU runs the traced graph's plain arithmetic, never the model's eager fast paths
         # (hand-written backwards, batch norm folded into convs, cached proxy statistics).
-        self._check_online("Trying to run a model on an offline device (ConnectionType.Never): "
-                           "use model.compile(inputs) instead of model(inputs)")
+        self._check_online(
+            "Trying to run a model on an offline device (ConnectionType.Never): "
+            "use model.compile(inputs) instead of model(inputs)"
+        )
         with _as_traced_graph(), self._channel_grouping():
             if not self._compiled:
                 self._prepare(args, kwargs)
@@ -377,17 +398,20 @@ class PoplarExecutor:
         """(get(d, g, r) → (args, kwargs) of one micro-batch, micro-batch size)."""
         di, ga, reps = self._factors()
         n = di * ga * reps
-        sizes = {t.shape[0] for t in tree_flatten((args, kwargs))[0]
-                 if isinstance(t, torch.Tensor) and t.dim() > 0}
+        sizes = {
+            t.shape[0] for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() > 0
+        }
         if not sizes and n == 1:
             # No inputs, scalars only: one run of the graph as given, which PopTorch compiles
             # and runs (tests/inputs_test.py, test_no_inputs_no_output; norms_test.py,
             # test_norm_in_loop, sdk/poptorch/3.4.0)
             return (lambda d, g, r: (args, kwargs)), 0
         if not sizes:
-            raise BatchSizeError(f"the model's inputs have no batch dimension to split into the "
-                                 f"{n} micro-batches of deviceIterations × gradientAccumulation × "
-                                 f"replicationFactor")
+            raise BatchSizeError(
+                f"the model's inputs have no batch dimension to split into the "
+                f"{n} micro-batches of deviceIterations × gradientAccumulation × "
+                f"replicationFactor"
+            )
         if len(sizes) > 1:
             raise BatchSizeError(f"the inputs' batch dimensions differ: {sorted(sizes)}")
         size = sizes.pop()
@@ -395,12 +419,13 @@ class PoplarExecutor:
             raise BatchSizeError(
                 f"host batch of {size} samples is not micro_batch × deviceIterations ({di}) × "
                 f"gradientAccumulation ({ga}) × replicationFactor ({reps}) = micro_batch × {n}: "
-                f"feed a multiple of {n} samples (poptorch.DataLoader does this for you)")
+                f"feed a multiple of {n} samples (poptorch.DataLoader does this for you)"
+            )
         micro = size // n
 
         def get(d: int, g: int, r: int):
             start = ((d * ga + g) * reps + r) * micro
-            cut = lambda t: t[start:start + micro] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+            cut = lambda t: t[start : start + micro] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
             return tree_map(cut, args), tree_map(cut, kwargs)
 
         return get, micro
@@ -411,9 +436,11 @@ class PoplarExecutor:
         also resolves a conv/linear/norm's weights to its input's type there."""
         model = self._user_model
         # The precision mark sits on the network, which the user's model may wrap (e.g. with its loss).
-        half = any(getattr(m, "_ipu_precision", "32.32") != "32.32" for m in model.modules()) or any(
-            p.dtype == torch.half for p in model.parameters()) or any(
-            isinstance(t, torch.Tensor) and t.dtype == torch.half for t in tree_flatten(inputs)[0])
+        half = (
+            any(getattr(m, "_ipu_precision", "32.32") != "32.32" for m in model.modules())
+            or any(p.dtype == torch.half for p in model.parameters())
+            or any(isinstance(t, torch.Tensor) and t.dtype == torch.half for t in tree_flatten(inputs)[0])
+        )
         return HalfKernels() if half else contextlib.nullcontext()
 
     def _prepare(self, args, kwargs) -> None:
@@ -468,7 +495,8 @@ class PoplarExecutor:
                 "PopTorch does not support broadcasting buffers. If your model is able to tolerate "
                 "buffers becoming out of sync between replicas, you can disable buffer broadcasting "
                 f"using poptorch.Options.broadcastBuffers(False). (buffers updated in place: "
-                f"{', '.join(changed[:3])})")
+                f"{', '.join(changed[:3])})"
+            )
 
     def _check_stages(self, trace) -> List[int]:
         stages = [0]
@@ -479,19 +507,22 @@ class PoplarExecutor:
             raise PipelineError(
                 f"pipeline stages run on IPUs {stages} in model order; the emulator (like a "
                 f"sensible PopTorch pipeline) needs contiguous stages with non-decreasing IPU "
-                f"indices: give later modules equal or higher ipu_id")
+                f"indices: give later modules equal or higher ipu_id"
+            )
         count = len(stages)
         di, ga, _ = (self._options.device_iterations, self._options.Training.gradient_accumulation, 1)
         if count > 1 and self._training and ga < 2 * count - 1:
             raise PipelineError(
                 f"{count} forward pipeline stages make {2 * count - 1} stages in training, but "
-                f"gradientAccumulation is {ga}. PopTorch: \"{TRAINING_PIPELINE_RULE}\" Set "
-                f"gradient accumulation (train.grad_accum) to at least {2 * count - 1}.")
+                f'gradientAccumulation is {ga}. PopTorch: "{TRAINING_PIPELINE_RULE}" Set '
+                f"gradient accumulation (train.grad_accum) to at least {2 * count - 1}."
+            )
         if count > 1 and not self._training and di < count:
             raise PipelineError(
-                f"{count} pipeline stages but deviceIterations is {di}. PopTorch: \"When running an "
-                f"inference model with PipelinedExecution, {INFERENCE_PIPELINE_RULE}\" Set "
-                f"ipu.device_iterations to at least {count}.")
+                f'{count} pipeline stages but deviceIterations is {di}. PopTorch: "When running an '
+                f'inference model with PipelinedExecution, {INFERENCE_PIPELINE_RULE}" Set '
+                f"ipu.device_iterations to at least {count}."
+            )
         return stages
 
     # ------------------------------------------------------------------ execution
@@ -564,7 +595,8 @@ class PoplarExecutor:
                             replica[p] = round_half(replica[p])
                         p.grad = None
                     outputs[d][g][r] = tree_map(
-                        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+                        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out
+                    )
                 self._save_replica(r)
                 for p, grad in replica.items():  # the replicas' reduction
                     acc[p] = grad if p not in acc else acc[p] + grad
@@ -575,8 +607,10 @@ class PoplarExecutor:
 
     def _running_mean(self) -> bool:
         training = self._options.Training
-        return (training.accumulation_and_replication_reduction_type == ReductionType.Mean
-                and training.mean_reduction_strategy == MeanReductionStrategy.Running)
+        return (
+            training.accumulation_and_replication_reduction_type == ReductionType.Mean
+            and training.mean_reduction_strategy == MeanReductionStrategy.Running
+        )
 
     def _update(self, params: List[nn.Parameter], acc: Dict[nn.Parameter, torch.Tensor], count: int) -> None:
         opt = self._optimizer
@@ -618,15 +652,19 @@ class PoplarExecutor:
             for p in params:
                 for key, value in opt.state.get(p, {}).items():
                     kind = _STATE_TYPES.get(key)
-                    if kind and getattr(opt, "state_types", {}).get(kind) == torch.float16 and \
-                            isinstance(value, torch.Tensor):
+                    if (
+                        kind
+                        and getattr(opt, "state_types", {}).get(kind) == torch.float16
+                        and isinstance(value, torch.Tensor)
+                    ):
                         value.copy_(round_half(value))
         for p in params:
             p.grad = None
 
     def _automatic_loss_scaling(self) -> bool:
         return self._options.Training.automatic_loss_scaling and not isinstance(
-            self._precision_mode(), contextlib.nullcontext)
+            self._precision_mode(), contextlib.nullcontext
+        )
 
     @property
     def loss_scale(self) -> float:
@@ -652,7 +690,8 @@ class PoplarExecutor:
                         # copies, as the device's outputs are: a returned buffer is not the buffer
                         outputs[d][0][r] = tree_map(
                             lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
-                            self._user_model(*a, **k))
+                            self._user_model(*a, **k),
+                        )
                         self._save_replica(r)
             self._load_replica(0)
         finally:
@@ -680,13 +719,15 @@ class PoplarExecutor:
             n = self._options.output_return_period
             pieces = [outputs[d][ga - 1][r] for d in range(di) if (d + 1) % n == 0 for r in range(reps)]
             if not pieces:
-                raise ValueError(f"EveryN with output_return_period={n} > deviceIterations={di} "
-                                 f"returns nothing")
+                raise ValueError(
+                    f"EveryN with output_return_period={n} > deviceIterations={di} returns nothing"
+                )
         return _combine(pieces)
 
 
-def trainingModel(model: nn.Module, options: Optional[Options] = None,
-                  optimizer: Optional[torch.optim.Optimizer] = None) -> PoplarExecutor:
+def trainingModel(
+    model: nn.Module, options: Optional[Options] = None, optimizer: Optional[torch.optim.Optimizer] = None
+) -> PoplarExecutor:
     if isinstance(model, PoplarExecutor):
         model = model.model
     return PoplarExecutor(model, options, training=True, optimizer=optimizer)

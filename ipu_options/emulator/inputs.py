@@ -5,6 +5,7 @@ the compiled structure — the same number of positional arguments, the same key
 same types, tensors of the same dtype, and the same value for every non-tensor (it is a constant
 of the graph) — or PopTorch raises ``poptorch.Error`` saying which. Tensor shapes are not checked
 here: the emulator runs any shape (docs/emulator-conformance.md lists it)."""
+
 import inspect
 from typing import Any, Callable, Dict, Tuple
 
@@ -12,10 +13,12 @@ import torch
 
 from .errors import Error
 
-RECOMPILE = ("\nThis error occurred because the inputs passed at runtime don't match the inputs "
-             "used to compile the model.\nTo recompile the model for the new inputs create a new "
-             "inferenceModel / trainingModel wrapper or call destroy() on the curent one and try "
-             "again.")
+RECOMPILE = (
+    "\nThis error occurred because the inputs passed at runtime don't match the inputs "
+    "used to compile the model.\nTo recompile the model for the new inputs create a new "
+    "inferenceModel / trainingModel wrapper or call destroy() on the curent one and try "
+    "again."
+)
 
 
 def _signature(value: Any) -> Any:
@@ -52,8 +55,10 @@ class CompiledInputs:
     def validate(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         args, kwargs = _by_name(self.forward, args, kwargs)
         if len(args) != len(self.args):
-            raise Error(f"Number of positional arguments mismatch: expected {len(self.args)} "
-                        f"arguments but got {len(args)}.{RECOMPILE}")
+            raise Error(
+                f"Number of positional arguments mismatch: expected {len(self.args)} "
+                f"arguments but got {len(args)}.{RECOMPILE}"
+            )
         for i, (compiled, given) in enumerate(zip(self.args, args)):
             _validate(f"args[{i}]", compiled, given)
         _validate_keys("named arguments", set(self.kwargs), set(kwargs))
@@ -75,11 +80,13 @@ def _validate_keys(name: str, expected: set, provided: set) -> None:
 def _validate(name: str, compiled: Any, given: Any) -> None:
     if isinstance(compiled, tuple) and compiled[:1] == ("tensor",):
         if not isinstance(given, torch.Tensor):
-            raise Error(f"Type mismatch for {name}: expected {torch.Tensor} but got "
-                        f"{type(given)}.{RECOMPILE}")
+            raise Error(
+                f"Type mismatch for {name}: expected {torch.Tensor} but got {type(given)}.{RECOMPILE}"
+            )
         if given.dtype != compiled[1]:
-            raise Error(f"Data type mismatch for {name}: expected {compiled[1]} but got "
-                        f"{given.dtype}.{RECOMPILE}")
+            raise Error(
+                f"Data type mismatch for {name}: expected {compiled[1]} but got {given.dtype}.{RECOMPILE}"
+            )
         return
     if isinstance(compiled, tuple) and compiled[:1] == ("container",):
         _, kind, items = compiled
@@ -91,13 +98,13 @@ def _validate(name: str, compiled: Any, given: Any) -> None:
                 _validate(f"{name}[{key}]", item, given[key])
             return
         if len(items) != len(given):
-            raise Error(f"Length mismatch for {name}: expected {len(items)} elements but got "
-                        f"{len(given)}.{RECOMPILE}")
+            raise Error(
+                f"Length mismatch for {name}: expected {len(items)} elements but got {len(given)}.{RECOMPILE}"
+            )
         for i, item in enumerate(items):
             _validate(f"{name}[{i}]", item, given[i])
         return
     if isinstance(given, torch.Tensor) or type(given) is not type(compiled):
-        raise Error(f"Type mismatch for {name}: expected {type(compiled)} but got "
-                    f"{type(given)}.{RECOMPILE}")
+        raise Error(f"Type mismatch for {name}: expected {type(compiled)} but got {type(given)}.{RECOMPILE}")
     if given != compiled:
         raise Error(f"Value mismatch for {name}: expected {compiled} but got {given}.{RECOMPILE}")

@@ -33,6 +33,7 @@ The op list is exact for the torch PopTorch 3.4 ships with (2.0.1); later torch 
 decompose some ops differently. The check says nothing about memory, tile mapping, PopART's own
 passes, or ops that run on the host because their tensors are CPU tensors.
 """
+
 import contextlib
 import functools
 import json
@@ -52,19 +53,27 @@ from .errors import RuntimeRefusal
 FACTS_FILE = Path(__file__).with_name("poptorch_ops.json")
 
 # PopTorch 3.4's words.
-UNSUPPORTED_OPS = ("Unsupported ops found in compiled model: [{}]. Not all operations are "
-                   "supported yet by Graphcore's PyTorch compiler. If you believe any of these "
-                   "should be, please report this message to support@graphcore.ai.")
+UNSUPPORTED_OPS = (
+    "Unsupported ops found in compiled model: [{}]. Not all operations are "
+    "supported yet by Graphcore's PyTorch compiler. If you believe any of these "
+    "should be, please report this message to support@graphcore.ai."
+)
 AFFINE_PAIR = "isNone(*weight) != isNone(*bias)"
 NO_LOSS = "Couldn't find a loss in graph!"
-MANY_LOSSES = ("Multiple independent losses found in graph. Graph must have one final loss. "
-               "Wrap final graph loss in poptorch.identity_loss.")
-ITEM = ("aten::item is only supported in eager mode, but was intercepted in a static graph. "
-        "This means an IPU to CPU copy was triggered before the end of the graph, for example by "
-        "calling tensor.item(). Please ensure that any such copies are removed.")
-REASSIGNED = ("{kind} {name} is reassigned within the model when calling the forward method. "
-              "This is not supported. Consider using self.{name}.copy_(src) to copy data from a "
-              "source tensor, where src is the name of the source tensor.")
+MANY_LOSSES = (
+    "Multiple independent losses found in graph. Graph must have one final loss. "
+    "Wrap final graph loss in poptorch.identity_loss."
+)
+ITEM = (
+    "aten::item is only supported in eager mode, but was intercepted in a static graph. "
+    "This means an IPU to CPU copy was triggered before the end of the graph, for example by "
+    "calling tensor.item(). Please ensure that any such copies are removed."
+)
+REASSIGNED = (
+    "{kind} {name} is reassigned within the model when calling the forward method. "
+    "This is not supported. Consider using self.{name}.copy_(src) to copy data from a "
+    "source tensor, where src is the name of the source tensor."
+)
 REMOVED = "{kind} {name} is removed from the model when calling the forward method."
 IDENTITY_LOSS = "poptorch::identity_loss"
 
@@ -137,8 +146,10 @@ def _composite_explicit(qualified: str) -> bool:
 def _on_host_zeros(op, args, kwargs):
     """A decomposition that needs values (torch 2.0's one_hot) on meta tensors: run it on host
     zeros of the same shapes and return meta tensors of the result's shapes."""
+
     def host(t):
         return torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, Tensor) and t.is_meta else t
+
     out = op._op_dk(DispatchKey.CompositeImplicitAutograd, *tree_map(host, args), **tree_map(host, kwargs))
     return tree_map(lambda t: t.to("meta") if isinstance(t, Tensor) else t, out)
 
@@ -146,14 +157,19 @@ def _on_host_zeros(op, args, kwargs):
 @functools.lru_cache(maxsize=None)
 def _implicit_ipu_ops() -> Tuple[str, ...]:
     """IPU-key registrations that PyTorch would decompose before the dispatch mode sees them."""
-    return tuple(name for name in facts()["ipu_key_ops"] if _aten(name) is not None
-                 and _has_kernel(f"aten::{name}", "CompositeImplicitAutograd")
-                 and not _has_kernel(f"aten::{name}", "Autograd"))
+    return tuple(
+        name
+        for name in facts()["ipu_key_ops"]
+        if _aten(name) is not None
+        and _has_kernel(f"aten::{name}", "CompositeImplicitAutograd")
+        and not _has_kernel(f"aten::{name}", "Autograd")
+    )
 
 
 def _whole(op, schema_name: str):
     """A kernel for an op PopTorch catches whole: it computes the op's usual decomposition, out
     of the check's sight, and shows the check the op itself."""
+
     def kernel(*args, **kwargs):
         if schema_name == "item" and _active and not _hidden[0]:
             raise LoweringError(ITEM)  # PopTorch's item() kernel stops right there
@@ -167,6 +183,7 @@ def _whole(op, schema_name: str):
         if _active:
             _active[-1].see(op, schema_name, args, kwargs, out)
         return out
+
     return kernel
 
 
@@ -262,8 +279,10 @@ class _Recorder(TorchDispatchMode):
         if (weight is None) != (bias is None):
             present = "weight" if bias is None else "bias"
             shape = tuple(values["input"].shape) if isinstance(values.get("input"), Tensor) else ()
-            self.norms.append(f"aten::{kind} on {shape} with a {present} and no "
-                              f"{'bias' if present == 'weight' else 'weight'}")
+            self.norms.append(
+                f"aten::{kind} on {shape} with a {present} and no "
+                f"{'bias' if present == 'weight' else 'weight'}"
+            )
 
     def _sources(self, args, kwargs) -> frozenset:
         if not self._deps:  # before the first loss (most of a forward): nothing to follow
@@ -293,7 +312,8 @@ class _Recorder(TorchDispatchMode):
                 f"{AFFINE_PAIR}\n(PopTorch 3.4 NormalizationOps.cpp:53 stops on a norm given a "
                 f"weight without a bias or a bias without a weight: {len(self.norms)} such calls, "
                 f"first {self.norms[0]}. Pass both (a fixed zero bias keeps a scale-only norm) "
-                f"or neither.)")
+                f"or neither.)"
+            )
         report.losses = len(self.loss_tensors)
         if report.training:
             independent = [i for i in range(len(self.loss_tensors)) if i not in self.used]
@@ -304,16 +324,22 @@ class _Recorder(TorchDispatchMode):
             else:
                 final = self.loss_tensors[independent[0]]._cdata
                 leaves = tree_flatten(output)[0]
-                report.loss_leaf = next((i for i, t in enumerate(leaves)
-                                         if isinstance(t, Tensor) and t._cdata == final), None)
+                report.loss_leaf = next(
+                    (i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t._cdata == final), None
+                )
                 if report.loss_leaf is None:
                     # The loss as returned after ops on it: the emulator's fp16 casts, or a
                     # reduction's last step (KLDiv "batchmean" divides kl_div's sum by the batch):
                     # PopTorch trains on it all the same.
-                    report.loss_leaf = next((i for i, t in enumerate(leaves)
-                                             if isinstance(t, Tensor) and independent[0] in
-                                             self._deps.get(t._cdata, (None, frozenset()))[1]),
-                                            None)
+                    report.loss_leaf = next(
+                        (
+                            i
+                            for i, t in enumerate(leaves)
+                            if isinstance(t, Tensor)
+                            and independent[0] in self._deps.get(t._cdata, (None, frozenset()))[1]
+                        ),
+                        None,
+                    )
         return report
 
 
@@ -368,8 +394,9 @@ def _reassignments(before, after) -> List[str]:
     return problems
 
 
-def check_lowering(model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None,
-                   training: Optional[bool] = None) -> Tuple[Lowering, Any]:
+def check_lowering(
+    model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None, training: Optional[bool] = None
+) -> Tuple[Lowering, Any]:
     """Run ``model(*args, **kwargs)`` once as PopTorch would trace it; returns (report, output).
     ``training`` (default: ``model.training``) asks for the loss rules of a trainingModel. The
     caller chooses the grad mode (PopTorch traces in the caller's) and restores any state the

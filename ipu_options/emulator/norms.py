@@ -9,6 +9,7 @@ strided: channel ``k·G + g`` in group ``g`` (graphcore/poplibs include/popnn/Gr
 option's documentation). Layer norm (one group) and instance norm (one channel a group) are the
 same function either way; only a group norm with 1 < G < C changes.
 """
+
 import contextlib
 from typing import Optional
 
@@ -36,8 +37,13 @@ def _affine_to_strided(p: Optional[torch.Tensor], groups: int) -> Optional[torch
     return None if p is None else p.reshape(-1, groups).t().reshape(-1)
 
 
-def strided_group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
-                       bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+def strided_group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """Group norm whose group ``g`` holds channels g, g+G, g+2G, … (poplibs' strided grouping):
     torch's group norm on the channels reordered, then the order restored (reshapes only)."""
     with lowering.hidden():  # PopART does the grouping inside its one op
@@ -55,8 +61,13 @@ class _StridedGroupNorm(TorchFunctionMode):
             names = ("input", "num_groups", "weight", "bias", "eps")
             bound = dict(zip(names, args))
             bound.update({k: v for k, v in kwargs.items() if k in names})
-            return strided_group_norm(bound["input"], bound["num_groups"], bound.get("weight"),
-                                      bound.get("bias"), bound.get("eps", 1e-5))
+            return strided_group_norm(
+                bound["input"],
+                bound["num_groups"],
+                bound.get("weight"),
+                bound.get("bias"),
+                bound.get("eps", 1e-5),
+            )
         return func(*args, **kwargs)
 
 

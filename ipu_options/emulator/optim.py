@@ -8,6 +8,7 @@ every update), ``velocity_scaling`` (SGD; a storage scale of the velocity, numer
 in fp32, so only recorded). RMSprop(use_tf_variant=True) is the TensorFlow variant —
 ``backends.optimizers.RMSpropTF`` (ε inside the square root, squared average starting at one, lr
 accumulated in the momentum buffer), as PopTorch documents it."""
+
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -37,7 +38,8 @@ class VariableAttributes:
 
     def _check(self, attr: str) -> None:
         assert attr in self._allowed_attributes, (
-            f"Unknown attribute {attr}, allowed values: {self._allowed_attributes}")
+            f"Unknown attribute {attr}, allowed values: {self._allowed_attributes}"
+        )
 
 
 def _variables(constructor_locals: Dict[str, Any]) -> List[str]:
@@ -51,8 +53,13 @@ class _PopTorchExtras:
         # the torch defaults plus the global loss scaling may be marked (python/optim.py:184, 286-288)
         self.variable_attrs = VariableAttributes(variables, list(self.defaults) + ["loss_scaling"])
 
-    def _set_extras(self, loss_scaling: Optional[float], accum_type: Optional[torch.dtype],
-                    max_grad_norm: Optional[float] = None, **state_types: Optional[torch.dtype]) -> None:
+    def _set_extras(
+        self,
+        loss_scaling: Optional[float],
+        accum_type: Optional[torch.dtype],
+        max_grad_norm: Optional[float] = None,
+        **state_types: Optional[torch.dtype],
+    ) -> None:
         allowed = (torch.float16, torch.float32)
         for name, dtype in dict(accum_type=accum_type, **state_types).items():
             if dtype is not None and dtype not in allowed:
@@ -61,7 +68,6 @@ class _PopTorchExtras:
         self.accum_type = accum_type or torch.float32
         self.state_types = {k: (v or torch.float32) for k, v in state_types.items()}
         self.max_grad_norm = max_grad_norm
-
 
     # PopTorch keeps the optimiser's state on the device (python/optim.py:68-105, 3.4.0): its
     # state_dict() is torch's entries plus "ipu_state" / "ipu_param", both None until an
@@ -93,7 +99,8 @@ class _PopTorchExtras:
         by_index = isinstance(named, dict) and not by_name
         saved = named if by_index else state_dict.get("state", {})
         torch.optim.Optimizer.load_state_dict(
-            self, {"state": saved, "param_groups": state_dict["param_groups"]})
+            self, {"state": saved, "param_groups": state_dict["param_groups"]}
+        )
         # torch casts loaded state to each parameter's dtype (fp16 in 16.16); the device keeps the
         # accumulator types it was built with, so restore the saved ones.
         params = [p for g in self.param_groups for p in g["params"]]
@@ -111,8 +118,12 @@ class _PopTorchExtras:
         self._device_names = names
         if self._loaded_ipu is None:
             return
-        by_name = {f"{self._prefix(key)}___{name}": (p, key) for p, name in names.items()
-                   for key in self.state.get(p, {}) if self._prefix(key)}
+        by_name = {
+            f"{self._prefix(key)}___{name}": (p, key)
+            for p, name in names.items()
+            for key in self.state.get(p, {})
+            if self._prefix(key)
+        }
         with torch.no_grad():
             for entry, value in (self._loaded_ipu["ipu_state"] or {}).items():
                 if entry in by_name and isinstance(value, torch.Tensor):
@@ -123,8 +134,13 @@ class _PopTorchExtras:
     # torch's state entries under PopART's accumulator names (popart/names.hpp: Accl1___ first
     # moment, Accl2___ second moment, Accl3___ RMSprop's momentum, Accl___ SGD's velocity).
     _STATE_PREFIX: Dict[str, str] = {
-        "exp_avg": "Accl1", "exp_avg_sq": "Accl2", "step": "Step", "square_avg": "Accl1",
-        "grad_avg": "Accl2", "momentum_buffer": "Accl"}
+        "exp_avg": "Accl1",
+        "exp_avg_sq": "Accl2",
+        "step": "Step",
+        "square_avg": "Accl1",
+        "grad_avg": "Accl2",
+        "momentum_buffer": "Accl",
+    }
 
     def _prefix(self, key: str) -> Optional[str]:
         prefix = self._STATE_PREFIX.get(key)
@@ -165,9 +181,9 @@ class _PopTorchExtras:
                 if isinstance(self, torch.optim.SGD):
                     dm = float(group.get("dampening", 0.0))
                     out[f"scaledLearningRate0___specific___{name}"] = torch.tensor(
-                        lr * (1 - dm) / self.loss_scaling)
-                    out[f"weightDecayScaleFactor0___specific___{name}"] = torch.tensor(
-                        1 - lr * (1 - dm) * wd)
+                        lr * (1 - dm) / self.loss_scaling
+                    )
+                    out[f"weightDecayScaleFactor0___specific___{name}"] = torch.tensor(1 - lr * (1 - dm) * wd)
                 else:
                     out[f"learningRate___specific___{name}"] = torch.tensor(lr)
                     out[f"weightDecay___specific___{name}"] = torch.tensor(wd)
@@ -180,18 +196,39 @@ def _given(**kwargs):
 
 
 class SGD(_PopTorchExtras, torch.optim.SGD):
-    def __init__(self, params: Iterable, lr: float, momentum: Optional[float] = None,
-                 dampening: Optional[float] = None, weight_decay: Optional[float] = None,
-                 nesterov: Optional[bool] = None, maximize: Optional[bool] = None,
-                 foreach: Optional[bool] = None, differentiable: Optional[bool] = None,
-                 loss_scaling: Optional[float] = None, velocity_scaling: Optional[float] = None,
-                 use_combined_accum: Optional[bool] = None, accum_type: Optional[torch.dtype] = None,
-                 velocity_accum_type: Optional[torch.dtype] = None,
-                 max_grad_norm: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: Optional[float] = None,
+        dampening: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        nesterov: Optional[bool] = None,
+        maximize: Optional[bool] = None,
+        foreach: Optional[bool] = None,
+        differentiable: Optional[bool] = None,
+        loss_scaling: Optional[float] = None,
+        velocity_scaling: Optional[float] = None,
+        use_combined_accum: Optional[bool] = None,
+        accum_type: Optional[torch.dtype] = None,
+        velocity_accum_type: Optional[torch.dtype] = None,
+        max_grad_norm: Optional[float] = None,
+    ) -> None:
         variables = _variables(locals())
-        torch.optim.SGD.__init__(self, params, lr=lr, **_given(
-            momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            maximize=maximize, foreach=foreach, differentiable=differentiable))
+        torch.optim.SGD.__init__(
+            self,
+            params,
+            lr=lr,
+            **_given(
+                momentum=momentum,
+                dampening=dampening,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                maximize=maximize,
+                foreach=foreach,
+                differentiable=differentiable,
+            ),
+        )
         self._set_extras(loss_scaling, accum_type, max_grad_norm, velocity_accum_type=velocity_accum_type)
         self.velocity_scaling = 1.0 if velocity_scaling is None else float(velocity_scaling)
         self.use_combined_accum = use_combined_accum
@@ -199,43 +236,85 @@ class SGD(_PopTorchExtras, torch.optim.SGD):
 
 
 class AdamW(_PopTorchExtras, torch.optim.AdamW):
-    def __init__(self, params: Iterable, lr: Optional[float] = None,
-                 betas: Optional[Tuple[float, float]] = None, eps: Optional[float] = None,
-                 weight_decay: Optional[float] = None, amsgrad: Optional[bool] = None,
-                 maximize: Optional[bool] = None, foreach: Optional[bool] = None,
-                 capturable: Optional[bool] = None, differentiable: Optional[bool] = None,
-                 fused: Optional[bool] = None, loss_scaling: Optional[float] = None,
-                 bias_correction: Optional[bool] = None, accum_type: Optional[torch.dtype] = None,
-                 first_order_momentum_accum_type: Optional[torch.dtype] = None,
-                 second_order_momentum_accum_type: Optional[torch.dtype] = None,
-                 max_grad_norm: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: Optional[float] = None,
+        betas: Optional[Tuple[float, float]] = None,
+        eps: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        amsgrad: Optional[bool] = None,
+        maximize: Optional[bool] = None,
+        foreach: Optional[bool] = None,
+        capturable: Optional[bool] = None,
+        differentiable: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        loss_scaling: Optional[float] = None,
+        bias_correction: Optional[bool] = None,
+        accum_type: Optional[torch.dtype] = None,
+        first_order_momentum_accum_type: Optional[torch.dtype] = None,
+        second_order_momentum_accum_type: Optional[torch.dtype] = None,
+        max_grad_norm: Optional[float] = None,
+    ) -> None:
         variables = _variables(locals())
         if bias_correction is False:
             raise NotImplementedError("the emulator's AdamW always applies bias correction")
-        torch.optim.AdamW.__init__(self, params, **_given(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, foreach=foreach, capturable=capturable,
-            differentiable=differentiable, fused=fused))
-        self._set_extras(loss_scaling, accum_type, max_grad_norm,
-                         first_order_momentum_accum_type=first_order_momentum_accum_type,
-                         second_order_momentum_accum_type=second_order_momentum_accum_type)
+        torch.optim.AdamW.__init__(
+            self,
+            params,
+            **_given(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                amsgrad=amsgrad,
+                maximize=maximize,
+                foreach=foreach,
+                capturable=capturable,
+                differentiable=differentiable,
+                fused=fused,
+            ),
+        )
+        self._set_extras(
+            loss_scaling,
+            accum_type,
+            max_grad_norm,
+            first_order_momentum_accum_type=first_order_momentum_accum_type,
+            second_order_momentum_accum_type=second_order_momentum_accum_type,
+        )
         self._track_variables(variables)
 
 
 class Adam(_PopTorchExtras, torch.optim.Adam):
-    def __init__(self, params: Iterable, lr: Optional[float] = None,
-                 betas: Optional[Tuple[float, float]] = None, eps: Optional[float] = None,
-                 weight_decay: Optional[float] = None, amsgrad: Optional[bool] = None,
-                 loss_scaling: Optional[float] = None, accum_type: Optional[torch.dtype] = None,
-                 first_order_momentum_accum_type: Optional[torch.dtype] = None,
-                 second_order_momentum_accum_type: Optional[torch.dtype] = None,
-                 max_grad_norm: Optional[float] = None, **torch_kwargs) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: Optional[float] = None,
+        betas: Optional[Tuple[float, float]] = None,
+        eps: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        amsgrad: Optional[bool] = None,
+        loss_scaling: Optional[float] = None,
+        accum_type: Optional[torch.dtype] = None,
+        first_order_momentum_accum_type: Optional[torch.dtype] = None,
+        second_order_momentum_accum_type: Optional[torch.dtype] = None,
+        max_grad_norm: Optional[float] = None,
+        **torch_kwargs,
+    ) -> None:
         variables = _variables(locals())
-        torch.optim.Adam.__init__(self, params, **_given(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad), **torch_kwargs)
-        self._set_extras(loss_scaling, accum_type, max_grad_norm,
-                         first_order_momentum_accum_type=first_order_momentum_accum_type,
-                         second_order_momentum_accum_type=second_order_momentum_accum_type)
+        torch.optim.Adam.__init__(
+            self,
+            params,
+            **_given(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad),
+            **torch_kwargs,
+        )
+        self._set_extras(
+            loss_scaling,
+            accum_type,
+            max_grad_norm,
+            first_order_momentum_accum_type=first_order_momentum_accum_type,
+            second_order_momentum_accum_type=second_order_momentum_accum_type,
+        )
         self._track_variables(variables)
 
 
@@ -247,13 +326,22 @@ class RMSprop(_PopTorchExtras, torch.optim.Optimizer):
     def __new__(cls, *args, use_tf_variant: Optional[bool] = None, **kwargs):
         return super().__new__(_RMSpropTF if use_tf_variant else _RMSpropTorch)
 
-    def __init__(self, params: Iterable, lr: Optional[float] = None, alpha: Optional[float] = None,
-                 eps: Optional[float] = None, weight_decay: Optional[float] = None,
-                 momentum: Optional[float] = None, centered: Optional[bool] = None,
-                 loss_scaling: Optional[float] = None, accum_type: Optional[torch.dtype] = None,
-                 first_order_momentum_accum_type: Optional[torch.dtype] = None,
-                 second_order_momentum_accum_type: Optional[torch.dtype] = None,
-                 use_tf_variant: Optional[bool] = None, **torch_kwargs) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: Optional[float] = None,
+        alpha: Optional[float] = None,
+        eps: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        momentum: Optional[float] = None,
+        centered: Optional[bool] = None,
+        loss_scaling: Optional[float] = None,
+        accum_type: Optional[torch.dtype] = None,
+        first_order_momentum_accum_type: Optional[torch.dtype] = None,
+        second_order_momentum_accum_type: Optional[torch.dtype] = None,
+        use_tf_variant: Optional[bool] = None,
+        **torch_kwargs,
+    ) -> None:
         variables = _variables(locals())
         args = _given(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
         self.use_tf_variant = self._base is RMSpropTF
@@ -263,9 +351,13 @@ class RMSprop(_PopTorchExtras, torch.optim.Optimizer):
             self._base.__init__(self, params, **args)
         else:
             self._base.__init__(self, params, **args, **_given(centered=centered), **torch_kwargs)
-        self._set_extras(loss_scaling, accum_type, None,
-                         first_order_momentum_accum_type=first_order_momentum_accum_type,
-                         second_order_momentum_accum_type=second_order_momentum_accum_type)
+        self._set_extras(
+            loss_scaling,
+            accum_type,
+            None,
+            first_order_momentum_accum_type=first_order_momentum_accum_type,
+            second_order_momentum_accum_type=second_order_momentum_accum_type,
+        )
         self._track_variables(variables)
 
 

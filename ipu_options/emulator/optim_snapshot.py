@@ -13,6 +13,7 @@ combined accumulator) PopTorch switches ``Training.meanAccumulationAndReplicatio
 to ``Running`` before compilation, and refuses a new such optimiser once compiled with another
 strategy (python/_optimizer_attributes.py:130-152).
 """
+
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional
@@ -22,10 +23,12 @@ import torch
 from .enums import MeanReductionStrategy
 
 # python/_optimizer_attributes.py:147-152 (sdk/poptorch/3.4.0)
-RUNNING_AFTER_COMPILE = ("Invalid optimizer: the new optimizer would require changing "
-                         "options.Training.meanAccumulationAndReplicationReductionStrategy to "
-                         "poptorch.MeanReductionStrategy.Running but the executable is already "
-                         "compiled.")
+RUNNING_AFTER_COMPILE = (
+    "Invalid optimizer: the new optimizer would require changing "
+    "options.Training.meanAccumulationAndReplicationReductionStrategy to "
+    "poptorch.MeanReductionStrategy.Running but the executable is already "
+    "compiled."
+)
 
 
 @dataclass
@@ -51,13 +54,17 @@ class Snapshot:
 
 
 def take(optimizer: torch.optim.Optimizer, options, is_compiled: bool) -> Snapshot:
-    if getattr(optimizer, "accum_type", torch.float32) == torch.float16 and \
-            not getattr(optimizer, "use_combined_accum", False):
+    if getattr(optimizer, "accum_type", torch.float32) == torch.float16 and not getattr(
+        optimizer, "use_combined_accum", False
+    ):
         training = options.Training
         if not is_compiled:
             training.mean_reduction_strategy = MeanReductionStrategy.Running
         elif training.mean_reduction_strategy != MeanReductionStrategy.Running:
             raise ValueError(RUNNING_AFTER_COMPILE)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return Snapshot(groups, float(getattr(optimizer, "loss_scaling", 1.0) or 1.0),
-                    getattr(optimizer, "max_grad_norm", None))
+    return Snapshot(
+        groups,
+        float(getattr(optimizer, "loss_scaling", 1.0) or 1.0),
+        getattr(optimizer, "max_grad_norm", None),
+    )

@@ -1,6 +1,7 @@
 """``poptorch.Options`` as the emulator needs it: the same setters (each returns self) and the
 values the emulated executor reads back. Settings that only matter to the Poplar compiler
 (memory proportions, tensor locations, PopART flags, caching) are recorded, not acted on."""
+
 import copy
 from typing import Any, Dict, Optional
 
@@ -67,7 +68,8 @@ class _TrainingOptions(_Recorded):
         return self
 
     def setMeanAccumulationAndReplicationReductionStrategy(
-            self, mean_reduction_strategy: MeanReductionStrategy) -> "_TrainingOptions":
+        self, mean_reduction_strategy: MeanReductionStrategy
+    ) -> "_TrainingOptions":
         self._record("setMeanAccumulationAndReplicationReductionStrategy", mean_reduction_strategy)
         self.mean_reduction_strategy = MeanReductionStrategy(mean_reduction_strategy)
         return self
@@ -224,10 +226,16 @@ class Options(_Recorded):
         return self.output_mode == OutputMode.Default
 
     def __repr__(self) -> str:
-        parts = [super().__repr__()[len("Options("):-1]]
-        parts += [f"{name}={part!r}" for name, part in (
-            ("Training", self._training), ("Precision", self._precision),
-            ("TensorLocations", self._tensor_locations), ("_Popart", self._popart))]
+        parts = [super().__repr__()[len("Options(") : -1]]
+        parts += [
+            f"{name}={part!r}"
+            for name, part in (
+                ("Training", self._training),
+                ("Precision", self._precision),
+                ("TensorLocations", self._tensor_locations),
+                ("_Popart", self._popart),
+            )
+        ]
         return "Options(" + ", ".join(parts) + ")"
 
     # sub-objects, as properties like PopTorch's
@@ -289,8 +297,9 @@ class Options(_Recorded):
             if not key.startswith("IPU"):
                 raise ValueError(f'available memory proportions are {{"IPU0": 0.5}}; invalid key {key!r}')
         self._record("setAvailableMemoryProportion", dict(available_memory_proportion))
-        self.available_memory_proportion = {int(k[3:]): float(v)
-                                            for k, v in available_memory_proportion.items()}
+        self.available_memory_proportion = {
+            int(k[3:]): float(v) for k, v in available_memory_proportion.items()
+        }
         return self
 
     def setExecutionStrategy(self, strategy: PipelinedExecution) -> "Options":

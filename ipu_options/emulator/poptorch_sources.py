@@ -21,6 +21,7 @@ read with ``git show TAG:path``) and writes, with the tag, its commit and the fi
 
 Only facts (names, file and line) are taken from the sources, no code.
 """
+
 import argparse
 import json
 import re
@@ -33,13 +34,17 @@ DATA = HERE / "poptorch_ops.json"
 DEFAULT_TAG = "sdk/poptorch/3.4.0"
 
 CANONICALISATION = "poptorch/source/popart_canonicalization/"
-IPU_KEY_FILES = ("poptorch/source/dispatch_tracer/RegisterOptionalAtenOps.cpp.inc",
-                 "poptorch/source/dispatch_tracer/RegisterAtenOverloads.cpp")
+IPU_KEY_FILES = (
+    "poptorch/source/dispatch_tracer/RegisterOptionalAtenOps.cpp.inc",
+    "poptorch/source/dispatch_tracer/RegisterAtenOverloads.cpp",
+)
 INPLACE_FILE = "poptorch/source/InplaceOps.cpp"
 OUTPLACE_FILE = "poptorch/source/include/poptorch/InplaceOpsPyTorch.hpp_nolint"
 
-_HANDLER_DEF = re.compile(r"torch::jit::Node\s*\*\s*(\w+)\s*\(\s*torch::jit::Graph\s*\*\s*\w*\s*,"
-                          r"\s*torch::jit::Node\s*\*\s*\w*\s*\)\s*\{")
+_HANDLER_DEF = re.compile(
+    r"torch::jit::Node\s*\*\s*(\w+)\s*\(\s*torch::jit::Graph\s*\*\s*\w*\s*,"
+    r"\s*torch::jit::Node\s*\*\s*\w*\s*\)\s*\{"
+)
 _REGISTER = re.compile(r"registerHandler\(\s*c10::aten::(\w+)\s*,\s*(\w+)\s*\)")
 _LIBRARY = re.compile(r"TORCH_LIBRARY_IMPL\(\s*aten\s*,\s*(\w+)\s*,\s*m\s*\)\s*\{")
 _IMPL = re.compile(r'm\.impl\(\s*"([\w.]+)"\s*,\s*([^;]*?)\)\s*;', re.S)
@@ -47,8 +52,9 @@ _TARGET = re.compile(r"(?:PTC_BOXED|PTC|makeFromBoxedFunction<&)\(?\s*(?:poptorc
 
 
 def _git(git_dir: str, *args: str) -> str:
-    return subprocess.run(["git", "--git-dir", git_dir, *args], check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(
+        ["git", "--git-dir", git_dir, *args], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def _line(text: str, offset: int) -> int:
@@ -61,14 +67,19 @@ def _bodies(text: str) -> Dict[str, str]:
     starts = [(m.start(), m.group(1)) for m in _HANDLER_DEF.finditer(text)]
     end = text.find("__attribute__((constructor")  # the registrations name every handler
     end = len(text) if end < 0 else end
-    return {name: text[start:starts[i + 1][0] if i + 1 < len(starts) else end]
-            for i, (start, name) in enumerate(starts)}
+    return {
+        name: text[start : starts[i + 1][0] if i + 1 < len(starts) else end]
+        for i, (start, name) in enumerate(starts)
+    }
 
 
 def _handlers(git_dir: str, tag: str):
-    files = [p for p in _git(git_dir, "ls-tree", "-r", "--name-only", tag, "--", CANONICALISATION)
-             .split() if p.endswith(".cpp")]
-    registered: Dict[str, Tuple[str, str]] = {}   # op → (handler, "file:line")
+    files = [
+        p
+        for p in _git(git_dir, "ls-tree", "-r", "--name-only", tag, "--", CANONICALISATION).split()
+        if p.endswith(".cpp")
+    ]
+    registered: Dict[str, Tuple[str, str]] = {}  # op → (handler, "file:line")
     bodies: Dict[str, str] = {}
     for path in files:
         text = _git(git_dir, "show", f"{tag}:{path}")
@@ -82,8 +93,11 @@ def _closure(bodies: Dict[str, str], marker: str) -> Set[str]:
     """Handlers whose body contains ``marker`` or names a handler that does."""
     found = {name for name, body in bodies.items() if marker in body}
     while True:
-        more = {name for name, body in bodies.items() if name not in found
-                and any(re.search(rf"\b{h}\b", body) for h in found)}
+        more = {
+            name
+            for name, body in bodies.items()
+            if name not in found and any(re.search(rf"\b{h}\b", body) for h in found)
+        }
         if not more:
             return found
         found |= more
@@ -97,9 +111,11 @@ def _ipu_key_ops(git_dir: str, tag: str) -> Dict[str, Dict[str, str]]:
             end = text.find("\n}", lib.end())
             for m in _IMPL.finditer(text, lib.end(), end):
                 target = _TARGET.search(m.group(2))
-                ops[m.group(1)] = {"key": lib.group(1),
-                                   "function": target.group(1) if target else m.group(2).strip(),
-                                   "source": f"{path}:{_line(text, m.start())}"}
+                ops[m.group(1)] = {
+                    "key": lib.group(1),
+                    "function": target.group(1) if target else m.group(2).strip(),
+                    "source": f"{path}:{_line(text, m.start())}",
+                }
     return ops
 
 
@@ -145,8 +161,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     data = extract(args.git_dir, args.tag)
     Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
-    print(f"{args.out}: {len(data['handlers'])} aten handlers, {len(data['loss_handlers'])} losses, "
-          f"{len(data['ipu_key_ops'])} IPU-key registrations from {args.tag} ({data['commit'][:10]})")
+    print(
+        f"{args.out}: {len(data['handlers'])} aten handlers, {len(data['loss_handlers'])} losses, "
+        f"{len(data['ipu_key_ops'])} IPU-key registrations from {args.tag} ({data['commit'][:10]})"
+    )
     return 0
 
 

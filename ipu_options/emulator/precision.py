@@ -10,6 +10,7 @@
   IPU's hardware stochastic rounding: round up with probability equal to the distance from the
   lower neighbour, in units of the local fp16 spacing).
 """
+
 from typing import Any, Dict, Optional, Set
 
 import torch
@@ -23,16 +24,31 @@ _NO_HALF_KERNEL: Set[Any] = set()  # ops seen failing on fp16 inputs (per proces
 # Convolutions, matrix products and norms: on a CPU their fp16 kernels are missing (torch 2.0) or
 # reference loops (later versions), so they always run widened there. They return new tensors
 # (no in-place effects besides norm statistics, which are written back).
-_WIDEN_ON_CPU = {torch.conv2d, torch.nn.functional.conv2d, torch.nn.functional.linear,
-                 torch.matmul, torch.mm, torch.addmm, torch.bmm, torch.nn.functional.group_norm,
-                 torch.nn.functional.batch_norm, torch.nn.functional.layer_norm,
-                 torch.group_norm, torch.batch_norm, torch.layer_norm,
-                 # losses: their backward kernels lack fp16 on a CPU too (mse_backward, ...)
-                 torch.nn.functional.mse_loss, torch.nn.functional.l1_loss,
-                 torch.nn.functional.smooth_l1_loss, torch.nn.functional.huber_loss,
-                 torch.nn.functional.cross_entropy, torch.nn.functional.nll_loss,
-                 torch.nn.functional.kl_div, torch.nn.functional.binary_cross_entropy,
-                 torch.nn.functional.binary_cross_entropy_with_logits}
+_WIDEN_ON_CPU = {
+    torch.conv2d,
+    torch.nn.functional.conv2d,
+    torch.nn.functional.linear,
+    torch.matmul,
+    torch.mm,
+    torch.addmm,
+    torch.bmm,
+    torch.nn.functional.group_norm,
+    torch.nn.functional.batch_norm,
+    torch.nn.functional.layer_norm,
+    torch.group_norm,
+    torch.batch_norm,
+    torch.layer_norm,
+    # losses: their backward kernels lack fp16 on a CPU too (mse_backward, ...)
+    torch.nn.functional.mse_loss,
+    torch.nn.functional.l1_loss,
+    torch.nn.functional.smooth_l1_loss,
+    torch.nn.functional.huber_loss,
+    torch.nn.functional.cross_entropy,
+    torch.nn.functional.nll_loss,
+    torch.nn.functional.kl_div,
+    torch.nn.functional.binary_cross_entropy,
+    torch.nn.functional.binary_cross_entropy_with_logits,
+}
 
 
 def _is_half(x: Any) -> bool:
@@ -74,8 +90,9 @@ def _run_in_float(func, args, kwargs: Dict[str, Any]):
             if statistic and not torch.equal(orig.float(), wide):
                 with torch.no_grad():
                     orig.copy_(wide)
-        return tree_map(lambda t: t.half() if isinstance(t, torch.Tensor) and t.dtype == torch.float
-                        else t, out)
+        return tree_map(
+            lambda t: t.half() if isinstance(t, torch.Tensor) and t.dtype == torch.float else t, out
+        )
 
 
 # Ops whose weight and bias PopTorch casts to the input's type: castWeightAndBias
@@ -85,10 +102,14 @@ def _run_in_float(func, args, kwargs: Dict[str, Any]):
 # test_float16_activations_float32_weights: the activation's type wins, sdk/poptorch/3.4.0).
 _F = torch.nn.functional
 _WEIGHTS_FOLLOW_INPUT = {  # op: (positions of weight and bias, their keyword names)
-    _F.linear: ((1, 2), ("weight", "bias")), _F.conv1d: ((1, 2), ("weight", "bias")),
-    _F.conv2d: ((1, 2), ("weight", "bias")), _F.conv3d: ((1, 2), ("weight", "bias")),
-    _F.batch_norm: ((3, 4), ("weight", "bias")), _F.group_norm: ((2, 3), ("weight", "bias")),
-    _F.layer_norm: ((2, 3), ("weight", "bias")), _F.instance_norm: ((3, 4), ("weight", "bias")),
+    _F.linear: ((1, 2), ("weight", "bias")),
+    _F.conv1d: ((1, 2), ("weight", "bias")),
+    _F.conv2d: ((1, 2), ("weight", "bias")),
+    _F.conv3d: ((1, 2), ("weight", "bias")),
+    _F.batch_norm: ((3, 4), ("weight", "bias")),
+    _F.group_norm: ((2, 3), ("weight", "bias")),
+    _F.layer_norm: ((2, 3), ("weight", "bias")),
+    _F.instance_norm: ((3, 4), ("weight", "bias")),
 }
 
 
@@ -97,8 +118,9 @@ def _weights_to_input_type(func, args, kwargs):
     x = args[0] if args else kwargs.get("input")
     if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
         return args, kwargs
-    follow = lambda t: t.to(x.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() \
-        and t.dtype != x.dtype else t
+    follow = lambda t: (
+        t.to(x.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != x.dtype else t
+    )
     with lowering.hidden():
         args = tuple(follow(a) if i in positions else a for i, a in enumerate(args))
         kwargs = {k: follow(v) if k in names else v for k, v in kwargs.items()}
@@ -110,8 +132,9 @@ class HalfKernels(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _WEIGHTS_FOLLOW_INPUT:
             args, kwargs = _weights_to_input_type(func, args, kwargs)
-        if func in _WIDEN_ON_CPU and any(_is_half(x) and x.device.type == "cpu"
-                                         for x in _leaves(args, kwargs)):
+        if func in _WIDEN_ON_CPU and any(
+            _is_half(x) and x.device.type == "cpu" for x in _leaves(args, kwargs)
+        ):
             return _run_in_float(func, args, kwargs)
         if func in _NO_HALF_KERNEL and any(_is_half(x) for x in _leaves(args, kwargs)):
             return _run_in_float(func, args, kwargs)

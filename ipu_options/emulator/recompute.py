@@ -8,6 +8,7 @@ chain of modules — an ``nn.Sequential``, nested sequentials flattened — the 
 checkpoints (or a pipeline stage boundary) run under ``torch.utils.checkpoint`` (non-reentrant),
 so their internal activations are freed after the forward pass and recomputed in the backward.
 The chain's input and output stay stored (the modules around the chain consume them)."""
+
 from typing import Callable, List, Optional
 
 import torch

@@ -7,6 +7,7 @@ parameter attribute) and offers ``copyWeightsToHostIfNeeded`` and ``destroy``. P
 copying give the plain model (python/_impl.py registers the wrapper types with copyreg to unwrap
 them), so ``torch.save(model)`` loads without PopTorch.
 """
+
 import copyreg
 import weakref
 from typing import Any, Optional
