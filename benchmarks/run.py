@@ -7,8 +7,9 @@ import json
 import os
 import signal
 import sys
-from dataclasses import replace
-from typing import Dict, Iterable, List, Optional
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -170,7 +171,27 @@ def run_cases(
     Out of device memory, a case retries at half the batch (as timm's benchmark does); its row
     keeps the batch that ran and says it was lowered."""
     cases = list(cases)
-    budget = Budget(budget_s)
+    rows, runnable = _skip_missing_libraries(cases, log)
+    peaks = _peak_flops(cases[i] for i in runnable)
+    rounds = _Rounds(cases, warmup, steps, repeats, log, Budget(budget_s), rows, peaks)
+    try:
+        for r in range(repeats):
+            # Odd rounds run the cases in reverse, so a drift in the machine's load (or the cost
+            # of following a particular case) does not always favour the same side of a comparison.
+            for i in runnable if r % 2 == 0 else runnable[::-1]:
+                if i not in rows:
+                    rounds.take_turn(i, r)
+    except KeyboardInterrupt:
+        # The rows measured so far are worth writing; the case in flight and the rest are not run.
+        log("interrupted: keeping the rows measured so far")
+        for i, case in enumerate(cases):
+            if i not in rows:
+                rows[i] = _skip_row(case, "interrupted before this case finished (Ctrl-C or time limit)")
+    return [rows[i] for i in range(len(cases)) if i in rows]
+
+
+def _skip_missing_libraries(cases: List[Case], log) -> Tuple[Dict[int, Dict[str, object]], List[int]]:
+    """Skipped rows for the peers whose library is not installed, and the indices of the rest."""
     rows: Dict[int, Dict[str, object]] = {}
     runnable = []
     for i, case in enumerate(cases):
@@ -180,81 +201,91 @@ def run_cases(
             log(f"skip {case.name}: {reason}")
         else:
             runnable.append(i)
+    return rows, runnable
+
+
+def _peak_flops(cases: Iterable[Case]) -> Dict[tuple, float]:
+    """The large-matmul rate per (device, precision) the cases use: their utilisation's yardstick."""
     peaks: Dict[tuple, float] = {}
-    for case in (cases[i] for i in runnable):
+    for case in cases:
         key = (case.device, case.precision)
         if key not in peaks:
             peaks[key] = measure_peak_flops(*key)
-    interleave = repeats > 1
-    prepared: Dict[int, Prepared] = {}
-    lowered: Dict[int, int] = {}  # case index → the batch asked for, where memory forced less
-    times: Dict[int, List[float]] = {i: [] for i in runnable}
-    per_repeat: Dict[int, List[float]] = {i: [] for i in runnable}
-    loads: Dict[int, List[float]] = {i: [] for i in runnable}
-    try:
-        for r in range(repeats):
-            # Odd rounds run the cases in reverse, so a drift in the machine's load (or the cost
-            # of following a particular case) does not always favour the same side of a comparison.
-            for i in runnable if r % 2 == 0 else runnable[::-1]:
-                if i in rows:
-                    continue
-                case = cases[i]
-                fresh = i not in prepared  # built this round: its time counts for the budget
-                refusal = budget.refusal(case) if fresh else None
-                if refusal:
-                    rows[i] = _skip_row(case, refusal)
-                    log(f"skip {case.name} {case.mode}: {refusal}")
-                    continue
-                since = budget.clock()
-                try:
-                    t = _prepare_and_time(
-                        i,
-                        cases,
-                        prepared,
-                        lowered,
-                        warmup if r == 0 or not interleave else 1,
-                        steps,
-                        log,
-                        may_lower=r == 0,
-                    )
-                except (RuntimeError, ValueError, NotImplementedError) as error:
-                    rows[i] = _skip_row(
-                        cases[i],
-                        f"{type(error).__name__}: {str(error).splitlines()[0][:300]}",
-                        status="error",
-                    )
-                    prepared.pop(i, None)
-                    log(f"error {case.name} {case.mode}: {rows[i]['reason']}")
-                    continue
-                finally:
-                    if fresh:
-                        budget.record(case, since)
-                case = cases[i]
-                times[i].extend(t)
-                per_repeat[i].append(sorted(t)[len(t) // 2] * 1e3)
-                loads[i].append(load_average())
-                if r == repeats - 1 or not interleave:
-                    rows[i] = _finish(
-                        case,
-                        prepared[i],
-                        times[i],
-                        per_repeat[i],
-                        loads[i],
-                        peaks.get((case.device, case.precision)),
-                    )
-                    if i in lowered:
-                        rows[i]["reason"] = f"batch lowered from {lowered[i]} (out of device memory)"
-                    log(_line(rows[i]))
-                if not interleave:
-                    del prepared[i]
-                    gc.collect()
-    except KeyboardInterrupt:
-        # The rows measured so far are worth writing; the case in flight and the rest are not run.
-        log("interrupted: keeping the rows measured so far")
-        for i, case in enumerate(cases):
-            if i not in rows:
-                rows[i] = _skip_row(case, "interrupted before this case finished (Ctrl-C or time limit)")
-    return [rows[i] for i in range(len(cases)) if i in rows]
+    return peaks
+
+
+@dataclass
+class _Rounds:
+    """One run's cases across its rounds: what is built, the times so far, and the finished rows."""
+
+    cases: List[Case]
+    warmup: int
+    steps: int
+    repeats: int
+    log: Callable[[str], None]
+    budget: Budget
+    rows: Dict[int, Dict[str, object]]
+    peaks: Dict[tuple, float]
+    prepared: Dict[int, Prepared] = field(default_factory=dict)
+    lowered: Dict[int, int] = field(default_factory=dict)  # index → batch asked for, where memory forced less
+    times: Dict[int, List[float]] = field(default_factory=lambda: defaultdict(list))
+    per_repeat: Dict[int, List[float]] = field(default_factory=lambda: defaultdict(list))
+    loads: Dict[int, List[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def take_turn(self, i: int, r: int) -> None:
+        """Case ``i`` in round ``r``: time it, and after its last round write its row."""
+        interleave = self.repeats > 1
+        t = self._time(i, r, interleave)
+        if t is None:
+            return
+        case = self.cases[i]
+        self.times[i].extend(t)
+        self.per_repeat[i].append(sorted(t)[len(t) // 2] * 1e3)
+        self.loads[i].append(load_average())
+        if r == self.repeats - 1 or not interleave:
+            self.rows[i] = _finish(
+                case,
+                self.prepared[i],
+                self.times[i],
+                self.per_repeat[i],
+                self.loads[i],
+                self.peaks.get((case.device, case.precision)),
+            )
+            if i in self.lowered:
+                self.rows[i]["reason"] = f"batch lowered from {self.lowered[i]} (out of device memory)"
+            self.log(_line(self.rows[i]))
+        if not interleave:
+            del self.prepared[i]
+            gc.collect()
+
+    def _time(self, i: int, r: int, interleave: bool) -> Optional[List[float]]:
+        """Step times of case ``i`` in round ``r``; None where the budget refuses to start it or
+        it fails (its row then says why)."""
+        case = self.cases[i]
+        fresh = i not in self.prepared  # built this round: its time counts for the budget
+        refusal = self.budget.refusal(case) if fresh else None
+        if refusal:
+            self.rows[i] = _skip_row(case, refusal)
+            self.log(f"skip {case.name} {case.mode}: {refusal}")
+            return None
+        since = self.budget.clock()
+        warmup = self.warmup if r == 0 or not interleave else 1
+        try:
+            return _prepare_and_time(
+                i, self.cases, self.prepared, self.lowered, warmup, self.steps, self.log, may_lower=r == 0
+            )
+        except (RuntimeError, ValueError, NotImplementedError) as error:
+            self.rows[i] = _skip_row(
+                self.cases[i],
+                f"{type(error).__name__}: {str(error).splitlines()[0][:300]}",
+                status="error",
+            )
+            self.prepared.pop(i, None)
+            self.log(f"error {case.name} {case.mode}: {self.rows[i]['reason']}")
+            return None
+        finally:
+            if fresh:
+                self.budget.record(case, since)
 
 
 def mark_faster_layout(rows: List[Dict[str, object]]) -> None:
