@@ -628,14 +628,8 @@ def _validate_optim(o) -> None:
     )
 
 
-def validate(cfg: Config) -> None:
-    """Every check that can be made without data or a model. Raises ConfigError on the first."""
-    _require(cfg.device in DEVICES, "device", cfg.device, f"one of {', '.join(DEVICES)}")
-    _validate_model(cfg.model)
-    _validate_data(cfg.data)
-    _validate_optim(cfg.optim)
-
-    s = cfg.schedule
+def _validate_schedule(s: ScheduleConfig) -> None:
+    """``cfg.schedule``: the learning-rate schedule's own fields."""
     _require(
         s.name in ("exponential", "cosine", "step"), "schedule.name", s.name, "exponential, cosine or step"
     )
@@ -649,6 +643,9 @@ def validate(cfg: Config) -> None:
         "in [0, 1] (the cosine floor as a fraction of the peak rate)",
     )
 
+
+def _validate_train(cfg: Config) -> None:
+    """``cfg.train``: its own fields, then the micro-batch against batch norm's statistics."""
     t = cfg.train
     _require(t.epochs > 0, "train.epochs", t.epochs, "a number > 0")
     _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "null or >= 1")
@@ -685,6 +682,10 @@ def validate(cfg: Config) -> None:
         "(its last feature maps are 1×1: batch statistics of one value); or model.norm=group / "
         "layer, which normalise each image on its own",
     )
+
+
+def _validate_checkpoints_and_warmup(t: TrainConfig, s: ScheduleConfig) -> None:
+    """How often a run saves, and a warm-up that fits in the run."""
     _require(
         t.checkpoint_every is None or t.checkpoint_every >= 1,
         "train.checkpoint_every",
@@ -705,7 +706,9 @@ def validate(cfg: Config) -> None:
         f"at most train.epochs={t.epochs:g}: lower schedule.warmup_epochs or raise train.epochs",
     )
 
-    f = cfg.finetune
+
+def _validate_finetune(f: FinetuneConfig) -> None:
+    """``cfg.finetune``: the fine-tuning phase."""
     _require(f.epochs > 0, "finetune.epochs", f.epochs, "a number > 0")
     _require(f.lr > 0, "finetune.lr", f.lr, "a number > 0")
     _require(
@@ -721,6 +724,9 @@ def validate(cfg: Config) -> None:
         "null or an integer >= 32",
     )
 
+
+def _validate_dist_and_log(cfg: Config) -> None:
+    """``cfg.dist`` (how the replicas are spread) and ``cfg.log`` (where a run logs)."""
     _require(
         cfg.dist.instances >= 1 and cfg.dist.nnodes >= 1,
         "dist.instances/nnodes",
@@ -737,6 +743,19 @@ def validate(cfg: Config) -> None:
         cfg.log.name,
         "a plain folder name (no / or \\, not . or ..): the run folder is log.out_dir/<log.name>",
     )
+
+
+def validate(cfg: Config) -> None:
+    """Every check that can be made without data or a model. Raises ConfigError on the first."""
+    _require(cfg.device in DEVICES, "device", cfg.device, f"one of {', '.join(DEVICES)}")
+    _validate_model(cfg.model)
+    _validate_data(cfg.data)
+    _validate_optim(cfg.optim)
+    _validate_schedule(cfg.schedule)
+    _validate_train(cfg)
+    _validate_checkpoints_and_warmup(cfg.train, cfg.schedule)
+    _validate_finetune(cfg.finetune)
+    _validate_dist_and_log(cfg)
     _require(
         len(cfg.study.seeds) >= 1 and len(set(cfg.study.seeds)) == len(cfg.study.seeds),
         "study.seeds",

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -387,31 +387,42 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
 
 
-def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
-
-    name = getattr(args, "study", None) or "norms"
+def report_only(cfg: Config, name: str) -> int:
+    """``study.report_only=true``: the CSV and the report again from the rows of the last study."""
     stem = study_stem(cfg, name)
-    if cfg.study.report_only:
-        rows_path = stem.with_name(stem.name + ".jsonl")
-        if not rows_path.is_file():
-            raise AppError(
-                f"study.report_only: no rows at {rows_path}; run python -m experiments study {name} first"
-            )
-        write_csv(load_rows(rows_path), stem.with_name(stem.name + ".csv"))  # rows joined by hand too
-        print(f"report: {write_report(name, rows_path)}")
-        return 0
+    rows_path = stem.with_name(stem.name + ".jsonl")
+    if not rows_path.is_file():
+        raise AppError(
+            f"study.report_only: no rows at {rows_path}; run python -m experiments study {name} first"
+        )
+    write_csv(load_rows(rows_path), stem.with_name(stem.name + ".csv"))  # rows joined by hand too
+    print(f"report: {write_report(name, rows_path)}")
+    return 0
+
+
+def chosen_variants(cfg: Config, name: str, base: Config) -> List[Variant]:
+    """The study's variants, or the part of its grid ``study.variants`` names (e.g. the runs an
+    interrupted study still lacks)."""
+    variants = variants_of(name, base)
+    if not cfg.study.variants:
+        return variants
+    unknown = sorted(set(cfg.study.variants) - {v.label for v in variants})
+    if unknown:
+        raise AppError(
+            f"study.variants: {unknown} are not variants of the {name} study; it has "
+            f"{[v.label for v in variants]}"
+        )
+    return [v for v in variants if v.label in cfg.study.variants]
+
+
+def start_study(
+    cfg: Config, args: Optional[argparse.Namespace], name: str
+) -> Tuple[Config, Path, Progress, List[Variant]]:
+    """A new study folder, or the one ``--resume`` names (refused when it holds another study):
+    the configuration, folder, progress and variants to run."""
     command = " ".join(["python -m experiments"] + sys.argv[1:]) if args is not None else f"study {name}"
     base = study_config(cfg, args, name)
-    variants = variants_of(name, base)
-    if cfg.study.variants:  # a part of the grid (e.g. the runs an interrupted study still lacks)
-        unknown = sorted(set(cfg.study.variants) - {v.label for v in variants})
-        if unknown:
-            raise AppError(
-                f"study.variants: {unknown} are not variants of the {name} study; it has "
-                f"{[v.label for v in variants]}"
-            )
-        variants = [v for v in variants if v.label in cfg.study.variants]
-    resumed = bool(cfg.resume)
+    variants = chosen_variants(cfg, name, base)
 
     def new_study_folder(c: Config) -> Path:
         return new_folder(Path(c.log.out_dir), f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -428,7 +439,7 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
         }
 
     base, folder, progress = start_or_resume(
-        base if not resumed else cfg, args, f"study {name}", new_study_folder, setup
+        base if not cfg.resume else cfg, args, f"study {name}", new_study_folder, setup
     )
     if progress.setup["study"] != name:
         raise AppError(
@@ -436,34 +447,26 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
             f"{experiment_resume_command(folder, 'study ' + progress.setup['study'])}"
         )
     variants = [v for v in variants_of(name, base) if v.label in progress.setup["variants"]]
-    env = environment(base, progress.setup["command"])
-    writer = RowWriter(study_stem(base, name), resume=resumed)
-    print(
-        f"study {name}: {len(variants) or 4} variants × seeds {base.study.seeds} in {folder}; rows: "
-        f"{writer.partial}" + (f" ({len(writer.rows)} of them there already)" if resumed else "")
-    )
+    return base, folder, progress, variants
+
+
+def run_study(
+    name: str,
+    cfg: Config,
+    variants: List[Variant],
+    folder: Path,
+    writer: RowWriter,
+    env: Dict[str, Any],
+    progress: Progress,
+) -> int:
+    """Every run of the study; Ctrl-C says how to continue it before it stops the command."""
     try:
         if name == "resolution":
-            code = run_resolution(
-                base,
-                folder,
-                writer,
-                env,
-                progress.setup["keep_max_steps"],
-                progress.setup["native"],
-                progress,
+            return run_resolution(
+                cfg, folder, writer, env, progress.setup["keep_max_steps"], progress.setup["native"], progress
             )
-        else:
-            code = run_variants(
-                name,
-                base,
-                variants,
-                folder,
-                writer,
-                env,
-                progress,
-                extra=model_size if name == "groups" else (lambda c: {}),
-            )
+        extra = model_size if name == "groups" else (lambda c: {})
+        return run_variants(name, cfg, variants, folder, writer, env, progress, extra=extra)
     except KeyboardInterrupt:
         print(
             f"\nstudy {name} stopped; continue it with:\n  "
@@ -471,6 +474,22 @@ def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
             file=sys.stderr,
         )
         raise
+
+
+def main(cfg: Config, args: Optional[argparse.Namespace] = None) -> int:
+    """``python -m experiments study NAME``: run (or continue) the study, then write its rows and report."""
+    name = getattr(args, "study", None) or "norms"
+    if cfg.study.report_only:
+        return report_only(cfg, name)
+    resumed = bool(cfg.resume)
+    base, folder, progress, variants = start_study(cfg, args, name)
+    env = environment(base, progress.setup["command"])
+    writer = RowWriter(study_stem(base, name), resume=resumed)
+    print(
+        f"study {name}: {len(variants) or 4} variants × seeds {base.study.seeds} in {folder}; rows: "
+        f"{writer.partial}" + (f" ({len(writer.rows)} of them there already)" if resumed else "")
+    )
+    code = run_study(name, base, variants, folder, writer, env, progress)
     if code:
         print(
             f"study {name} stopped (exit {code}); its rows so far: {writer.partial}. Continue it "
