@@ -2,7 +2,7 @@
 
     python -m benchmarks.report [results.jsonl ...] [--out benchmarks/results/report.md]
 
-Without files it reads every benchmarks/results/*.jsonl."""
+Without files it reads the throughput rows of benchmarks/results/*.jsonl (not the data or study rows)."""
 
 import argparse
 import glob
@@ -322,6 +322,17 @@ def plot(rows: List[Dict[str, object]], out_dir: str) -> List[str]:
     return paths
 
 
+def _is_throughput(path: str) -> bool:
+    """Whether ``path`` holds throughput rows; the data and study reports keep other rows there."""
+    with open(path) as f:
+        first = f.readline()
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and "name" in row and "mode" in row
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
     p.add_argument("files", nargs="*", help="result .jsonl files (default: benchmarks/results/*.jsonl)")
@@ -330,7 +341,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    files = args.files or sorted(glob.glob(os.path.join(RESULTS_DIR, "*.jsonl")))
+    files = args.files or [
+        f for f in sorted(glob.glob(os.path.join(RESULTS_DIR, "*.jsonl"))) if _is_throughput(f)
+    ]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing or not files:
         raise SystemExit(

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -409,3 +411,15 @@ def test_out_of_memory_halves_the_batch_and_says_so(monkeypatch, tiny_peer):
     assert rows[0]["status"] == "ok" and rows[0]["batch"] == 4
     assert "lowered from 16" in rows[0]["reason"]
     assert rows[0]["images_per_s"] == pytest.approx(4 / (rows[0]["step_ms_median"] / 1e3), rel=1e-2)
+
+
+def test_report_without_files_reads_only_throughput_rows(tmp_path, monkeypatch):
+    shutil.copy(os.path.join(report.RESULTS_DIR, "quick-cpu.jsonl"), tmp_path / "quick-cpu.jsonl")
+    shutil.copy(os.path.join(report.RESULTS_DIR, "data-cpu.jsonl"), tmp_path / "data-cpu.jsonl")
+    (tmp_path / "study-norms-digits-cpu.jsonl").write_text('{"variant": "bn", "top1": 0.5}\n')
+    monkeypatch.setattr(report, "RESULTS_DIR", str(tmp_path))
+    out = tmp_path / "out" / "report.md"
+    assert report.main(["--out", str(out), "--no-plots"]) == 0
+    text = out.read_text()
+    assert "## quick-cpu.jsonl" in text
+    assert "data-cpu" not in text and "study-norms" not in text
