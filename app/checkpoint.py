@@ -12,7 +12,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, BinaryIO, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def atomic_save(payload: Dict[str, Any], path: Union[str, Path]) -> Path:
 def atomic_copy(source: Union[str, Path], path: Union[str, Path]) -> Path:
     """``source``'s bytes as ``path``, with the same guarantee as ``atomic_save``."""
 
-    def copy(f):
+    def copy(f: BinaryIO) -> None:
         with open(source, "rb") as src:
             shutil.copyfileobj(src, f)
 

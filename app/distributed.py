@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -387,7 +388,7 @@ def run_job(command: List[str]) -> int:
         process = subprocess.Popen(command, env=env, start_new_session=True)
         received: List[int] = []
 
-        def forward(signum, frame):
+        def forward(signum: int, frame: Optional[FrameType]) -> None:
             received.append(signum)
             workers = child_processes(process.pid)
             try:
@@ -443,7 +444,7 @@ def watch_parent(poll_s: float = 0.5) -> None:
         return
     _WATCHING.append(int(launcher))
 
-    def watch():
+    def watch() -> None:
         while pid_alive(int(launcher)):
             time.sleep(poll_s)
         print(

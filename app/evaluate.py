@@ -98,7 +98,7 @@ def validate_all(
     results = {}
     ema_classifier = as_classifier(ema.module, cfg) if ema is not None else None
 
-    def counted(name: str, *target) -> None:
+    def counted(name: str, *target: Any) -> None:
         # each pass's own count of unreadable images replaced (the raw and EMA passes read the same)
         loader = target[0]
         before = getattr(loader, "skipped", 0)

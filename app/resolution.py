@@ -28,10 +28,10 @@ import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from app.plotting import pyplot, save
 from app.run_folder import RunFolder
@@ -108,10 +108,11 @@ def native_resolution(model_name: str) -> int:
     return VARIANTS[variant_key(model_name)].resolution
 
 
-def recipe_native(cfg, finetune_resolution_given: bool) -> int:
+def recipe_native(cfg: Any, finetune_resolution_given: bool) -> int:
     """The native size N of the reduced-resolution recipe (``make paper``, ``study resolution``):
     ``finetune.resolution`` when the command line gives it, else ``data.native_resolution`` (the
-    data's own test size: digits 96), else ``finetune.resolution``, else the model's native."""
+    data's own test size: digits 96), else ``finetune.resolution``, else the model's native.
+    ``cfg`` is the run's app.config.Config, which imports this module (so no annotation names it)."""
     given = cfg.finetune.resolution if finetune_resolution_given else None
     return given or cfg.data.native_resolution or cfg.finetune.resolution or native_resolution(cfg.model.name)
 
@@ -171,7 +172,7 @@ def downsampling_stages(model: nn.Module, in_channels: int = 3) -> int:
         raise ValueError(f"{len(strided)} strided layers: too many to probe the total stride")
     steps: Dict[Tuple[int, int], int] = {}
 
-    def record(module, inputs, output):
+    def record(module: nn.Module, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
         h, w = inputs[0].shape[-2:]
         steps[(int(h), int(w))] = max(steps.get((int(h), int(w)), 1), max(_strides(module)))
 

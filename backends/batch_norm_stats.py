@@ -35,7 +35,7 @@ class BatchNormProbe(nn.Module):
     def forward(self, images: Tensor) -> Tuple[Tensor, ...]:
         records: List[Tensor] = []
 
-        def normalise_by_batch(module, inputs, output):
+        def normalise_by_batch(module: nn.BatchNorm2d, inputs: Tuple[Tensor, ...], output: Tensor) -> Tensor:
             x = inputs[0]
             dims = [d for d in range(x.dim()) if d != 1]
             xf = x.float()

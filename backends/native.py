@@ -9,7 +9,7 @@ nothing of the application.
 """
 
 import contextlib
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, ContextManager, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,7 @@ class NativeBackend(Backend):
         self.optimizer = None
         self.inference_copy = None  # fused for inference; None: the weights changed since
 
-    def autocast(self):
+    def autocast(self) -> ContextManager[Any]:
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16

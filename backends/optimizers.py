@@ -6,7 +6,7 @@ rule. ``ADAMW_EPS`` is AdamW's ε on every device (``optim.eps`` is RMSprop's, i
 root). Pure torch: nothing of the application or the model.
 """
 
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -45,7 +45,7 @@ class RMSpropTF(torch.optim.Optimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -88,7 +88,7 @@ def launcher_args(items: List[str]) -> List[str]:
     return [part for item in items for part in shlex.split(item)]
 
 
-def proc_stat(pid) -> Optional[List[str]]:
+def proc_stat(pid: int) -> Optional[List[str]]:
     """Fields of ``/proc/<pid>/stat`` after the command name (state first, then the parent's pid),
     or None where there is no such entry (process gone, or not Linux). The name is in parentheses
     and may hold spaces, so the fields start after its last ")"."""

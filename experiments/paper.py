@@ -77,7 +77,7 @@ def paper_folder(cfg: Config) -> Path:
     return new_folder(Path(cfg.log.out_dir), name)  # never reuses (overwrites) an existing folder
 
 
-def final_weights(run_dir: Path, cfg: Config, num_classes: int):
+def final_weights(run_dir: Path, cfg: Config, num_classes: int) -> Tuple[torch.nn.Module, str]:
     """A run's best checkpoint as a network: its EMA weights when it has them."""
     path = find_checkpoint(run_dir, prefer_best=True)
     networks = checkpoint_networks(load_checkpoint(path), cfg, num_classes, path)

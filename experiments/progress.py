@@ -6,7 +6,7 @@ resolutions, the command) so that a resume repeats it exactly."""
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from app.checkpoint import find_checkpoint
 from app.config import Config, config_from_dict, read_yaml_file
@@ -129,7 +129,9 @@ def finetune_phase(
     return record(progress, phase, result.run, result, as_record)
 
 
-def record(progress: Progress, phase: str, run: TrainResult, result: Any, to_record) -> Any:
+def record(
+    progress: Progress, phase: str, run: TrainResult, result: Any, to_record: Callable[[Any], Dict[str, Any]]
+) -> Any:
     if run.exit_code > 128:
         progress.stopped(phase, run)
     elif run.exit_code == 0:

@@ -42,6 +42,7 @@ from app.provenance import cpu_name, git_commit, load_average
 from app.resolution import half_resolution, model_stages, recipe_native
 from app.run_folder import RunFolder
 from app.tracking import new_folder
+from app.train import TrainResult
 from experiments.paper import derived, run_recipe, start_or_resume
 from experiments.progress import Progress, experiment_resume_command, train_phase
 from experiments.study_report import load_rows, write_report
@@ -244,7 +245,7 @@ def run_row(
     study: str,
     variant: Variant,
     seed: int,
-    result,
+    result: TrainResult,
     resolution: int,
     env: Dict[str, Any],
     load_before: float,

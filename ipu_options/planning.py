@@ -96,11 +96,11 @@ def balanced_plan(
         prefix.append(prefix[-1] + u.macs)
 
     @lru_cache(maxsize=None)
-    def fit(lo: int, hi: int, index: int):
+    def fit(lo: int, hi: int, index: int) -> Optional[Tuple[IPUMemory, List[str]]]:
         return _stage_fit(tuple(us[lo:hi]), index, stages, micro, s, budget, allow_recompute)
 
     @lru_cache(maxsize=None)
-    def best(start: int, index: int):
+    def best(start: int, index: int) -> Optional[Tuple[int, List[int]]]:
         """(max stage macs, [stage ends]) for units[start:] over stages index..stages-1."""
         if index == stages - 1:
             return (prefix[n] - prefix[start], [n]) if fit(start, n, index) else None

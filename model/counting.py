@@ -1,9 +1,10 @@
 """Model size and cost, counted from the layers themselves (no lookup tables)."""
 
 import copy
+from typing import Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -16,11 +17,11 @@ def count_macs(model: nn.Module, resolution: int) -> int:
     falls back to a CPU pass where an op lacks a meta kernel."""
     macs = []
 
-    def conv_hook(m: nn.Conv2d, inputs, output):
+    def conv_hook(m: nn.Conv2d, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
         per_output = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
         macs.append(output[0].numel() * per_output)  # output[0]: one image
 
-    def linear_hook(m: nn.Linear, inputs, output):
+    def linear_hook(m: nn.Linear, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
         macs.append(output[0].numel() * m.in_features)
 
     def run(device: str) -> int:

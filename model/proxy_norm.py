@@ -16,7 +16,7 @@ give the same loss and the same gradients up to float32 rounding (see ``fast_pat
 """
 
 import math
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,15 @@ class _SiluProxyStatistics(torch.autograd.Function):
     values. On small batches these batch-independent points weigh as much as activations."""
 
     @staticmethod
-    def forward(ctx, proxy_bias, proxy_weight, weight, bias, quantiles, eps):
+    def forward(
+        ctx: Any,
+        proxy_bias: Tensor,
+        proxy_weight: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        quantiles: Tensor,
+        eps: float,
+    ) -> Tuple[Tensor, Tensor]:
         mean, inv_std, pre, centred = _proxy_statistics(
             proxy_bias, proxy_weight, weight, bias, quantiles, eps, F.silu
         )
@@ -102,7 +110,9 @@ class _SiluProxyStatistics(torch.autograd.Function):
         return mean, inv_std
 
     @staticmethod
-    def backward(ctx, grad_mean, grad_inv_std):
+    def backward(
+        ctx: Any, grad_mean: Optional[Tensor], grad_inv_std: Optional[Tensor]
+    ) -> Tuple[Optional[Tensor], ...]:
         pb, pw, weight, bias, quantiles, pre, centred, inv_std = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             statistics = lambda *a: _proxy_statistics(*a, ctx.eps, F.silu)[:2]  # noqa: E731
@@ -141,7 +151,7 @@ class _StandardisedSilu(torch.autograd.Function):
     on top of its pass, which makes them the larger part of proxy norm's cost on a CPU."""
 
     @staticmethod
-    def forward(ctx, x, mean, inv_std):
+    def forward(ctx: Any, x: Tensor, mean: Tensor, inv_std: Optional[Tensor]) -> Tensor:
         out = F.silu(x)
         if inv_std is None:
             out.sub_(mean)
@@ -151,7 +161,7 @@ class _StandardisedSilu(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         x, out, mean, inv_std = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             return _differentiable_backward(_standardised_silu, (x, mean, inv_std), (grad,))

@@ -269,7 +269,8 @@ class SyntheticDataset(GeneratedDataset):
     Indexing it still works (random images), for code that inspects a dataset."""
 
 
-def build_dataset(cfg, split: str, resolution: int, root: Optional[str] = None) -> ImageDataset:
+def build_dataset(cfg: Any, split: str, resolution: int, root: Optional[str] = None) -> ImageDataset:
+    # cfg: the run's app.config.Config, which imports this module (so no annotation naming it)
     """The dataset named by ``cfg.data.dataset`` (or ``root``) for ``split`` at ``resolution``."""
     name = root if root is not None else cfg.data.dataset
     opts = dict(

@@ -5,7 +5,7 @@ and ``identity_loss``, as PopTorch defines them.
 trace is active, entering the module starts a new block on ``ipu_id``. The executor turns the
 trace into pipeline stages and checks them against PopTorch's rules."""
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -84,7 +84,9 @@ class Block(nn.Module):
         return None
 
 
-def recomputationCheckpoint(*tensors):
+def recomputationCheckpoint(
+    *tensors: Union[torch.Tensor, List[torch.Tensor], Tuple[torch.Tensor, ...]],
+) -> Union[torch.Tensor, List[torch.Tensor], Tuple[torch.Tensor, ...]]:
     """Marks tensors to keep for the backward pass; everything between marks is recomputed.
     The emulator realises the recomputation by module (see ``recompute.py``); the tensors pass
     through unchanged, as PopTorch's do on the CPU."""

@@ -215,7 +215,7 @@ class PoplarExecutor:
     def isAttachedToDevice(self) -> bool:
         return self._attached
 
-    def compile(self, *args, **kwargs) -> None:
+    def compile(self, *args: Any, **kwargs: Any) -> None:
         with _running_on_ipu(), self._channel_grouping():
             self._prepare(args, kwargs)
         self._optimizers_on_device()
@@ -423,7 +423,7 @@ class PoplarExecutor:
             )
         micro = size // n
 
-        def get(d: int, g: int, r: int):
+        def get(d: int, g: int, r: int) -> Tuple[Any, Any]:
             start = ((d * ga + g) * reps + r) * micro
             cut = lambda t: t[start : start + micro] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
             return tree_map(cut, args), tree_map(cut, kwargs)

@@ -147,7 +147,7 @@ def _on_host_zeros(op, args, kwargs):
     """A decomposition that needs values (torch 2.0's one_hot) on meta tensors: run it on host
     zeros of the same shapes and return meta tensors of the result's shapes."""
 
-    def host(t):
+    def host(t: Any) -> Any:
         return torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, Tensor) and t.is_meta else t
 
     out = op._op_dk(DispatchKey.CompositeImplicitAutograd, *tree_map(host, args), **tree_map(host, kwargs))
@@ -170,7 +170,7 @@ def _whole(op, schema_name: str):
     """A kernel for an op PopTorch catches whole: it computes the op's usual decomposition, out
     of the check's sight, and shows the check the op itself."""
 
-    def kernel(*args, **kwargs):
+    def kernel(*args: Any, **kwargs: Any) -> Any:
         if schema_name == "item" and _active and not _hidden[0]:
             raise LoweringError(ITEM)  # PopTorch's item() kernel stops right there
         with hidden():
@@ -246,7 +246,14 @@ class _Recorder(TorchDispatchMode):
         self.see(func, schema_name, args, kwargs, out)
         return out
 
-    def see(self, func, schema_name: str, args, kwargs, out) -> None:
+    def see(
+        self,
+        func: torch._ops.OpOverload,
+        schema_name: str,
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+        out: Any,
+    ) -> None:
         """One op as PopTorch's IPU key receives it."""
         f = facts()
         kind = node_kind(schema_name)

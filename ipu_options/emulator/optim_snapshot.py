@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 
 from .enums import MeanReductionStrategy
+from .options import Options
 
 # python/_optimizer_attributes.py:147-152 (sdk/poptorch/3.4.0)
 RUNNING_AFTER_COMPILE = (
@@ -53,7 +54,7 @@ class Snapshot:
         return tuple(float(g["lr"]) for g in self.groups if "lr" in g)
 
 
-def take(optimizer: torch.optim.Optimizer, options, is_compiled: bool) -> Snapshot:
+def take(optimizer: torch.optim.Optimizer, options: Options, is_compiled: bool) -> Snapshot:
     if getattr(optimizer, "accum_type", torch.float32) == torch.float16 and not getattr(
         optimizer, "use_combined_accum", False
     ):

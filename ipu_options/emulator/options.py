@@ -146,16 +146,16 @@ class _TensorLocationOptions(_Recorded):
         self.locations[kind] = location
         return self
 
-    def setActivationLocation(self, location):
+    def setActivationLocation(self, location: TensorLocationSettings) -> "_TensorLocationOptions":
         return self._set("setActivationLocation", location)
 
-    def setWeightLocation(self, location):
+    def setWeightLocation(self, location: TensorLocationSettings) -> "_TensorLocationOptions":
         return self._set("setWeightLocation", location)
 
-    def setOptimizerLocation(self, location):
+    def setOptimizerLocation(self, location: TensorLocationSettings) -> "_TensorLocationOptions":
         return self._set("setOptimizerLocation", location)
 
-    def setAccumulatorLocation(self, location):
+    def setAccumulatorLocation(self, location: TensorLocationSettings) -> "_TensorLocationOptions":
         return self._set("setAccumulatorLocation", location)
 
     def numIOTiles(self, num_tiles: int) -> "_TensorLocationOptions":

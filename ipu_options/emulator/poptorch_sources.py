@@ -27,7 +27,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "poptorch_ops.json"
@@ -153,7 +153,7 @@ def extract(git_dir: str, tag: str = DEFAULT_TAG) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--git-dir", required=True, help="a clone of graphcore/poptorch (bare is fine)")
     parser.add_argument("--tag", default=DEFAULT_TAG)

@@ -71,7 +71,7 @@ def _map_args(fn, args):
 def _run_in_float(func, args, kwargs: Dict[str, Any]):
     pairs = []
 
-    def widen(x):
+    def widen(x: Any) -> Any:
         if _is_half(x):
             wide = x.float()
             pairs.append((x, wide))
