@@ -474,3 +474,56 @@ def test_a_loss_no_weight_reaches_trains_without_a_backward_pass():
     out, loss = step(x, torch.zeros_like(x))
     assert torch.equal(out, x) and loss.item() == pytest.approx(x.abs().mean().item())
     assert torch.equal(model.unused, torch.ones(3))
+
+
+class _Pair:
+    def __init__(self, data, label):
+        self.data, self.label = data, label
+
+
+class _PairParser(poptorch.ICustomArgParser):
+    def yieldTensors(self, struct):  # noqa: N802  (PopTorch's name)
+        yield struct.data
+        yield struct.label
+
+    def reconstruct(self, original_structure, tensor_iterator):
+        return type(original_structure)(*tensor_iterator)
+
+
+def _collate_pairs(items):
+    return _Pair(torch.stack([d for d, _ in items]), torch.stack([y for _, y in items]))
+
+
+@pytest.mark.parametrize("mode", ["Sync", "Async", "AsyncRebatched"])
+def test_a_registered_custom_batch_is_rebatched_through_its_parser(mode):
+    # PopTorch 3.4 python/__init__.py:800-853 (the parser and its registry) and _dataloader.py:
+    # 321-334,457-459 (rebatching a custom type tensor by tensor); tests/dataloader_test.py:1275-1290
+    dataset = [(torch.full((2,), float(i)), torch.tensor([i])) for i in range(12)]
+    poptorch.registerCustomArgParser(_Pair, _PairParser())
+    try:
+        opts = poptorch.Options().deviceIterations(2)
+        loader = poptorch.DataLoader(
+            opts,
+            dataset,
+            batch_size=3,
+            collate_fn=_collate_pairs,
+            mode=getattr(poptorch.DataLoaderMode, mode),
+        )
+        batches = list(loader)
+        assert [type(b) for b in batches] == [_Pair, _Pair]
+        assert batches[1].data[:, 0].tolist() == [6, 7, 8, 9, 10, 11]
+        assert batches[1].label[:, 0].tolist() == [6, 7, 8, 9, 10, 11]
+        # the compiled inputs compare a custom object by its tensors (python/_args_parser.py:53-56)
+        model = poptorch.inferenceModel(_PairSum(), poptorch.Options())
+        assert torch.equal(model(batches[0]), batches[0].data.sum(1) + batches[0].label[:, 0])
+        assert torch.equal(model(batches[1]), batches[1].data.sum(1) + batches[1].label[:, 0])
+        with pytest.raises(poptorch.Error, match="must inherit from ICustomArgParser"):
+            poptorch.registerCustomArgParser(_Pair, object())
+    finally:
+        poptorch.registerCustomArgParser(_Pair, None)
+    assert poptorch.custom_args.custom_parser(batches[0]) is None
+
+
+class _PairSum(nn.Module):
+    def forward(self, pair):
+        return pair.data.sum(1) + pair.label[:, 0]

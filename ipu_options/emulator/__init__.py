@@ -12,6 +12,7 @@ against PopTorch 3.4's handlers and rules, with the facts in ``poptorch_ops.json
 
 from . import optim
 from .blocks import BeginBlock, Block, identity_loss, recomputationCheckpoint, removeBlocks
+from .custom_args import ICustomArgParser, registerCustomArgParser
 from .dataloader import AsynchronousDataAccessor, DataLoader
 from .enums import (
     AutoStage,
@@ -44,6 +45,7 @@ __all__ = [
     "DataLoader",
     "DataLoaderMode",
     "Error",
+    "ICustomArgParser",
     "MeanReductionStrategy",
     "Options",
     "OutputMode",
@@ -62,6 +64,7 @@ __all__ = [
     "isRunningOnIpu",
     "optim",
     "recomputationCheckpoint",
+    "registerCustomArgParser",
     "removeBlocks",
     "set_available_memory",
     "trainingModel",

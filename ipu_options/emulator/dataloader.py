@@ -31,6 +31,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .custom_args import custom_parser, empty_template
 from .enums import DataLoaderMode
 from .options import Options
 
@@ -144,18 +145,25 @@ class DataLoader(torch.utils.data.DataLoader):
 
 
 def _flat(batch):
+    """The batch's tensors and what rebuilds it: a dict's keys, a custom type's object, or None."""
     if isinstance(batch, torch.Tensor):
         return (batch,), None
+    parser = custom_parser(batch)
+    if parser is not None:  # _dataloader.py:321-334,457-459: taken apart by its parser
+        return tuple(parser.yieldTensors(batch)), batch
     if isinstance(batch, dict):
         return tuple(batch.values()), list(batch.keys())
     return tuple(batch), None
 
 
-def _shape(tensors, keys, single):
+def _shape(tensors, structure, single):
     if single:
         return tensors[0]
-    if keys is not None:
-        return dict(zip(keys, tensors))
+    parser = custom_parser(structure)
+    if parser is not None:
+        return parser.reconstruct(structure, iter(tensors))
+    if structure is not None:
+        return dict(zip(structure, tensors))
     return list(tensors)
 
 
@@ -266,7 +274,9 @@ class AsynchronousDataAccessor:
                     continue
                 tensors, keys = self._check(data)
                 if self._structure is None:
-                    self._structure = (isinstance(data, torch.Tensor), keys)
+                    parser = custom_parser(data)
+                    template = keys if parser is None else empty_template(data, parser)
+                    self._structure = (isinstance(data, torch.Tensor), template)
                 if not self.rebatched_size:
                     self._publish(generation, [tensors])
                     continue

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
+from .custom_args import custom_parser
 from .errors import Error
 
 RECOMPILE = (
@@ -25,6 +26,9 @@ def _signature(value: Any) -> Any:
     """What is compared later: a tensor's dtype, a container's items, anything else itself."""
     if isinstance(value, torch.Tensor):
         return ("tensor", value.dtype)
+    parser = custom_parser(value)
+    if parser is not None:  # compared by its tensors (python/_args_parser.py:53-56, _utils.py:98-99)
+        return "container", type(value), tuple(_signature(t) for t in parser.yieldTensors(value))
     # subclasses too: an OrderedDict-based type needs no parser of its own (tests/inputs_test.py:
     # 326-328, sdk/poptorch/3.4.0)
     if isinstance(value, (tuple, list)):
@@ -97,6 +101,8 @@ def _validate(name: str, compiled: Any, given: Any) -> None:
             for key, item in items.items():
                 _validate(f"{name}[{key}]", item, given[key])
             return
+        parser = custom_parser(given)
+        given = tuple(parser.yieldTensors(given)) if parser is not None else given
         if len(items) != len(given):
             raise Error(
                 f"Length mismatch for {name}: expected {len(items)} elements but got {len(given)}.{RECOMPILE}"
