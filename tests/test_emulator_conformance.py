@@ -527,3 +527,47 @@ def test_a_registered_custom_batch_is_rebatched_through_its_parser(mode):
 class _PairSum(nn.Module):
     def forward(self, pair):
         return pair.data.sum(1) + pair.label[:, 0]
+
+
+# ---------------------------------------------------------------- theme 9: Options.Distributed
+def _loader_values(process_id, num_processes, **kwargs):
+    opts = poptorch.Options().deviceIterations(2)
+    if kwargs.pop("seed", False):
+        opts.randomSeed(7)
+    opts.Distributed.configureProcessId(process_id, num_processes)
+    loader = poptorch.DataLoader(opts, torch.arange(23), batch_size=2, **kwargs)
+    return loader, [batch.tolist() for batch in loader]
+
+
+def test_distributed_processes_read_consecutive_blocks_of_whole_steps():
+    # python/__init__.py:141-148: with drop_last each of 3 processes reads the same whole number
+    # of 4-element steps, block after block (23 // 12 = 1 step each; the 11 left over are unused)
+    assert [_loader_values(p, 3)[1] for p in range(3)] == [[[0, 1, 2, 3]], [[4, 5, 6, 7]], [[8, 9, 10, 11]]]
+    # python/__init__.py:149-157: without it the elements are spread evenly (8, 8, 7)
+    assert [len(_loader_values(p, 3, drop_last=False)[0].dataset) for p in range(3)] == [8, 8, 7]
+    assert _loader_values(2, 3, drop_last=False)[1][0] == [16, 17, 18, 19]
+
+
+def test_distributed_shuffling_needs_a_seed_and_uses_the_leftovers_next_epoch():
+    # python/__init__.py:401-406: the same order in every process needs options' seed
+    with pytest.raises(AssertionError, match="randomSeed"):
+        _loader_values(0, 2, shuffle=True)
+    # :185-201 and :510-513: each epoch a new global order; the block moves by the leftovers
+    loader, first = _loader_values(0, 2, shuffle=True, seed=True)
+    second = [batch.tolist() for batch in loader]
+    assert sorted(sum(first, [])) != sorted(sum(second, [])) and len(first) == len(second) == 2
+
+
+def test_distributed_options_read_openmpis_variables_and_freeze(monkeypatch):
+    # python/options.py:462-512: OMPI_COMM_WORLD_SIZE / _RANK at creation; disable() ignores them
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    opts = poptorch.Options()
+    assert (opts.Distributed.numProcesses, opts.Distributed.processId) == (4, 3)
+    monkeypatch.setenv("MY_SIZE", "2")
+    assert opts.Distributed.setEnvVarNames("MY_SIZE", "MY_RANK").processId == 0
+    assert opts.Distributed.numProcesses == 2
+    assert opts.Distributed.disable().numProcesses == 1
+    poptorch.DataLoader(opts, torch.arange(4))
+    with pytest.raises(AttributeError, match="Can't modify frozen Options"):
+        opts.Distributed.configureProcessId(1, 2)

@@ -40,6 +40,61 @@ from .options import Options
 FRESH_PROCESS_SEED = 67280421310721
 
 
+class _ProcessShard(torch.utils.data.Dataset):
+    """This process's contiguous block of the dataset (python/__init__.py:126-212): process 0's
+    elements, then process 1's, ... With drop_last every process gets the same whole number of
+    combined batches; without it the elements are spread as evenly as possible. Shuffling permutes
+    the global indices with the options' seed (the same order in every process) and alternates
+    the block's start by the leftovers each epoch, so that they get used too."""
+
+    def __init__(self, dataset, options: Options, step: int, drop_last: bool):
+        total, count, rank = len(dataset), options.Distributed.numProcesses, options.Distributed.processId
+        if drop_last:  # __init__.py:143-148: all processes must run the same number of steps
+            per_process = step * (total // (step * count))
+            self._start = rank * per_process
+            self._length = min(per_process, total - self._start)
+            self._leftovers = total % per_process
+        else:  # __init__.py:149-158
+            sizes = [total // count + (total % count > p) for p in range(count)]
+            self._start, self._length, self._leftovers = sum(sizes[:rank]), sizes[rank], 0
+        self._first_start = self._start
+        self._dataset = dataset
+        self._seed = options.random_seed
+        self._generator_state = None
+        self._order: Optional[torch.Tensor] = None
+
+    def shuffle_global_indices(self) -> None:
+        """A new permutation of the whole dataset, continuing the seeded generator (:166-183)."""
+        generator = torch.Generator()
+        if self._generator_state is None:
+            assert self._seed is not None, (
+                "Seed must be set when shuffling so that all "
+                "instances end up with the same shuffled global indices."
+            )
+            generator.manual_seed(self._seed)
+        else:
+            generator.set_state(self._generator_state)
+        order = torch.randperm(len(self._dataset), generator=generator)
+        if self._order is None:
+            self._order = order.share_memory_()  # persistent torch workers see later epochs' orders
+        else:
+            self._order.copy_(order)
+        self._generator_state = generator.get_state()
+
+    def swap_range(self) -> None:
+        """Alternate the block's start between its base and base + leftovers (:185-201)."""
+        self._start = (
+            self._first_start + self._leftovers if self._start == self._first_start else self._first_start
+        )
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int):
+        position = index + self._start
+        return self._dataset[position if self._order is None else self._order[position]]
+
+
 class DataLoader(torch.utils.data.DataLoader):
     def __init__(
         self,
@@ -77,6 +132,9 @@ class DataLoader(torch.utils.data.DataLoader):
         self._num_batches_to_combine = o.device_iterations * groups * o.Training.gradient_accumulation
         self.combined_batch_size = batch_size * self._num_batches_to_combine
         self.mode = mode
+        self._shuffle_shards = False
+        if o.Distributed.numProcesses > 1 and auto_distributed_partitioning:
+            dataset, shuffle = self._shard(dataset, shuffle, drop_last, batch_sampler)
         dataset_batch_size = 1 if self._is_user_batch_sampler_set else self.combined_batch_size
         real_drop_last = self.batch_sampler_drop_last if self._is_user_batch_sampler_set else drop_last
         # __init__.py:431-449: AsyncRebatched (or Async with a remainder) rebatches in the worker
@@ -113,6 +171,22 @@ class DataLoader(torch.utils.data.DataLoader):
             )
             self._accessor = AsynchronousDataAccessor(self, **async_options, rebatched_size=rebatched_size)
 
+    def _shard(self, dataset, shuffle, drop_last, batch_sampler):
+        """This process's part of the dataset, and whether torch still shuffles it."""
+        if batch_sampler is not None:  # __init__.py:298-302
+            raise RuntimeError(
+                "`batch_sampler` option is mutually exclusive with auto_distributed_partitioning=True."
+            )
+        if isinstance(dataset, torch.utils.data.IterableDataset):  # __init__.py:341-345
+            raise AssertionError("auto_distributed_partitioning not supported for IterableDataset")
+        # __init__.py:401-418: a seed keeps the order the same in every process; the shard shuffles
+        assert not shuffle or self.options.random_seed is not None, (
+            "When using auto_distributed_partitioning you must set poptorch.Options.randomSeed() "
+            "to ensure that tensors are in the same order in all processes."
+        )
+        self._shuffle_shards = bool(shuffle)
+        return _ProcessShard(dataset, self.options, self.combined_batch_size, drop_last), False
+
     @property
     def combinedBatchSize(self) -> int:  # noqa: N802  (PopTorch's name)
         return self.combined_batch_size
@@ -137,6 +211,9 @@ class DataLoader(torch.utils.data.DataLoader):
         return state
 
     def __iter__(self):
+        if self._shuffle_shards:  # __init__.py:510-513: a new global order each epoch
+            self.dataset.shuffle_global_indices()
+            self.dataset.swap_range()
         if self._accessor is not None:
             return iter(self._accessor)
         if self._is_user_batch_sampler_set and self._num_batches_to_combine != 1:

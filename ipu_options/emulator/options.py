@@ -3,6 +3,7 @@ values the emulated executor reads back. Settings that only matter to the Poplar
 (memory proportions, tensor locations, PopART flags, caching) are recorded, not acted on."""
 
 import copy
+import os
 from typing import Any, Dict, Optional
 
 import torch
@@ -181,6 +182,41 @@ class _PopartOptions(_Recorded):
         return self.set("engineOptions", dict(engine_options))
 
 
+class _DistributedOptions(_Recorded):
+    """``Options().Distributed`` (python/options.py:449-512): this process's id and the number of
+    processes the DataLoader splits the dataset over. Read from OpenMPI's variables at creation."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_distributed_processes = 1
+        self.distributed_process_id = 0
+        self.setEnvVarNames("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")  # options.py:466
+
+    def disable(self) -> "_DistributedOptions":
+        """One process, whatever the environment said (options.py:468-473)."""
+        return self.configureProcessId(0, 1)
+
+    def setEnvVarNames(self, var_num_processes: str, var_process_id: str) -> "_DistributedOptions":
+        """Id and count from these environment variables, 0 and 1 when unset (options.py:475-490)."""
+        return self.configureProcessId(
+            int(os.environ.get(var_process_id, "0")), int(os.environ.get(var_num_processes, "1"))
+        )
+
+    def configureProcessId(self, process_id: int, num_processes: int) -> "_DistributedOptions":
+        self._record("configureProcessId", process_id, num_processes)
+        self.distributed_process_id = process_id
+        self.num_distributed_processes = num_processes
+        return self
+
+    @property
+    def processId(self) -> int:
+        return self.distributed_process_id
+
+    @property
+    def numProcesses(self) -> int:
+        return self.num_distributed_processes
+
+
 class PipelinedExecution:
     def __init__(self, *args: Any):
         self.args = args  # blocks / stages, or an AutoStage; the emulator stages by ipu_id
@@ -201,6 +237,7 @@ class Options(_Recorded):
         self._precision = _PrecisionOptions()
         self._tensor_locations = _TensorLocationOptions()
         self._popart = _PopartOptions()
+        self._distributed = _DistributedOptions()
         self.replication_factor = 1
         self.device_iterations = 1
         self.output_mode = OutputMode.Default
@@ -214,7 +251,14 @@ class Options(_Recorded):
         self.broadcast_buffers = True
 
     def _freeze(self) -> None:
-        for part in (self, self._training, self._precision, self._tensor_locations, self._popart):
+        for part in (
+            self,
+            self._training,
+            self._precision,
+            self._tensor_locations,
+            self._popart,
+            self._distributed,
+        ):
             part._is_frozen = True
 
     def clone(self) -> "Options":
@@ -234,6 +278,7 @@ class Options(_Recorded):
                 ("Precision", self._precision),
                 ("TensorLocations", self._tensor_locations),
                 ("_Popart", self._popart),
+                ("Distributed", self._distributed),
             )
         ]
         return "Options(" + ", ".join(parts) + ")"
@@ -250,6 +295,10 @@ class Options(_Recorded):
     @property
     def TensorLocations(self) -> _TensorLocationOptions:
         return self._tensor_locations
+
+    @property
+    def Distributed(self) -> _DistributedOptions:
+        return self._distributed
 
     @property
     def _Popart(self) -> _PopartOptions:
