@@ -571,3 +571,37 @@ def test_distributed_options_read_openmpis_variables_and_freeze(monkeypatch):
     poptorch.DataLoader(opts, torch.arange(4))
     with pytest.raises(AttributeError, match="Can't modify frozen Options"):
         opts.Distributed.configureProcessId(1, 2)
+
+
+class _Items(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([torch.full((2, 3), float(i)) for i in range(5)])
+
+
+def test_batch_size_none_hands_items_through_unbatched():
+    # PopTorch 3.4 python/__init__.py:318-330: no combined batch; tests/dataloader_test.py:559-578
+    loader = poptorch.DataLoader(
+        poptorch.Options(), _Items(), batch_size=None, drop_last=False, mode=poptorch.DataLoaderMode.Async
+    )
+    assert loader.combinedBatchSize is None
+    for _ in range(2):  # a second epoch restarts the worker's pass
+        assert [t[0, 0].item() for t in loader] == [0, 1, 2, 3, 4]
+    with pytest.raises(TypeError, match="has no len"):
+        len(loader)
+
+
+class _Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        raise KeyError(f"sample {index} is unreadable")
+
+
+def test_a_dataset_failing_in_the_worker_stops_the_accessor_with_poptorchs_error(capfd):
+    # PopTorch 3.4 python/_dataloader.py:251-256: the worker dies printing its traceback, the parent
+    # raises "worker thread failed to start"; tests/dataloader_test.py:605-632
+    loader = poptorch.DataLoader(poptorch.Options(), _Broken(), batch_size=1)
+    with pytest.raises(poptorch.Error, match="worker thread failed to start"):
+        poptorch.AsynchronousDataAccessor(loader)
+    assert "sample 0 is unreadable" in capfd.readouterr().err

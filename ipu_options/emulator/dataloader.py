@@ -26,6 +26,7 @@ of state is the same, the parallelism is not (it shares the interpreter).
 
 import pickle
 import threading
+import traceback
 from collections import deque
 from typing import Any, Dict, Optional
 
@@ -33,6 +34,7 @@ import torch
 
 from .custom_args import custom_parser, empty_template
 from .enums import DataLoaderMode
+from .errors import RuntimeRefusal
 from .options import Options
 
 # A fresh process's torch default generator seed (c10 default_rng_seed_val): the RNG state the
@@ -127,10 +129,13 @@ class DataLoader(torch.utils.data.DataLoader):
             shuffle = False
         if persistent_workers is None:
             persistent_workers = num_workers > 0
-        # __init__.py:321-330
-        groups = o.replication_factor // getattr(o, "input_group_size", 1)
-        self._num_batches_to_combine = o.device_iterations * groups * o.Training.gradient_accumulation
-        self.combined_batch_size = batch_size * self._num_batches_to_combine
+        # __init__.py:318-330: batch_size=None hands the dataset's items through unbatched
+        self._num_batches_to_combine: Optional[int] = None
+        self.combined_batch_size: Optional[int] = None
+        if batch_size is not None:
+            groups = o.replication_factor // getattr(o, "input_group_size", 1)
+            self._num_batches_to_combine = o.device_iterations * groups * o.Training.gradient_accumulation
+            self.combined_batch_size = batch_size * self._num_batches_to_combine
         self.mode = mode
         self._shuffle_shards = False
         if o.Distributed.numProcesses > 1 and auto_distributed_partitioning:
@@ -140,7 +145,7 @@ class DataLoader(torch.utils.data.DataLoader):
         # __init__.py:431-449: AsyncRebatched (or Async with a remainder) rebatches in the worker
         rebatched_size = None
         if mode == DataLoaderMode.AsyncRebatched or (
-            mode == DataLoaderMode.Async and not real_drop_last and self.combined_batch_size > 1
+            mode == DataLoaderMode.Async and not real_drop_last and (self.combined_batch_size or 0) > 1
         ):
             mode = DataLoaderMode.Async
             rebatched_size = self.combined_batch_size
@@ -184,11 +189,14 @@ class DataLoader(torch.utils.data.DataLoader):
             "When using auto_distributed_partitioning you must set poptorch.Options.randomSeed() "
             "to ensure that tensors are in the same order in all processes."
         )
+        assert self.combined_batch_size is not None, (  # __init__.py:405-407
+            "batch_size=None not allowed when using auto_distributed_partitioning."
+        )
         self._shuffle_shards = bool(shuffle)
         return _ProcessShard(dataset, self.options, self.combined_batch_size, drop_last), False
 
     @property
-    def combinedBatchSize(self) -> int:  # noqa: N802  (PopTorch's name)
+    def combinedBatchSize(self) -> Optional[int]:  # noqa: N802  (PopTorch's name)
         return self.combined_batch_size
 
     def __len__(self) -> int:
@@ -303,15 +311,18 @@ class AsynchronousDataAccessor:
         # element, whose structure sizes the ring buffer; the constructor waits for that and fails
         # when the worker does (_dataloader.py:233-256). Done here, on the caller's thread, so that
         # the torch workers the iterator may start are not forked from a thread.
-        self._iterator = iter(self._copy)
+        # Any failure there ends the worker process, which prints its traceback; the parent then
+        # raises this one Error (_dataloader.py:251-256, tests/dataloader_test.py:605-632).
         try:
-            self._first = next(self._iterator)
-        except StopIteration:
-            raise RuntimeError("The Dataset is empty") from None
-        try:
+            self._iterator = iter(self._copy)
+            try:
+                self._first = next(self._iterator)
+            except StopIteration:
+                raise RuntimeError("The Dataset is empty") from None  # _dataloader.py:301-306
             self._check(self._first)
-        except AssertionError as error:
-            raise RuntimeError(
+        except Exception as error:
+            traceback.print_exc()
+            raise RuntimeRefusal(
                 f"AsynchronousDataAccessor worker thread failed to start (Check above for details): {error}"
             ) from error
         self._thread = threading.Thread(target=self._run, name="poptorch-emulator-async", daemon=True)
