@@ -605,3 +605,121 @@ def test_a_dataset_failing_in_the_worker_stops_the_accessor_with_poptorchs_error
     with pytest.raises(poptorch.Error, match="worker thread failed to start"):
         poptorch.AsynchronousDataAccessor(loader)
     assert "sample 0 is unreadable" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------- theme 10: inputs, in depth
+class _FourStages(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(1, 1) for _ in range(4))
+
+    def forward(self, x):
+        for ipu, layer in enumerate(self.layers):
+            with poptorch.Block(f"B{ipu}", ipu_id=ipu):
+                x = layer(x)
+        return x
+
+
+def test_only_pipelined_execution_needs_a_batch_per_stage():
+    # popart_compiler/source/Compiler.cpp:675-702: the deviceIterations / gradientAccumulation
+    # rule is checked under ExecutionMode::Pipelined only; ShardedExecution sends mode 1
+    # (python/options.py:945-946); tests/batching_test.py:382-405
+    sharded = poptorch.Options().deviceIterations(2)
+    sharded.setExecutionStrategy(poptorch.ShardedExecution())
+    assert poptorch.inferenceModel(_FourStages(), sharded)(torch.zeros(2, 1)).shape == (2, 1)
+    pipelined = poptorch.Options().deviceIterations(2)
+    with pytest.raises(poptorch.Error, match="deviceIterations"):
+        poptorch.inferenceModel(_FourStages(), pipelined)(torch.zeros(2, 1))
+
+
+def test_a_changed_input_shape_is_refused_until_destroy():
+    # python/_args_parser.py:117-120 (the shape, after the dtype); tests/inputs_test.py:66-95
+    executor = poptorch.inferenceModel(Regression())
+    executor(torch.ones(6, 4))
+    with pytest.raises(
+        poptorch.Error,
+        match=r"Shape mismatch for x: expected torch.Size\(\[6, 4\]\) but got torch.Size\(\[2, 4\]\)",
+    ):
+        executor(torch.ones(2, 4))
+    executor.destroy()
+    assert executor(torch.ones(2, 4)).shape == (2, 3)
+
+
+class _Variadic(nn.Module):
+    def forward(self, a, b, *c, y=None, u=3, **w):
+        return u * (b + sum(c) + sum(w.values()))
+
+
+def test_arguments_are_named_as_poptorchs_args_parser_names_them():
+    # python/_args_parser.py:231-298: *c's values are positional ("*c[i]"), every parameter
+    # after it and **w's entries are named by their own name; a parameter with neither value
+    # nor default is refused before compiling (lines 280-282); tests/inputs_test.py:609-719
+    executor = poptorch.inferenceModel(_Variadic())
+    t = torch.ones(2, 2)
+    with pytest.raises(poptorch.Error, match="Mandatory parameter b missing"):
+        executor(1)
+    assert not executor.isCompiled()
+    executor(1, t, t, t, m=t, u=5)
+    with pytest.raises(poptorch.Error, match="Value mismatch for u: expected 5 but got 3"):
+        executor(1, t, t, t, m=t)
+    with pytest.raises(poptorch.Error, match="expected 4 arguments but got 3"):
+        executor(1, t, t, m=t, u=5)
+    with pytest.raises(poptorch.Error, match="Keys mismatch for named arguments: Missing arguments: m"):
+        executor(1, t, t, t, u=5)
+    with pytest.raises(poptorch.Error, match=r"Shape mismatch for \*c\[1\]"):
+        executor(1, t, t, t[:1], m=t, u=5)
+
+
+class _Record:
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+class _RecordParser(poptorch.ICustomArgParser):
+    def yieldTensors(self, struct):  # noqa: N802  (PopTorch's name)
+        return (struct.__dict__[k] for k in sorted(struct.__dict__))
+
+    def reconstruct(self, original_structure, tensor_iterator):
+        return _Record(**{k: next(tensor_iterator) for k in sorted(original_structure.__dict__)})
+
+
+class _Doubles(nn.Module):
+    def forward(self, record):
+        assert record.x.shape[0] == 2  # one micro-batch of the host batch
+        record.doubled = record.x * 2  # the device's view: the caller's object is not changed
+        return record
+
+
+def test_a_registered_type_is_split_into_micro_batches_and_rebuilt_on_the_way_out():
+    # python/_utils.py:94-137: inputs flattened through the parser, outputs rebuilt through it;
+    # python/_poplar_executor.py:1007-1024 traces a rebuilt view; tests/inputs_test.py:361-406
+    poptorch.registerCustomArgParser(_Record, _RecordParser())
+    try:
+        executor = poptorch.inferenceModel(_Doubles(), poptorch.Options().deviceIterations(3))
+        for i in range(2):
+            given = _Record(x=torch.full((6, 1), float(i)))
+            out = executor(given)
+            assert isinstance(out, _Record) and sorted(vars(given)) == ["x"]
+            assert torch.equal(out.x, given.x) and torch.equal(out.doubled, given.x * 2)
+    finally:
+        poptorch.registerCustomArgParser(_Record, None)
+
+
+def test_outputs_keep_their_container_types():
+    # python/_utils.py:127-133: a dict subclass and a namedtuple come back as themselves
+    import collections
+
+    class Out(collections.OrderedDict):
+        pass
+
+    Pair = collections.namedtuple("Pair", "first second")
+
+    class Model(nn.Module):
+        def forward(self, x):
+            out = Out()
+            out["sum"], out["x"] = x + 1, x
+            return out, Pair(x, 2 * x)
+
+    (out, pair) = poptorch.inferenceModel(Model(), poptorch.Options().deviceIterations(2))(torch.ones(4, 2))
+    assert type(out) is Out and list(out) == ["sum", "x"] and torch.equal(out["sum"], torch.full((4, 2), 2.0))
+    assert type(pair) is Pair and torch.equal(pair.second, torch.full((4, 2), 2.0))

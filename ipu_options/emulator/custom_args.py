@@ -7,7 +7,7 @@ it). The DataLoader rebatches such objects tensor by tensor (python/_dataloader.
 and the model's inputs are flattened through them (python/_utils.py:92-135)."""
 
 import abc
-from typing import Any, Dict, Iterator, Optional, Type
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Type
 
 import torch
 
@@ -56,3 +56,34 @@ def empty_template(value: Any, parser: ICustomArgParser) -> Any:
     """``value`` rebuilt around empty tensors: the shape of later batches without holding this
     one's data (python/_dataloader.py:331-333)."""
     return parser.reconstruct(value, iter([type(t)() for t in parser.yieldTensors(value)]))
+
+
+def flatten_tensors(value: Any) -> List[torch.Tensor]:
+    """Every tensor in ``value``, in PopTorch's order (python/_utils.py:94-111): a registered
+    type through its parser, dicts by key order, lists and tuples in order; other values hold none."""
+    parser = custom_parser(value)
+    if parser is not None:
+        return list(parser.yieldTensors(value))
+    if isinstance(value, dict):
+        return [t for k in value.keys() for t in flatten_tensors(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in flatten_tensors(item)]
+    return [value] if isinstance(value, torch.Tensor) else []
+
+
+def rebuild(structure: Any, tensors: Iterable[torch.Tensor]) -> Any:
+    """A copy of ``structure`` whose tensors are ``tensors`` in ``flatten_tensors``'s order, every
+    container of its own type (python/_utils.py:120-139); other values are kept as they are."""
+    return _rebuild(structure, iter(tensors))
+
+
+def _rebuild(x: Any, it: Iterator[torch.Tensor]) -> Any:
+    parser = custom_parser(x)
+    if parser is not None:
+        return parser.reconstruct(x, it)
+    if isinstance(x, dict):
+        return type(x)({k: _rebuild(x[k], it) for k in x.keys()})
+    if isinstance(x, (tuple, list)):
+        items = [_rebuild(item, it) for item in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)  # namedtuple: fields
+    return next(it) if isinstance(x, torch.Tensor) else x

@@ -19,13 +19,14 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from . import blocks, lowering, norms, optim_snapshot, recompute, wrapping
+from .custom_args import flatten_tensors, rebuild
 from .enums import MeanReductionStrategy, OutputMode, ReductionType
 from .errors import RuntimeRefusal, ValueRefusal
-from .inputs import CompiledInputs
-from .options import Options
+from .inputs import ArgsParser, CompiledInputs
+from .options import Options, ShardedExecution
 from .precision import FP16_MAX, HalfKernels, round_half, stochastic_round_half
 
 # PopTorch traces the model through PyTorch's dispatcher (poptorch/source/dispatch_tracer), so an
@@ -108,27 +109,25 @@ LOSS_NOT_RETURNED = (
 
 
 def _add(a: Any, b: Any) -> Any:
-    if isinstance(a, torch.Tensor):
-        return a + b
-    if isinstance(a, (tuple, list)):
-        return type(a)(_add(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return {k: _add(a[k], b[k]) for k in a}
-    return a
+    return rebuild(a, [x + y for x, y in zip(flatten_tensors(a), flatten_tensors(b))])
 
 
 def _combine(pieces: List[Any]) -> Any:
-    """Concatenate per-micro-batch outputs along the batch dimension (scalars are stacked)."""
-    first = pieces[0]
-    if isinstance(first, torch.Tensor):
-        if first.dim() == 0:
-            return first if len(pieces) == 1 else torch.stack(pieces)
-        return torch.cat(pieces)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_combine([p[i] for p in pieces]) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: _combine([p[k] for p in pieces]) for k in first}
-    return first
+    """Concatenate per-micro-batch outputs along the batch dimension (scalars are stacked), in
+    the first one's structure, as PopTorch rebuilds its outputs (python/_poplar_executor.py:
+    1298-1301 with python/_utils.py:120-137: containers keep their type, registered types go
+    through their parser)."""
+    columns = zip(*[flatten_tensors(p) for p in pieces])
+    joined = [
+        (col[0] if len(col) == 1 else torch.stack(col)) if col[0].dim() == 0 else torch.cat(col)
+        for col in columns
+    ]
+    return rebuild(pieces[0], joined)
+
+
+def _detached(out: Any, copy: bool) -> Any:
+    """The run's outputs as the device returns them: new tensors in the model's structure."""
+    return rebuild(out, [t.clone() if copy else t.detach() for t in flatten_tensors(out)])
 
 
 class PoplarExecutor:
@@ -178,6 +177,7 @@ class PoplarExecutor:
         self._after_run: List[Tuple[int, int]] = []
         self._running = False  # inside a run: the host model's hooks must not copy back
         self._inputs: Optional[CompiledInputs] = None  # what the executable was compiled for
+        self._args_parser = ArgsParser(model.forward)  # before instrument() hooks forward
         self._replica_buffers: Optional[List[List[torch.Tensor]]] = None
         self._recomputation: Optional[recompute.Recomputation] = None
         self._loss_scale: Optional[float] = None
@@ -342,11 +342,14 @@ class PoplarExecutor:
             "Trying to run a model on an offline device (ConnectionType.Never): "
             "use model.compile(inputs) instead of model(inputs)"
         )
+        # python/_poplar_executor.py:1238 parses every call, before compiling; line 1264
+        # validates a compiled executable's inputs
+        parsed = self._args_parser(args, kwargs)
         with _as_traced_graph(), self._channel_grouping():
             if not self._compiled:
                 self._prepare(args, kwargs)
-            else:  # python/_poplar_executor.py:1264 validates every call's inputs
-                self._inputs.validate(args, kwargs)
+            else:
+                self._inputs.validate(parsed)
             if not self._attached:
                 self.attachToDevice()
             self.runs += 1
@@ -398,14 +401,14 @@ class PoplarExecutor:
         """(get(d, g, r) → (args, kwargs) of one micro-batch, micro-batch size)."""
         di, ga, reps = self._factors()
         n = di * ga * reps
-        sizes = {
-            t.shape[0] for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() > 0
-        }
+        # a registered type's tensors too (python/_utils.py:94-111)
+        tensors = flatten_tensors((args, kwargs))
+        sizes = {t.shape[0] for t in tensors if t.dim() > 0}
         if not sizes and n == 1:
             # No inputs, scalars only: one run of the graph as given, which PopTorch compiles
             # and runs (tests/inputs_test.py, test_no_inputs_no_output; norms_test.py,
             # test_norm_in_loop, sdk/poptorch/3.4.0)
-            return (lambda d, g, r: (args, kwargs)), 0
+            return (lambda d, g, r: rebuild((args, kwargs), tensors)), 0
         if not sizes:
             raise BatchSizeError(
                 f"the model's inputs have no batch dimension to split into the "
@@ -424,9 +427,10 @@ class PoplarExecutor:
         micro = size // n
 
         def get(d: int, g: int, r: int) -> Tuple[Any, Any]:
+            # the graph's inputs are new structures (python/_poplar_executor.py:1007-1024 traces
+            # a rebuilt view): what the model does to them is not seen by the caller's objects
             start = ((d * ga + g) * reps + r) * micro
-            cut = lambda t: t[start : start + micro] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
-            return tree_map(cut, args), tree_map(cut, kwargs)
+            return rebuild((args, kwargs), [t[start : start + micro] if t.dim() > 0 else t for t in tensors])
 
         return get, micro
 
@@ -439,7 +443,7 @@ class PoplarExecutor:
         half = (
             any(getattr(m, "_ipu_precision", "32.32") != "32.32" for m in model.modules())
             or any(p.dtype == torch.half for p in model.parameters())
-            or any(isinstance(t, torch.Tensor) and t.dtype == torch.half for t in tree_flatten(inputs)[0])
+            or any(t.dtype == torch.half for t in flatten_tensors(inputs))
         )
         return HalfKernels() if half else contextlib.nullcontext()
 
@@ -451,7 +455,7 @@ class PoplarExecutor:
             # 1290-1293 (3.4.0) refuse cycle counting on anything but IPU hardware
             raise RuntimeRefusal("Cycle count logging is only supported on actual IPU hardware.")
         get, _ = self._micro(args, kwargs)
-        self._inputs = CompiledInputs(self._user_model.forward, args, kwargs)
+        self._inputs = CompiledInputs(self._args_parser(args, kwargs))
         a, k = get(0, 0, 0)
         model = self._user_model
         # Each module's train/eval mode is the user's: PopTorch traces the model as it is and
@@ -511,6 +515,11 @@ class PoplarExecutor:
             )
         count = len(stages)
         di, ga, _ = (self._options.device_iterations, self._options.Training.gradient_accumulation, 1)
+        # Only pipelining needs a batch per stage: popart_compiler/source/Compiler.cpp:675-702
+        # checks under ExecutionMode::Pipelined alone, which ShardedExecution is not (it sends
+        # execution_mode 1, python/options.py:945-946; CompilerOptions.hpp:19)
+        if isinstance(self._options.execution_strategy, ShardedExecution):
+            return stages
         if count > 1 and self._training and ga < 2 * count - 1:
             raise PipelineError(
                 f"{count} forward pipeline stages make {2 * count - 1} stages in training, but "
@@ -594,9 +603,7 @@ class PoplarExecutor:
                         if accum_half:
                             replica[p] = round_half(replica[p])
                         p.grad = None
-                    outputs[d][g][r] = tree_map(
-                        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out
-                    )
+                    outputs[d][g][r] = _detached(out, copy=False)
                 self._save_replica(r)
                 for p, grad in replica.items():  # the replicas' reduction
                     acc[p] = grad if p not in acc else acc[p] + grad
@@ -688,10 +695,7 @@ class PoplarExecutor:
                         self._load_replica(r)
                         a, k = get(d, 0, r)
                         # copies, as the device's outputs are: a returned buffer is not the buffer
-                        outputs[d][0][r] = tree_map(
-                            lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
-                            self._user_model(*a, **k),
-                        )
+                        outputs[d][0][r] = _detached(self._user_model(*a, **k), copy=True)
                         self._save_replica(r)
             self._load_replica(0)
         finally:

@@ -1,17 +1,22 @@
-"""The inputs an executable was compiled for, and the refusal of different ones later.
+"""How a call's arguments are bound to forward's parameters, and the refusal of inputs that differ
+from the ones an executable was compiled for.
 
-python/_args_parser.py:58-140 (sdk/poptorch/3.4.0): once compiled, every call's inputs must have
-the compiled structure — the same number of positional arguments, the same keyword names, the
-same types, tensors of the same dtype, and the same value for every non-tensor (it is a constant
-of the graph) — or PopTorch raises ``poptorch.Error`` saying which. Tensor shapes are not checked
-here: the emulator runs any shape (docs/emulator-conformance.md lists it)."""
+PopTorch 3.4 (sdk/poptorch/3.4.0) parses every call (python/_poplar_executor.py:1238) with its
+ArgsParser (python/_args_parser.py:210-298): arguments are taken in forward's parameter order,
+positional ones (``*c`` gives ``*c[0]``, ``*c[1]``, ...) then, once a ``*args`` parameter has
+been filled, named ones (later parameters and ``**kwargs``' entries); a parameter without value
+or default is refused before compiling. Once compiled, every call's inputs must have the
+compiled structure (python/_args_parser.py:58-140, checked at _poplar_executor.py:1264): the
+same number of positional arguments, the same names, types, tensor dtypes and shapes, and the
+same value for every non-tensor (it is a constant of the graph) — or ``poptorch.Error`` says
+which."""
 
 import inspect
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 
-from .custom_args import custom_parser
+from .custom_args import flatten_tensors
 from .errors import Error
 
 RECOMPILE = (
@@ -20,54 +25,118 @@ RECOMPILE = (
     "inferenceModel / trainingModel wrapper or call destroy() on the curent one and try "
     "again."
 )
+_STAR, _STARSTAR = inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD
 
 
-def _signature(value: Any) -> Any:
-    """What is compared later: a tensor's dtype, a container's items, anything else itself."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", value.dtype)
-    parser = custom_parser(value)
-    if parser is not None:  # compared by its tensors (python/_args_parser.py:53-56, _utils.py:98-99)
-        return "container", type(value), tuple(_signature(t) for t in parser.yieldTensors(value))
-    # subclasses too: an OrderedDict-based type needs no parser of its own (tests/inputs_test.py:
-    # 326-328, sdk/poptorch/3.4.0)
-    if isinstance(value, (tuple, list)):
-        return "container", type(value), tuple(_signature(v) for v in value)
-    if isinstance(value, dict):
-        return "container", type(value), {k: _signature(v) for k, v in value.items()}
-    return value
+class ParsedInputs(NamedTuple):
+    """A call as PopTorch's ArgsParser.Args holds it: [(name, value)] and {name: value}."""
+
+    positional: List[Tuple[str, Any]]
+    named: Dict[str, Any]
 
 
-def _by_name(forward: Callable, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
-    """The call bound to ``forward``'s parameters, defaults filled in (PopTorch's ArgsParser,
-    python/_args_parser.py:150-230): (), {name: value}; unbound when it does not bind."""
+def _parameters(forward: Callable) -> List[inspect.Parameter]:
     try:
-        bound = inspect.signature(forward).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return args, kwargs
-    bound.apply_defaults()
-    return (), dict(bound.arguments)
+        return list(inspect.signature(forward).parameters.values())
+    except ValueError:  # no signature (a builtin): *args, **kwargs (_args_parser.py:180-189)
+        return [inspect.Parameter("args", _STAR), inspect.Parameter("kwargs", _STARSTAR)]
+
+
+class ArgsParser:
+    """forward's parameters, read once when the model is wrapped (python/_poplar_executor.py:208,
+    before the model is instrumented), and every call bound to them."""
+
+    def __init__(self, forward: Callable):
+        self.params = _parameters(forward)
+        self.names = [p.name for p in self.params]
+
+    def _check_names(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        """Without variadic parameters, only forward's own names (python/_args_parser.py:218-229)."""
+        if any(p.kind in (_STAR, _STARSTAR) for p in self.params):
+            return
+        names = self.names
+        assert len(args) + len(kwargs) <= len(names), (
+            f"Too many arguments provided: expected {names} ({len(names)}) but got {len(args) + len(kwargs)}"
+        )
+        for k in kwargs:
+            assert k in names, f"{k} is not a valid parameter.Allowed values are {names}"
+
+    def __call__(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> ParsedInputs:
+        """``args``/``kwargs`` bound as python/_args_parser.py:231-298 binds them; a missing
+        mandatory parameter is refused."""
+        self._check_names(args, kwargs)
+        parsed = ParsedInputs([], {})
+        after_star = False  # everything after a filled *args parameter is named (lines 249, 275, 285)
+        for i, p in enumerate(self.params):
+            if p.kind is _STARSTAR:
+                parsed.named.update((k, v) for k, v in kwargs.items() if k not in self.names[:i])
+            elif p.kind is _STAR or i < len(args):
+                if p.kind is _STAR:
+                    after_star = True
+                    parsed.positional.extend((f"*{p.name}[{j}]", a) for j, a in enumerate(args[i:]))
+                    args = ()
+                else:
+                    parsed.positional.append((p.name, args[i]))
+                assert p.name not in kwargs, f"Parameter {p.name} was passed more than once"
+            else:
+                value = self._value(p, kwargs)
+                if after_star:
+                    parsed.named[p.name] = value
+                else:
+                    parsed.positional.append((p.name, value))
+        return parsed
+
+    @staticmethod
+    def _value(p: inspect.Parameter, kwargs: Dict[str, Any]) -> Any:
+        if p.name in kwargs:
+            return kwargs[p.name]
+        if p.default is inspect.Parameter.empty:
+            raise Error(f"Mandatory parameter {p.name} missing")  # python/_args_parser.py:280-282
+        return p.default
+
+
+class _Tensor(NamedTuple):
+    dtype: torch.dtype
+    shape: torch.Size
+
+
+class _Spec(NamedTuple):
+    """What is kept of a compiled input: its type and, by kind, its items, tensor or value."""
+
+    kind: str  # "tuple", "dict", "tensor", "flat" (its tensors only) or "value"
+    type: type
+    content: Any
+
+
+def _spec(value: Any) -> _Spec:
+    """python/_args_parser.py:70-135's view of a value: tuples and dicts item by item, a tensor
+    by dtype and shape, anything else holding tensors (lists, registered types) by those."""
+    if isinstance(value, tuple):
+        return _Spec("tuple", type(value), [_spec(v) for v in value])
+    if isinstance(value, dict):
+        return _Spec("dict", type(value), {k: _spec(v) for k, v in value.items()})
+    if isinstance(value, torch.Tensor):
+        return _Spec("tensor", type(value), _Tensor(value.dtype, value.shape))
+    tensors = flatten_tensors(value)
+    if tensors:
+        return _Spec("flat", type(value), _spec(tuple(tensors)))
+    return _Spec("value", type(value), value)
 
 
 class CompiledInputs:
-    def __init__(self, forward: Callable, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
-        self.forward = forward
-        args, kwargs = _by_name(forward, args, kwargs)
-        self.args = [_signature(a) for a in args]
-        self.kwargs = {k: _signature(v) for k, v in kwargs.items()}
+    def __init__(self, parsed: ParsedInputs):
+        self.positional = [(name, _spec(v)) for name, v in parsed.positional]
+        self.named = _spec(dict(parsed.named))
 
-    def validate(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        args, kwargs = _by_name(self.forward, args, kwargs)
-        if len(args) != len(self.args):
+    def validate(self, parsed: ParsedInputs) -> None:
+        if len(parsed.positional) != len(self.positional):
             raise Error(
-                f"Number of positional arguments mismatch: expected {len(self.args)} "
-                f"arguments but got {len(args)}.{RECOMPILE}"
+                f"Number of positional arguments mismatch: expected {len(self.positional)} "
+                f"arguments but got {len(parsed.positional)}.{RECOMPILE}"
             )
-        for i, (compiled, given) in enumerate(zip(self.args, args)):
-            _validate(f"args[{i}]", compiled, given)
-        _validate_keys("named arguments", set(self.kwargs), set(kwargs))
-        for key, compiled in self.kwargs.items():
-            _validate(key, compiled, kwargs[key])
+        for (name, compiled), (_, given) in zip(self.positional, parsed.positional):
+            _validate(name, compiled, given)
+        _validate("named arguments", self.named, dict(parsed.named), named=True)
 
 
 def _validate_keys(name: str, expected: set, provided: set) -> None:
@@ -81,36 +150,35 @@ def _validate_keys(name: str, expected: set, provided: set) -> None:
     raise Error(f"Keys mismatch for {name}: {'. '.join(details)}.{RECOMPILE}")
 
 
-def _validate(name: str, compiled: Any, given: Any) -> None:
-    if isinstance(compiled, tuple) and compiled[:1] == ("tensor",):
-        if not isinstance(given, torch.Tensor):
+def _validate(name: str, compiled: _Spec, given: Any, named: bool = False) -> None:
+    """python/_args_parser.py:70-135; ``named``: the keyword arguments, whose entries are
+    named by their key alone."""
+    if compiled.type is not type(given):
+        raise Error(f"Type mismatch for {name}: expected {compiled.type} but got {type(given)}.{RECOMPILE}")
+    if compiled.kind == "tuple":
+        if len(compiled.content) != len(given):
             raise Error(
-                f"Type mismatch for {name}: expected {torch.Tensor} but got {type(given)}.{RECOMPILE}"
+                f"Length mismatch for {name}: expected {len(compiled.content)} elements but got "
+                f"{len(given)}.{RECOMPILE}"
             )
-        if given.dtype != compiled[1]:
-            raise Error(
-                f"Data type mismatch for {name}: expected {compiled[1]} but got {given.dtype}.{RECOMPILE}"
-            )
-        return
-    if isinstance(compiled, tuple) and compiled[:1] == ("container",):
-        _, kind, items = compiled
-        if type(given) is not kind:
-            raise Error(f"Type mismatch for {name}: expected {kind} but got {type(given)}.{RECOMPILE}")
-        if isinstance(items, dict):
-            _validate_keys(name, set(items), set(given))
-            for key, item in items.items():
-                _validate(f"{name}[{key}]", item, given[key])
-            return
-        parser = custom_parser(given)
-        given = tuple(parser.yieldTensors(given)) if parser is not None else given
-        if len(items) != len(given):
-            raise Error(
-                f"Length mismatch for {name}: expected {len(items)} elements but got {len(given)}.{RECOMPILE}"
-            )
-        for i, item in enumerate(items):
+        for i, item in enumerate(compiled.content):
             _validate(f"{name}[{i}]", item, given[i])
-        return
-    if isinstance(given, torch.Tensor) or type(given) is not type(compiled):
-        raise Error(f"Type mismatch for {name}: expected {type(compiled)} but got {type(given)}.{RECOMPILE}")
-    if given != compiled:
-        raise Error(f"Value mismatch for {name}: expected {compiled} but got {given}.{RECOMPILE}")
+    elif compiled.kind == "dict":
+        _validate_keys(name, set(compiled.content), set(given))
+        for key, item in compiled.content.items():
+            _validate(key if named else f"{name}[{key}]", item, given[key])
+    elif compiled.kind == "tensor":
+        _validate_tensor(name, compiled.content, given)
+    elif compiled.kind == "flat":
+        _validate(name, compiled.content, tuple(flatten_tensors(given)))
+    elif compiled.content != given:
+        raise Error(f"Value mismatch for {name}: expected {compiled.content} but got {given}.{RECOMPILE}")
+
+
+def _validate_tensor(name: str, compiled: _Tensor, given: torch.Tensor) -> None:
+    if compiled.dtype != given.dtype:
+        raise Error(
+            f"Data type mismatch for {name}: expected {compiled.dtype} but got {given.dtype}.{RECOMPILE}"
+        )
+    if compiled.shape != given.shape:
+        raise Error(f"Shape mismatch for {name}: expected {compiled.shape} but got {given.shape}.{RECOMPILE}")
