@@ -15,6 +15,8 @@ import torch
 
 from backends.optimizers import RMSpropTF
 
+from . import optim_device
+
 
 class VariableAttributes:
     """Which hyper-parameters the executable keeps variable (python/optim.py:10-47, 3.4.0): those
@@ -114,22 +116,44 @@ class _PopTorchExtras:
 
     def device_names(self, names: Dict[torch.Tensor, str]) -> None:
         """An executable on a device now holds this optimiser (``names``: each parameter's name
-        in the model): a loaded named state is written to it and the state is read by name."""
+        in the model): a loaded named state is written to it and the state is read by name.
+        Each loaded tensor is written on its own; a name the device lacks is skipped and a
+        device tensor the dict lacks keeps its value (python/poptorch.cpp:1004-1031, 3.4.0)."""
         self._device_names = names
         if self._loaded_ipu is None:
             return
-        by_name = {
-            f"{self._prefix(key)}___{name}": (p, key)
-            for p, name in names.items()
-            for key in self.state.get(p, {})
-            if self._prefix(key)
-        }
+        loaded, self._loaded_ipu = self._loaded_ipu, None
+        params = self._named_params()
+        written = {k: v.detach().clone() for k, v in (loaded["ipu_param"] or {}).items() if k in params}
+        self._device_params = {**(self._device_params or {}), **written}
+        self._write_named_state(loaded["ipu_state"] or {})
+
+    def _write_named_state(self, named: Dict[str, Any]) -> None:
+        """PopART's accumulators as loaded; a weight torch holds no state for yet starts from
+        PopART's initial one, as on the device (torch would create its own at the first step)."""
         with torch.no_grad():
-            for entry, value in (self._loaded_ipu["ipu_state"] or {}).items():
-                if entry in by_name and isinstance(value, torch.Tensor):
-                    p, key = by_name[entry]
-                    self.state[p][key].copy_(value)
-        self._loaded_ipu = None
+            for p, name in self._device_names.items():
+                fresh = self._initial_state(p)
+                if "exp_avg" in fresh or (isinstance(self, torch.optim.RMSprop) and not self.use_tf_variant):
+                    fresh["step"] = torch.tensor(0.0)  # torch's step count beside its moments
+                state = self.state[p] if self.state.get(p) else fresh
+                for key in list(state):
+                    entry = f"{self._prefix(key)}___{name}"
+                    if isinstance(named.get(entry), torch.Tensor) and isinstance(state[key], torch.Tensor):
+                        state[key] = named[entry].detach().clone().to(state[key].dtype)
+                if state is fresh and any(f"{self._prefix(k)}___{name}" in named for k in fresh):
+                    self.state[p] = fresh
+
+    _device_params: Optional[Dict[str, torch.Tensor]] = None  # loaded ipu_param on the device
+
+    def forget_device_params(self) -> None:
+        """setOptimizer uploaded changed hyper-parameters: they replace every loaded scalar
+        (python/_poplar_executor.py:385-390 and 660-668, 3.4.0)."""
+        self._device_params = None
+
+    def device_params(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The scalars loaded through ipu_param that the device holds (None: none loaded)."""
+        return self._device_params
 
     # torch's state entries under PopART's accumulator names (popart/names.hpp: Accl1___ first
     # moment, Accl2___ second moment, Accl3___ RMSprop's momentum, Accl___ SGD's velocity).
@@ -144,7 +168,13 @@ class _PopTorchExtras:
 
     def _prefix(self, key: str) -> Optional[str]:
         prefix = self._STATE_PREFIX.get(key)
-        return "Accl3" if prefix == "Accl" and isinstance(self, RMSprop) else prefix
+        if prefix == "Accl" and isinstance(self, RMSprop):
+            return "Accl3"
+        # SGD's separate variant (the default) keeps its velocity in Accl1, the combined one in
+        # Accl (popart/patterns/sgd2decompose.cpp:58-62, sdk/poplar/3.4.0)
+        if prefix == "Accl" and not getattr(self, "use_combined_accum", False):
+            return "Accl1"
+        return prefix
 
     def _named_state(self) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}
@@ -161,34 +191,34 @@ class _PopTorchExtras:
         defaults = self.defaults
         if isinstance(self, (torch.optim.Adam, torch.optim.AdamW)):
             return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        if isinstance(self, RMSprop):
+        group = next((g for g in self.param_groups if any(p is q for q in g["params"])), defaults)
+        if isinstance(self, RMSprop):  # torch's layout (RMSpropTF: backends/optimizers.py:62-64)
             start = torch.ones_like(p) if self.use_tf_variant else torch.zeros_like(p)
-            return {"square_avg": start}
-        return {"momentum_buffer": torch.zeros_like(p)} if defaults.get("momentum") else {}
+            state = {"square_avg": start}
+            if self.use_tf_variant or group.get("momentum", 0) > 0:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            if group.get("centered"):
+                state["grad_avg"] = torch.zeros_like(p)
+            return state
+        return {"momentum_buffer": torch.zeros_like(p)} if optim_device.has_momentum(self, group) else {}
 
     def _named_params(self) -> Dict[str, torch.Tensor]:
-        """The hyper-parameters as PopART names them, per parameter. SGD's are PopART's
-        compound scalars (tests/optimizers_test.py:1245-1258): scaledLearningRate0 =
-        lr * (1 - dampening) / loss_scaling, weightDecayScaleFactor0 =
-        1 - lr * (1 - dampening) * weight_decay."""
+        """The hyper-parameters as PopART names them, per parameter, with any loaded through
+        ipu_param in place. SGD's are PopART's compound scalars (optim_device.sgd_scalars;
+        tests/optimizers_test.py:1245-1258 checks scaledLearningRate0 and
+        weightDecayScaleFactor0)."""
         out: Dict[str, torch.Tensor] = {}
         for group in self.param_groups:
-            lr, wd = float(group["lr"]), float(group.get("weight_decay", 0.0))
+            if isinstance(self, torch.optim.SGD):
+                values = optim_device.sgd_scalars(self, group, self.loss_scaling)
+            else:
+                values = {"learningRate": group["lr"], "weightDecay": group.get("weight_decay", 0.0)}
             for p in group["params"]:
                 name = self._device_names.get(p)
-                if name is None:
-                    continue
-                if isinstance(self, torch.optim.SGD):
-                    dm = float(group.get("dampening", 0.0))
-                    out[f"scaledLearningRate0___specific___{name}"] = torch.tensor(
-                        lr * (1 - dm) / self.loss_scaling
-                    )
-                    out[f"weightDecayScaleFactor0___specific___{name}"] = torch.tensor(1 - lr * (1 - dm) * wd)
-                else:
-                    out[f"learningRate___specific___{name}"] = torch.tensor(lr)
-                    out[f"weightDecay___specific___{name}"] = torch.tensor(wd)
-        out["lossScaling_FLOAT"] = torch.tensor(self.loss_scaling)
-        return out
+                for key, value in values.items() if name is not None else ():
+                    out[f"{key}{optim_device.SPECIFIC}{name}"] = torch.tensor(float(value))
+        out[optim_device.LOSS_SCALING] = torch.tensor(self.loss_scaling)
+        return {**out, **(self._device_params or {})}
 
 
 def _given(**kwargs):
@@ -257,8 +287,10 @@ class AdamW(_PopTorchExtras, torch.optim.AdamW):
         max_grad_norm: Optional[float] = None,
     ) -> None:
         variables = _variables(locals())
-        if bias_correction is False:
-            raise NotImplementedError("the emulator's AdamW always applies bias correction")
+        # Recorded only: PopTorch 3.4 maps AdamW(bias_correction=False) to ADAMW_NO_BIAS but then
+        # builds PopART's AdamMode::Adam for it all the same, bias-corrected (popart_compiler/
+        # source/CompilerImpl.cpp:869-882: only LAMB / LAMB_NO_BIAS change the mode).
+        self.bias_correction = True if bias_correction is None else bool(bias_correction)
         torch.optim.AdamW.__init__(
             self,
             params,
