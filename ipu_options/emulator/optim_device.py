@@ -58,7 +58,9 @@ def sgd_scalars(opt: torch.optim.Optimizer, group: dict, loss_scaling: float) ->
     }
 
 
-def by_param(named: Dict[str, torch.Tensor], names: Dict[torch.Tensor, str]) -> Dict[torch.Tensor, Dict[str, float]]:
+def by_param(
+    named: Dict[str, torch.Tensor], names: Dict[torch.Tensor, str]
+) -> Dict[torch.Tensor, Dict[str, float]]:
     """The loaded per-weight scalars, by parameter: {param: {"learningRate": 0.1, ...}}."""
     params = {name: p for p, name in names.items()}
     out: Dict[torch.Tensor, Dict[str, float]] = {}
@@ -70,7 +72,9 @@ def by_param(named: Dict[str, torch.Tensor], names: Dict[torch.Tensor, str]) -> 
 
 
 @contextlib.contextmanager
-def _split_groups(opt: torch.optim.Optimizer, scalars: Dict[torch.Tensor, Dict[str, float]], skip: List) -> Iterator[None]:
+def _split_groups(
+    opt: torch.optim.Optimizer, scalars: Dict[torch.Tensor, Dict[str, float]], skip: List
+) -> Iterator[None]:
     """Each parameter with loaded scalars in a group of its own for the step; ``skip``'s out."""
     kept = opt.param_groups
     groups = []
@@ -93,7 +97,12 @@ def _member(p: torch.Tensor, items: List) -> bool:
     return any(p is q for q in items)
 
 
-def step(opt: torch.optim.Optimizer, named: Optional[Dict[str, torch.Tensor]], names: Dict[torch.Tensor, str], loss_scaling: float) -> None:
+def step(
+    opt: torch.optim.Optimizer,
+    named: Optional[Dict[str, torch.Tensor]],
+    names: Dict[torch.Tensor, str],
+    loss_scaling: float,
+) -> None:
     """One optimiser step with the device's loaded scalars (none: torch's step as it is)."""
     scalars = by_param(named or {}, names)
     popart_sgd = []
@@ -112,7 +121,9 @@ def step(opt: torch.optim.Optimizer, named: Optional[Dict[str, torch.Tensor]], n
         _sgd_update(opt, p, {**sgd_scalars(opt, group, loss_scaling), **scalars.get(p, {})}, loss_scaling)
 
 
-def _sgd_update(opt: torch.optim.Optimizer, p: torch.Tensor, s: Dict[str, float], loss_scaling: float) -> None:
+def _sgd_update(
+    opt: torch.optim.Optimizer, p: torch.Tensor, s: Dict[str, float], loss_scaling: float
+) -> None:
     """PopART's SGD0 / SGD1 / SGD2 update of one weight (popart/sgd.hpp:429-537); the velocity is
     PopART's, scaled by the velocity scaling."""
     if p.grad is None:
