@@ -470,6 +470,24 @@ def test_sgd_with_variable_momentum_keeps_popart_velocity_and_applies_loaded_sca
     torch.testing.assert_close(model.linear.bias.detach(), bias - 0.1 * v)
 
 
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_lamb_moves_each_weight_by_lr_times_its_clipped_norm(bias_correction):
+    # python/optim.py:767-818 (3.4.0): w -= lr * trust * update, trust = min(|w|, max_weight_norm)
+    # / |update|, so each weight moves by exactly lr * min(|w|, max_weight_norm)
+    model = Regression()
+    x, y = data()
+    opt = poptorch.optim.LAMB(
+        model.parameters(), lr=0.1, max_weight_norm=0.2, bias_correction=bias_correction
+    )
+    step = poptorch.trainingModel(model, optimizer=opt)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step(x, y)
+    for name, p in model.named_parameters():
+        moved = (p.detach() - before[name]).norm()
+        assert moved.item() == pytest.approx(0.1 * min(before[name].norm().item(), 0.2), rel=1e-4)
+    assert "Accl1___linear.weight" in opt.state_dict()["ipu_state"]
+
+
 def test_the_projects_earlier_checkpoint_form_still_loads():
     # this project's checkpoints once held torch's per-index state under "ipu_state" and a list
     # of groups under "ipu_param": loading them restores that state (the device's then)

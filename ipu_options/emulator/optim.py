@@ -9,7 +9,7 @@ in fp32, so only recorded). RMSprop(use_tf_variant=True) is the TensorFlow varia
 ``backends.optimizers.RMSpropTF`` (ε inside the square root, squared average starting at one, lr
 accumulated in the momentum buffer), as PopTorch documents it."""
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -189,7 +189,7 @@ class _PopTorchExtras:
         """The accumulators PopART creates at compilation, before the first update (torch
         creates its own lazily at the first step): zero moments, RMSpropTF's squares at one."""
         defaults = self.defaults
-        if isinstance(self, (torch.optim.Adam, torch.optim.AdamW)):
+        if isinstance(self, (torch.optim.Adam, torch.optim.AdamW, LAMB)):
             return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         group = next((g for g in self.param_groups if any(p is q for q in g["params"])), defaults)
         if isinstance(self, RMSprop):  # torch's layout (RMSpropTF: backends/optimizers.py:62-64)
@@ -401,3 +401,73 @@ class _RMSpropTorch(RMSprop, torch.optim.RMSprop):
 class _RMSpropTF(RMSprop, RMSpropTF):
     _base = RMSpropTF
     step = RMSpropTF.step
+
+
+class LAMB(_PopTorchExtras, torch.optim.Optimizer):
+    """LAMB as PopTorch 3.4 defines it (python/optim.py:666-818): Adam's moments, the update
+    m̂ / (sqrt(v̂) + eps) + weight_decay * w (m̂, v̂ bias-corrected unless bias_correction=False)
+    scaled by the trust ratio min(|w|, max_weight_norm) / |update| (1 when either norm is zero).
+    PopART takes max_weight_norm per group (python/_optimizer_attributes.py:189-190); so does
+    the emulator, its default 65500 (fp16's largest) as PopTorch's."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: Optional[float] = None,
+        betas: Optional[Tuple[float, float]] = None,
+        eps: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        bias_correction: Optional[bool] = None,
+        loss_scaling: Optional[float] = None,
+        max_weight_norm: Optional[float] = None,
+        accum_type: Optional[torch.dtype] = None,
+        first_order_momentum_accum_type: Optional[torch.dtype] = None,
+        second_order_momentum_accum_type: Optional[torch.dtype] = None,
+    ) -> None:
+        variables = _variables(locals())
+        # python/optim.py:719-743: PopTorch's defaults
+        defaults = dict(
+            lr=1e-3 if lr is None else lr,
+            betas=(0.9, 0.999) if betas is None else betas,
+            eps=1e-8 if eps is None else eps,
+            weight_decay=1e-2 if weight_decay is None else weight_decay,
+            max_weight_norm=65500.0 if max_weight_norm is None else max_weight_norm,
+        )
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        self.bias_correction = True if bias_correction is None else bool(bias_correction)
+        self.max_weight_norm = defaults["max_weight_norm"]
+        self._set_extras(
+            loss_scaling,
+            accum_type,
+            None,
+            first_order_momentum_accum_type=first_order_momentum_accum_type,
+            second_order_momentum_accum_type=second_order_momentum_accum_type,
+        )
+        self._track_variables(variables)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: Dict[str, Any]) -> None:
+        state = self.state[p]
+        if not state:
+            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        state["step"] += 1
+        t = float(state["step"])
+        beta1, beta2 = group["betas"]
+        g, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        c1, c2 = (1 - beta1**t, 1 - beta2**t) if self.bias_correction else (1.0, 1.0)
+        update = (m / c1) / (v.sqrt() / c2**0.5 + group["eps"]) + group["weight_decay"] * p
+        weight_norm = p.norm().clamp(max=group["max_weight_norm"])
+        update_norm = update.norm()
+        zero = weight_norm == 0 or update_norm == 0
+        trust = 1.0 if zero else float(weight_norm / update_norm)
+        p.add_(update, alpha=-group["lr"] * trust)
