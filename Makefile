@@ -129,14 +129,23 @@ compat: $(VENV_SDK)/.installed
 # graphcore/poptorch (POPTORCH_GITDIR= its git directory; the tests are read from tag
 # sdk/poptorch/3.4.0, never copied here) and the harness (CONFORMANCE_TOOLS). FILES= a subset.
 CONFORMANCE_TOOLS ?= ../shared/tools/poptorch_conformance
+# The SDK's Python plus torchvision 0.15.2 (torch 2.0.1's), which half_test.py imports: a venv of
+# its own, so that `make compat` keeps running without the peers.
+VENV_CONF ?= .venv-conformance
+$(VENV_CONF)/.installed: requirements-sdk.txt
+	@test -n "$(PYTHON_SDK)" || { echo "make conformance needs Python 3.8 (set PYTHON_SDK=/path/to/python3.8)"; exit 2; }
+	test -x $(VENV_CONF)/bin/python || $(PYTHON_SDK) -m venv $(VENV_CONF)
+	$(VENV_CONF)/bin/python -m pip install -q -r requirements-sdk.txt torchvision==0.15.2
+	touch $@
+
 conformance:
 	@if [ -z "$(POPTORCH_GITDIR)" ]; then \
 		echo "make conformance: skipped: set POPTORCH_GITDIR=<git dir of a graphcore/poptorch clone>"; \
 	elif [ ! -f "$(CONFORMANCE_TOOLS)/run_suite.sh" ]; then \
 		echo "make conformance: skipped: no harness at $(CONFORMANCE_TOOLS) (set CONFORMANCE_TOOLS=...)"; \
 	else \
-		$(MAKE) --no-print-directory $(VENV_SDK)/.installed && \
-		POPTORCH_GITDIR="$(POPTORCH_GITDIR)" PY="$(CURDIR)/$(VENV_SDK)/bin/python" \
+		$(MAKE) --no-print-directory $(VENV_CONF)/.installed && \
+		POPTORCH_GITDIR="$(POPTORCH_GITDIR)" PY="$(CURDIR)/$(VENV_CONF)/bin/python" \
 			bash "$(CONFORMANCE_TOOLS)/run_suite.sh"; \
 	fi
 
