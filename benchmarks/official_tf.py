@@ -3,6 +3,8 @@
     python -m benchmarks.official_tf --examples-gitdir DIR [--preset b0-g16-lnpn] [--resolution 64]
         [--batch 2] [--out benchmarks/results/official-tf]
 
+The report holds one section per preset: a run replaces its preset's rows and keeps the others'.
+
 DIR is a git directory (bare or ``.git``) of graphcore/examples holding ``--commit`` (09b7c67).
 The official ``vision/cnns/tensorflow1/training/Models/`` files (efficientnet.py and what it
 imports from that folder) are read from it at run time into a temporary folder and imported from
@@ -68,6 +70,8 @@ ROWS = (
     ("model.padding=symmetric", ("model.padding=symmetric",)),
     ("model.graph=v1", ("model.graph=v1",)),
 )
+# A group-norm preset's row more: torch's contiguous channel groups instead of the official's
+GROUP_NORM_ROWS = (("model.norm_grouping=contiguous", ("model.norm_grouping=contiguous",)),)
 NUM_CLASSES = 1000  # the official ImageNet head (model_base.py:46-47)
 
 
@@ -296,7 +300,7 @@ def _import_tensorflow():
     return tf
 
 
-def _group_norm_stand_in(tf: types.ModuleType, strided: bool = True) -> Callable:
+def _group_norm_stand_in(tf: types.ModuleType) -> Callable:
     """Stands in for Graphcore's ``tensorflow.python.ipu.normalization_ops.group_norm``
     (tensorflow/python/ipu/ops/normalization_ops.py in Graphcore's TensorFlow), from its
     documentation: statistics of each sample over its spatial positions and the channels of a
@@ -305,8 +309,7 @@ def _group_norm_stand_in(tf: types.ModuleType, strided: bool = True) -> Callable
     ``strided_channel_grouping=True`` by default: channel k in group k mod G (the official code,
     efficientnet.py:137-139, keeps the default; with one group, its layer norm, it is moot).
     ``training`` selects the IPU's training or inference kernels, which compute the same function
-    from the input's own statistics. ``strided``: the default of ``strided_channel_grouping``
-    (``--gn-grouping contiguous`` makes it torch's grouping, to tell the two apart)."""
+    from the input's own statistics."""
     v1 = tf.compat.v1
 
     def group_norm(
@@ -335,7 +338,7 @@ def _group_norm_stand_in(tf: types.ModuleType, strided: bool = True) -> Callable
                 gamma = v1.get_variable(
                     "gamma", [channels], dtype, v1.ones_initializer(), trainable=trainable
                 )
-            if kwargs.get("strided_channel_grouping", strided):  # channel k = j·G + g: group k mod G
+            if kwargs.get("strided_channel_grouping", True):  # channel k = j·G + g: group k mod G
                 shape, axes = [-1, height, width, channels // groups, groups], [1, 2, 3]
             else:  # channel k = g·(C/G) + j: contiguous groups
                 shape, axes = [-1, height, width, groups, channels // groups], [1, 2, 4]
@@ -352,7 +355,7 @@ _GN_OPTIONS = ("param_initializers", "reuse", "variables_collections", "training
 _GN_OPTIONS += ("strided_channel_grouping",)
 
 
-def _ipu_stand_ins(tf: types.ModuleType, strided: bool = True) -> Dict[str, types.ModuleType]:
+def _ipu_stand_ins(tf: types.ModuleType) -> Dict[str, types.ModuleType]:
     """Modules that replace the official code's IPU-only imports (efficientnet.py:22-23, 28:
     ``from tensorflow.python.ipu import normalization_ops, nn_ops`` and ``from tensorflow.python
     import ipu``), written here from the documented semantics of what it calls:
@@ -363,7 +366,7 @@ def _ipu_stand_ins(tf: types.ModuleType, strided: bool = True) -> Dict[str, type
     * ``ipu.outlined_function``: compiles a function's body once for every call site (code size
       on the IPU); the function computed is the same, so the stand-in returns it unchanged."""
     normalization_ops = types.ModuleType("tensorflow.python.ipu.normalization_ops")
-    normalization_ops.group_norm = _group_norm_stand_in(tf, strided)
+    normalization_ops.group_norm = _group_norm_stand_in(tf)
     nn_ops = types.ModuleType("tensorflow.python.ipu.nn_ops")
     ipu = types.ModuleType("tensorflow.python.ipu")
     ipu.outlined_function = lambda fn: fn
@@ -372,11 +375,11 @@ def _ipu_stand_ins(tf: types.ModuleType, strided: bool = True) -> Dict[str, type
 
 
 @contextlib.contextmanager
-def _tf1_imports(tf: types.ModuleType, package: Path, strided: bool = True) -> Iterator[None]:
+def _tf1_imports(tf: types.ModuleType, package: Path) -> Iterator[None]:
     """While the official files are imported: ``import tensorflow as tf`` gives the TF1 API
     (``tf.compat.v1``, which they were written for), the IPU modules are the stand-ins, and the
     temporary package is on the path. Everything is put back afterwards."""
-    stand_ins = _ipu_stand_ins(tf, strided)
+    stand_ins = _ipu_stand_ins(tf)
     # TF 1.x's tensorflow/python/training/training_ops.py re-exported the generated training ops
     # (``from tensorflow.python.training.gen_training_ops import *``); TF 2 keeps that module as
     # tensorflow/python/ops/gen_training_ops.py. proxy_norm.py:19 and batch_norm.py:17 import it
@@ -400,9 +403,9 @@ def _tf1_imports(tf: types.ModuleType, package: Path, strided: bool = True) -> I
                 sys.modules[name] = module
 
 
-def import_official(tf: types.ModuleType, package: Path, strided: bool = True) -> types.SimpleNamespace:
+def import_official(tf: types.ModuleType, package: Path) -> types.SimpleNamespace:
     """The official ``efficientnet`` and ``proxy_norm`` modules, imported from ``package``."""
-    with _tf1_imports(tf, package, strided):
+    with _tf1_imports(tf, package):
         return types.SimpleNamespace(
             efficientnet=importlib.import_module(f"{PACKAGE}.efficientnet"),
             proxy_norm=importlib.import_module(f"{PACKAGE}.proxy_norm"),
@@ -578,18 +581,18 @@ def compare_rows(
         "num_classes": NUM_CLASSES,
         "official_commit": commit,
         "official_trainable_elements": trainable,
-        "official_gn_grouping": args.gn_grouping,
         "params_official": parameters,
         "tf": tf.__version__,
         "python": platform.python_version(),
         "status": "ok",
     }
     rows = []
-    for label, overrides in ROWS:
+    for label, overrides in ROWS + (GROUP_NORM_ROWS if reference.norm_spec.kind == "group" else ()):
         model, cfg = our_model(args.preset, overrides)
         model.load_state_dict(reference.state_dict())
         row = {"ours": label, "overrides": " ".join(overrides)}
         row.update(padding=cfg.model.padding, graph=cfg.model.graph, norm=cfg.model.norm)
+        row.update(norm_grouping=cfg.model.norm_grouping if cfg.model.norm == "group" else "—")
         row.update(norm_eps=cfg.model.norm_eps, proxy_norm=cfg.model.proxy_norm, proxy_eps=PROXY_EPS)
         row["params_ours"] = sum(p.numel() for p in model.parameters())
         row.update(compare(run_ours(model, images, labels), expected))
@@ -613,27 +616,32 @@ def _setting(row: Dict[str, object]) -> str:
     if row["proxy_norm"]:
         parts.append(f"proxy ε {row['proxy_eps']}")
     if row["norm"] == "group":
-        parts.append(f"official group norm's channel grouping {row['official_gn_grouping']}")
+        parts.append("official group norm's channel grouping strided (group_norm's default)")
     return ", ".join(parts)
 
 
-def markdown(rows: List[Dict[str, object]], command: str) -> str:
+_INTRO = (
+    "Generated by `python -m benchmarks.official_tf`; do not edit. Graphcore's TensorFlow 1 "
+    "EfficientNet (graphcore/examples, `vision/cnns/tensorflow1/training/Models/`) runs "
+    "unchanged under `tf.compat.v1` on the CPU, its IPU-only ops replaced by stand-ins "
+    "(group norm, swish, outlined functions: see `benchmarks/official_tf.py`), with the "
+    "weights of our model (every parameter mapped by name, none left over on either side) "
+    "and the same input. Each row is one of our graphs against the official one: logits, and "
+    "the gradient of the mean cross-entropy for every parameter. Relative difference = "
+    "max |ours − official| / max |official| (gradients: per parameter, the worst shown). "
+    "Official parameters leave out the proxy statistics (rows 2-3 of each proxy variable, "
+    "computed by the official optimiser, not trained). One section per preset, each from its "
+    "own run."
+)
+
+
+def _section(rows: List[Dict[str, object]]) -> List[str]:
+    """One preset's rows: its command, environment, setting and table."""
     first = rows[0]
     lines = [
-        "# Ours beside the official TensorFlow code",
+        f"## Preset `{first['preset']}`",
         "",
-        "Generated by `python -m benchmarks.official_tf`; do not edit. Graphcore's TensorFlow 1 "
-        "EfficientNet (graphcore/examples, `vision/cnns/tensorflow1/training/Models/`) runs "
-        "unchanged under `tf.compat.v1` on the CPU, its IPU-only ops replaced by stand-ins "
-        "(group norm, swish, outlined functions: see `benchmarks/official_tf.py`), with the "
-        "weights of our model (every parameter mapped by name, none left over on either side) "
-        "and the same input. Each row is one of our graphs against the official one: logits, and "
-        "the gradient of the mean cross-entropy for every parameter. Relative difference = "
-        "max |ours − official| / max |official| (gradients: per parameter, the worst shown). "
-        "Official parameters leave out the proxy statistics (rows 2-3 of each proxy variable, "
-        "computed by the official optimiser, not trained).",
-        "",
-        f"Command: `{command}`",
+        f"Command: `{first.get('command', 'python -m benchmarks.official_tf')}`",
         "",
         *_environment(rows),
         f"- TensorFlow {first['tf']}, Python {first['python']}; official code: graphcore/examples "
@@ -641,13 +649,14 @@ def markdown(rows: List[Dict[str, object]], command: str) -> str:
         "- setting: " + _setting(first),
         "",
     ]
-    header = ["ours", "padding", "graph", "logits max rel diff", "logits max abs diff", "grad max rel diff"]
-    header += ["worst parameter", "params ours", "params official"]
+    header = ["ours", "padding", "graph", "norm grouping", "logits max rel diff", "logits max abs diff"]
+    header += ["grad max rel diff", "worst parameter", "params ours", "params official"]
     body = [
         [
             str(r["ours"]),
             str(r["padding"]),
             str(r["graph"]),
+            str(r.get("norm_grouping", "—")),
             _sci(r["logits_max_rel_diff"]),
             _sci(r["logits_max_abs_diff"]),
             _sci(r["grad_max_rel_diff"]),
@@ -657,15 +666,38 @@ def markdown(rows: List[Dict[str, object]], command: str) -> str:
         ]
         for r in rows
     ]
-    return "\n".join(lines + _table(header, body)) + "\n"
+    return lines + _table(header, body) + [""]
 
 
-def write_report(rows: List[Dict[str, object]], out: str, command: str) -> List[str]:
+def markdown(rows: List[Dict[str, object]]) -> str:
+    """The report: the rows of every preset, a section each, in the order first written."""
+    presets = list(dict.fromkeys(str(r["preset"]) for r in rows))
+    lines = ["# Ours beside the official TensorFlow code", "", _INTRO, ""]
+    for preset in presets:
+        lines += _section([r for r in rows if r["preset"] == preset])
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def merged_rows(rows: List[Dict[str, object]], out: str) -> List[Dict[str, object]]:
+    """The report's earlier rows with this run's preset's replaced by ``rows``."""
+    presets = {r["preset"] for r in rows}
+    kept: List[Dict[str, object]] = []
+    if os.path.exists(out + ".jsonl"):
+        with open(out + ".jsonl") as f:
+            kept = [json.loads(line) for line in f if line.strip()]
+    earlier = [r for r in kept if r.get("preset") not in presets]
+    order = list(dict.fromkeys([str(r["preset"]) for r in kept] + [str(r["preset"]) for r in rows]))
+    return sorted(earlier + rows, key=lambda r: order.index(str(r["preset"])))
+
+
+def write_report(rows: List[Dict[str, object]], out: str) -> List[str]:
+    """Writes ``out``.jsonl and .md holding ``rows`` and the other presets' earlier rows."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    everything = merged_rows(rows, out)
     with open(out + ".jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.writelines(json.dumps(row) + "\n" for row in everything)
     with open(out + ".md", "w") as f:
-        f.write(markdown(rows, command))
+        f.write(markdown(everything))
     return [out + ".jsonl", out + ".md"]
 
 
@@ -681,12 +713,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and TensorFlow")
-    p.add_argument(
-        "--gn-grouping",
-        choices=("strided", "contiguous"),
-        default="strided",
-        help="channel grouping of the official group norm: the IPU op's default (strided) or torch's",
-    )
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest relative difference of our default")
     p.add_argument("--out", default=os.path.join(RESULTS_DIR, "official-tf"), help="report path, no suffix")
     return p
@@ -707,15 +733,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="official-tf-") as tmp:
         try:
             package = extract_official(args.examples_gitdir, commit, Path(tmp))
-            official = import_official(tf, package, args.gn_grouping == "strided")
+            official = import_official(tf, package)
         except OfficialCodeMissing as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         rows = compare_rows(tf, official, args, commit)
     command = "python -m benchmarks.official_tf " + " ".join(argv if argv is not None else sys.argv[1:])
-    for path in write_report(rows, args.out, command.strip()):
+    for row in rows:
+        row["command"] = command.strip()
+    for path in write_report(rows, args.out):
         print(f"wrote {path}")
-    print("\n".join(markdown(rows, command).splitlines()[-len(rows) - 2 :]))
+    print("\n".join(markdown(rows).splitlines()[-len(rows) - 2 :]))
     default = rows[0]
     worst = max(default["logits_max_rel_diff"], default["grad_max_rel_diff"])
     if worst > args.tolerance:
