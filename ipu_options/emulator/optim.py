@@ -76,6 +76,7 @@ class _PopTorchExtras:
     # 1229-1240). A loaded state is given back as loaded until the device next runs (line 99).
     _device_names: Optional[Dict[torch.Tensor, str]] = None  # set by the executor (device_names)
     _loaded_ipu: Optional[Dict[str, Any]] = None  # ipu_state/ipu_param as loaded, not yet run
+    _device_extra: Dict[str, torch.Tensor] = {}  # state the executor keeps (lossScaleUpdateFactor)
 
     def state_dict(self) -> Dict[str, Any]:
         torch_state = torch.optim.Optimizer.state_dict(self)
@@ -112,10 +113,14 @@ class _PopTorchExtras:
         if by_name:
             self._loaded_ipu = {"ipu_state": named, "ipu_param": state_dict["ipu_param"]}
 
-    def device_names(self, names: Dict[torch.Tensor, str]) -> None:
+    def device_names(
+        self, names: Dict[torch.Tensor, str], extra: Optional[Dict[str, torch.Tensor]] = None
+    ) -> None:
         """An executable on a device now holds this optimiser (``names``: each parameter's name
-        in the model): a loaded named state is written to it and the state is read by name."""
+        in the model): a loaded named state is written to it and the state is read by name.
+        ``extra``: the device's other optimiser state tensors (lossScaleUpdateFactor)."""
         self._device_names = names
+        self._device_extra = dict(extra or {})
         if self._loaded_ipu is None:
             return
         by_name = {
@@ -153,6 +158,7 @@ class _PopTorchExtras:
                 prefix = self._prefix(key)
                 if prefix and isinstance(value, torch.Tensor):
                     out[f"{prefix}___{name}"] = value.detach().clone()
+        out.update({key: value.clone() for key, value in self._device_extra.items()})
         return out
 
     def _initial_state(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
