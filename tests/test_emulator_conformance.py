@@ -3,6 +3,7 @@ follows (graphcore/poptorch, tag sdk/poptorch/3.4.0). PopTorch's own test suite 
 emulator with `make conformance` (docs/emulator-conformance.md); these keep the behaviours
 in CI without it."""
 
+import copy
 import io
 
 import pytest
@@ -378,6 +379,113 @@ def test_a_loaded_named_state_is_given_back_until_the_next_run(tmp_path):
     step.setOptimizer(fresh)
     step(x, y)
     assert fresh.state_dict()["ipu_param"]["learningRate___specific___linear.bias"].item() == 0.5
+
+
+def _grads(model, x, y):
+    """The gradient of the model's loss at its current weights, on the CPU."""
+    twin = copy.deepcopy(model)
+    twin(x, y)[1].backward()
+    return {n: p.grad.clone() for n, p in twin.named_parameters()}
+
+
+def test_adamw_without_bias_correction_trains_as_adamw_does():
+    # popart_compiler/source/CompilerImpl.cpp:869-882 (3.4.0): ADAMW_NO_BIAS keeps
+    # AdamMode::Adam, so PopTorch's AdamW(bias_correction=False) is still bias-corrected
+    x, y = data()
+    weights = []
+    for bias_correction in (False, True):
+        torch.manual_seed(0)
+        model = Regression()
+        opt = poptorch.optim.AdamW(model.parameters(), lr=0.1, bias_correction=bias_correction)
+        assert opt.bias_correction is bias_correction
+        step = poptorch.trainingModel(model, optimizer=opt)
+        for _ in range(3):
+            step(x, y)
+        weights.append(model.linear.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_a_learning_rate_loaded_for_one_weight_applies_to_it_alone():
+    # python/poptorch.cpp:1004-1031 (3.4.0): each loaded ipu_param value is written to its
+    # PopART tensor and used from the next run; a later setOptimizer with new values replaces it
+    model = Regression()
+    x, y = data()
+    opt = poptorch.optim.Adam(model.parameters(), lr=0.0)
+    step = poptorch.trainingModel(model, optimizer=opt)
+    step.compile(x, y)
+    state = opt.state_dict()
+    state["ipu_param"]["learningRate___specific___linear.bias"] = torch.tensor(0.1)
+    opt.load_state_dict(state)
+    weight, bias = model.linear.weight.detach().clone(), model.linear.bias.detach().clone()
+    step(x, y)
+    assert torch.equal(model.linear.weight, weight) and not torch.equal(model.linear.bias, bias)
+    params = opt.state_dict()["ipu_param"]
+    assert params["learningRate___specific___linear.bias"].item() == pytest.approx(0.1)
+    assert params["learningRate___specific___linear.weight"].item() == 0.0
+    opt.param_groups[0]["lr"] = 0.2
+    step.setOptimizer(opt)
+    assert opt.state_dict()["ipu_param"]["learningRate___specific___linear.bias"].item() == pytest.approx(0.2)
+
+
+def test_sgd_without_momentum_applies_a_loaded_scaled_learning_rate_as_popart_sgd0():
+    # popart/sgd.hpp:435-448 (sdk/poplar/3.4.0): w <- wdsf0 * w - slr0 * g
+    model = Regression()
+    x, y = data()
+    opt = poptorch.optim.SGD(model.parameters(), lr=0.0)
+    step = poptorch.trainingModel(model, optimizer=opt)
+    step.compile(x, y)
+    state = opt.state_dict()
+    state["ipu_param"]["scaledLearningRate0___specific___linear.weight"] = torch.tensor(0.5)
+    state["ipu_param"]["weightDecayScaleFactor0___specific___linear.weight"] = torch.tensor(0.9)
+    opt.load_state_dict(state)
+    weight, grad = model.linear.weight.detach().clone(), _grads(model, x, y)["linear.weight"]
+    step(x, y)
+    torch.testing.assert_close(model.linear.weight.detach(), 0.9 * weight - 0.5 * grad)
+
+
+def test_sgd_with_variable_momentum_keeps_popart_velocity_and_applies_loaded_scalars():
+    # sgd.cpp:152-155: a variable momentum (given, even zero) gives PopART's SGD2 with its
+    # velocity Accl1___ (sgd2decompose.cpp:58-62) and compound scalars (sgd.hpp:496-531):
+    # v = smm2 * v + dpsf2 * g + swd1 * w; w -= slr2 * v
+    model = Regression()
+    x, y = data()
+    opt = poptorch.optim.SGD(model.parameters(), lr=0.0, momentum=0.0)
+    step = poptorch.trainingModel(model, optimizer=opt)
+    step.compile(x, y)
+    state = opt.state_dict()
+    assert not state["ipu_state"]["Accl1___linear.weight"].any()
+    assert set(state["ipu_param"]) >= {
+        f"{k}___specific___linear.bias"
+        for k in ("scaledWeightDecay1", "scaledLearningRate2", "scaledMomentum2", "dampeningScaleFactor2")
+    }
+    velocity = torch.full((3,), 2.0)
+    state["ipu_state"]["Accl1___linear.bias"] = velocity
+    state["ipu_param"]["scaledMomentum2___specific___linear.bias"] = torch.tensor(0.5)
+    state["ipu_param"]["scaledLearningRate2___specific___linear.bias"] = torch.tensor(0.1)
+    opt.load_state_dict(state)
+    bias, grad = model.linear.bias.detach().clone(), _grads(model, x, y)["linear.bias"]
+    step(x, y)
+    v = 0.5 * velocity + grad
+    torch.testing.assert_close(opt.state_dict()["ipu_state"]["Accl1___linear.bias"], v)
+    torch.testing.assert_close(model.linear.bias.detach(), bias - 0.1 * v)
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_lamb_moves_each_weight_by_lr_times_its_clipped_norm(bias_correction):
+    # python/optim.py:767-818 (3.4.0): w -= lr * trust * update, trust = min(|w|, max_weight_norm)
+    # / |update|, so each weight moves by exactly lr * min(|w|, max_weight_norm)
+    model = Regression()
+    x, y = data()
+    opt = poptorch.optim.LAMB(
+        model.parameters(), lr=0.1, max_weight_norm=0.2, bias_correction=bias_correction
+    )
+    step = poptorch.trainingModel(model, optimizer=opt)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step(x, y)
+    for name, p in model.named_parameters():
+        moved = (p.detach() - before[name]).norm()
+        assert moved.item() == pytest.approx(0.1 * min(before[name].norm().item(), 0.2), rel=1e-4)
+    assert "Accl1___linear.weight" in opt.state_dict()["ipu_state"]
 
 
 def test_the_projects_earlier_checkpoint_form_still_loads():

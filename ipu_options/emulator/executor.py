@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import anchors, blocks, lowering, norms, optim_snapshot, recompute, wrapping
+from . import anchors, blocks, lowering, norms, optim_device, optim_snapshot, recompute, wrapping
 from .enums import ConnectionType, MeanReductionStrategy, OutputMode, ReductionType
 from .errors import RuntimeRefusal, ValueRefusal
 from .inputs import CompiledInputs
@@ -258,7 +258,11 @@ class PoplarExecutor:
             raise RuntimeError("setOptimizer is only valid for a trainingModel")
         if len(optimizer.param_groups) != len(self._optimizer.param_groups):
             raise ValueError("setOptimizer: the new optimizer must have the same parameter groups")
-        self._dict_optimizer = optim_snapshot.take(optimizer, self._options, self._compiled)
+        snapshot = optim_snapshot.take(optimizer, self._options, self._compiled)
+        if snapshot != self._dict_optimizer:  # new values overwrite every loaded scalar
+            for opt in (self._named_optimizer, optimizer):
+                getattr(opt, "forget_device_params", lambda: None)()
+        self._dict_optimizer = snapshot
         self._named_optimizer = optimizer
         if self._compiled:
             self._optimizers_on_device()
@@ -616,7 +620,7 @@ class PoplarExecutor:
         model = self._user_model
         for d in range(di):
             acc: Dict[nn.Parameter, torch.Tensor] = {}
-            scale = self._loss_scale
+            scale = self._backward_scale()
             for r in range(reps):
                 self._load_replica(r)
                 replica: Dict[nn.Parameter, torch.Tensor] = {}
@@ -661,6 +665,18 @@ class PoplarExecutor:
             self._update(params, acc, reps if running else ga * reps)
             values.step(d, reps, params, scale, self._loss_dtype)
 
+    def _device_params(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The scalars loaded through the device's optimiser's ipu_param (optim_device)."""
+        return getattr(self._named_optimizer, "device_params", lambda: None)()
+
+    def _backward_scale(self) -> float:
+        """A loaded lossScaling_FLOAT scales the loss (the loss's gradient starts at that tensor:
+        popart transforms/autodiff/gradgrowerloss.cpp:50-55, sdk/poplar/3.4.0); the optimiser's
+        own scalars still unscale by the value they were built with (compoundscalarhelper.cpp:
+        146-155), so the emulator's update divides by the snapshot's."""
+        loaded = (self._device_params() or {}).get(optim_device.LOSS_SCALING)
+        return self._loss_scale if loaded is None else float(loaded)
+
     def _running_mean(self) -> bool:
         training = self._options.Training
         return (
@@ -698,7 +714,7 @@ class PoplarExecutor:
         if max_norm and max_norm != float("inf"):
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
         with snapshot.applied(opt):
-            opt.step()
+            optim_device.step(opt, self._device_params(), self._param_names, snapshot.loss_scaling)
         self.applied_lr.append(snapshot.lrs())
         stochastic = self._options.Precision.stochastic_rounding
         with torch.no_grad():
