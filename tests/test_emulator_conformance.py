@@ -713,3 +713,146 @@ def test_a_dataset_failing_in_the_worker_stops_the_accessor_with_poptorchs_error
     with pytest.raises(poptorch.Error, match="worker thread failed to start"):
         poptorch.AsynchronousDataAccessor(loader)
     assert "sample 0 is unreadable" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------- updatable named buffers
+class TwoBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("buffer_1", torch.ones(1))
+        self.register_buffer("buffer_2", torch.ones(1))
+
+    def forward(self, x):
+        return torch.sum(x + self.buffer_1 + self.buffer_2)
+
+
+def test_copy_named_buffers_writes_only_the_updatable_ones():
+    # python/options.py:1863-1869, python/_poplar_executor.py:600-629: only the named buffers
+    # reach the device; the others keep the device's value (tests/buffers_test.py:46-63)
+    run = poptorch.inferenceModel(TwoBuffers(), poptorch.Options().updatableNamedBuffers(["buffer_1"]))
+    with pytest.raises(poptorch.Error, match="Model has not been compiled"):  # line 603-604
+        run.copyNamedBuffersToDevice()
+    x = torch.ones(3)
+    assert run(x) == 9
+    run.buffer_1.copy_(run.buffer_1 + 1)
+    run.buffer_2.copy_(run.buffer_2 + 1)
+    assert run(x) == 9  # the host's buffers are not the device's
+    run.copyNamedBuffersToDevice()
+    assert run(x) == 12
+
+
+def test_copy_named_buffers_needs_the_option_and_known_names():
+    # python/_poplar_executor.py:607-610 refuses without the option; popart's irlowering.cpp:
+    # 3063-3072 refuses a name not in the graph when it compiles
+    run = poptorch.inferenceModel(TwoBuffers())
+    run(torch.ones(3))
+    with pytest.raises(poptorch.Error, match="No named buffers marked as updatable"):
+        run.copyNamedBuffersToDevice()
+    wrong = poptorch.Options().updatableNamedBuffers(["non_existing_buffer"])
+    with pytest.raises(poptorch.Error, match="Invalid named buffer in updatableNamedBuffers"):
+        poptorch.inferenceModel(TwoBuffers(), wrong)(torch.ones(3))
+
+
+# ---------------------------------------------------------------- anchored tensors
+def test_anchored_gradient_and_updated_weight_are_read_back():
+    # python/options.py:1669-1690 and _poplar_executor.py:538-541, 1273-1281; PopART names
+    # Gradient___<param> and UpdatedVar___<param> (tests/debug_tensors_test.py:80-105)
+    x, y = data()
+    reference = Regression()
+    model = Regression()
+    model.load_state_dict(reference.state_dict())
+    F.mse_loss(reference.linear(x), y).backward()
+    opts = poptorch.Options()
+    opts.anchorTensor("grad", "Gradient___linear.bias")
+    opts.anchorTensor("weight", "UpdatedVar___linear.weight", poptorch.OutputMode.All)
+    run = poptorch.trainingModel(model, opts, poptorch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(AssertionError, match="No tensor with name grad found"):
+        run.getAnchoredTensor("grad")
+    run(x, y)
+    torch.testing.assert_close(run.getAnchoredTensor("grad"), reference.linear.bias.grad)
+    torch.testing.assert_close(run.getAnchoredTensor("weight"), model.linear.weight.detach())
+
+
+def test_an_anchor_is_returned_in_the_models_output_mode():
+    # poptorch/source/LowerToPopart.cpp:526-538 adds an anchor with the default mode (N), which
+    # popart_compiler/source/Compiler.cpp:397-402 makes the model's; batched as outputs are
+    x, y = data()
+    opts = poptorch.Options().deviceIterations(2).outputMode(poptorch.OutputMode.All)
+    opts.anchorTensor("grad", "Gradient___linear.bias", poptorch.OutputMode.Final)
+    run = poptorch.trainingModel(Regression(), opts)
+    run(x, y)
+    assert run.getAnchoredTensor("grad").shape == (6,)  # 2 steps × 3 features
+
+
+def test_an_anchor_popart_has_no_tensor_for_is_refused_at_compilation():
+    # popart willow/src/ir.cpp:2490-2512: a gradient of a parameter that has none, or any name
+    # of an inference graph the emulator cannot produce
+    class Frozen(Regression):
+        def __init__(self):
+            super().__init__()
+            self.linear.bias.requires_grad_(False)
+
+    opts = poptorch.Options()
+    opts.anchorTensor("grad", "Gradient___linear.bias")
+    with pytest.raises(poptorch.Error, match="Interestingly, `linear.bias' IS in tensors"):
+        poptorch.trainingModel(Frozen(), opts)(*data())
+    with pytest.raises(poptorch.Error, match="Anchor tensor `Gradient___linear.bias' not in Ir"):
+        poptorch.inferenceModel(Regression(), opts)(data()[0])
+
+
+def test_final_loss_scale_is_the_scale_times_its_update_factor():
+    # popart transforms/automaticlossscaling.cpp:923-983: finalLossScale = loss scaling ×
+    # lossScaleUpdateFactor, an optimiser state tensor (tensor.cpp:1071-1073); options_test.py:407
+    model = Regression().half()
+    opts = poptorch.Options()
+    opts.Training.setAutomaticLossScaling(True)
+    opts.anchorTensor("ls", "finalLossScale")
+    opt = poptorch.optim.SGD(model.parameters(), lr=0.0, loss_scaling=2.0)
+    run = poptorch.trainingModel(model, opts, opt)
+    x, y = data()
+    run.compile(x.half(), y.half())
+    seen = []
+    for _ in range(3):
+        factor = opt.state_dict()["ipu_state"]["lossScaleUpdateFactor"]
+        run(x.half(), y.half())
+        assert run.getAnchoredTensor("ls").item() == 2.0 * factor.item()
+        seen.append(factor.item())
+    assert seen[0] == 1.0 and len(set(seen)) == 3  # the factor moves with every step
+
+
+# ---------------------------------------------------------------- option bookkeeping
+def test_default_options_come_from_the_environment(monkeypatch):
+    # python/options.py:1198-1238: POPTORCH_DEFAULT_OPTIONS names setters by dotted path
+    monkeypatch.setenv(
+        "POPTORCH_DEFAULT_OPTIONS",
+        '{"deviceIterations": 2, "connectionType": "ConnectionType.OnDemand",'
+        ' "Precision.enableFloatingPointExceptions": true,'
+        ' "_Popart.set": ["saveInitializersToFile", "my_file.onnx"]}',
+    )
+    opts = poptorch.Options()
+    assert opts.device_iterations == 2 and opts.connection_type == poptorch.ConnectionType.OnDemand
+    assert opts.Precision.fp_exceptions
+    assert opts._Popart.options["saveInitializersToFile"] == "my_file.onnx"
+
+
+def test_options_keep_poptorchs_values():
+    # python/options.py:395-441 (PopART options), 515-669 (locations), 1528-1539, 1665, 1763-1779
+    opts = poptorch.Options().maxRepeatLogs(None).enableSyntheticData(True).logDir("/tmp/x")
+    opts._Popart.setPatterns({"PadSum": True}, 0)
+    opts.TensorLocations.setWeightLocation(
+        poptorch.TensorLocationSettings().useIOTilesToStore(True).useOnChipStorage(False)
+    )
+    assert opts.max_repeat_logs == 2**64 - 1 and opts.log_dir == "/tmp/x"
+    assert opts._Popart.options["syntheticDataMode"] == 2
+    assert opts._Popart.options["rearrangeAnchorsOnHost"] is False
+    assert opts._Popart.options["patterns"] == {"PadSum": True}
+    assert opts._Popart.options["patterns_level"] == 0
+    assert opts.TensorLocations.location_weight == {"useIOTilesToStore": 1, "onChip": 0}
+    assert opts.sync_pattern == poptorch.SyncPattern.Full
+    offline = poptorch.Options().useOfflineIpuTarget()
+    assert offline.connection_type == poptorch.ConnectionType.Never
+    never = poptorch.inferenceModel(
+        Regression(), poptorch.Options().connectionType(poptorch.ConnectionType.Never)
+    )
+    with pytest.raises(AssertionError, match="offline device"):  # _poplar_executor.py:1232-1235
+        never(data()[0])

@@ -78,6 +78,7 @@ class _PopTorchExtras:
     # 1229-1240). A loaded state is given back as loaded until the device next runs (line 99).
     _device_names: Optional[Dict[torch.Tensor, str]] = None  # set by the executor (device_names)
     _loaded_ipu: Optional[Dict[str, Any]] = None  # ipu_state/ipu_param as loaded, not yet run
+    _device_extra: Dict[str, torch.Tensor] = {}  # state the executor keeps (lossScaleUpdateFactor)
 
     def state_dict(self) -> Dict[str, Any]:
         torch_state = torch.optim.Optimizer.state_dict(self)
@@ -114,12 +115,16 @@ class _PopTorchExtras:
         if by_name:
             self._loaded_ipu = {"ipu_state": named, "ipu_param": state_dict["ipu_param"]}
 
-    def device_names(self, names: Dict[torch.Tensor, str]) -> None:
+    def device_names(
+        self, names: Dict[torch.Tensor, str], extra: Optional[Dict[str, torch.Tensor]] = None
+    ) -> None:
         """An executable on a device now holds this optimiser (``names``: each parameter's name
         in the model): a loaded named state is written to it and the state is read by name.
-        Each loaded tensor is written on its own; a name the device lacks is skipped and a
-        device tensor the dict lacks keeps its value (python/poptorch.cpp:1004-1031, 3.4.0)."""
+        ``extra``: the device's other optimiser state tensors (lossScaleUpdateFactor). Each loaded
+        tensor is written on its own; a name the device lacks is skipped and a device tensor the
+        dict lacks keeps its value (python/poptorch.cpp:1004-1031, 3.4.0)."""
         self._device_names = names
+        self._device_extra = dict(extra or {})
         if self._loaded_ipu is None:
             return
         loaded, self._loaded_ipu = self._loaded_ipu, None
@@ -183,6 +188,7 @@ class _PopTorchExtras:
                 prefix = self._prefix(key)
                 if prefix and isinstance(value, torch.Tensor):
                     out[f"{prefix}___{name}"] = value.detach().clone()
+        out.update({key: value.clone() for key, value in self._device_extra.items()})
         return out
 
     def _initial_state(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
