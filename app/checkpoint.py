@@ -26,10 +26,22 @@ CHECKPOINT_DIR = "checkpoints"
 BEST = "best.pt"
 STEP_FILE = re.compile(r"step-(\d+)\.pt")
 # The fields of cfg.model that decide the shapes and meaning of the weights.
-ARCH_FIELDS = ("name", "group_size", "expand_ratio", "norm", "proxy_norm", "norm_groups", "padding", "graph")
+ARCH_FIELDS = (
+    "name",
+    "group_size",
+    "expand_ratio",
+    "norm",
+    "proxy_norm",
+    "norm_groups",
+    "padding",
+    "graph",
+    "norm_grouping",
+)
 # What a checkpoint without a recorded graph variant computed (written before padding and graph
 # were fields): the override that builds that function again.
 UNRECORDED_GRAPH = {"padding": "symmetric", "graph": "v1"}
+# What a group-norm checkpoint without a recorded channel grouping computed (torch's groups).
+UNRECORDED_GROUPING = {"norm_grouping": "contiguous"}
 
 
 class CheckpointError(AppError):
@@ -257,21 +269,52 @@ def arch_of(model_cfg: ModelConfig, num_classes: int) -> Dict[str, Any]:
     return arch
 
 
-def check_graph_variant(saved_arch: Dict[str, Any], model_cfg: ModelConfig, source: Any) -> Dict[str, Any]:
-    """The checkpoint's architecture with its graph variant (padding, graph). A checkpoint that
-    records none computed ``UNRECORDED_GRAPH``: loading it into another graph would silently
-    compute another function, so that is refused with the override that restores its graph."""
-    if all(k in saved_arch for k in UNRECORDED_GRAPH):
-        return saved_arch
-    if any(getattr(model_cfg, k) != v for k, v in UNRECORDED_GRAPH.items()):
-        override = " ".join(f"model.{k}={v}" for k, v in UNRECORDED_GRAPH.items())
-        raise CheckpointError(
-            f"checkpoint {source} was written before the graph variant was recorded: it computes "
-            f"this project's first graph (symmetric padding, squeeze-excite and head of graph v1), "
-            f"not this run's (model.padding={model_cfg.padding}, model.graph={model_cfg.graph}). "
-            f"Add {override} to the command line to use it (docs/official-code.md)"
+def grouping_matters(arch: Dict[str, Any]) -> bool:
+    """Whether an architecture's norm changes with the channel grouping: a group norm of more than
+    one group (layer and batch norm are the same function either way)."""
+    return arch.get("norm") == "group" and arch.get("norm_groups", 1) > 1
+
+
+def _unrecorded(saved_arch: Dict[str, Any], model_cfg: ModelConfig) -> Dict[str, Any]:
+    """What a checkpoint computed for the graph-variant fields it does not record."""
+    missing: Dict[str, Any] = {}
+    if not all(k in saved_arch for k in UNRECORDED_GRAPH):
+        missing.update(UNRECORDED_GRAPH)
+    if "norm_grouping" not in saved_arch:
+        # a layer/batch-norm checkpoint computes the same function under either grouping
+        missing.update(
+            UNRECORDED_GROUPING
+            if grouping_matters(saved_arch)
+            else {"norm_grouping": model_cfg.norm_grouping}
         )
-    return {**UNRECORDED_GRAPH, **saved_arch}
+    return missing
+
+
+def check_graph_variant(saved_arch: Dict[str, Any], model_cfg: ModelConfig, source: Any) -> Dict[str, Any]:
+    """The checkpoint's architecture with its graph variant (padding, graph, a group norm's channel
+    grouping). A checkpoint that records none computed ``UNRECORDED_GRAPH`` (and, with group norm,
+    ``UNRECORDED_GROUPING``): loading it into another graph would silently compute another
+    function, so that is refused with the override that restores its graph."""
+    missing = _unrecorded(saved_arch, model_cfg)
+    if any(getattr(model_cfg, k) != v for k, v in missing.items()):
+        override = " ".join(f"model.{k}={v}" for k, v in missing.items() if getattr(model_cfg, k) != v)
+        what = []
+        if "graph" in missing:
+            what.append(
+                "this project's first graph (symmetric padding, squeeze-excite and head of graph v1), "
+                f"not this run's (model.padding={model_cfg.padding}, model.graph={model_cfg.graph})"
+            )
+        if missing.get("norm_grouping") == "contiguous":
+            what.append(
+                "group norm with torch's contiguous channel groups, not this run's "
+                f"model.norm_grouping={model_cfg.norm_grouping}"
+            )
+        raise CheckpointError(
+            f"checkpoint {source} was written before its graph variant was recorded: it computes "
+            f"{'; and '.join(what)}. Add {override} to the command line to use it "
+            "(docs/official-code.md)"
+        )
+    return {**missing, **saved_arch}
 
 
 def check_architecture(
@@ -283,6 +326,8 @@ def check_architecture(
         return  # not one of ours: load_weights reports mismatches by parameter name
     saved = check_graph_variant(saved, model_cfg, source)
     current = arch_of(model_cfg, num_classes)
+    if not grouping_matters(saved):  # the same function under either grouping
+        current["norm_grouping"] = saved["norm_grouping"]
     diffs = [
         f"{'model.' if k != 'num_classes' else ''}{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
         for k, v in current.items()

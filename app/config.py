@@ -28,7 +28,7 @@ from backends.specs import BatchPlan
 from ipu_options.config import IPUConfig
 from model.blocks import GRAPHS
 from model.efficientnet import MODEL_NAMES, variant_key
-from model.norms import NORM_KINDS
+from model.norms import NORM_GROUPINGS, NORM_KINDS
 from model.padding import PADDINGS
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -60,6 +60,10 @@ class ModelConfig:
     # official: squeeze-excite and head under proxy norm as the official code; v1: this
     # project's first graph (with padding=symmetric: what checkpoints without a record computed)
     graph: str = "official"
+    # strided: group g of a group norm holds channels g, g+G, g+2G, … (the official code's,
+    # Graphcore's TF group_norm default); contiguous: torch's nn.GroupNorm (what checkpoints
+    # without a record computed). Layer and batch norm are the same function either way.
+    norm_grouping: str = "strided"
     init_from: Optional[str] = None  # a local timm/torchvision/our checkpoint to start from
     init_source: str = "ours"  # ours | timm | torchvision
 
@@ -552,6 +556,12 @@ def _validate_model(m) -> None:
         "model.graph",
         m.graph,
         "official, or v1 for checkpoints written before the official graph",
+    )
+    _require(
+        m.norm_grouping in NORM_GROUPINGS,
+        "model.norm_grouping",
+        m.norm_grouping,
+        "strided (the official code's group norm) or contiguous (torch's, for checkpoints written before it)",
     )
     _require(
         m.init_source in ("ours", "timm", "torchvision"),

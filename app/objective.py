@@ -100,6 +100,7 @@ def build_network(cfg: Config, num_classes: int) -> nn.Module:
         drop_path=m.drop_path,
         padding=m.padding,
         graph=m.graph,
+        norm_grouping=m.norm_grouping,
     )
 
 

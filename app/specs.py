@@ -53,10 +53,10 @@ def data_spec(cfg: Config) -> DataSpec:
 
 def ipu_spec(cfg: Config) -> IpuSpec:
     """The ``ipu`` section's fields of the same names, lists as tuples, the precision as written
-    on a command line (YAML reads 16.16 as a number), and the device seed resolved (``ipu.seed``,
-    else the run's)."""
+    on a command line (YAML reads 16.16 as a number), the device seed resolved (``ipu.seed``,
+    else the run's), and the network's group-norm channel grouping (``model.norm_grouping``)."""
     i = cfg.ipu
-    same = {f.name: getattr(i, f.name) for f in dataclasses.fields(IpuSpec)}
+    same = {f.name: getattr(i, f.name) for f in dataclasses.fields(IpuSpec) if hasattr(i, f.name)}
     return IpuSpec(
         **{
             **same,
@@ -65,6 +65,7 @@ def ipu_spec(cfg: Config) -> IpuSpec:
             "precision": str(i.precision),
             "available_memory_proportion": tuple(i.available_memory_proportion),
             "seed": i.seed if i.seed is not None else cfg.train.seed,
+            "norm_grouping": cfg.model.norm_grouping,  # the network's: PopART groups as it does
         }
     )
 

@@ -8,21 +8,26 @@ Setting ``IPU_OPTIONS_EMULATE=1`` forces the emulator (tests of the emulator on 
 ``ipu_options.emulator`` is the emulator in either case.
 """
 
+import contextlib
 import os
 
 from ipu_options import emulator
 from ipu_options.emulator.executor import register_graph_context
 from model.fast_paths import eager_fast_paths
+from model.norms import backend_groups_channels
 
 
-def _model_as_traced_graph():
+def model_as_traced_graph() -> contextlib.ExitStack:
     """Inside an emulated executor, this project's model runs the arithmetic a traced graph keeps
-    (model/fast_paths.py), as it does on an IPU."""
+    (model/fast_paths.py), and its group norms emit torch's one op for PopART's grouping option
+    to group (model/norms.py), as on an IPU."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(eager_fast_paths(False))
+    stack.enter_context(backend_groups_channels())
+    return stack
 
-    return eager_fast_paths(False)
 
-
-register_graph_context(_model_as_traced_graph)
+register_graph_context(model_as_traced_graph)
 
 EMULATED = True
 IMPORT_ERROR = None

@@ -42,7 +42,7 @@ from backends.process import all_reduce_mean
 from backends.specs import BatchPlan, DeviceSpec, ModelSpec, OptimSpec
 from ipu_options import EMULATED, IMPORT_ERROR, poptorch
 from ipu_options.optimizer import build_ipu_optimizer, device_groups
-from ipu_options.options import build_options
+from ipu_options.options import build_options, check_norm_grouping
 from ipu_options.pipeline import SplitError, annotate, num_ipus
 from ipu_options.planning import PlanError, resolve_pipeline
 from ipu_options.precision import apply_precision
@@ -109,6 +109,10 @@ class PopTorchBackend(Backend):
             self.network = self._meta_network(network)
             self.splits, self.recompute, self.plan = resolve_pipeline(self.network, model, ipu, batch, optim)
         except (PlanError, SplitError) as error:
+            raise BackendError(f"invalid IPU configuration: {error}") from None
+        try:
+            check_norm_grouping(self.network, ipu)  # PopART's option is set from the spec
+        except ValueError as error:
             raise BackendError(f"invalid IPU configuration: {error}") from None
         self.ipus = num_ipus(ipu, self.splits)
         if kind == "ipu" and not ipu.compile_only:

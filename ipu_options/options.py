@@ -32,9 +32,10 @@ from the SDK 3.4 signatures):
   ipu.compile_only                 opts.useOfflineIpuTarget(ipu.offline_ipu_version or 2)
                                        (compile without hardware, then stop)
   device == "ipu-model"            opts.useIpuModel(True)  (real PopTorch only)
-  (always)                         opts._Popart.set("groupNormStridedChannelGrouping", False):
-                                   torch's contiguous channel groups, so a checkpoint computes the
-                                   same function on an IPU, the emulator and a CPU/GPU (see below)
+  model.norm_grouping (IpuSpec)    opts._Popart.set("groupNormStridedChannelGrouping",
+                                       norm_grouping == "strided"): PopART groups a group norm's
+                                   channels as the model does, so a checkpoint computes the same
+                                   function on an IPU, the emulator and a CPU/GPU (see below)
   (always)                         opts._Popart.set("scheduleNonWeightUpdateGradientConsumersEarly",
                                    True), opts._Popart.set("disableGradAccumulationTensorStreams",
                                    True): the PopART settings Graphcore's CNN application used
@@ -46,12 +47,14 @@ from types import ModuleType
 from typing import Any, Dict, Optional
 
 import torch
+from torch import nn
 
 from backends.process import under_poprun
 from backends.specs import BatchPlan
 from ipu_options.pipeline import num_ipus
 from ipu_options.poprun import popdist_local_replicas, popdist_options
 from ipu_options.specs import IpuSpec
+from model.norms import GroupNorm
 
 AUTO_RECOMPUTATION_PIPELINE = 3  # popart.RecomputationType.Pipeline
 AUTO_RECOMPUTATION_ALL = 4  # popart.RecomputationType.RecomputeAll
@@ -69,6 +72,18 @@ def local_replicas(replicas: int, instances: int) -> int:
             f"dist.instances={instances}: use a multiple of {instances} replicas"
         )
     return replicas // instances
+
+
+def check_norm_grouping(model: nn.Module, ipu: IpuSpec) -> None:
+    """Refuse a model whose group norms group channels otherwise than ``ipu.norm_grouping``: the
+    IPU would compute another function (PopART's option is set from the spec)."""
+    for name, m in model.named_modules():
+        if isinstance(m, GroupNorm) and 1 < m.num_groups < m.num_channels and m.grouping != ipu.norm_grouping:
+            raise ValueError(
+                f"{name or 'model'}: group norm grouping {m.grouping!r}, while the IPU is set "
+                f"for {ipu.norm_grouping!r} (IpuSpec.norm_grouping): build both from one "
+                "model.norm_grouping"
+            )
 
 
 def memory_proportions(ipu: IpuSpec, ipus: int) -> Dict[str, float]:
@@ -160,13 +175,15 @@ def build_options(
         opts.useOfflineIpuTarget(ipu.offline_ipu_version or 2)
     if use_ipu_model:
         opts.useIpuModel(True)
-    # Contiguous channel groups, torch's definition, on every device. Graphcore's CNN application
-    # sets the strided grouping for speed (vision/cnns/pytorch/utils/ipu_settings.py:17, v3.4.1);
-    # poplibs then puts channel k·G + g in group g (include/popnn/GroupNorm.hpp), another function
-    # than the same checkpoint computes on a CPU/GPU. PopART's default is already contiguous
-    # (sessionoptions.hpp: "correct and slightly slower"); set it so that no base Options can
-    # change it. Layer norm (one group) is the same function either way.
-    opts._Popart.set("groupNormStridedChannelGrouping", False)
+    # A group norm's channel grouping, the model's (model/norms.py). On the IPU the model emits
+    # torch's one aten::group_norm, which PopTorch lowers unchanged to one PopART
+    # GroupNormalization (poptorch/source/popart_canonicalization/NormalizationOps.cpp:211-233,
+    # sdk/poptorch/3.4.0: input, γ, β, num_groups, ε; no channel reordering): this option alone
+    # then picks the grouping (poplibs include/popnn/GroupNorm.hpp: strided puts channel k·G + g in
+    # group g, the official TF code's; Graphcore's CNN application sets it for speed,
+    # vision/cnns/pytorch/utils/ipu_settings.py:17, v3.4.1). The stride is applied once: the model
+    # reorders nothing on the IPU. Set either way so that no base Options can change it.
+    opts._Popart.set("groupNormStridedChannelGrouping", ipu.norm_grouping == "strided")
     opts._Popart.set("scheduleNonWeightUpdateGradientConsumersEarly", True)
     if training:
         opts._Popart.set("disableGradAccumulationTensorStreams", True)

@@ -27,3 +27,6 @@ class IpuSpec:
     output_mode: str = "sum"
     plan_ipus: Optional[int] = None
     plan_margin: float = 0.3
+    # The network's group-norm channel grouping (the model's, model/norms.py): strided or
+    # contiguous; PopART's groupNormStridedChannelGrouping is set to it (options.py).
+    norm_grouping: str = "strided"

@@ -5,7 +5,7 @@ from .counting import count_macs, count_parameters
 from .efficientnet import MODEL_NAMES, VARIANTS, EfficientNet, build_model, variant_key
 from .group_conv import spatial_groups
 from .inference import fuse_for_inference
-from .norms import NORM_KINDS, NormSpec
+from .norms import NORM_GROUPINGS, NORM_KINDS, GroupNorm, NormSpec
 from .proxy_norm import ProxyNormAct, normal_quantiles
 from .weight_import import convert_state_dict
 
@@ -20,6 +20,8 @@ __all__ = [
     "SqueezeExcite",
     "ProxyNormAct",
     "NormSpec",
+    "GroupNorm",
+    "NORM_GROUPINGS",
     "normal_quantiles",
     "spatial_groups",
     "variant_key",

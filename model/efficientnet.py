@@ -189,13 +189,16 @@ def build_model(
     drop_path: float = 0.2,
     padding: str = "same",
     graph: str = "official",
+    norm_grouping: str = "strided",
 ) -> EfficientNet:
     """An EfficientNet. ``group_size`` is channels per group of every spatial conv (1 = depthwise,
     the paper's choice 16); ``norm`` is one of batch, group, layer; ``proxy_norm`` replaces every
     norm's activation by a proxy-normalised one (the paper pairs it with ``norm="layer"``).
     ``padding``: ``same`` (TensorFlow's, the official code's) or ``symmetric`` (k//2, timm's
     efficientnet_* and torchvision's); ``graph``: ``official`` or ``v1`` (this project's first
-    squeeze-excite and head under proxy norm, for checkpoints written with it)."""
+    squeeze-excite and head under proxy norm, for checkpoints written with it); ``norm_grouping``:
+    group norm's channel grouping, ``strided`` (channel k in group k mod G, the official code's) or
+    ``contiguous`` (torch's; layer and batch norm are the same function either way)."""
     key = variant_key(name)
     if padding not in PADDINGS:
         raise ValueError(f"padding={padding!r} is not one of {', '.join(PADDINGS)}")
@@ -213,7 +216,7 @@ def build_model(
     if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path={drop_path} must be in [0, 1)")
     variant = VARIANTS[key]
-    spec = NormSpec(norm, norm_groups, norm_eps, proxy_norm)
+    spec = NormSpec(norm, norm_groups, norm_eps, proxy_norm, norm_grouping)
     return EfficientNet(
         scaled_stages(key, expand_ratio),
         round_channels(STEM_CHANNELS * variant.width),

@@ -3,6 +3,7 @@ follows (graphcore/poptorch, tag sdk/poptorch/3.4.0). PopTorch's own test suite 
 emulator with `make conformance` (docs/emulator-conformance.md); these keep the behaviours
 in CI without it."""
 
+import copy
 import io
 
 import pytest
@@ -380,6 +381,113 @@ def test_a_loaded_named_state_is_given_back_until_the_next_run(tmp_path):
     assert fresh.state_dict()["ipu_param"]["learningRate___specific___linear.bias"].item() == 0.5
 
 
+def _grads(model, x, y):
+    """The gradient of the model's loss at its current weights, on the CPU."""
+    twin = copy.deepcopy(model)
+    twin(x, y)[1].backward()
+    return {n: p.grad.clone() for n, p in twin.named_parameters()}
+
+
+def test_adamw_without_bias_correction_trains_as_adamw_does():
+    # popart_compiler/source/CompilerImpl.cpp:869-882 (3.4.0): ADAMW_NO_BIAS keeps
+    # AdamMode::Adam, so PopTorch's AdamW(bias_correction=False) is still bias-corrected
+    x, y = data()
+    weights = []
+    for bias_correction in (False, True):
+        torch.manual_seed(0)
+        model = Regression()
+        opt = poptorch.optim.AdamW(model.parameters(), lr=0.1, bias_correction=bias_correction)
+        assert opt.bias_correction is bias_correction
+        step = poptorch.trainingModel(model, optimizer=opt)
+        for _ in range(3):
+            step(x, y)
+        weights.append(model.linear.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_a_learning_rate_loaded_for_one_weight_applies_to_it_alone():
+    # python/poptorch.cpp:1004-1031 (3.4.0): each loaded ipu_param value is written to its
+    # PopART tensor and used from the next run; a later setOptimizer with new values replaces it
+    model = Regression()
+    x, y = data()
+    opt = poptorch.optim.Adam(model.parameters(), lr=0.0)
+    step = poptorch.trainingModel(model, optimizer=opt)
+    step.compile(x, y)
+    state = opt.state_dict()
+    state["ipu_param"]["learningRate___specific___linear.bias"] = torch.tensor(0.1)
+    opt.load_state_dict(state)
+    weight, bias = model.linear.weight.detach().clone(), model.linear.bias.detach().clone()
+    step(x, y)
+    assert torch.equal(model.linear.weight, weight) and not torch.equal(model.linear.bias, bias)
+    params = opt.state_dict()["ipu_param"]
+    assert params["learningRate___specific___linear.bias"].item() == pytest.approx(0.1)
+    assert params["learningRate___specific___linear.weight"].item() == 0.0
+    opt.param_groups[0]["lr"] = 0.2
+    step.setOptimizer(opt)
+    assert opt.state_dict()["ipu_param"]["learningRate___specific___linear.bias"].item() == pytest.approx(0.2)
+
+
+def test_sgd_without_momentum_applies_a_loaded_scaled_learning_rate_as_popart_sgd0():
+    # popart/sgd.hpp:435-448 (sdk/poplar/3.4.0): w <- wdsf0 * w - slr0 * g
+    model = Regression()
+    x, y = data()
+    opt = poptorch.optim.SGD(model.parameters(), lr=0.0)
+    step = poptorch.trainingModel(model, optimizer=opt)
+    step.compile(x, y)
+    state = opt.state_dict()
+    state["ipu_param"]["scaledLearningRate0___specific___linear.weight"] = torch.tensor(0.5)
+    state["ipu_param"]["weightDecayScaleFactor0___specific___linear.weight"] = torch.tensor(0.9)
+    opt.load_state_dict(state)
+    weight, grad = model.linear.weight.detach().clone(), _grads(model, x, y)["linear.weight"]
+    step(x, y)
+    torch.testing.assert_close(model.linear.weight.detach(), 0.9 * weight - 0.5 * grad)
+
+
+def test_sgd_with_variable_momentum_keeps_popart_velocity_and_applies_loaded_scalars():
+    # sgd.cpp:152-155: a variable momentum (given, even zero) gives PopART's SGD2 with its
+    # velocity Accl1___ (sgd2decompose.cpp:58-62) and compound scalars (sgd.hpp:496-531):
+    # v = smm2 * v + dpsf2 * g + swd1 * w; w -= slr2 * v
+    model = Regression()
+    x, y = data()
+    opt = poptorch.optim.SGD(model.parameters(), lr=0.0, momentum=0.0)
+    step = poptorch.trainingModel(model, optimizer=opt)
+    step.compile(x, y)
+    state = opt.state_dict()
+    assert not state["ipu_state"]["Accl1___linear.weight"].any()
+    assert set(state["ipu_param"]) >= {
+        f"{k}___specific___linear.bias"
+        for k in ("scaledWeightDecay1", "scaledLearningRate2", "scaledMomentum2", "dampeningScaleFactor2")
+    }
+    velocity = torch.full((3,), 2.0)
+    state["ipu_state"]["Accl1___linear.bias"] = velocity
+    state["ipu_param"]["scaledMomentum2___specific___linear.bias"] = torch.tensor(0.5)
+    state["ipu_param"]["scaledLearningRate2___specific___linear.bias"] = torch.tensor(0.1)
+    opt.load_state_dict(state)
+    bias, grad = model.linear.bias.detach().clone(), _grads(model, x, y)["linear.bias"]
+    step(x, y)
+    v = 0.5 * velocity + grad
+    torch.testing.assert_close(opt.state_dict()["ipu_state"]["Accl1___linear.bias"], v)
+    torch.testing.assert_close(model.linear.bias.detach(), bias - 0.1 * v)
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_lamb_moves_each_weight_by_lr_times_its_clipped_norm(bias_correction):
+    # python/optim.py:767-818 (3.4.0): w -= lr * trust * update, trust = min(|w|, max_weight_norm)
+    # / |update|, so each weight moves by exactly lr * min(|w|, max_weight_norm)
+    model = Regression()
+    x, y = data()
+    opt = poptorch.optim.LAMB(
+        model.parameters(), lr=0.1, max_weight_norm=0.2, bias_correction=bias_correction
+    )
+    step = poptorch.trainingModel(model, optimizer=opt)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step(x, y)
+    for name, p in model.named_parameters():
+        moved = (p.detach() - before[name]).norm()
+        assert moved.item() == pytest.approx(0.1 * min(before[name].norm().item(), 0.2), rel=1e-4)
+    assert "Accl1___linear.weight" in opt.state_dict()["ipu_state"]
+
+
 def test_the_projects_earlier_checkpoint_form_still_loads():
     # this project's checkpoints once held torch's per-index state under "ipu_state" and a list
     # of groups under "ipu_param": loading them restores that state (the device's then)
@@ -723,3 +831,146 @@ def test_outputs_keep_their_container_types():
     (out, pair) = poptorch.inferenceModel(Model(), poptorch.Options().deviceIterations(2))(torch.ones(4, 2))
     assert type(out) is Out and list(out) == ["sum", "x"] and torch.equal(out["sum"], torch.full((4, 2), 2.0))
     assert type(pair) is Pair and torch.equal(pair.second, torch.full((4, 2), 2.0))
+
+
+# ---------------------------------------------------------------- updatable named buffers
+class TwoBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("buffer_1", torch.ones(1))
+        self.register_buffer("buffer_2", torch.ones(1))
+
+    def forward(self, x):
+        return torch.sum(x + self.buffer_1 + self.buffer_2)
+
+
+def test_copy_named_buffers_writes_only_the_updatable_ones():
+    # python/options.py:1863-1869, python/_poplar_executor.py:600-629: only the named buffers
+    # reach the device; the others keep the device's value (tests/buffers_test.py:46-63)
+    run = poptorch.inferenceModel(TwoBuffers(), poptorch.Options().updatableNamedBuffers(["buffer_1"]))
+    with pytest.raises(poptorch.Error, match="Model has not been compiled"):  # line 603-604
+        run.copyNamedBuffersToDevice()
+    x = torch.ones(3)
+    assert run(x) == 9
+    run.buffer_1.copy_(run.buffer_1 + 1)
+    run.buffer_2.copy_(run.buffer_2 + 1)
+    assert run(x) == 9  # the host's buffers are not the device's
+    run.copyNamedBuffersToDevice()
+    assert run(x) == 12
+
+
+def test_copy_named_buffers_needs_the_option_and_known_names():
+    # python/_poplar_executor.py:607-610 refuses without the option; popart's irlowering.cpp:
+    # 3063-3072 refuses a name not in the graph when it compiles
+    run = poptorch.inferenceModel(TwoBuffers())
+    run(torch.ones(3))
+    with pytest.raises(poptorch.Error, match="No named buffers marked as updatable"):
+        run.copyNamedBuffersToDevice()
+    wrong = poptorch.Options().updatableNamedBuffers(["non_existing_buffer"])
+    with pytest.raises(poptorch.Error, match="Invalid named buffer in updatableNamedBuffers"):
+        poptorch.inferenceModel(TwoBuffers(), wrong)(torch.ones(3))
+
+
+# ---------------------------------------------------------------- anchored tensors
+def test_anchored_gradient_and_updated_weight_are_read_back():
+    # python/options.py:1669-1690 and _poplar_executor.py:538-541, 1273-1281; PopART names
+    # Gradient___<param> and UpdatedVar___<param> (tests/debug_tensors_test.py:80-105)
+    x, y = data()
+    reference = Regression()
+    model = Regression()
+    model.load_state_dict(reference.state_dict())
+    F.mse_loss(reference.linear(x), y).backward()
+    opts = poptorch.Options()
+    opts.anchorTensor("grad", "Gradient___linear.bias")
+    opts.anchorTensor("weight", "UpdatedVar___linear.weight", poptorch.OutputMode.All)
+    run = poptorch.trainingModel(model, opts, poptorch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(AssertionError, match="No tensor with name grad found"):
+        run.getAnchoredTensor("grad")
+    run(x, y)
+    torch.testing.assert_close(run.getAnchoredTensor("grad"), reference.linear.bias.grad)
+    torch.testing.assert_close(run.getAnchoredTensor("weight"), model.linear.weight.detach())
+
+
+def test_an_anchor_is_returned_in_the_models_output_mode():
+    # poptorch/source/LowerToPopart.cpp:526-538 adds an anchor with the default mode (N), which
+    # popart_compiler/source/Compiler.cpp:397-402 makes the model's; batched as outputs are
+    x, y = data()
+    opts = poptorch.Options().deviceIterations(2).outputMode(poptorch.OutputMode.All)
+    opts.anchorTensor("grad", "Gradient___linear.bias", poptorch.OutputMode.Final)
+    run = poptorch.trainingModel(Regression(), opts)
+    run(x, y)
+    assert run.getAnchoredTensor("grad").shape == (6,)  # 2 steps × 3 features
+
+
+def test_an_anchor_popart_has_no_tensor_for_is_refused_at_compilation():
+    # popart willow/src/ir.cpp:2490-2512: a gradient of a parameter that has none, or any name
+    # of an inference graph the emulator cannot produce
+    class Frozen(Regression):
+        def __init__(self):
+            super().__init__()
+            self.linear.bias.requires_grad_(False)
+
+    opts = poptorch.Options()
+    opts.anchorTensor("grad", "Gradient___linear.bias")
+    with pytest.raises(poptorch.Error, match="Interestingly, `linear.bias' IS in tensors"):
+        poptorch.trainingModel(Frozen(), opts)(*data())
+    with pytest.raises(poptorch.Error, match="Anchor tensor `Gradient___linear.bias' not in Ir"):
+        poptorch.inferenceModel(Regression(), opts)(data()[0])
+
+
+def test_final_loss_scale_is_the_scale_times_its_update_factor():
+    # popart transforms/automaticlossscaling.cpp:923-983: finalLossScale = loss scaling ×
+    # lossScaleUpdateFactor, an optimiser state tensor (tensor.cpp:1071-1073); options_test.py:407
+    model = Regression().half()
+    opts = poptorch.Options()
+    opts.Training.setAutomaticLossScaling(True)
+    opts.anchorTensor("ls", "finalLossScale")
+    opt = poptorch.optim.SGD(model.parameters(), lr=0.0, loss_scaling=2.0)
+    run = poptorch.trainingModel(model, opts, opt)
+    x, y = data()
+    run.compile(x.half(), y.half())
+    seen = []
+    for _ in range(3):
+        factor = opt.state_dict()["ipu_state"]["lossScaleUpdateFactor"]
+        run(x.half(), y.half())
+        assert run.getAnchoredTensor("ls").item() == 2.0 * factor.item()
+        seen.append(factor.item())
+    assert seen[0] == 1.0 and len(set(seen)) == 3  # the factor moves with every step
+
+
+# ---------------------------------------------------------------- option bookkeeping
+def test_default_options_come_from_the_environment(monkeypatch):
+    # python/options.py:1198-1238: POPTORCH_DEFAULT_OPTIONS names setters by dotted path
+    monkeypatch.setenv(
+        "POPTORCH_DEFAULT_OPTIONS",
+        '{"deviceIterations": 2, "connectionType": "ConnectionType.OnDemand",'
+        ' "Precision.enableFloatingPointExceptions": true,'
+        ' "_Popart.set": ["saveInitializersToFile", "my_file.onnx"]}',
+    )
+    opts = poptorch.Options()
+    assert opts.device_iterations == 2 and opts.connection_type == poptorch.ConnectionType.OnDemand
+    assert opts.Precision.fp_exceptions
+    assert opts._Popart.options["saveInitializersToFile"] == "my_file.onnx"
+
+
+def test_options_keep_poptorchs_values():
+    # python/options.py:395-441 (PopART options), 515-669 (locations), 1528-1539, 1665, 1763-1779
+    opts = poptorch.Options().maxRepeatLogs(None).enableSyntheticData(True).logDir("/tmp/x")
+    opts._Popart.setPatterns({"PadSum": True}, 0)
+    opts.TensorLocations.setWeightLocation(
+        poptorch.TensorLocationSettings().useIOTilesToStore(True).useOnChipStorage(False)
+    )
+    assert opts.max_repeat_logs == 2**64 - 1 and opts.log_dir == "/tmp/x"
+    assert opts._Popart.options["syntheticDataMode"] == 2
+    assert opts._Popart.options["rearrangeAnchorsOnHost"] is False
+    assert opts._Popart.options["patterns"] == {"PadSum": True}
+    assert opts._Popart.options["patterns_level"] == 0
+    assert opts.TensorLocations.location_weight == {"useIOTilesToStore": 1, "onChip": 0}
+    assert opts.sync_pattern == poptorch.SyncPattern.Full
+    offline = poptorch.Options().useOfflineIpuTarget()
+    assert offline.connection_type == poptorch.ConnectionType.Never
+    never = poptorch.inferenceModel(
+        Regression(), poptorch.Options().connectionType(poptorch.ConnectionType.Never)
+    )
+    with pytest.raises(AssertionError, match="offline device"):  # _poplar_executor.py:1232-1235
+        never(data()[0])

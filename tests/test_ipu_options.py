@@ -214,8 +214,10 @@ def test_defaults_map_to_sdk_calls():
         "opts.useIpuModel",
     ):
         assert absent not in names
-    # torch's contiguous channel groups on the IPU too (ipu_options/emulator/norms.py)
-    assert popart(calls)["groupNormStridedChannelGrouping"] is False
+    # PopART groups a group norm's channels as the model does: strided by default (model/norms.py)
+    assert popart(calls)["groupNormStridedChannelGrouping"] is True
+    contiguous = record(["model.norm_grouping=contiguous"])
+    assert popart(contiguous)["groupNormStridedChannelGrouping"] is False
 
 
 @pytest.mark.parametrize(

@@ -212,6 +212,36 @@ def test_fused_inference_and_the_fast_paths_compute_the_official_graph():
         assert torch.allclose(grads[0][name], grad, rtol=1e-4, atol=tolerance), name
 
 
+def gn_b0(**kwargs):
+    return build_model("b0", group_size=16, expand_ratio=4, norm="group", num_classes=10, **kwargs)
+
+
+def test_group_norm_fast_paths_fused_inference_and_compile_compute_the_strided_function():
+    """Every path where group norm runs (eager with and without the fast paths, fused inference,
+    torch.compile) computes the official strided grouping: the same outputs and gradients."""
+    model = perturbed(gn_b0(dropout=0.0, drop_path=0.0, norm_grouping="strided"))
+    x, y = torch.randn(2, 3, 48, 48), torch.randint(0, 10, (2,))
+    model.eval()
+    with torch.no_grad():
+        reference = model(x)
+        contiguous = gn_b0(dropout=0.0, drop_path=0.0, norm_grouping="contiguous").eval()
+        contiguous.load_state_dict(model.state_dict())
+        assert not torch.allclose(contiguous(x), reference, atol=1e-3)  # the grouping is in play
+        assert torch.allclose(fuse_for_inference(model)(x), reference, atol=1e-5)
+        assert torch.allclose(torch.compile(model, backend="aot_eager")(x), reference, atol=1e-5)
+    model.train()
+    grads = []
+    for fast in (True, False):
+        model.zero_grad()
+        with eager_fast_paths(fast):
+            F.cross_entropy(model(x), y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[1].items():
+        assert torch.allclose(grads[0][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item() + 1e-8), (
+            name
+        )
+
+
 def test_torch_compile_traces_the_same_function():
     model = perturbed(lnpn_b0(dropout=0.0, drop_path=0.0)).eval()
     x = torch.randn(2, 3, 48, 48)
@@ -348,6 +378,42 @@ def test_unrecorded_checkpoints_are_refused_unless_their_graph_is_asked_for():
     # a recorded graph is compared as any other architectural field
     with pytest.raises(CheckpointError, match="model.graph: checkpoint 'official', this run 'v1'"):
         check_architecture(recorded, build_config("digits", ["model.graph=v1"]).model, 10, "runs/new")
+
+
+def test_unrecorded_group_norm_checkpoints_are_refused_unless_contiguous_groups_are_asked_for():
+    """A group-norm checkpoint without ``norm_grouping`` computed torch's contiguous groups."""
+    cfg = build_config("b0-g16-gn")
+    recorded = {"arch": ckpt.arch_of(cfg.model, 10)}
+    check_architecture(recorded, cfg.model, 10, "runs/new")
+    unrecorded = {"arch": {k: v for k, v in recorded["arch"].items() if k != "norm_grouping"}}
+    with pytest.raises(CheckpointError, match="Add model.norm_grouping=contiguous to the command line"):
+        check_architecture(unrecorded, cfg.model, 10, "runs/old")
+    check_architecture(
+        unrecorded, build_config("b0-g16-gn", ["model.norm_grouping=contiguous"]).model, 10, "x"
+    )
+    # before padding and graph were recorded too: every override, in one message
+    older = {"arch": {k: v for k, v in unrecorded["arch"].items() if k not in ("padding", "graph")}}
+    with pytest.raises(
+        CheckpointError, match="model.padding=symmetric model.graph=v1 model.norm_grouping=contiguous"
+    ):
+        check_architecture(older, cfg.model, 10, "runs/older")
+    # a recorded grouping is compared as any other architectural field
+    with pytest.raises(
+        CheckpointError, match="model.norm_grouping: checkpoint 'strided', this run 'contiguous'"
+    ):
+        check_architecture(
+            recorded, build_config("b0-g16-gn", ["model.norm_grouping=contiguous"]).model, 10, "x"
+        )
+
+
+@pytest.mark.parametrize("preset", ["b0-g16-lnpn", "digits"])
+def test_layer_and_batch_norm_checkpoints_load_under_either_grouping(preset):
+    cfg = build_config(preset)
+    unrecorded = {"arch": {k: v for k, v in ckpt.arch_of(cfg.model, 10).items() if k != "norm_grouping"}}
+    for grouping in ("strided", "contiguous"):
+        other = build_config(preset, [f"model.norm_grouping={grouping}"]).model
+        check_architecture(unrecorded, other, 10, "runs/old")
+        check_architecture({"arch": ckpt.arch_of(cfg.model, 10)}, other, 10, "runs/new")
 
 
 def test_validating_a_checkpoint_written_before_the_record_exits_2_with_the_override(tmp_path, capsys):

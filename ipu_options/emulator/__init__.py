@@ -21,6 +21,7 @@ from .enums import (
     MeanReductionStrategy,
     OutputMode,
     ReductionType,
+    SyncPattern,
 )
 from .errors import Error, RecoverableError, UnrecoverableError
 from .executor import (
@@ -54,6 +55,7 @@ __all__ = [
     "RecoverableError",
     "ReductionType",
     "ShardedExecution",
+    "SyncPattern",
     "TensorLocationSettings",
     "UnrecoverableError",
     "for_loop",

@@ -39,3 +39,9 @@ class ConnectionType(enum.IntEnum):
     Always = 0
     OnDemand = 1
     Never = 2
+
+
+class SyncPattern(enum.IntEnum):
+    Full = 0
+    SinglePipeline = 1
+    ReplicaAndLadder = 2

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from . import blocks, lowering, norms, optim_snapshot, recompute, wrapping
+from . import anchors, blocks, lowering, norms, optim_device, optim_snapshot, recompute, wrapping
 from .custom_args import flatten_tensors, rebuild
-from .enums import MeanReductionStrategy, OutputMode, ReductionType
+from .enums import ConnectionType, MeanReductionStrategy, OutputMode, ReductionType
 from .errors import RuntimeRefusal, ValueRefusal
 from .inputs import ArgsParser, CompiledInputs
 from .options import Options, ShardedExecution
@@ -153,6 +153,13 @@ class PoplarExecutor:
         self._options = options.clone() if options is not None else Options()
         if self._options.defaultOutputMode():  # python/_poplar_executor.py:163-176
             self._options.output_mode = OutputMode.Final if training else OutputMode.All
+        for anchor in self._options.anchored_tensors.values():  # _poplar_executor.py:213-220
+            if anchor[1]:  # no mode of its own: the outputs' (the one used anyway: anchors.py)
+                anchor[2] = self._options.output_mode
+                if anchor[2] == OutputMode.EveryN:
+                    anchor[3] = self._options.output_return_period
+        self._anchor_memory: Dict[str, Any] = {}  # each anchor's value after the last run
+        self._loss_dtype = torch.float32  # the final loss's, as traced: finalLossScale's type
         self._options._freeze()
         self._training = training
         if training:
@@ -225,9 +232,16 @@ class PoplarExecutor:
         (python/optim.py:103-105 has_state, 3.4.0; an offline target never fills it)."""
         if not (self._training and self._compiled) or self._options.offline_ipu_version is not None:
             return
+        # automatic loss scaling keeps its factor with the optimiser's state: PopART's
+        # lossScaleUpdateFactor, ones of the loss scale's type at first (popart willow/src/
+        # tensor.cpp:1071-1073; transforms/automaticlossscaling.cpp:923-924)
+        factor = None
+        if self._automatic_loss_scaling() and self._loss_scale is not None:
+            ratio = self._loss_scale / self._dict_optimizer.loss_scaling
+            factor = {"lossScaleUpdateFactor": torch.tensor(ratio, dtype=self._loss_dtype)}
         for opt in {id(o): o for o in (self._optimizer, self._named_optimizer)}.values():
             if hasattr(opt, "device_names"):
-                opt.device_names(self._param_names)
+                opt.device_names(self._param_names, factor)
 
     def _channel_grouping(self):
         """Group norm's channel grouping as the PopART options select it (norms.py)."""
@@ -244,7 +258,11 @@ class PoplarExecutor:
             raise RuntimeError("setOptimizer is only valid for a trainingModel")
         if len(optimizer.param_groups) != len(self._optimizer.param_groups):
             raise ValueError("setOptimizer: the new optimizer must have the same parameter groups")
-        self._dict_optimizer = optim_snapshot.take(optimizer, self._options, self._compiled)
+        snapshot = optim_snapshot.take(optimizer, self._options, self._compiled)
+        if snapshot != self._dict_optimizer:  # new values overwrite every loaded scalar
+            for opt in (self._named_optimizer, optimizer):
+                getattr(opt, "forget_device_params", lambda: None)()
+        self._dict_optimizer = snapshot
         self._named_optimizer = optimizer
         if self._compiled:
             self._optimizers_on_device()
@@ -295,6 +313,33 @@ class PoplarExecutor:
         self._stale_host = None
         self._reset_replica_buffers()
 
+    def copyNamedBuffersToDevice(self) -> None:
+        """Host → device for the buffers ``Options.updatableNamedBuffers`` names, on every
+        replica; the device's other weights stay (python/_poplar_executor.py:600-629,
+        popart_compiler/source/Compiler.cpp:1088-1101). Like PopTorch it reads the host's buffers
+        without copying trained weights back first (line 612-613), but leaves that copy pending
+        where PopTorch drops it."""
+        quiet, self._running = self._running, True  # the host model's hooks stay silent
+        try:
+            model = self._user_model
+            chosen = anchors.named_buffers_to_write(self._options, model, self._compiled)
+            names = [name for name, _ in model.named_buffers()]
+            offset = len(list(model.parameters()))
+        finally:
+            self._running = quiet
+        with torch.no_grad():
+            for name, value in chosen.items():
+                index = names.index(name)
+                for replica in self._replica_buffers or []:
+                    replica[index].copy_(value)
+                if self._device_weights is not None:  # inference: the executable's own copy
+                    self._device_weights[offset + index].copy_(value)
+
+    def getAnchoredTensor(self, short_name: str) -> torch.Tensor:
+        """An anchored tensor's value in the last run (python/_poplar_executor.py:538-541)."""
+        assert short_name in self._anchor_memory, "No tensor with name " + short_name + " found."
+        return self._anchor_memory[short_name]
+
     def _reset_replica_buffers(self) -> None:
         """Every replica starts again from the host's buffers."""
         if self._replica_buffers is not None:
@@ -320,8 +365,9 @@ class PoplarExecutor:
             self.copyWeightsToDevice()
 
     def _check_online(self, message: str) -> None:
-        # useOfflineIpuTarget: PopTorch compiles for an IPU it never connects to (assertions there)
-        if self._options.offline_ipu_version is not None:
+        # ConnectionType.Never (useOfflineIpuTarget sets it): PopTorch compiles for an IPU it
+        # never connects to (python/_poplar_executor.py:1232-1235 and 1576-1578 assert)
+        if self._options.connection_type == ConnectionType.Never:
             raise AssertionError(message)
 
     def destroy(self) -> None:
@@ -456,6 +502,7 @@ class PoplarExecutor:
             raise RuntimeRefusal("Cycle count logging is only supported on actual IPU hardware.")
         get, _ = self._micro(args, kwargs)
         self._inputs = CompiledInputs(self._args_parser(args, kwargs))
+        anchors.check_named_buffers(self._options, self._user_model)
         a, k = get(0, 0, 0)
         model = self._user_model
         # Each module's train/eval mode is the user's: PopTorch traces the model as it is and
@@ -465,7 +512,7 @@ class PoplarExecutor:
         blocks.start_trace()
         try:
             with _as_traced_graph(), self._precision_mode((a, k)):
-                report, _ = lowering.check_lowering(model, a, k, training=self._training)
+                report, traced = lowering.check_lowering(model, a, k, training=self._training)
         finally:
             trace = blocks.stop_trace()
             torch.set_rng_state(rng)
@@ -477,6 +524,11 @@ class PoplarExecutor:
         if self._training and report.loss_leaf is None:
             raise RuntimeError(LOSS_NOT_RETURNED)
         self.lowering, self._loss_leaf = report, report.loss_leaf
+        if self._training:
+            self._loss_dtype = tree_flatten(traced)[0][report.loss_leaf].dtype
+        trainable = self._trainable() if self._training else []
+        scaling = self._training and self._automatic_loss_scaling()
+        anchors.check_anchors(self._options, model, trainable, self._training, scaling)
         self.stages = self._check_stages(trace)
         self._check_buffer_updates(changed)
         if self._training and self._recomputation is None:
@@ -549,7 +601,7 @@ class PoplarExecutor:
         di, ga, reps = self._factors()
         get, _ = self._micro(args, kwargs)
         model, opt = self._user_model, self._optimizer
-        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        params = self._trainable()
         accum_half = getattr(opt, "accum_type", torch.float32) == torch.float16
         running = self._running_mean()
         outputs: List[List[List[Any]]] = [[[None] * reps for _ in range(ga)] for _ in range(di)]
@@ -558,20 +610,26 @@ class PoplarExecutor:
         host_grads = {p: p.grad for p in model.parameters()}
         for p in host_grads:
             p.grad = None
+        values = anchors.AnchorValues(self._options, self._param_names, di, ga, reps)
         try:
-            self._run_steps(get, params, outputs, accum_half, running)
+            self._run_steps(get, params, outputs, accum_half, running, values)
         finally:
             for p, grad in host_grads.items():
                 p.grad = grad
         self._load_replica(0)
+        # the anchors come back after the outputs, gathered as they are (anchors.py)
+        self._anchor_memory = values.gathered(lambda per_micro: self._gather(per_micro, di, ga, reps))
         return self._gather(outputs, di, ga, reps)
 
-    def _run_steps(self, get, params, outputs, accum_half: bool, running: bool) -> None:
+    def _trainable(self) -> List[nn.Parameter]:
+        return [p for g in self._optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+    def _run_steps(self, get, params, outputs, accum_half: bool, running: bool, values) -> None:
         di, ga, reps = self._factors()
         model = self._user_model
         for d in range(di):
             acc: Dict[nn.Parameter, torch.Tensor] = {}
-            scale = self._loss_scale
+            scale = self._backward_scale()
             for r in range(reps):
                 self._load_replica(r)
                 replica: Dict[nn.Parameter, torch.Tensor] = {}
@@ -585,6 +643,7 @@ class PoplarExecutor:
                         # such a model anyway (tests/misc_nn_layers_test.py:174-204, 3.4.0)
                         if loss.requires_grad:
                             (loss * scale if scale != 1.0 else loss).backward()
+                    values.gradients(d, g, r, params)
                     for p in params:
                         if p.grad is None:
                             continue
@@ -611,6 +670,19 @@ class PoplarExecutor:
                         acc[p] = round_half(acc[p])
             # Running: each replica's accumulator is already its micro-batches' mean
             self._update(params, acc, reps if running else ga * reps)
+            values.step(d, reps, params, scale, self._loss_dtype)
+
+    def _device_params(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The scalars loaded through the device's optimiser's ipu_param (optim_device)."""
+        return getattr(self._named_optimizer, "device_params", lambda: None)()
+
+    def _backward_scale(self) -> float:
+        """A loaded lossScaling_FLOAT scales the loss (the loss's gradient starts at that tensor:
+        popart transforms/autodiff/gradgrowerloss.cpp:50-55, sdk/poplar/3.4.0); the optimiser's
+        own scalars still unscale by the value they were built with (compoundscalarhelper.cpp:
+        146-155), so the emulator's update divides by the snapshot's."""
+        loaded = (self._device_params() or {}).get(optim_device.LOSS_SCALING)
+        return self._loss_scale if loaded is None else float(loaded)
 
     def _running_mean(self) -> bool:
         training = self._options.Training
@@ -649,7 +721,7 @@ class PoplarExecutor:
         if max_norm and max_norm != float("inf"):
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
         with snapshot.applied(opt):
-            opt.step()
+            optim_device.step(opt, self._device_params(), self._param_names, snapshot.loss_scaling)
         self.applied_lr.append(snapshot.lrs())
         stochastic = self._options.Precision.stochastic_rounding
         with torch.no_grad():

@@ -9,11 +9,13 @@ in fp32, so only recorded). RMSprop(use_tf_variant=True) is the TensorFlow varia
 ``backends.optimizers.RMSpropTF`` (ε inside the square root, squared average starting at one, lr
 accumulated in the momentum buffer), as PopTorch documents it."""
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from backends.optimizers import RMSpropTF
+
+from . import optim_device
 
 
 class VariableAttributes:
@@ -76,6 +78,7 @@ class _PopTorchExtras:
     # 1229-1240). A loaded state is given back as loaded until the device next runs (line 99).
     _device_names: Optional[Dict[torch.Tensor, str]] = None  # set by the executor (device_names)
     _loaded_ipu: Optional[Dict[str, Any]] = None  # ipu_state/ipu_param as loaded, not yet run
+    _device_extra: Dict[str, torch.Tensor] = {}  # state the executor keeps (lossScaleUpdateFactor)
 
     def state_dict(self) -> Dict[str, Any]:
         torch_state = torch.optim.Optimizer.state_dict(self)
@@ -112,24 +115,50 @@ class _PopTorchExtras:
         if by_name:
             self._loaded_ipu = {"ipu_state": named, "ipu_param": state_dict["ipu_param"]}
 
-    def device_names(self, names: Dict[torch.Tensor, str]) -> None:
+    def device_names(
+        self, names: Dict[torch.Tensor, str], extra: Optional[Dict[str, torch.Tensor]] = None
+    ) -> None:
         """An executable on a device now holds this optimiser (``names``: each parameter's name
-        in the model): a loaded named state is written to it and the state is read by name."""
+        in the model): a loaded named state is written to it and the state is read by name.
+        ``extra``: the device's other optimiser state tensors (lossScaleUpdateFactor). Each loaded
+        tensor is written on its own; a name the device lacks is skipped and a device tensor the
+        dict lacks keeps its value (python/poptorch.cpp:1004-1031, 3.4.0)."""
         self._device_names = names
+        self._device_extra = dict(extra or {})
         if self._loaded_ipu is None:
             return
-        by_name = {
-            f"{self._prefix(key)}___{name}": (p, key)
-            for p, name in names.items()
-            for key in self.state.get(p, {})
-            if self._prefix(key)
-        }
+        loaded, self._loaded_ipu = self._loaded_ipu, None
+        params = self._named_params()
+        written = {k: v.detach().clone() for k, v in (loaded["ipu_param"] or {}).items() if k in params}
+        self._device_params = {**(self._device_params or {}), **written}
+        self._write_named_state(loaded["ipu_state"] or {})
+
+    def _write_named_state(self, named: Dict[str, Any]) -> None:
+        """PopART's accumulators as loaded; a weight torch holds no state for yet starts from
+        PopART's initial one, as on the device (torch would create its own at the first step)."""
         with torch.no_grad():
-            for entry, value in (self._loaded_ipu["ipu_state"] or {}).items():
-                if entry in by_name and isinstance(value, torch.Tensor):
-                    p, key = by_name[entry]
-                    self.state[p][key].copy_(value)
-        self._loaded_ipu = None
+            for p, name in self._device_names.items():
+                fresh = self._initial_state(p)
+                if "exp_avg" in fresh or (isinstance(self, torch.optim.RMSprop) and not self.use_tf_variant):
+                    fresh["step"] = torch.tensor(0.0)  # torch's step count beside its moments
+                state = self.state[p] if self.state.get(p) else fresh
+                for key in list(state):
+                    entry = f"{self._prefix(key)}___{name}"
+                    if isinstance(named.get(entry), torch.Tensor) and isinstance(state[key], torch.Tensor):
+                        state[key] = named[entry].detach().clone().to(state[key].dtype)
+                if state is fresh and any(f"{self._prefix(k)}___{name}" in named for k in fresh):
+                    self.state[p] = fresh
+
+    _device_params: Optional[Dict[str, torch.Tensor]] = None  # loaded ipu_param on the device
+
+    def forget_device_params(self) -> None:
+        """setOptimizer uploaded changed hyper-parameters: they replace every loaded scalar
+        (python/_poplar_executor.py:385-390 and 660-668, 3.4.0)."""
+        self._device_params = None
+
+    def device_params(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The scalars loaded through ipu_param that the device holds (None: none loaded)."""
+        return self._device_params
 
     # torch's state entries under PopART's accumulator names (popart/names.hpp: Accl1___ first
     # moment, Accl2___ second moment, Accl3___ RMSprop's momentum, Accl___ SGD's velocity).
@@ -144,7 +173,13 @@ class _PopTorchExtras:
 
     def _prefix(self, key: str) -> Optional[str]:
         prefix = self._STATE_PREFIX.get(key)
-        return "Accl3" if prefix == "Accl" and isinstance(self, RMSprop) else prefix
+        if prefix == "Accl" and isinstance(self, RMSprop):
+            return "Accl3"
+        # SGD's separate variant (the default) keeps its velocity in Accl1, the combined one in
+        # Accl (popart/patterns/sgd2decompose.cpp:58-62, sdk/poplar/3.4.0)
+        if prefix == "Accl" and not getattr(self, "use_combined_accum", False):
+            return "Accl1"
+        return prefix
 
     def _named_state(self) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}
@@ -153,42 +188,43 @@ class _PopTorchExtras:
                 prefix = self._prefix(key)
                 if prefix and isinstance(value, torch.Tensor):
                     out[f"{prefix}___{name}"] = value.detach().clone()
+        out.update({key: value.clone() for key, value in self._device_extra.items()})
         return out
 
     def _initial_state(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The accumulators PopART creates at compilation, before the first update (torch
         creates its own lazily at the first step): zero moments, RMSpropTF's squares at one."""
         defaults = self.defaults
-        if isinstance(self, (torch.optim.Adam, torch.optim.AdamW)):
+        if isinstance(self, (torch.optim.Adam, torch.optim.AdamW, LAMB)):
             return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        if isinstance(self, RMSprop):
+        group = next((g for g in self.param_groups if any(p is q for q in g["params"])), defaults)
+        if isinstance(self, RMSprop):  # torch's layout (RMSpropTF: backends/optimizers.py:62-64)
             start = torch.ones_like(p) if self.use_tf_variant else torch.zeros_like(p)
-            return {"square_avg": start}
-        return {"momentum_buffer": torch.zeros_like(p)} if defaults.get("momentum") else {}
+            state = {"square_avg": start}
+            if self.use_tf_variant or group.get("momentum", 0) > 0:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            if group.get("centered"):
+                state["grad_avg"] = torch.zeros_like(p)
+            return state
+        return {"momentum_buffer": torch.zeros_like(p)} if optim_device.has_momentum(self, group) else {}
 
     def _named_params(self) -> Dict[str, torch.Tensor]:
-        """The hyper-parameters as PopART names them, per parameter. SGD's are PopART's
-        compound scalars (tests/optimizers_test.py:1245-1258): scaledLearningRate0 =
-        lr * (1 - dampening) / loss_scaling, weightDecayScaleFactor0 =
-        1 - lr * (1 - dampening) * weight_decay."""
+        """The hyper-parameters as PopART names them, per parameter, with any loaded through
+        ipu_param in place. SGD's are PopART's compound scalars (optim_device.sgd_scalars;
+        tests/optimizers_test.py:1245-1258 checks scaledLearningRate0 and
+        weightDecayScaleFactor0)."""
         out: Dict[str, torch.Tensor] = {}
         for group in self.param_groups:
-            lr, wd = float(group["lr"]), float(group.get("weight_decay", 0.0))
+            if isinstance(self, torch.optim.SGD):
+                values = optim_device.sgd_scalars(self, group, self.loss_scaling)
+            else:
+                values = {"learningRate": group["lr"], "weightDecay": group.get("weight_decay", 0.0)}
             for p in group["params"]:
                 name = self._device_names.get(p)
-                if name is None:
-                    continue
-                if isinstance(self, torch.optim.SGD):
-                    dm = float(group.get("dampening", 0.0))
-                    out[f"scaledLearningRate0___specific___{name}"] = torch.tensor(
-                        lr * (1 - dm) / self.loss_scaling
-                    )
-                    out[f"weightDecayScaleFactor0___specific___{name}"] = torch.tensor(1 - lr * (1 - dm) * wd)
-                else:
-                    out[f"learningRate___specific___{name}"] = torch.tensor(lr)
-                    out[f"weightDecay___specific___{name}"] = torch.tensor(wd)
-        out["lossScaling_FLOAT"] = torch.tensor(self.loss_scaling)
-        return out
+                for key, value in values.items() if name is not None else ():
+                    out[f"{key}{optim_device.SPECIFIC}{name}"] = torch.tensor(float(value))
+        out[optim_device.LOSS_SCALING] = torch.tensor(self.loss_scaling)
+        return {**out, **(self._device_params or {})}
 
 
 def _given(**kwargs):
@@ -257,8 +293,10 @@ class AdamW(_PopTorchExtras, torch.optim.AdamW):
         max_grad_norm: Optional[float] = None,
     ) -> None:
         variables = _variables(locals())
-        if bias_correction is False:
-            raise NotImplementedError("the emulator's AdamW always applies bias correction")
+        # Recorded only: PopTorch 3.4 maps AdamW(bias_correction=False) to ADAMW_NO_BIAS but then
+        # builds PopART's AdamMode::Adam for it all the same, bias-corrected (popart_compiler/
+        # source/CompilerImpl.cpp:869-882: only LAMB / LAMB_NO_BIAS change the mode).
+        self.bias_correction = True if bias_correction is None else bool(bias_correction)
         torch.optim.AdamW.__init__(
             self,
             params,
@@ -369,3 +407,73 @@ class _RMSpropTorch(RMSprop, torch.optim.RMSprop):
 class _RMSpropTF(RMSprop, RMSpropTF):
     _base = RMSpropTF
     step = RMSpropTF.step
+
+
+class LAMB(_PopTorchExtras, torch.optim.Optimizer):
+    """LAMB as PopTorch 3.4 defines it (python/optim.py:666-818): Adam's moments, the update
+    m̂ / (sqrt(v̂) + eps) + weight_decay * w (m̂, v̂ bias-corrected unless bias_correction=False)
+    scaled by the trust ratio min(|w|, max_weight_norm) / |update| (1 when either norm is zero).
+    PopART takes max_weight_norm per group (python/_optimizer_attributes.py:189-190); so does
+    the emulator, its default 65500 (fp16's largest) as PopTorch's."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: Optional[float] = None,
+        betas: Optional[Tuple[float, float]] = None,
+        eps: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        bias_correction: Optional[bool] = None,
+        loss_scaling: Optional[float] = None,
+        max_weight_norm: Optional[float] = None,
+        accum_type: Optional[torch.dtype] = None,
+        first_order_momentum_accum_type: Optional[torch.dtype] = None,
+        second_order_momentum_accum_type: Optional[torch.dtype] = None,
+    ) -> None:
+        variables = _variables(locals())
+        # python/optim.py:719-743: PopTorch's defaults
+        defaults = dict(
+            lr=1e-3 if lr is None else lr,
+            betas=(0.9, 0.999) if betas is None else betas,
+            eps=1e-8 if eps is None else eps,
+            weight_decay=1e-2 if weight_decay is None else weight_decay,
+            max_weight_norm=65500.0 if max_weight_norm is None else max_weight_norm,
+        )
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        self.bias_correction = True if bias_correction is None else bool(bias_correction)
+        self.max_weight_norm = defaults["max_weight_norm"]
+        self._set_extras(
+            loss_scaling,
+            accum_type,
+            None,
+            first_order_momentum_accum_type=first_order_momentum_accum_type,
+            second_order_momentum_accum_type=second_order_momentum_accum_type,
+        )
+        self._track_variables(variables)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: Dict[str, Any]) -> None:
+        state = self.state[p]
+        if not state:
+            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        state["step"] += 1
+        t = float(state["step"])
+        beta1, beta2 = group["betas"]
+        g, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        c1, c2 = (1 - beta1**t, 1 - beta2**t) if self.bias_correction else (1.0, 1.0)
+        update = (m / c1) / (v.sqrt() / c2**0.5 + group["eps"]) + group["weight_decay"] * p
+        weight_norm = p.norm().clamp(max=group["max_weight_norm"])
+        update_norm = update.norm()
+        zero = weight_norm == 0 or update_norm == 0
+        trust = 1.0 if zero else float(weight_norm / update_norm)
+        p.add_(update, alpha=-group["lr"] * trust)

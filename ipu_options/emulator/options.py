@@ -3,14 +3,30 @@ values the emulated executor reads back. Settings that only matter to the Poplar
 (memory proportions, tensor locations, PopART flags, caching) are recorded, not acted on."""
 
 import copy
+import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from .enums import AutoStage, MeanReductionStrategy, OutputMode, ReductionType
+from . import enums
+from .enums import (
+    AutoStage,
+    ConnectionType,
+    MeanReductionStrategy,
+    OutputMode,
+    ReductionType,
+    SyncPattern,
+)
 
 FROZEN = "Can't modify frozen Options"  # python/_options_impl.py:121-125 (sdk/poptorch/3.4.0)
+
+
+def _enum_member(text: str) -> Any:
+    """ "ConnectionType.OnDemand" → that poptorch enum member; any other string unchanged
+    (python/options.py:1215-1224)."""
+    enum_name, _, member = text.partition(".")
+    return getattr(getattr(enums, enum_name, None), member, text)
 
 
 class _Recorded:
@@ -111,53 +127,68 @@ class _PrecisionOptions(_Recorded):
 
 
 class TensorLocationSettings(_Recorded):
+    """Where one kind of tensor lives, as PopTorch keeps it (python/options.py:515-587): a dict of
+    the settings made, booleans stored as ints; useOnChipStorage(None) removes onChip."""
+
     def __init__(self):
         super().__init__()
-        self.on_chip = True
-        self.replicated_tensor_sharding = False
+        self.settings: Dict[str, int] = {}
 
-    def useOnChipStorage(self, use: bool = True) -> "TensorLocationSettings":
-        self._record("useOnChipStorage", use)
-        self.on_chip = bool(use)
+    def _put(self, name: str, value: int, kind: type) -> "TensorLocationSettings":
+        assert isinstance(value, kind)  # options.py:527, 535, 551, 561, 572, 585
+        self._record(name, value)
+        self.settings[name] = int(value)
         return self
 
-    def useReplicatedTensorSharding(self, use: bool = True) -> "TensorLocationSettings":
-        self._record("useReplicatedTensorSharding", use)
-        self.replicated_tensor_sharding = bool(use)
-        return self
+    def toDict(self) -> Dict[str, int]:
+        return dict(self.settings)
 
     def minElementsForOffChip(self, min_elements: int) -> "TensorLocationSettings":
-        self._record("minElementsForOffChip", min_elements)
-        return self
+        return self._put("minElementsForOffChip", min_elements, int)
 
     def minElementsForReplicatedTensorSharding(self, min_elements: int) -> "TensorLocationSettings":
-        self._record("minElementsForReplicatedTensorSharding", min_elements)
-        return self
+        return self._put("minElementsForReplicatedTensorSharding", min_elements, int)
+
+    def useOnChipStorage(self, use: Optional[bool] = True) -> "TensorLocationSettings":
+        if use is None:  # options.py:548-549: back to undefined
+            self._record("useOnChipStorage", use)
+            self.settings.pop("onChip", None)
+            return self
+        return self._put("onChip", use, bool)
+
+    def useReplicatedTensorSharding(self, use: bool = True) -> "TensorLocationSettings":
+        return self._put("useReplicatedTensorSharding", use, bool)
+
+    def useIOTilesToLoad(self, use: bool = True) -> "TensorLocationSettings":
+        return self._put("useIOTilesToLoad", use, bool)
+
+    def useIOTilesToStore(self, use: bool = True) -> "TensorLocationSettings":
+        return self._put("useIOTilesToStore", use, bool)
 
 
 class _TensorLocationOptions(_Recorded):
-    def __init__(self):
-        super().__init__()
-        self.locations: Dict[str, TensorLocationSettings] = {}
+    """Each kind's settings as a dict under ``location_<kind>`` once set (python/options.py:
+    627-669); reading one never set is an AttributeError, as in PopTorch's OptionsDict."""
+
+    _KINDS = ("activation", "weight", "optimizer", "accumulator")
 
     def _set(self, kind: str, location: TensorLocationSettings) -> "_TensorLocationOptions":
-        if not isinstance(location, TensorLocationSettings):
-            raise TypeError(f"{kind} expects a poptorch.TensorLocationSettings")
-        self._record(kind, location)
-        self.locations[kind] = location
+        assert isinstance(location, TensorLocationSettings)  # options.py:633, 643, 653, 666
+        self._record(f"set{kind.capitalize()}Location", location)
+        setattr(self, f"location_{kind}", location.toDict())
         return self
 
     def setActivationLocation(self, location: TensorLocationSettings) -> "_TensorLocationOptions":
-        return self._set("setActivationLocation", location)
+        return self._set("activation", location)
 
     def setWeightLocation(self, location: TensorLocationSettings) -> "_TensorLocationOptions":
-        return self._set("setWeightLocation", location)
+        return self._set("weight", location)
 
     def setOptimizerLocation(self, location: TensorLocationSettings) -> "_TensorLocationOptions":
-        return self._set("setOptimizerLocation", location)
+        return self._set("optimizer", location)
 
     def setAccumulatorLocation(self, location: TensorLocationSettings) -> "_TensorLocationOptions":
-        return self._set("setAccumulatorLocation", location)
+        return self._set("accumulator", location)
 
     def numIOTiles(self, num_tiles: int) -> "_TensorLocationOptions":
         # python/options.py:616-623: assertions, PopTorch's message
@@ -171,7 +202,11 @@ class _TensorLocationOptions(_Recorded):
 class _PopartOptions(_Recorded):
     def __init__(self):
         super().__init__()
-        self.options: Dict[str, Any] = {}
+        # python/options.py:395-399: two PopART options every Options starts with
+        self.options: Dict[str, Any] = {
+            "instrumentWithHardwareCycleCounter": False,
+            "rearrangeAnchorsOnHost": False,
+        }
 
     def set(self, key: str, value: Any) -> "_PopartOptions":
         self._record("set", key, value)
@@ -180,6 +215,12 @@ class _PopartOptions(_Recorded):
 
     def setEngineOptions(self, engine_options: Dict[str, str]) -> "_PopartOptions":
         return self.set("engineOptions", dict(engine_options))
+
+    def setPatterns(self, patterns: Dict[str, bool], level: int = 2) -> "_PopartOptions":
+        """PopART's pattern overrides, kept as two options (python/options.py:428-441)."""
+        assert isinstance(level, int)
+        assert isinstance(patterns, dict)
+        return self.set("patterns_level", level).set("patterns", patterns)
 
 
 class _DistributedOptions(_Recorded):
@@ -249,6 +290,30 @@ class Options(_Recorded):
         self.ipu_model = False
         self.offline_ipu_version: Optional[int] = None
         self.broadcast_buffers = True
+        # python/options.py:1179-1192: PopTorch's other defaults (stored, reported, copied)
+        self.log_dir = "."
+        self.max_repeat_logs = 4
+        self.auto_round_num_ipus = False
+        self.anchored_tensors: Dict[str, list] = {}
+        self.connection_type = ConnectionType.Always
+        self.sync_pattern = SyncPattern.Full
+        self.from_json(os.environ.get("POPTORCH_DEFAULT_OPTIONS", "{}"))  # options.py:1198
+
+    def from_json(self, string: str) -> "Options":
+        """Call the setters a JSON object names (python/options.py:1200-1238): keys are dotted
+        paths from the Options ("Precision.enableFloatingPointExceptions"), a list value is
+        the arguments, a string "Enum.Member" names a poptorch enum member."""
+        for path, value in json.loads(string).items():
+            target: Any = self
+            for attribute in path.split("."):
+                target = getattr(target, attribute)
+            if isinstance(value, str) and "." in value:
+                value = _enum_member(value)
+            if isinstance(value, list):
+                target(*value)
+            else:
+                target(value)
+        return self
 
     def _freeze(self) -> None:
         for part in (
@@ -369,12 +434,62 @@ class Options(_Recorded):
         return self
 
     def useOfflineIpuTarget(self, ipu_version: int = 2) -> "Options":
+        self.connectionType(ConnectionType.Never)  # python/options.py:1665
         self._record("useOfflineIpuTarget", ipu_version)
         self.offline_ipu_version = int(ipu_version)
         return self
 
     def enableSyntheticData(self, enabled: bool) -> "Options":
-        self._record("enableSyntheticData", enabled)
+        # python/options.py:1763-1779: PopART's syntheticDataMode, 2 (RandomNormal) or 0 (Off)
+        self._Popart.set("syntheticDataMode", 2 if enabled else 0)
+        return self
+
+    def connectionType(self, connection_type: ConnectionType) -> "Options":
+        assert isinstance(connection_type, ConnectionType)  # python/options.py:1584-1603
+        self._record("connectionType", connection_type)
+        self.connection_type = connection_type
+        return self
+
+    def syncPattern(self, sync_pattern: SyncPattern) -> "Options":
+        assert isinstance(sync_pattern, SyncPattern)  # python/options.py:1605-1631
+        self._record("syncPattern", sync_pattern)
+        self.sync_pattern = sync_pattern
+        return self
+
+    def autoRoundNumIPUs(self, auto_round_num_ipus: bool = True) -> "Options":
+        self._record("autoRoundNumIPUs", auto_round_num_ipus)  # python/options.py:1381-1394
+        self.auto_round_num_ipus = auto_round_num_ipus
+        return self
+
+    def maxRepeatLogs(self, max_lines: Optional[int]) -> "Options":
+        # python/options.py:1528-1539: None shows every line, stored as 2**64 - 1
+        self._record("maxRepeatLogs", max_lines)
+        self.max_repeat_logs = (1 << 64) - 1 if max_lines is None else max_lines
+        return self
+
+    def anchorTensor(
+        self,
+        short_name: str,
+        long_name: str,
+        output_mode: Optional[OutputMode] = None,
+        output_return_period: Optional[int] = 1,
+    ) -> None:
+        """Read the PopART tensor ``long_name`` back after each run, by ``short_name``
+        (python/options.py:1669-1690: [long_name, mode unset, mode, period]; the period is 1
+        unless the mode is EveryN). Returns None, as PopTorch's does."""
+        self._record("anchorTensor", short_name, long_name, output_mode, output_return_period)
+        if output_mode != OutputMode.EveryN:
+            output_return_period = 1
+        self.anchored_tensors[short_name] = [
+            long_name,
+            output_mode is None,
+            output_mode,
+            output_return_period,
+        ]
+
+    def updatableNamedBuffers(self, buffers: List[str]) -> "Options":
+        """Buffers copyNamedBuffersToDevice may rewrite: a PopART option (options.py:1863-1869)."""
+        self._Popart.set("updatableNamedBuffers", buffers)
         return self
 
     def logCycleCount(self, log_cycle_count: bool) -> "Options":
@@ -384,6 +499,7 @@ class Options(_Recorded):
 
     def logDir(self, log_dir: str) -> "Options":
         self._record("logDir", log_dir)
+        self.log_dir = log_dir  # python/options.py:1518-1526
         return self
 
     def modelName(self, name: str) -> "Options":
