@@ -974,3 +974,20 @@ def test_options_keep_poptorchs_values():
     )
     with pytest.raises(AssertionError, match="offline device"):  # _poplar_executor.py:1232-1235
         never(data()[0])
+
+
+class _SequenceAndState(nn.Module):
+    def forward(self, seq, state):
+        return seq.sum(0) + state[0]
+
+
+def test_inputs_of_different_first_dimensions_run_unsplit_when_nothing_is_split():
+    # PopTorch 3.4 splits inputs only into deviceIterations × replicas × accumulation micro-batches;
+    # with one, an LSTM's (sequence, batch, feature) input beside its (1, 1, hidden) state runs as
+    # given (tests/half_test.py, test_lstm)
+    seq, state = torch.ones(5, 1, 3), torch.full((1, 1, 3), 2.0)
+    model = poptorch.inferenceModel(_SequenceAndState())
+    assert torch.equal(model(seq, state), torch.full((1, 3), 7.0))
+    split = poptorch.inferenceModel(_SequenceAndState(), poptorch.Options().deviceIterations(5))
+    with pytest.raises(poptorch.Error, match="batch dimensions differ"):
+        split(seq, state)

@@ -450,11 +450,12 @@ class PoplarExecutor:
         # a registered type's tensors too (python/_utils.py:94-111)
         tensors = flatten_tensors((args, kwargs))
         sizes = {t.shape[0] for t in tensors if t.dim() > 0}
-        if not sizes and n == 1:
-            # No inputs, scalars only: one run of the graph as given, which PopTorch compiles
-            # and runs (tests/inputs_test.py, test_no_inputs_no_output; norms_test.py,
-            # test_norm_in_loop, sdk/poptorch/3.4.0)
-            return (lambda d, g, r: rebuild((args, kwargs), tensors)), 0
+        if n == 1:
+            # Nothing to split: one run of the graph on the inputs as given, whatever their first
+            # dimensions (no inputs, scalars, an LSTM's sequence beside its state), as PopTorch
+            # compiles and runs them (tests/inputs_test.py, test_no_inputs_no_output; norms_test.py,
+            # test_norm_in_loop; half_test.py, test_lstm, sdk/poptorch/3.4.0)
+            return (lambda d, g, r: rebuild((args, kwargs), tensors)), max(sizes, default=0)
         if not sizes:
             raise BatchSizeError(
                 f"the model's inputs have no batch dimension to split into the "
