@@ -75,7 +75,10 @@ def resume_and_compare(world, tmp, run: Path, processes: int, after: int):
     no_traceback(job)
     assert partial_files(run) == []
     ref = reference(processes)
-    same_losses(losses(run), losses(ref), after)
+    if after < max(losses(ref)):
+        same_losses(losses(run), losses(ref), after)
+    else:  # killed after the last step's checkpoint (writing best.pt): the run is whole already
+        assert "nothing to do" in job.stdout + job.stderr, job.stderr[-3000:]
     final_weights_equal(run, ref)
 
 
