@@ -4,11 +4,12 @@ folder, resumed from its checkpoint), and what the first start settled (``config
 resolutions, the command) so that a resume repeats it exactly."""
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
-from app.checkpoint import find_checkpoint
+from app.checkpoint import CHECKPOINT_DIR, find_checkpoint
 from app.config import Config, config_from_dict, read_yaml_file
 from app.errors import AppError
 from app.finetune import FinetuneResult, resume_finetune, run_finetune
@@ -98,6 +99,16 @@ def resumable(run_dir: Path) -> bool:
         return False
 
 
+def clear_unstarted(run_dir: Path) -> None:
+    """A phase's run folder that a kill -9 left before its first checkpoint holds nothing to
+    continue from (this command wrote all of it): removed, so the phase starts again under its
+    own name rather than beside it as ``<name>-1``."""
+    is_run = (run_dir / "config.yaml").is_file()  # a run folder, never the folder holding runs
+    if is_run and not any((run_dir / CHECKPOINT_DIR).glob("*.pt")):
+        shutil.rmtree(run_dir)
+        print(f"{run_dir}: killed before its first checkpoint; starting it again", flush=True)
+
+
 def own_config(run_dir: Path) -> Config:
     """A run's own configuration, set to resume it (so nothing but the resume differs)."""
     data = read_yaml_file(run_dir / "config.yaml")
@@ -111,7 +122,11 @@ def train_phase(progress: Progress, phase: str, run_cfg: Config) -> TrainResult:
     if phase in progress.data["done"]:
         return saved_train_result(progress.data["done"][phase])
     run_dir = Path(run_cfg.log.out_dir) / run_cfg.log.name
-    run = run_training(own_config(run_dir) if resumable(run_dir) else run_cfg)
+    if resumable(run_dir):
+        run = run_training(own_config(run_dir))
+    else:
+        clear_unstarted(run_dir)
+        run = run_training(run_cfg)
     return record(progress, phase, run, run, as_record)
 
 
@@ -125,6 +140,7 @@ def finetune_phase(
     if resumable(run_dir):
         result = resume_finetune(own_config(run_dir))
     else:
+        clear_unstarted(run_dir)
         result = run_finetune(ft_cfg, source, keep_max_steps=keep_max_steps)
     return record(progress, phase, result.run, result, as_record)
 

@@ -128,3 +128,27 @@ def test_a_stopped_paper_or_study_resumes_at_its_phase(world, tmp_path, command,
     assert len(changed) <= 1, changed  # the interrupted run continued; the finished ones untouched
     assert run_losses(out) == run_losses(reference(command))
     assert results(command, out) == results(command, reference(command))
+
+
+def kill_cases():
+    """One kill -9 per command at a random step; `make test`'s case: the shortest command."""
+    out = [(command, rng("experiments", command, "kill").randint(1, STEPS[command] - 1)) for command in STEPS]
+    return sorted(out, key=lambda case: case[0] != "study groups")
+
+
+@pytest.mark.parametrize("command,moment", subset(kill_cases(), 1))
+def test_a_killed_paper_or_study_resumes_at_its_phase(world, tmp_path, command, moment):
+    """kill -9 saves nothing and prints nothing: ``--resume`` of the command's folder continues
+    from the phase's newest checkpoint (or its start) and ends as the uninterrupted command."""
+    from experiments.progress import STATE
+
+    data, reference = world
+    out = tmp_path / "out"
+    job = run_app(command_args(command, data, out), tmp_path, action="kill", at_step=moment)
+    assert job.returncode == -signal.SIGKILL, job.stderr[-3000:]
+    folder = next(out.rglob(STATE)).parent
+    resumed = run_app([*command.split(), "--resume", str(folder)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    no_traceback(resumed)
+    assert run_losses(out) == run_losses(reference(command))
+    assert results(command, out) == results(command, reference(command))
