@@ -106,7 +106,7 @@ class Checkpointer:
     def restore(self, parts: Dict[str, Any]) -> Dict[str, Any]:
         """A resumed run's state into ``parts`` (by payload key: ema, optimizer, backend; None for
         a part the run lacks), then the random states, last (the model's initialisation drew from
-        them). Returns the loop's counters: step, ema_step, best_top1, epoch_rng."""
+        them). Returns the loop's counters: step, ema_step, best_top1, epoch_rng, losses."""
         resumed = self.resumed
         for name in RESTORED_PARTS:
             if parts.get(name) is not None and resumed.get(name) is not None:
@@ -118,6 +118,7 @@ class Checkpointer:
             "ema_step": resumed.get("ema_step", resumed["step"]),
             "best_top1": best,
             "epoch_rng": resumed["epoch_rng"],
+            "losses": resumed.get("losses", []),  # older checkpoints: the resumed part's only
         }
 
     # ------------------------------------------------------------------------- saving
@@ -143,7 +144,7 @@ class Checkpointer:
         record: Dict[str, Any],
     ) -> Dict[str, Any]:
         """A checkpoint's contents: every part's state by key (None for one the run lacks), the
-        loop's ``counters`` (ema_step, best_top1, epoch_rng), this process's random states and the
+        loop's ``counters`` (ema_step, best_top1, epoch_rng, losses), this process's random states and the
         ``record`` (metrics, arch, config, what the run's hook adds)."""
         return {
             "step": step,

@@ -336,7 +336,7 @@ class LoopState:
     epoch_rng: Optional[Dict[str, Any]] = None  # the RNG states when this epoch's iterator was made
     first_step: int = 0  # the step this call started from
     nonfinite: int = 0  # consecutive updates the fp16 loss scaler skipped
-    losses: List[float] = field(default_factory=list)  # this call's finite training losses, by step
+    losses: List[float] = field(default_factory=list)  # the run's finite training losses (resumes too)
     trained_images: int = 0  # of the whole job, by this call
     eval_seconds: float = 0.0  # validation and checkpoints, left out of the training time
     results: Dict[str, Dict[str, float]] = field(default_factory=dict)  # the last validation
@@ -575,6 +575,7 @@ class Trainer:
         s = self.state
         s.step = s.first_step = counters["step"]
         s.ema_step, s.best, s.epoch_rng = counters["ema_step"], counters["best_top1"], counters["epoch_rng"]
+        s.losses = list(counters["losses"])
 
     def describe(self) -> None:
         cfg, backend = self.cfg, self.backend
@@ -757,7 +758,13 @@ class Trainer:
             }
             # ema_step: the step of the last EMA update (train.ema_every > 1 resumes exactly);
             # epoch_rng: the RNG states when this epoch's data iterator was created
-            counters = {"ema_step": s.ema_step, "best_top1": s.best, "epoch_rng": s.epoch_rng}
+            # losses: a resumed run judges whether it learned on the whole run's, as one run would
+            counters = {
+                "ema_step": s.ema_step,
+                "best_top1": s.best,
+                "epoch_rng": s.epoch_rng,
+                "losses": s.losses,
+            }
             record = {
                 "metrics": metrics,
                 "arch": arch_of(self.cfg.model, self.num_classes),
@@ -791,12 +798,13 @@ class Trainer:
         return 128 + signum
 
     def diverged(self) -> bool:
-        """After a whole run of at least an epoch: validation at chance while the training loss grew
+        """After a run of at least an epoch: validation at chance while the training loss grew
         (the mean of the last quarter of the steps above the first quarter's). Says so, and how to
         fix it, once."""
         s = self.state
         quarter = len(s.losses) // 4
-        if not s.results or quarter < 1 or s.step - s.first_step < self.steps_per_epoch:
+        # a run of at least an epoch, with two losses or more in each quarter (one is noise)
+        if not s.results or quarter < 2 or s.step < self.steps_per_epoch:
             return False
         chance = 100.0 / self.num_classes
         top1 = max(r["top1"] for r in s.results.values())

@@ -183,6 +183,31 @@ def test_resume_across_an_epoch_boundary_with_worker_processes(tmp_path, monkeyp
     assert len(full) == 6 and resumed == full
 
 
+def test_a_checkpoint_carries_the_runs_losses_for_the_learning_check(tmp_path, monkeypatch):
+    """A resumed run judges whether it learned (exit status 4) on the whole run's losses, as the
+    run uninterrupted would: each checkpoint carries the losses so far, and a resume starts from
+    them."""
+    data = write_image_folder(tmp_path / "images")
+    args = ["train", "--device", "cpu", f"data.dataset={data}", "data.resolution=32", "data.workers=0"]
+    args += ["train.micro_batch=4", "train.epochs=2", "train.log_every=1", f"log.out_dir={tmp_path / 'r'}"]
+    with monkeypatch.context() as m:
+        interrupt_at(m, 4)
+        assert cli(args) == 128 + signal.SIGINT
+    run = only_run(tmp_path / "r")
+    held = load_checkpoint(find_checkpoint(run))
+    assert held["losses"] == [r["loss"] for r in read_metrics(run)][: held["step"]] and held["step"] == 4
+    seen = {}
+    original = app.train.Trainer.diverged
+
+    def spy(self):
+        seen["losses"] = list(self.state.losses)
+        return original(self)
+
+    monkeypatch.setattr(app.train.Trainer, "diverged", spy)
+    assert cli(["train", "--resume", str(run)]) == 0
+    assert seen["losses"] == [r["loss"] for r in read_metrics(run)] and len(seen["losses"]) == 6
+
+
 def full_and_resumed_losses(args, tmp_path, monkeypatch, at_step: int):
     """The losses of ``args`` run through, and of the same run interrupted (SIGINT) during step
     ``at_step`` and then resumed from its folder."""

@@ -100,6 +100,7 @@ def test_a_run_at_chance_with_a_growing_loss_is_flagged(capsys):
         ([2.3, 2.0, 1.5, 1.0, 0.8, 0.7, 0.6, 0.5], 9.0, 20),  # at chance, but the loss fell: not this
         ([2.3, 2.4, 3.5, 4.8, 5.9, 6.0, 5.9, 6.1], 60.0, 20),  # the loss grew, but it learned
         ([2.3, 2.4, 3.5, 4.8, 5.9, 6.0, 5.9, 6.1], 9.0, 5),  # less than an epoch: too short to tell
+        ([2.3, 2.4, 3.5, 4.8, 5.9, 6.1], 9.0, 20),  # one loss a quarter: too few to tell
     ],
 )
 def test_runs_that_learned_or_were_too_short_are_not_flagged(capsys, losses, top1, steps):
