@@ -431,11 +431,12 @@ def _set_parent_death_signal(signum: int) -> bool:
         return False
 
 
-def watch_parent(poll_s: float = 0.5) -> None:
+def watch_parent(poll_s: float = 0.5, grace_s: float = 120.0) -> None:
     """A training process of a torchrun job stops in order (SIGTERM to itself: the step, the
     checkpoint) when the job loses its head: torchrun dies (PR_SET_PDEATHSIG, Linux), or the
     ``python -m app train`` command that started torchrun does (watched by a thread), so a killed
-    command never leaves its job training on alone and unseen."""
+    command never leaves its job training on alone and unseen. A process that has not stopped
+    ``grace_s`` later (its main thread blocked in a collective whose peer is gone) exits 143."""
     parent = os.getppid()
     if _set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)  # torchrun died before the signal was armed
@@ -453,6 +454,11 @@ def watch_parent(poll_s: float = 0.5) -> None:
             flush=True,
         )
         os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        print(
+            f"no orderly stop within {grace_s:.0f} s (waiting on another process?): exiting", file=sys.stderr
+        )
+        os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
 

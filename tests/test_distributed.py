@@ -760,3 +760,30 @@ def test_finetune_over_two_processes(tmp_path, monkeypatch):
     recorded = load_checkpoint(find_checkpoint(run))["finetune"]
     assert recorded["before"]["images"] == 4 and recorded["recalibrated"]["images"] == 4  # all of val/
     assert records(run, "val")[-1]["raw@64/images"] == 4
+
+
+def test_a_process_blocked_after_its_launcher_died_exits_after_the_grace_period(tmp_path):
+    """The launcher's death asks for an orderly stop (SIGTERM); a process whose main thread cannot
+    take it (blocked in a collective whose peer has gone: seen in a two-process job) must not stay
+    behind: it exits 143 once the grace period is over."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    code = (
+        "import signal, time\n"
+        "from app.distributed import watch_parent\n"
+        "signal.signal(signal.SIGTERM, lambda *a: None)  # a stop the blocked main thread never reaches\n"
+        "watch_parent(poll_s=0.05, grace_s=0.5)\n"
+        "time.sleep(60)\n"
+    )
+    env = dict(os.environ, APP_LAUNCHER_PID=dead.stdout.strip())
+    job = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert job.returncode == 143, job.stderr
+    assert "has ended: stopping the job" in job.stderr and "no orderly stop within" in job.stderr
